@@ -1,0 +1,354 @@
+"""Typed model configuration: the layer pattern as BlockType members, mixer settings, and the presets.
+
+A model is ``n_periods`` repetitions of ``period``, a tuple of :class:`BlockType` (each one pre-norm residual layer),
+e.g. Taipan's period is six Mamba-2 layers, a Selective Attention Layer and its SwiGLU. Everything is a frozen
+dataclass so that configs hash (they are static arguments under ``jit``) and cannot drift during a run. ConfigDict
+stops at the trainer: :meth:`ModelConfig.from_dict` builds this from plain nested dicts.
+
+Presets follow the papers (papers.md sections 1-4); sizes that a paper does not give are marked as our choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+class BlockType(enum.Enum):
+    """One residual layer of the stack: ``h <- h + layer(norm(h))`` (SAL: Taipan's gated update)."""
+
+    MAMBA = "mamba"  # Mamba-1 selective SSM (S6), arXiv:2312.00752
+    MAMBA2 = "mamba2"  # Mamba-2 SSD, arXiv:2405.21060
+    ATTENTION = "attention"  # full causal attention (GQA, RoPE optional)
+    SWA = "swa"  # sliding-window causal attention (Samba)
+    SAL = "sal"  # Taipan Selective Attention Layer, arXiv:2410.18572
+    MLP = "mlp"  # SwiGLU MLP
+
+    @property
+    def is_mixer(self) -> bool:
+        return self is not BlockType.MLP
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaConfig:
+    """Mamba-1 mixer (mamba_ssm ``Mamba`` defaults)."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    dt_scale: float = 1.0
+    conv_bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba-2 mixer (mamba_ssm ``Mamba2`` defaults)."""
+
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Full and sliding-window attention (ATTENTION and SWA layers)."""
+
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # None: num_heads (MHA)
+    head_dim: int | None = None  # None: d_model // num_heads
+    rope: bool = True
+    rope_base: float = 10000.0
+    window: int = 2048  # SWA layers only
+
+
+@dataclasses.dataclass(frozen=True)
+class SALConfig:
+    """Taipan's Selective Attention Layer (papers.md 4.2-4.7; unconfirmed choices are marked)."""
+
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window: int = 2048
+    capacity: float = 0.15  # C: the attention budget (fraction of tokens)
+    constraint_weight: float = 1.0  # lambda (unconfirmed in the paper)
+    temperature: float = 1.0  # Gumbel-softmax tau (unconfirmed; 1 is the usual default)
+    rope: bool = False  # Taipan ships SALs without positional embedding; True for the Fig. 6 ablation
+    rope_base: float = 10000.0
+    kv_source: str = "selected"  # "selected": A1-a, m_i m_j band mask; "all": A1-b, every token in the window
+    # Static capacity of the compacted attention as a multiple of C * t (None: t, i.e. never truncate).
+    capacity_factor: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """``implementation=`` for every pallas_kernels op (``auto | reference | xla | pallas_gpu | pallas_tpu``)."""
+
+    selective_scan: str = "auto"
+    ssd: str = "auto"
+    causal_conv1d: str = "auto"
+    sliding_window_attention: str = "auto"
+    selective_attention: str = "auto"
+
+
+_SECTIONS = {
+    "mamba": MambaConfig,
+    "mamba2": Mamba2Config,
+    "attention": AttentionConfig,
+    "sal": SALConfig,
+    "kernels": KernelConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A language model: embeddings, ``n_periods`` x ``period`` residual layers, final norm, LM head."""
+
+    period: tuple[BlockType, ...]
+    n_periods: int
+    d_model: int
+    vocab_size: int = 256
+    mlp_hidden: int | None = None  # None: 8/3 d_model rounded up to mlp_multiple_of
+    mlp_multiple_of: int = 128
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype of activations and matmuls ("bfloat16" for training)
+    param_dtype: str = "float32"
+    scan_layers: bool = True  # nn.scan over periods; False unrolls (debugging)
+    remat_policy: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
+    mamba: MambaConfig = MambaConfig()
+    mamba2: Mamba2Config = Mamba2Config()
+    attention: AttentionConfig = AttentionConfig()
+    sal: SALConfig = SALConfig()
+    kernels: KernelConfig = KernelConfig()
+    name: str = "custom"
+
+    def __post_init__(self):
+        period = tuple(BlockType(b) if not isinstance(b, BlockType) else b for b in self.period)
+        object.__setattr__(self, "period", period)
+        _check(len(period) > 0, "ModelConfig: period=() must hold at least one BlockType")
+        _check(_pos_int(self.n_periods), f"ModelConfig: n_periods={self.n_periods!r} must be an integer >= 1")
+        _check(_pos_int(self.d_model), f"ModelConfig: d_model={self.d_model!r} must be an integer >= 1")
+        _check(_pos_int(self.vocab_size), f"ModelConfig: vocab_size={self.vocab_size!r} must be an integer >= 1")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), f"ModelConfig: dtype={self.dtype!r} is not a float dtype")
+        _check(
+            self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
+            f"ModelConfig: remat_policy={self.remat_policy!r} must be one of none, full, dots, dots_no_batch",
+        )
+        kinds = set(period)
+        if BlockType.MAMBA2 in kinds:
+            m = self.mamba2
+            _check(
+                self.d_inner2 % m.headdim == 0,
+                f"ModelConfig: mamba2.headdim={m.headdim} must divide d_inner={self.d_inner2} (expand * d_model)",
+            )
+            _check(
+                self.mamba2_heads % m.ngroups == 0,
+                f"ModelConfig: mamba2.ngroups={m.ngroups} must divide the {self.mamba2_heads} SSM heads",
+            )
+            _check(_pos_int(m.chunk_size), f"ModelConfig: mamba2.chunk_size={m.chunk_size!r} must be >= 1")
+        if kinds & {BlockType.ATTENTION, BlockType.SWA}:
+            self._check_heads("attention", self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim)
+            if BlockType.SWA in kinds:
+                _check(_pos_int(self.attention.window), f"ModelConfig: attention.window={self.attention.window!r} must be >= 1")
+        if BlockType.SAL in kinds:
+            s = self.sal
+            self._check_heads("sal", s.num_heads, s.num_kv_heads, s.head_dim)
+            _check(_pos_int(s.window), f"ModelConfig: sal.window={s.window!r} must be an integer >= 1")
+            _check(0.0 < s.capacity <= 1.0, f"ModelConfig: sal.capacity={s.capacity!r} must be in (0, 1]")
+            _check(s.temperature > 0, f"ModelConfig: sal.temperature={s.temperature!r} must be > 0")
+            _check(s.kv_source in ("selected", "all"), f"ModelConfig: sal.kv_source={s.kv_source!r} must be 'selected' or 'all'")
+            _check(
+                s.capacity_factor is None or s.capacity_factor > 0,
+                f"ModelConfig: sal.capacity_factor={s.capacity_factor!r} must be None or > 0",
+            )
+
+    def _check_heads(self, section: str, heads: int, kv_heads: int | None, head_dim: int | None) -> None:
+        _check(_pos_int(heads), f"ModelConfig: {section}.num_heads={heads!r} must be an integer >= 1")
+        kv = heads if kv_heads is None else kv_heads
+        _check(
+            _pos_int(kv) and heads % kv == 0,
+            f"ModelConfig: {section}.num_kv_heads={kv_heads!r} must divide num_heads={heads}",
+        )
+        if head_dim is None:
+            _check(
+                self.d_model % heads == 0,
+                f"ModelConfig: {section}.num_heads={heads} must divide d_model={self.d_model} (or set head_dim)",
+            )
+
+    # ----- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Residual layers in the whole stack (mixers and MLPs)."""
+        return len(self.period) * self.n_periods
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba.expand * self.d_model
+
+    @property
+    def dt_rank(self) -> int:
+        return self.mamba.dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner2(self) -> int:
+        return self.mamba2.expand * self.d_model
+
+    @property
+    def mamba2_heads(self) -> int:
+        return self.d_inner2 // self.mamba2.headdim
+
+    @property
+    def mlp_dim(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        m = self.mlp_multiple_of
+        return m * math.ceil(8 * self.d_model / 3 / m)
+
+    def count(self, kind: BlockType) -> int:
+        """How many layers of ``kind`` the stack has."""
+        return self.period.count(kind) * self.n_periods
+
+    # ----- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from plain (nested) dicts, e.g. ``config.model.to_dict()``; unknown keys raise."""
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        _check(not unknown, f"ModelConfig: unknown field(s) {unknown}")
+        for key, section in _SECTIONS.items():
+            if key in d and isinstance(d[key], Mapping):
+                sub = dict(d[key])
+                sub_fields = {f.name for f in dataclasses.fields(section)}
+                bad = sorted(set(sub) - sub_fields)
+                _check(not bad, f"ModelConfig: unknown field(s) model.{key}.{bad}")
+                if "A_init_range" in sub:
+                    sub["A_init_range"] = tuple(sub["A_init_range"])
+                d[key] = section(**sub)
+        if "period" in d:
+            d["period"] = tuple(_block(b) for b in d["period"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (JSON-ready); inverse of :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        out["period"] = [b.value for b in self.period]
+        out["mamba2"]["A_init_range"] = list(self.mamba2.A_init_range)
+        return out
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _pos_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _block(b) -> BlockType:
+    if isinstance(b, BlockType):
+        return b
+    try:
+        return BlockType(str(b).lower())
+    except ValueError:
+        raise ValueError(f"ModelConfig: period entry {b!r} is not one of {[t.value for t in BlockType]}") from None
+
+
+# ----- presets ------------------------------------------------------------------------------------------------
+
+M, M2, ATT, SWA, SAL, MLP = (
+    BlockType.MAMBA,
+    BlockType.MAMBA2,
+    BlockType.ATTENTION,
+    BlockType.SWA,
+    BlockType.SAL,
+    BlockType.MLP,
+)
+
+PERIODS: dict[str, tuple[BlockType, ...]] = {
+    "transformer": (ATT, MLP),  # Llama-style Transformer++
+    "transformer_swa": (SWA, MLP),  # Llama-2-SWA / Mistral-style
+    "mamba": (M,),  # Mamba-1 LM, no MLP
+    "mamba2": (M2,),  # Mamba-2 LM, no MLP
+    "samba": (M, MLP, SWA, MLP),  # Samba, papers.md 3.1
+    "taipan": (M2,) * 6 + (SAL, MLP),  # Taipan: SAL after every 6 Mamba-2 layers, SwiGLU after the SAL
+    "jamba": (M2,) * 6 + (ATT, MLP),  # Jamba-style baseline of the Taipan paper: full attention every 7th mixer
+}
+
+# Per size: d_model, heads, and periods per preset family. "tiny" runs on a laptop CPU in seconds.
+# 130m..1.3b follow the papers: Mamba/Mamba-2 130m = 24 x 768, 370m = 48 x 1024, 790m = 48 x 1536, 1.3b/1.4b =
+# 48 x 2048; Transformer++ uses half the layers (GPT-3 sizes); Samba 421m = 12 code blocks x 1536, 1.3b = 18 x 2304;
+# Taipan sizes are not given in the paper: we reuse Mamba-2 widths with one SAL per 6 Mamba-2 layers (our choice).
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, heads=4, mixers=4, window=16, vocab=256),
+    "small": dict(d_model=256, heads=4, mixers=8, window=128, vocab=256),
+    "130m": dict(d_model=768, heads=12, mixers=24, window=2048, vocab=50280),
+    "370m": dict(d_model=1024, heads=16, mixers=48, window=2048, vocab=50280),
+    "790m": dict(d_model=1536, heads=12, mixers=48, window=2048, vocab=50280),
+    "1.3b": dict(d_model=2048, heads=16, mixers=48, window=2048, vocab=50280),
+}
+
+PRESETS = tuple(PERIODS)
+SIZES = tuple(_SIZES)
+
+
+def preset(name: str, size: str = "tiny", **overrides) -> ModelConfig:
+    """A paper configuration at a given size; ``overrides`` replace top-level ModelConfig fields.
+
+    ``mixers`` is the Mamba-layer count of the size in the Mamba papers; an attention layer with its MLP counts as
+    two Mamba layers (same parameters), so Transformer++ gets ``mixers / 2`` attention+MLP periods.
+    """
+    if name not in PERIODS:
+        raise ValueError(f"preset: name={name!r} is not one of {PRESETS}")
+    if size not in _SIZES:
+        raise ValueError(f"preset: size={size!r} is not one of {SIZES}")
+    s = _SIZES[size]
+    d, heads, mixers = s["d_model"], s["heads"], s["mixers"]
+    tiny = size == "tiny"
+    period = PERIODS[name]
+    n_periods = {
+        "transformer": mixers // 2,
+        "transformer_swa": mixers // 2,
+        "mamba": mixers,
+        "mamba2": mixers,
+        "samba": mixers // 4,  # each period = 2 mixers + 2 MLPs, i.e. the parameters of ~4 Mamba layers
+        "taipan": max(1, mixers // 6),
+        "jamba": max(1, mixers // 6),
+    }[name]
+    if tiny and name in ("taipan", "jamba"):
+        n_periods = 1
+    kw: dict[str, Any] = dict(
+        name=f"{name}-{size}",
+        period=period,
+        n_periods=n_periods,
+        d_model=d,
+        vocab_size=s["vocab"],
+        mlp_multiple_of=16 if tiny else 128,
+        tie_embeddings=True,  # mamba_ssm ties by default (HF Mamba-2 checkpoints untie: the importer sets it)
+        mamba=MambaConfig(),
+        mamba2=Mamba2Config(d_state=16, headdim=16, chunk_size=32) if tiny else Mamba2Config(),
+        attention=AttentionConfig(num_heads=heads, window=s["window"], rope=True),
+        sal=SALConfig(num_heads=heads, window=s["window"]),
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)

@@ -1,0 +1,234 @@
+"""Mamba (S6, arXiv:2312.00752) and Mamba-2 (SSD, arXiv:2405.21060) mixers, as mamba_ssm's Mamba / Mamba2 modules.
+
+Both mixers run a full sequence through ``pallas_kernels`` (``causal_conv1d`` then ``selective_scan`` or ``ssd``,
+with the implementation from ``config.kernels``) and decode one token at a time with the matching ``*_step``
+functions and a typed :class:`SSMCache`; a one-token step never enters a chunked kernel.
+
+Parameter names follow the official modules (in_proj, conv1d, x_proj, dt_proj, A_log, D, dt_bias, norm, out_proj)
+so that checkpoint conversion is a matter of transposes (see hybrid_jax.convert).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.model.cache import SSMCache
+from hybrid_jax.model.config import ModelConfig
+from hybrid_jax.model.layers import (
+    CONV_WIDTH,
+    DT_RANK,
+    EMBED,
+    SSM_HEADS,
+    SSM_INNER,
+    SSM_STATE,
+    Dense,
+    GatedRMSNorm,
+    conv_kernel_init,
+    dt_bias_init,
+)
+from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
+from pallas_kernels.selective_scan import selective_scan, selective_scan_step
+from pallas_kernels.ssd import ssd, ssd_step
+
+
+class DepthwiseConv(nn.Module):
+    """Causal depthwise conv + SiLU over channels-last ``(b, t, c)``; kernel ``(w, c)``, optional bias ``(c,)``."""
+
+    channels: int
+    width: int
+    use_bias: bool
+    implementation: str
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.kernel = self.param(
+            "kernel", nn.with_logical_partitioning(conv_kernel_init(self.width), (CONV_WIDTH, SSM_INNER)),
+            (self.width, self.channels), self.param_dtype,
+        )
+        # torch Conv1d's bias init is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = width; mamba_ssm keeps it.
+        self.bias = (
+            self.param("bias", nn.with_logical_partitioning(conv_kernel_init(self.width), (SSM_INNER,)), (self.channels,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+
+    def _weights(self):
+        bias = None if self.bias is None else self.bias.astype(self.dtype)
+        return self.kernel.astype(self.dtype), bias
+
+    def __call__(self, x, *, segment_ids=None, return_state: bool = False):
+        w, b = self._weights()
+        out = causal_conv1d(
+            x, w, b, activation="silu", segment_ids=segment_ids, return_final_state=return_state,
+            implementation=self.implementation,
+        )
+        return out if return_state else (out, None)
+
+    def step(self, x, state):
+        w, b = self._weights()
+        return causal_conv1d_step(state, x, w, b, activation="silu")
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 mixer: ``(b, t, d) -> (b, t, d)``.
+
+    in_proj -> (x, z); x -> causal conv + SiLU -> x_proj -> (dt_low, B, C); dt = dt_proj(dt_low) (its bias is applied
+    inside the scan, before softplus); y = selective_scan(x, dt, -exp(A_log), B, C, D, z); out_proj(y).
+    """
+
+    config: ModelConfig
+    out_scale: float = 1.0
+
+    def setup(self):
+        c = self.config
+        m = c.mamba
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        e, n, r = c.d_inner, m.d_state, c.dt_rank
+        self.in_proj = Dense(2 * e, (EMBED, SSM_INNER), dtype=dt, param_dtype=pdt)
+        self.conv1d = DepthwiseConv(e, m.d_conv, m.conv_bias, c.kernels.causal_conv1d, dtype=dt, param_dtype=pdt)
+        self.x_proj = Dense(r + 2 * n, (SSM_INNER, DT_RANK), dtype=dt, param_dtype=pdt)
+        dt_std = m.dt_scale * r**-0.5
+        self.dt_proj_kernel = self.param(
+            "dt_proj_kernel",
+            nn.with_logical_partitioning(lambda k, s, d=pdt: jax.random.uniform(k, s, d, -dt_std, dt_std), (DT_RANK, SSM_INNER)),
+            (r, e), pdt,
+        )
+        self.dt_bias = self.param(
+            "dt_bias", nn.with_logical_partitioning(dt_bias_init(m.dt_min, m.dt_max, m.dt_init_floor), (SSM_INNER,)), (e,), pdt
+        )
+        # S4D-real initialisation: A[:, n] = -(n + 1) for every channel; kept (and used) in fp32.
+        self.A_log = self.param(
+            "A_log",
+            nn.with_logical_partitioning(
+                lambda k, s, d=jnp.float32: jnp.broadcast_to(jnp.log(jnp.arange(1, n + 1, dtype=d)), s), (SSM_INNER, SSM_STATE)
+            ),
+            (e, n), jnp.float32,
+        )
+        self.D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (SSM_INNER,)), (e,), jnp.float32)
+        self.out_proj = Dense(c.d_model, (SSM_INNER, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt)
+
+    def _project(self, x):
+        """From conv output x to the scan's (dt, B, C)."""
+        r, n = self.config.dt_rank, self.config.mamba.d_state
+        x_dbl = self.x_proj(x)
+        dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+        dt = jnp.einsum("...r,re->...e", dt_low, self.dt_proj_kernel.astype(x.dtype))
+        return dt, B, C
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache_len=None):
+        del positions  # order is carried by the recurrence
+        xz = self.in_proj(x)
+        xs, z = jnp.split(xz, 2, axis=-1)
+        xs, conv_state = self.conv1d(xs, segment_ids=segment_ids, return_state=cache_len is not None)
+        dt, B, C = self._project(xs)
+        y, ssm_state = selective_scan(
+            xs, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, delta_softplus=True, segment_ids=segment_ids,
+            return_final_state=True, implementation=self.config.kernels.selective_scan,
+        )
+        cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
+        return self.out_proj(y), cache
+
+    def step(self, x, cache: SSMCache, position):
+        del position
+        xz = self.in_proj(x[:, 0])
+        xs, z = jnp.split(xz, 2, axis=-1)
+        xs, conv_state = self.conv1d.step(xs, cache.conv_state)
+        dt, B, C = self._project(xs)
+        y, ssm_state = selective_scan_step(
+            cache.ssm_state, xs, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, delta_softplus=True
+        )
+        return self.out_proj(y)[:, None], SSMCache(conv_state, ssm_state)
+
+    @staticmethod
+    def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+        del max_len
+        e, n, w = config.d_inner, config.mamba.d_state, config.mamba.d_conv
+        return SSMCache(jnp.zeros((batch, w - 1, e), jnp.float32), jnp.zeros((batch, e, n), jnp.float32))
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer: ``(b, t, d) -> (b, t, d)``.
+
+    in_proj -> [z (e), xBC (e + 2gn), dt (h)]; xBC -> causal conv + SiLU -> x (h, p), B (g, n), C (g, n);
+    y = ssd(x, dt, -exp(A_log), B, C, D, dt_bias, softplus); y = RMSNorm(y * silu(z)) per group; out_proj(y).
+    """
+
+    config: ModelConfig
+    out_scale: float = 1.0
+
+    def setup(self):
+        c = self.config
+        m = c.mamba2
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        e, h, g, n = c.d_inner2, c.mamba2_heads, m.ngroups, m.d_state
+        self.in_proj = Dense(2 * e + 2 * g * n + h, (EMBED, SSM_INNER), dtype=dt, param_dtype=pdt)
+        self.conv1d = DepthwiseConv(e + 2 * g * n, m.d_conv, m.conv_bias, c.kernels.causal_conv1d, dtype=dt, param_dtype=pdt)
+        self.dt_bias = self.param(
+            "dt_bias", nn.with_logical_partitioning(dt_bias_init(m.dt_min, m.dt_max, m.dt_init_floor), (SSM_HEADS,)), (h,), pdt
+        )
+        lo, hi = m.A_init_range
+        self.A_log = self.param(
+            "A_log",
+            nn.with_logical_partitioning(lambda k, s, d=jnp.float32: jnp.log(jax.random.uniform(k, s, d, lo, hi)), (SSM_HEADS,)),
+            (h,), jnp.float32,
+        )
+        self.D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (SSM_HEADS,)), (h,), jnp.float32)
+        self.norm = GatedRMSNorm(group_size=e // g, eps=m.norm_eps, dtype=dt, param_dtype=pdt)
+        self.out_proj = Dense(c.d_model, (SSM_INNER, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt)
+
+    def _split(self, zxbcdt):
+        c = self.config
+        e, g, n = c.d_inner2, c.mamba2.ngroups, c.mamba2.d_state
+        return jnp.split(zxbcdt, [e, 2 * e + 2 * g * n], axis=-1)  # z, xBC, dt
+
+    def _heads(self, xBC):
+        c = self.config
+        e, h, p, g, n = c.d_inner2, c.mamba2_heads, c.mamba2.headdim, c.mamba2.ngroups, c.mamba2.d_state
+        xs, B, C = jnp.split(xBC, [e, e + g * n], axis=-1)
+        lead = xs.shape[:-1]
+        return xs.reshape(*lead, h, p), B.reshape(*lead, g, n), C.reshape(*lead, g, n)
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache_len=None):
+        del positions
+        c = self.config
+        z, xBC, dt = self._split(self.in_proj(x))
+        xBC, conv_state = self.conv1d(xBC, segment_ids=segment_ids, return_state=cache_len is not None)
+        xs, B, C = self._heads(xBC)
+        y, ssm_state = ssd(
+            xs, dt, -jnp.exp(self.A_log), B, C, chunk_size=c.mamba2.chunk_size, D=self.D, dt_bias=self.dt_bias,
+            dt_softplus=True, segment_ids=segment_ids, return_final_state=True, implementation=c.kernels.ssd,
+        )
+        y = self.norm(y.reshape(*y.shape[:2], -1), z)
+        cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
+        return self.out_proj(y), cache
+
+    def step(self, x, cache: SSMCache, position):
+        del position
+        z, xBC, dt = self._split(self.in_proj(x[:, 0]))
+        xBC, conv_state = self.conv1d.step(xBC, cache.conv_state)
+        xs, B, C = self._heads(xBC)
+        y, ssm_state = ssd_step(
+            cache.ssm_state, xs, dt, -jnp.exp(self.A_log), B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True
+        )
+        y = self.norm(y.reshape(y.shape[0], -1), z)
+        return self.out_proj(y)[:, None], SSMCache(conv_state, ssm_state)
+
+    @staticmethod
+    def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+        del max_len
+        m = config.mamba2
+        conv_dim = config.d_inner2 + 2 * m.ngroups * m.d_state
+        return SSMCache(
+            jnp.zeros((batch, m.d_conv - 1, conv_dim), jnp.float32),
+            jnp.zeros((batch, config.mamba2_heads, m.headdim, m.d_state), jnp.float32),
+        )
+
+
+def residual_scale(config: ModelConfig) -> float:
+    """Init scale of every residual branch's output projection: 1/sqrt(number of residual layers)."""
+    return 1.0 / math.sqrt(config.n_layers)
