@@ -1,0 +1,104 @@
+"""Public entry point of causal sliding-window attention (Samba's SWA layer, arXiv:2406.07522).
+
+One definition of the window, used by every implementation: query i sees key j iff ``0 <= i - j <
+window`` (so ``window=1`` is attention to oneself, and Samba's ``w = 2048`` equals FlashAttention-2
+``window_size=(2047, 0)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from pallas_kernels import _checks, _platform
+from pallas_kernels.sliding_window_attention.reference import sliding_window_attention_reference
+from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
+
+_OP = "sliding_window_attention"
+
+# Implementations this op has; "pallas_gpu" / "pallas_tpu" join when their modules exist.
+AVAILABLE = ("reference", "xla")
+
+
+def check_attention_inputs(op: str, q, k, v, segment_ids) -> None:
+    """Shape and dtype checks shared with ``selective_attention``; one-line ValueErrors."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.rank(op, name, x, 4)
+        _checks.floating(op, name, x)
+    b, t, hq, e = q.shape
+    _checks.shape(op, "k", k, (b, t, None, e), "batch, time and head dim of q")
+    _checks.shape(op, "v", v, k.shape, "same as k")
+    hk = k.shape[2]
+    _checks.divisible(op, f"query heads q.shape[2]={hq} by kv heads k.shape[2]={hk}", hq, hk)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"{op}: q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype} must be equal"
+        )
+    if segment_ids is not None:
+        _checks.shape(op, "segment_ids", segment_ids, (b, t), "batch and time of q")
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(
+                f"{op}: segment_ids.dtype={jnp.result_type(segment_ids)} must be an integer type"
+            )
+
+
+def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` as a static Python float; None gives ``1 / sqrt(head_dim)``."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        return float(softmax_scale)
+    except Exception:  # a traced value cannot become a static float
+        raise ValueError(
+            f"{op}: softmax_scale={softmax_scale!r} must be a Python number or None"
+        ) from None
+
+
+def sliding_window_attention(
+    q,
+    k,
+    v,
+    *,
+    window: int | None = None,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    block_size: int | None = None,
+    implementation: str = "auto",
+):
+    """Causal sliding-window attention with grouped-query heads and packed segments.
+
+    Query i sees key j iff ``0 <= i - j < window`` and ``segment_ids[i] == segment_ids[j]``. Softmax
+    and accumulation run in float32 whatever the input dtype.
+
+    Args:
+      q: queries ``(b, t, hq, e)``.
+      k: keys ``(b, t, hk, e)`` with ``hq % hk == 0``; query head i uses key head ``i // (hq //
+        hk)``.
+      v: values ``(b, t, hk, e)``, same dtype as q and k.
+      window: the window ``w`` (an int >= 1); None is full causal attention.
+      segment_ids: optional ``(b, t)`` integer ids; tokens attend only within their own id.
+      softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
+      block_size: static tuning knob of the blocked implementations (query block length); None picks
+        a default. It never changes results.
+      implementation: "auto", "reference", "xla" (or a Pallas backend once available).
+
+    Returns:
+      ``(b, t, hq, e)`` in ``q.dtype``.
+
+    Raises:
+      ValueError: bad shapes, dtypes or arguments (one line naming the argument).
+      NotImplementedError: an implementation this op does not have.
+    """
+    check_attention_inputs(_OP, q, k, v, segment_ids)
+    _checks.positive_int(_OP, "window", window, allow_none=True)
+    _checks.positive_int(_OP, "block_size", block_size, allow_none=True)
+    scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE)
+    if impl == "reference":
+        return sliding_window_attention_reference(
+            q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale
+        )
+    return sliding_window_attention_xla(
+        q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale, block_size=block_size
+    )
