@@ -1,0 +1,367 @@
+"""Tests of ``pallas_kernels.sliding_window_attention``.
+
+Chain of trust: the dense reference is checked against a float64 numpy loop; every other
+implementation is checked against the reference (forward and VJP, fp32 and the bf16 rule) and
+against properties built from a dense mask written here, independently of the library.
+``TestSlidingWindowAttention`` is the per-implementation class: a kernel task subclasses it and
+overrides ``implementation`` / ``extra_kwargs``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.sliding_window_attention import sliding_window_attention
+from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
+from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
+
+# ---------------------------------------------------------------------------------------------
+# Independent oracles (numpy, float64)
+
+
+def numpy_attention(q, k, v, mask, scale):
+    """float64 loop: row i of head h is softmax over the keys ``mask[b, i]`` allows; empty rows 0.
+
+    ``q (b, t, hq, e)``, ``k, v (b, s, hk, e)``, ``mask (b, t, s)`` bool; query head h uses key head
+    ``h // (hq // hk)``.
+    """
+    q, k, v = (np.asarray(np.asarray(x, np.float32), np.float64) for x in (q, k, v))
+    b, t, hq, e = q.shape
+    g = hq // k.shape[2]
+    out = np.zeros((b, t, hq, e))
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(t):
+                js = np.nonzero(mask[bi, i])[0]
+                if js.size == 0:
+                    continue
+                s = k[bi, js, h // g] @ q[bi, i, h] * scale
+                w = np.exp(s - s.max())
+                out[bi, i, h] = (w / w.sum()) @ v[bi, js, h // g]
+    return out
+
+
+def dense_window_mask(b, t, window, segment_ids=None):
+    """``(b, t, t)`` bool: i sees j iff 0 <= i - j < window (None: unbounded) and same segment."""
+    d = np.arange(t)[:, None] - np.arange(t)[None, :]
+    m = d >= 0
+    if window is not None:
+        m &= d < window
+    m = np.broadcast_to(m, (b, t, t)).copy()
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        m &= seg[:, :, None] == seg[:, None, :]
+    return m
+
+
+def make_inputs(seed, b, t, hq, hk, e, segments=False):
+    """Random q, k, v, a cotangent for the output and (optionally) packed segment ids."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, hq, e)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, hk, e)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, hk, e)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((b, t, hq, e)), jnp.float32)
+    seg = None
+    if segments:
+        # Packed documents: ids increase along time, a new one starts with probability 0.15.
+        seg = jnp.asarray(np.cumsum(rng.random((b, t)) < 0.15, axis=1), jnp.int32)
+    return q, k, v, ct, seg
+
+
+def assert_grads_close(actual, expected, tol, what=""):
+    """Per-leaf relative error, with norms floored at a tenth of the largest leaf.
+
+    A leaf whose exact value is 0 (dq and dk at window 1, where every softmax has one key) holds
+    only roundoff; dividing by its own norm would measure noise against noise.
+    """
+    floor = 0.1 * max(float(np.linalg.norm(np.asarray(e, np.float64))) for e in expected)
+    for name, a, e in zip("qkv", actual, expected):
+        a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        err = np.linalg.norm(a64 - e64) / max(np.linalg.norm(e64), floor)
+        assert err <= tol, f"{what}d{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def value_and_grads(fn, q, k, v, ct):
+    """``fn(q, k, v)`` and its VJP with cotangent ``ct``, compiled as one program.
+
+    Tests are compile-bound on CPU, so forward and backward share one compilation.
+    """
+
+    def run(q, k, v, ct):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct.astype(out.dtype))
+
+    return jax.jit(run)(q, k, v, ct)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against the float64 oracle
+
+
+@pytest.mark.parametrize(
+    "b, t, hq, hk, e, window, segments",
+    [
+        (1, 9, 1, 1, 4, 3, False),
+        (2, 12, 4, 2, 8, 5, True),
+        (1, 11, 3, 1, 4, None, True),
+        (2, 7, 2, 2, 4, 1, False),
+    ],
+)
+def test_reference_matches_float64_oracle(b, t, hq, hk, e, window, segments):
+    q, k, v, _, seg = make_inputs(0, b, t, hq, hk, e, segments)
+    out = sliding_window_attention(
+        q, k, v, window=window, segment_ids=seg, implementation="reference"
+    )
+    mask = dense_window_mask(b, t, window, seg)
+    assert_rel_close(out, numpy_attention(q, k, v, mask, e**-0.5), "fp32")
+
+
+def test_reference_honours_softmax_scale():
+    q, k, v, _, _ = make_inputs(1, 1, 10, 2, 1, 4)
+    out = sliding_window_attention(q, k, v, window=4, softmax_scale=0.7, implementation="reference")
+    assert_rel_close(out, numpy_attention(q, k, v, dense_window_mask(1, 10, 4), 0.7), "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-implementation tests (subclass with another ``implementation`` to reuse)
+
+SHAPE_NAMES = "b, t, hq, hk, e, window, block_size, segments"
+SHAPES = [
+    pytest.param(2, 37, 4, 2, 8, 5, 8, False, id="t37-not-block-multiple-gqa"),
+    pytest.param(1, 19, 2, 2, 8, 1, None, False, id="window1"),
+    pytest.param(2, 24, 3, 1, 4, 24, 8, True, id="window-eq-t-mqa-segments"),
+    pytest.param(1, 30, 2, 1, 8, None, 16, True, id="full-causal-segments"),
+    pytest.param(2, 1, 2, 1, 8, 3, None, False, id="t1"),
+    pytest.param(1, 64, 1, 1, 8, 17, 16, True, id="heads1-window-spans-blocks"),
+]
+
+
+class TestSlidingWindowAttention:
+    implementation = "xla"
+    extra_kwargs: dict = {}
+
+    def attn(self, q, k, v, **kw):
+        return sliding_window_attention(
+            q, k, v, implementation=self.implementation, **self.extra_kwargs, **kw
+        )
+
+    @pytest.mark.parametrize(SHAPE_NAMES, SHAPES)
+    def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, block_size, segments):
+        q, k, v, ct, seg = make_inputs(1, b, t, hq, hk, e, segments)
+        kw = dict(window=window, segment_ids=seg)
+        out, grads = value_and_grads(
+            lambda q, k, v: self.attn(q, k, v, block_size=block_size, **kw), q, k, v, ct
+        )
+        ref, ref_grads = value_and_grads(
+            lambda q, k, v: sliding_window_attention(q, k, v, implementation="reference", **kw),
+            q,
+            k,
+            v,
+            ct,
+        )
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert_rel_close(out, ref, "fp32", "forward")
+        assert_grads_close(grads, ref_grads, TOLERANCES["fp32_grad"])
+
+    def test_bf16_rule(self):
+        """Forward and VJP at bf16 against the fp32 reference on the same (bf16-rounded) inputs."""
+        q, k, v, ct, seg = make_inputs(3, 2, 37, 4, 2, 8, segments=True)
+        q, k, v, ct = (x.astype(jnp.bfloat16) for x in (q, k, v, ct))
+        kw = dict(window=9, segment_ids=seg)
+
+        def up(x):
+            return x.astype(jnp.float32)
+
+        ref, g_ref = value_and_grads(
+            lambda q, k, v: sliding_window_attention(
+                up(q), up(k), up(v), implementation="reference", **kw
+            ),
+            q,
+            k,
+            v,
+            up(ct),
+        )
+        xla_fn = lambda q, k, v: sliding_window_attention(q, k, v, implementation="xla", **kw)  # noqa: E731
+        xla, g_xla = value_and_grads(xla_fn, q, k, v, ct)
+        if self.implementation == "xla" and not self.extra_kwargs:
+            out, g_out = xla, g_xla
+        else:
+            out, g_out = value_and_grads(lambda q, k, v: self.attn(q, k, v, **kw), q, k, v, ct)
+        assert out.dtype == jnp.bfloat16
+        # The xla path at bf16 is the rule's yardstick, so it must itself be near the fp32 answer.
+        assert rel_err(xla, ref) < 1e-2
+        assert_bf16_rule(out, xla, ref, "forward")
+        for name, a, x, r in zip("qkv", g_out, g_xla, g_ref):
+            assert rel_err(x, r) < 2e-2, f"xla bf16 d{name} vs fp32 reference"
+            assert_bf16_rule(a, x, r, f"d{name}")
+
+    def test_window_at_least_t_equals_full_causal(self):
+        q, k, v, _, _ = make_inputs(4, 2, 21, 4, 2, 8)
+        full = numpy_attention(q, k, v, dense_window_mask(2, 21, None), 8**-0.5)
+        for window in (None, 21, 22, 1000):
+            assert_rel_close(self.attn(q, k, v, window=window), full, "fp32", f"window={window}")
+        # ... and one token less is not full causal: the last query loses its first key.
+        short = np.asarray(self.attn(q, k, v, window=20))
+        assert np.abs(short[:, -1] - full[:, -1]).max() > 1e-4
+        np.testing.assert_allclose(short[:, :-1], full[:, :-1], rtol=1e-5, atol=1e-5)
+
+    @settings(max_examples=6)
+    @given(
+        t=st.integers(2, 40),
+        window=st.integers(1, 45),
+        block_sizes=st.tuples(*[st.sampled_from([None, 1, 3, 8, 16, 64])] * 2),
+        seed=st.integers(0, 2**16),
+    )
+    def test_window_off_by_one(self, t, window, block_sizes, seed):
+        """Windows w and w + 1 differ exactly at the rows where the dense masks differ.
+
+        Each window runs at its own drawn block size and both match the float64 oracle, so this is
+        also the block-size invariance property.
+        """
+        q, k, v, _, _ = make_inputs(seed, 1, t, 2, 1, 4)
+        outs = [
+            np.asarray(self.attn(q, k, v, window=w, block_size=bs))
+            for w, bs in zip((window, window + 1), block_sizes)
+        ]
+        masks = [dense_window_mask(1, t, w) for w in (window, window + 1)]
+        for out, mask in zip(outs, masks):
+            np.testing.assert_allclose(
+                out, numpy_attention(q, k, v, mask, 0.5), rtol=2e-5, atol=2e-5
+            )
+        rows_differ = np.any(masks[0] != masks[1], axis=-1)[0]  # (t,)
+        assert np.array_equal(rows_differ, np.arange(t) >= window)
+        delta = np.abs(outs[0] - outs[1]).max(axis=(0, 2, 3))
+        assert np.all(delta[rows_differ] > 1e-5), "a row that gained a key did not change"
+        assert np.all(delta[~rows_differ] <= 1e-6), "a row whose mask is unchanged changed"
+
+    @settings(max_examples=6)
+    @given(
+        t=st.integers(2, 40),
+        window=st.one_of(st.none(), st.integers(1, 40)),
+        n_ids=st.integers(2, 4),
+        seed=st.integers(0, 2**16),
+    )
+    def test_segments_do_not_leak(self, t, window, n_ids, seed):
+        """Perturbing k/v of other segments leaves a segment's outputs unchanged."""
+        rng = np.random.default_rng(seed)
+        q, k, v, _, _ = make_inputs(seed, 2, t, 2, 2, 4)
+        # Arbitrary (not necessarily contiguous) ids: the rule is equality, not packing.
+        seg = jnp.asarray(rng.integers(0, n_ids, (2, t)), jnp.int32)
+        keep = np.asarray(seg) == 0
+        noise = 10.0 * rng.standard_normal(k.shape)
+        where = keep[:, :, None, None]
+        k2 = jnp.where(where, k, k + noise)
+        v2 = jnp.where(where, v, v - noise)
+        out1 = np.asarray(self.attn(q, k, v, window=window, segment_ids=seg))
+        out2 = np.asarray(self.attn(q, k2, v2, window=window, segment_ids=seg))
+        np.testing.assert_allclose(out2[keep], out1[keep], rtol=1e-6, atol=1e-6)
+        # The other segments do see the change (so the test can fail).
+        others = ~keep
+        if others.any():
+            assert np.abs(out2[others] - out1[others]).max() > 1e-3
+        mask = dense_window_mask(2, t, window, seg)
+        np.testing.assert_allclose(out1, numpy_attention(q, k, v, mask, 0.5), rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The xla path's memory claim
+
+
+class TestSlidingWindowAttentionXlaMemory:
+    def test_temp_memory_is_linear_in_t(self):
+        """At t=16384, w=256 the compiled temporaries are O(t * (w + block)), far below t^2."""
+        b, t, h, e, w = 1, 16384, 1, 16, 256
+        spec = jax.ShapeDtypeStruct((b, t, h, e), jnp.float32)
+
+        def fwd(q, k, v):
+            return sliding_window_attention_xla(q, k, v, window=w, softmax_scale=0.25)
+
+        def grad(q, k, v, ct):
+            return jax.grad(lambda q, k, v: jnp.vdot(fwd(q, k, v), ct), (0, 1, 2))(q, k, v)
+
+        fwd_temp = (
+            jax.jit(fwd).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+        )
+        grad_temp = (
+            jax.jit(grad)
+            .lower(spec, spec, spec, spec)
+            .compile()
+            .memory_analysis()
+            .temp_size_in_bytes
+        )
+        dense_scores = 4 * b * h * t * t  # one fp32 (t, t) score matrix: 1 GiB
+        block = 128  # default_block_size(256, t)
+        estimate = 4 * b * h * t * (w + block)  # one fp32 score tile per query block: 25 MB
+        assert 0 < fwd_temp <= 4 * estimate, (fwd_temp, estimate)
+        assert 0 < grad_temp <= 8 * estimate, (grad_temp, estimate)
+        assert grad_temp < dense_scores / 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one-line ValueErrors naming the argument
+
+
+def _ok():
+    x = jnp.zeros((2, 8, 4, 16), jnp.float32)
+    return dict(q=x, k=x[:, :, :2], v=x[:, :, :2])
+
+
+BAD = [
+    (dict(window=0), ValueError, r"sliding_window_attention: window=0 must be an integer >= 1"),
+    (dict(window=2.5), ValueError, r"window=2.5 must be an integer >= 1"),
+    (dict(window=True), ValueError, r"window=True must be an integer >= 1"),
+    (dict(block_size=-1), ValueError, r"block_size=-1 must be an integer >= 1"),
+    (dict(q=jnp.zeros((2, 8, 4))), ValueError, r"q.shape=\(2, 8, 4\) must have rank 4"),
+    (
+        dict(k=jnp.zeros((2, 8, 3, 16)), v=jnp.zeros((2, 8, 3, 16))),
+        ValueError,
+        r"q.shape\[2\]=4 by kv heads",
+    ),
+    (
+        dict(k=jnp.zeros((2, 9, 2, 16))),
+        ValueError,
+        r"k.shape=\(2, 9, 2, 16\) must be \(2, 8, \*, 16\)",
+    ),
+    (
+        dict(v=jnp.zeros((2, 8, 2, 8))),
+        ValueError,
+        r"v.shape=\(2, 8, 2, 8\) must be \(2, 8, 2, 16\)",
+    ),
+    (dict(v=jnp.zeros((2, 8, 2, 16), jnp.bfloat16)), ValueError, r"v.dtype=bfloat16 must be equal"),
+    (
+        dict(q=jnp.zeros((2, 8, 4, 16), jnp.int32)),
+        ValueError,
+        r"q.dtype=int32 must be floating point",
+    ),
+    (
+        dict(segment_ids=jnp.zeros((2, 7), jnp.int32)),
+        ValueError,
+        r"segment_ids.shape=\(2, 7\) must be \(2, 8\)",
+    ),
+    (
+        dict(segment_ids=jnp.zeros((2, 8))),
+        ValueError,
+        r"segment_ids.dtype=float32 must be an integer type",
+    ),
+    (dict(implementation="bogus"), ValueError, r"implementation='bogus' is not one of"),
+    (
+        dict(implementation="pallas_gpu"),
+        NotImplementedError,
+        r"implementation='pallas_gpu' is not available",
+    ),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD)
+def test_bad_input_raises_one_line_error(change, error, match):
+    args = _ok()
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(error, match=match) as info:
+        sliding_window_attention(q, k, v, **args)
+    assert "\n" not in str(info.value)
