@@ -1,0 +1,91 @@
+"""Fast pure-JAX depthwise causal 1-D convolution (the Mamba short conv, arXiv:2312.00752).
+
+The conv is written as ``w`` shifted multiply-adds over one float32 copy of the padded input, which
+XLA fuses into a single elementwise pass (the op is memory-bound: ``w`` is 4 in every model here).
+Measured on 2 CPU cores (fwd / grad of silu(conv), fp32), shifted adds vs
+``lax.conv_general_dilated(feature_group_count=c)``: B2 T4096 C1024 35 / 174 ms vs 281 / 785 ms;
+B8 T2048 C1536 85 / 206 ms vs 3160 / 7380 ms. Not yet measured on GPU.
+
+Segments are handled with each token's distance to the start of its segment: tap ``j`` (the input
+``j`` steps back) counts only when ``j <= distance``; the reference instead compares run indices, so
+the two check each other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "return_final_state"))
+def causal_conv1d_xla(
+    x,
+    weight,
+    bias=None,
+    *,
+    initial_state=None,
+    activation=None,
+    segment_ids=None,
+    return_final_state=False,
+):
+    """Causal depthwise conv over time as fused shifted multiply-adds. Validated by
+    ``api.causal_conv1d``.
+
+    Args:
+      x: ``(b, t, c)``.
+      weight: ``(w, c)``; tap k multiplies ``x[t - (w - 1) + k]``.
+      bias: ``(c,)`` or None.
+      initial_state: ``(b, w - 1, c)`` inputs before ``x[0]``, oldest first, or None (zeros).
+      activation: None or "silu".
+      segment_ids: ``(b, t)`` integers or None (maximal runs of equal ids are segments).
+      return_final_state: also return the last ``w - 1`` inputs.
+
+    Returns:
+      y ``(b, t, c)`` in ``x.dtype``; with ``return_final_state`` also the state ``(b, w - 1, c)``
+      float32.
+    """
+    b, t, c = x.shape
+    w = weight.shape[0]
+    wf = weight.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    init = (
+        jnp.zeros((b, w - 1, c), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+    padded = jnp.concatenate([init, xf], axis=1)  # padded[:, s + w - 1] = x[:, s]
+
+    reach = None
+    if segment_ids is not None:
+        pos = jnp.arange(t)
+        starts = jnp.concatenate(
+            [jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
+        seg_start = jax.lax.cummax(
+            jnp.where(starts, pos, 0), axis=1
+        )  # 0 throughout the first segment
+        # How many steps back a token may look; the first segment also sees all of initial_state.
+        reach = jnp.where(seg_start == 0, t + w, pos - seg_start)[..., None]  # (b, t, 1)
+
+    y = xf * wf[w - 1]
+    for j in range(1, w):
+        tap = padded[:, w - 1 - j : w - 1 - j + t] * wf[w - 1 - j]
+        y = y + (tap if reach is None else jnp.where(reach >= j, tap, 0.0))
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    if activation == "silu":
+        y = jax.nn.silu(y)
+    y = y.astype(x.dtype)
+    if not return_final_state:
+        return y
+
+    final_state = padded[:, t:]
+    if reach is not None:
+        # Keep only inputs of the last token's segment: the next call continues that segment.
+        back = jnp.arange(
+            w - 2, -1, -1
+        )  # final_state[:, i] lies w - 2 - i steps before the last token
+        final_state = jnp.where((back <= reach[:, -1:, 0])[..., None], final_state, 0.0)
+    return y, final_state
