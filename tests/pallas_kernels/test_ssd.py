@@ -1,0 +1,623 @@
+"""Tests of the SSD op (Mamba-2 state space duality, arXiv:2405.21060).
+
+The oracle chain (STYLE.md section 3): ``ssd_numpy`` (float64 loop) -> ``reference`` (sequential
+``lax.scan``) -> every chunked backend. ``TestSSD`` holds every behavioural test; a kernel's test
+module reuses it by subclassing and overriding ``implementations`` / ``chunked`` (and ``run`` to
+pass e.g. ``interpret=True``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.ssd import ssd, ssd_step
+from pallas_kernels.testing import (
+    TOLERANCES,
+    assert_bf16_rule,
+    assert_rel_close,
+    assert_tree_rel_close,
+    rel_err,
+)
+
+INF = float("inf")
+
+# pytest makes a fresh TestSSD per parametrized case; the class holds no state, so hypothesis' check
+# that one test always runs on the same instance does not apply here.
+stateless_class = settings(suppress_health_check=[HealthCheck.differing_executors])
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle and inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def ssd_numpy(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    dt_limit=(0.0, INF),
+    initial_state=None,
+    segment_ids=None,
+):
+    """The recurrence token by token in float64 numpy; returns ``(y, final_state)``, float64."""
+    f = lambda v: None if v is None else np.asarray(v, np.float64)
+    x, dt, A, B, C, D, z, dt_bias = map(f, (x, dt, A, B, C, D, z, dt_bias))
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    group_of_head = np.arange(h) // (h // B.shape[2])
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = np.logaddexp(0.0, dt)
+    if tuple(dt_limit) != (0.0, INF):
+        dt = np.clip(dt, *dt_limit)
+    S = np.zeros((b, h, p, n)) if initial_state is None else f(initial_state).copy()
+    y = np.zeros((b, t, h, p))
+    for i in range(t):
+        a = np.exp(dt[:, i] * A)  # (b, h)
+        if segment_ids is not None and i > 0:
+            a = np.where((segment_ids[:, i] != segment_ids[:, i - 1])[:, None], 0.0, a)
+        Bi = B[:, i][:, group_of_head]  # (b, h, n)
+        Ci = C[:, i][:, group_of_head]
+        S = a[:, :, None, None] * S + (dt[:, i, :, None] * x[:, i])[..., None] * Bi[:, :, None, :]
+        y[:, i] = np.einsum("bhpn,bhn->bhp", S, Ci)
+    if D is not None:
+        y = y + x * (D[:, None] if D.ndim == 1 else D)
+    if z is not None:
+        y = y * z / (1.0 + np.exp(-z))
+    return y, S
+
+
+def make_inputs(seed, b=2, t=24, h=4, p=3, g=2, n=5):
+    """Random float32 inputs with Mamba-2-like scales.
+
+    ``dt`` is raw (meant for ``dt_softplus=True``, giving steps around 0.05), ``dt_pos`` the same
+    after softplus. A spans slow and fast heads (``-exp(U(-2, 2.8))``), so both long memory and
+    strong decay are exercised.
+    """
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)
+    dt = r(b, t, h) - 3.0
+    return dict(
+        x=r(b, t, h, p),
+        dt=dt,
+        dt_pos=np.logaddexp(0.0, dt).astype(np.float32),
+        A=-np.exp(rng.uniform(-2.0, 2.8, h)).astype(np.float32),
+        B=r(b, t, g, n),
+        C=r(b, t, g, n),
+        D_h=r(h),
+        D_hp=r(h, p),
+        z=r(b, t, h, p),
+        dt_bias=(0.5 * r(h)).astype(np.float32),
+        initial_state=r(b, h, p, n),
+    )
+
+
+def packed_ids(lengths, b=1):
+    """``(b, sum(lengths))`` int32 segment ids, one segment per length."""
+    ids = np.concatenate([np.full(m, k, np.int32) for k, m in enumerate(lengths)])
+    return np.tile(ids, (b, 1))
+
+
+# Option sets for the oracle test: every argument of ssd, alone and together.
+OPTION_SETS = {
+    "plain": dict(),
+    "D_heads": dict(D="D_h"),
+    "D_heads_headdim": dict(D="D_hp"),
+    "gate_z": dict(z="z"),
+    "dt_bias_softplus": dict(dt_bias="dt_bias", dt_softplus=True),
+    "dt_limit": dict(dt_softplus=True, dt_limit=(0.03, 0.08)),
+    "initial_state": dict(initial_state="initial_state"),
+    "segments": dict(segment_ids=[5, 1, 10, 8]),
+    "everything": dict(
+        D="D_hp",
+        z="z",
+        dt_bias="dt_bias",
+        dt_softplus=True,
+        dt_limit=(0.02, 0.1),
+        initial_state="initial_state",
+        segment_ids=[9, 15],
+    ),
+}
+
+
+def resolve_options(inputs, options):
+    """``(dt, kwargs)`` for an ``OPTION_SETS`` entry: names of ``inputs`` become arrays."""
+    kwargs = {}
+    for key, value in options.items():
+        if key == "segment_ids":
+            kwargs[key] = packed_ids(value, b=inputs["x"].shape[0])
+        elif isinstance(value, str):
+            kwargs[key] = inputs[value]
+        else:
+            kwargs[key] = value
+    dt = inputs["dt"] if kwargs.get("dt_softplus") else inputs["dt_pos"]
+    return dt, kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# The op's behaviour, for every implementation
+# --------------------------------------------------------------------------------------------------
+
+
+class TestSSD:
+    """Behaviour of ``ssd`` / ``ssd_step``; subclass, override the attributes for a new backend."""
+
+    # Every implementation (checked against the float64 oracle and the op's properties).
+    implementations: tuple[str, ...] = ("reference", "xla")
+    # Implementations checked against the sequential reference (forward and VJP).
+    chunked: tuple[str, ...] = ("xla",)
+
+    def pytest_generate_tests(self, metafunc):
+        if "impl" in metafunc.fixturenames:
+            metafunc.parametrize("impl", self.implementations)
+        if "chunked_impl" in metafunc.fixturenames:
+            metafunc.parametrize("chunked_impl", self.chunked)
+
+    def run(self, impl, *args, **kwargs):
+        return ssd(*args, implementation=impl, **kwargs)
+
+    # ---- values against the float64 oracle -------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "option_set,groups",
+        [(name, 2) for name in OPTION_SETS]
+        + [("plain", 1), ("plain", 4), ("everything", 1), ("everything", 4)],
+    )
+    def test_matches_numpy_oracle(self, impl, option_set, groups):
+        inputs = make_inputs(0, g=groups)
+        dt, kwargs = resolve_options(inputs, OPTION_SETS[option_set])
+        args = (inputs["x"], dt, inputs["A"], inputs["B"], inputs["C"])
+        y, state = self.run(impl, *args, chunk_size=8, return_final_state=True, **kwargs)
+        y_np, state_np = ssd_numpy(*args, **kwargs)
+        assert y.dtype == jnp.float32 and state.dtype == jnp.float32
+        assert_rel_close(y, y_np, "fp32", "y")
+        assert_rel_close(state, state_np, "fp32", "final_state")
+
+    @pytest.mark.parametrize(
+        "b,t,h,p,g,n,chunk",
+        [
+            (1, 1, 1, 2, 1, 3, 4),  # t == 1 (below the chunk)
+            (1, 9, 1, 3, 1, 4, 4),  # b == 1, h == 1, t not a chunk multiple
+            (2, 13, 6, 2, 3, 4, 4),  # g == 3 > 1, t not a chunk multiple
+            (2, 16, 4, 2, 4, 2, 8),  # g == h, t a chunk multiple
+        ],
+        ids=["t1", "b1_h1", "groups3", "g_eq_h"],
+    )
+    def test_shapes(self, impl, b, t, h, p, g, n, chunk):
+        inputs = make_inputs(1, b=b, t=t, h=h, p=p, g=g, n=n)
+        args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+        kwargs = dict(
+            D=inputs["D_h"], z=inputs["z"], dt_softplus=True, initial_state=inputs["initial_state"]
+        )
+        y, state = self.run(impl, *args, chunk_size=chunk, return_final_state=True, **kwargs)
+        y_np, state_np = ssd_numpy(*args, **kwargs)
+        assert y.shape == (b, t, h, p) and state.shape == (b, h, p, n)
+        assert_rel_close(y, y_np, "fp32", "y")
+        assert_rel_close(state, state_np, "fp32", "final_state")
+
+    # ---- chunked == sequential -------------------------------------------------------------------
+
+    def test_chunked_matches_sequential(self, chunked_impl):
+        inputs = make_inputs(2, t=50)
+        args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+        kwargs = dict(
+            D=inputs["D_h"],
+            z=inputs["z"],
+            dt_bias=inputs["dt_bias"],
+            dt_softplus=True,
+            initial_state=inputs["initial_state"],
+            return_final_state=True,
+        )
+        want = self.run("reference", *args, **kwargs)
+        got = self.run(chunked_impl, *args, chunk_size=16, **kwargs)
+        assert_tree_rel_close(got, want, "fp32", chunked_impl)
+
+    def test_auto_matches_reference(self):
+        inputs = make_inputs(3)
+        args = (inputs["x"], inputs["dt_pos"], inputs["A"], inputs["B"], inputs["C"])
+        assert_rel_close(
+            ssd(*args, chunk_size=8), ssd(*args, implementation="reference"), "fp32", "auto"
+        )
+
+    @stateless_class
+    @given(t=st.integers(1, 40), chunk_a=st.integers(1, 48), chunk_b=st.integers(1, 48))
+    def test_chunk_size_invariance(self, chunked_impl, t, chunk_a, chunk_b):
+        inputs = make_inputs(4, b=1, t=t, h=2, p=2, g=1, n=3)
+        args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+        kwargs = dict(
+            dt_softplus=True, initial_state=inputs["initial_state"], return_final_state=True
+        )
+        got_a = self.run(chunked_impl, *args, chunk_size=chunk_a, **kwargs)
+        got_b = self.run(chunked_impl, *args, chunk_size=chunk_b, **kwargs)
+        assert_tree_rel_close(got_a, got_b, "fp32", f"chunk {chunk_a} vs {chunk_b}")
+        oracle = {k: v for k, v in kwargs.items() if k != "return_final_state"}
+        assert_tree_rel_close(got_a, ssd_numpy(*args, **oracle), "fp32", "vs oracle")
+
+    def test_ssd_minimal_size(self, chunked_impl):
+        """mamba_ssm's ssd_minimal check at a smaller width: one sequence of 1024, chunk 64."""
+        rng = np.random.default_rng(5)
+        b, t, h, p, n = 1, 1024, 4, 32, 32
+        x = jnp.asarray(rng.standard_normal((b, t, h, p)), jnp.float32)
+        dt = jax.nn.softplus(jnp.asarray(rng.standard_normal((b, t, h)) - 4.0, jnp.float32))
+        A = -jnp.exp(jnp.asarray(rng.random(h), jnp.float32))
+        B = jnp.asarray(rng.standard_normal((b, t, 1, n)), jnp.float32)
+        C = jnp.asarray(rng.standard_normal((b, t, 1, n)), jnp.float32)
+        want = self.run("reference", x, dt, A, B, C, return_final_state=True)
+        got = self.run(chunked_impl, x, dt, A, B, C, chunk_size=64, return_final_state=True)
+        assert_tree_rel_close(got, want, "fp32", "ssd_minimal")
+
+    def test_long_chunk_precision(self, chunked_impl):
+        """Decays built from direct sums stay accurate in a long chunk.
+
+        The log-decay sums to about -1000 over the chunk. ``exp(cum_i - cum_j)`` of such a cumsum
+        measured 3.8e-6 here, masked cumulative sums 7e-8: hence a tenth of the fp32 tolerance.
+        """
+        rng = np.random.default_rng(13)
+        b, t, h, p, n = 1, 512, 4, 4, 4
+        x = rng.standard_normal((b, t, h, p)).astype(np.float32)
+        dt = np.logaddexp(0.0, rng.standard_normal((b, t, h)) + 2.0).astype(np.float32)
+        A = np.array([-0.5, -1.0, -2.0, -4.0], np.float32)
+        B = rng.standard_normal((b, t, 1, n)).astype(np.float32)
+        C = rng.standard_normal((b, t, 1, n)).astype(np.float32)
+        want = self.run("reference", x, dt, A, B, C, return_final_state=True)
+        got = self.run(chunked_impl, x, dt, A, B, C, chunk_size=512, return_final_state=True)
+        assert_tree_rel_close(got, want, TOLERANCES["fp32"] / 10, "long chunk")
+
+    # ---- state carrying and decode ---------------------------------------------------------------
+
+    # A one-token first part, a split on a chunk edge, one inside a chunk, a one-token second part.
+    @pytest.mark.parametrize("split", [1, 16, 21, 39])
+    def test_split_sequence_carries_state(self, impl, split):
+        inputs = make_inputs(6, t=40)
+        x, dt, B, C, z = (inputs[k] for k in ("x", "dt", "B", "C", "z"))
+        common = dict(D=inputs["D_hp"], dt_bias=inputs["dt_bias"], dt_softplus=True, chunk_size=8)
+        part = lambda v, s: v[:, s]
+        full = self.run(
+            impl,
+            x,
+            dt,
+            inputs["A"],
+            B,
+            C,
+            z=z,
+            initial_state=inputs["initial_state"],
+            return_final_state=True,
+            **common,
+        )
+        first = slice(0, split)
+        second = slice(split, None)
+        y1, s1 = self.run(
+            impl,
+            part(x, first),
+            part(dt, first),
+            inputs["A"],
+            part(B, first),
+            part(C, first),
+            z=part(z, first),
+            initial_state=inputs["initial_state"],
+            return_final_state=True,
+            **common,
+        )
+        y2, s2 = self.run(
+            impl,
+            part(x, second),
+            part(dt, second),
+            inputs["A"],
+            part(B, second),
+            part(C, second),
+            z=part(z, second),
+            initial_state=s1,
+            return_final_state=True,
+            **common,
+        )
+        assert_rel_close(jnp.concatenate([y1, y2], axis=1), full[0], "fp32", "y")
+        assert_rel_close(s2, full[1], "fp32", "final_state")
+
+    def test_step_loop_matches_scan(self, impl):
+        inputs = make_inputs(7, t=11)
+        x, dt, A, B, C, z = (inputs[k] for k in ("x", "dt", "A", "B", "C", "z"))
+        opts = dict(
+            D=inputs["D_h"], dt_bias=inputs["dt_bias"], dt_softplus=True, dt_limit=(0.02, 0.1)
+        )
+        y_full, state_full = self.run(
+            impl,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            z=z,
+            initial_state=inputs["initial_state"],
+            return_final_state=True,
+            chunk_size=4,
+            **opts,
+        )
+        state = jnp.asarray(inputs["initial_state"])
+        ys = []
+        for i in range(x.shape[1]):
+            y, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], z=z[:, i], **opts)
+            ys.append(y)
+        assert state.dtype == jnp.float32
+        assert_rel_close(jnp.stack(ys, axis=1), y_full, "fp32", "y")
+        assert_rel_close(state, state_full, "fp32", "final_state")
+
+    # ---- gradients -------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("segments", [None, [3, 13, 1, 20]], ids=["one_sequence", "segments"])
+    def test_vjp_matches_reference(self, chunked_impl, segments):
+        inputs = make_inputs(8, t=37)
+        names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+        primals = [
+            inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")
+        ]
+        segment_ids = None if segments is None else packed_ids(segments, b=2)
+
+        def f(impl):
+            def fn(x, dt, A, B, C, D, z, dt_bias, initial_state):
+                return self.run(
+                    impl,
+                    x,
+                    dt,
+                    A,
+                    B,
+                    C,
+                    D=D,
+                    z=z,
+                    dt_bias=dt_bias,
+                    dt_softplus=True,
+                    initial_state=initial_state,
+                    segment_ids=segment_ids,
+                    return_final_state=True,
+                    chunk_size=8,
+                )
+
+            return fn
+
+        rng = np.random.default_rng(9)
+        out, vjp_ref = jax.vjp(f("reference"), *primals)
+        cot = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
+        _, vjp = jax.vjp(f(chunked_impl), *primals)
+        got, want = vjp(cot), vjp_ref(cot)
+        for name, g_got, g_want in zip(names, got, want):
+            assert_rel_close(g_got, g_want, "fp32_grad", f"d{name}")
+
+    def test_gradients_finite_with_segments(self, impl):
+        # Strong decays, a one-token segment, boundaries inside a chunk and on a chunk edge.
+        inputs = make_inputs(10, t=32)
+        segment_ids = packed_ids([8, 1, 5, 2, 16], b=2)
+        A = inputs["A"] * 4.0
+
+        def loss(x, dt, A, B, C, initial_state):
+            y, s = self.run(
+                impl,
+                x,
+                dt,
+                A,
+                B,
+                C,
+                dt_softplus=True,
+                initial_state=initial_state,
+                segment_ids=segment_ids,
+                return_final_state=True,
+                chunk_size=8,
+            )
+            return jnp.sum(y * y) + jnp.sum(s * s)
+
+        grads = jax.grad(loss, argnums=tuple(range(6)))(
+            inputs["x"], inputs["dt"], A, inputs["B"], inputs["C"], inputs["initial_state"]
+        )
+        for name, grad in zip(("x", "dt", "A", "B", "C", "initial_state"), grads):
+            assert np.all(np.isfinite(np.asarray(grad))), f"d{name} is not finite"
+            assert np.any(np.asarray(grad) != 0), f"d{name} is zero"
+
+    # ---- packed sequences ------------------------------------------------------------------------
+
+    def test_packed_segments_equal_separate_runs(self, impl):
+        lengths = [5, 11, 1, 15]  # boundaries at 5, 16 (a chunk edge for chunk 8) and 17
+        inputs = make_inputs(11, b=1, t=sum(lengths))
+        x, dt, A, B, C, z = (inputs[k] for k in ("x", "dt", "A", "B", "C", "z"))
+        common = dict(D=inputs["D_h"], dt_softplus=True, chunk_size=8, return_final_state=True)
+        y, state = self.run(
+            impl,
+            x,
+            dt,
+            A,
+            B,
+            C,
+            z=z,
+            initial_state=inputs["initial_state"],
+            segment_ids=packed_ids(lengths),
+            **common,
+        )
+        start = 0
+        for k, m in enumerate(lengths):
+            s = slice(start, start + m)
+            # The initial state feeds the first segment only.
+            init = inputs["initial_state"] if k == 0 else None
+            y_k, state_k = self.run(
+                impl,
+                x[:, s],
+                dt[:, s],
+                A,
+                B[:, s],
+                C[:, s],
+                z=z[:, s],
+                initial_state=init,
+                **common,
+            )
+            assert_rel_close(y[:, s], y_k, "fp32", f"segment {k}")
+            start += m
+        assert_rel_close(state, state_k, "fp32", "final_state")
+
+    # ---- low precision ---------------------------------------------------------------------------
+
+    def test_bf16_rule(self, impl):
+        inputs = make_inputs(12, t=40)
+        names = ("x", "dt", "A", "B", "C", "D_h", "z", "initial_state")
+        bf16 = {k: jnp.asarray(inputs[k], jnp.bfloat16) for k in names}
+        # The fp32 reference sees the same bf16-rounded values: only the implementation's error
+        # counts.
+        fp32 = {k: v.astype(jnp.float32) for k, v in bf16.items()}
+
+        def call(impl, v):
+            return self.run(
+                impl,
+                v["x"],
+                v["dt"],
+                v["A"],
+                v["B"],
+                v["C"],
+                D=v["D_h"],
+                z=v["z"],
+                dt_softplus=True,
+                initial_state=v["initial_state"],
+                chunk_size=16,
+                return_final_state=True,
+            )
+
+        y, state = call(impl, bf16)
+        y_xla, _ = call("xla", bf16)
+        y_ref, state_ref = call("reference", fp32)
+        assert y.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+        assert_bf16_rule(y, y_xla, y_ref, "y")
+        # Math is fp32 throughout: the only bf16 error is rounding y (at most 2**-8 relative).
+        assert rel_err(y, y_ref) <= 2.0**-8 + TOLERANCES["fp32"]
+        assert_rel_close(state, state_ref, "fp32", "final_state")
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checking (independent of the implementation)
+# --------------------------------------------------------------------------------------------------
+
+
+def _good_args(b=2, t=8, h=4, p=3, g=2, n=5):
+    inputs = make_inputs(0, b=b, t=t, h=h, p=p, g=g, n=n)
+    return dict(x=inputs["x"], dt=inputs["dt"], A=inputs["A"], B=inputs["B"], C=inputs["C"])
+
+
+def _z(*shape, dtype=np.float32):
+    return np.zeros(shape, dtype)
+
+
+BAD_SSD = [
+    (dict(x=_z(2, 8, 4)), ValueError, "ssd: x.shape=(2, 8, 4) must have rank 4"),
+    (
+        dict(x=_z(2, 0, 4, 3)),
+        ValueError,
+        "ssd: x.shape=(2, 0, 4, 3) must have at least one time step",
+    ),
+    (dict(dt=_z(2, 8)), ValueError, "ssd: dt.shape=(2, 8) must be (2, 8, 4)"),
+    (dict(dt=_z(2, 7, 4)), ValueError, "ssd: dt.shape=(2, 7, 4) must be (2, 8, 4)"),
+    (dict(A=_z(3)), ValueError, "ssd: A.shape=(3,) must be (4) (one per head)"),
+    (dict(B=_z(2, 8, 10)), ValueError, "ssd: B.shape=(2, 8, 10) must have rank 4"),
+    (dict(B=_z(1, 8, 2, 5)), ValueError, "ssd: B.shape=(1, 8, 2, 5) must be (2, 8, *, *)"),
+    (
+        dict(B=_z(2, 8, 3, 5), C=_z(2, 8, 3, 5)),
+        ValueError,
+        "ssd: B.shape=(2, 8, 3, 5) has 3 groups but x has 4 heads (heads % groups must be 0)",
+    ),
+    (
+        dict(C=_z(2, 8, 2, 6)),
+        ValueError,
+        "ssd: C.shape=(2, 8, 2, 6) must be (2, 8, 2, 5) (same as B)",
+    ),
+    (dict(D=_z(5)), ValueError, "ssd: D.shape=(5,) must be (4) (heads, or heads x head dim)"),
+    (dict(D=_z(4, 2)), ValueError, "ssd: D.shape=(4, 2) must be (4, 3)"),
+    (dict(D=_z(4, 3, 1)), ValueError, "ssd: D.shape=(4, 3, 1) must have rank 1 or 2"),
+    (
+        dict(z=_z(2, 8, 4, 2)),
+        ValueError,
+        "ssd: z.shape=(2, 8, 4, 2) must be (2, 8, 4, 3) (same as x)",
+    ),
+    (dict(dt_bias=_z(4, 1)), ValueError, "ssd: dt_bias.shape=(4, 1) must be (4)"),
+    (
+        dict(initial_state=_z(2, 4, 3)),
+        ValueError,
+        "ssd: initial_state.shape=(2, 4, 3) must be (2, 4, 3, 5)",
+    ),
+    (
+        dict(segment_ids=_z(2, 7, dtype=np.int32)),
+        ValueError,
+        "ssd: segment_ids.shape=(2, 7) must be (2, 8)",
+    ),
+    (
+        dict(segment_ids=_z(2, 8)),
+        ValueError,
+        "ssd: segment_ids.dtype=float32 must be an integer type",
+    ),
+    (
+        dict(x=_z(2, 8, 4, 3, dtype=np.int32)),
+        ValueError,
+        "ssd: x.dtype=int32 must be floating point",
+    ),
+    (
+        dict(dt_bias=_z(4, dtype=np.int32)),
+        ValueError,
+        "ssd: dt_bias.dtype=int32 must be floating point",
+    ),
+    (dict(chunk_size=0), ValueError, "ssd: chunk_size=0 must be an integer >= 1"),
+    (dict(chunk_size=2.5), ValueError, "ssd: chunk_size=2.5 must be an integer >= 1"),
+    (dict(dt_limit=(0.1, 0.01)), ValueError, "ssd: dt_limit=(0.1, 0.01) must satisfy lo <= hi"),
+    (dict(dt_limit=0.1), ValueError, "ssd: dt_limit=0.1 must be a pair of numbers (lo, hi)"),
+    (
+        dict(implementation="pallas_gpu"),
+        NotImplementedError,
+        "ssd: implementation='pallas_gpu' is not available (this op has ('reference', 'xla'))",
+    ),
+    (dict(implementation="cuda"), ValueError, "ssd: implementation='cuda' is not one of"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD_SSD, ids=[m for _, _, m in BAD_SSD])
+def test_ssd_rejects_bad_input(override, error, message):
+    kwargs = _good_args() | override
+    with pytest.raises(error, match=re.escape(message)) as info:
+        ssd(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def _good_step_args(b=2, h=4, p=3, g=2, n=5):
+    args = _good_args(b=b, t=1, h=h, p=p, g=g, n=n)
+    step = {k: v[:, 0] for k, v in args.items() if k != "A"}
+    return step | dict(A=args["A"], state=np.zeros((b, h, p, n), np.float32))
+
+
+BAD_STEP = [
+    (dict(x=_z(2, 4, 3, 1)), "ssd_step: x.shape=(2, 4, 3, 1) must have rank 3"),
+    (dict(dt=_z(2, 4, 1)), "ssd_step: dt.shape=(2, 4, 1) must be (2, 4)"),
+    (dict(state=_z(2, 4, 3, 4)), "ssd_step: state.shape=(2, 4, 3, 4) must be (2, 4, 3, 5)"),
+    (
+        dict(B=_z(2, 3, 5), C=_z(2, 3, 5)),
+        "ssd_step: B.shape=(2, 3, 5) has 3 groups but x has 4 heads",
+    ),
+    (dict(C=_z(2, 2, 4)), "ssd_step: C.shape=(2, 2, 4) must be (2, 2, 5)"),
+    (dict(D=_z(3)), "ssd_step: D.shape=(3,) must be (4)"),
+    (dict(z=_z(2, 4, 2)), "ssd_step: z.shape=(2, 4, 2) must be (2, 4, 3)"),
+    (
+        dict(state=_z(2, 4, 3, 5, dtype=np.int32)),
+        "ssd_step: state.dtype=int32 must be floating point",
+    ),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_STEP, ids=[m for _, m in BAD_STEP])
+def test_ssd_step_rejects_bad_input(override, message):
+    kwargs = _good_step_args() | override
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        ssd_step(**kwargs)
+    assert "\n" not in str(info.value)
