@@ -1,20 +1,18 @@
 """Sequence packing with segment ids: many documents per fixed-length row, kept apart.
 
-A document of n tokens gives n - 1 (input, target) pairs, ``inputs = tokens[:-1]``, ``targets =
-tokens[1:]``; rows are cut from these pairs, so no target ever belongs to another document. Packing
-is greedy next-fit over the
-documents in the given order: a document longer than the row is cut into full-row pieces plus a
-remainder, each piece goes into the current row if it fits and otherwise closes it (the rest of the
-row is padding) and opens the next. Every pair lands in exactly one row. In a row, ``segment_ids``
-number the pieces 1, 2, ... (0 marks padding) and ``positions`` count from 0 within each piece; a
-piece that continues a long document starts again at position 0, so models see at most ``seq_len``
-positions. On the standard-library corpus (documents mostly longer than a row) padding is about 1%
-of the tokens at ``seq_len=512``.
+A document of n tokens gives n - 1 (input, target) pairs, ``inputs = tokens[:-1]``,
+``targets = tokens[1:]``; rows are cut from these pairs, so no target ever belongs to another
+document. Packing is greedy next-fit over the documents in the given order: a document longer than
+the row is cut into full-row pieces plus a remainder; each piece goes into the current row if it
+fits, and otherwise closes it (the rest of the row is padding) and opens the next. Every pair lands
+in exactly one row. In a row, ``segment_ids`` number the pieces 1, 2, ... (0 marks padding) and
+``positions`` count from 0 within each piece; a piece that continues a long document starts again at
+position 0, so models see at most ``seq_len`` positions. On the standard-library corpus (documents
+mostly longer than a row) padding is 1.5% of the tokens at ``seq_len=512``.
 
 The plan (which piece of which document goes where) depends only on the document lengths, so it is
-computed up front
-for a whole epoch and rows can then be built in any order, on any process: that is what makes the
-pipeline random-access, shardable by row and resumable from a row index.
+computed up front for a whole epoch, and rows can then be built in any order, on any process: that
+is what makes the pipeline random-access, shardable by row and resumable from a row index.
 """
 
 from __future__ import annotations

@@ -33,8 +33,12 @@ greedy decoding reproduces the prefix it is conditioned on.
 
 Known departures from the reference code (none changes what is learned): safari numbers its tokens
 by sorting their string names and removes duplicate examples; here ids are plain integers (specials
-at the top of the vocabulary) and examples are independent draws. Phonebook names come from fixed
-syllable lists (not the ``names`` package) and are distinct within a book, so no query is ambiguous.
+at the top of the vocabulary) and examples are independent draws. MQAR draws its query slots with
+the Gumbel-top-k form of numpy's weighted sampling without replacement (the same law, not the same
+stream) and does not enforce Zoology's ``V > L`` assertion, which its own documented example
+breaks. Phonebook names come from fixed syllable lists (not the ``names`` package) and are distinct
+within a book, so no query is ambiguous. Random streams differ from the references' (numpy
+``Generator`` per example instead of a global seed), so the distributions match, not the draws.
 """
 
 from __future__ import annotations
@@ -104,17 +108,18 @@ class Task:
 class MQAR(Task):
     """Multi-query associative recall, Zoology's ``multiquery_ar`` recipe.
 
-    Keys are drawn without replacement from ``[1, V/2)``, values from ``[V/2, V)``. The context ``k1
-    v1 ... kK vK`` (repeated ``num_passes`` times) is followed by a query region of ``(L -
-    2K*passes)/2`` two-token slots; K distinct slots are drawn with probability ``p(j) ~ a *
-    j**(a-1)`` (j = 1..slots, so small ``a`` favours short gaps) and key i is written at the start
-    of its slot. The sequence is built with length L+1 and shifted: the answer (the key's value) is
-    the target at the query key's position. Other positions hold 0, replaced by uniform tokens from
-    ``[0, V)`` when ``random_non_queries``. Zoology's example (V=12, K=2, L=16, no fill) reads ``2 8
-    4 7 0 0 4 0 0 0 0 0 2 0 0 0`` with answers 7 and 8 at the second "4" and the second "2".
+    Keys are drawn without replacement from ``[1, V/2)``, values from ``[V/2, V)``. The context
+    ``k1 v1 ... kK vK`` (repeated ``num_passes`` times) is followed by a query region of
+    ``(L - 2K*passes)/2`` two-token slots; K distinct slots are drawn with probability
+    ``p(j) ~ a * j**(a-1)`` (j = 1..slots, so small ``a`` favours short gaps) and key i is written
+    at the start of its slot. The sequence is built with length L+1 and shifted: the answer (the
+    key's value) is the target at the query key's position. Other positions hold 0, replaced by
+    uniform tokens from ``[0, V)`` when ``random_non_queries``. Zoology's example (V=12, K=2, L=16,
+    no fill) reads ``2 8 4 7 0 0 4 0 0 0 0 0 2 0 0 0`` with answers 7 and 8 at the second "4" and
+    the second "2".
 
     Attributes:
-      vocab_size: V (Zoology default 8192); must exceed ``seq_len``. The task's vocabulary is V.
+      vocab_size: V (Zoology default 8192); the task's vocabulary is V.
       seq_len: L, even (default 64; the Figure-2 sweep uses (L, K) = (64, 4), (128, 8), (256, 16),
         (512, 64)).
       num_kv_pairs: K (default 4).
@@ -136,7 +141,9 @@ class MQAR(Task):
         w = "MQAR"
         _validate.integer(w, "seq_len", self.seq_len, minimum=4)
         _validate.require(w, self.seq_len % 2 == 0, f"seq_len={self.seq_len} must be even")
-        _validate.integer(w, "vocab_size", self.vocab_size, minimum=self.seq_len + 1)
+        # Zoology also asserts V > L, which generation does not need (its own V=12, L=16 example
+        # breaks it); what is needed is K distinct keys and values, checked below.
+        _validate.integer(w, "vocab_size", self.vocab_size, minimum=4)
         _validate.integer(w, "num_kv_pairs", self.num_kv_pairs, minimum=1)
         _validate.integer(w, "num_passes", self.num_passes, minimum=1)
         _validate.number(w, "power_a", self.power_a, low=0.0, high=1.0, open_low=True)
@@ -212,8 +219,8 @@ class AssociativeRecall(Task):
 
     Attributes:
       vocab_size: V including the two specials (default 20, the H3 setting; **unconfirmed**).
-      seq_len: room for pairs (default 30; the example is ``seq_len // (num_keys+1) * (num_keys+1) +
-        num_keys + 1`` tokens long).
+      seq_len: room for pairs (default 30); an example is
+        ``seq_len // (num_keys + 1) * (num_keys + 1) + num_keys + 1`` tokens long.
       num_keys: keys per tuple (default 1).
       allow_dot: allow queries absent from the context (default False, safari's default).
     """

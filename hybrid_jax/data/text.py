@@ -1,13 +1,12 @@
 """Text corpora from a directory of files; by default the Python standard library's own sources.
 
 The default corpus needs no download: every machine with Python has it
-(``sysconfig.get_paths()["stdlib"]``). It is the ``*.py`` files there, without ``site-packages``
-(what a user installed, different on every machine), test
-suites and build configuration: 734 files, 12 MB for CPython 3.11, so listing and preparing it takes
-about a second. It differs between Python versions, so runs compare only within one version (the
-corpus fingerprint names it). Files are listed in sorted order of their relative paths and assigned
-to the ``train`` or ``validation`` split by a hash of that path, so the split of a file never
-changes when other files come or go.
+(``sysconfig.get_paths()["stdlib"]``). It is the ``*.py`` files there without ``site-packages``
+(what a user installed, different on every machine), test suites and build configuration: about 730
+files and 12 MB for CPython 3.11, listed, hashed and prepared in about a second. It differs between
+Python versions, so runs compare only within one version (the corpus fingerprint names it). Files
+are listed in sorted order of their relative paths and assigned to the ``train`` or ``validation``
+split by a hash of that path, so the split of a file never changes when other files come or go.
 """
 
 from __future__ import annotations

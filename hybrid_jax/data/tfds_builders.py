@@ -322,7 +322,8 @@ def open_tfds(name: str, *, split: str, data_dir: str | None = None, feature: st
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataNotFoundError(
-            f"TFDS dataset {name!r} is not registered (check the name, e.g. 'lm1b', 'pg19')"
+            f"TFDS dataset {name!r} is not registered (check the name, e.g. 'lm1b', 'pg19'; a few"
+            " builders, such as c4, also need TensorFlow to load)"
         ) from None
     except Exception as e:  # a builder module can need packages missing here (e.g. TensorFlow)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -205,28 +205,33 @@ def train_sentencepiece(
     out = io.BytesIO()
     # The trainer's sampling draws from a process-wide generator.
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(chunks),
-        model_writer=out,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        character_coverage=1.0,
-        user_defined_symbols=["\n"],
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        input_sentence_size=max_chunks,
-        shuffle_input_sentence=True,
-        max_sentence_length=1 << 16,
-        seed_sentencepiece_size=100_000,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(chunks),
+            model_writer=out,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            byte_fallback=True,
+            # Rare characters fall back to bytes; keeping them all would crowd out useful pieces.
+            character_coverage=0.9995,
+            user_defined_symbols=["\n"],
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            input_sentence_size=max_chunks,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            seed_sentencepiece_size=100_000,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. a vocabulary too small for the corpus's characters
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(f"train_sentencepiece: vocab_size={vocab_size}: {reason}") from None
     return SentencePieceTokenizer(out.getvalue())
