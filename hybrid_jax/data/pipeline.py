@@ -140,29 +140,43 @@ class _ExampleRows:
     def __init__(self, examples, seq_len: int, pad_id: int, shuffle_seed: int | None):
         self._examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
         self._seed = shuffle_seed
-        self._orders: dict[int, np.ndarray] = {}
+        self._last: tuple[int, _ExampleEpoch] | None = None
 
-    def num_rows(self, epoch: int) -> int:
-        if self._seed is not None and epoch not in self._orders:
-            self._orders = {epoch: _permutation(self._seed, epoch, len(self._examples))}
-        return len(self._examples)
+    def epoch(self, epoch: int) -> _ExampleEpoch:
+        """The rows of ``epoch`` (the latest epoch's view is kept)."""
+        if self._last is None or self._last[0] != epoch:
+            n = len(self._examples)
+            order = None if self._seed is None else _permutation(self._seed, epoch, n)
+            self._last = (epoch, _ExampleEpoch(self, order))
+        return self._last[1]
 
-    def take(self, epoch: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """(len(rows), t) arrays of the given rows of ``epoch``; rows past the end are empty."""
-        out = _empty_batch(len(rows), self.seq_len, self.pad_id)
-        real = np.flatnonzero(rows < len(self._examples))
+
+class _ExampleEpoch:
+    """The rows of one epoch of :class:`_ExampleRows`; reader threads hold on to it."""
+
+    def __init__(self, rows: _ExampleRows, order: np.ndarray | None):
+        self._rows, self._order = rows, order
+
+    def __len__(self) -> int:
+        return len(self._rows._examples)
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """(len(rows), t) arrays of the given rows; rows past the end are empty."""
+        examples, seq_len = self._rows._examples, self._rows.seq_len
+        out = _empty_batch(len(rows), seq_len, self._rows.pad_id)
+        real = np.flatnonzero(rows < len(examples))
         if not len(real):
             return out
-        which = rows[real] if self._seed is None else self._orders[epoch][rows[real]]
-        if isinstance(self._examples, _InMemoryExamples):
-            got = {k: v[which] for k, v in self._examples.arrays.items()}
+        which = rows[real] if self._order is None else self._order[rows[real]]
+        if isinstance(examples, _InMemoryExamples):
+            got = {k: v[which] for k, v in examples.arrays.items()}
         else:
-            block = [self._examples[int(j)] for j in which]
+            block = [examples[int(j)] for j in which]
             got = {k: np.stack([np.asarray(ex[k]) for ex in block]) for k in _EXAMPLE_KEYS}
         t = got["inputs"].shape[1]
         for key in ("inputs", "targets", "mask"):
             out[key][real, :t] = got[key]
-        ar = np.arange(self.seq_len)
+        ar = np.arange(seq_len)
         live = ar[None, :] < got["num_tokens"].reshape(-1, 1)
         out["segment_ids"][real] = live
         out["positions"][real] = np.where(live, ar[None, :], 0)
@@ -184,7 +198,7 @@ class _Documents:
 
 
 class _TextRows:
-    """Packed rows of tokenized documents, packed in a (seed, e) permutation (or in order)."""
+    """Packed rows of tokenized documents, packed in a (seed, epoch) permutation (or in order)."""
 
     def __init__(
         self,
@@ -197,30 +211,41 @@ class _TextRows:
         self._docs, self._tokenizer = docs, tokenizer
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
         self._num_pairs, self._seed = num_pairs, shuffle_seed
-        self._plans: dict[int, Any] = {}
+        self._last: tuple[int, _TextEpoch] | None = None
         # Consecutive rows of a long document reuse its tokens.
-        self._tokens = functools.lru_cache(maxsize=64)(self._tokenize)
+        self.tokens = functools.lru_cache(maxsize=64)(self._tokenize)
 
     def _tokenize(self, d: int) -> np.ndarray:
         return self._tokenizer.encode(self._docs[d], add_bos=True, add_eos=True)
 
-    def num_rows(self, epoch: int) -> int:
-        if epoch not in self._plans:
-            order = (
-                None
-                if self._seed is None
-                else _permutation(self._seed, epoch, len(self._num_pairs))
+    def epoch(self, epoch: int) -> _TextEpoch:
+        """The packed rows of ``epoch`` (the latest epoch's plan is kept)."""
+        if self._last is None or self._last[0] != epoch:
+            n = len(self._num_pairs)
+            order = None if self._seed is None else _permutation(self._seed, epoch, n)
+            self._last = (
+                epoch,
+                _TextEpoch(self, plan_packing(self._num_pairs, self.seq_len, order)),
             )
-            self._plans = {epoch: plan_packing(self._num_pairs, self.seq_len, order)}
-        return len(self._plans[epoch])
+        return self._last[1]
 
-    def take(self, epoch: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """(len(rows), t) arrays of packed rows of ``epoch``; rows past the end are empty."""
-        plan = self._plans[epoch]
+
+class _TextEpoch:
+    """The packed rows of one epoch of :class:`_TextRows`; reader threads hold on to it."""
+
+    def __init__(self, rows: _TextRows, plan):
+        self._rows, self._plan = rows, plan
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """(len(rows), t) arrays of the given packed rows; rows past the end are empty."""
+        seq_len, pad_id = self._rows.seq_len, self._rows.pad_id
         built = [
-            build_row(plan.row(int(r)), self._tokens, self.seq_len, self.pad_id)
-            if r < len(plan)
-            else empty_row(self.seq_len, self.pad_id)
+            build_row(self._plan.row(int(r)), self._rows.tokens, seq_len, pad_id)
+            if r < len(self._plan)
+            else empty_row(seq_len, pad_id)
             for r in rows
         ]
         return {k: np.stack([row[k] for row in built]) for k in ROW_KEYS}
@@ -244,7 +269,9 @@ def _tokenizer_id(tokenizer: Tokenizer) -> str:
 def _count_pairs(docs: _Documents, tokenizer: Tokenizer, cache: pathlib.Path) -> np.ndarray:
     """(documents,) tokens - 1 of every document, counted once and cached on disk."""
     if cache.exists():
-        return np.load(cache)
+        counts = np.load(cache)
+        if len(counts) == len(docs):  # else the data changed under the same name: count again
+            return counts
     byte_level = isinstance(tokenizer, ByteTokenizer)
     counts = np.empty(len(docs), np.int64)
     for i in tqdm.tqdm(
@@ -293,33 +320,36 @@ def _text_tokenizer(
 
 
 def _text_split(source: TextFiles | TfdsText, split: str, data_dir: str):
-    """(data source, text key, dataset identity) of the train or eval split."""
+    """(data source, text key, dataset identity, split name) of the train or eval split."""
     if isinstance(source, TextFiles):
         builder = tfds_builders.prepare_text(source.corpus, data_dir=data_dir)
         name = "train" if split == "train" else "validation"
         what = f"text corpus {source.corpus.describe()}"
-        return tfds_builders.split_source(builder, name, what=what), "text", str(builder.data_path)
+        src = tfds_builders.split_source(builder, name, what=what)
+        return src, "text", str(builder.data_path), name
     name = source.train_split if split == "train" else source.eval_split
     src = tfds_builders.open_tfds(
         source.name, split=name, data_dir=source.data_dir, feature=source.text_key
     )
-    return src, source.text_key, f"tfds:{source.name}:{source.data_dir or ''}"
+    prepared = getattr(getattr(src, "dataset_info", None), "data_dir", None)  # name/config/version
+    return src, source.text_key, f"tfds:{prepared or source.name}", name
 
 
 def _text_rows(source: TextFiles | TfdsText, split: str, seq_len: int, shuffle_seed, data_dir: str):
-    src, key, identity = _text_split(source, split, data_dir)
+    src, key, identity, split_name = _text_split(source, split, data_dir)
     if source.tokenizer == "byte":
         tokenizer: Tokenizer = ByteTokenizer()
     else:  # SentencePiece is trained on (and cached for) the train split, whichever split is read
         train_src = src if split == "train" else _text_split(source, "train", data_dir)[0]
         train_docs = _Documents(train_src, key, source.max_documents)
-        tokenizer = _text_tokenizer(source, train_docs, identity, data_dir)
+        sp_key = f"{identity}|{source.train_split if isinstance(source, TfdsText) else 'train'}"
+        tokenizer = _text_tokenizer(source, train_docs, sp_key, data_dir)
     docs = _Documents(src, key, source.max_documents)
-    cache_key = f"{identity}|{split}|{_tokenizer_id(tokenizer)}|{source.max_documents}"
+    cache_key = f"{identity}|{split_name}|{_tokenizer_id(tokenizer)}|{source.max_documents}"
     cache = _cache_dir(data_dir) / f"pairs-{hashlib.sha1(cache_key.encode()).hexdigest()[:16]}.npy"
     num_pairs = _count_pairs(docs, tokenizer, cache)
     rows = _TextRows(docs, tokenizer, seq_len, num_pairs, shuffle_seed)
-    return rows, tokenizer, f"{identity}[{split}]"
+    return rows, tokenizer, f"{identity}[{split_name}]"
 
 
 def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, data_dir: str):
@@ -336,9 +366,8 @@ def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, d
         examples = tfds_builders.split_source(
             builder, tfds_split, what=f"synthetic dataset {builder.name}"
         )
-        if (
-            len(examples) * task.length * 12 <= _IN_MEMORY_BYTES
-        ):  # inputs, targets, mask: 4 bytes each
+        # inputs, targets and mask take 4 bytes a token
+        if len(examples) * task.length * 12 <= _IN_MEMORY_BYTES:
             examples = _InMemoryExamples(examples)
         identity = str(builder.data_path)
     elif split == "train" and source.num_train is None:
@@ -406,22 +435,13 @@ def _check_batching(where: str, batch_size, process_index, process_count):
 
 
 def _local_batches(
-    rows,
-    epoch: int,
-    *,
-    start: int,
-    stop: int,
-    batch: int,
-    local: int,
-    process_index: int,
-    num_threads: int,
+    view, *, start: int, stop: int, batch: int, local: int, process_index: int, num_threads: int
 ):
-    """This process's batches ``start..stop-1`` of ``epoch`` (rows past the end are empty)."""
-    rows.num_rows(epoch)  # computes the epoch's order / plan now, before reader threads need it
+    """This process's batches ``start..stop-1`` of an epoch's rows (rows past the end are empty)."""
     offsets = process_index * local + np.arange(local)
 
     def local_batch(k: int) -> dict[str, np.ndarray]:
-        return rows.take(epoch, k * batch + offsets)
+        return view.take(k * batch + offsets)
 
     ds = grain.MapDataset.range(start, stop).map(local_batch)
     if num_threads == 0:
@@ -469,7 +489,7 @@ class DataIterator:
         return self
 
     def _batches_in(self, epoch: int) -> int:
-        n = self._rows.num_rows(epoch)
+        n = len(self._rows.epoch(epoch))
         count = n // self.info.global_batch_size
         if count == 0:
             raise ValueError(
@@ -485,8 +505,7 @@ class DataIterator:
                 raise StopIteration
             if self._batches is None:
                 self._batches = _local_batches(
-                    self._rows,
-                    self._epoch,
+                    self._rows.epoch(self._epoch),
                     start=self._batch,
                     stop=self._batches_in(self._epoch),
                     batch=self.info.global_batch_size,
@@ -556,8 +575,7 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return _local_batches(
-            self._rows,
-            0,
+            self._rows.epoch(0),
             start=0,
             stop=self._num_batches,
             batch=self.info.global_batch_size,
@@ -617,7 +635,7 @@ def make_train_iterator(
         seq_len=seq_len,
         global_batch_size=batch_size,
         local_batch_size=batch_size // process_count,
-        num_rows=rows.num_rows(0),
+        num_rows=len(rows.epoch(0)),
         tokenizer=tokenizer,
         dataset=identity,
     )
@@ -662,7 +680,7 @@ def make_eval_iterator(
     source, rows, tokenizer, identity, vocab, seq_len = _build(
         source, "eval", seq_len, None, data_dir
     )
-    n = rows.num_rows(0)
+    n = len(rows.epoch(0))
     num_batches = -(-n // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)

@@ -85,6 +85,17 @@ def test_resume_gives_the_uninterrupted_batches(text_source, data_dir, stop):
     assert_same_batches(take(resumed, 12 - stop), reference[stop:])
 
 
+def test_set_state_rewinds_a_running_iterator(text_source, data_dir):
+    it = pipeline.make_train_iterator(
+        text_source, seq_len=32, batch_size=64, seed=5, data_dir=data_dir, num_threads=4
+    )
+    take(it, 3)
+    state = it.get_state()
+    after = take(it, 9)  # into the next epoch, with reader threads prefetching
+    it.set_state(state)
+    assert_same_batches(take(it, 9), after)
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_make_the_global_batch(
     text_source, data_dir, process_count
@@ -157,6 +168,24 @@ def test_stdlib_is_the_default_source(data_dir):
     text = ByteTokenizer().decode_bytes(row)
     root = pathlib.Path(TextCorpus().directory)
     assert any(text in (root / f).read_bytes() for f in TextCorpus().files("train"))
+
+
+def test_registered_tfds_name_reads_through_the_same_pipeline(text_source, data_dir):
+    # The text builder is a registered TFDS dataset, so it stands in for lm1b / pg19 here.
+    from hybrid_jax.data import tfds_builders
+
+    builder = tfds_builders.prepare_text(text_source.corpus, data_dir=data_dir)
+    by_name = TfdsText(name=f"hybrid_jax_text/{builder.builder_config.name}", data_dir=data_dir)
+    kwargs = dict(seq_len=32, batch_size=4, seed=4, data_dir=data_dir)
+    assert_same_batches(
+        take(pipeline.make_train_iterator(by_name, **kwargs), 5),
+        take(pipeline.make_train_iterator(text_source, **kwargs), 5),
+    )
+    kwargs.pop("seed")
+    assert_same_batches(
+        list(pipeline.make_eval_iterator(by_name, **kwargs)),
+        list(pipeline.make_eval_iterator(text_source, **kwargs)),
+    )
 
 
 def test_sentencepiece_text_pipeline(text_dir, data_dir):
