@@ -3,14 +3,16 @@
 Rows. A synthetic example is one row (padded to ``seq_len``); text documents are tokenized (``BOS
 bytes EOS`` for the byte tokenizer) and packed by :mod:`packing`. Either way an epoch is a
 random-access list of rows: epoch e's document (or example) order is a permutation seeded by
-``(seed, e)`` and the packing plan of that order depends only on document lengths, which are counted
-once and cached in ``data_dir``.
+``(seed, e)`` and the packing plan of that order depends only on document lengths. Token counts,
+SentencePiece models and decoded synthetic splits are computed once and cached under
+``<data_dir>/hybrid_jax_cache``, keyed by the prepared dataset's name, config and version (not its
+path, so a checkpoint's data state restores on another machine).
 
 Batches. Global batch k of an epoch is rows ``[k*B, (k+1)*B)``; process p of N builds only rows
 ``k*B + p*B/N ... k*B + (p+1)*B/N - 1``, so the processes' batches are disjoint and together are the
 global batch, the same for any N. A training epoch drops its last partial global batch; evaluation
-pads it with empty rows (mask 0). grain runs the per-row work (reading, tokenizing, packing) on
-threads with prefetching.
+pads it with empty rows (mask 0). grain builds batches (reading, tokenizing, packing) on reader
+threads that prefetch ahead.
 
 State. The training iterator's state is ``{"epoch", "batch", "fingerprint"}`` (JSON): restoring it
 rebuilds that epoch's rows and continues from that batch, giving exactly the batches an
@@ -54,9 +56,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _ENDLESS = 1 << 62  # "examples" in an endless on-the-fly synthetic stream
-_SP_TRAIN_BYTES = (
-    64 << 20
-)  # SentencePiece trains on at most this much text (the first documents of train)
+# SentencePiece trains on at most this much text (the first documents of the train split).
+_SP_TRAIN_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class DataInfo:
       local_batch_size: b = B / process_count, rows per step on this process.
       num_rows: rows in (the first) epoch of this split.
       tokenizer: the tokenizer of text sources and byte-level tasks (None for token-id tasks).
-      dataset: identity of the prepared data (TFDS directory or generator description).
+      dataset: identity of the data (TFDS ``name/config/version[split]`` or generator description).
     """
 
     vocab_size: int
@@ -350,13 +351,15 @@ def _text_split(source: TextFiles | TfdsText, split: str, data_dir: str):
         name = "train" if split == "train" else "validation"
         what = f"text corpus {source.corpus.describe()}"
         src = tfds_builders.split_source(builder, name, what=what)
-        return src, "text", str(builder.data_path), name
+        return src, "text", builder.info.full_name, name
     name = source.train_split if split == "train" else source.eval_split
     src = tfds_builders.open_tfds(
         source.name, split=name, data_dir=source.data_dir, feature=source.text_key
     )
-    prepared = getattr(getattr(src, "dataset_info", None), "data_dir", None)  # name/config/version
-    return src, source.text_key, f"tfds:{prepared or source.name}", name
+    full_name = getattr(
+        getattr(src, "dataset_info", None), "full_name", None
+    )  # name/config/version
+    return src, source.text_key, full_name or source.name, name
 
 
 def _text_rows(source: TextFiles | TfdsText, split: str, seq_len: int, shuffle_seed, data_dir: str):
@@ -392,9 +395,9 @@ def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, d
         )
         # inputs, targets and mask take 4 bytes a token
         if len(examples) * task.length * 12 <= _IN_MEMORY_BYTES:
-            key = hashlib.sha1(f"{builder.data_path}|{tfds_split}".encode()).hexdigest()[:16]
+            key = hashlib.sha1(f"{builder.info.full_name}|{tfds_split}".encode()).hexdigest()[:16]
             examples = _InMemoryExamples(examples, _cache_dir(data_dir) / f"examples-{key}")
-        identity = str(builder.data_path)
+        identity = builder.info.full_name
     elif split == "train" and source.num_train is None:
         # Endless fresh examples: the pipeline seed picks the stream, there is no epoch to shuffle.
         examples = _GeneratedExamples(task, (source.seed, shuffle_seed), "train", _ENDLESS)

@@ -96,6 +96,16 @@ def test_set_state_rewinds_a_running_iterator(text_source, data_dir):
     assert_same_batches(take(it, 9), after)
 
 
+def test_state_restores_on_another_data_dir(text_source, data_dir, tmp_path):
+    # A checkpoint moves between machines: the state names the data, not where it was prepared.
+    kwargs = dict(seq_len=32, batch_size=4, seed=2)
+    here = pipeline.make_train_iterator(text_source, data_dir=data_dir, **kwargs)
+    take(here, 3)
+    there = pipeline.make_train_iterator(text_source, data_dir=str(tmp_path), **kwargs)
+    there.set_state(here.get_state())
+    assert_same_batches(take(there, 2), take(here, 2))
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_make_the_global_batch(
     text_source, data_dir, process_count
