@@ -10,6 +10,13 @@ text corpus)::
     batch = next(train)            # inputs / targets / mask / segment_ids / positions, (b, t)
     state = train.get_state()      # JSON; train.set_state(state) resumes exactly here
     evals = data.make_eval_iterator(data.TextFiles(), seq_len=1024, batch_size=8)
+
+Sources: ``data.Synthetic(data.MQAR(...))`` and the other tasks, ``data.TextFiles(root=...)`` (None:
+the standard library), ``data.TfdsText(name="lm1b")``; or a dict (``data.source_from_dict``) or a
+string (``data.parse_source``). ``train.info`` gives ``vocab_size``, ``pad_id`` and the tokenizer.
+A missing dataset, split or directory raises :class:`DataNotFoundError` with a one-line message
+(``except data.DataNotFoundError as e: sys.exit(f"error: {e}")``); bad arguments raise a
+one-line ``ValueError``.
 """
 
 from hybrid_jax.data.errors import DataNotFoundError

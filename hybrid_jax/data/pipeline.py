@@ -322,7 +322,7 @@ def _text_tokenizer(
         return ByteTokenizer()
     key = hashlib.sha1(f"{identity}|{source.max_documents}".encode()).hexdigest()[:12]
     path = _cache_dir(data_dir) / f"spm-{key}-{source.sp_vocab_size}.model"
-    with tfds_builders._lock(str(_cache_dir(data_dir)), path.name):
+    with tfds_builders.file_lock(str(_cache_dir(data_dir)), path.name):
         if not path.exists():
             log.info(
                 "Training a SentencePiece tokenizer (%d pieces) on %s",
