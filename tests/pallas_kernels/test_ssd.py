@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.ssd import ssd, ssd_step
+from pallas_kernels.ssd.xla import segsum
 from pallas_kernels.testing import (
     TOLERANCES,
     assert_bf16_rule,
@@ -235,18 +236,15 @@ class TestSSD:
         )
 
     @stateless_class
-    @given(t=st.integers(1, 40), chunk_a=st.integers(1, 48), chunk_b=st.integers(1, 48))
-    def test_chunk_size_invariance(self, chunked_impl, t, chunk_a, chunk_b):
+    @given(t=st.integers(1, 40), chunk=st.integers(1, 48))
+    @example(t=40, chunk=33)  # two chunks, padded, each a two-level segsum with a ragged sub-block
+    def test_chunk_size_invariance(self, chunked_impl, t, chunk):
+        """Any chunk size, dividing t or not, gives the float64 oracle's outputs and final state."""
         inputs = make_inputs(4, b=1, t=t, h=2, p=2, g=1, n=3)
         args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
-        kwargs = dict(
-            dt_softplus=True, initial_state=inputs["initial_state"], return_final_state=True
-        )
-        got_a = self.run(chunked_impl, *args, chunk_size=chunk_a, **kwargs)
-        got_b = self.run(chunked_impl, *args, chunk_size=chunk_b, **kwargs)
-        assert_tree_rel_close(got_a, got_b, "fp32", f"chunk {chunk_a} vs {chunk_b}")
-        oracle = {k: v for k, v in kwargs.items() if k != "return_final_state"}
-        assert_tree_rel_close(got_a, ssd_numpy(*args, **oracle), "fp32", "vs oracle")
+        kwargs = dict(dt_softplus=True, initial_state=inputs["initial_state"])
+        got = self.run(chunked_impl, *args, chunk_size=chunk, return_final_state=True, **kwargs)
+        assert_tree_rel_close(got, ssd_numpy(*args, **kwargs), "fp32", f"t {t} chunk {chunk}")
 
     def test_ssd_minimal_size(self, chunked_impl):
         """mamba_ssm's ssd_minimal check at a smaller width: one sequence of 1024, chunk 64."""
@@ -498,6 +496,27 @@ class TestSSD:
         # Math is fp32 throughout: the only bf16 error is rounding y (at most 2**-8 relative).
         assert rel_err(y, y_ref) <= 2.0**-8 + TOLERANCES["fp32"]
         assert_rel_close(state, state_ref, "fp32", "final_state")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks of the chunked path
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 17, 37, 64])
+def test_segsum_is_direct_sums(length):
+    """``xla.segsum`` (one- and two-level) against float64 sums of exactly v[j+1..i], with -inf."""
+    rng = np.random.default_rng(length)
+    v = -np.abs(rng.standard_normal((2, length))).astype(np.float32) * 3.0
+    v[0, length // 2] = -np.inf  # a segment boundary
+    got = np.asarray(jax.jit(segsum)(v), np.float64)
+    want = np.full((2, length, length), -np.inf)
+    for i in range(length):
+        for j in range(i + 1):
+            want[:, i, j] = v[:, j + 1 : i + 1].astype(np.float64).sum(axis=-1)
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)) and not np.isnan(got).any()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=TOLERANCES["fp32"], atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
