@@ -108,6 +108,7 @@ def selective_attention(
             softmax_scale=scale,
             capacity=capacity,
         )
+    # The only other entry of AVAILABLE; a Pallas backend adds its branch (and ``interpret``) here.
     return selective_attention_xla(
         q,
         k,

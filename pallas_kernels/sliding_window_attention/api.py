@@ -99,6 +99,7 @@ def sliding_window_attention(
         return sliding_window_attention_reference(
             q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale
         )
+    # The only other entry of AVAILABLE; a Pallas backend adds its branch (and ``interpret``) here.
     return sliding_window_attention_xla(
         q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale, block_size=block_size
     )

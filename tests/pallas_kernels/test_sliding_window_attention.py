@@ -297,9 +297,10 @@ class TestSlidingWindowAttentionXlaMemory:
         dense_scores = 4 * b * h * t * t  # one fp32 (t, t) score matrix: 1 GiB
         block = 128  # default_block_size(256, t)
         estimate = 4 * b * h * t * (w + block)  # one fp32 score tile per query block: 25 MB
+        # Measured on jax 0.10.2 CPU: forward 54 MB (2.1 x estimate), VJP 107 MB (4.3 x).
         assert 0 < fwd_temp <= 4 * estimate, (fwd_temp, estimate)
         assert 0 < grad_temp <= 8 * estimate, (grad_temp, estimate)
-        assert grad_temp < dense_scores / 8
+        assert fwd_temp < dense_scores / 10 and grad_temp < dense_scores / 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +317,7 @@ BAD = [
     (dict(window=2.5), ValueError, r"window=2.5 must be an integer >= 1"),
     (dict(window=True), ValueError, r"window=True must be an integer >= 1"),
     (dict(block_size=-1), ValueError, r"block_size=-1 must be an integer >= 1"),
+    (dict(softmax_scale="big"), ValueError, r"softmax_scale='big' must be a Python number or None"),
     (dict(q=jnp.zeros((2, 8, 4))), ValueError, r"q.shape=\(2, 8, 4\) must have rank 4"),
     (
         dict(k=jnp.zeros((2, 8, 3, 16)), v=jnp.zeros((2, 8, 3, 16))),
