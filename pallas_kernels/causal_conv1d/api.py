@@ -91,9 +91,7 @@ def causal_conv1d(
     if segment_ids is not None:
         _checks.shape(_OP, "segment_ids", segment_ids, (b, t), "(b, t)")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"{_OP}: segment_ids.dtype={segment_ids.dtype} must be an integer type"
-            )
+            raise ValueError(f"{_OP}: segment_ids.dtype={segment_ids.dtype} must be an integer type")
     for name, a in (("x", x), ("weight", weight), ("bias", bias), ("initial_state", initial_state)):
         if a is not None:
             _checks.floating(_OP, name, a)
@@ -111,9 +109,7 @@ def causal_conv1d(
     )
 
 
-def causal_conv1d_step(
-    state, x, weight, bias=None, *, activation: str | None = None
-) -> tuple[jax.Array, jax.Array]:
+def causal_conv1d_step(state, x, weight, bias=None, *, activation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One decode token of the causal conv.
 
     Args:

@@ -47,14 +47,8 @@ def causal_conv1d_reference(
     """
     b, t, c = x.shape
     w = weight.shape[0]
-    init = (
-        jnp.zeros((b, w - 1, c), jnp.float32)
-        if initial_state is None
-        else initial_state.astype(jnp.float32)
-    )
-    padded = jnp.concatenate(
-        [init, x.astype(jnp.float32)], axis=1
-    )  # padded[:, s + w - 1] = x[:, s]
+    init = jnp.zeros((b, w - 1, c), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    padded = jnp.concatenate([init, x.astype(jnp.float32)], axis=1)  # padded[:, s + w - 1] = x[:, s]
     windows = jnp.stack([padded[:, k : k + t] for k in range(w)], axis=2)  # (b, t, w, c)
     final_state = padded[:, t:]
     if segment_ids is not None:

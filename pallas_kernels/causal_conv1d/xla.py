@@ -50,22 +50,14 @@ def causal_conv1d_xla(
     w = weight.shape[0]
     wf = weight.astype(jnp.float32)
     xf = x.astype(jnp.float32)
-    init = (
-        jnp.zeros((b, w - 1, c), jnp.float32)
-        if initial_state is None
-        else initial_state.astype(jnp.float32)
-    )
+    init = jnp.zeros((b, w - 1, c), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     padded = jnp.concatenate([init, xf], axis=1)  # padded[:, s + w - 1] = x[:, s]
 
     reach = None
     if segment_ids is not None:
         pos = jnp.arange(t)
-        starts = jnp.concatenate(
-            [jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-        )
-        seg_start = jax.lax.cummax(
-            jnp.where(starts, pos, 0), axis=1
-        )  # 0 throughout the first segment
+        starts = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        seg_start = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)  # 0 throughout the first segment
         # How many steps back a token may look; the first segment also sees all of initial_state.
         reach = jnp.where(seg_start == 0, t + w, pos - seg_start)[..., None]  # (b, t, 1)
 
@@ -84,8 +76,6 @@ def causal_conv1d_xla(
     final_state = padded[:, t:]
     if reach is not None:
         # Keep only inputs of the last token's segment: the next call continues that segment.
-        back = jnp.arange(
-            w - 2, -1, -1
-        )  # final_state[:, i] lies w - 2 - i steps before the last token
+        back = jnp.arange(w - 2, -1, -1)  # final_state[:, i] lies w - 2 - i steps before the last token
         final_state = jnp.where((back <= reach[:, -1:, 0])[..., None], final_state, 0.0)
     return y, final_state

@@ -37,9 +37,7 @@ def _check_groups(op: str, name: str, x, lead: tuple[int, ...], d: int, n: int) 
     else:
         _checks.shape(op, name, x, (*lead, None, n), "n from A")
         g = x.shape[-2]
-        _checks.divisible(
-            op, f"{name}.shape={tuple(x.shape)}: channels d={d} by groups g={g}", d, g
-        )
+        _checks.divisible(op, f"{name}.shape={tuple(x.shape)}: channels d={d} by groups g={g}", d, g)
 
 
 def _check_params(op: str, d: int, n: int | None, A, D, delta_bias) -> None:
@@ -128,9 +126,7 @@ def selective_scan(
     if segment_ids is not None:
         _checks.shape(_OP, "segment_ids", segment_ids, (b, t), "(b, t)")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(
-                f"{_OP}: segment_ids.dtype={segment_ids.dtype} must be an integer type"
-            )
+            raise ValueError(f"{_OP}: segment_ids.dtype={segment_ids.dtype} must be an integer type")
     _check_floating(
         _OP,
         u=u,
@@ -199,9 +195,7 @@ def selective_scan_step(
     _checks.shape(_STEP, "C", C, B.shape, "same as B")
     if z is not None:
         _checks.shape(_STEP, "z", z, (b, d), "same as u")
-    _check_floating(
-        _STEP, state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias
-    )
+    _check_floating(_STEP, state=state, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
     if B.ndim == 2:
         B, C = B[:, None], C[:, None]
     return selective_scan_step_reference(

@@ -40,9 +40,7 @@ def _per_channel(x: jax.Array, d: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("delta_softplus",))
-def selective_scan_step_reference(
-    state, u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False
-):
+def selective_scan_step_reference(state, u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_softplus=False):
     """One token of the recurrence (the decode step, and the body of the sequential scan).
 
     Args:
@@ -65,9 +63,7 @@ def selective_scan_step_reference(
     if delta_softplus:
         dt = jax.nn.softplus(dt)
     uf = f32(u)
-    new_state = jnp.exp(dt[..., None] * f32(A)) * state + (dt * uf)[..., None] * _per_channel(
-        f32(B), d
-    )
+    new_state = jnp.exp(dt[..., None] * f32(A)) * state + (dt * uf)[..., None] * _per_channel(f32(B), d)
     y = jnp.sum(new_state * _per_channel(f32(C), d), axis=-1)
     if D is not None:
         y = y + f32(D) * uf
@@ -114,11 +110,7 @@ def selective_scan_reference(
     n = A.shape[-1]
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
-    h0 = (
-        jnp.zeros((b, d, n), jnp.float32)
-        if initial_state is None
-        else initial_state.astype(jnp.float32)
-    )
+    h0 = jnp.zeros((b, d, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     reset = None if segment_ids is None else segment_starts(segment_ids)
 
     def body(h, xs):
