@@ -68,5 +68,7 @@ def assert_bf16_rule(actual, xla_same_dtype, reference_fp32, what: str = "") -> 
     err = rel_err(actual, reference_fp32)
     base = rel_err(xla_same_dtype, reference_fp32)
     bound = BF16_FACTOR * base + BF16_SLACK
-    assert err <= bound, f"{what or 'value'}: bf16 error {err:.3e} > {BF16_FACTOR} x xla error {base:.3e} + {BF16_SLACK}"
+    assert err <= bound, (
+        f"{what or 'value'}: bf16 error {err:.3e} > {BF16_FACTOR} x xla error {base:.3e} + {BF16_SLACK}"
+    )
     return err, base

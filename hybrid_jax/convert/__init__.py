@@ -1,1 +1,5 @@
-"""hybrid_jax.convert."""
+"""Checkpoint import: Hugging Face transformers and state-spaces Mamba / Mamba-2."""
+
+from hybrid_jax.convert.hf import CheckpointError, load_hf_checkpoint
+
+__all__ = ["CheckpointError", "load_hf_checkpoint"]

@@ -1,1 +1,5 @@
-"""hybrid_jax.inference."""
+"""Inference: prefill + constant-memory decode, sampling."""
+
+from hybrid_jax.inference.generate import generate, sample_logits
+
+__all__ = ["generate", "sample_logits"]

@@ -9,7 +9,6 @@ SWA layer's memory is constant in the generated length.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_from_sequence
@@ -18,7 +17,9 @@ from hybrid_jax.model.layers import EMBED, HEADS, KV_HEADS, Dense, apply_rope
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
 
-def head_dims(config: ModelConfig, num_heads: int, num_kv_heads: int | None, head_dim: int | None) -> tuple[int, int, int]:
+def head_dims(
+    config: ModelConfig, num_heads: int, num_kv_heads: int | None, head_dim: int | None
+) -> tuple[int, int, int]:
     """(query heads, kv heads, head dim) with the defaults filled in."""
     return num_heads, num_kv_heads or num_heads, head_dim or config.d_model // num_heads
 
@@ -79,7 +80,11 @@ class AttentionMixer(nn.Module):
         self.hq, self.hk, self.hd = head_dims(c, a.num_heads, a.num_kv_heads, a.head_dim)
         self.qkv = QKVProjection(c, self.hq, self.hk, self.hd)
         self.o_proj = Dense(
-            c.d_model, (HEADS, EMBED), init_scale=self.out_scale, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype)
+            c.d_model,
+            (HEADS, EMBED),
+            init_scale=self.out_scale,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
         )
 
     @property
@@ -99,7 +104,11 @@ class AttentionMixer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         q, k, v = self._qkv(x, positions)
         o = sliding_window_attention(
-            q, k, v, window=self.window, segment_ids=segment_ids,
+            q,
+            k,
+            v,
+            window=self.window,
+            segment_ids=segment_ids,
             implementation=self.config.kernels.sliding_window_attention,
         )
         y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
@@ -146,4 +155,3 @@ class AttentionMixer(nn.Module):
             return WindowKVCache(z, z, empty_slots(batch, slots))
         z = jnp.zeros((batch, max_len, hk, hd), dt)
         return KVCache(z, z)
-

@@ -66,6 +66,7 @@ class Mamba2Config:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias); default: none
     conv_bias: bool = True
     norm_eps: float = 1e-5
 
@@ -144,13 +145,15 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self):
-        period = tuple(BlockType(b) if not isinstance(b, BlockType) else b for b in self.period)
+        period = tuple(_block(b) for b in self.period)
         object.__setattr__(self, "period", period)
         _check(len(period) > 0, "ModelConfig: period=() must hold at least one BlockType")
         _check(_pos_int(self.n_periods), f"ModelConfig: n_periods={self.n_periods!r} must be an integer >= 1")
         _check(_pos_int(self.d_model), f"ModelConfig: d_model={self.d_model!r} must be an integer >= 1")
         _check(_pos_int(self.vocab_size), f"ModelConfig: vocab_size={self.vocab_size!r} must be an integer >= 1")
-        _check(self.dtype in ("float32", "bfloat16", "float16"), f"ModelConfig: dtype={self.dtype!r} is not a float dtype")
+        _check(
+            self.dtype in ("float32", "bfloat16", "float16"), f"ModelConfig: dtype={self.dtype!r} is not a float dtype"
+        )
         _check(
             self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
             f"ModelConfig: remat_policy={self.remat_policy!r} must be one of none, full, dots, dots_no_batch",
@@ -168,16 +171,24 @@ class ModelConfig:
             )
             _check(_pos_int(m.chunk_size), f"ModelConfig: mamba2.chunk_size={m.chunk_size!r} must be >= 1")
         if kinds & {BlockType.ATTENTION, BlockType.SWA}:
-            self._check_heads("attention", self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim)
+            self._check_heads(
+                "attention", self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim
+            )
             if BlockType.SWA in kinds:
-                _check(_pos_int(self.attention.window), f"ModelConfig: attention.window={self.attention.window!r} must be >= 1")
+                _check(
+                    _pos_int(self.attention.window),
+                    f"ModelConfig: attention.window={self.attention.window!r} must be >= 1",
+                )
         if BlockType.SAL in kinds:
             s = self.sal
             self._check_heads("sal", s.num_heads, s.num_kv_heads, s.head_dim)
             _check(_pos_int(s.window), f"ModelConfig: sal.window={s.window!r} must be an integer >= 1")
             _check(0.0 < s.capacity <= 1.0, f"ModelConfig: sal.capacity={s.capacity!r} must be in (0, 1]")
             _check(s.temperature > 0, f"ModelConfig: sal.temperature={s.temperature!r} must be > 0")
-            _check(s.kv_source in ("selected", "all"), f"ModelConfig: sal.kv_source={s.kv_source!r} must be 'selected' or 'all'")
+            _check(
+                s.kv_source in ("selected", "all"),
+                f"ModelConfig: sal.kv_source={s.kv_source!r} must be 'selected' or 'all'",
+            )
             _check(
                 s.capacity_factor is None or s.capacity_factor > 0,
                 f"ModelConfig: sal.capacity_factor={s.capacity_factor!r} must be None or > 0",
@@ -243,8 +254,9 @@ class ModelConfig:
                 sub_fields = {f.name for f in dataclasses.fields(section)}
                 bad = sorted(set(sub) - sub_fields)
                 _check(not bad, f"ModelConfig: unknown field(s) model.{key}.{bad}")
-                if "A_init_range" in sub:
-                    sub["A_init_range"] = tuple(sub["A_init_range"])
+                for key2 in ("A_init_range", "dt_limit"):
+                    if key2 in sub:
+                        sub[key2] = tuple(float(v) for v in sub[key2])
                 d[key] = section(**sub)
         if "period" in d:
             d["period"] = tuple(_block(b) for b in d["period"])
@@ -255,6 +267,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["period"] = [b.value for b in self.period]
         out["mamba2"]["A_init_range"] = list(self.mamba2.A_init_range)
+        out["mamba2"]["dt_limit"] = list(self.mamba2.dt_limit)
         return out
 
     def replace(self, **changes) -> ModelConfig:

@@ -61,7 +61,10 @@ class Dense(nn.Module):
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)), (self.features,), self.param_dtype
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
         return y
@@ -89,7 +92,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)), (x.shape[-1],), self.param_dtype)
+        w = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)), (x.shape[-1],), self.param_dtype
+        )
         return rms_normalize(x, w, self.eps).astype(self.dtype)
 
 
@@ -106,7 +111,9 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-        w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (SSM_INNER,)), (x.shape[-1],), self.param_dtype)
+        w = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (SSM_INNER,)), (x.shape[-1],), self.param_dtype
+        )
         gated = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         return rms_normalize(gated, w, self.eps, self.group_size).astype(self.dtype)
 

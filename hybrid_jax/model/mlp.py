@@ -28,4 +28,6 @@ class SwiGLU(nn.Module):
         gate = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="gate_proj")(x)
         up = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="up_proj")(x)
         h = jax.nn.silu(gate) * up
-        return Dense(c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj")(h)
+        return Dense(
+            c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj"
+        )(h)

@@ -45,9 +45,11 @@ class LanguageModel(nn.Module):
     def _run(self, tokens, *, mode, caches=None, segment_ids=None, positions=None, deterministic=True, cache_len=None):
         c = self.config
         embed = nn.Embed(
-            c.vocab_size, c.d_model,
+            c.vocab_size,
+            c.d_model,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
-            param_dtype=jnp.dtype(c.param_dtype), name="embed",
+            param_dtype=jnp.dtype(c.param_dtype),
+            name="embed",
         )
         h = constrain(embed(tokens).astype(jnp.float32))
         period_kw = dict(mode=mode, deterministic=deterministic, cache_len=cache_len)
@@ -57,7 +59,7 @@ class LanguageModel(nn.Module):
         if c.scan_layers:
             scanned = nn.scan(
                 period_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "gumbel": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=c.n_periods,
@@ -73,14 +75,20 @@ class LanguageModel(nn.Module):
             new_caches, aux = _stack_caches([o[0] for o in outs]), _stack_caches([o[1] for o in outs])
         h = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="norm_f")(h)
         if c.tie_embeddings:
-            logits = jnp.einsum(
-                "btd,vd->btv", h, embed.embedding.astype(h.dtype), preferred_element_type=jnp.float32
-            )
+            logits = jnp.einsum("btd,vd->btv", h, embed.embedding.astype(h.dtype), preferred_element_type=jnp.float32)
         else:
-            logits = Dense(c.vocab_size, (EMBED, VOCAB), dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="lm_head")(h)
+            logits = Dense(
+                c.vocab_size,
+                (EMBED, VOCAB),
+                dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.dtype(c.param_dtype),
+                name="lm_head",
+            )(h)
         return logits.astype(jnp.float32), new_caches, aux
 
-    def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic: bool = True, return_aux: bool = False):
+    def __call__(
+        self, tokens, segment_ids=None, positions=None, *, deterministic: bool = True, return_aux: bool = False
+    ):
         """Logits for a batch of sequences.
 
         Args:
@@ -92,10 +100,12 @@ class LanguageModel(nn.Module):
 
         Returns:
           logits ``(b, t, vocab)`` fp32, or ``(logits, aux)`` where aux has ``sal_selection_rate`` ``(n_sal,)``,
-          ``sal_constraint`` (sum over SALs of (C - rate)^2), ``sal_dropped`` ``(n_sal,)`` and ``sal_alpha`` ``(n_sal,)``.
+          ``sal_constraint`` (sum over SALs of (C - rate)^2), ``sal_dropped`` and ``sal_alpha`` ``(n_sal,)``.
         """
         _check_tokens(tokens, self.config)
-        logits, _, aux = self._run(tokens, mode="forward", segment_ids=segment_ids, positions=positions, deterministic=deterministic)
+        logits, _, aux = self._run(
+            tokens, mode="forward", segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
         if not return_aux:
             return logits
         return logits, summarize_aux(aux)
@@ -110,7 +120,7 @@ class LanguageModel(nn.Module):
         return logits, DecodeCache(position=jnp.full((b,), t, jnp.int32), layers=caches)
 
     def step(self, token, cache: DecodeCache):
-        """One decode step: token ``(b,)`` int at position ``cache.position``; returns (logits ``(b, vocab)``, cache)."""
+        """One decode step: token ``(b,)`` at position ``cache.position``; returns (logits ``(b, vocab)``, cache)."""
         logits, caches, _ = self._run(token[:, None], mode="step", caches=cache.layers, positions=cache.position)
         return logits[:, 0], DecodeCache(position=cache.position + 1, layers=caches)
 

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.model.attention import QKVProjection, attend_to_slots, head_dims
-from hybrid_jax.model.cache import SelectiveKVCache, WindowKVCache, empty_slots, ring_from_sequence, selective_ring_from_sequence
+from hybrid_jax.model.cache import (
+    SelectiveKVCache,
+    WindowKVCache,
+    empty_slots,
+    ring_from_sequence,
+    selective_ring_from_sequence,
+)
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
 from pallas_kernels.selective_attention import limit_selection, selective_attention
@@ -96,7 +102,13 @@ class SelectiveAttentionLayer(nn.Module):
         q, k, v = self._qkv(hn, positions)
         if cfg.kv_source == "selected":
             o = selective_attention(
-                q, k, v, eff, window=cfg.window, segment_ids=segment_ids, capacity=cap,
+                q,
+                k,
+                v,
+                eff,
+                window=cfg.window,
+                segment_ids=segment_ids,
+                capacity=cap,
                 implementation=c.kernels.selective_attention,
             )
         else:
@@ -121,7 +133,11 @@ class SelectiveAttentionLayer(nn.Module):
             if t > cache_len:
                 raise ValueError(f"prefill: prompt length t={t} exceeds max_len={cache_len}")
             slots = min(cfg.window, cache_len)
-            cache = selective_ring_from_sequence(k, v, eff, slots) if cfg.kv_source == "selected" else ring_from_sequence(k, v, slots)
+            cache = (
+                selective_ring_from_sequence(k, v, eff, slots)
+                if cfg.kv_source == "selected"
+                else ring_from_sequence(k, v, slots)
+            )
         return update, cache, aux
 
     def step(self, hn, h, cache, position):

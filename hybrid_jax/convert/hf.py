@@ -1,0 +1,284 @@
+"""Import Mamba / Mamba-2 checkpoints: Hugging Face transformers layout and the original state-spaces layout.
+
+Supported directories (``config.json`` plus weights):
+  * transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` written by ``save_pretrained``: ``model.safetensors``
+    (or sharded with ``model.safetensors.index.json``), tensors ``backbone.embeddings.weight``,
+    ``backbone.layers.{i}.norm.weight``, ``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``,
+    ``lm_head.weight`` (absent or ignored when embeddings are tied);
+  * state-spaces ``MambaLMHeadModel`` checkpoints (``mamba-130m``, ``mamba2-130m``...): ``config.json`` with
+    ``d_model`` / ``n_layer`` / ``ssm_cfg`` and ``pytorch_model.bin`` (read with torch, lazily imported) or
+    safetensors, the embedding named ``backbone.embedding.weight`` and the vocabulary padded to a multiple of
+    ``pad_vocab_size_multiple`` (8). The model keeps the padded vocabulary; logits of padding ids are meaningless.
+
+Weights keep their dtype until the end and are cast to ``dtype``; A_log and D stay fp32. Every mismatch raises
+:class:`CheckpointError` naming the tensor, its expected and its found shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.model import BlockType, LanguageModel, Mamba2Config, MambaConfig, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be imported; the message names the file or tensor."""
+
+
+# ----- reading ---------------------------------------------------------------------------------------------------
+
+
+def read_config(path: str) -> dict[str, Any]:
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise CheckpointError(f"load_hf_checkpoint: no config.json in path={path!r}")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory as numpy arrays (bf16 kept as ml_dtypes bfloat16)."""
+    from safetensors.numpy import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+        out: dict[str, np.ndarray] = {}
+        for f in files:
+            out.update(load_file(os.path.join(path, f)))
+        return out
+    if os.path.isfile(single):
+        return load_file(single)
+    binf = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(binf):
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"load_hf_checkpoint: {binf!r} is a torch pickle; install torch (the [hf] extra) to read it"
+            ) from None
+        state = torch.load(binf, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+    raise CheckpointError(f"load_hf_checkpoint: no model.safetensors, index or pytorch_model.bin in path={path!r}")
+
+
+# ----- configs ---------------------------------------------------------------------------------------------------
+
+
+def model_config_from_hf(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig:
+    """A ModelConfig equivalent to a transformers or state-spaces config dict."""
+    if "model_type" in cfg:
+        kind = cfg["model_type"]
+        if kind not in ("mamba", "mamba2"):
+            raise CheckpointError(f"load_hf_checkpoint: model_type={kind!r} is not supported (mamba, mamba2)")
+        if cfg.get("use_bias", False):
+            raise CheckpointError("load_hf_checkpoint: use_bias=True (biased in/out projections) is not supported")
+        d = int(cfg["hidden_size"])
+        common = dict(
+            n_periods=int(cfg["num_hidden_layers"]),
+            d_model=d,
+            vocab_size=vocab_rows,
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", kind == "mamba")),
+            name=f"hf-{kind}",
+        )
+        if kind == "mamba":
+            rank = cfg.get("time_step_rank", "auto")
+            mamba = MambaConfig(
+                d_state=int(cfg["state_size"]),
+                d_conv=int(cfg.get("conv_kernel", 4)),
+                expand=int(cfg.get("expand", 2)),
+                dt_rank=math.ceil(d / 16) if rank == "auto" else int(rank),
+                conv_bias=bool(cfg.get("use_conv_bias", True)),
+            )
+            return ModelConfig(period=(BlockType.MAMBA,), mamba=mamba, **common)
+        heads, headdim, expand = int(cfg["num_heads"]), int(cfg["head_dim"]), int(cfg.get("expand", 2))
+        if heads * headdim != expand * d:
+            raise CheckpointError(
+                f"load_hf_checkpoint: num_heads*head_dim={heads * headdim} != expand*hidden_size={expand * d}"
+            )
+        limit = [_json_float(x) for x in cfg.get("time_step_limit", (0.0, float("inf")))]
+        mamba2 = Mamba2Config(
+            d_state=int(cfg["state_size"]),
+            d_conv=int(cfg.get("conv_kernel", 4)),
+            expand=expand,
+            headdim=headdim,
+            ngroups=int(cfg.get("n_groups", 1)),
+            chunk_size=int(cfg.get("chunk_size", 256)),
+            dt_limit=(float(limit[0]), float(limit[1])),
+            conv_bias=bool(cfg.get("use_conv_bias", True)),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        )
+        return ModelConfig(period=(BlockType.MAMBA2,), mamba2=mamba2, **common)
+
+    # state-spaces MambaConfig (mamba_ssm/models/config_mamba.py).
+    if "d_model" not in cfg or "n_layer" not in cfg:
+        raise CheckpointError("load_hf_checkpoint: config.json has neither model_type nor d_model/n_layer")
+    ssm = dict(cfg.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if cfg.get("attn_layer_idx"):
+        raise CheckpointError("load_hf_checkpoint: attn_layer_idx (hybrid MHA layers) is not supported yet")
+    if cfg.get("d_intermediate", 0):
+        raise CheckpointError("load_hf_checkpoint: d_intermediate > 0 (MLP layers) is not supported yet")
+    d = int(cfg["d_model"])
+    common = dict(
+        n_periods=int(cfg["n_layer"]),
+        d_model=d,
+        vocab_size=vocab_rows,
+        tie_embeddings=bool(cfg.get("tie_embeddings", True)),
+        name=f"state-spaces-{layer.lower()}",
+    )
+    if layer == "Mamba1":
+        rank = ssm.get("dt_rank", "auto")
+        mamba = MambaConfig(
+            d_state=int(ssm.get("d_state", 16)),
+            d_conv=int(ssm.get("d_conv", 4)),
+            expand=int(ssm.get("expand", 2)),
+            dt_rank=math.ceil(d / 16) if rank == "auto" else int(rank),
+            conv_bias=bool(ssm.get("conv_bias", True)),
+        )
+        return ModelConfig(period=(BlockType.MAMBA,), mamba=mamba, **common)
+    if layer == "Mamba2":
+        mamba2 = Mamba2Config(
+            d_state=int(ssm.get("d_state", 128)),
+            d_conv=int(ssm.get("d_conv", 4)),
+            expand=int(ssm.get("expand", 2)),
+            headdim=int(ssm.get("headdim", 64)),
+            ngroups=int(ssm.get("ngroups", 1)),
+            chunk_size=int(ssm.get("chunk_size", 256)),
+            conv_bias=bool(ssm.get("conv_bias", True)),
+        )
+        return ModelConfig(period=(BlockType.MAMBA2,), mamba2=mamba2, **common)
+    raise CheckpointError(f"load_hf_checkpoint: ssm_cfg.layer={layer!r} is not supported (Mamba1, Mamba2)")
+
+
+def _json_float(x) -> float:
+    """transformers writes inf as {"__float__": "Infinity"} in config.json."""
+    if isinstance(x, Mapping) and "__float__" in x:
+        return float(x["__float__"])
+    return float(x)
+
+
+# ----- tensors -> params -----------------------------------------------------------------------------------------
+
+
+class _Tensors:
+    """Named access to a state dict with shape checks and one-line errors."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.t = dict(tensors)
+        self.used: set[str] = set()
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.t:
+            raise CheckpointError(f"load_hf_checkpoint: missing tensor {name!r} (expected shape {shape})")
+        x = self.t[name]
+        if tuple(x.shape) != tuple(shape):
+            raise CheckpointError(f"load_hf_checkpoint: tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
+        self.used.add(name)
+        return np.asarray(x, dtype=np.float32)
+
+
+def _stack(xs):
+    return np.stack(xs, axis=0)
+
+
+def params_from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Our (scanned) parameter tree from a checkpoint state dict; every tensor is shape-checked."""
+    T = _Tensors(tensors)
+    kind = config.period[0]
+    d, v, L = config.d_model, config.vocab_size, config.n_periods
+    emb_name = "backbone.embeddings.weight" if "backbone.embeddings.weight" in T.t else "backbone.embedding.weight"
+    params: dict[str, Any] = {"embed": {"embedding": T.get(emb_name, (v, d))}}
+    layers = []
+    for i in range(L):
+        pre = f"backbone.layers.{i}."
+        mx = pre + "mixer."
+        if kind is BlockType.MAMBA:
+            m = config.mamba
+            e, n, r, w = config.d_inner, m.d_state, config.dt_rank, m.d_conv
+            mixer = {
+                "in_proj": {"kernel": T.get(mx + "in_proj.weight", (2 * e, d)).T},
+                "conv1d": {"kernel": T.get(mx + "conv1d.weight", (e, 1, w))[:, 0, :].T},
+                "x_proj": {"kernel": T.get(mx + "x_proj.weight", (r + 2 * n, e)).T},
+                "dt_proj_kernel": T.get(mx + "dt_proj.weight", (e, r)).T,
+                "dt_bias": T.get(mx + "dt_proj.bias", (e,)),
+                "A_log": T.get(mx + "A_log", (e, n)),
+                "D": T.get(mx + "D", (e,)),
+                "out_proj": {"kernel": T.get(mx + "out_proj.weight", (d, e)).T},
+            }
+            if m.conv_bias:
+                mixer["conv1d"]["bias"] = T.get(mx + "conv1d.bias", (e,))
+        else:
+            m = config.mamba2
+            e, h, g, n, w = config.d_inner2, config.mamba2_heads, m.ngroups, m.d_state, m.d_conv
+            conv_dim = e + 2 * g * n
+            mixer = {
+                "in_proj": {"kernel": T.get(mx + "in_proj.weight", (2 * e + 2 * g * n + h, d)).T},
+                "conv1d": {"kernel": T.get(mx + "conv1d.weight", (conv_dim, 1, w))[:, 0, :].T},
+                "dt_bias": T.get(mx + "dt_bias", (h,)),
+                "A_log": T.get(mx + "A_log", (h,)),
+                "D": T.get(mx + "D", (h,)),
+                "norm": {"scale": T.get(mx + "norm.weight", (e,))},
+                "out_proj": {"kernel": T.get(mx + "out_proj.weight", (d, e)).T},
+            }
+            if m.conv_bias:
+                mixer["conv1d"]["bias"] = T.get(mx + "conv1d.bias", (conv_dim,))
+        layers.append({"norm": {"scale": T.get(pre + "norm.weight", (d,))}, "mixer": mixer})
+    block_name = f"{kind.value}_0"
+    params["periods"] = {block_name: jax.tree.map(lambda *xs: _stack(xs), *layers)}
+    params["norm_f"] = {"scale": T.get("backbone.norm_f.weight", (d,))}
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": T.get("lm_head.weight", (v, d)).T}
+    elif "lm_head.weight" in T.t:
+        T.used.add("lm_head.weight")  # tied: the head is the embedding (transformers saves it only sometimes)
+    unused = sorted(set(T.t) - T.used)
+    if unused:
+        raise CheckpointError(f"load_hf_checkpoint: {len(unused)} unexpected tensor(s), e.g. {unused[:3]}")
+    return params
+
+
+def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[LanguageModel, dict[str, Any]]:
+    """Loads a Mamba / Mamba-2 checkpoint directory.
+
+    Args:
+      path: a directory with config.json and safetensors (or state-spaces pytorch_model.bin).
+      dtype: dtype of the returned weights (A_log and D stay float32); the model computes in this dtype too.
+
+    Returns:
+      (model, params): ``model.apply({"params": params}, tokens)`` gives the checkpoint's logits.
+
+    Raises:
+      CheckpointError: unsupported config, missing/mismatched/unexpected tensor, unreadable directory.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"load_hf_checkpoint: path={path!r} is not a directory")
+    cfg = read_config(path)
+    tensors = read_tensors(path)
+    emb = tensors.get("backbone.embeddings.weight", tensors.get("backbone.embedding.weight"))
+    if emb is None:
+        raise CheckpointError(
+            "load_hf_checkpoint: missing tensor 'backbone.embeddings.weight' (or 'backbone.embedding.weight')"
+        )
+    config = model_config_from_hf(cfg, vocab_rows=int(emb.shape[0]))
+    dt_name = jnp.dtype(dtype).name
+    config = config.replace(dtype=dt_name, param_dtype=dt_name)
+    params = params_from_tensors(config, tensors)
+
+    def cast(path_, x):
+        name = jax.tree_util.keystr(path_)
+        keep32 = "A_log" in name or "'D'" in name
+        return jnp.asarray(x, jnp.float32 if keep32 else dtype)
+
+    params = jax.tree_util.tree_map_with_path(cast, params)
+    return LanguageModel(config), params

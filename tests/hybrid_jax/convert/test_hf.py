@@ -1,0 +1,134 @@
+"""Hugging Face parity: tiny random transformers Mamba / Mamba-2 models, saved with save_pretrained and loaded with
+load_hf_checkpoint, give the same logits (fp32, 1e-4) as transformers' own forward pass."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.convert import CheckpointError, load_hf_checkpoint
+
+torch = pytest.importorskip("torch", reason="needs the [hf] extra")
+transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+
+pytestmark = pytest.mark.hf
+
+
+def _save(model, tmp_path, name):
+    path = os.path.join(tmp_path, name)
+    model.save_pretrained(path)
+    return path
+
+
+def _compare(hf_model, path, vocab, t=37, b=2):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, vocab, (b, t))
+    with torch.no_grad():
+        expected = hf_model(tokens).logits.float().numpy()
+    model, params = load_hf_checkpoint(path)
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens.numpy())))
+    err = float(np.max(np.abs(got - expected)))
+    assert err < 1e-4, f"max |logit diff| = {err:.2e}"
+    return model, params
+
+
+def test_mamba_parity(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(
+        vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4, time_step_rank=4
+    )
+    hf = transformers.MambaForCausalLM(cfg).eval()
+    # Random (not init-default) values for the SSM parameters so the test sees them all.
+    with torch.no_grad():
+        for layer in hf.backbone.layers:
+            layer.mixer.A_log.add_(torch.randn_like(layer.mixer.A_log) * 0.1)
+            layer.mixer.D.add_(torch.randn_like(layer.mixer.D) * 0.1)
+            layer.norm.weight.add_(torch.randn_like(layer.norm.weight) * 0.1)
+    path = _save(hf, tmp_path, "mamba")
+    model, _ = _compare(hf, path, 96)
+    assert model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_mamba2_parity(tmp_path, ngroups):
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(
+        vocab_size=80,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        head_dim=16,
+        num_heads=4,
+        n_groups=ngroups,
+        conv_kernel=4,
+        chunk_size=16,
+    )
+    hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in hf.backbone.layers:
+            layer.mixer.norm.weight.add_(torch.randn_like(layer.mixer.norm.weight) * 0.2)
+            layer.mixer.D.add_(torch.randn_like(layer.mixer.D) * 0.1)
+    path = _save(hf, tmp_path, f"mamba2_g{ngroups}")
+    model, _ = _compare(hf, path, 80)
+    assert model.config.mamba2.ngroups == ngroups
+    assert not model.config.tie_embeddings
+
+
+def test_state_spaces_layout(tmp_path):
+    """The original state-spaces naming: `embedding`, d_model/n_layer/ssm_cfg config, padded vocabulary."""
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=48, hidden_size=32, state_size=8, num_hidden_layers=2, time_step_rank=4)
+    hf = transformers.MambaForCausalLM(cfg).eval()
+    path = os.path.join(tmp_path, "ss")
+    os.makedirs(path)
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    state.pop("lm_head.weight", None)
+    torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(
+            {
+                "d_model": 32,
+                "n_layer": 2,
+                "vocab_size": 45,
+                "pad_vocab_size_multiple": 8,
+                "ssm_cfg": {"d_state": 8, "dt_rank": 4},
+                "tie_embeddings": True,
+            },
+            f,
+        )
+    _compare(hf, path, 45)
+
+
+def test_bad_checkpoints_name_the_tensor(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=48, hidden_size=32, state_size=8, num_hidden_layers=2, time_step_rank=4)
+    hf = transformers.MambaForCausalLM(cfg)
+    from safetensors.torch import save_file
+
+    base = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+
+    def write(name, state, config=None):
+        path = os.path.join(tmp_path, name)
+        os.makedirs(path)
+        save_file(state, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config or cfg.to_dict(), f)
+        return path
+
+    missing = dict(base)
+    missing.pop("backbone.layers.1.mixer.x_proj.weight")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'backbone.layers.1.mixer.x_proj.weight'"):
+        load_hf_checkpoint(write("missing", missing))
+    wrong = dict(base)
+    wrong["backbone.layers.0.mixer.A_log"] = torch.zeros(64, 7)
+    with pytest.raises(
+        CheckpointError, match=r"'backbone.layers.0.mixer.A_log' has shape \(64, 7\), expected \(64, 8\)"
+    ):
+        load_hf_checkpoint(write("wrong", wrong))
+    with pytest.raises(CheckpointError, match=r"model_type='llama' is not supported"):
+        load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
+    with pytest.raises(CheckpointError, match=r"is not a directory"):
+        load_hf_checkpoint(os.path.join(tmp_path, "nope"))
