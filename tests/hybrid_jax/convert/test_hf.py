@@ -132,3 +132,38 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
         load_hf_checkpoint(os.path.join(tmp_path, "nope"))
+
+
+def test_cli_writes_orbax_checkpoint_atomically(tmp_path):
+    import subprocess
+    import sys
+
+    from hybrid_jax.convert.orbax_io import load_converted
+
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(
+        vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=1, head_dim=16, num_heads=4, n_groups=1
+    )
+    hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    src = _save(hf, tmp_path, "src")
+    out = os.path.join(tmp_path, "converted")
+    cmd = [sys.executable, "-m", "hybrid_jax.convert", f"--checkpoint={src}", f"--out={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, params = load_converted(out)
+    tokens = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        expected = hf(tokens).logits.numpy()
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens.numpy())))
+    assert float(np.max(np.abs(got - expected))) < 1e-4
+    # A second run refuses to overwrite; a bad source leaves the existing output untouched.
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "exists; pass --overwrite" in r.stderr.strip().splitlines()[-1]
+    bad = subprocess.run(
+        [sys.executable, "-m", "hybrid_jax.convert", f"--checkpoint={tmp_path}/nope", f"--out={out}", "--overwrite"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "is not a directory" in bad.stderr.strip().splitlines()[-1]
+    assert os.path.isfile(os.path.join(out, "model.json"))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
