@@ -32,9 +32,8 @@ def main(argv):
         config = save_converted(_CKPT.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
     except (CheckpointError, FileExistsError) as e:
         sys.exit(f"error: {e}")
-    print(
-        f"wrote {_OUT.value}: {config.name}, {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}"
-    )
+    c = config
+    print(f"wrote {_OUT.value}: {c.name}, {c.n_layers} layers, d_model {c.d_model}, vocab {c.vocab_size}")
 
 
 if __name__ == "__main__":
