@@ -25,10 +25,11 @@ import jax.numpy as jnp
 from pallas_kernels.selective_scan.reference import segment_starts
 
 # Tokens per chunk when the caller passes chunk_size=None, by platform. On 2 CPU cores (B2 T4096 D512
-# N16, fwd / grad, best of a few runs on a loaded machine): chunk 64 took 0.3 / 2.8 s, 256 took
-# 0.6 / 5.6 s, the whole sequence 1.5 / 5.3 s: a 64-token chunk's (b, l, d, n) tensors stay in cache.
-# Other platforms are not tuned yet; 256 keeps a chunk's tensors at 16 MiB per 1024 of b * d while
-# leaving few chunks (16 at t = 4096) for the sequential loop over chunks.
+# N16 with D, z, delta_bias, softplus; fwd / grad of all inputs; best of 3-5, quietest run on a shared
+# machine): chunk 64 0.14 / 1.5 s, chunk 256 0.45 / 2.6 s, one whole-sequence chunk 0.57 / 6.9 s (the
+# sequential reference: 0.10 / 1.1 s). A 64-token chunk's (b, l, d, n) tensors stay in cache; 32 was
+# no better. Other platforms are not tuned yet; 256 keeps a chunk's tensors at 16 MiB per 1024 of
+# b * d while leaving few chunks (16 at t = 4096) for the sequential loop over chunks.
 DEFAULT_CHUNK_SIZE = {"cpu": 64}
 FALLBACK_CHUNK_SIZE = 256
 
