@@ -1,0 +1,17 @@
+"""Mamba-2 (arXiv:2405.21060): a stack of SSD mixers, no MLPs.
+
+    python -m hybrid_jax.train --config=configs/mamba2.py:size=tiny --workdir=/tmp/mamba2
+
+Knobs: ``size`` (tiny | small | 130m | 370m | 790m | 1.3b), ``d_state`` (N; 0: the size's default).
+Every field of every section is documented in hybrid_jax/training/config.py (preset_config).
+"""
+
+from hybrid_jax.training import parse_arg, preset_config
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, size="tiny", d_state=0)
+    config = preset_config("mamba2", args.size)
+    if args.d_state:
+        config.model.mamba2.d_state = args.d_state
+    return config

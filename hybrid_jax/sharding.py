@@ -1,0 +1,269 @@
+"""Sharding: the device mesh, logical axis names -> mesh axes, and the shardings of parameters and batches.
+
+The mesh has three named axes (MaxText / the Flax lm1b example): ``data`` (pure data parallelism), ``fsdp``
+(data parallelism with parameters and optimizer state sharded over it, ZeRO-3 style) and ``tensor`` (Megatron-style
+tensor parallelism over MLP hidden units, heads and SSM channels). Model code never names mesh axes: parameters are
+created with logical axis names (``hybrid_jax.model.layers``: embed, vocab, mlp, heads, ssm_inner, ...; ``layers`` for
+the scanned period axis) and activations are constrained with ``activation_*`` names. A table of rules, kept in the
+run's config, maps each logical name to mesh axes; :data:`DEFAULT_RULES` shards the batch over (data, fsdp), the
+model width over fsdp and the "wide" axes over tensor.
+
+A dimension whose size is not divisible by the product of its mesh axes is left unsharded (the mapping drops those
+axes for that array only; ``jit`` cannot place uneven shards), so odd sizes such as a SAL gate's two logits or a
+vocabulary of 259 never stop a run; :func:`describe_shardings` shows what happened.
+
+The mesh uses ``AxisType.Auto`` axes: ``jax.make_mesh`` defaults to Explicit axes in jax >= 0.7, under which the classic
+``jit(in_shardings=..., out_shardings=...)`` + ``with_sharding_constraint`` style fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or axes, or None: replicated). Order matters only for names listed twice (first wins).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations (hybrid_jax.model.blocks.constrain) and batches
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("batch", ("data", "fsdp")),
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("ssm_inner", "tensor"),
+    ("ssm_heads", "tensor"),
+    ("ssm_state", None),
+    ("conv_width", None),
+    ("dt_rank", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
+    """Rules as a tuple of ``(logical name, None | mesh axis | tuple of mesh axes)``, validated.
+
+    Raises:
+      ValueError: a rule is not a pair, or names a mesh axis other than data / fsdp / tensor.
+    """
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"mesh.rules: rule={rule!r} must be a pair (logical name, mesh axes)")
+        name, axes = rule
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+        else:
+            bad = [] if axes is None or axes in MESH_AXES else [axes]
+        if bad:
+            raise ValueError(f"mesh.rules: rule for {name!r} names mesh axes {bad}; the mesh axes are {MESH_AXES}")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills a single ``-1`` entry of ``shape`` so that the product is ``num_devices``.
+
+    Raises:
+      ValueError: wrong rank, non-positive entries, more than one -1, or a product other than ``num_devices``.
+    """
+    shape = tuple(shape)
+    if len(shape) != len(MESH_AXES) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise ValueError(f"mesh.shape={shape!r} must be {len(MESH_AXES)} integers for the axes {MESH_AXES}")
+    if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape={shape!r} must hold positive sizes and at most one -1 (the remaining devices)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh.shape={shape!r}: the fixed axes ({known} devices) do not divide the {num_devices} devices"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh.shape={shape!r} needs {math.prod(shape)} devices but there are {num_devices} "
+            f"(jax.device_count()); make the product {num_devices} or use -1 for one axis"
+        )
+    return shape
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (of every process) with Auto axis types.
+
+    Args:
+      shape: sizes of (data, fsdp, tensor); one entry may be -1 (all remaining devices).
+      devices: the devices (default ``jax.devices()``).
+
+    Raises:
+      ValueError: the shape does not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(shape, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+    """The PartitionSpec of an array with logical axis ``names``; dims not divisible by their mesh axes stay whole.
+
+    Args:
+      names: one logical name (or None) per dimension.
+      shape: the array's shape.
+      mesh: the mesh.
+      rules: logical name -> mesh axes.
+    """
+    spec = nn.logical_to_mesh_axes(tuple(names), tuple(rules))
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    fixed = []
+    for axes, size in zip(spec, shape):
+        if axes is not None and size % _axis_size(mesh, axes) != 0:
+            axes = None  # uneven shards are not allowed as jit in/out shardings
+        # Size-1 mesh axes shard nothing; dropping them keeps specs readable and comparable across meshes.
+        if isinstance(axes, tuple):
+            axes = tuple(a for a in axes if mesh.shape[a] > 1) or None
+            if axes is not None and len(axes) == 1:
+                axes = axes[0]
+        elif axes is not None and mesh.shape[axes] == 1:
+            axes = None
+        fixed.append(axes)
+    while fixed and fixed[-1] is None:
+        fixed.pop()
+    return P(*fixed)
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree of (possibly boxed) arrays or ShapeDtypeStructs.
+
+    Leaves boxed with ``nn.LogicallyPartitioned`` (what ``model.init`` returns) get the sharding of their logical
+    names; every other leaf is replicated. The result has the structure of ``nn.unbox(abstract_tree)``.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            names = leaf.names
+            value = leaf.value
+            return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def shardings_like(tree: Any, reference_treedef, reference_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree (e.g. optimizer state) whose sub-trees shaped like the parameters follow them.
+
+    Every sub-tree of ``tree`` whose structure equals ``reference_treedef`` (Adam's ``mu`` and ``nu``) takes
+    ``reference_shardings``; other leaves (step counts, scalars) are replicated.
+    """
+    replicated = NamedSharding(mesh, P())
+    sentinel = object()
+
+    def is_param_tree(x):
+        return jax.tree.structure(x) == reference_treedef
+
+    def one(sub):
+        return sentinel if is_param_tree(sub) else replicated
+
+    marked = jax.tree.map(one, tree, is_leaf=is_param_tree)
+    return jax.tree.map(lambda s: reference_shardings if s is sentinel else s, marked, is_leaf=lambda s: s is sentinel)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a ``(b, t, ...)`` batch array: the batch dim over the rule for ``batch``, the rest replicated."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), tuple(rules))
+    return NamedSharding(mesh, spec)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """Number of distinct shards of the batch dimension (the global batch must be a multiple of it)."""
+    spec = nn.logical_to_mesh_axes(("batch",), tuple(rules))
+    return _axis_size(mesh, spec[0] if len(spec) else None)
+
+
+def process_batch_block(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """Which contiguous block of the global batch this process's devices hold: ``(block index, number of blocks)``.
+
+    The data pipeline of this process reads exactly that block (``process_index=index, process_count=blocks``);
+    processes whose devices hold the same rows (batch replicated over a mesh axis that spans processes) read the
+    same block.
+
+    Raises:
+      ValueError: the process's rows are not one contiguous block (a mesh whose device order interleaves
+        processes along the batch axis).
+    """
+    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    rows = set()
+    for idx in index_map.values():
+        s = idx[0]
+        start, stop = s.start or 0, global_batch if s.stop is None else s.stop
+        rows.update(range(start, stop))
+    lo, hi = min(rows), max(rows) + 1
+    size = hi - lo
+    if len(rows) != size or global_batch % size or lo % size:
+        raise ValueError(
+            f"mesh: process {jax.process_index()} holds batch rows {sorted(rows)[:8]}... which are not one aligned "
+            "block of the global batch; order the mesh so that each process holds contiguous rows"
+        )
+    return lo // size, global_batch // size
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_batch: int) -> dict[str, jax.Array]:
+    """Assembles this process's block of a batch (numpy, ``(b_local, ...)``) into global jax Arrays."""
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        out[key] = jax.make_array_from_process_local_data(sharding, value, (global_batch,) + value.shape[1:])
+    return out
+
+
+def describe_shardings(shardings: Any, abstract: Any | None = None) -> dict[str, str]:
+    """``{"path": "PartitionSpec(...) shape"}`` for every leaf, to record in config.json or print."""
+    out = {}
+    leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    shapes = [None] * len(leaves) if abstract is None else [x.shape for x in jax.tree.leaves(nn.unbox(abstract))]
+    for (path, s), shape in zip(leaves, shapes):
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        out[key] = f"{s.spec}" + ("" if shape is None else f" {tuple(shape)}")
+    return out
+
+
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "batch_shards",
+    "batch_sharding",
+    "describe_shardings",
+    "logical_to_spec",
+    "make_mesh",
+    "normalize_rules",
+    "process_batch_block",
+    "resolve_mesh_shape",
+    "shardings_like",
+    "to_global",
+    "tree_shardings",
+]

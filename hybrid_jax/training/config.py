@@ -1,0 +1,398 @@
+"""Run configuration: the sectioned ml_collections ConfigDict that ``configs/*.py`` return, and its validation.
+
+A run config has eight sections (STYLE.md section 5): ``model`` (every field of :class:`hybrid_jax.model.ModelConfig`
+except the kernels), ``kernels`` (the ``implementation=`` of every pallas_kernels op), ``data``, ``optim``, ``train``,
+``mesh``, ``eval`` and ``logging``. :func:`preset_config` builds the whole thing for a model preset and size, so that a
+file in ``configs/`` only states what its experiment changes; :func:`parse_arg` reads the ``:size=tiny,capacity=0.15``
+part of ``--config=configs/taipan.py:size=tiny,capacity=0.15``.
+
+ConfigDict stops at the trainer: :func:`model_config` turns the ``model`` + ``kernels`` sections into the frozen
+ModelConfig, and :func:`validate` checks every training field once, up front, with one-line messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from hybrid_jax.model import SIZES, KernelConfig, ModelConfig, preset
+from hybrid_jax.sharding import DEFAULT_RULES, normalize_rules
+
+# Training defaults per size: (seq_len, global batch, steps, peak lr, warm-up steps, compute dtype, remat policy).
+# tiny/small are for CPUs and smoke tests; 130m..1.3b follow the Mamba / Mamba-2 recipe (peak lr 5x GPT-3's, AdamW
+# 0.9/0.95, wd 0.1, clip 1.0, cosine to 1e-5) at 4K context and 0.5M tokens per step (our choice of length).
+_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(seq_len=128, batch=8, steps=200, lr=3e-3, warmup=15, dtype="float32", remat="none", every=50),
+    "small": dict(seq_len=512, batch=16, steps=2000, lr=2e-3, warmup=100, dtype="float32", remat="none", every=500),
+    "130m": dict(
+        seq_len=4096, batch=128, steps=20000, lr=3e-3, warmup=1000, dtype="bfloat16", remat="full", every=1000
+    ),
+    "370m": dict(
+        seq_len=4096, batch=128, steps=40000, lr=1.5e-3, warmup=2000, dtype="bfloat16", remat="full", every=1000
+    ),
+    "790m": dict(
+        seq_len=4096, batch=128, steps=60000, lr=1.25e-3, warmup=2000, dtype="bfloat16", remat="full", every=1000
+    ),
+    "1.3b": dict(
+        seq_len=4096, batch=128, steps=80000, lr=1e-3, warmup=2000, dtype="bfloat16", remat="full", every=1000
+    ),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses the config-string argument ``"key=value,key=value"`` against typed defaults.
+
+    Values are converted to the type of their default (``bool`` accepts true/false/1/0; a default of None takes the
+    text as an int, a float or a string, in that order).
+
+    Args:
+      arg: the text after ``:`` in ``--config=file.py:arg`` (None or "" for no knobs).
+      **defaults: every accepted knob with its default value.
+
+    Returns:
+      A ConfigDict of all knobs.
+
+    Raises:
+      ValueError: an unknown knob, a malformed item, or a value of the wrong type.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"config argument {item!r} must be key=value (known keys: {sorted(defaults)})")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)}")
+        out[key] = _convert(key, text.strip(), defaults[key])
+    return ml_collections.ConfigDict(out)
+
+
+def _convert(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config argument {key}={text!r} must be true or false")
+    if default is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return None if text.lower() == "none" else text
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"config argument {key}={text!r} must be a {type(default).__name__}") from None
+
+
+def _optional(value, kind: type):
+    """A field that may be None but has a type (so ``--config.x=5`` on it is parsed and type-checked)."""
+    return config_dict.placeholder(kind) if value is None else value
+
+
+def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
+    """The ``model`` section: every ModelConfig field (kernels excepted), values from ``cfg``, commented."""
+    m = ml_collections.ConfigDict()
+    m.name = cfg.name  # label recorded with the run
+    # The layer pattern: one period of residual layers (mamba, mamba2, attention, swa, sal, mlp), repeated.
+    m.period = tuple(b.value for b in cfg.period)
+    m.n_periods = cfg.n_periods  # repetitions of the period (nn.scan over them when scan_layers)
+    m.d_model = cfg.d_model  # width of the residual stream
+    m.vocab_size = config_dict.placeholder(int)  # None: the data's vocabulary, padded to data.vocab_multiple
+    m.mlp_hidden = _optional(cfg.mlp_hidden, int)  # SwiGLU hidden width; None: 8/3 d_model rounded up
+    m.mlp_multiple_of = cfg.mlp_multiple_of  # rounding of the default SwiGLU width
+    m.norm_eps = cfg.norm_eps  # RMSNorm epsilon
+    m.tie_embeddings = cfg.tie_embeddings  # LM head = embedding matrix (mamba_ssm default)
+    m.dtype = cfg.dtype  # compute dtype of matmuls and activations (bfloat16 on accelerators)
+    m.param_dtype = cfg.param_dtype  # master parameters (and optimizer state) stay float32
+    m.scan_layers = cfg.scan_layers  # nn.scan over periods (fast compile); False unrolls for debugging
+    m.remat_policy = cfg.remat_policy  # rematerialisation per period: none | full | dots | dots_no_batch
+
+    mb = cfg.mamba
+    m.mamba = ml_collections.ConfigDict()  # Mamba-1 (S6) mixers, arXiv:2312.00752
+    m.mamba.d_state = mb.d_state  # N, state size per channel
+    m.mamba.d_conv = mb.d_conv  # causal depthwise conv width
+    m.mamba.expand = mb.expand  # E = expand * d_model inner channels
+    m.mamba.dt_rank = _optional(mb.dt_rank, int)  # rank of the dt projection; None: ceil(d_model / 16)
+    m.mamba.dt_min = mb.dt_min  # dt initialised log-uniform in [dt_min, dt_max]
+    m.mamba.dt_max = mb.dt_max
+    m.mamba.dt_init_floor = mb.dt_init_floor  # lower clamp of the initial dt
+    m.mamba.dt_scale = mb.dt_scale  # scale of the dt projection init
+    m.mamba.conv_bias = mb.conv_bias  # bias in the causal conv
+
+    m2 = cfg.mamba2
+    m.mamba2 = ml_collections.ConfigDict()  # Mamba-2 (SSD) mixers, arXiv:2405.21060
+    m.mamba2.d_state = m2.d_state  # N, state size per head
+    m.mamba2.d_conv = m2.d_conv  # causal depthwise conv width
+    m.mamba2.expand = m2.expand  # inner width = expand * d_model
+    m.mamba2.headdim = m2.headdim  # P, channels per SSM head
+    m.mamba2.ngroups = m2.ngroups  # G, groups sharing B and C
+    m.mamba2.chunk_size = m2.chunk_size  # L of the chunked SSD algorithm
+    m.mamba2.A_init_range = tuple(m2.A_init_range)  # A = -U(range) per head at init
+    m.mamba2.dt_min = m2.dt_min  # dt initialised log-uniform in [dt_min, dt_max]
+    m.mamba2.dt_max = m2.dt_max
+    m.mamba2.dt_init_floor = m2.dt_init_floor  # lower clamp of the initial dt
+    m.mamba2.dt_limit = tuple(m2.dt_limit)  # clamp of softplus(dt + dt_bias); (0, inf): none
+    m.mamba2.conv_bias = m2.conv_bias  # bias in the causal conv
+    m.mamba2.norm_eps = m2.norm_eps  # epsilon of the gated RMSNorm
+
+    a = cfg.attention
+    m.attention = ml_collections.ConfigDict()  # full (ATTENTION) and sliding-window (SWA) attention layers
+    m.attention.num_heads = a.num_heads  # query heads
+    m.attention.num_kv_heads = _optional(a.num_kv_heads, int)  # GQA key/value heads; None: num_heads
+    m.attention.head_dim = _optional(a.head_dim, int)  # None: d_model // num_heads
+    m.attention.rope = a.rope  # rotary position embedding on q and k
+    m.attention.rope_base = a.rope_base  # RoPE base
+    m.attention.window = a.window  # SWA layers: a query sees the last `window` tokens (itself included)
+
+    s = cfg.sal
+    m.sal = ml_collections.ConfigDict()  # Taipan's Selective Attention Layers, arXiv:2410.18572
+    m.sal.num_heads = s.num_heads  # query heads
+    m.sal.num_kv_heads = _optional(s.num_kv_heads, int)  # None: num_heads
+    m.sal.head_dim = _optional(s.head_dim, int)  # None: d_model // num_heads
+    m.sal.window = s.window  # attention window of a selected token
+    m.sal.capacity = s.capacity  # C: target fraction of tokens selected for attention
+    m.sal.constraint_weight = s.constraint_weight  # lambda of the budget loss lambda * sum_SAL (C - rate)^2
+    m.sal.temperature = s.temperature  # Gumbel-softmax temperature of the gate
+    m.sal.rope = s.rope  # RoPE in SALs (off in Taipan)
+    m.sal.rope_base = s.rope_base  # RoPE base when rope is on
+    m.sal.kv_source = s.kv_source  # "selected": keys are selected tokens only; "all": every token in the window
+    m.sal.capacity_factor = _optional(s.capacity_factor, float)  # static compaction size / (C t); None: t
+    return m
+
+
+def kernels_section(kernels: KernelConfig | None = None) -> ml_collections.ConfigDict:
+    """The ``kernels`` section: ``auto | reference | xla | pallas_gpu | pallas_tpu`` for every op."""
+    k = kernels or KernelConfig()
+    c = ml_collections.ConfigDict()
+    c.selective_scan = k.selective_scan  # Mamba-1 recurrence
+    c.ssd = k.ssd  # Mamba-2 chunked SSD
+    c.causal_conv1d = k.causal_conv1d  # depthwise causal conv of both Mamba mixers
+    c.sliding_window_attention = k.sliding_window_attention  # ATTENTION / SWA layers (and SAL with kv_source=all)
+    c.selective_attention = k.selective_attention  # SAL attention over selected tokens
+    return c
+
+
+def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
+    """The full run config of a model preset at a size (see the module docstring for the sections).
+
+    Args:
+      name: a preset of :data:`hybrid_jax.model.PRESETS` (transformer, transformer_swa, mamba, mamba2, samba,
+        taipan, jamba).
+      size: one of :data:`hybrid_jax.model.SIZES` (tiny, small, 130m, 370m, 790m, 1.3b).
+      **model_overrides: top-level ModelConfig fields to replace in the preset.
+
+    Raises:
+      ValueError: unknown preset or size.
+    """
+    if size not in SIZES:
+        raise ValueError(f"config: size={size!r} is not one of {SIZES}")
+    t = _TRAIN_DEFAULTS[size]
+    cfg = preset(name, size, dtype=t["dtype"], remat_policy=t["remat"], **model_overrides)
+    config = ml_collections.ConfigDict()
+    config.model = model_section(cfg)
+    config.kernels = kernels_section(cfg.kernels)
+
+    config.data = d = ml_collections.ConfigDict()
+    # What to read, as hybrid_jax.data.parse_source reads it: "stdlib" (the Python standard library's sources,
+    # byte-level), "dir:/path?include=*.txt", "tfds:lm1b", "mqar?seq_len=256&num_kv_pairs=16", ...
+    d.source = "stdlib"
+    d.seq_len = t["seq_len"]  # t, tokens per row (synthetic tasks: at least the task length)
+    d.batch_size = t["batch"]  # B, rows per optimizer step over all processes and devices
+    d.seed = config_dict.placeholder(int)  # shuffle seed of the data order; None: train.seed
+    d.data_dir = config_dict.placeholder(str)  # where datasets are prepared; None: $HYBRID_JAX_DATA_DIR or ~/.cache
+    d.num_threads = 4  # grain reader threads per process
+    d.vocab_multiple = 128  # model.vocab_size=None pads the data's vocabulary up to a multiple of this
+
+    config.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = t["lr"]  # peak learning rate (after warm-up)
+    o.warmup_steps = t["warmup"]  # linear warm-up from 0
+    o.min_learning_rate = 1e-5  # cosine decay ends here, at train.steps
+    o.b1 = 0.9  # AdamW first-moment decay
+    o.b2 = 0.95  # AdamW second-moment decay
+    o.eps = 1e-8  # AdamW epsilon
+    o.weight_decay = 0.1  # decoupled weight decay (AdamW)
+    # Parameters whose name is listed get no weight decay: SSM dynamics, skip, dt bias, norm scales and biases.
+    o.no_decay = ("A_log", "D", "dt_bias", "scale", "bias")
+    o.grad_clip_norm = 1.0  # clip the global gradient norm to this (0: no clipping)
+
+    config.train = tr = ml_collections.ConfigDict()
+    tr.steps = t["steps"]  # optimizer steps of the whole run (the schedule's length)
+    tr.seed = 0  # parameter init, Gumbel noise and (unless data.seed) the data order
+    tr.grad_accum_steps = 1  # micro-batches per step (data.batch_size / this rows each); same result, less memory
+    tr.log_every = 10  # steps between metrics.jsonl / TensorBoard records
+    tr.eval_every = t["every"]  # steps between evaluations (0: only at the end)
+    tr.checkpoint_every = t["every"]  # steps between checkpoints (0: only at the end and on preemption)
+    tr.max_checkpoints = 3  # checkpoints kept (older ones are deleted after a newer one is complete)
+    tr.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: from the device kind table
+
+    config.mesh = ms = ml_collections.ConfigDict()
+    ms.shape = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) axes; -1: all remaining devices
+    # Logical axis name -> mesh axes (MaxText style); see hybrid_jax.sharding.DEFAULT_RULES.
+    ms.rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
+    ms.initialize_distributed = False  # call jax.distributed.initialize() (TPU pods, multi-GPU hosts, SLURM, ...)
+    ms.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0; None: auto-detected
+    ms.num_processes = config_dict.placeholder(int)  # None: auto-detected
+    ms.process_id = config_dict.placeholder(int)  # None: auto-detected
+
+    config.eval = e = ml_collections.ConfigDict()
+    e.batch_size = t["batch"]  # rows per evaluation batch over all processes
+    e.max_batches = 8  # evaluation batches per evaluation (0: the whole split)
+    e.seq_len = config_dict.placeholder(int)  # None: data.seq_len
+    e.sample_tokens = 64  # tokens generated from sample_prompt at the end (text data only; 0: none)
+    e.sample_prompt = "def fibonacci(n):\n"  # prompt of the final sample
+    # Sampling temperature (0: greedy, which makes a small model repeat its most likely byte, often a space).
+    e.sample_temperature = 0.7
+
+    config.logging = lg = ml_collections.ConfigDict()
+    lg.progress_bar = True  # tqdm bar on process 0 with loss and tokens/s
+    lg.tensorboard = True  # TensorBoard event files in the workdir
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _fail(message: str):
+    raise ValueError(f"config: {message}")
+
+
+def _int(config, path: str, minimum: int, allow_none: bool = False) -> None:
+    value = _get(config, path)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(f"{path}={value!r} must be an integer >= {minimum}")
+
+
+def _float(config, path: str, minimum: float, strict: bool = False) -> None:
+    value = _get(config, path)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        _fail(f"{path}={value!r} must be a number {'>' if strict else '>='} {minimum}")
+
+
+def _get(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+SECTIONS = ("model", "kernels", "data", "optim", "train", "mesh", "eval", "logging")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field the trainer reads, before anything is created or touched.
+
+    Raises:
+      ValueError: one line naming the first bad field and its value.
+    """
+    missing = [s for s in SECTIONS if s not in config]
+    if missing:
+        _fail(f"missing section(s) {missing} (a config has {list(SECTIONS)})")
+    for path in ("train.steps", "train.grad_accum_steps", "train.log_every", "train.max_checkpoints"):
+        _int(config, path, 1)
+    for path in ("train.eval_every", "train.checkpoint_every", "train.seed", "eval.max_batches", "eval.sample_tokens"):
+        _int(config, path, 0)
+    for path in ("data.seq_len", "data.batch_size", "data.vocab_multiple", "eval.batch_size"):
+        _int(config, path, 1)
+    _int(config, "data.num_threads", 0)
+    _int(config, "data.seed", 0, allow_none=True)
+    _int(config, "eval.seq_len", 1, allow_none=True)
+    _float(config, "optim.learning_rate", 0.0, strict=True)
+    _int(config, "optim.warmup_steps", 0)
+    _float(config, "optim.min_learning_rate", 0.0)
+    _float(config, "optim.weight_decay", 0.0)
+    _float(config, "optim.grad_clip_norm", 0.0)
+    _float(config, "optim.eps", 0.0, strict=True)
+    for path in ("optim.b1", "optim.b2"):
+        _float(config, path, 0.0)
+        if _get(config, path) >= 1:
+            _fail(f"{path}={_get(config, path)!r} must be < 1")
+    if config.optim.min_learning_rate > config.optim.learning_rate:
+        _fail(
+            f"optim.min_learning_rate={config.optim.min_learning_rate!r} exceeds "
+            f"optim.learning_rate={config.optim.learning_rate!r}"
+        )
+    if config.data.batch_size % config.train.grad_accum_steps:
+        _fail(
+            f"data.batch_size={config.data.batch_size} must be divisible by "
+            f"train.grad_accum_steps={config.train.grad_accum_steps}"
+        )
+    if not isinstance(config.data.source, str) or not config.data.source:
+        _fail(f"data.source={config.data.source!r} must be a source string such as 'stdlib' or 'mqar?seq_len=64'")
+    if config.eval.sample_temperature < 0:
+        _fail(f"eval.sample_temperature={config.eval.sample_temperature!r} must be >= 0")
+    peak = config.train.peak_flops_per_device
+    if peak is not None and not peak > 0:
+        _fail(f"train.peak_flops_per_device={peak!r} must be > 0 (or None)")
+    normalize_rules(config.mesh.rules)
+    # The model section is checked by building it (ModelConfig validates itself).
+    model_config(config, vocab_size=config.model.vocab_size or 256)
+
+
+def model_config(config: ml_collections.ConfigDict | Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:
+    """The frozen ModelConfig of a run config's ``model`` and ``kernels`` sections.
+
+    Args:
+      config: the run config (or a plain dict with ``model`` and ``kernels``).
+      vocab_size: used when ``model.vocab_size`` is None (the trainer passes the padded data vocabulary).
+
+    Raises:
+      ValueError: an unknown or invalid model field (one line).
+    """
+    model = config["model"]
+    d = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    kernels = config["kernels"]
+    d["kernels"] = kernels.to_dict() if hasattr(kernels, "to_dict") else dict(kernels)
+    if d.get("vocab_size") is None:
+        if vocab_size is None:
+            _fail("model.vocab_size=None needs the data's vocabulary size")
+        d["vocab_size"] = vocab_size
+    known = {f.name for f in dataclasses.fields(KernelConfig)}
+    bad = sorted(set(d["kernels"]) - known)
+    if bad:
+        _fail(f"kernels has unknown field(s) {bad} (known: {sorted(known)})")
+    try:
+        return ModelConfig.from_dict(d)
+    except TypeError as e:  # e.g. a wrong value type that the dataclass constructor rejects
+        _fail(f"model: {e}")
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (tensor-parallel and MXU friendly)."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON-ready nested dicts (tuples become lists)."""
+
+    def plain(x):
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(config.to_dict())
+
+
+__all__ = [
+    "SECTIONS",
+    "kernels_section",
+    "model_config",
+    "model_section",
+    "padded_vocab",
+    "parse_arg",
+    "preset_config",
+    "to_json_dict",
+    "validate",
+]
