@@ -11,17 +11,19 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.selective_attention.pallas_gpu import selective_attention_pallas_gpu
+from pallas_kernels.selective_attention.pallas_tpu import selective_attention_pallas_tpu
 from pallas_kernels.selective_attention.reference import (
     limit_selection_impl,
     selective_attention_reference,
 )
 from pallas_kernels.selective_attention.xla import selective_attention_xla
-from pallas_kernels.sliding_window_attention.api import check_attention_inputs, resolve_scale
+from pallas_kernels.sliding_window_attention.api import check_attention_inputs, check_interpret, resolve_scale
 
 _OP = "selective_attention"
 
-# Implementations this op has; "pallas_gpu" / "pallas_tpu" join when their modules exist.
-AVAILABLE = ("reference", "xla")
+# Implementations this op has.
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
 
 def _check_selected(op: str, selected, batch_time: tuple[int, int]) -> None:
@@ -63,6 +65,7 @@ def selective_attention(
     capacity: int | None = None,
     block_size: int | None = None,
     implementation: str = "auto",
+    interpret=False,
 ):
     """Sliding-window attention among the selected tokens only, with a per-row token budget.
 
@@ -79,8 +82,12 @@ def selective_attention(
       capacity: ``k``, the most selected tokens per row that are processed (the first ones in time,
         see ``limit_selection``); None is ``t``. Static: the compacted buffer has this length, so
         the ``xla`` path costs O(k * min(w, k)).
-      block_size: static tuning knob (query block length in compacted space); never changes results.
-      implementation: "auto", "reference", "xla" (or a Pallas backend once available).
+      block_size: static tuning knob (block length in compacted space, rounded for Pallas as in
+        ``sliding_window_attention``); never changes results.
+      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic); the
+        Pallas ones compact the selection in XLA and run the sliding-window flash kernels on the buffer.
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform (see
+        ``sliding_window_attention``). Ignored by "reference" and "xla".
 
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``; rows not selected after the capacity cap are exact zeros (so
@@ -89,14 +96,16 @@ def selective_attention(
     Raises:
       ValueError: bad shapes, dtypes or arguments (one line naming the argument).
       NotImplementedError: an implementation this op does not have.
+      RuntimeError: a Pallas implementation on the wrong platform without ``interpret``.
     """
     check_attention_inputs(_OP, q, k, v, segment_ids)
     _check_selected(_OP, selected, q.shape[:2])
     _checks.positive_int(_OP, "window", window, allow_none=True)
     _checks.positive_int(_OP, "capacity", capacity, allow_none=True)
     _checks.positive_int(_OP, "block_size", block_size, allow_none=True)
+    check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE)
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
     if impl == "reference":
         return selective_attention_reference(
             q,
@@ -108,15 +117,9 @@ def selective_attention(
             softmax_scale=scale,
             capacity=capacity,
         )
-    # The only other entry of AVAILABLE; a Pallas backend adds its branch (and ``interpret``) here.
-    return selective_attention_xla(
-        q,
-        k,
-        v,
-        selected,
-        window=window,
-        segment_ids=segment_ids,
-        softmax_scale=scale,
-        capacity=capacity,
-        block_size=block_size,
-    )
+    kw = dict(window=window, segment_ids=segment_ids, softmax_scale=scale, capacity=capacity, block_size=block_size)
+    if impl == "pallas_gpu":
+        return selective_attention_pallas_gpu(q, k, v, selected, interpret=bool(interpret), **kw)
+    if impl == "pallas_tpu":
+        return selective_attention_pallas_tpu(q, k, v, selected, interpret=interpret, **kw)
+    return selective_attention_xla(q, k, v, selected, **kw)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+from pallas_kernels.sliding_window_attention.pallas_tpu import sliding_window_attention_pallas_tpu
 from pallas_kernels.sliding_window_attention.reference import sliding_window_attention_reference
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 
 _OP = "sliding_window_attention"
 
-# Implementations this op has; "pallas_gpu" / "pallas_tpu" join when their modules exist.
-AVAILABLE = ("reference", "xla")
+# Implementations this op has.
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
 
 def check_attention_inputs(op: str, q, k, v, segment_ids) -> None:
@@ -32,15 +35,17 @@ def check_attention_inputs(op: str, q, k, v, segment_ids) -> None:
     hk = k.shape[2]
     _checks.divisible(op, f"query heads q.shape[2]={hq} by kv heads k.shape[2]={hk}", hq, hk)
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"{op}: q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype} must be equal"
-        )
+        raise ValueError(f"{op}: q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype} must be equal")
     if segment_ids is not None:
         _checks.shape(op, "segment_ids", segment_ids, (b, t), "batch and time of q")
         if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-            raise ValueError(
-                f"{op}: segment_ids.dtype={jnp.result_type(segment_ids)} must be an integer type"
-            )
+            raise ValueError(f"{op}: segment_ids.dtype={jnp.result_type(segment_ids)} must be an integer type")
+
+
+def check_interpret(op: str, interpret) -> None:
+    """``interpret`` is a bool, or a ``pltpu.InterpretParams`` (TPU interpreter options)."""
+    if not isinstance(interpret, (bool, pltpu.InterpretParams)):
+        raise ValueError(f"{op}: interpret={interpret!r} must be a bool (or a pltpu.InterpretParams)")
 
 
 def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
@@ -50,9 +55,7 @@ def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
     try:
         return float(softmax_scale)
     except Exception:  # a traced value cannot become a static float
-        raise ValueError(
-            f"{op}: softmax_scale={softmax_scale!r} must be a Python number or None"
-        ) from None
+        raise ValueError(f"{op}: softmax_scale={softmax_scale!r} must be a Python number or None") from None
 
 
 def sliding_window_attention(
@@ -65,6 +68,7 @@ def sliding_window_attention(
     softmax_scale: float | None = None,
     block_size: int | None = None,
     implementation: str = "auto",
+    interpret=False,
 ):
     """Causal sliding-window attention with grouped-query heads and packed segments.
 
@@ -79,9 +83,13 @@ def sliding_window_attention(
       window: the window ``w`` (an int >= 1); None is full causal attention.
       segment_ids: optional ``(b, t)`` integer ids; tokens attend only within their own id.
       softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
-      block_size: static tuning knob of the blocked implementations (query block length); None picks
-        a default. It never changes results.
-      implementation: "auto", "reference", "xla" (or a Pallas backend once available).
+      block_size: static tuning knob of the blocked implementations (xla: query block length; Pallas: every
+        block size, rounded up to a power of two >= 16, TPU compiled: to a multiple of 128); None picks a
+        default. It never changes results.
+      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic).
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform
+        ("pallas_gpu": Pallas' interpreter, "pallas_tpu": ``pltpu.InterpretParams()``, or pass an
+        ``InterpretParams`` to choose its options). Ignored by "reference" and "xla".
 
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``.
@@ -89,17 +97,19 @@ def sliding_window_attention(
     Raises:
       ValueError: bad shapes, dtypes or arguments (one line naming the argument).
       NotImplementedError: an implementation this op does not have.
+      RuntimeError: a Pallas implementation on the wrong platform without ``interpret``.
     """
     check_attention_inputs(_OP, q, k, v, segment_ids)
     _checks.positive_int(_OP, "window", window, allow_none=True)
     _checks.positive_int(_OP, "block_size", block_size, allow_none=True)
+    check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE)
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
     if impl == "reference":
-        return sliding_window_attention_reference(
-            q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale
-        )
-    # The only other entry of AVAILABLE; a Pallas backend adds its branch (and ``interpret``) here.
-    return sliding_window_attention_xla(
-        q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale, block_size=block_size
-    )
+        return sliding_window_attention_reference(q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale)
+    kw = dict(window=window, segment_ids=segment_ids, softmax_scale=scale, block_size=block_size)
+    if impl == "pallas_gpu":
+        return sliding_window_attention_pallas_gpu(q, k, v, interpret=bool(interpret), **kw)
+    if impl == "pallas_tpu":
+        return sliding_window_attention_pallas_tpu(q, k, v, interpret=interpret, **kw)
+    return sliding_window_attention_xla(q, k, v, **kw)

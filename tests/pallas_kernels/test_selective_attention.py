@@ -23,10 +23,13 @@ from pallas_kernels.sliding_window_attention import sliding_window_attention
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
 from tests.pallas_kernels.test_sliding_window_attention import (
+    SUBCLASS_OK,
+    WRONG_PALLAS,
     assert_grads_close,
     dense_window_mask,
     make_inputs,
     numpy_attention,
+    only_fast,
     value_and_grads,
 )
 
@@ -120,14 +123,10 @@ class TestSelectiveAttention:
     extra_kwargs: dict = {}
 
     def attn(self, q, k, v, selected, **kw):
-        return selective_attention(
-            q, k, v, selected, implementation=self.implementation, **self.extra_kwargs, **kw
-        )
+        return selective_attention(q, k, v, selected, implementation=self.implementation, **self.extra_kwargs, **kw)
 
     @pytest.mark.parametrize(CASE_NAMES, CASES)
-    def test_forward_and_vjp_match_reference(
-        self, b, t, hq, hk, e, window, capacity, block_size, segments, p_select
-    ):
+    def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, capacity, block_size, segments, p_select):
         q, k, v, ct, seg = make_inputs(11, b, t, hq, hk, e, segments)
         sel = random_selection(11, b, t, p_select)
         # The reference gets limit_selection's mask and no capacity: the cap is applied only once.
@@ -173,9 +172,7 @@ class TestSelectiveAttention:
         q, k, v, ct, seg = make_inputs(12, 2, 29, 4, 2, 8, segments=True)
         everything = jnp.ones((2, 29), bool)
         ref, ref_grads = value_and_grads(
-            lambda q, k, v: sliding_window_attention(
-                q, k, v, window=7, segment_ids=seg, implementation="reference"
-            ),
+            lambda q, k, v: sliding_window_attention(q, k, v, window=7, segment_ids=seg, implementation="reference"),
             q,
             k,
             v,
@@ -212,9 +209,7 @@ class TestSelectiveAttention:
             return x.astype(jnp.float32)
 
         ref, g_ref = value_and_grads(
-            lambda q, k, v: selective_attention(
-                up(q), up(k), up(v), sel, implementation="reference", **kw
-            ),
+            lambda q, k, v: selective_attention(up(q), up(k), up(v), sel, implementation="reference", **kw),
             q,
             k,
             v,
@@ -239,7 +234,7 @@ class TestSelectiveAttention:
             assert rel_err(x, r) < 2e-2, f"xla bf16 d{name} vs fp32 reference"
             assert_bf16_rule(a, x, r, f"d{name}")
 
-    @settings(max_examples=5)
+    @settings(max_examples=5, suppress_health_check=SUBCLASS_OK)
     @given(
         i=st.integers(0, 30),
         window=st.one_of(st.none(), st.integers(1, 12)),
@@ -266,12 +261,115 @@ class TestSelectiveAttention:
         sel2 = jnp.where(later, jnp.asarray(rng.random((1, t)) < 0.9), sel)
         kw = dict(window=window, segment_ids=seg, capacity=capacity)
         out1 = np.asarray(self.attn(q, k, v, sel, block_size=block_size, **kw))
-        out2 = np.asarray(
-            self.attn(scramble(q), scramble(k), scramble(v), sel2, block_size=block_size, **kw)
-        )
+        out2 = np.asarray(self.attn(scramble(q), scramble(k), scramble(v), sel2, block_size=block_size, **kw))
         np.testing.assert_allclose(out2[:, : i + 1], out1[:, : i + 1], rtol=1e-5, atol=1e-6)
         want = numpy_attention(q, k, v, selective_mask(sel, window, seg, capacity), 0.5)
         np.testing.assert_allclose(out1, want, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas kernels (compaction in XLA, then the sliding-window flash kernels on the buffer)
+
+
+class TestSelectiveAttentionPallasGpuInterpret(TestSelectiveAttention):
+    """The Triton kernels in Pallas interpret mode."""
+
+    implementation = "pallas_gpu"
+    extra_kwargs = {"interpret": True}
+
+
+class TestSelectiveAttentionPallasTpuInterpret(TestSelectiveAttention):
+    """The Mosaic kernels in the TPU interpreter; slow there (host callbacks per grid step), so by default only a
+    capacity-truncated GQA case with segments and "everything selected == sliding window" run."""
+
+    implementation = "pallas_tpu"
+    extra_kwargs = {"interpret": True}
+
+    @pytest.mark.parametrize(CASE_NAMES, only_fast(CASES, {"capacity-truncates-mqa-segments"}))
+    def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, capacity, block_size, segments, p_select):
+        super().test_forward_and_vjp_match_reference(b, t, hq, hk, e, window, capacity, block_size, segments, p_select)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("capacity", [None, 3])
+    def test_none_selected_gives_zeros_and_zero_grads(self, capacity):
+        super().test_none_selected_gives_zeros_and_zero_grads(capacity)
+
+    @pytest.mark.slow
+    def test_bf16_rule(self):
+        super().test_bf16_rule()
+
+    @pytest.mark.slow
+    def test_causal_in_everything(self):
+        super().test_causal_in_everything()
+
+
+@pytest.mark.gpu
+class TestSelectiveAttentionPallasGpu(TestSelectiveAttention):
+    """The compiled Triton kernels (skipped without a GPU)."""
+
+    implementation = "pallas_gpu"
+
+
+@pytest.mark.parametrize(
+    "implementation, interpret",
+    [
+        pytest.param("pallas_gpu", False, marks=pytest.mark.gpu, id="pallas_gpu"),
+        pytest.param("pallas_gpu", True, marks=pytest.mark.slow, id="pallas_gpu-interpret"),
+    ],
+)
+@pytest.mark.parametrize(
+    "t, capacity, window, p_select",
+    [
+        pytest.param(2048, 400, 512, 0.15, id="t2048-cap400-w512"),
+        pytest.param(1000, 1000, 100, 1.0, id="t1000-all-selected-w100"),
+    ],
+)
+def test_default_tiles_match_reference(implementation, interpret, t, capacity, window, p_select):
+    """Default (large) tiles on a long row with sparse selection: fp32 against the reference, bf16 rule vs xla."""
+    q, k, v, ct, seg = make_inputs(31, 2, t, 4, 2, 64, segments=True)
+    sel = random_selection(31, 2, t, p_select)
+    kept = limit_selection(sel, capacity)
+    kw = dict(window=window, segment_ids=seg)
+    run = lambda impl, **extra: (
+        lambda q, k, v: selective_attention(  # noqa: E731
+            q, k, v, sel, capacity=capacity, implementation=impl, **kw, **extra
+        )
+    )
+    ref, g_ref = value_and_grads(
+        lambda q, k, v: selective_attention(q, k, v, kept, implementation="reference", **kw), q, k, v, ct
+    )
+    out, grads = value_and_grads(run(implementation, interpret=interpret), q, k, v, ct)
+    assert_rel_close(out, ref, "fp32", "forward fp32")
+    assert_grads_close(grads, g_ref, TOLERANCES["fp32_grad"], "fp32 ")
+    qb, kb, vb, cb = (x.astype(jnp.bfloat16) for x in (q, k, v, ct))
+    ref, g_ref = value_and_grads(
+        lambda q, k, v: selective_attention(q, k, v, kept, implementation="reference", **kw),
+        *(x.astype(jnp.float32) for x in (qb, kb, vb, cb)),
+    )
+    xla, g_xla = value_and_grads(run("xla"), qb, kb, vb, cb)
+    out, grads = value_and_grads(run(implementation, interpret=interpret), qb, kb, vb, cb)
+    assert_bf16_rule(out, xla, ref, "forward bf16")
+    for name, a, x, r in zip("qkv", grads, g_xla, g_ref):
+        assert_bf16_rule(a, x, r, f"d{name} bf16")
+
+
+def test_pallas_gpu_lowers_to_triton():
+    """The compacted path (capacity not a block multiple) lowers through Pallas' Triton lowering on CPU."""
+    from pallas_kernels.selective_attention.pallas_gpu import selective_attention_pallas_gpu
+
+    x = jax.ShapeDtypeStruct((2, 4096, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 4096, 2, 64), jnp.bfloat16)
+    sel = jax.ShapeDtypeStruct((2, 4096), jnp.bool_)
+
+    def run(q, k, v, sel):
+        fn = lambda q, k, v: selective_attention_pallas_gpu(  # noqa: E731
+            q, k, v, sel, window=2048, softmax_scale=0.125, capacity=700
+        )
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(out)
+
+    text = jax.jit(run).trace(x, kv, kv, sel).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +449,11 @@ BAD = [
     (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), ValueError, r"segment_ids.dtype=float32"),
     (dict(implementation="bogus"), ValueError, r"implementation='bogus' is not one of"),
     (
-        dict(implementation="pallas_gpu"),
-        NotImplementedError,
-        r"selective_attention: implementation='pallas_gpu' is not available",
+        dict(implementation=WRONG_PALLAS),
+        RuntimeError,
+        rf"selective_attention: implementation='{WRONG_PALLAS}' needs a .PU .*pass interpret=True",
     ),
+    (dict(interpret=None), ValueError, r"selective_attention: interpret=None must be a bool"),
 ]
 
 

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.sliding_window_attention import sliding_window_attention
-from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
+from pallas_kernels import _flash_window, _platform
+from pallas_kernels.sliding_window_attention import pallas_tpu, sliding_window_attention
+from pallas_kernels.sliding_window_attention.xla import FAR_POSITION, sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +115,7 @@ def value_and_grads(fn, q, k, v, ct):
 )
 def test_reference_matches_float64_oracle(b, t, hq, hk, e, window, segments):
     q, k, v, _, seg = make_inputs(0, b, t, hq, hk, e, segments)
-    out = sliding_window_attention(
-        q, k, v, window=window, segment_ids=seg, implementation="reference"
-    )
+    out = sliding_window_attention(q, k, v, window=window, segment_ids=seg, implementation="reference")
     mask = dense_window_mask(b, t, window, seg)
     assert_rel_close(out, numpy_attention(q, k, v, mask, e**-0.5), "fp32")
 
@@ -129,6 +128,9 @@ def test_reference_honours_softmax_scale():
 
 # ---------------------------------------------------------------------------------------------
 # Per-implementation tests (subclass with another ``implementation`` to reuse)
+
+# Subclasses run the same hypothesis tests with another ``self`` (the drawn examples do not depend on it).
+SUBCLASS_OK = [HealthCheck.differing_executors, HealthCheck.too_slow]
 
 SHAPE_NAMES = "b, t, hq, hk, e, window, block_size, segments"
 SHAPES = [
@@ -146,17 +148,13 @@ class TestSlidingWindowAttention:
     extra_kwargs: dict = {}
 
     def attn(self, q, k, v, **kw):
-        return sliding_window_attention(
-            q, k, v, implementation=self.implementation, **self.extra_kwargs, **kw
-        )
+        return sliding_window_attention(q, k, v, implementation=self.implementation, **self.extra_kwargs, **kw)
 
     @pytest.mark.parametrize(SHAPE_NAMES, SHAPES)
     def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, block_size, segments):
         q, k, v, ct, seg = make_inputs(1, b, t, hq, hk, e, segments)
         kw = dict(window=window, segment_ids=seg)
-        out, grads = value_and_grads(
-            lambda q, k, v: self.attn(q, k, v, block_size=block_size, **kw), q, k, v, ct
-        )
+        out, grads = value_and_grads(lambda q, k, v: self.attn(q, k, v, block_size=block_size, **kw), q, k, v, ct)
         ref, ref_grads = value_and_grads(
             lambda q, k, v: sliding_window_attention(q, k, v, implementation="reference", **kw),
             q,
@@ -178,9 +176,7 @@ class TestSlidingWindowAttention:
             return x.astype(jnp.float32)
 
         ref, g_ref = value_and_grads(
-            lambda q, k, v: sliding_window_attention(
-                up(q), up(k), up(v), implementation="reference", **kw
-            ),
+            lambda q, k, v: sliding_window_attention(up(q), up(k), up(v), implementation="reference", **kw),
             q,
             k,
             v,
@@ -210,7 +206,7 @@ class TestSlidingWindowAttention:
         assert np.abs(short[:, -1] - full[:, -1]).max() > 1e-4
         np.testing.assert_allclose(short[:, :-1], full[:, :-1], rtol=1e-5, atol=1e-5)
 
-    @settings(max_examples=6)
+    @settings(max_examples=6, suppress_health_check=SUBCLASS_OK)
     @given(
         t=st.integers(2, 40),
         window=st.integers(1, 45),
@@ -225,21 +221,18 @@ class TestSlidingWindowAttention:
         """
         q, k, v, _, _ = make_inputs(seed, 1, t, 2, 1, 4)
         outs = [
-            np.asarray(self.attn(q, k, v, window=w, block_size=bs))
-            for w, bs in zip((window, window + 1), block_sizes)
+            np.asarray(self.attn(q, k, v, window=w, block_size=bs)) for w, bs in zip((window, window + 1), block_sizes)
         ]
         masks = [dense_window_mask(1, t, w) for w in (window, window + 1)]
         for out, mask in zip(outs, masks):
-            np.testing.assert_allclose(
-                out, numpy_attention(q, k, v, mask, 0.5), rtol=2e-5, atol=2e-5
-            )
+            np.testing.assert_allclose(out, numpy_attention(q, k, v, mask, 0.5), rtol=2e-5, atol=2e-5)
         rows_differ = np.any(masks[0] != masks[1], axis=-1)[0]  # (t,)
         assert np.array_equal(rows_differ, np.arange(t) >= window)
         delta = np.abs(outs[0] - outs[1]).max(axis=(0, 2, 3))
         assert np.all(delta[rows_differ] > 1e-5), "a row that gained a key did not change"
         assert np.all(delta[~rows_differ] <= 1e-6), "a row whose mask is unchanged changed"
 
-    @settings(max_examples=6)
+    @settings(max_examples=6, suppress_health_check=SUBCLASS_OK)
     @given(
         t=st.integers(2, 40),
         window=st.one_of(st.none(), st.integers(1, 40)),
@@ -284,16 +277,8 @@ class TestSlidingWindowAttentionXlaMemory:
         def grad(q, k, v, ct):
             return jax.grad(lambda q, k, v: jnp.vdot(fwd(q, k, v), ct), (0, 1, 2))(q, k, v)
 
-        fwd_temp = (
-            jax.jit(fwd).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
-        )
-        grad_temp = (
-            jax.jit(grad)
-            .lower(spec, spec, spec, spec)
-            .compile()
-            .memory_analysis()
-            .temp_size_in_bytes
-        )
+        fwd_temp = jax.jit(fwd).lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+        grad_temp = jax.jit(grad).lower(spec, spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
         dense_scores = 4 * b * h * t * t  # one fp32 (t, t) score matrix: 1 GiB
         block = 128  # default_block_size(256, t)
         estimate = 4 * b * h * t * (w + block)  # one fp32 score tile per query block: 25 MB
@@ -310,6 +295,10 @@ class TestSlidingWindowAttentionXlaMemory:
 def _ok():
     x = jnp.zeros((2, 8, 4, 16), jnp.float32)
     return dict(q=x, k=x[:, :, :2], v=x[:, :, :2])
+
+
+# A Pallas backend this machine cannot compile for: asking for it without interpret must raise.
+WRONG_PALLAS = "pallas_gpu" if _platform.platform() == "tpu" else "pallas_tpu"
 
 
 BAD = [
@@ -352,10 +341,12 @@ BAD = [
     ),
     (dict(implementation="bogus"), ValueError, r"implementation='bogus' is not one of"),
     (
-        dict(implementation="pallas_gpu"),
-        NotImplementedError,
-        r"implementation='pallas_gpu' is not available",
+        dict(implementation=WRONG_PALLAS),
+        RuntimeError,
+        rf"implementation='{WRONG_PALLAS}' needs a .PU but the default backend is .*pass interpret=True",
     ),
+    (dict(interpret="yes"), ValueError, r"interpret='yes' must be a bool \(or a pltpu.InterpretParams\)"),
+    (dict(interpret=1), ValueError, r"interpret=1 must be a bool"),
 ]
 
 
@@ -367,3 +358,255 @@ def test_bad_input_raises_one_line_error(change, error, match):
     with pytest.raises(error, match=match) as info:
         sliding_window_attention(q, k, v, **args)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas kernels: the per-implementation class in interpret mode on CPU, and compiled on a GPU
+
+
+def only_fast(params, fast_ids):
+    """``params`` with every case not named in ``fast_ids`` marked slow."""
+    return [
+        p if p.id in fast_ids else pytest.param(*p.values, marks=(*p.marks, pytest.mark.slow), id=p.id) for p in params
+    ]
+
+
+class TestSlidingWindowAttentionPallasGpuInterpret(TestSlidingWindowAttention):
+    """The Triton kernels in Pallas interpret mode; blocks become >= 16, so most shapes have several blocks."""
+
+    implementation = "pallas_gpu"
+    extra_kwargs = {"interpret": True}
+
+    # ~10 s of kernel compilations in interpret mode; the shapes with segments above and the GPU class cover it.
+    @pytest.mark.slow
+    def test_segments_do_not_leak(self):
+        super().test_segments_do_not_leak()
+
+
+class TestSlidingWindowAttentionPallasTpuInterpret(TestSlidingWindowAttention):
+    """The Mosaic kernels in the TPU interpreter (``pltpu.InterpretParams()``).
+
+    The interpreter runs every grid step through host callbacks (~6 s per forward + VJP case), so by default only a
+    multi-block GQA case with a ragged length and the bf16 rule run; everything else needs --runslow.
+    """
+
+    implementation = "pallas_tpu"
+    extra_kwargs = {"interpret": True}
+
+    @pytest.mark.parametrize(SHAPE_NAMES, only_fast(SHAPES, {"t37-not-block-multiple-gqa"}))
+    def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, block_size, segments):
+        super().test_forward_and_vjp_match_reference(b, t, hq, hk, e, window, block_size, segments)
+
+    @pytest.mark.slow
+    def test_window_at_least_t_equals_full_causal(self):
+        super().test_window_at_least_t_equals_full_causal()
+
+    @pytest.mark.slow
+    def test_window_off_by_one(self):
+        super().test_window_off_by_one()
+
+    @pytest.mark.slow
+    def test_segments_do_not_leak(self):
+        super().test_segments_do_not_leak()
+
+
+@pytest.mark.gpu
+class TestSlidingWindowAttentionPallasGpu(TestSlidingWindowAttention):
+    """The compiled Triton kernels (skipped without a GPU)."""
+
+    implementation = "pallas_gpu"
+
+
+LONG_NAMES = "t, hq, hk, e, window, segments"
+LONG = [
+    pytest.param(1000, 4, 2, 64, 300, True, id="t1000-e64-gqa-segments"),
+    pytest.param(777, 2, 2, 40, None, False, id="t777-e40-full-causal"),
+    pytest.param(2048, 2, 1, 128, 129, False, id="t2048-e128-mqa"),
+]
+
+
+def _long_case_marks(implementation, interpret):
+    marks = [pytest.mark.gpu] if not interpret else [pytest.mark.slow]
+    return pytest.param(implementation, interpret, marks=marks, id=f"{implementation}-interpret{interpret}")
+
+
+@pytest.mark.parametrize(
+    "implementation, interpret",
+    [
+        _long_case_marks("pallas_gpu", False),
+        _long_case_marks("pallas_gpu", True),
+        _long_case_marks("pallas_tpu", True),
+    ],
+)
+@pytest.mark.parametrize(LONG_NAMES, LONG)
+def test_default_tiles_match_reference(implementation, interpret, t, hq, hk, e, window, segments):
+    """The default (large) tiles, padding of t and of the head dim, at bf16 and fp32, forward and VJP."""
+    q, k, v, ct, seg = make_inputs(21, 1, t, hq, hk, e, segments)
+    kw = dict(window=window, segment_ids=seg)
+    ref, g_ref = value_and_grads(
+        lambda q, k, v: sliding_window_attention(q, k, v, implementation="reference", **kw), q, k, v, ct
+    )
+    out, grads = value_and_grads(
+        lambda q, k, v: sliding_window_attention(q, k, v, implementation=implementation, interpret=interpret, **kw),
+        q,
+        k,
+        v,
+        ct,
+    )
+    assert_rel_close(out, ref, "fp32", "forward fp32")
+    assert_grads_close(grads, g_ref, TOLERANCES["fp32_grad"], "fp32 ")
+    qb, kb, vb, cb = (x.astype(jnp.bfloat16) for x in (q, k, v, ct))
+    xla, g_xla = value_and_grads(
+        lambda q, k, v: sliding_window_attention(q, k, v, implementation="xla", **kw), qb, kb, vb, cb
+    )
+    out, grads = value_and_grads(
+        lambda q, k, v: sliding_window_attention(q, k, v, implementation=implementation, interpret=interpret, **kw),
+        qb,
+        kb,
+        vb,
+        cb,
+    )
+    ref, g_ref = value_and_grads(
+        lambda q, k, v: sliding_window_attention(q, k, v, implementation="reference", **kw),
+        *(x.astype(jnp.float32) for x in (qb, kb, vb, cb)),
+    )
+    assert_bf16_rule(out, xla, ref, "forward bf16")
+    for name, a, x, r in zip("qkv", grads, g_xla, g_ref):
+        assert_bf16_rule(a, x, r, f"d{name} bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Block skipping: the ranges the kernels visit, against a dense mask
+
+
+def _dense_block_hits(q_pos, k_pos, window, rows, cols):
+    """``(nq, nk)`` bool: does query block i hold a query that sees a key of key block j (positions only)."""
+    d = q_pos[:, None] - k_pos[None, :]
+    vis = (d >= 0) & (d < window)
+    return vis.reshape(len(q_pos) // rows, rows, len(k_pos) // cols, cols).any(axis=(1, 3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    blocks=st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64])),
+    p_keep=st.floats(0.05, 1.0),
+    window=st.integers(1, 300),
+    seed=st.integers(0, 2**16),
+)
+def test_block_ranges_are_tight(blocks, p_keep, window, seed):
+    """Visited ranges hold every block with a visible pair, start and end on such blocks, and obey the bound.
+
+    Positions are a random sorted subset of ``range(400)`` (the compacted selective-attention buffer; ``p_keep = 1``
+    is sliding-window attention) followed by empty slots, the layout ``window_attention`` builds.
+    """
+    bq, bk = blocks
+    s = 192
+    rng = np.random.default_rng(seed)
+    kept = np.flatnonzero(rng.random(400) < p_keep)[:s]
+    k_pos = np.full(s, _flash_window.KEY_PAD, np.int32)
+    k_pos[: kept.size] = kept
+    q_pos = np.where(k_pos == _flash_window.KEY_PAD, _flash_window.QUERY_PAD, k_pos).astype(np.int32)
+    dense = _dense_block_hits(q_pos, k_pos, window, bq, bk)
+    span = min(window, s)
+    for fn, hits, resident, other in (
+        (_flash_window.key_block_ranges, dense, bq, bk),
+        (_flash_window.query_block_ranges, dense.T, bk, bq),
+    ):
+        start, count = (
+            np.asarray(x)[0] for x in fn(jnp.asarray(q_pos)[None], jnp.asarray(k_pos)[None], window, bq, bk)
+        )
+        bound = _flash_window.max_blocks_visited(span, resident, other, hits.shape[1])
+        for i, row in enumerate(hits):
+            assert 0 <= start[i] < hits.shape[1] and count[i] <= bound, (fn.__name__, i, start[i], count[i], bound)
+            idx = np.flatnonzero(row)
+            if idx.size == 0:
+                assert count[i] == 0, (fn.__name__, i, count[i])
+            else:
+                assert (start[i], start[i] + count[i] - 1) == (idx[0], idx[-1]), (fn.__name__, i, idx)
+    # The xla path's empty-slot sentinel is the kernels' key sentinel (selective compaction writes it).
+    assert _flash_window.KEY_PAD == FAR_POSITION
+
+
+def test_sliding_window_work_is_linear_in_t():
+    """At t=4096, w=256 the forward visits ~(w + block) / block key blocks per query block, not t / block."""
+    t, w, bq, bk = 4096, 256, 128, 64
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    _, count = _flash_window.key_block_ranges(pos, pos, w, bq, bk)
+    count = np.asarray(count)[0]
+    # Query block i needs keys [i * bq - w + 1, (i + 1) * bq - 1]: 6 key blocks once past the start (the static
+    # bound, for any alignment, is 7).
+    assert count.max() == 6 and count.max() <= _flash_window.max_blocks_visited(w, bq, bk, t // bk) == 7
+    assert count.sum() <= (t // bq) * 6 < (t // bq) * (t // bk) / 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for the real hardware, checked on CPU
+
+
+def _grad_program(fn, t, hq, hk, e, dtype, segments=True):
+    q = jax.ShapeDtypeStruct((2, t, hq, e), dtype)
+    kv = jax.ShapeDtypeStruct((2, t, hk, e), dtype)
+    seg = jax.ShapeDtypeStruct((2, t), jnp.int32) if segments else None
+
+    def run(q, k, v, seg):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
+        return out, vjp(out)
+
+    return jax.jit(run), (q, kv, kv, seg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pallas_gpu_lowers_to_triton(dtype):
+    """Forward and backward lower through Pallas' Triton lowering (power-of-two tiles, supported ops).
+
+    Triton's own compilation to PTX happens only on a GPU (the ``gpu`` tests).
+    """
+    from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+
+    fn, args = _grad_program(
+        lambda q, k, v, seg: sliding_window_attention_pallas_gpu(
+            q, k, v, window=300, segment_ids=seg, softmax_scale=0.125
+        ),
+        1000,
+        4,
+        2,
+        64,
+        dtype,
+    )
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("sliding_window_attention_fwd", "sliding_window_attention_bwd_dq", "sliding_window_attention_bwd_dkv"):
+        assert f'name = "{name}"' in text
+    assert text.count("xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pallas_tpu_lowers_to_mosaic(dtype):
+    """``jax.export(..., platforms=("tpu",))`` lowers the three kernels with the compiled (128-lane) tiling.
+
+    That runs Pallas' Mosaic lowering (block-shape rules, supported ops) on CPU; Mosaic's own compilation happens
+    only on a TPU, which this project does not have.
+    """
+    tl = pallas_tpu.tiling_for(384)
+    assert {tl.block_q, tl.block_k, tl.block_q_dq, tl.block_k_dkv} == {128}
+    fn, args = _grad_program(
+        lambda q, k, v, seg: pallas_tpu.sliding_window_attention_pallas_tpu(
+            q, k, v, window=200, segment_ids=seg, softmax_scale=0.125
+        ),
+        384,
+        4,
+        2,
+        64,
+        dtype,
+    )
+    text = jax.export.export(fn, platforms=("tpu",))(*args).mlir_module()
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 3
+
+
+def test_pallas_tpu_tiling_rules():
+    """Compiled TPU blocks are multiples of 128 or one block for short sequences; interpret mode keeps >= 16."""
+    for t in (100, 128, 129, 1000, 5000):
+        tl = pallas_tpu.tiling_for(t, 16)
+        one = -(-t // 16) * 16
+        assert all(b % 128 == 0 or b == one <= 128 for b in (tl.block_q, tl.block_k, tl.block_q_dkv)), (t, tl)
+    assert pallas_tpu.tiling_for(1000, 16, interpret=True).block_q == 16
+    assert pallas_tpu.tiling_for(40).block_q == 48

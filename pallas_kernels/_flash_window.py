@@ -1,0 +1,305 @@
+"""Windowed flash attention on token positions, shared by the Pallas kernels of two ops.
+
+Samba's sliding-window attention (arXiv:2406.07522) and Taipan's selective attention (arXiv:2410.18572) reduce to
+one problem: ``s`` slots of queries, keys and values, each slot carrying the ORIGINAL position of its token, where
+query slot i sees key slot j iff ``0 <= pos[i] - pos[j] < window`` and their segment ids are equal. Sliding-window
+attention uses ``pos = arange(t)``; selective attention first compacts the selected tokens (in time order) into a
+``(b, k)`` buffer, so its positions are sorted with gaps. This module holds what the GPU (Triton) and TPU (Mosaic)
+kernels share:
+
+* sentinels: padded and empty slots get ``QUERY_PAD`` as query positions and ``KEY_PAD`` as key positions. Both are
+  larger than every real position (so positions stay sorted), a real query never sees ``KEY_PAD`` (negative
+  distance), and ``QUERY_PAD - KEY_PAD = 2^29 >= window`` keeps padded queries blind; their rows come out as zeros.
+* block skipping: positions are sorted, so for every query block a binary search (``searchsorted``, in XLA before the
+  kernel) finds the first and last key block that can hold a visible key, and for every key block the query blocks
+  that can see it. Kernels visit only those, so the work is O(s * (window + block)) instead of O(s^2).
+* the ``custom_vjp``: the forward kernel saves the log-sum-exp; the backward recomputes the probabilities block by
+  block in a dq kernel (loop over key blocks) and a dk/dv kernel (loop over query blocks and the query heads of a
+  key head), FlashAttention-2 style (arXiv:2307.08691). ``delta = rowsum(dO * O)`` is computed in XLA.
+* padding (time to a block multiple, head dim to what the backend wants) and, for selective attention, the gather
+  into the compacted buffer and the gather back; those stay in XLA so autodiff handles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._padding import pad_to_multiple
+
+# Key position of padded / empty slots: later than any real query. Equal to the xla path's FAR_POSITION, which
+# ``selective_attention.xla.compact_selection`` writes into unused slots (not imported: that would make this module
+# import an op package that imports it back).
+KEY_PAD = 1 << 30
+# Query position of padded / empty slots: after KEY_PAD, and at least ``MAX_WINDOW`` past it.
+QUERY_PAD = KEY_PAD + (1 << 29)
+MAX_WINDOW = 1 << 29
+
+# Running maximum before any key: finite, so exp(m_old - m_new) never sees (-inf) - (-inf).
+NEG_INIT = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static block sizes of the three kernels, and the Triton launch knobs (ignored by the TPU backend).
+
+    ``block_q`` / ``block_k`` tile the forward pass; ``*_dq`` the dq kernel (a query block resident, a loop over key
+    blocks); ``*_dkv`` the dk/dv kernel (a key block resident, a loop over query blocks).
+    """
+
+    block_q: int
+    block_k: int
+    block_q_dq: int
+    block_k_dq: int
+    block_q_dkv: int
+    block_k_dkv: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def largest(self) -> int:
+        return max(self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv, self.block_k_dkv)
+
+    def map_blocks(self, fn: Callable[[int], int]) -> Tiling:
+        """This tiling with ``fn`` applied to every block size."""
+        names = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv")
+        return dataclasses.replace(self, **{n: fn(getattr(self, n)) for n in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Everything static about one call, handed to the backend's kernels.
+
+    Attributes:
+      window: finite window on positions (``1 <= window <= MAX_WINDOW``).
+      span: bound on the slot distance of a visible key, plus one (``min(window, s)``); sizes the TPU grids.
+      scale: softmax scale.
+      groups: query heads per key head.
+      tiling: block sizes, already clamped to the (padded) sequence.
+      interpret: passed to every ``pallas_call``.
+    """
+
+    window: int
+    span: int
+    scale: float
+    groups: int
+    tiling: Tiling
+    interpret: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One Pallas backend's kernels and layout.
+
+    Attributes:
+      head_dim: padded head dim for a given one (e.g. next power of two >= 16 for Triton).
+      heads_major: the kernels take ``(b, h, s, e)`` (TPU) instead of ``(b, s, h, e)`` (GPU).
+      fwd: ``(q, k, v, q_pos, k_pos, seg, key_ranges, problem) -> (o, lse)``.
+      bwd: ``(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, problem) -> (dq, dk, dv)``.
+    """
+
+    head_dim: Callable[[int], int]
+    heads_major: bool
+    fwd: Callable
+    bwd: Callable
+
+
+def key_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int):
+    """For each query block, the key blocks that can hold a visible key: ``(start, count)``, each ``(b, nq)`` int32.
+
+    Query block i (slots ``[i * block_q, (i + 1) * block_q)``) with real positions in ``[lo, hi]`` needs the keys
+    with positions in ``[lo - window + 1, hi]``; positions are sorted, so those keys occupy a contiguous run of slots
+    found by binary search. A block of padding gets ``count = 0``; ``start`` is always a valid block index.
+    """
+    b, s = q_pos.shape
+    nq, nk = s // block_q, s // block_k
+    blocks = q_pos.reshape(b, nq, block_q)
+    first = blocks[:, :, 0]
+    last = jnp.max(jnp.where(blocks < KEY_PAD, blocks, -1), axis=-1)
+    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    lo = search(k_pos, first - (window - 1), "left")
+    hi = search(k_pos, last, "right")
+    start = lo // block_k
+    count = jnp.where(first < KEY_PAD, jnp.maximum(-(-hi // block_k) - start, 0), 0)
+    return jnp.minimum(start, nk - 1).astype(jnp.int32), count.astype(jnp.int32)
+
+
+def query_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int):
+    """For each key block, the query blocks that can see one of its keys: ``(start, count)``, each ``(b, nk)``."""
+    b, s = k_pos.shape
+    nq, nk = s // block_q, s // block_k
+    blocks = k_pos.reshape(b, nk, block_k)
+    first = blocks[:, :, 0]
+    last = jnp.max(jnp.where(blocks < KEY_PAD, blocks, -1), axis=-1)
+    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
+    lo = search(q_pos, first, "left")
+    hi = search(q_pos, last + (window - 1), "right")
+    start = lo // block_q
+    count = jnp.where(first < KEY_PAD, jnp.maximum(-(-hi // block_q) - start, 0), 0)
+    return jnp.minimum(start, nq - 1).astype(jnp.int32), count.astype(jnp.int32)
+
+
+def max_blocks_visited(span: int, resident: int, other: int, n_other: int) -> int:
+    """Static bound on ``count``: a resident block of ``resident`` slots meets at most this many ``other`` blocks.
+
+    Its partners lie within ``span - 1`` slots of it, a run of ``resident + span - 1`` slots, which touches at most
+    ``cdiv(resident + span - 2, other) + 1`` blocks (and never more than exist).
+    """
+    return max(1, min(n_other, -(-(resident + span - 2) // other) + 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attend(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
+    return _attend_fwd(q, k, v, q_pos, k_pos, seg, backend, problem)[0]
+
+
+def _attend_fwd(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
+    tl = problem.tiling
+    ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q, tl.block_k)
+    o, lse = backend.fwd(q, k, v, q_pos, k_pos, seg, ranges, problem)
+    return o, (q, k, v, q_pos, k_pos, seg, o, lse)
+
+
+def _attend_bwd(backend: Backend, problem: Problem, res, do):
+    q, k, v, q_pos, k_pos, seg, o, lse = res
+    tl = problem.tiling
+    dq_ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dq, tl.block_k_dq)
+    dkv_ranges = query_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dkv, tl.block_k_dkv)
+    dq, dk, dv = backend.bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, problem)
+    return dq, dk, dv, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def window_attention(
+    q,
+    k,
+    v,
+    positions,
+    segment_ids,
+    *,
+    window: int,
+    span: int,
+    scale: float,
+    tiling: Tiling,
+    backend: Backend,
+    interpret: Any,
+):
+    """Attention over ``s`` slots where slot i sees slot j iff ``0 <= positions[i] - positions[j] < window``.
+
+    Pads time to a multiple of every block and the head dim to what the backend wants, picks the layout, runs the
+    kernels under a ``custom_vjp`` and undoes the padding (all differentiable XLA around the kernels).
+
+    Args:
+      q: ``(b, s, hq, e)``.
+      k: ``(b, s, hk, e)``, ``hq % hk == 0``.
+      v: ``(b, s, hk, e)``.
+      positions: ``(b, s)`` int32, sorted; real positions in ``[0, MAX_WINDOW)``, ``KEY_PAD`` in empty slots.
+      segment_ids: ``(b, s)`` int or None.
+      window: finite window, ``1 <= window <= MAX_WINDOW``.
+      span: bound on the slot distance of a visible key, plus one.
+      scale: softmax scale.
+      tiling: block sizes; the caller has made them fit ``s`` (every block divides the padded length).
+      backend: the kernels.
+      interpret: passed to every ``pallas_call``.
+
+    Returns:
+      ``(b, s, hq, e)`` in ``q.dtype``; rows without a visible key (empty slots) are zeros.
+    """
+    b, s, hq, e = q.shape
+    hk = k.shape[2]
+    multiple = tiling.largest
+    e_pad = backend.head_dim(e)
+
+    def prep(x):
+        x = pad_to_multiple(x, multiple, axis=1)
+        if e_pad != e:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, e_pad - e)))
+        return jnp.swapaxes(x, 1, 2) if backend.heads_major else x
+
+    k_pos = pad_to_multiple(positions.astype(jnp.int32), multiple, axis=1, value=KEY_PAD)
+    q_pos = jnp.where(k_pos == KEY_PAD, QUERY_PAD, k_pos)
+    seg = None if segment_ids is None else pad_to_multiple(segment_ids.astype(jnp.int32), multiple, axis=1)
+    problem = Problem(window=window, span=span, scale=scale, groups=hq // hk, tiling=tiling, interpret=interpret)
+    out = _attend(prep(q), prep(k), prep(v), q_pos, k_pos, seg, backend, problem)
+    if backend.heads_major:
+        out = jnp.swapaxes(out, 1, 2)
+    return out[:, :s, :, :e]
+
+
+def gather_time(x, index):
+    """``x[b, index[b, r], ...]`` for ``x (b, t, ...)`` and ``index (b, r)``."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def compacted_window_attention(q, k, v, selected, positions, rank, segment_ids, *, window: int, **kwargs):
+    """Selective attention through ``window_attention`` on a compacted buffer.
+
+    Args:
+      q, k, v: ``(b, t, h*, e)``.
+      selected: ``(b, t)`` bool, already capped (at most ``k`` per row).
+      positions: ``(b, k)`` int32, original position of the r-th selected token, ``KEY_PAD`` in unused slots (from
+        ``selective_attention.xla.compact_selection``).
+      rank: ``(b, t)`` int32, slot of each selected token.
+      segment_ids: ``(b, t)`` int or None.
+      window: finite window on original positions.
+      **kwargs: the rest of ``window_attention``'s keywords except ``span`` (``min(window, k)`` here).
+
+    Returns:
+      ``(b, t, hq, e)`` in ``q.dtype``, zeros where not selected.
+    """
+    cap = positions.shape[1]
+    index = jnp.where(positions < KEY_PAD, positions, 0)
+    seg = None if segment_ids is None else gather_time(segment_ids, index)
+    out_c = window_attention(
+        gather_time(q, index),
+        gather_time(k, index),
+        gather_time(v, index),
+        positions,
+        seg,
+        window=window,
+        span=min(window, cap),
+        **kwargs,
+    )
+    out = gather_time(out_c, jnp.clip(rank, 0, cap - 1))
+    return jnp.where(selected[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def fit_tiling(tiling: Tiling, s: int, block_size: int | None, *, minimum: int = 16) -> Tiling:
+    """``tiling`` for a sequence of ``s`` slots: power-of-two blocks, at least ``minimum``, no larger than needed.
+
+    ``block_size`` (the public tuning knob), when given, replaces every block size (rounded up to a power of two
+    ``>= minimum``). Blocks never exceed ``next_power_of_2(max(s, minimum))``, so short sequences pad little.
+    """
+    cap = max(minimum, _next_pow2(s))
+    if block_size is not None:
+        size = min(cap, max(minimum, _next_pow2(block_size)))
+        return tiling.map_blocks(lambda _: size)
+    return tiling.map_blocks(lambda n: min(n, cap))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+__all__ = [
+    "KEY_PAD",
+    "MAX_WINDOW",
+    "QUERY_PAD",
+    "Backend",
+    "Problem",
+    "Tiling",
+    "compacted_window_attention",
+    "fit_tiling",
+    "gather_time",
+    "key_block_ranges",
+    "max_blocks_visited",
+    "query_block_ranges",
+    "window_attention",
+]

@@ -1,0 +1,379 @@
+"""Sliding-window flash attention for GPUs, Pallas Triton lowering (Samba SWA, arXiv:2406.07522).
+
+Three kernels on the position-based problem of ``pallas_kernels._flash_window`` (slot i sees slot j iff
+``0 <= pos[i] - pos[j] < window`` and equal segment ids), which selective attention reuses on its compacted buffer:
+
+* forward, grid ``(nq, b, hq)``: one program holds a ``(block_q, e)`` query tile and loops (``fori_loop``, dynamic
+  bounds) over the key blocks ``[start, start + count)`` that ``key_block_ranges`` found for it, with an online
+  softmax (FlashAttention-2). K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton blocks
+  are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
+* dq, grid ``(nq, b, hq)``: the same loop, recomputing ``P = exp2(S - lse)``; ``dS = P * (dP - delta)``.
+* dk/dv, grid ``(nk, b, hk)``: a key tile stays resident; one loop runs over the ``hq // hk`` query heads of its key
+  head times the query blocks that ``query_block_ranges`` found, so dk/dv accumulate in registers without a
+  per-query-head copy in HBM. Scores are formed transposed (``K Q^T``) so no tile needs a transpose.
+
+BlockSpecs keep the caller's ``(b, s, h, e)`` layout. Scores, the running max/sum, accumulators and the
+log-sum-exp are fp32 (``preferred_element_type=float32``) whatever the input dtype: exp of bf16 scores and bf16
+sums over thousands of keys would lose the 1e-2 accuracy the bf16 rule asks for. Probabilities are cast to the
+input dtype only as matmul operands, as FlashAttention does. fp32 inputs use ``precision=HIGHEST`` (IEEE fp32 dots,
+not TF32). Masked scores are ``-inf`` and the running max starts at a finite ``-1e30``, so fully masked rows (padding)
+give zeros, never NaN.
+
+Triton rules kept: every tile is a power of two >= 16 on each dot dimension (the head dim is zero-padded to one),
+loops are ``fori_loop``s, no register tensor is indexed dynamically (only refs are). Default block sizes are
+UNTUNED (FlashAttention-2 Triton tutorial values for head dim 64); ``experiments/kernels/attention.py --sweep``
+times alternatives on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _flash_window as fw
+
+_LOG2E = math.log2(math.e)
+_NT = (((1,), (1,)), ((), ()))  # A @ B^T
+_NN = (((1,), (0,)), ((), ()))  # A @ B
+
+# Untuned: fwd 128x64 and bwd 32x128 / 128x32 tiles with 4 warps are the FlashAttention-2 Triton tutorial's choice
+# for head dim 64 on A100/H100; not yet measured here.
+DEFAULT_TILING = fw.Tiling(
+    block_q=128,
+    block_k=64,
+    block_q_dq=128,
+    block_k_dq=32,
+    block_q_dkv=32,
+    block_k_dkv=128,
+    num_warps=4,
+    num_stages=2,
+)
+
+
+def _head_dim(e: int) -> int:
+    return max(16, 1 << (e - 1).bit_length())
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
+
+
+def _visible(q_pos, k_pos, window: int, q_seg, k_seg):
+    """Bool mask from broadcastable position / segment tiles."""
+    d = q_pos - k_pos
+    mask = (d >= 0) & (d < window)
+    if q_seg is not None:
+        mask = mask & (q_seg == k_seg)
+    return mask
+
+
+def _split_segments(refs, has_segments: bool):
+    """``(segment ref or None, output refs)`` from the kernel's trailing refs."""
+    return (refs[0], refs[1:]) if has_segments else (None, refs)
+
+
+def _sliding_window_attention_fwd_kernel(
+    start_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments
+):
+    seg_ref, (o_ref, lse_ref) = _split_segments(refs, has_segments)
+    i = nq - 1 - pl.program_id(0)  # heavy (late) query blocks first: shorter tail when the window is long
+    q = q_ref[...]
+    q_pos = qpos_ref[...][:, None]
+    q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
+    start = start_ref[i]
+
+    def body(j, carry):
+        acc, m, row_sum = carry
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        s = _dot(q, k_ref[ks, :], _NT) * (scale * _LOG2E)
+        k_seg = None if seg_ref is None else seg_ref[ks][None, :]
+        s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        v = v_ref[ks, :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+        return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
+
+    bq, e = q.shape
+    init = (jnp.zeros((bq, e), jnp.float32), jnp.full((bq,), fw.NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    acc, m, row_sum = lax.fori_loop(start, start + count_ref[i], body, init)
+    seen = row_sum > 0
+    l_safe = jnp.where(seen, row_sum, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    # +inf for rows with no key: the backward's exp2(S - lse) is then 0, never exp2(-inf + inf).
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
+
+
+def _sliding_window_attention_bwd_dq_kernel(
+    start_ref,
+    count_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    kpos_ref,
+    *refs,
+    scale,
+    window,
+    block_k,
+    nq,
+    has_segments,
+):
+    seg_ref, (dq_ref,) = _split_segments(refs, has_segments)
+    i = nq - 1 - pl.program_id(0)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    q_pos = qpos_ref[...][:, None]
+    q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
+    start = start_ref[i]
+
+    def body(j, dq):
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        k = k_ref[ks, :]
+        s = _dot(q, k, _NT) * (scale * _LOG2E)
+        k_seg = None if seg_ref is None else seg_ref[ks][None, :]
+        s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse)
+        ds = p * (_dot(do, v_ref[ks, :], _NT) - delta)
+        return dq + _dot(ds.astype(k.dtype), k, _NN)
+
+    dq = lax.fori_loop(start, start + count_ref[i], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _sliding_window_attention_bwd_dkv_kernel(
+    start_ref,
+    count_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    kpos_ref,
+    *refs,
+    scale,
+    window,
+    block_q,
+    groups,
+    has_segments,
+):
+    seg_ref, (dk_ref, dv_ref) = _split_segments(refs, has_segments)
+    j = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]
+    k_pos = kpos_ref[...][:, None]
+    k_seg = None if seg_ref is None else seg_ref[pl.ds(j * k.shape[0], k.shape[0])][:, None]
+    start, count = start_ref[j], count_ref[j]
+
+    def body(r, carry):
+        dk, dv = carry
+        head = lax.div(r, count)  # the query head within the group
+        qs = pl.ds(pl.multiple_of((start + lax.rem(r, count)) * block_q, block_q), block_q)
+        q, do = q_ref[qs, head, :], do_ref[qs, head, :]
+        # Transposed scores (keys x queries): dk and dv are then plain A @ B products.
+        s = _dot(k, q, _NT) * (scale * _LOG2E)
+        q_seg = None if seg_ref is None else seg_ref[qs][None, :]
+        s = jnp.where(_visible(qpos_ref[qs][None, :], k_pos, window, q_seg, k_seg), s, -jnp.inf)
+        p = jnp.exp2(s - lse_ref[head, qs][None, :])
+        dv = dv + _dot(p.astype(do.dtype), do, _NN)
+        ds = p * (_dot(v, do, _NT) - delta_ref[head, qs][None, :])
+        return dk + _dot(ds.astype(q.dtype), q, _NN), dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, groups * count, body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _params(tl: fw.Tiling):
+    return plgpu.CompilerParams(num_warps=tl.num_warps, num_stages=tl.num_stages)
+
+
+def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
+    b, s, hq, e = q.shape
+    tl = pr.tiling
+    bq, nq, g = tl.block_q, s // tl.block_q, pr.groups
+    has_seg = seg is not None
+    kernel = functools.partial(
+        _sliding_window_attention_fwd_kernel,
+        scale=pr.scale,
+        window=pr.window,
+        block_k=tl.block_k,
+        nq=nq,
+        has_segments=has_seg,
+    )
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0)),
+        pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0)),
+        pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, bq), lambda i, bi, h: (bi, rev(i))),
+        pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0)),
+    ] + [pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0))] * has_seg
+    out_specs = [
+        pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, rev(i))),
+    ]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, s), jnp.float32)]
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, hq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(tl),
+        interpret=pr.interpret,
+        name="sliding_window_attention_fwd",
+    )(*ranges, q, k, v, q_pos, k_pos, *([seg] * has_seg))
+
+
+def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.Problem):
+    b, s, hq, e = q.shape
+    hk, g, tl = k.shape[2], pr.groups, pr.tiling
+    has_seg = seg is not None
+    segs = [seg] * has_seg
+    # delta_i = sum_e dO * O: one fused elementwise-reduce in XLA, fp32.
+    delta = jnp.einsum("bshe,bshe->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
+
+    bq, nq = tl.block_q_dq, s // tl.block_q_dq
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    full_kv = pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0))
+    q_tile = pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, rev(i)))
+    per_row = pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0))
+    full_pos = pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0))
+    dq = pl.pallas_call(
+        functools.partial(
+            _sliding_window_attention_bwd_dq_kernel,
+            scale=pr.scale,
+            window=pr.window,
+            block_k=tl.block_k_dq,
+            nq=nq,
+            has_segments=has_seg,
+        ),
+        grid=(nq, b, hq),
+        in_specs=[per_row, per_row, q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
+        + [pl.BlockSpec((None, bq), lambda i, bi, h: (bi, rev(i))), full_pos]
+        + [full_pos] * has_seg,
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(tl),
+        interpret=pr.interpret,
+        name="sliding_window_attention_bwd_dq",
+    )(*dq_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
+
+    bk, nk = tl.block_k_dkv, s // tl.block_k_dkv
+    kv_tile = pl.BlockSpec((None, bk, None, e), lambda j, bi, h: (bi, j, h, 0))
+    # All hq // hk query heads of key head h, whole sequence: the kernel loops over both.
+    group_q = pl.BlockSpec((None, s, g, e), lambda j, bi, h: (bi, 0, h, 0))
+    group_rows = pl.BlockSpec((None, g, s), lambda j, bi, h: (bi, h, 0))
+    per_row = pl.BlockSpec((None, nk), lambda j, bi, h: (bi, 0))
+    full_pos = pl.BlockSpec((None, s), lambda j, bi, h: (bi, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            _sliding_window_attention_bwd_dkv_kernel,
+            scale=pr.scale,
+            window=pr.window,
+            block_q=tl.block_q_dkv,
+            groups=g,
+            has_segments=has_seg,
+        ),
+        grid=(nk, b, hk),
+        in_specs=[per_row, per_row, group_q, kv_tile, kv_tile, group_q, group_rows, group_rows]
+        + [full_pos, pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j))]
+        + [full_pos] * has_seg,
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(tl),
+        interpret=pr.interpret,
+        name="sliding_window_attention_bwd_dkv",
+    )(*dkv_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
+    return dq, dk, dv
+
+
+BACKEND = fw.Backend(head_dim=_head_dim, heads_major=False, fwd=_fwd, bwd=_bwd)
+
+
+def tiling_for(t: int, block_size: int | None = None, tiling: fw.Tiling | None = None) -> fw.Tiling:
+    """Block sizes for ``t`` slots: powers of two >= 16 (Triton dot minimum), at most ``next_power_of_2(t)``."""
+    return fw.fit_tiling(tiling or DEFAULT_TILING, t, block_size)
+
+
+def sliding_window_attention_pallas_gpu(
+    q,
+    k,
+    v,
+    *,
+    window: int | None = None,
+    segment_ids=None,
+    softmax_scale: float,
+    block_size: int | None = None,
+    interpret: bool = False,
+    tiling: fw.Tiling | None = None,
+):
+    """Causal sliding-window attention with Triton flash kernels; work O(t * (window + block)).
+
+    Args:
+      q: ``(b, t, hq, e)``.
+      k: ``(b, t, hk, e)``, ``hq % hk == 0``.
+      v: ``(b, t, hk, e)``.
+      window: query i sees key j iff ``0 <= i - j < window``; None is full causal attention.
+      segment_ids: optional ``(b, t)`` int; no attention across different ids.
+      softmax_scale: score multiplier.
+      block_size: when given, every block size becomes this, rounded up to a power of two >= 16. Never changes
+        results.
+      interpret: run the kernels in Pallas interpret mode (any platform).
+      tiling: full control of block sizes and launch knobs (benchmarks); ``block_size`` still overrides blocks.
+
+    Returns:
+      ``(b, t, hq, e)`` in ``q.dtype``.
+    """
+    t = q.shape[1]
+    # Every window >= t is full causal attention: one compiled program for all of them.
+    window = t if window is None else min(window, t)
+    return _sliding_window_attention_pallas_gpu(
+        q,
+        k,
+        v,
+        segment_ids,
+        window=window,
+        softmax_scale=softmax_scale,
+        tiling=tiling_for(t, block_size, tiling),
+        interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "tiling", "interpret"))
+def _sliding_window_attention_pallas_gpu(q, k, v, segment_ids, *, window, softmax_scale, tiling, interpret):
+    b, t = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return fw.window_attention(
+        q,
+        k,
+        v,
+        positions,
+        segment_ids,
+        window=window,
+        span=window,
+        scale=softmax_scale,
+        tiling=tiling,
+        backend=BACKEND,
+        interpret=interpret,
+    )
