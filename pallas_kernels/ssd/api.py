@@ -12,6 +12,7 @@ assume well-formed inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -20,25 +21,45 @@ from pallas_kernels import _checks, _platform
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT, ssd_reference, ssd_step_reference
 from pallas_kernels.ssd.xla import ssd_chunked
 
-AVAILABLE = ("reference", "xla")
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
 _OP = "ssd"
 
 
-def _chunked_backend(implementation: str):
+def _chunked_backend(implementation: str, interpret):
     """The chunked backend called ``implementation``; Pallas modules get imported lazily here."""
     if implementation == "xla":
         return ssd_chunked
+    if implementation in ("pallas_gpu", "pallas_tpu"):
+        from pallas_kernels.ssd import block_sizes, vjp
+
+        if implementation == "pallas_gpu":
+            backend, tiling = "gpu", block_sizes.DEFAULT_GPU
+            interpret = bool(interpret)
+        else:
+            backend, tiling = "tpu", block_sizes.DEFAULT_TPU
+            if interpret is True:
+                from jax.experimental.pallas import tpu as pltpu
+
+                interpret = pltpu.InterpretParams()
+        return functools.partial(vjp.ssd_pallas, backend=backend, interpret=interpret, tiling=tiling)
     raise NotImplementedError(f"{_OP}: implementation={implementation!r} has no backend")
+
+
+def _check_interpret(op: str, interpret) -> None:
+    if isinstance(interpret, bool):
+        return
+    from jax.experimental.pallas import tpu as pltpu
+
+    if not isinstance(interpret, pltpu.InterpretParams):
+        raise ValueError(f"{op}: interpret={interpret!r} must be a bool (or a pltpu.InterpretParams)")
 
 
 def _check_dt_limit(op: str, dt_limit) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in dt_limit)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{op}: dt_limit={dt_limit!r} must be a pair of numbers (lo, hi)"
-        ) from None
+        raise ValueError(f"{op}: dt_limit={dt_limit!r} must be a pair of numbers (lo, hi)") from None
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"{op}: dt_limit={dt_limit!r} must satisfy lo <= hi")
     return lo, hi
@@ -54,9 +75,7 @@ def _check_common(op, h, p, D, z, z_shape, dt_bias) -> None:
     """Checks of the per-head parameters and the gate, shared by ``ssd`` and ``ssd_step``."""
     if D is not None:
         _checks.rank(op, "D", D, (1, 2))
-        _checks.shape(
-            op, "D", D, (h,) if jnp.ndim(D) == 1 else (h, p), "heads, or heads x head dim"
-        )
+        _checks.shape(op, "D", D, (h,) if jnp.ndim(D) == 1 else (h, p), "heads, or heads x head dim")
     if z is not None:
         _checks.shape(op, "z", z, z_shape, "same as x")
     if dt_bias is not None:
@@ -67,8 +86,7 @@ def _check_groups(op, h, B) -> None:
     g = jnp.shape(B)[-2]
     if g < 1 or h % g != 0:
         raise ValueError(
-            f"{op}: B.shape={tuple(jnp.shape(B))} has {g} groups but x has {h} heads "
-            "(heads % groups must be 0)"
+            f"{op}: B.shape={tuple(jnp.shape(B))} has {g} groups but x has {h} heads (heads % groups must be 0)"
         )
 
 
@@ -89,6 +107,7 @@ def ssd(
     return_final_state: bool = False,
     segment_ids=None,
     implementation: str = "auto",
+    interpret=False,
 ):
     """The SSD (Mamba-2) selective state-space recurrence over a sequence.
 
@@ -109,8 +128,10 @@ def ssd(
       return_final_state: also return the state after the last token.
       segment_ids: ``(b, t)`` integer ids of packed sequences; the state is reset to zero where the
         id changes.
-      implementation: ``"auto"``, ``"reference"`` or ``"xla"`` (``pallas_gpu`` / ``pallas_tpu``
-        later).
+      implementation: ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or ``"pallas_tpu"``.
+        The Pallas backends round ``chunk_size`` up to a power of two >= 16 (results do not depend on it).
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform
+        (``pallas_gpu``: Pallas' interpreter; ``pallas_tpu``: ``pltpu.InterpretParams()``, or pass one).
 
     Returns:
       y ``(b, t, h, p)`` in x.dtype, or ``(y, final_state)`` with final_state ``(b, h, p, n)``
@@ -119,7 +140,8 @@ def ssd(
     Raises:
       ValueError: an argument has a wrong rank, shape, dtype or value, or ``implementation`` is
         unknown.
-      NotImplementedError: ``implementation`` names a backend this op does not have yet.
+      NotImplementedError: ``implementation`` names a backend this op does not have.
+      RuntimeError: a Pallas implementation on the wrong platform without ``interpret``.
     """
     op = _OP
     _checks.rank(op, "x", x, 4)
@@ -135,22 +157,17 @@ def ssd(
     _checks.shape(op, "C", C, (b, t, g, n), "same as B")
     _check_common(op, h, p, D, z, (b, t, h, p), dt_bias)
     if initial_state is not None:
-        _checks.shape(
-            op, "initial_state", initial_state, (b, h, p, n), "batch, heads, head dim, state"
-        )
+        _checks.shape(op, "initial_state", initial_state, (b, h, p, n), "batch, heads, head dim, state")
     if segment_ids is not None:
         _checks.shape(op, "segment_ids", segment_ids, (b, t), "batch, time")
         if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-            raise ValueError(
-                f"{op}: segment_ids.dtype={jnp.result_type(segment_ids)} must be an integer type"
-            )
-    _check_floating(
-        op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state
-    )
+            raise ValueError(f"{op}: segment_ids.dtype={jnp.result_type(segment_ids)} must be an integer type")
+    _check_floating(op, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
     _checks.positive_int(op, "chunk_size", chunk_size)
     dt_limit = _check_dt_limit(op, dt_limit)
+    _check_interpret(op, interpret)
 
-    impl = _platform.resolve(op, implementation, available=AVAILABLE)
+    impl = _platform.resolve(op, implementation, available=AVAILABLE, interpret=interpret is not False)
     kwargs = dict(
         D=D,
         z=z,
@@ -163,7 +180,7 @@ def ssd(
     if impl == "reference":
         y, final_state = ssd_reference(x, dt, A, B, C, **kwargs)
     else:
-        y, final_state = _chunked_backend(impl)(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
+        y, final_state = _chunked_backend(impl, interpret)(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
     return (y, final_state) if return_final_state else y
 
 

@@ -1,0 +1,560 @@
+"""SSD (Mamba-2, arXiv:2405.21060) for GPUs: Pallas kernels with the Triton lowering.
+
+Why Triton and not Mosaic GPU: the Triton lowering runs the same kernel body in Pallas' interpreter on CPU (so every
+kernel here is tested against the sequential reference without a GPU), lowers on any jaxlib, and Triton picks
+wgmma / TMA on Hopper by itself for dots of these sizes. A Mosaic GPU kernel (warpgroup-specialised, TMA pipelines)
+could be faster (a public forward-only Mosaic SSD claims 0.11 ms vs Triton 0.35 ms at mamba2-130m shapes) but cannot
+be checked off-GPU, and its backward would have to be written the same way.
+
+The five kernels (l chunk, s sub-block = tile edge, m = l / s tiles per chunk side, c chunks, r heads per group,
+k heads per backward program; the time axis of every BlockSpec is either one chunk or the whole sequence: Triton
+blocks are pointers, nothing is copied, and the caller's ``(b, t, h, p)`` / ``(b, t, g, n)`` layouts are kept):
+
+* ``_ssd_state_fwd_kernel``, grid ``(h, p/bp * n/bn, b)``: chunk states AND state passing in one loop over chunks
+  (``fori_loop``), the ``(bp, bn)`` state in registers: ``S <- exp(total_c) S + (x * dt * exp(tail))^T B``. Writes the
+  state entering every chunk ``(b, h, c, p, n)`` fp32 and the final state. Fusing the two stages that mamba_ssm runs
+  as chunk_state + state_passing saves one write and one read of all chunk states (2 x 100 MB at B8 T4096 H24 P64
+  N128, ~0.07 ms of H100 bandwidth); the price is parallelism ``b h p/bp n/bn`` instead of ``b h c``.
+* ``_ssd_fwd_kernel`` (chunk scan), grid ``(h, m, b c)``: one ``(s, p)`` row tile of y; a loop over column tiles
+  ``J <= I`` forms ``C_I B_J^T`` (tensor cores, fp32 accumulation), multiplies by the decay tile and ``dt``, and
+  accumulates ``(.) x_J``; then ``exp(cum) C_I S_in^T``, the D skip and the ``silu(z)`` gate, fused before the store.
+  B and C are read through the group of the head (``h // r`` in the index map), never repeated per head in HBM.
+* backward ``_ssd_state_bwd_kernel``, grid as the forward state kernel, chunks in reverse: ``G = dL/dS_out`` of every
+  chunk, ``G <- exp(total_c) G + (dy * exp(cum))^T C``, the gradient of the initial state, and ``<G, S_out>`` pieces.
+* ``_ssd_bwd_dx_kernel``, grid ``(g h/(g k), m, b c)``: a column tile J (the inputs side) stays resident; loops over k
+  heads of one group and over row tiles ``I >= J``: dx, dB (summed over the k heads in registers), the direct dt
+  gradient and column sums for ``d la``.
+* ``_ssd_bwd_dc_kernel``, same grid: a row tile I (the outputs side) stays resident; recomputes the pre-gate output
+  for dz, and forms dC (summed over k heads), dz, D's gradient and row sums for ``d la``.
+
+What is fp32: every accumulator, decay, dt, state and ``dy = dout * silu(z)``; matmul operands are the input dtype
+(bf16 in, bf16 tensor-core operands out, as in mamba_ssm) or fp32 with ``precision=HIGHEST`` (IEEE, not TF32) for
+fp32 inputs. Decays come from sums over at most s tokens plus direct sums of sub-block totals (``vjp.py``).
+
+Triton rules kept: every tile is a power of two >= 16 per dot dimension (p and n are zero-padded to one by the
+wrapper), loops are ``fori_loop``s, register tensors are never indexed dynamically (only refs are). Offsets: Pallas
+computes each load's offset per dimension as ``index * stride`` in int64 whenever the array is over 2**32 bytes,
+and no array here is reshaped so that one dimension exceeds int32, so ``b*t*h*p > 2**31`` is safe
+(``test_ssd.py::test_gpu_offsets_are_64_bit_for_huge_arrays`` checks the lowered Triton IR on CPU).
+
+Default tiles are UNTUNED (``block_sizes.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ssd.block_sizes import GpuTiling, pow2_at_least
+from pallas_kernels.ssd.vjp import Grads, Plan, Vectors
+
+f32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a^T @ b
+
+
+def feature_sizes(p: int, n: int) -> tuple[int, int]:
+    """Head dim and state size the kernels run at: powers of two >= 16 (Triton dot minimums)."""
+    return pow2_at_least(p), pow2_at_least(n)
+
+
+def _dot(a, b, dims):
+    precision = lax.Precision.HIGHEST if a.dtype == f32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, preferred_element_type=f32, precision=precision)
+
+
+def _silu(v):
+    return v * jax.nn.sigmoid(v)
+
+
+def _params(num_warps: int, num_stages: int):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _heads_per_program(r: int, want: int) -> int:
+    """The largest divisor of r that is <= want."""
+    return max(d for d in range(1, min(r, max(want, 1)) + 1) if r % d == 0)
+
+
+def _lower_tri(s: int):
+    """``(s, s)`` bool, True where column <= row."""
+    return lax.broadcasted_iota(jnp.int32, (s, s), 0) >= lax.broadcasted_iota(jnp.int32, (s, s), 1)
+
+
+def _masked_exp(exponent, mask):
+    """``exp(exponent)`` where mask, else 0, without evaluating exp of a masked (possibly huge) exponent."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, exponent, 0.0)), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _ssd_state_fwd_kernel(*refs, lc: int, c: int, has_seg: bool, dd):
+    if has_seg:
+        x_ref, b_ref, dt_ref, tail_ref, tch_ref, mst_ref, moff_ref, init_ref, states_ref, final_ref = refs
+    else:
+        x_ref, b_ref, dt_ref, tail_ref, tch_ref, init_ref, states_ref, final_ref = refs
+
+    def chunk(ci, state):
+        states_ref[ci] = state  # the state entering chunk ci
+        span = pl.ds(ci * lc, lc)
+        w = dt_ref[span] * jnp.exp(tail_ref[span])
+        decay = jnp.exp(tch_ref[ci])
+        if has_seg:
+            w = w * mst_ref[span]
+            decay = decay * moff_ref[ci * lc + lc - 1]
+        xw = (x_ref[span, :].astype(f32) * w[:, None]).astype(dd)
+        return decay * state + _dot(xw, b_ref[span, :], _TN)
+
+    final_ref[...] = lax.fori_loop(0, c, chunk, init_ref[...])
+
+
+def _ssd_fwd_kernel(*refs, s: int, has_z: bool, has_seg: bool, dd):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    b_ref, c_ref, dt_ref, loc_ref, cum_ref, tsub_ref = refs[:6]
+    refs = refs[6:]
+    seg_ref, moff_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    states_ref, d_ref, y_ref = refs
+
+    row_tile = pl.program_id(1)
+    rows = pl.ds(row_tile * s, s)
+    c_i = c_ref[rows, :]
+    loc_i = loc_ref[rows]
+    x_i = x_ref[rows, :]
+    seg_i = seg_ref[rows] if has_seg else None
+
+    def tile(cols, decay, acc):
+        scores = _dot(c_i, b_ref[cols, :], _NT)
+        w = scores * decay * dt_ref[cols][None, :]
+        return acc + _dot(w.astype(dd), x_ref[cols, :].astype(dd), _NN)
+
+    mask = _lower_tri(s)
+    if has_seg:
+        mask = mask & (seg_i[:, None] == seg_i[None, :])
+    decay = _masked_exp(loc_i[:, None] - loc_i[None, :], mask)
+    acc = tile(rows, decay, jnp.zeros((s, x_i.shape[-1]), f32))
+
+    def off_diagonal(k, carry):
+        acc, between = carry
+        col_tile = row_tile - 1 - k
+        cols = pl.ds(col_tile * s, s)
+        total = tsub_ref[col_tile]
+        # Log-decay from token j to the end of its tile, then across whole tiles, then into token i's tile.
+        exponent = loc_i[:, None] + ((total - loc_ref[cols]) + between)[None, :]
+        decay = jnp.exp(exponent)
+        if has_seg:
+            decay = jnp.where(seg_i[:, None] == seg_ref[cols][None, :], decay, 0.0)
+        return tile(cols, decay, acc), between + total
+
+    acc, _ = lax.fori_loop(0, row_tile, off_diagonal, (acc, jnp.zeros((), f32)))
+
+    w = jnp.exp(cum_ref[rows])
+    if has_seg:
+        w = w * moff_ref[rows]
+    y_off = _dot(c_i, states_ref[...].astype(dd), _NT)
+    y = acc + w[:, None] * y_off + d_ref[...][None, :] * x_i.astype(f32)
+    if has_z:
+        y = y * _silu(z_ref[rows, :].astype(f32))
+    y_ref[rows, :] = y.astype(y_ref.dtype)
+
+
+def _state_specs(plan: Plan, T: int, pp: int, nn: int):
+    """Block geometry of the two state-passing kernels: grid ``(h, p/bp * n/bn, b)``."""
+    til: GpuTiling = plan.tiling
+    bp, bn = min(til.state_block_p, pp), min(til.state_block_n, nn)
+    n_p = pp // bp
+    r = plan.heads_per_group
+    seq = pl.BlockSpec((None, T, None, bp), lambda hi, k, bi: (bi, 0, hi, k % n_p))
+    grp = pl.BlockSpec((None, T, None, bn), lambda hi, k, bi: (bi, 0, hi // r, k // n_p))
+    vec = lambda size: pl.BlockSpec((None, None, size), lambda hi, k, bi: (bi, hi, 0))
+    tok = pl.BlockSpec((None, T), lambda hi, k, bi: (bi, 0))
+    state = pl.BlockSpec((None, None, bp, bn), lambda hi, k, bi: (bi, hi, k % n_p, k // n_p))
+    per_chunk = lambda c: pl.BlockSpec((None, None, c, bp, bn), lambda hi, k, bi: (bi, hi, 0, k % n_p, k // n_p))
+    return (bp, bn, n_p * (nn // bn)), seq, grp, vec, tok, state, per_chunk
+
+
+def _intra_specs(plan: Plan, c: int, pp: int, nn: int, heads: int | None):
+    """Block geometry of the intra-chunk kernels: grid ``(h / heads, m, b c)``.
+
+    ``heads`` heads per program keep a head axis in every per-head block; ``None`` means one head, axis squeezed.
+    """
+    lc, s = plan.chunk, plan.block
+    m = lc // s
+    groups_of = plan.heads_per_group // (heads or 1)  # programs per group along grid axis 0
+    hsq = heads
+    seq = pl.BlockSpec((None, lc, hsq, pp), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
+    grp = pl.BlockSpec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi // groups_of, 0))
+    vec = pl.BlockSpec((None, hsq, lc), lambda hi, t, bc: (bc // c, hi, bc % c))
+    tsub = pl.BlockSpec((None, hsq, m), lambda hi, t, bc: (bc // c, hi, bc % c))
+    tok = pl.BlockSpec((None, lc), lambda hi, t, bc: (bc // c, bc % c))
+    state = pl.BlockSpec((None, hsq, None, pp, nn), lambda hi, t, bc: (bc // c, hi, bc % c, 0, 0))
+    dskip = pl.BlockSpec((hsq, pp), lambda hi, t, bc: (hi, 0))
+    return seq, grp, vec, tsub, tok, state, dskip
+
+
+def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool):
+    """The forward kernels on aligned shapes.
+
+    Args:
+      plan: static configuration.
+      x, z: ``(b, T, h, pp)``; z may be None.
+      B, C: ``(b, T, g, nn)`` in the dot dtype.
+      D: ``(h, pp)`` float32.
+      init: ``(b, h, pp, nn)`` float32.
+      vec: per-token vectors.
+      save_states: unused here (the chunk-entry states are always materialised; they are the residual).
+
+    Returns:
+      ``(y (b, T, h, pp), final (b, h, pp, nn) f32, states (b, h, c, pp, nn) f32)``.
+    """
+    del save_states
+    b, T, h, pp = x.shape
+    nn = B.shape[-1]
+    lc, s = plan.chunk, plan.block
+    c, m = T // lc, lc // s
+    til: GpuTiling = plan.tiling
+    dd = B.dtype
+    has_seg = plan.has_segments
+
+    (bp, bn, nk), seq, grp, vecspec, tok, state, per_chunk = _state_specs(plan, T, pp, nn)
+    args = [x, B, vec.dt, vec.tail, vec.tchunk]
+    specs = [seq, grp, vecspec(T), vecspec(T), vecspec(c)]
+    if has_seg:
+        args += [vec.mst, vec.moff]
+        specs += [tok, tok]
+    states, final = pl.pallas_call(
+        functools.partial(_ssd_state_fwd_kernel, lc=lc, c=c, has_seg=has_seg, dd=dd),
+        grid=(h, nk, b),
+        in_specs=[*specs, state],
+        out_specs=[per_chunk(c), state],
+        out_shape=[jax.ShapeDtypeStruct((b, h, c, pp, nn), f32), jax.ShapeDtypeStruct((b, h, pp, nn), f32)],
+        compiler_params=_params(til.num_warps_state, til.num_stages),
+        interpret=plan.interpret,
+        name="ssd_state_fwd",
+    )(*args, init)
+
+    seq, grp, vspec, tsub, tok, sspec, dskip = _intra_specs(plan, c, pp, nn, heads=None)
+    args, specs = [x], [seq]
+    if plan.has_z:
+        args.append(z)
+        specs.append(seq)
+    args += [B, C, vec.dt, vec.loc, vec.cum, vec.tsub]
+    specs += [grp, grp, vspec, vspec, vspec, tsub]
+    if has_seg:
+        args += [vec.seg, vec.moff]
+        specs += [tok, tok]
+    y = pl.pallas_call(
+        functools.partial(_ssd_fwd_kernel, s=s, has_z=plan.has_z, has_seg=has_seg, dd=dd),
+        grid=(h, m, b * c),
+        in_specs=[*specs, sspec, dskip],
+        out_specs=seq,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=_params(til.num_warps, til.num_stages),
+        interpret=plan.interpret,
+        name="ssd_fwd",
+    )(*args, states, D)
+    return y, final, states
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _gated(dout, z):
+    """``dy = dout * silu(z)`` in fp32 (``z`` None: no gate)."""
+    dout = dout.astype(f32)
+    return dout if z is None else dout * _silu(z.astype(f32))
+
+
+def _ssd_state_bwd_kernel(*refs, lc: int, c: int, has_z: bool, has_seg: bool, dd):
+    refs = list(refs)
+    dout_ref = refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    c_ref, cum_ref, tch_ref = refs[:3]
+    refs = refs[3:]
+    moff_ref = refs.pop(0) if has_seg else None
+    states_ref, dfinal_ref, dstates_ref, dinit_ref, q_ref = refs
+
+    def chunk(k, g):
+        ci = c - 1 - k
+        dstates_ref[ci] = g  # dL/d(state leaving chunk ci)
+        decay = jnp.exp(tch_ref[ci])
+        span = pl.ds(ci * lc, lc)
+        w = jnp.exp(cum_ref[span])
+        if has_seg:
+            decay = decay * moff_ref[ci * lc + lc - 1]
+            w = w * moff_ref[span]
+        q_ref[ci] = decay * jnp.sum(jnp.sum(g * states_ref[ci], axis=1), axis=0)
+        dy = _gated(dout_ref[span, :], None if z_ref is None else z_ref[span, :])
+        return decay * g + _dot((dy * w[:, None]).astype(dd), c_ref[span, :], _TN)
+
+    dinit_ref[...] = lax.fori_loop(0, c, chunk, dfinal_ref[...])
+
+
+def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: bool, dd):
+    refs = list(refs)
+    x_ref, dout_ref = refs.pop(0), refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    b_ref, c_ref, dt_ref, loc_ref, tail_ref, tsub_ref = refs[:6]
+    refs = refs[6:]
+    seg_ref, mst_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    g_ref, d_ref, dx_ref, ddt_ref, colp_ref, sv_ref, db_ref = refs
+
+    col_tile = pl.program_id(1)
+    cols = pl.ds(col_tile * s, s)
+    b_j = b_ref[cols, :]
+    seg_j = seg_ref[cols] if has_seg else None
+    upper = lax.broadcasted_iota(jnp.int32, (s, s), 0) <= lax.broadcasted_iota(jnp.int32, (s, s), 1)
+
+    def head(k, db_acc):
+        x_j = x_ref[cols, k, :]
+        xd_j = x_j.astype(dd)
+        dt_j, loc_j, tail_j = dt_ref[k, cols], loc_ref[k, cols], tail_ref[k, cols]
+        total_j = tsub_ref[k, col_tile]
+
+        def dy_at(span):
+            return _gated(dout_ref[span, k, :], None if z_ref is None else z_ref[span, k, :])
+
+        # Tiles are formed transposed (rows j of the resident column tile, columns i) so no operand is transposed.
+        def tile(rows, decay_t, acc):
+            dx_acc, colsum, db = acc
+            c_i = c_ref[rows, :]
+            dy_i = dy_at(rows).astype(dd)
+            w_t = _dot(b_j, c_i, _NT) * decay_t  # W^T
+            v_t = _dot(xd_j, dy_i, _NT)  # (x_j . dy_i)
+            p_t = v_t * decay_t
+            return (
+                dx_acc + _dot(w_t.astype(dd), dy_i, _NN),
+                colsum + jnp.sum(w_t * v_t, axis=1),
+                db + _dot((p_t * dt_j[:, None]).astype(dd), c_i, _NN),
+            )
+
+        mask = upper
+        if has_seg:
+            mask = mask & (seg_j[:, None] == seg_j[None, :])
+        decay_t = _masked_exp(loc_j[None, :] - loc_j[:, None], mask)
+        acc = tile(cols, decay_t, (jnp.zeros((s, x_j.shape[-1]), f32), jnp.zeros((s,), f32), db_acc))
+
+        def below(kk, carry):
+            acc, between = carry
+            row_tile = col_tile + 1 + kk
+            rows = pl.ds(row_tile * s, s)
+            exponent = ((total_j - loc_j) + between)[:, None] + loc_ref[k, rows][None, :]
+            decay_t = jnp.exp(exponent)
+            if has_seg:
+                decay_t = jnp.where(seg_j[:, None] == seg_ref[rows][None, :], decay_t, 0.0)
+            return tile(rows, decay_t, acc), between + tsub_ref[k, row_tile]
+
+        (dx_acc, colsum, db), _ = lax.fori_loop(0, m - 1 - col_tile, below, (acc, jnp.zeros((), f32)))
+
+        # What S_out (hence the next chunks and the final state) sends back to token j.
+        g = g_ref[k].astype(dd)
+        w_state = jnp.exp(tail_j)
+        if has_seg:
+            w_state = w_state * mst_ref[cols]
+        u = _dot(b_j, g, _NT) * w_state[:, None]
+        dxdt = dx_acc + u
+        xf = x_j.astype(f32)
+        dx = dt_j[:, None] * dxdt + d_ref[k, :][None, :] * dy_at(cols)
+        dx_ref[cols, k, :] = dx.astype(dx_ref.dtype)
+        ddt_ref[k, cols] = jnp.sum(xf * dxdt, axis=1)
+        s_j = dt_j * jnp.sum(xf * u, axis=1)
+        sv_ref[k, cols] = s_j
+        colp_ref[k, cols] = -(dt_j * colsum + s_j)
+        return db + _dot((xf * (dt_j * w_state)[:, None]).astype(dd), g, _NN)
+
+    db_ref[cols, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, b_j.shape[-1]), f32))
+
+
+def _ssd_bwd_dc_kernel(*refs, s: int, heads: int, has_z: bool, has_seg: bool, dd):
+    refs = list(refs)
+    x_ref, dout_ref = refs.pop(0), refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    b_ref, c_ref, dt_ref, loc_ref, cum_ref, tsub_ref = refs[:6]
+    refs = refs[6:]
+    seg_ref, moff_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    states_ref, d_ref = refs[:2]
+    refs = refs[2:]
+    dz_ref = refs.pop(0) if has_z else None
+    rowp_ref, dd_ref, dc_ref = refs
+
+    row_tile = pl.program_id(1)
+    rows = pl.ds(row_tile * s, s)
+    c_i = c_ref[rows, :]
+    seg_i = seg_ref[rows] if has_seg else None
+    lower = _lower_tri(s)
+
+    def head(k, dc_acc):
+        x_i = x_ref[rows, k, :]
+        loc_i = loc_ref[k, rows]
+        dout_i = dout_ref[rows, k, :].astype(f32)
+        z_i = None if z_ref is None else z_ref[rows, k, :].astype(f32)
+        dy_i = _gated(dout_i, z_i)
+        dyd_i = dy_i.astype(dd)
+
+        def tile(cols, decay, acc):
+            y_acc, rowsum, dc = acc
+            b_j = b_ref[cols, :]
+            xd_j = x_ref[cols, k, :].astype(dd)
+            dt_j = dt_ref[k, cols][None, :]
+            scores = _dot(c_i, b_j, _NT)
+            p = _dot(dyd_i, xd_j, _NT) * decay * dt_j
+            return (
+                y_acc + _dot((scores * decay * dt_j).astype(dd), xd_j, _NN),
+                rowsum + jnp.sum(p * scores, axis=1),
+                dc + _dot(p.astype(dd), b_j, _NN),
+            )
+
+        mask = lower
+        if has_seg:
+            mask = mask & (seg_i[:, None] == seg_i[None, :])
+        decay = _masked_exp(loc_i[:, None] - loc_i[None, :], mask)
+        acc = tile(rows, decay, (jnp.zeros((s, x_i.shape[-1]), f32), jnp.zeros((s,), f32), dc_acc))
+
+        def left(kk, carry):
+            acc, between = carry
+            col_tile = row_tile - 1 - kk
+            cols = pl.ds(col_tile * s, s)
+            total = tsub_ref[k, col_tile]
+            decay = jnp.exp(loc_i[:, None] + ((total - loc_ref[k, cols]) + between)[None, :])
+            if has_seg:
+                decay = jnp.where(seg_i[:, None] == seg_ref[cols][None, :], decay, 0.0)
+            return tile(cols, decay, acc), between + total
+
+        (y_acc, rowsum, dc), _ = lax.fori_loop(0, row_tile, left, (acc, jnp.zeros((), f32)))
+
+        s_in = states_ref[k].astype(dd)
+        w = jnp.exp(cum_ref[k, rows])
+        if has_seg:
+            w = w * moff_ref[rows]
+        y_off = _dot(c_i, s_in, _NT) * w[:, None]
+        xf = x_i.astype(f32)
+        if has_z:
+            y_pre = y_acc + y_off + d_ref[k, :][None, :] * xf
+            sig = jax.nn.sigmoid(z_i)
+            dz_ref[rows, k, :] = (dout_i * y_pre * sig * (1.0 + z_i * (1.0 - sig))).astype(dz_ref.dtype)
+        dd_ref[k, :] = jnp.sum(dy_i * xf, axis=0)
+        rowp_ref[k, rows] = rowsum + jnp.sum(dy_i * y_off, axis=1)
+        return dc + _dot(dyd_i, s_in, _NN) * w[:, None]
+
+    dc_ref[rows, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, c_i.shape[-1]), f32))
+
+
+def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Grads:
+    """The backward kernels on aligned shapes (arguments as ``forward``; dy ``(b, T, h, pp)``, dfinal f32)."""
+    b, T, h, pp = x.shape
+    g, nn = B.shape[2:]
+    lc, s = plan.chunk, plan.block
+    c, m = T // lc, lc // s
+    til: GpuTiling = plan.tiling
+    dd = B.dtype
+    has_z, has_seg = plan.has_z, plan.has_segments
+    dy = dy.astype(x.dtype)
+
+    # 1. Reverse state pass.
+    (bp, bn, nk), seq, grp, vecspec, tok, state, per_chunk = _state_specs(plan, T, pp, nn)
+    args, specs = [dy], [seq]
+    if has_z:
+        args.append(z)
+        specs.append(seq)
+    args += [C, vec.cum, vec.tchunk]
+    specs += [grp, vecspec(T), vecspec(c)]
+    if has_seg:
+        args.append(vec.moff)
+        specs.append(tok)
+    dstates, dinit, q = pl.pallas_call(
+        functools.partial(_ssd_state_bwd_kernel, lc=lc, c=c, has_z=has_z, has_seg=has_seg, dd=dd),
+        grid=(h, nk, b),
+        in_specs=[*specs, per_chunk(c), state],
+        out_specs=[
+            per_chunk(c),
+            state,
+            pl.BlockSpec((None, None, c, None), lambda hi, k, bi: (bi, hi, 0, k)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, c, pp, nn), f32),
+            jax.ShapeDtypeStruct((b, h, pp, nn), f32),
+            jax.ShapeDtypeStruct((b, h, c, nk), f32),
+        ],
+        compiler_params=_params(til.num_warps_state, til.num_stages),
+        interpret=plan.interpret,
+        name="ssd_state_bwd",
+    )(*args, states, dfinal)
+
+    # 2. and 3. Intra-chunk kernels, k heads of one group per program.
+    k = _heads_per_program(plan.heads_per_group, til.heads_per_program)
+    splits = h // k
+    seq, grp, vspec, tsub, tok, sspec, dskip = _intra_specs(plan, c, pp, nn, heads=k)
+    part = pl.BlockSpec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
+    common_in = [x, dy] + ([z] if has_z else [])
+    common_specs = [seq, seq] + ([seq] if has_z else [])
+    seg_in = [vec.seg] if has_seg else []
+    params = _params(til.num_warps_bwd, til.num_stages)
+    vshape = jax.ShapeDtypeStruct((b, h, T), f32)
+
+    dx, ddt, colp, svec, db_part = pl.pallas_call(
+        functools.partial(_ssd_bwd_dx_kernel, s=s, m=m, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
+        grid=(splits, m, b * c),
+        in_specs=[*common_specs, grp, grp, vspec, vspec, vspec, tsub]
+        + ([tok, tok] if has_seg else [])
+        + [sspec, dskip],
+        out_specs=[seq, vspec, vspec, vspec, part],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            vshape,
+            vshape,
+            vshape,
+            jax.ShapeDtypeStruct((b, T, splits, nn), f32),
+        ],
+        compiler_params=params,
+        interpret=plan.interpret,
+        name="ssd_bwd_dx",
+    )(*common_in, B, C, vec.dt, vec.loc, vec.tail, vec.tsub, *seg_in, *([vec.mst] if has_seg else []), dstates, D)
+
+    out_specs = ([seq] if has_z else []) + [
+        vspec,
+        pl.BlockSpec((None, None, k, pp), lambda hi, t, bc: (bc // c, (bc % c) * m + t, hi, 0)),
+        part,
+    ]
+    out_shape = ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if has_z else []) + [
+        vshape,
+        jax.ShapeDtypeStruct((b, T // s, h, pp), f32),
+        jax.ShapeDtypeStruct((b, T, splits, nn), f32),
+    ]
+    outs = pl.pallas_call(
+        functools.partial(_ssd_bwd_dc_kernel, s=s, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
+        grid=(splits, m, b * c),
+        in_specs=[*common_specs, grp, grp, vspec, vspec, vspec, tsub]
+        + ([tok, tok] if has_seg else [])
+        + [sspec, dskip],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=plan.interpret,
+        name="ssd_bwd_dc",
+    )(*common_in, B, C, vec.dt, vec.loc, vec.cum, vec.tsub, *seg_in, *([vec.moff] if has_seg else []), states, D)
+    dz = outs[0] if has_z else None
+    rowp, dd_part, dc_part = outs[-3:]
+
+    return Grads(
+        dx=dx,
+        dz=dz,
+        dB=db_part.reshape(b, T, g, splits // g, nn).sum(axis=3),
+        dC=dc_part.reshape(b, T, g, splits // g, nn).sum(axis=3),
+        dD=dd_part.sum(axis=(0, 1)),
+        dinit=dinit,
+        ddt=ddt,
+        dcum=rowp + colp,
+        dtotal=q.sum(axis=-1) + svec.reshape(b, h, c, lc).sum(axis=-1),
+    )

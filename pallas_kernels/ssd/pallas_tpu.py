@@ -1,0 +1,406 @@
+"""SSD (Mamba-2, arXiv:2405.21060) for TPUs: Pallas kernels with the Mosaic TPU lowering.
+
+A TPU core walks its grid in order, so the chunk loop can be a grid axis with the running state in VMEM scratch: ONE
+kernel does chunk states, state passing and the chunk output, and states never touch HBM (except the chunk-entry
+states saved for the backward). One more kernel does the whole backward in reverse chunk order.
+
+* forward ``_ssd_fwd_kernel``, grid ``(b, g, c, r)`` (parallel, parallel, arbitrary, arbitrary): heads are the
+  innermost axis so that the ``(l, n)`` blocks of B and C keep their block index across the r heads of a group and
+  are DMA'd once per group and chunk. Scratch: the ``(r, p, n)`` fp32 states of the group's heads. Per step the
+  ``(l, l)`` intra-chunk matrix is formed tile by tile (``s x s`` tiles, s = 128: MXU-shaped, static loops over the
+  ``m (m + 1) / 2`` causal tiles), then ``exp(cum) C S^T``, D skip and ``silu(z)`` gate, then
+  ``S <- exp(total) S + (x dt exp(tail))^T B``.
+* backward ``_ssd_bwd_kernel``, grid ``(b, g, c reversed, r)``: scratch holds ``G = dL/dS_out`` per head; each step
+  recomputes the chunk's pre-gate output (for dz) from the saved entry state, forms dx, dB, dC (dB / dC accumulate
+  over the r heads in their resident output blocks), the D and dt pieces, then ``G <- exp(total) G + (dy exp(cum))^T
+  C`` and writes the initial-state gradient.
+
+Layout: the wrapper moves heads before time, x ``(b, h, t, p)`` and B, C ``(b, g, t, n)`` (one XLA transpose each
+way), so every block is ``(l, p)`` / ``(l, n)``: chunk on sublanes, p and n on lanes, the last two block dims equal
+to the array's (p, n) or multiples of (8, 128). Per-token vectors come packed in two layouts so that no kernel
+transposes a vector: columns ``(b, h, t, 8)`` for row scaling and rows ``(b, h, c, 8, l)`` for column scaling.
+
+What is fp32: accumulators (``preferred_element_type=float32`` on the MXU), decays, dt, states and ``dy``; matmul
+operands are the input dtype (bf16 in, bf16 MXU passes) or fp32 with ``precision=HIGHEST``. Decays are built as in
+``vjp.py`` (sub-block local sums plus direct sums of sub-block totals), never from ``inf - inf``.
+
+Verified only in interpret mode (``pltpu.InterpretParams``) and by lowering with ``jax.export(..., platforms=
+("tpu",))`` on CPU; never run on a TPU. Default tiles are UNTUNED (``block_sizes.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ssd.vjp import Grads, Plan, Vectors
+
+f32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a^T @ b
+
+# Fields of the packed per-token vectors.
+_COL = dict(dt=0, loc=1, cum=2, tail=3, seg=4, moff=5, mst=6)  # (b, h, t, 8)
+_ROW = dict(dt=0, loc=1, seg=2, la=3)  # (b, h, c, 8, l)
+_K = 8
+
+
+def feature_sizes(p: int, n: int) -> tuple[int, int]:
+    """p and n are lane dims equal to the full array dims: no padding needed."""
+    return p, n
+
+
+def _dot(a, b, dims):
+    precision = lax.Precision.HIGHEST if a.dtype == f32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, preferred_element_type=f32, precision=precision)
+
+
+def _silu(v):
+    return v * jax.nn.sigmoid(v)
+
+
+def _pack(vec: Vectors, chunk: int):
+    """The per-token vectors as ``(b, h, T, 8)`` columns and ``(b, h, c, 8, l)`` rows, float32."""
+    b, h, T = vec.dt.shape
+    zeros = jnp.zeros_like(vec.dt)
+    per_token = lambda v: zeros if v is None else jnp.broadcast_to(v.astype(f32)[:, None, :], (b, h, T))
+    col = [vec.dt, vec.loc, vec.cum, vec.tail, per_token(vec.seg), per_token(vec.moff), per_token(vec.mst)]
+    cols = jnp.stack(col + [zeros], axis=-1)
+    row = [vec.dt, vec.loc, per_token(vec.seg), vec.la]
+    rows = jnp.stack(row + [zeros] * (_K - len(row)), axis=2)  # (b, h, 8, T)
+    c = T // chunk
+    rows = rows.reshape(b, h, _K, c, chunk).transpose(0, 1, 3, 2, 4)
+    return cols, rows
+
+
+class _Tiles:
+    """Static geometry and the decay tiles of one chunk, shared by the forward and backward kernels."""
+
+    def __init__(self, lc: int, s: int, col_ref, row_ref, has_seg: bool):
+        self.l, self.s, self.m = lc, s, lc // s
+        self.col_ref, self.row_ref, self.has_seg = col_ref, row_ref, has_seg
+
+    def span(self, i: int):
+        return pl.ds(i * self.s, self.s)
+
+    def col(self, name: str, i: int | None = None):
+        rows = slice(None) if i is None else self.span(i)
+        k = _COL[name]
+        return self.col_ref[rows, k : k + 1]  # (s, 1)
+
+    def row(self, name: str, j: int):
+        k = _ROW[name]
+        return self.row_ref[k : k + 1, pl.ds(j * self.s, self.s)]  # (1, s)
+
+    def total(self, j: int):
+        """Log-decay of sub-block j, a direct sum, ``(1, 1)``."""
+        return jnp.sum(self.row("la", j), axis=1, keepdims=True)
+
+    def decays(self):
+        """``{(i, j): (s, s) decay}`` for every causal tile, row sub-block i, column sub-block j <= i."""
+        s = self.s
+        lower = lax.broadcasted_iota(jnp.int32, (s, s), 0) >= lax.broadcasted_iota(jnp.int32, (s, s), 1)
+        out = {}
+        for i in range(self.m):
+            loc_i = self.col("loc", i)
+            seg_i = self.col("seg", i) if self.has_seg else None
+            between = jnp.zeros((1, 1), f32)
+            for j in range(i, -1, -1):
+                loc_j = self.row("loc", j)
+                if j == i:
+                    mask = lower
+                    if self.has_seg:
+                        mask = mask & (seg_i == self.row("seg", j))
+                    exponent = jnp.where(mask, loc_i - loc_j, 0.0)
+                    out[i, j] = jnp.where(mask, jnp.exp(exponent), 0.0)
+                else:
+                    total = self.total(j)
+                    decay = jnp.exp(loc_i + ((total - loc_j) + between))
+                    if self.has_seg:
+                        decay = jnp.where(seg_i == self.row("seg", j), decay, 0.0)
+                    out[i, j] = decay
+                    between = between + total
+        return out
+
+    def chunk_decay(self):
+        """``exp(total of the chunk)``, zero when a segment starts inside it, ``(1, 1)``."""
+        total = jnp.sum(self.row_ref[_ROW["la"] : _ROW["la"] + 1, :], axis=1, keepdims=True)
+        decay = jnp.exp(total)
+        if self.has_seg:
+            k = _COL["moff"]
+            decay = decay * self.col_ref[self.l - 1 : self.l, k : k + 1]
+        return decay
+
+    def entry_weight(self, i: int | None = None):
+        """``exp(cum)`` of the tokens, masked by segments, ``(s, 1)`` (or ``(l, 1)``)."""
+        w = jnp.exp(self.col("cum", i))
+        return w * self.col("moff", i) if self.has_seg else w
+
+    def exit_weight(self, i: int | None = None):
+        """``exp(tail)`` of the tokens, masked by segments, ``(s, 1)`` (or ``(l, 1)``)."""
+        w = jnp.exp(self.col("tail", i))
+        return w * self.col("mst", i) if self.has_seg else w
+
+
+def _ssd_fwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, save: bool, dd):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    b_ref, c_ref, col_ref, row_ref, d_ref, init_ref, y_ref = refs[:7]
+    refs = refs[7:]
+    states_ref = refs.pop(0) if save else None
+    final_hbm, state_ref = refs
+
+    ci, ri = pl.program_id(2), pl.program_id(3)
+    geo = _Tiles(lc, s, col_ref, row_ref, has_seg)
+
+    @pl.when(ci == 0)
+    def _():
+        state_ref[ri] = init_ref[...]
+
+    s_in = state_ref[ri]
+    if save:
+        states_ref[...] = s_in
+    decays = geo.decays()
+    d = d_ref[...]  # (1, p)
+    for i in range(geo.m):
+        rows = geo.span(i)
+        c_i = c_ref[rows, :]
+        acc = _dot(c_i, s_in.astype(dd), _NT) * geo.entry_weight(i)
+        for j in range(i + 1):
+            cols = geo.span(j)
+            scores = _dot(c_i, b_ref[cols, :], _NT)
+            w = scores * decays[i, j] * geo.row("dt", j)
+            acc = acc + _dot(w.astype(dd), x_ref[cols, :].astype(dd), _NN)
+        y = acc + d * x_ref[rows, :].astype(f32)
+        if has_z:
+            y = y * _silu(z_ref[rows, :].astype(f32))
+        y_ref[rows, :] = y.astype(y_ref.dtype)
+
+    xw = (x_ref[...].astype(f32) * (geo.col("dt") * geo.exit_weight())).astype(dd)
+    state_ref[ri] = geo.chunk_decay() * s_in + _dot(xw, b_ref[...], _TN)
+
+    # The final state leaves by DMA at the last chunk: as a blocked output its block would be revisited once per
+    # chunk, which Pallas TPU does not allow.
+    @pl.when(ci == pl.num_programs(2) - 1)
+    def _():
+        pltpu.sync_copy(state_ref.at[ri], final_hbm.at[pl.program_id(0), pl.program_id(1) * r + ri])
+
+
+def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, dd):
+    refs = list(refs)
+    x_ref, dout_ref = refs.pop(0), refs.pop(0)
+    z_ref = refs.pop(0) if has_z else None
+    b_ref, c_ref, col_ref, row_ref, d_ref, states_ref, dfinal_ref, dx_ref = refs[:8]
+    refs = refs[8:]
+    dz_ref = refs.pop(0) if has_z else None
+    db_ref, dc_ref, dcol_ref, drow_ref, dd_ref, dinit_hbm, g_ref = refs
+
+    step, ri = pl.program_id(2), pl.program_id(3)
+    geo = _Tiles(lc, s, col_ref, row_ref, has_seg)
+    m = geo.m
+
+    @pl.when(step == 0)
+    def _():
+        g_ref[ri] = dfinal_ref[...]
+
+    @pl.when(ri == 0)
+    def _():
+        db_ref[...] = jnp.zeros_like(db_ref)
+        dc_ref[...] = jnp.zeros_like(dc_ref)
+
+    s_in = states_ref[...]
+    g = g_ref[ri]
+    d = d_ref[...]
+    dout = [dout_ref[geo.span(i), :].astype(f32) for i in range(m)]
+    zs = [z_ref[geo.span(i), :].astype(f32) for i in range(m)] if has_z else None
+    dy = [dout[i] * _silu(zs[i]) for i in range(m)] if has_z else dout
+    xs = [x_ref[geo.span(i), :] for i in range(m)]
+    decays = geo.decays()
+
+    p_dim = xs[0].shape[-1]
+    y_diag = [jnp.zeros((s, p_dim), f32) for _ in range(m)]
+    dx_acc = [jnp.zeros((s, p_dim), f32) for _ in range(m)]
+    rowsum = [jnp.zeros((s, 1), f32) for _ in range(m)]
+    colsum = [jnp.zeros((1, s), f32) for _ in range(m)]
+    for i in range(m):
+        rows = geo.span(i)
+        c_i = c_ref[rows, :]
+        dyd_i = dy[i].astype(dd)
+        dc_i = jnp.zeros(c_i.shape, f32)
+        for j in range(i + 1):
+            cols = geo.span(j)
+            b_j = b_ref[cols, :]
+            xd_j = xs[j].astype(dd)
+            dt_j = geo.row("dt", j)
+            w = _dot(c_i, b_j, _NT) * decays[i, j]
+            v = _dot(dyd_i, xd_j, _NT)
+            p = v * decays[i, j] * dt_j
+            y_diag[i] = y_diag[i] + _dot((w * dt_j).astype(dd), xd_j, _NN)
+            dx_acc[j] = dx_acc[j] + _dot(w.astype(dd), dyd_i, _TN)
+            mw = w * v * dt_j
+            rowsum[i] = rowsum[i] + jnp.sum(mw, axis=1, keepdims=True)
+            colsum[j] = colsum[j] + jnp.sum(mw, axis=0, keepdims=True)
+            dc_i = dc_i + _dot(p.astype(dd), b_j, _NN)
+            db_ref[cols, :] += _dot(p.astype(dd), c_i, _TN)
+        # The entry state's contribution to y, and what it sends back to C.
+        w_in = geo.entry_weight(i)
+        y_off = _dot(c_i, s_in.astype(dd), _NT) * w_in
+        dc_ref[rows, :] += dc_i + _dot(dyd_i, s_in.astype(dd), _NN) * w_in
+        xf = xs[i].astype(f32)
+        if has_z:
+            y_pre = y_diag[i] + y_off + d * xf
+            sig = jax.nn.sigmoid(zs[i])
+            dz_ref[rows, :] = (dout[i] * y_pre * sig * (1.0 + zs[i] * (1.0 - sig))).astype(dz_ref.dtype)
+        rowsum[i] = rowsum[i] + jnp.sum(dy[i] * y_off, axis=1, keepdims=True)
+
+    gd = g.astype(dd)
+    dd_sum = jnp.zeros((1, p_dim), f32)
+    for j in range(m):
+        cols = geo.span(j)
+        b_j = b_ref[cols, :]
+        dt_j = geo.col("dt", j)
+        w_out = geo.exit_weight(j)
+        u = _dot(b_j, gd, _NT) * w_out
+        dxdt = dx_acc[j] + u
+        xf = xs[j].astype(f32)
+        dx_ref[cols, :] = (dt_j * dxdt + d * dy[j]).astype(dx_ref.dtype)
+        s_j = dt_j * jnp.sum(xf * u, axis=1, keepdims=True)
+        dcol_ref[cols, 0:1] = jnp.sum(xf * dxdt, axis=1, keepdims=True)
+        dcol_ref[cols, 1:2] = rowsum[j] - s_j
+        dcol_ref[cols, 2:3] = s_j
+        drow_ref[0:1, cols] = colsum[j]
+        db_ref[cols, :] += _dot((xf * (dt_j * w_out)).astype(dd), gd, _NN)
+        dd_sum = dd_sum + jnp.sum(dy[j] * xf, axis=0, keepdims=True)
+    dd_ref[...] = dd_sum
+
+    decay = geo.chunk_decay()
+    q = decay * jnp.sum(jnp.sum(g * s_in, axis=1, keepdims=True), axis=0, keepdims=True)
+    drow_ref[1:2, :] = jnp.broadcast_to(q, (1, lc))
+    dy_all = dout_ref[...].astype(f32)
+    if has_z:
+        dy_all = dy_all * _silu(z_ref[...].astype(f32))
+    g_ref[ri] = decay * g + _dot((dy_all * geo.entry_weight()).astype(dd), c_ref[...], _TN)
+
+    @pl.when(step == pl.num_programs(2) - 1)
+    def _():
+        pltpu.sync_copy(g_ref.at[ri], dinit_hbm.at[pl.program_id(0), pl.program_id(1) * r + ri])
+
+
+def _specs(plan: Plan, c: int, p: int, n: int, reverse: bool):
+    """BlockSpecs over grid ``(b, g, c, r)``; ``reverse`` walks chunks backwards."""
+    lc, r = plan.chunk, plan.heads_per_group
+    ch = (lambda ci: c - 1 - ci) if reverse else (lambda ci: ci)
+    head = lambda gi, ri: gi * r + ri
+    seq = pl.BlockSpec((None, None, lc, p), lambda bi, gi, ci, ri: (bi, head(gi, ri), ch(ci), 0))
+    grp = pl.BlockSpec((None, None, lc, n), lambda bi, gi, ci, ri: (bi, gi, ch(ci), 0))
+    col = pl.BlockSpec((None, None, lc, _K), lambda bi, gi, ci, ri: (bi, head(gi, ri), ch(ci), 0))
+    row = pl.BlockSpec((None, None, None, _K, lc), lambda bi, gi, ci, ri: (bi, head(gi, ri), ch(ci), 0, 0))
+    dskip = pl.BlockSpec((None, 1, p), lambda bi, gi, ci, ri: (head(gi, ri), 0, 0))
+    state = pl.BlockSpec((None, None, p, n), lambda bi, gi, ci, ri: (bi, head(gi, ri), 0, 0))
+    per_chunk = pl.BlockSpec((None, None, None, p, n), lambda bi, gi, ci, ri: (bi, head(gi, ri), ch(ci), 0, 0))
+    per_chunk_row = pl.BlockSpec((None, None, None, 1, p), lambda bi, gi, ci, ri: (bi, head(gi, ri), ch(ci), 0, 0))
+    return seq, grp, col, row, dskip, state, per_chunk, per_chunk_row
+
+
+def _params():
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"))
+
+
+def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool):
+    """The forward kernel on aligned shapes (see ``pallas_gpu.forward`` for the argument layout).
+
+    Returns:
+      ``(y (b, T, h, p), final (b, h, p, n) f32, states (b, h, c, p, n) f32 or None)``.
+    """
+    b, T, h, p = x.shape
+    g, n = B.shape[2:]
+    lc, s, r = plan.chunk, plan.block, plan.heads_per_group
+    c = T // lc
+    dd = B.dtype
+    cols, rows = _pack(vec, lc)
+    heads_first = lambda v: jnp.swapaxes(v, 1, 2)
+    seq, grp, col, row, dskip, state, per_chunk, _ = _specs(plan, c, p, n, reverse=False)
+    args = [heads_first(x)] + ([heads_first(z)] if plan.has_z else [])
+    specs = [seq] + ([seq] if plan.has_z else [])
+    out_specs = [seq] + ([per_chunk] if save_states else []) + [pl.BlockSpec(memory_space=pl.ANY)]
+    out_shape = [jax.ShapeDtypeStruct((b, h, T, p), x.dtype)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, c, p, n), f32))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, p, n), f32))
+    outs = pl.pallas_call(
+        functools.partial(
+            _ssd_fwd_kernel, lc=lc, s=s, r=r, has_z=plan.has_z, has_seg=plan.has_segments, save=save_states, dd=dd
+        ),
+        grid=(b, g, c, r),
+        in_specs=[*specs, grp, grp, col, row, dskip, state],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((r, p, n), f32)],
+        compiler_params=_params(),
+        interpret=plan.interpret,
+        name="ssd_fwd_tpu",
+    )(*args, heads_first(B), heads_first(C), cols, rows, D.reshape(h, 1, p), init)
+    y, final = outs[0], outs[-1]
+    states = outs[1] if save_states else None
+    return heads_first(y), final, states
+
+
+def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Grads:
+    """The backward kernel on aligned shapes (see ``pallas_gpu.backward``)."""
+    b, T, h, p = x.shape
+    g, n = B.shape[2:]
+    lc, s, r = plan.chunk, plan.block, plan.heads_per_group
+    c = T // lc
+    dd = B.dtype
+    has_z = plan.has_z
+    cols, rows = _pack(vec, lc)
+    heads_first = lambda v: jnp.swapaxes(v, 1, 2)
+    seq, grp, col, row, dskip, state, per_chunk, per_chunk_row = _specs(plan, c, p, n, reverse=True)
+    args = [heads_first(x), heads_first(dy.astype(x.dtype))] + ([heads_first(z)] if has_z else [])
+    specs = [seq, seq] + ([seq] if has_z else [])
+    out_specs = [seq] + ([seq] if has_z else []) + [grp, grp, col, row, per_chunk_row]
+    out_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+    out_shape = [jax.ShapeDtypeStruct((b, h, T, p), x.dtype)]
+    if has_z:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, T, p), z.dtype))
+    out_shape += [
+        jax.ShapeDtypeStruct((b, g, T, n), f32),
+        jax.ShapeDtypeStruct((b, g, T, n), f32),
+        jax.ShapeDtypeStruct((b, h, T, _K), f32),
+        jax.ShapeDtypeStruct((b, h, c, _K, lc), f32),
+        jax.ShapeDtypeStruct((b, h, c, 1, p), f32),
+        jax.ShapeDtypeStruct((b, h, p, n), f32),
+    ]
+    outs = pl.pallas_call(
+        functools.partial(_ssd_bwd_kernel, lc=lc, s=s, r=r, has_z=has_z, has_seg=plan.has_segments, dd=dd),
+        grid=(b, g, c, r),
+        in_specs=[*specs, grp, grp, col, row, dskip, per_chunk, state],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((r, p, n), f32)],
+        compiler_params=_params(),
+        interpret=plan.interpret,
+        name="ssd_bwd_tpu",
+    )(*args, heads_first(B), heads_first(C), cols, rows, D.reshape(h, 1, p), states, dfinal)
+    dx = outs[0]
+    dz = outs[1] if has_z else None
+    db, dc, dcol, drow, dd_part, dinit = outs[-6:]
+    colsum = drow[:, :, :, 0, :].reshape(b, h, T)
+    return Grads(
+        dx=heads_first(dx),
+        dz=None if dz is None else heads_first(dz),
+        dB=heads_first(db),
+        dC=heads_first(dc),
+        dD=dd_part.sum(axis=(0, 2))[:, 0, :],
+        dinit=dinit,
+        ddt=dcol[..., 0],
+        dcum=dcol[..., 1] - colsum,
+        dtotal=drow[:, :, :, 1, 0] + dcol[..., 2].reshape(b, h, c, lc).sum(axis=-1),
+    )

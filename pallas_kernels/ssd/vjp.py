@@ -1,0 +1,308 @@
+"""The differentiable shell around the SSD Pallas kernels (Mamba-2 state space duality, arXiv:2405.21060).
+
+Both Pallas backends (``pallas_gpu``, ``pallas_tpu``) share everything here; only the kernels differ.
+
+Split of the work (per token, all float32):
+
+* XLA prologue (autodiffed by JAX): ``dt = clip(softplus(dt + dt_bias))``, padding of time to a chunk multiple
+  (processed dt 0 = decay 1 and no input, so padding changes nothing), and the backend's feature padding.
+* ``_core`` (a ``jax.custom_vjp``) sees aligned shapes. Its forward first builds per-token vectors from
+  ``la = dt * A`` in XLA: ``loc`` (log-decay summed from the start of the token's sub-block of s tokens through the
+  token), ``tsub`` (sub-block totals), ``cum`` (from the chunk start through the token), ``tail`` (strictly after the
+  token to the chunk end), ``tchunk`` (chunk totals). These are ``b*h*t*4`` bytes each, about 1% of what the kernels
+  move at Mamba-2 shapes (p = 64 means x alone is 64x larger), so a separate Pallas "chunk cumsum" kernel would not
+  save a measurable byte; XLA fuses them into one or two loops.
+* The kernels, then an XLA epilogue that turns the kernels' per-token gradient pieces into ``d la`` and from there
+  into ``d dt`` and ``dA``.
+
+Numerics of the decays. A decay ``exp(la_{j+1} + ... + la_i)`` is built inside the kernels as
+``exp((loc_i - loc_j) + tsub_J + ... + tsub_{I-1})``: one subtraction of two sums over at most s tokens, plus a
+direct sum of sub-block totals. With ``la <= 0`` (A < 0, dt >= 0) every partial sum is no larger in magnitude than
+the whole, so the float32 error of the exponent is about ``eps * (|segment sum| + 2 |sub-block total|)``. The
+first term only matters where the decay is already tiny; the second is bounded by the sub-block (s = 64 on GPU),
+not by the chunk as in ``exp(cum_i - cum_j)``. ``cum``, ``tail`` and chunk totals are plain (direct) sums.
+Segments never use ``-inf``: ``segment_ids`` become a monotone segment index (cumsum of "starts here" flags) and
+every decay that crosses a boundary is multiplied by an equality mask of indices, so nothing computes
+``inf - inf`` and gradients through masked terms are exactly zero.
+
+Backward (derivation in the module's tests by comparison with the reference VJP). Per chunk, with
+``W[i, j] = exp(seg[i, j]) C_i . B_j`` for ``j <= i`` and ``G = dL/dS_out`` from the reverse state pass:
+
+* ``d(dt x)_j = sum_i W[i, j] dy_i + exp(tail_j) G B_j``; ``dx = dt d(dt x) + D dy``; ``d dt`` (direct) ``=
+  x . d(dt x)``.
+* ``dB_j = dt_j sum_i exp(seg[i, j]) (dy_i . x_j) C_i + dt_j exp(tail_j) x_j G``; ``dC_i = sum_j exp(seg[i, j])
+  dt_j (dy_i . x_j) B_j + exp(cum_i) dy_i S_in``.
+* ``d cum_i = rowsum_i(M) - colsum_i(M) + dy_i . y_off_i - s_i`` with ``M[i, j] = W[i, j] dt_j (dy_i . x_j)``
+  (diagonal excluded) and ``s_j = dt_j exp(tail_j) x_j . (G B_j)``; ``d chunk total = <G, S_out>``; then
+  ``d la_k = sum_{i >= k in chunk} d cum_i + d chunk total`` (a reverse cumulative sum here in XLA).
+
+The custom_vjp keeps the chunk-entry states ``(b, h, c, p, n)`` float32 from the forward as its only big residual
+(the same size as x in bf16 when ``n = l / 2``, e.g. n 128 with chunk 256) instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._padding import pad_to_multiple, round_up
+from pallas_kernels.ssd.reference import process_dt, segment_starts
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: shapes of the aligned problem, options and the backend's tiling."""
+
+    backend: str  # "gpu" or "tpu"
+    chunk: int  # l, a power of two
+    block: int  # s, divides l
+    heads_per_group: int  # r = h / g
+    has_z: bool
+    has_segments: bool
+    interpret: Any  # False / True (GPU), or a pltpu.InterpretParams (TPU)
+    tiling: Any
+
+
+class Vectors(NamedTuple):
+    """Per-token float32 quantities of the chunked algorithm, built in XLA (see the module docstring).
+
+    Shapes: ``dt, la, loc, cum, tail`` ``(b, h, T)``; ``tsub`` ``(b, h, T / s)``; ``tchunk`` ``(b, h, c)``;
+    ``seg`` ``(b, T)`` int32 monotone segment index (or None); ``moff`` / ``mst`` ``(b, T)`` float32 masks
+    (or None): token i still sees the state that entered its chunk / token j still belongs to the segment that
+    ends its chunk.
+    """
+
+    dt: jax.Array
+    la: jax.Array
+    loc: jax.Array
+    cum: jax.Array
+    tail: jax.Array
+    tsub: jax.Array
+    tchunk: jax.Array
+    seg: jax.Array | None
+    moff: jax.Array | None
+    mst: jax.Array | None
+
+
+class Grads(NamedTuple):
+    """What a backend's backward returns (aligned shapes, float32 unless said).
+
+    ``dx, dz`` in the layout of x (``dz`` None without a gate); ``dB, dC`` summed over the heads of each group;
+    ``dD (h, p)``; ``dinit (b, h, p, n)``; ``ddt (b, h, T)`` the direct part ``x . d(dt x)``; ``dcum (b, h, T)``;
+    ``dtotal (b, h, c)`` (see the module docstring).
+    """
+
+    dx: jax.Array
+    dz: jax.Array | None
+    dB: jax.Array
+    dC: jax.Array
+    dD: jax.Array
+    dinit: jax.Array
+    ddt: jax.Array
+    dcum: jax.Array
+    dtotal: jax.Array
+
+
+def chunk_length(chunk_size: int, t: int) -> int:
+    """The chunk l the kernels use: a power of two >= 16, no longer than needed for ``t``.
+
+    Results do not depend on the chunk beyond float32 rounding, so rounding the caller's request up to what the
+    kernels can tile is safe.
+    """
+    want = 1 << (max(int(chunk_size), 16) - 1).bit_length()
+    cover = 1 << (max(int(t), 16) - 1).bit_length()
+    return min(want, cover)
+
+
+def prepare_vectors(dt, A, starts, chunk: int, block: int) -> Vectors:
+    """Per-token vectors of the aligned problem.
+
+    Args:
+      dt: ``(b, T, h)`` processed step sizes, float32, T a multiple of ``chunk``.
+      A: ``(h,)`` float32.
+      starts: ``(b, T)`` bool "a new segment starts here", or None.
+      chunk: l.
+      block: s, divides l.
+    """
+    b, T, h = dt.shape
+    dt = jnp.moveaxis(dt, 1, 2)  # (b, h, T): contiguous per head, what every kernel reads
+    la = dt * A[None, :, None]
+    loc = jnp.cumsum(la.reshape(b, h, T // block, block), axis=-1)
+    tsub = loc[..., -1]
+    lc = la.reshape(b, h, T // chunk, chunk)
+    cum = jnp.cumsum(lc, axis=-1)
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(lc, -1), axis=-1), -1)  # la_j + ... + la_{l-1}, a direct sum
+    tail = jnp.concatenate([suffix[..., 1:], jnp.zeros_like(suffix[..., :1])], axis=-1)
+    seg = moff = mst = None
+    if starts is not None:
+        seg = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+        ends = seg[:, chunk - 1 :: chunk]  # (b, c): segment of each chunk's last token
+        prev = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)  # ... of the token before
+        moff = (seg == jnp.repeat(prev, chunk, axis=1)).astype(f32)
+        mst = (seg == jnp.repeat(ends, chunk, axis=1)).astype(f32)
+    return Vectors(
+        dt=dt,
+        la=la,
+        loc=loc.reshape(b, h, T),
+        cum=cum.reshape(b, h, T),
+        tail=tail.reshape(b, h, T),
+        tsub=tsub,
+        tchunk=cum[..., -1],
+        seg=seg,
+        moff=moff,
+        mst=mst,
+    )
+
+
+def _backend(plan: Plan):
+    return _module(plan.backend)
+
+
+def _module(backend: str):
+    # Imported lazily so that importing the op never imports a Pallas lowering it will not use.
+    if backend == "gpu":
+        from pallas_kernels.ssd import pallas_gpu
+
+        return pallas_gpu
+    from pallas_kernels.ssd import pallas_tpu
+
+    return pallas_tpu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(plan: Plan, x, dt, A, B, C, D, z, init, starts):
+    y, final, _ = _backend(plan).forward(
+        plan, x, B, C, D, z, init, prepare_vectors(dt, A, starts, plan.chunk, plan.block), save_states=False
+    )
+    return y, final
+
+
+def _core_fwd(plan, x, dt, A, B, C, D, z, init, starts):
+    vec = prepare_vectors(dt, A, starts, plan.chunk, plan.block)
+    y, final, states = _backend(plan).forward(plan, x, B, C, D, z, init, vec, save_states=True)
+    return (y, final), (x, dt, A, B, C, D, z, starts, states)
+
+
+def _core_bwd(plan, residuals, cotangents):
+    x, dt, A, B, C, D, z, starts, states = residuals
+    dy, dfinal = cotangents
+    vec = prepare_vectors(dt, A, starts, plan.chunk, plan.block)
+    g = _backend(plan).backward(plan, x, B, C, D, z, vec, states, dy, dfinal.astype(f32))
+    b, h, T = vec.dt.shape
+    # d la_k = (sum of d cum_i over i >= k in the chunk) + d(chunk total): a direct reverse cumulative sum.
+    dcum = g.dcum.reshape(b, h, T // plan.chunk, plan.chunk)
+    dla = jnp.flip(jnp.cumsum(jnp.flip(dcum, -1), axis=-1), -1) + g.dtotal[..., None]
+    dla = dla.reshape(b, h, T)
+    ddt = g.ddt + dla * A[None, :, None]
+    dA = jnp.sum(dla * vec.dt, axis=(0, 2))
+    dz = None if z is None else g.dz.astype(z.dtype)
+    return (
+        g.dx.astype(x.dtype),
+        jnp.moveaxis(ddt, 2, 1),
+        dA,
+        g.dB.astype(B.dtype),
+        g.dC.astype(C.dtype),
+        g.dD,
+        dz,
+        g.dinit,
+        None,
+    )
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("backend", "chunk_size", "dt_softplus", "dt_limit", "interpret", "tiling"),
+)
+def ssd_pallas(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    backend: str,
+    chunk_size: int,
+    D,
+    z,
+    dt_bias,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
+    initial_state,
+    segment_ids,
+    interpret,
+    tiling,
+):
+    """SSD through a Pallas backend. Arguments as ``api.ssd`` (already checked there).
+
+    Args:
+      x: ``(b, t, h, p)``.
+      dt: ``(b, t, h)`` raw step sizes.
+      A: ``(h,)``.
+      B, C: ``(b, t, g, n)``.
+      backend: ``"gpu"`` or ``"tpu"``.
+      chunk_size: requested chunk; see ``chunk_length``.
+      D: ``(h,)``, ``(h, p)`` or None.
+      z: ``(b, t, h, p)`` or None.
+      dt_bias: ``(h,)`` or None.
+      dt_softplus, dt_limit: dt processing.
+      initial_state: ``(b, h, p, n)`` or None.
+      segment_ids: ``(b, t)`` ints or None.
+      interpret: False, True, or (TPU) a ``pltpu.InterpretParams``.
+      tiling: the backend's tiling dataclass.
+
+    Returns:
+      ``(y, final_state)``: y ``(b, t, h, p)`` in x.dtype, final_state ``(b, h, p, n)`` float32.
+    """
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
+    mod = _module(backend)
+    chunk = chunk_length(chunk_size, t)
+    block = min(tiling.block, chunk)
+    T = round_up(t, chunk)
+    pp, nn = mod.feature_sizes(p, n)
+
+    # Low-precision matmul operands only when x, B and C agree on a 16-bit type; anything mixed runs in float32.
+    dot_dtype = x.dtype if (x.dtype == B.dtype == C.dtype and jnp.dtype(x.dtype).itemsize == 2) else f32
+    x_dtype = x.dtype
+
+    dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    D = jnp.zeros((h, p), f32) if D is None else D.astype(f32)
+    D = jnp.broadcast_to(D[:, None], (h, p)) if D.ndim == 1 else D
+    init = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
+    starts = None if segment_ids is None else pad_to_multiple(segment_starts(segment_ids), chunk, axis=1)
+
+    def pad(v, axes):
+        for axis, size in axes:
+            v = pad_to_multiple(v, size, axis=axis) if size != v.shape[axis] else v
+        return v
+
+    # Feature padding to (pp, nn) is a multiple-of padding because pp >= p, nn >= n are powers of two here.
+    xp = pad(x, [(1, chunk), (3, pp)])
+    zp = None if z is None else pad(z, [(1, chunk), (3, pp)])
+    Bp = pad(B.astype(dot_dtype), [(1, chunk), (3, nn)])
+    Cp = pad(C.astype(dot_dtype), [(1, chunk), (3, nn)])
+    dtp = pad(dtp, [(1, chunk)])
+    Dp = pad(D, [(1, pp)])
+    initp = pad(init, [(2, pp), (3, nn)])
+    plan = Plan(
+        backend=backend,
+        chunk=chunk,
+        block=block,
+        heads_per_group=h // g,
+        has_z=z is not None,
+        has_segments=segment_ids is not None,
+        interpret=interpret,
+        tiling=tiling,
+    )
+    y, final = _core(plan, xp, dtp, A.astype(f32), Bp, Cp, Dp, zp, initp, starts)
+    assert T == y.shape[1]
+    return y[:, :t, :, :p].astype(x_dtype), final[:, :, :p, :n]
