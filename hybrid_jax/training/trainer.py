@@ -135,7 +135,7 @@ def make_train_step(model: LanguageModel, tx: optax.GradientTransformation, sche
             aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0)
             (grads, objective, ce_sum, aux), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum_steps)))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

@@ -1,0 +1,167 @@
+"""Sharding: mesh construction, logical-name rules, and sharded / multi-process training equal to one device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+from hybrid_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, normalize_rules, resolve_mesh_shape
+
+STEPS_SCRIPT = os.path.join(os.path.dirname(__file__), "_steps.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_resolve_mesh_shape_fills_the_minus_one_axis():
+    assert resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
+    assert resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
+    assert resolve_mesh_shape((1, 1, 8), 8) == (1, 1, 8)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 2, 3), r"mesh.shape=\(2, 2, 3\) needs 12 devices but there are 8"),
+        ((3, -1, 1), r"fixed axes \(3 devices\) do not divide the 8 devices"),
+        ((-1, -1, 1), r"at most one -1"),
+        ((8, 1), r"must be 3 integers"),
+    ],
+)
+def test_impossible_mesh_raises_one_line(shape, match):
+    with pytest.raises(ValueError, match=match) as info:
+        resolve_mesh_shape(shape, 8)
+    assert "\n" not in str(info.value)
+
+
+def test_rules_map_logical_names_and_leave_uneven_dims_whole():
+    mesh = AbstractMesh((2, 2, 2), MESH_AXES)
+    rules = DEFAULT_RULES
+    assert logical_to_spec(("vocab", "embed"), (384, 64), mesh, rules) == P("tensor", "fsdp")
+    assert logical_to_spec(("layers", "embed", "mlp"), (2, 64, 192), mesh, rules) == P(None, "fsdp", "tensor")
+    assert logical_to_spec(("layers", "mlp", "embed"), (2, 192, 64), mesh, rules) == P(None, "tensor", "fsdp")
+    assert logical_to_spec(("norm",), (64,), mesh, rules) == P()
+    # 259 is not divisible by the 2 tensor shards: that dim stays whole, the other keeps its sharding.
+    assert logical_to_spec(("vocab", "embed"), (259, 64), mesh, rules) == P(None, "fsdp")
+    # Size-1 mesh axes are dropped, so specs compare equal across meshes.
+    assert logical_to_spec(("vocab", "embed"), (384, 64), AbstractMesh((8, 1, 1), MESH_AXES), rules) == P()
+    assert logical_to_spec(("embed", "ssm_inner"), (64, 168), AbstractMesh((1, 1, 8), MESH_AXES), rules) == P(
+        None, "tensor"
+    )
+
+
+def test_rules_name_only_mesh_axes():
+    with pytest.raises(ValueError, match=r"mesh.rules: rule for 'embed' names mesh axes \['model'\]"):
+        normalize_rules((("embed", "model"),))
+    assert normalize_rules([("embed", ["data", "fsdp"])]) == (("embed", ("data", "fsdp")),)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """Losses of 5 steps on one device (this process) with the test config of _steps.py."""
+    from tests.hybrid_jax.training._steps import run_steps, tiny_config
+
+    return run_steps(tiny_config((1, 1, 1), 5, data_dir), str(tmp_path_factory.mktemp("ref")))
+
+
+def _results(output: str) -> list[dict]:
+    return [json.loads(line[len("RESULT ") :]) for line in output.splitlines() if line.startswith("RESULT ")]
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, STEPS_SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+# Expected parameter PartitionSpecs on a (2, 2, 2) mesh: width over fsdp, wide axes over tensor, scanned layer axis
+# and norms replicated; the SAL gate's 2 outputs are not sharded.
+EXPECTED_222 = {
+    "embed/embedding": "P('tensor', 'fsdp')",
+    "norm_f/scale": "P()",
+    "periods/mamba2_0/mixer/in_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/mamba2_0/mixer/out_proj/kernel": "P(None, 'tensor', 'fsdp')",
+    "periods/mamba2_0/mixer/A_log": "P(None, 'tensor')",
+    "periods/mamba2_0/mixer/conv1d/kernel": "P(None, None, 'tensor')",
+    "periods/mamba2_0/norm/scale": "P()",
+    "periods/sal_1/mixer/qkv/q_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/sal_1/mixer/o_proj/kernel": "P(None, 'tensor', 'fsdp')",
+    "periods/sal_1/mixer/gate/kernel": "P(None, 'fsdp')",
+    "periods/mlp_2/mixer/gate_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/mlp_2/mixer/down_proj/kernel": "P(None, 'tensor', 'fsdp')",
+}
+
+
+def test_sharded_meshes_match_one_device(reference, data_dir, tmp_path):
+    """(8,1,1), (2,2,2), (1,1,8) on 8 CPU devices: same 5 losses as one device, expected compiled shardings."""
+    proc = _run(["--devices", "8", "--mesh", "8,1,1;2,2,2;1,1,8", "--data_dir", data_dir, "--workdir", str(tmp_path)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    results = _results(out)
+    assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 2, 2], [1, 1, 8]]
+    ref = np.array(reference["losses"])
+    assert ref[-1] < ref[0]  # the reference itself trains
+    for r in results:
+        assert r["devices"] == 8
+        np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, atol=0, err_msg=f"mesh {r['mesh']}")
+    data_parallel, mixed, tensor = results
+    assert set(data_parallel["params_in"].values()) == {"P()"}  # pure data parallelism replicates parameters
+    for name, spec in EXPECTED_222.items():
+        assert mixed["params_in"][name] == spec, name
+        assert mixed["params_out"][name] == spec, name  # the step keeps the layout it was given
+        assert mixed["mu_in"][name] == spec, name  # Adam moments are sharded like their parameters
+    assert tensor["params_in"]["embed/embedding"] == "P('tensor',)"
+    assert tensor["params_in"]["periods/mamba2_0/mixer/in_proj/kernel"] == "P(None, None, 'tensor')"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_device(reference, data_dir, tmp_path):
+    """Two processes x 4 CPU devices (gloo on localhost) train a (2,2,2) global mesh: the single-device losses."""
+    port = str(_free_port())
+    procs = [
+        _run(
+            [
+                "--devices",
+                "4",
+                "--mesh",
+                "2,2,2",
+                "--process",
+                str(i),
+                "--num_processes",
+                "2",
+                "--port",
+                port,
+                "--data_dir",
+                data_dir,
+                "--workdir",
+                str(tmp_path / str(i)),
+            ]
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=400))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [_results(out)[0] for out, _ in outs]
+    for r in results:
+        assert r["processes"] == 2 and r["devices"] == 8
+        np.testing.assert_allclose(r["losses"], reference["losses"], rtol=1e-5, atol=0)
+        assert r["params_in"]["embed/embedding"] == "P('tensor', 'fsdp')"
