@@ -12,7 +12,9 @@ kernels share:
   distance), and ``QUERY_PAD - KEY_PAD = 2^29 >= window`` keeps padded queries blind; their rows come out as zeros.
 * block skipping: positions are sorted, so for every query block a binary search (``searchsorted``, in XLA before the
   kernel) finds the first and last key block that can hold a visible key, and for every key block the query blocks
-  that can see it. Kernels visit only those, so the work is O(s * (window + block)) instead of O(s^2).
+  that can see it. Kernels visit only those, so the work is O(s * (window + block)) instead of O(s^2). The same
+  search finds the interior blocks that every query of the block sees whole; without segment ids the kernels skip
+  the mask (position arithmetic and a select per score) there, so only the ~2 boundary blocks per row pay for it.
 * the ``custom_vjp``: the forward kernel saves the log-sum-exp; the backward recomputes the probabilities block by
   block in a dq kernel (loop over key blocks) and a dk/dv kernel (loop over query blocks and the query heads of a
   key head), FlashAttention-2 style (arXiv:2307.08691). ``delta = rowsum(dO * O)`` is computed in XLA.
@@ -99,7 +101,7 @@ class Backend:
     Attributes:
       head_dim: padded head dim for a given one (e.g. next power of two >= 16 for Triton).
       heads_major: the kernels take ``(b, h, s, e)`` (TPU) instead of ``(b, s, h, e)`` (GPU).
-      fwd: ``(q, k, v, q_pos, k_pos, seg, key_ranges, problem) -> (o, lse)``.
+      fwd: ``(q, k, v, q_pos, k_pos, seg, key_ranges, problem) -> (o, lse)``; ranges as ``key_block_ranges``.
       bwd: ``(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, problem) -> (dq, dk, dv)``.
     """
 
@@ -109,39 +111,74 @@ class Backend:
     bwd: Callable
 
 
-def key_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int):
-    """For each query block, the key blocks that can hold a visible key: ``(start, count)``, each ``(b, nq)`` int32.
+def _search(sorted_rows, values, side: str):
+    """Row-wise ``searchsorted``: ``(b, s)`` sorted rows, ``(b, n)`` values -> ``(b, n)`` int32 slots."""
+    return jax.vmap(functools.partial(jnp.searchsorted, side=side))(sorted_rows, values).astype(jnp.int32)
 
-    Query block i (slots ``[i * block_q, (i + 1) * block_q)``) with real positions in ``[lo, hi]`` needs the keys
-    with positions in ``[lo - window + 1, hi]``; positions are sorted, so those keys occupy a contiguous run of slots
-    found by binary search. A block of padding gets ``count = 0``; ``start`` is always a valid block index.
+
+def _block_ranges(lo, hi, full_lo, full_hi, live, block: int, n_blocks: int, split: bool):
+    """Slot bounds -> ``(b, n, 4)`` block bounds ``start <= lo <= hi <= end`` (see ``key_block_ranges``)."""
+    start = lo // block
+    end = jnp.maximum(-(-hi // block), start)
+    if split:
+        a = jnp.maximum(-(-full_lo // block), start)
+        b = jnp.minimum(full_hi // block, end)
+        interior = b > a
+        a, b = jnp.where(interior, a, end), jnp.where(interior, b, end)
+    else:
+        a = b = end
+    live = live & (end > start)
+    # Dead rows visit nothing; their start must still be a valid block index (TPU index maps read it).
+    parked = jnp.minimum(start, n_blocks - 1)
+    return jnp.stack([jnp.where(live, x, parked) for x in (start, a, b, end)], axis=-1).astype(jnp.int32)
+
+
+def key_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int, *, split: bool = True):
+    """For each query block, the key blocks it visits, as ``(b, nq, 4)`` int32 ``[start, lo, hi, end]``.
+
+    Query block i (slots ``[i * block_q, (i + 1) * block_q)``) with real positions in ``[p0, p1]`` needs the keys
+    with positions in ``[p0 - window + 1, p1]``; positions are sorted, so those keys fill a contiguous run of slots
+    found by binary search, covered by key blocks ``[start, end)``. Blocks ``[lo, hi)`` are visible to every query
+    of the block (every key position in ``[p1' - window + 1, p0]``, where ``p1'`` counts padding rows too, so a
+    block with padding rows has no such interior): kernels skip the mask there. ``split=False`` (segment ids, which
+    can break any block) gives ``lo = hi = end``. A query block of padding visits nothing (``start = end``).
     """
     b, s = q_pos.shape
-    nq, nk = s // block_q, s // block_k
-    blocks = q_pos.reshape(b, nq, block_q)
-    first = blocks[:, :, 0]
-    last = jnp.max(jnp.where(blocks < KEY_PAD, blocks, -1), axis=-1)
-    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
-    lo = search(k_pos, first - (window - 1), "left")
-    hi = search(k_pos, last, "right")
-    start = lo // block_k
-    count = jnp.where(first < KEY_PAD, jnp.maximum(-(-hi // block_k) - start, 0), 0)
-    return jnp.minimum(start, nk - 1).astype(jnp.int32), count.astype(jnp.int32)
+    rows = q_pos.reshape(b, s // block_q, block_q)
+    first, last_any = rows[:, :, 0], rows[:, :, -1]
+    last_real = jnp.max(jnp.where(rows < KEY_PAD, rows, -1), axis=-1)
+    return _block_ranges(
+        _search(k_pos, first - (window - 1), "left"),
+        _search(k_pos, last_real, "right"),
+        _search(k_pos, last_any - (window - 1), "left"),
+        _search(k_pos, first, "right"),
+        first < KEY_PAD,
+        block_k,
+        s // block_k,
+        split,
+    )
 
 
-def query_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int):
-    """For each key block, the query blocks that can see one of its keys: ``(start, count)``, each ``(b, nk)``."""
+def query_block_ranges(q_pos, k_pos, window: int, block_q: int, block_k: int, *, split: bool = True):
+    """For each key block, the query blocks that see one of its keys, as ``(b, nk, 4)`` ``[start, lo, hi, end]``.
+
+    The mirror of ``key_block_ranges``: key block j with positions in ``[p0, p1]`` is seen by queries with positions
+    in ``[p0, p1 + window - 1]``; query blocks ``[lo, hi)`` see all of its keys (and hold no padding).
+    """
     b, s = k_pos.shape
-    nq, nk = s // block_q, s // block_k
-    blocks = k_pos.reshape(b, nk, block_k)
-    first = blocks[:, :, 0]
-    last = jnp.max(jnp.where(blocks < KEY_PAD, blocks, -1), axis=-1)
-    search = jax.vmap(jnp.searchsorted, in_axes=(0, 0, None))
-    lo = search(q_pos, first, "left")
-    hi = search(q_pos, last + (window - 1), "right")
-    start = lo // block_q
-    count = jnp.where(first < KEY_PAD, jnp.maximum(-(-hi // block_q) - start, 0), 0)
-    return jnp.minimum(start, nq - 1).astype(jnp.int32), count.astype(jnp.int32)
+    cols = k_pos.reshape(b, s // block_k, block_k)
+    first, last_any = cols[:, :, 0], cols[:, :, -1]
+    last_real = jnp.max(jnp.where(cols < KEY_PAD, cols, -1), axis=-1)
+    return _block_ranges(
+        _search(q_pos, first, "left"),
+        _search(q_pos, last_real + (window - 1), "right"),
+        _search(q_pos, last_any, "left"),
+        _search(q_pos, first + (window - 1), "right"),
+        first < KEY_PAD,
+        block_q,
+        s // block_q,
+        split,
+    )
 
 
 def max_blocks_visited(span: int, resident: int, other: int, n_other: int) -> int:
@@ -160,7 +197,8 @@ def _attend(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
 
 def _attend_fwd(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
     tl = problem.tiling
-    ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q, tl.block_k)
+    split = seg is None
+    ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q, tl.block_k, split=split)
     o, lse = backend.fwd(q, k, v, q_pos, k_pos, seg, ranges, problem)
     return o, (q, k, v, q_pos, k_pos, seg, o, lse)
 
@@ -168,8 +206,9 @@ def _attend_fwd(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
 def _attend_bwd(backend: Backend, problem: Problem, res, do):
     q, k, v, q_pos, k_pos, seg, o, lse = res
     tl = problem.tiling
-    dq_ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dq, tl.block_k_dq)
-    dkv_ranges = query_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dkv, tl.block_k_dkv)
+    split = seg is None
+    dq_ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dq, tl.block_k_dq, split=split)
+    dkv_ranges = query_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dkv, tl.block_k_dkv, split=split)
     dq, dk, dv = backend.bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, problem)
     return dq, dk, dv, None, None, None
 

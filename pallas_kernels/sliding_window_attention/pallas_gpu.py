@@ -82,22 +82,30 @@ def _split_segments(refs, has_segments: bool):
     return (refs[0], refs[1:]) if has_segments else (None, refs)
 
 
+def _masked_loops(bounds, body, carry):
+    """Runs ``body(j, carry, masked)`` over blocks ``[start, end)``: masked outside ``[lo, hi)``, unmasked inside."""
+    start, lo, hi, end = bounds
+    carry = lax.fori_loop(start, lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(lo, hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(hi, end, functools.partial(body, masked=True), carry)
+
+
 def _sliding_window_attention_fwd_kernel(
-    start_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments
+    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments
 ):
     seg_ref, (o_ref, lse_ref) = _split_segments(refs, has_segments)
     i = nq - 1 - pl.program_id(0)  # heavy (late) query blocks first: shorter tail when the window is long
     q = q_ref[...]
     q_pos = qpos_ref[...][:, None]
     q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
-    start = start_ref[i]
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, row_sum = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = _dot(q, k_ref[ks, :], _NT) * (scale * _LOG2E)
-        k_seg = None if seg_ref is None else seg_ref[ks][None, :]
-        s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
+        if masked:
+            k_seg = None if seg_ref is None else seg_ref[ks][None, :]
+            s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -107,7 +115,7 @@ def _sliding_window_attention_fwd_kernel(
 
     bq, e = q.shape
     init = (jnp.zeros((bq, e), jnp.float32), jnp.full((bq,), fw.NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, row_sum = lax.fori_loop(start, start + count_ref[i], body, init)
+    acc, m, row_sum = _masked_loops([ranges_ref[i, c] for c in range(4)], body, init)
     seen = row_sum > 0
     l_safe = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -116,8 +124,7 @@ def _sliding_window_attention_fwd_kernel(
 
 
 def _sliding_window_attention_bwd_dq_kernel(
-    start_ref,
-    count_ref,
+    ranges_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -139,25 +146,24 @@ def _sliding_window_attention_bwd_dq_kernel(
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = qpos_ref[...][:, None]
     q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
-    start = start_ref[i]
 
-    def body(j, dq):
+    def body(j, dq, masked):
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[ks, :]
         s = _dot(q, k, _NT) * (scale * _LOG2E)
-        k_seg = None if seg_ref is None else seg_ref[ks][None, :]
-        s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
+        if masked:
+            k_seg = None if seg_ref is None else seg_ref[ks][None, :]
+            s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         p = jnp.exp2(s - lse)
         ds = p * (_dot(do, v_ref[ks, :], _NT) - delta)
         return dq + _dot(ds.astype(k.dtype), k, _NN)
 
-    dq = lax.fori_loop(start, start + count_ref[i], body, jnp.zeros(q.shape, jnp.float32))
+    dq = _masked_loops([ranges_ref[i, c] for c in range(4)], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _sliding_window_attention_bwd_dkv_kernel(
-    start_ref,
-    count_ref,
+    ranges_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -178,24 +184,32 @@ def _sliding_window_attention_bwd_dkv_kernel(
     k, v = k_ref[...], v_ref[...]
     k_pos = kpos_ref[...][:, None]
     k_seg = None if seg_ref is None else seg_ref[pl.ds(j * k.shape[0], k.shape[0])][:, None]
-    start, count = start_ref[j], count_ref[j]
 
-    def body(r, carry):
-        dk, dv = carry
-        head = lax.div(r, count)  # the query head within the group
-        qs = pl.ds(pl.multiple_of((start + lax.rem(r, count)) * block_q, block_q), block_q)
-        q, do = q_ref[qs, head, :], do_ref[qs, head, :]
-        # Transposed scores (keys x queries): dk and dv are then plain A @ B products.
-        s = _dot(k, q, _NT) * (scale * _LOG2E)
-        q_seg = None if seg_ref is None else seg_ref[qs][None, :]
-        s = jnp.where(_visible(qpos_ref[qs][None, :], k_pos, window, q_seg, k_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse_ref[head, qs][None, :])
-        dv = dv + _dot(p.astype(do.dtype), do, _NN)
-        ds = p * (_dot(v, do, _NT) - delta_ref[head, qs][None, :])
-        return dk + _dot(ds.astype(q.dtype), q, _NN), dv
+    def visit(first, count, carry, masked):
+        """Query blocks ``[first, first + count)`` of every query head in the group, one flat loop."""
 
+        def body(r, carry):
+            dk, dv = carry
+            head = lax.div(r, count)  # the query head within the group
+            qs = pl.ds(pl.multiple_of((first + lax.rem(r, count)) * block_q, block_q), block_q)
+            q, do = q_ref[qs, head, :], do_ref[qs, head, :]
+            # Transposed scores (keys x queries): dk and dv are then plain A @ B products.
+            s = _dot(k, q, _NT) * (scale * _LOG2E)
+            if masked:
+                q_seg = None if seg_ref is None else seg_ref[qs][None, :]
+                s = jnp.where(_visible(qpos_ref[qs][None, :], k_pos, window, q_seg, k_seg), s, -jnp.inf)
+            p = jnp.exp2(s - lse_ref[head, qs][None, :])
+            dv = dv + _dot(p.astype(do.dtype), do, _NN)
+            ds = p * (_dot(v, do, _NT) - delta_ref[head, qs][None, :])
+            return dk + _dot(ds.astype(q.dtype), q, _NN), dv
+
+        return lax.fori_loop(0, groups * count, body, carry)
+
+    start, lo, hi, end = (ranges_ref[j, c] for c in range(4))
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, groups * count, body, (zeros, zeros))
+    carry = visit(start, lo - start, (zeros, zeros), masked=True)
+    carry = visit(lo, hi - lo, carry, masked=False)
+    dk, dv = visit(hi, end - hi, carry, masked=True)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -219,8 +233,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
     )
     rev = lambda i: nq - 1 - i  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0)),
-        pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0)),
+        pl.BlockSpec((None, nq, 4), lambda i, bi, h: (bi, 0, 0)),
         pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
         pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
         pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
@@ -241,7 +254,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         compiler_params=_params(tl),
         interpret=pr.interpret,
         name="sliding_window_attention_fwd",
-    )(*ranges, q, k, v, q_pos, k_pos, *([seg] * has_seg))
+    )(ranges, q, k, v, q_pos, k_pos, *([seg] * has_seg))
 
 
 def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.Problem):
@@ -257,7 +270,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
     full_kv = pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0))
     q_tile = pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0))
     row_tile = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, rev(i)))
-    per_row = pl.BlockSpec((None, nq), lambda i, bi, h: (bi, 0))
+    per_row = pl.BlockSpec((None, nq, 4), lambda i, bi, h: (bi, 0, 0))
     full_pos = pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0))
     dq = pl.pallas_call(
         functools.partial(
@@ -269,7 +282,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             has_segments=has_seg,
         ),
         grid=(nq, b, hq),
-        in_specs=[per_row, per_row, q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
+        in_specs=[per_row, q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
         + [pl.BlockSpec((None, bq), lambda i, bi, h: (bi, rev(i))), full_pos]
         + [full_pos] * has_seg,
         out_specs=q_tile,
@@ -277,14 +290,14 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         compiler_params=_params(tl),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dq",
-    )(*dq_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
+    )(dq_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
 
     bk, nk = tl.block_k_dkv, s // tl.block_k_dkv
     kv_tile = pl.BlockSpec((None, bk, None, e), lambda j, bi, h: (bi, j, h, 0))
     # All hq // hk query heads of key head h, whole sequence: the kernel loops over both.
     group_q = pl.BlockSpec((None, s, g, e), lambda j, bi, h: (bi, 0, h, 0))
     group_rows = pl.BlockSpec((None, g, s), lambda j, bi, h: (bi, h, 0))
-    per_row = pl.BlockSpec((None, nk), lambda j, bi, h: (bi, 0))
+    per_row = pl.BlockSpec((None, nk, 4), lambda j, bi, h: (bi, 0, 0))
     full_pos = pl.BlockSpec((None, s), lambda j, bi, h: (bi, 0))
     dk, dv = pl.pallas_call(
         functools.partial(
@@ -296,7 +309,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             has_segments=has_seg,
         ),
         grid=(nk, b, hk),
-        in_specs=[per_row, per_row, group_q, kv_tile, kv_tile, group_q, group_rows, group_rows]
+        in_specs=[per_row, group_q, kv_tile, kv_tile, group_q, group_rows, group_rows]
         + [full_pos, pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j))]
         + [full_pos] * has_seg,
         out_specs=[kv_tile, kv_tile],
@@ -304,7 +317,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         compiler_params=_params(tl),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dkv",
-    )(*dkv_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
+    )(dkv_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
     return dq, dk, dv
 
 

@@ -78,13 +78,29 @@ def _visible(q_pos, k_pos, window: int, q_seg, k_seg):
     return mask
 
 
-def _visited(start_ref, count_ref, flat, step):
+def _bounds(ranges_ref, flat):
+    """``(start, lo, hi, end)`` of row ``flat`` of the flattened ``(b * n, 4)`` block ranges."""
+    return tuple(ranges_ref[4 * flat + c] for c in range(4))
+
+
+def _visited(ranges_ref, flat, step):
     """Block index of ``step`` in a visited run; steps past the run repeat its last block (no new DMA)."""
-    return start_ref[flat] + jnp.minimum(step, jnp.maximum(count_ref[flat] - 1, 0))
+    start, _, _, end = _bounds(ranges_ref, flat)
+    return start + jnp.minimum(step, jnp.maximum(end - start - 1, 0))
+
+
+def _on_visit(ranges_ref, flat, step, body):
+    """Runs ``body(masked=...)`` when ``step`` is inside the visited run: unmasked on interior blocks."""
+    start, lo, hi, end = _bounds(ranges_ref, flat)
+    block = start + step
+    active = step < end - start
+    boundary = (block < lo) | (block >= hi)
+    pl.when(active & boundary)(functools.partial(body, masked=True))
+    pl.when(active & jnp.logical_not(boundary))(functools.partial(body, masked=False))
 
 
 def _sliding_window_attention_fwd_kernel(
-    start_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, nq, has_segments
+    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, nq, has_segments
 ):
     if has_segments:
         qseg_ref, kseg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
@@ -98,13 +114,13 @@ def _sliding_window_attention_fwd_kernel(
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j < count_ref[bi * nq + i])
-    def _step():
+    def step(masked):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = _dot(q, k, _NT) * scale
-        q_seg = None if qseg_ref is None else _column(qseg_ref)
-        k_seg = None if kseg_ref is None else kseg_ref[...]
-        s = jnp.where(_visible(_column(qpos_ref), kpos_ref[...], window, q_seg, k_seg), s, -jnp.inf)
+        if masked:
+            q_seg = None if qseg_ref is None else _column(qseg_ref)
+            k_seg = None if kseg_ref is None else kseg_ref[...]
+            s = jnp.where(_visible(_column(qpos_ref), kpos_ref[...], window, q_seg, k_seg), s, -jnp.inf)
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.exp(s - _lanes(m_next, s.shape[1]))
@@ -112,6 +128,8 @@ def _sliding_window_attention_fwd_kernel(
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
         acc_ref[...] = acc_ref[...] * _lanes(alpha, acc_ref.shape[1]) + _dot(p.astype(v.dtype), v, _NN)
+
+    _on_visit(ranges_ref, bi * nq + i, j, step)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -124,8 +142,7 @@ def _sliding_window_attention_fwd_kernel(
 
 
 def _sliding_window_attention_bwd_dq_kernel(
-    start_ref,
-    count_ref,
+    ranges_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -150,16 +167,18 @@ def _sliding_window_attention_bwd_dq_kernel(
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j < count_ref[bi * nq + i])
-    def _step():
+    def step(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = _dot(q, k, _NT) * scale
-        q_seg = None if qseg_ref is None else _column(qseg_ref)
-        k_seg = None if kseg_ref is None else kseg_ref[...]
-        s = jnp.where(_visible(_column(qpos_ref), kpos_ref[...], window, q_seg, k_seg), s, -jnp.inf)
+        if masked:
+            q_seg = None if qseg_ref is None else _column(qseg_ref)
+            k_seg = None if kseg_ref is None else kseg_ref[...]
+            s = jnp.where(_visible(_column(qpos_ref), kpos_ref[...], window, q_seg, k_seg), s, -jnp.inf)
         p = jnp.exp(s - _column(lse_ref))
         ds = p * (_dot(do, v, _NT) - _column(delta_ref))
         acc_ref[...] += _dot(ds.astype(k.dtype), k, _NN)
+
+    _on_visit(ranges_ref, bi * nq + i, j, step)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -167,8 +186,7 @@ def _sliding_window_attention_bwd_dq_kernel(
 
 
 def _sliding_window_attention_bwd_dkv_kernel(
-    start_ref,
-    count_ref,
+    ranges_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -195,18 +213,20 @@ def _sliding_window_attention_bwd_dkv_kernel(
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    @pl.when(lax.rem(r, steps) < count_ref[bi * nk + j])
-    def _step():
+    def step(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         # Transposed scores (keys x queries): lse and delta are rows, dk and dv plain A @ B products.
         s = _dot(k, q, _NT) * scale
-        q_seg = None if qseg_ref is None else qseg_ref[...]
-        k_seg = None if kseg_ref is None else _column(kseg_ref)
-        s = jnp.where(_visible(qpos_ref[...], _column(kpos_ref), window, q_seg, k_seg), s, -jnp.inf)
+        if masked:
+            q_seg = None if qseg_ref is None else qseg_ref[...]
+            k_seg = None if kseg_ref is None else _column(kseg_ref)
+            s = jnp.where(_visible(qpos_ref[...], _column(kpos_ref), window, q_seg, k_seg), s, -jnp.inf)
         p = jnp.exp(s - lse_ref[...])
         dv_acc[...] += _dot(p.astype(do.dtype), do, _NN)
         ds = p * (_dot(v, do, _NT) - delta_ref[...])
         dk_acc[...] += _dot(ds.astype(q.dtype), q, _NN)
+
+    _on_visit(ranges_ref, bi * nk + j, lax.rem(r, steps), step)
 
     @pl.when(r == pl.num_programs(3) - 1)
     def _finish():
@@ -231,11 +251,11 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
     steps = fw.max_blocks_visited(pr.span, bq, bk, nk)
     has_seg = seg is not None
 
-    def kv_block(bi, h, i, j, start, count):
-        return bi, lax.div(h, g), _visited(start, count, bi * nq + i, j), 0
+    def kv_block(bi, h, i, j, ranges):
+        return bi, lax.div(h, g), _visited(ranges, bi * nq + i, j), 0
 
-    def k_row(bi, h, i, j, start, count):
-        return bi, 0, _visited(start, count, bi * nq + i, j)
+    def k_row(bi, h, i, j, ranges):
+        return bi, 0, _visited(ranges, bi * nq + i, j)
 
     q_tile = pl.BlockSpec((None, None, bq, e), lambda bi, h, i, j, *_: (bi, h, i, 0))
     q_row = pl.BlockSpec((None, 1, bq), lambda bi, h, i, j, *_: (bi, 0, i))
@@ -244,7 +264,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
     in_specs = [q_tile, kv_tile, kv_tile, q_row, k_row_spec] + [q_row, k_row_spec] * has_seg
     out_specs = [q_tile, pl.BlockSpec((None, None, bq, LANES), lambda bi, h, i, j, *_: (bi, h, i, 0))]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=1,
         grid=(b, hq, nq, steps),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -265,7 +285,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         compiler_params=_params(),
         interpret=pr.interpret,
         name="sliding_window_attention_fwd",
-    )(*(r.reshape(-1) for r in ranges), q, k, v, _rows(q_pos), _rows(k_pos), *segs)
+    )(ranges.reshape(-1), q, k, v, _rows(q_pos), _rows(k_pos), *segs)
     # Keep one lane: the residual is (b, h, 1, s), the row layout the backward kernels read.
     return o, lse[:, :, None, :, 0]
 
@@ -282,11 +302,11 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
     nq, nk = s // bq, s // bk
     steps = fw.max_blocks_visited(pr.span, bq, bk, nk)
 
-    def kv_block(bi, h, i, j, start, count):
-        return bi, lax.div(h, g), _visited(start, count, bi * nq + i, j), 0
+    def kv_block(bi, h, i, j, ranges):
+        return bi, lax.div(h, g), _visited(ranges, bi * nq + i, j), 0
 
-    def k_row(bi, h, i, j, start, count):
-        return bi, 0, _visited(start, count, bi * nq + i, j)
+    def k_row(bi, h, i, j, ranges):
+        return bi, 0, _visited(ranges, bi * nq + i, j)
 
     q_tile = pl.BlockSpec((None, None, bq, e), lambda bi, h, i, j, *_: (bi, h, i, 0))
     q_row = pl.BlockSpec((None, 1, bq), lambda bi, h, i, j, *_: (bi, 0, i))
@@ -298,7 +318,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             _sliding_window_attention_bwd_dq_kernel, scale=pr.scale, window=pr.window, nq=nq, has_segments=has_seg
         ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=1,
             grid=(b, hq, nq, steps),
             in_specs=[q_tile, kv_tile, kv_tile, q_tile, stat_row, stat_row, q_row, k_row_spec]
             + [q_row, k_row_spec] * has_seg,
@@ -309,21 +329,21 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         compiler_params=_params(),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dq",
-    )(*(r.reshape(-1) for r in dq_ranges), q, k, v, do, lse, delta, *pos_args)
+    )(dq_ranges.reshape(-1), q, k, v, do, lse, delta, *pos_args)
 
     # dk/dv: a key block resident; the last grid axis runs over (query head in the group) x (visited query block).
     bq, bk = tl.block_q_dkv, tl.block_k_dkv
     nq, nk = s // bq, s // bk
     steps = fw.max_blocks_visited(pr.span, bk, bq, nq)
 
-    def q_block(bi, h, j, r, start, count):
-        return bi, h * g + lax.div(r, steps), _visited(start, count, bi * nk + j, lax.rem(r, steps)), 0
+    def q_block(bi, h, j, r, ranges):
+        return bi, h * g + lax.div(r, steps), _visited(ranges, bi * nk + j, lax.rem(r, steps)), 0
 
-    def q_row_block(bi, h, j, r, start, count):
-        return bi, 0, _visited(start, count, bi * nk + j, lax.rem(r, steps))
+    def q_row_block(bi, h, j, r, ranges):
+        return bi, 0, _visited(ranges, bi * nk + j, lax.rem(r, steps))
 
-    def stat_block(bi, h, j, r, start, count):
-        return bi, h * g + lax.div(r, steps), 0, _visited(start, count, bi * nk + j, lax.rem(r, steps))
+    def stat_block(bi, h, j, r, ranges):
+        return bi, h * g + lax.div(r, steps), 0, _visited(ranges, bi * nk + j, lax.rem(r, steps))
 
     kv_tile = pl.BlockSpec((None, None, bk, e), lambda bi, h, j, r, *_: (bi, h, j, 0))
     q_tile = pl.BlockSpec((None, None, bq, e), q_block)
@@ -340,7 +360,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             has_segments=has_seg,
         ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=1,
             grid=(b, hk, nk, g * steps),
             in_specs=[q_tile, kv_tile, kv_tile, q_tile, stat_row, stat_row, q_row, k_row_spec]
             + [q_row, k_row_spec] * has_seg,
@@ -351,7 +371,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         compiler_params=_params(),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dkv",
-    )(*(r.reshape(-1) for r in dkv_ranges), q, k, v, do, lse, delta, *pos_args)
+    )(dkv_ranges.reshape(-1), q, k, v, do, lse, delta, *pos_args)
     return dq, dk, dv
 
 

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pallas_kernels import _flash_window
 from pallas_kernels.selective_attention import limit_selection, selective_attention
-from pallas_kernels.selective_attention.xla import selective_attention_xla
+from pallas_kernels.selective_attention.xla import compact_selection, selective_attention_xla
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
@@ -115,6 +116,8 @@ CASES = [
     pytest.param(1, 33, 3, 3, 4, None, 10, None, True, 0.6, id="unbounded-window-capacity"),
     pytest.param(1, 20, 2, 1, 8, 1, None, None, False, 0.5, id="window1"),
     pytest.param(2, 16, 1, 1, 8, 5, 1, None, False, 0.5, id="heads1-capacity1"),
+    # No segments, long window: the Pallas kernels skip the mask on interior blocks of the compacted buffer.
+    pytest.param(1, 48, 4, 2, 8, None, 30, 16, False, 0.8, id="capacity-gqa-unmasked-interior"),
 ]
 
 
@@ -280,12 +283,13 @@ class TestSelectiveAttentionPallasGpuInterpret(TestSelectiveAttention):
 
 class TestSelectiveAttentionPallasTpuInterpret(TestSelectiveAttention):
     """The Mosaic kernels in the TPU interpreter; slow there (host callbacks per grid step), so by default only a
-    capacity-truncated GQA case with segments and "everything selected == sliding window" run."""
+    capacity-truncated GQA case with unmasked interior blocks and "everything selected == sliding window" (segments)
+    run."""
 
     implementation = "pallas_tpu"
     extra_kwargs = {"interpret": True}
 
-    @pytest.mark.parametrize(CASE_NAMES, only_fast(CASES, {"capacity-truncates-mqa-segments"}))
+    @pytest.mark.parametrize(CASE_NAMES, only_fast(CASES, {"capacity-gqa-unmasked-interior"}))
     def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, capacity, block_size, segments, p_select):
         super().test_forward_and_vjp_match_reference(b, t, hq, hk, e, window, capacity, block_size, segments, p_select)
 
@@ -351,6 +355,14 @@ def test_default_tiles_match_reference(implementation, interpret, t, capacity, w
     assert_bf16_rule(out, xla, ref, "forward bf16")
     for name, a, x, r in zip("qkv", grads, g_xla, g_ref):
         assert_bf16_rule(a, x, r, f"d{name} bf16")
+
+
+def test_compaction_marks_empty_slots_with_the_kernels_key_sentinel():
+    """Unused buffer slots carry ``_flash_window.KEY_PAD``: never a visible key, sorted after every position."""
+    sel = jnp.asarray([[True, False, True, False, False], [False] * 5])
+    positions, valid, _ = compact_selection(sel, 4)
+    np.testing.assert_array_equal(np.asarray(positions)[0, :2], [0, 2])
+    assert np.all(np.asarray(positions)[~np.asarray(valid)] == _flash_window.KEY_PAD)
 
 
 def test_pallas_gpu_lowers_to_triton():

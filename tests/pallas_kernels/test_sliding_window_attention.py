@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels import _flash_window, _platform
 from pallas_kernels.sliding_window_attention import pallas_tpu, sliding_window_attention
-from pallas_kernels.sliding_window_attention.xla import FAR_POSITION, sliding_window_attention_xla
+from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +140,8 @@ SHAPES = [
     pytest.param(1, 30, 2, 1, 8, None, 16, True, id="full-causal-segments"),
     pytest.param(2, 1, 2, 1, 8, 3, None, False, id="t1"),
     pytest.param(1, 64, 1, 1, 8, 17, 16, True, id="heads1-window-spans-blocks"),
+    # No segments and a window of several blocks: the Pallas kernels skip the mask on interior blocks.
+    pytest.param(2, 50, 4, 2, 8, 40, 16, False, id="t50-wide-window-gqa-unmasked-interior"),
 ]
 
 
@@ -387,13 +389,14 @@ class TestSlidingWindowAttentionPallasTpuInterpret(TestSlidingWindowAttention):
     """The Mosaic kernels in the TPU interpreter (``pltpu.InterpretParams()``).
 
     The interpreter runs every grid step through host callbacks (~6 s per forward + VJP case), so by default only a
-    multi-block GQA case with a ragged length and the bf16 rule run; everything else needs --runslow.
+    multi-block GQA case with a ragged length and unmasked interior blocks, and the bf16 rule (segments, masked
+    blocks), run; everything else needs --runslow.
     """
 
     implementation = "pallas_tpu"
     extra_kwargs = {"interpret": True}
 
-    @pytest.mark.parametrize(SHAPE_NAMES, only_fast(SHAPES, {"t37-not-block-multiple-gqa"}))
+    @pytest.mark.parametrize(SHAPE_NAMES, only_fast(SHAPES, {"t50-wide-window-gqa-unmasked-interior"}))
     def test_forward_and_vjp_match_reference(self, b, t, hq, hk, e, window, block_size, segments):
         super().test_forward_and_vjp_match_reference(b, t, hq, hk, e, window, block_size, segments)
 
@@ -479,11 +482,11 @@ def test_default_tiles_match_reference(implementation, interpret, t, hq, hk, e, 
 # Block skipping: the ranges the kernels visit, against a dense mask
 
 
-def _dense_block_hits(q_pos, k_pos, window, rows, cols):
-    """``(nq, nk)`` bool: does query block i hold a query that sees a key of key block j (positions only)."""
+def _dense_blocks(q_pos, k_pos, window, rows, cols):
+    """``(nq, nk)`` bools: some pair of query block i and key block j is visible; every pair is."""
     d = q_pos[:, None] - k_pos[None, :]
-    vis = (d >= 0) & (d < window)
-    return vis.reshape(len(q_pos) // rows, rows, len(k_pos) // cols, cols).any(axis=(1, 3))
+    vis = ((d >= 0) & (d < window)).reshape(len(q_pos) // rows, rows, len(k_pos) // cols, cols)
+    return vis.any(axis=(1, 3)), vis.all(axis=(1, 3))
 
 
 @settings(max_examples=12, deadline=None)
@@ -491,10 +494,12 @@ def _dense_block_hits(q_pos, k_pos, window, rows, cols):
     blocks=st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64])),
     p_keep=st.floats(0.05, 1.0),
     window=st.integers(1, 300),
+    split=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_block_ranges_are_tight(blocks, p_keep, window, seed):
-    """Visited ranges hold every block with a visible pair, start and end on such blocks, and obey the bound.
+def test_block_ranges_are_tight(blocks, p_keep, window, split, seed):
+    """Visited ranges start and end on blocks with a visible pair and hold all of them; the unmasked interior is
+    exactly the blocks where every pair is visible (padding rows included); counts obey the static bound.
 
     Positions are a random sorted subset of ``range(400)`` (the compacted selective-attention buffer; ``p_keep = 1``
     is sliding-window attention) followed by empty slots, the layout ``window_attention`` builds.
@@ -506,33 +511,36 @@ def test_block_ranges_are_tight(blocks, p_keep, window, seed):
     k_pos = np.full(s, _flash_window.KEY_PAD, np.int32)
     k_pos[: kept.size] = kept
     q_pos = np.where(k_pos == _flash_window.KEY_PAD, _flash_window.QUERY_PAD, k_pos).astype(np.int32)
-    dense = _dense_block_hits(q_pos, k_pos, window, bq, bk)
+    some_kq, every_kq = _dense_blocks(q_pos, k_pos, window, bq, bk)
     span = min(window, s)
-    for fn, hits, resident, other in (
-        (_flash_window.key_block_ranges, dense, bq, bk),
-        (_flash_window.query_block_ranges, dense.T, bk, bq),
+    for fn, some, every, resident, other in (
+        (_flash_window.key_block_ranges, some_kq, every_kq, bq, bk),
+        (_flash_window.query_block_ranges, some_kq.T, every_kq.T, bk, bq),
     ):
-        start, count = (
-            np.asarray(x)[0] for x in fn(jnp.asarray(q_pos)[None], jnp.asarray(k_pos)[None], window, bq, bk)
-        )
-        bound = _flash_window.max_blocks_visited(span, resident, other, hits.shape[1])
-        for i, row in enumerate(hits):
-            assert 0 <= start[i] < hits.shape[1] and count[i] <= bound, (fn.__name__, i, start[i], count[i], bound)
-            idx = np.flatnonzero(row)
+        ranges = fn(jnp.asarray(q_pos)[None], jnp.asarray(k_pos)[None], window, bq, bk, split=split)
+        bound = _flash_window.max_blocks_visited(span, resident, other, some.shape[1])
+        for i, (start, lo, hi, end) in enumerate(np.asarray(ranges)[0]):
+            what = (fn.__name__, i, (start, lo, hi, end))
+            assert 0 <= start <= lo <= hi <= end <= some.shape[1] and start < some.shape[1], what
+            assert end - start <= bound, (*what, bound)
+            idx = np.flatnonzero(some[i])
             if idx.size == 0:
-                assert count[i] == 0, (fn.__name__, i, count[i])
+                assert end == start, what
             else:
-                assert (start[i], start[i] + count[i] - 1) == (idx[0], idx[-1]), (fn.__name__, i, idx)
-    # The xla path's empty-slot sentinel is the kernels' key sentinel (selective compaction writes it).
-    assert _flash_window.KEY_PAD == FAR_POSITION
+                assert (start, end - 1) == (idx[0], idx[-1]), (*what, idx)
+            interior = np.flatnonzero(every[i])
+            if split and interior.size:
+                assert (lo, hi - 1) == (interior[0], interior[-1]), (*what, interior)
+            else:
+                assert lo == hi, what
 
 
 def test_sliding_window_work_is_linear_in_t():
     """At t=4096, w=256 the forward visits ~(w + block) / block key blocks per query block, not t / block."""
     t, w, bq, bk = 4096, 256, 128, 64
     pos = jnp.arange(t, dtype=jnp.int32)[None]
-    _, count = _flash_window.key_block_ranges(pos, pos, w, bq, bk)
-    count = np.asarray(count)[0]
+    start, _, _, end = np.asarray(_flash_window.key_block_ranges(pos, pos, w, bq, bk))[0].T
+    count = end - start
     # Query block i needs keys [i * bq - w + 1, (i + 1) * bq - 1]: 6 key blocks once past the start (the static
     # bound, for any alignment, is 7).
     assert count.max() == 6 and count.max() <= _flash_window.max_blocks_visited(w, bq, bk, t // bk) == 7

@@ -1,0 +1,511 @@
+"""Benchmark of sliding-window and selective attention: reference, xla, pallas_gpu and cuDNN, forward and fwd+bwd.
+
+Question: how fast are the Pallas Triton kernels (pallas_kernels.sliding_window_attention / selective_attention,
+``implementation="pallas_gpu"``) against cuDNN's sliding-window attention and against our own xla paths, and how
+does selective attention (Taipan, arXiv:2410.18572) scale with the fraction C of selected tokens?
+
+Setup: bf16, batch 2, 16 heads (no GQA), head dim 64, causal. Sliding window 2048 at T in {4K ... 128K}; selective
+attention at T 32768, window 2048, C in {0.05, 0.15, 0.3, 1.0} (random selection with probability C, capacity
+ceil(1.1 C T)). Each contender is first checked against the fp32 dense reference at a small size (cuDNN's window
+convention included: ``local_window_size=(w - 1, 0)`` must equal our "query i sees key j iff 0 <= i - j < w"), then
+timed: warm-up on every input set, then the median of ``--runs`` calls rotating over 3 input sets, each call
+synchronised with ``jax.block_until_ready``. fwd+bwd is one program computing the output and the VJP of a random
+cotangent. Sizes that do not fit are recorded as "oom"; the dense reference is only tried where its (T, T) score
+matrices fit (T <= 8192); cuDNN is skipped when unavailable.
+
+    python experiments/kernels/attention.py --out DIR          # on a GPU, ~5-8 min on an H100
+    python experiments/kernels/attention.py --out DIR --sweep  # also times alternative Triton tilings at T 32K
+    python experiments/kernels/attention.py --out DIR --smoke  # tiny sizes, Pallas in interpret mode, CPU
+
+Writes DIR/attention.json (every number, the device, versions and the correctness table) and DIR/attention.png,
+and prints the tables with the ratios pallas / cuDNN and selective / sliding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+from pallas_kernels.selective_attention import limit_selection, selective_attention  # noqa: E402
+from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
+
+DTYPE = jnp.bfloat16
+
+
+@dataclasses.dataclass
+class Config:
+    batch: int = 2
+    heads: int = 16
+    head_dim: int = 64
+    window: int = 2048
+    swa_lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
+    sel_length: int = 32768
+    sel_fractions: tuple[float, ...] = (0.05, 0.15, 0.3, 1.0)
+    check_length: int = 1024
+    check_window: int = 256
+    reference_max_t: int = 8192
+    runs: int = 20
+    input_sets: int = 3
+    interpret: bool = False
+    budget_s: float = 420.0
+
+
+def smoke_config() -> Config:
+    return Config(
+        batch=2,
+        heads=2,
+        head_dim=16,
+        window=32,
+        swa_lengths=(64, 128),
+        sel_length=128,
+        sel_fractions=(0.15, 1.0),
+        check_length=64,
+        check_window=16,
+        reference_max_t=128,
+        runs=3,
+        input_sets=2,
+        interpret=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Contenders: each is (q, k, v[, selected]) -> out, built for one window / capacity
+
+
+def swa_fn(impl: str, window: int, cfg: Config):
+    if impl == "cudnn":
+        # cuDNN's (left, right) window: key j visible iff i - left <= j <= i + right, so left = w - 1 is our w.
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=(window - 1, 0), implementation="cudnn"
+        )
+    extra = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+    return lambda q, k, v: sliding_window_attention(q, k, v, window=window, implementation=impl, **extra)
+
+
+def sel_fn(impl: str, window: int, capacity: int | None, cfg: Config):
+    extra = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+    return lambda q, k, v, sel: selective_attention(
+        q, k, v, sel, window=window, capacity=capacity, implementation=impl, **extra
+    )
+
+
+def with_vjp(fn):
+    """``fn``'s output and the VJP of a cotangent ``ct`` (the last argument), as one program."""
+
+    def run(q, k, v, *rest):
+        *args, ct = rest
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *args), q, k, v)
+        return out, vjp(ct)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inputs, timing, error handling
+
+
+def make_inputs(key, cfg: Config, t: int, fraction: float | None = None):
+    """``(q, k, v, ct)`` bf16 ``(b, t, h, e)``, plus ``selected (b, t)`` when ``fraction`` is given."""
+    kq, kk, kv, kc, ks = jax.random.split(key, 5)
+    shape = (cfg.batch, t, cfg.heads, cfg.head_dim)
+    q, k, v, ct = (jax.random.normal(x, shape, DTYPE) for x in (kq, kk, kv, kc))
+    if fraction is None:
+        return q, k, v, ct
+    return q, k, v, jax.random.uniform(ks, (cfg.batch, t)) < fraction, ct
+
+
+def time_ms(fn, input_sets, runs: int) -> float:
+    """Median wall time of ``fn`` in ms over ``runs`` calls, rotating over ``input_sets``, after warm-up on each."""
+    for args in input_sets:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for i in range(runs):
+        args = input_sets[i % len(input_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def classify(err: Exception) -> str:
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text:
+        return "oom"
+    return f"error: {type(err).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+def measure(fn, input_sets, runs: int) -> tuple[float | None, str]:
+    try:
+        return time_ms(jax.jit(fn), input_sets, runs), "ok"
+    except Exception as err:  # OOM and unsupported configurations are results, not crashes
+        return None, classify(err)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Correctness at a small size, against the fp32 dense reference
+
+
+def check_contenders(cfg: Config, contenders: list[str]) -> dict:
+    """Forward and VJP errors of every contender (bf16) against the fp32 reference on the same rounded inputs."""
+    t, w = cfg.check_length, cfg.check_window
+    q, k, v, ct = make_inputs(jax.random.key(0), cfg, t)
+    up = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    results = {}
+
+    def errors(fn, ref_fn, args, ref_args):
+        out, grads = jax.jit(with_vjp(fn))(*args)
+        ref, ref_grads = jax.jit(with_vjp(ref_fn))(*ref_args)
+        errs = {"out": rel_err(out.astype(jnp.float32), ref)}
+        errs.update({f"d{n}": rel_err(g.astype(jnp.float32), r) for n, g, r in zip("qkv", grads, ref_grads)})
+        return errs
+
+    for window in (w, None):
+        ref_fn = swa_fn("reference", window, cfg)
+        for impl in contenders:
+            if impl == "cudnn" and window is None:
+                continue
+            name = f"swa w={window} {impl}"
+            try:
+                results[name] = errors(swa_fn(impl, window, cfg), ref_fn, (q, k, v, ct), up)
+            except Exception as err:
+                results[name] = {"status": classify(err)}
+    if "cudnn" in contenders:
+        results.update(cudnn_convention(cfg))
+    fraction = 0.3
+    capacity = math.ceil(fraction * t * 1.1)
+    q, k, v, sel, ct = make_inputs(jax.random.key(1), cfg, t, fraction)
+    kept = limit_selection(sel, capacity)
+    ref_fn = sel_fn("reference", w, None, cfg)
+    for impl in [c for c in contenders if c in ("xla", "pallas_gpu")]:
+        name = f"selective C={fraction} w={w} {impl}"
+        try:
+            results[name] = errors(
+                functools.partial(lambda q, k, v, f: f(q, k, v, sel), f=sel_fn(impl, w, capacity, cfg)),
+                lambda q, k, v: ref_fn(q, k, v, kept),
+                (q, k, v, ct),
+                [x.astype(jnp.float32) for x in (q, k, v, ct)],
+            )
+        except Exception as err:
+            results[name] = {"status": classify(err)}
+    return results
+
+
+def cudnn_convention(cfg: Config) -> dict:
+    """cuDNN with ``local_window_size=(w - 1, 0)`` against our window w and w + 1, at small w where one key matters.
+
+    Our definition: query i sees key j iff ``0 <= i - j < w``. The call matches it when the error against w is at
+    bf16 level and the error against w + 1 is far larger.
+    """
+    q, k, v, _ = make_inputs(jax.random.key(3), cfg, 256)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    out = {}
+    for w in (1, 4, 64):
+        try:
+            got = jax.jit(swa_fn("cudnn", w, cfg))(q, k, v).astype(jnp.float32)
+            same = rel_err(got, jax.jit(swa_fn("reference", w, cfg))(*up))
+            plus1 = rel_err(got, jax.jit(swa_fn("reference", w + 1, cfg))(*up))
+            out[f"cudnn convention w={w}"] = {"vs_our_w": same, "vs_our_w_plus_1": plus1}
+        except Exception as err:
+            out[f"cudnn convention w={w}"] = {"status": classify(err)}
+    return out
+
+
+def convention_ok(checks: dict) -> bool:
+    rows = [v for k, v in checks.items() if k.startswith("cudnn convention")]
+    return bool(rows) and all(
+        "status" not in r and r["vs_our_w"] < 3e-2 and r["vs_our_w_plus_1"] > 5 * r["vs_our_w"] for r in rows
+    )
+
+
+def passed(errs: dict, tol: float = 3e-2) -> bool:
+    return "status" not in errs and all(e <= tol for e in errs.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def cudnn_available(cfg: Config) -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        q, k, v, _ = make_inputs(jax.random.key(2), cfg, 256)
+        jax.block_until_ready(swa_fn("cudnn", 64, cfg)(q, k, v))
+        return True
+    except Exception:
+        return False
+
+
+def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
+    start = time.perf_counter()
+    on_gpu = jax.default_backend() == "gpu"
+    contenders = ["xla", "pallas_gpu"] + (["cudnn"] if cudnn_available(cfg) else [])
+    report = {
+        "meta": {
+            "device": str(jax.devices()[0].device_kind),
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "config": dataclasses.asdict(cfg),
+            "dtype": "bfloat16",
+            "contenders": contenders,
+            "pallas_interpret": cfg.interpret,
+        }
+    }
+    if not on_gpu and not cfg.interpret:
+        raise SystemExit("no GPU: pass --smoke to exercise the script on CPU (interpret mode)")
+    print(f"device {report['meta']['device']}, jax {jax.__version__}, contenders {contenders}", flush=True)
+
+    checks = check_contenders(cfg, contenders)
+    report["correctness"] = checks
+    print(
+        f"\ncorrectness at B{cfg.batch} T{cfg.check_length} H{cfg.heads} E{cfg.head_dim}"
+        " (relative error vs the fp32 reference):"
+    )
+    for name, errs in checks.items():
+        shown = errs.get("status") or "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        print(f"  {name:52s} {shown}")
+    ok = {c for c in contenders if passed(checks.get(f"swa w={cfg.check_window} {c}", {"status": "missing"}))}
+    if "cudnn" in ok and not convention_ok(checks):
+        print("  cuDNN's local_window_size=(w - 1, 0) does not match our window w")
+        ok.discard("cudnn")
+    ok_sel = {c for c in ("xla", "pallas_gpu") if passed(checks.get(f"selective C=0.3 w={cfg.check_window} {c}", {}))}
+    skipped = sorted((set(contenders) - ok) | ({"xla", "pallas_gpu"} - ok_sel))
+    if skipped:
+        print(f"  NOT TIMED (failed a check): {skipped}")
+    report["timed"] = {"sliding": sorted(ok), "selective": sorted(ok_sel)}
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > cfg.budget_s
+
+    rows = []
+    for t in cfg.swa_lengths:
+        sets = [make_inputs(jax.random.key(10 + i), cfg, t) for i in range(cfg.input_sets)]
+        fwd_sets = [s[:3] for s in sets]
+        impls = ["reference"] * (t <= cfg.reference_max_t) + [c for c in contenders if c in ok]
+        for impl in impls:
+            row = {"case": "sliding", "T": t, "window": cfg.window, "impl": impl}
+            if over_budget():
+                row.update(status="skipped (time budget)")
+            else:
+                fn = swa_fn(impl, cfg.window, cfg)
+                row["fwd_ms"], row["fwd_status"] = measure(fn, fwd_sets, cfg.runs)
+                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+            rows.append(row)
+            print(_row_text(row), flush=True)
+        del sets, fwd_sets
+    t = cfg.sel_length
+    for fraction in cfg.sel_fractions:
+        capacity = math.ceil(fraction * t * 1.1)
+        sets = [make_inputs(jax.random.key(20 + i), cfg, t, fraction) for i in range(cfg.input_sets)]
+        for impl in [c for c in ("xla", "pallas_gpu") if c in ok_sel]:
+            row = {"case": "selective", "T": t, "window": cfg.window, "C": fraction, "capacity": capacity, "impl": impl}
+            if over_budget():
+                row.update(status="skipped (time budget)")
+            else:
+                fn = sel_fn(impl, cfg.window, capacity, cfg)
+                row["fwd_ms"], row["fwd_status"] = measure(fn, [s[:4] for s in sets], cfg.runs)
+                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+            rows.append(row)
+            print(_row_text(row), flush=True)
+        del sets
+    report["rows"] = rows
+    report["ratios"] = ratios(rows, cfg)
+    if sweep:
+        report["sweep"] = tiling_sweep(cfg)
+    report["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    print_tables(report, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention.json").write_text(json.dumps(report, indent=2))
+    plot(report, cfg, out_dir / "attention.png")
+    print(f"\nwrote {out_dir / 'attention.json'} and attention.png in {report['meta']['wall_s']} s")
+    return report
+
+
+def _row_text(row) -> str:
+    what = f"{row['case']:9s} T{row['T']:<7d}" + (f" C={row['C']:<5}" if "C" in row else " " * 8)
+    if "status" in row:
+        return f"{what} {row['impl']:11s} {row['status']}"
+    f = lambda key: f"{row[key + '_ms']:9.3f} ms" if row[key + "_ms"] is not None else f"{row[key + '_status']:>12s}"  # noqa: E731
+    return f"{what} {row['impl']:11s} fwd {f('fwd')}   fwd+bwd {f('fwdbwd')}"
+
+
+def _get(rows, case, impl, key, **match):
+    for r in rows:
+        if r["case"] == case and r["impl"] == impl and all(r.get(k) == v for k, v in match.items()):
+            return r.get(key)
+    return None
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def ratios(rows, cfg: Config) -> dict:
+    out = {"pallas_over_cudnn": [], "pallas_over_xla": [], "selective_over_sliding": []}
+    for t in cfg.swa_lengths:
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            p = _get(rows, "sliding", "pallas_gpu", key, T=t)
+            out["pallas_over_cudnn"].append(
+                {"T": t, "what": key, "ratio": _ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
+            )
+            out["pallas_over_xla"].append(
+                {"T": t, "what": key, "ratio": _ratio(p, _get(rows, "sliding", "xla", key, T=t))}
+            )
+    for fraction in cfg.sel_fractions:
+        for impl in ("pallas_gpu", "xla"):
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                sel = _get(rows, "selective", impl, key, C=fraction)
+                swa = _get(rows, "sliding", impl, key, T=cfg.sel_length)
+                out["selective_over_sliding"].append(
+                    {"C": fraction, "impl": impl, "what": key, "ratio": _ratio(sel, swa)}
+                )
+    return out
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_tables(report, cfg: Config) -> None:
+    rows, r = report["rows"], report["ratios"]
+    impls = [i for i in ("reference", "xla", "pallas_gpu", "cudnn") if any(x["impl"] == i for x in rows)]
+    print(f"\nsliding window {cfg.window}, B{cfg.batch} H{cfg.heads} E{cfg.head_dim} bf16, ms (median of {cfg.runs})")
+    print(
+        "| T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " | pallas/cuDNN fwd | pallas/cuDNN fwd+bwd |"
+    )
+    print("|---" * (1 + 2 * len(impls) + 2) + "|")
+    for t in cfg.swa_lengths:
+        cells = []
+        for i in impls:
+            for key in ("fwd", "fwdbwd"):
+                v = _get(rows, "sliding", i, key + "_ms", T=t)
+                cells.append(_fmt(v) if v is not None else (_get(rows, "sliding", i, key + "_status", T=t) or "-"))
+        rat = [x["ratio"] for x in r["pallas_over_cudnn"] if x["T"] == t]
+        print(f"| {t} | " + " | ".join(cells) + f" | {_fmt(rat[0], 2)} | {_fmt(rat[1], 2)} |")
+    print(f"\nselective attention T{cfg.sel_length} window {cfg.window}, capacity ceil(1.1 C T), ms")
+    print(
+        "| C | capacity | xla fwd | xla fwd+bwd | pallas fwd | pallas fwd+bwd | pallas sel/SWA fwd | sel/SWA fwd+bwd |"
+    )
+    print("|---" * 8 + "|")
+    for fraction in cfg.sel_fractions:
+        cells = [
+            _fmt(_get(rows, "selective", i, k, C=fraction))
+            for i in ("xla", "pallas_gpu")
+            for k in ("fwd_ms", "fwdbwd_ms")
+        ]
+        rat = [x["ratio"] for x in r["selective_over_sliding"] if x["C"] == fraction and x["impl"] == "pallas_gpu"]
+        cap = math.ceil(fraction * cfg.sel_length * 1.1)
+        print(f"| {fraction} | {cap} | " + " | ".join(cells) + f" | {_fmt(rat[0], 2)} | {_fmt(rat[1], 2)} |")
+    if "sweep" in report:
+        print(f"\ntiling sweep (pallas_gpu sliding window, T{cfg.sel_length} ), ms")
+        for s in report["sweep"]:
+            fwd = f"{_fmt(s.get('fwd_ms'))} ({s.get('fwd_status')})"
+            print(f"  {s['tiling']}: fwd {fwd} fwd+bwd {_fmt(s.get('fwdbwd_ms'))} ({s.get('fwdbwd_status')})")
+
+
+def plot(report, cfg: Config, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    rows = report["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward")):
+        for impl in ("reference", "xla", "pallas_gpu", "cudnn"):
+            pts = [(r["T"], r.get(key)) for r in rows if r["case"] == "sliding" and r["impl"] == impl and r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"sliding window {cfg.window}, {title}")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    ax = axes[2]
+    for n, impl in enumerate(("xla", "pallas_gpu")):
+        for key, style in (("fwd_ms", "-"), ("fwdbwd_ms", "--")):
+            color = f"C{2 * n + (key == 'fwdbwd_ms')}"
+            pts = [(r["C"], r.get(key)) for r in rows if r["case"] == "selective" and r["impl"] == impl and r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{impl} {key[:-3]}")
+            swa = _get(rows, "sliding", impl, key, T=cfg.sel_length)
+            if swa:
+                ax.axhline(swa, linestyle=":", alpha=0.6, color=color)
+    ax.set(
+        xlabel="C (fraction selected)", ylabel="ms", yscale="log", title=f"selective, T{cfg.sel_length} (dotted: SWA)"
+    )
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tiling_sweep(cfg: Config) -> list[dict]:
+    """Alternative Triton tilings for sliding-window attention at T = ``sel_length`` (kernel tuning aid)."""
+    from pallas_kernels._flash_window import Tiling
+    from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+
+    t = cfg.sel_length
+    candidates = [
+        Tiling(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=2),  # the default
+        Tiling(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=3),
+        Tiling(128, 128, 128, 64, 64, 128, num_warps=8, num_stages=2),
+        Tiling(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=2),
+        Tiling(128, 32, 64, 32, 32, 64, num_warps=4, num_stages=3),
+        Tiling(64, 128, 128, 64, 64, 64, num_warps=4, num_stages=2),
+    ]
+    sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
+    out = []
+    for tl in candidates:
+        fn = lambda q, k, v, tl=tl: sliding_window_attention_pallas_gpu(  # noqa: E731
+            q, k, v, window=cfg.window, softmax_scale=cfg.head_dim**-0.5, tiling=tl, interpret=cfg.interpret
+        )
+        row = {"tiling": dataclasses.asdict(tl)}
+        row["fwd_ms"], row["fwd_status"] = measure(fn, [s[:3] for s in sets], cfg.runs)
+        row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+        out.append(row)
+        print(f"sweep {row['tiling']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for attention.json and attention.png")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas in interpret mode (CPU check)")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative Triton tilings")
+    parser.add_argument("--runs", type=int, default=None, help="timed calls per measurement (default 20)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip remaining timings after this many s")
+    args = parser.parse_args(argv)
+    cfg = smoke_config() if args.smoke else Config()
+    if args.runs is not None:
+        cfg.runs = args.runs
+    if args.budget_s is not None:
+        cfg.budget_s = args.budget_s
+    run(cfg, args.out, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
