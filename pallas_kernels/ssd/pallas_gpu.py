@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ssd.block_sizes import GpuTiling, pow2_at_least
-from pallas_kernels.ssd.vjp import Grads, Plan, Vectors
+from pallas_kernels.ssd.vjp import Grads, Plan, Vectors, tiles_below_left
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -85,6 +85,17 @@ def _heads_per_program(r: int, want: int) -> int:
 def _lower_tri(s: int):
     """``(s, s)`` bool, True where column <= row."""
     return lax.broadcasted_iota(jnp.int32, (s, s), 0) >= lax.broadcasted_iota(jnp.int32, (s, s), 1)
+
+
+def _segsum_t(la, s: int):
+    """``(s, s)``, entry ``[j, i] = la_{j+1} + ... + la_i`` for ``i >= j`` (0 above), each a direct sum.
+
+    A prefix sum along rows of ``la`` masked to ``k > j``: no subtraction, so no cancellation however long the
+    tile's log-decay gets (``exp(loc_i - loc_j)`` would lose ``eps * |sub-block total|``).
+    """
+    rows = lax.broadcasted_iota(jnp.int32, (s, s), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+    return lax.cumsum(jnp.where(cols > rows, la[None, :], 0.0), axis=1)
 
 
 def _masked_exp(exponent, mask):
@@ -121,8 +132,8 @@ def _ssd_fwd_kernel(*refs, s: int, has_z: bool, has_seg: bool, dd):
     refs = list(refs)
     x_ref = refs.pop(0)
     z_ref = refs.pop(0) if has_z else None
-    b_ref, c_ref, dt_ref, loc_ref, cum_ref, tsub_ref = refs[:6]
-    refs = refs[6:]
+    b_ref, c_ref, dt_ref, la_ref, loc_ref, rsub_ref, cum_ref, tsub_ref = refs[:8]
+    refs = refs[8:]
     seg_ref, moff_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     states_ref, d_ref, y_ref = refs
 
@@ -141,7 +152,7 @@ def _ssd_fwd_kernel(*refs, s: int, has_z: bool, has_seg: bool, dd):
     mask = _lower_tri(s)
     if has_seg:
         mask = mask & (seg_i[:, None] == seg_i[None, :])
-    decay = _masked_exp(loc_i[:, None] - loc_i[None, :], mask)
+    decay = _masked_exp(_segsum_t(la_ref[rows], s).T, mask)
     acc = tile(rows, decay, jnp.zeros((s, x_i.shape[-1]), f32))
 
     def off_diagonal(k, carry):
@@ -149,8 +160,8 @@ def _ssd_fwd_kernel(*refs, s: int, has_z: bool, has_seg: bool, dd):
         col_tile = row_tile - 1 - k
         cols = pl.ds(col_tile * s, s)
         total = tsub_ref[col_tile]
-        # Log-decay from token j to the end of its tile, then across whole tiles, then into token i's tile.
-        exponent = loc_i[:, None] + ((total - loc_ref[cols]) + between)[None, :]
+        # Log-decay from token j to the end of its tile, across whole tiles, into token i's tile: direct sums.
+        exponent = loc_i[:, None] + (rsub_ref[cols] + between)[None, :]
         decay = jnp.exp(exponent)
         if has_seg:
             decay = jnp.where(seg_i[:, None] == seg_ref[cols][None, :], decay, 0.0)
@@ -248,8 +259,8 @@ def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool)
     if plan.has_z:
         args.append(z)
         specs.append(seq)
-    args += [B, C, vec.dt, vec.loc, vec.cum, vec.tsub]
-    specs += [grp, grp, vspec, vspec, vspec, tsub]
+    args += [B, C, vec.dt, vec.la, vec.loc, vec.rsub, vec.cum, vec.tsub]
+    specs += [grp, grp, vspec, vspec, vspec, vspec, vspec, tsub]
     if has_seg:
         args += [vec.seg, vec.moff]
         specs += [tok, tok]
@@ -306,10 +317,10 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
     refs = list(refs)
     x_ref, dout_ref = refs.pop(0), refs.pop(0)
     z_ref = refs.pop(0) if has_z else None
-    b_ref, c_ref, dt_ref, loc_ref, tail_ref, tsub_ref = refs[:6]
-    refs = refs[6:]
+    b_ref, c_ref, dt_ref, la_ref, loc_ref, rsub_ref, tail_ref, tsub_ref = refs[:8]
+    refs = refs[8:]
     seg_ref, mst_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
-    g_ref, d_ref, dx_ref, ddt_ref, colp_ref, sv_ref, db_ref = refs
+    g_ref, d_ref, dx_ref, ddt_ref, below_ref, exit_ref, db_ref = refs
 
     col_tile = pl.program_id(1)
     cols = pl.ds(col_tile * s, s)
@@ -320,37 +331,38 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
     def head(k, db_acc):
         x_j = x_ref[cols, k, :]
         xd_j = x_j.astype(dd)
-        dt_j, loc_j, tail_j = dt_ref[k, cols], loc_ref[k, cols], tail_ref[k, cols]
-        total_j = tsub_ref[k, col_tile]
+        dt_j, rsub_j, tail_j = dt_ref[k, cols], rsub_ref[k, cols], tail_ref[k, cols]
 
         def dy_at(span):
             return _gated(dout_ref[span, k, :], None if z_ref is None else z_ref[span, k, :])
 
         # Tiles are formed transposed (rows j of the resident column tile, columns i) so no operand is transposed.
-        def tile(rows, decay_t, acc):
+        def tile(rows, decay_t, acc, diagonal: bool = False):
             dx_acc, colsum, db = acc
             c_i = c_ref[rows, :]
             dy_i = dy_at(rows).astype(dd)
             w_t = _dot(b_j, c_i, _NT) * decay_t  # W^T
             v_t = _dot(xd_j, dy_i, _NT)  # (x_j . dy_i)
             p_t = v_t * decay_t
+            if not diagonal:  # the diagonal tile's share of d la is summed exactly by the dc kernel
+                colsum = colsum + jnp.sum(w_t * v_t, axis=1)
             return (
                 dx_acc + _dot(w_t.astype(dd), dy_i, _NN),
-                colsum + jnp.sum(w_t * v_t, axis=1),
+                colsum,
                 db + _dot((p_t * dt_j[:, None]).astype(dd), c_i, _NN),
             )
 
         mask = upper
         if has_seg:
             mask = mask & (seg_j[:, None] == seg_j[None, :])
-        decay_t = _masked_exp(loc_j[None, :] - loc_j[:, None], mask)
-        acc = tile(cols, decay_t, (jnp.zeros((s, x_j.shape[-1]), f32), jnp.zeros((s,), f32), db_acc))
+        decay_t = _masked_exp(_segsum_t(la_ref[k, cols], s), mask)
+        acc = tile(cols, decay_t, (jnp.zeros((s, x_j.shape[-1]), f32), jnp.zeros((s,), f32), db_acc), True)
 
         def below(kk, carry):
             acc, between = carry
             row_tile = col_tile + 1 + kk
             rows = pl.ds(row_tile * s, s)
-            exponent = ((total_j - loc_j) + between)[:, None] + loc_ref[k, rows][None, :]
+            exponent = (rsub_j + between)[:, None] + loc_ref[k, rows][None, :]
             decay_t = jnp.exp(exponent)
             if has_seg:
                 decay_t = jnp.where(seg_j[:, None] == seg_ref[rows][None, :], decay_t, 0.0)
@@ -370,30 +382,31 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         dx_ref[cols, k, :] = dx.astype(dx_ref.dtype)
         ddt_ref[k, cols] = jnp.sum(xf * dxdt, axis=1)
         s_j = dt_j * jnp.sum(xf * u, axis=1)
-        sv_ref[k, cols] = s_j
-        colp_ref[k, cols] = -(dt_j * colsum + s_j)
+        exit_ref[k, cols] = s_j
+        below_ref[k, cols] = dt_j * colsum
         return db + _dot((xf * (dt_j * w_state)[:, None]).astype(dd), g, _NN)
 
     db_ref[cols, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, b_j.shape[-1]), f32))
 
 
-def _ssd_bwd_dc_kernel(*refs, s: int, heads: int, has_z: bool, has_seg: bool, dd):
+def _ssd_bwd_dc_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: bool, dd):
     refs = list(refs)
     x_ref, dout_ref = refs.pop(0), refs.pop(0)
     z_ref = refs.pop(0) if has_z else None
-    b_ref, c_ref, dt_ref, loc_ref, cum_ref, tsub_ref = refs[:6]
-    refs = refs[6:]
+    b_ref, c_ref, dt_ref, la_ref, loc_ref, rsub_ref, cum_ref, tsub_ref = refs[:8]
+    refs = refs[8:]
     seg_ref, moff_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     states_ref, d_ref = refs[:2]
     refs = refs[2:]
     dz_ref = refs.pop(0) if has_z else None
-    rowp_ref, dd_ref, dc_ref = refs
+    left_ref, entry_ref, dprime_ref, tiles_ref, dd_ref, dc_ref = refs
 
     row_tile = pl.program_id(1)
     rows = pl.ds(row_tile * s, s)
     c_i = c_ref[rows, :]
     seg_i = seg_ref[rows] if has_seg else None
     lower = _lower_tri(s)
+    diag_eye = lax.broadcasted_iota(jnp.int32, (s, s), 0) == lax.broadcasted_iota(jnp.int32, (s, s), 1)
 
     def head(k, dc_acc):
         x_i = x_ref[rows, k, :]
@@ -402,6 +415,7 @@ def _ssd_bwd_dc_kernel(*refs, s: int, heads: int, has_z: bool, has_seg: bool, dd
         z_i = None if z_ref is None else z_ref[rows, k, :].astype(f32)
         dy_i = _gated(dout_i, z_i)
         dyd_i = dy_i.astype(dd)
+        tiles_ref[k, :] = jnp.zeros((m,), f32)
 
         def tile(cols, decay, acc):
             y_acc, rowsum, dc = acc
@@ -410,27 +424,37 @@ def _ssd_bwd_dc_kernel(*refs, s: int, heads: int, has_z: bool, has_seg: bool, dd
             dt_j = dt_ref[k, cols][None, :]
             scores = _dot(c_i, b_j, _NT)
             p = _dot(dyd_i, xd_j, _NT) * decay * dt_j
-            return (
+            acc = (
                 y_acc + _dot((scores * decay * dt_j).astype(dd), xd_j, _NN),
                 rowsum + jnp.sum(p * scores, axis=1),
                 dc + _dot(p.astype(dd), b_j, _NN),
             )
+            return acc, p * scores
 
         mask = lower
         if has_seg:
             mask = mask & (seg_i[:, None] == seg_i[None, :])
-        decay = _masked_exp(loc_i[:, None] - loc_i[None, :], mask)
-        acc = tile(rows, decay, (jnp.zeros((s, x_i.shape[-1]), f32), jnp.zeros((s,), f32), dc_acc))
+        decay = _masked_exp(_segsum_t(la_ref[k, rows], s).T, mask)
+        zero = jnp.zeros((s,), f32)
+        (y_acc, _, dc), m_diag = tile(rows, decay, (jnp.zeros((s, x_i.shape[-1]), f32), zero, dc_acc))
+        # The diagonal tile's share of d la_k is the sum of M[i, j] over i >= k > j. Summing it directly (a prefix
+        # sum along rows, then a column sum) instead of as row sums minus column sums avoids cancelling the large
+        # near-diagonal terms, which under strong decay are far larger than the result. Stored for k' = k - 1.
+        prefix = lax.cumsum(m_diag, axis=1)
+        dprime_ref[k, rows] = jnp.sum(jnp.where(lower & ~diag_eye, prefix, 0.0), axis=0)
+        acc = (y_acc, zero, dc)
 
         def left(kk, carry):
             acc, between = carry
             col_tile = row_tile - 1 - kk
             cols = pl.ds(col_tile * s, s)
             total = tsub_ref[k, col_tile]
-            decay = jnp.exp(loc_i[:, None] + ((total - loc_ref[k, cols]) + between)[None, :])
+            decay = jnp.exp(loc_i[:, None] + (rsub_ref[k, cols] + between)[None, :])
             if has_seg:
                 decay = jnp.where(seg_i[:, None] == seg_ref[cols][None, :], decay, 0.0)
-            return tile(cols, decay, acc), between + total
+            acc, m_tile = tile(cols, decay, acc)
+            tiles_ref[k, col_tile] = jnp.sum(jnp.sum(m_tile, axis=1), axis=0)
+            return acc, between + total
 
         (y_acc, rowsum, dc), _ = lax.fori_loop(0, row_tile, left, (acc, jnp.zeros((), f32)))
 
@@ -445,7 +469,8 @@ def _ssd_bwd_dc_kernel(*refs, s: int, heads: int, has_z: bool, has_seg: bool, dd
             sig = jax.nn.sigmoid(z_i)
             dz_ref[rows, k, :] = (dout_i * y_pre * sig * (1.0 + z_i * (1.0 - sig))).astype(dz_ref.dtype)
         dd_ref[k, :] = jnp.sum(dy_i * xf, axis=0)
-        rowp_ref[k, rows] = rowsum + jnp.sum(dy_i * y_off, axis=1)
+        left_ref[k, rows] = rowsum
+        entry_ref[k, rows] = jnp.sum(dy_i * y_off, axis=1)
         return dc + _dot(dyd_i, s_in, _NN) * w[:, None]
 
     dc_ref[rows, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, c_i.shape[-1]), f32))
@@ -497,55 +522,47 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
     splits = h // k
     seq, grp, vspec, tsub, tok, sspec, dskip = _intra_specs(plan, c, pp, nn, heads=k)
     part = pl.BlockSpec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
-    common_in = [x, dy] + ([z] if has_z else [])
-    common_specs = [seq, seq] + ([seq] if has_z else [])
-    seg_in = [vec.seg] if has_seg else []
-    params = _params(til.num_warps_bwd, til.num_stages)
+    per_tile = lambda width: pl.BlockSpec((None, None, k, width), lambda hi, t, bc: (bc // c, (bc % c) * m + t, hi, 0))
     vshape = jax.ShapeDtypeStruct((b, h, T), f32)
+    part_shape = jax.ShapeDtypeStruct((b, T, splits, nn), f32)
+    gated = [x, dy] + ([z] if has_z else [])
+    gated_specs = [seq] * len(gated)
+    seg_in = [vec.seg] if has_seg else []
 
-    dx, ddt, colp, svec, db_part = pl.pallas_call(
-        functools.partial(_ssd_bwd_dx_kernel, s=s, m=m, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
-        grid=(splits, m, b * c),
-        in_specs=[*common_specs, grp, grp, vspec, vspec, vspec, tsub]
-        + ([tok, tok] if has_seg else [])
-        + [sspec, dskip],
-        out_specs=[seq, vspec, vspec, vspec, part],
-        out_shape=[
-            jax.ShapeDtypeStruct(x.shape, x.dtype),
-            vshape,
-            vshape,
-            vshape,
-            jax.ShapeDtypeStruct((b, T, splits, nn), f32),
-        ],
-        compiler_params=params,
-        interpret=plan.interpret,
-        name="ssd_bwd_dx",
-    )(*common_in, B, C, vec.dt, vec.loc, vec.tail, vec.tsub, *seg_in, *([vec.mst] if has_seg else []), dstates, D)
+    def call(kernel, name, side, mask, resident, out_specs, out_shape):
+        return pl.pallas_call(
+            functools.partial(kernel, s=s, m=m, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
+            grid=(splits, m, b * c),
+            in_specs=[*gated_specs, grp, grp, *[vspec] * 5, tsub] + [tok, tok] * has_seg + [sspec, dskip],
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=_params(til.num_warps_bwd, til.num_stages),
+            interpret=plan.interpret,
+            name=name,
+        )(*gated, B, C, vec.dt, vec.la, vec.loc, vec.rsub, side, vec.tsub, *seg_in, *mask, resident, D)
 
-    out_specs = ([seq] if has_z else []) + [
-        vspec,
-        pl.BlockSpec((None, None, k, pp), lambda hi, t, bc: (bc // c, (bc % c) * m + t, hi, 0)),
-        part,
-    ]
-    out_shape = ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if has_z else []) + [
-        vshape,
-        jax.ShapeDtypeStruct((b, T // s, h, pp), f32),
-        jax.ShapeDtypeStruct((b, T, splits, nn), f32),
-    ]
-    outs = pl.pallas_call(
-        functools.partial(_ssd_bwd_dc_kernel, s=s, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
-        grid=(splits, m, b * c),
-        in_specs=[*common_specs, grp, grp, vspec, vspec, vspec, tsub]
-        + ([tok, tok] if has_seg else [])
-        + [sspec, dskip],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=plan.interpret,
-        name="ssd_bwd_dc",
-    )(*common_in, B, C, vec.dt, vec.loc, vec.cum, vec.tsub, *seg_in, *([vec.moff] if has_seg else []), states, D)
+    dx, ddt, dbelow, dexit, db_part = call(
+        _ssd_bwd_dx_kernel,
+        "ssd_bwd_dx",
+        vec.tail,
+        [vec.mst] if has_seg else [],
+        dstates,
+        [seq, vspec, vspec, vspec, part],
+        [jax.ShapeDtypeStruct(x.shape, x.dtype), vshape, vshape, vshape, part_shape],
+    )
+    outs = call(
+        _ssd_bwd_dc_kernel,
+        "ssd_bwd_dc",
+        vec.cum,
+        [vec.moff] if has_seg else [],
+        states,
+        [seq] * has_z + [vspec, vspec, vspec, per_tile(m), per_tile(pp), part],
+        ([jax.ShapeDtypeStruct(x.shape, z.dtype)] if has_z else [])
+        + [vshape, vshape, vshape, jax.ShapeDtypeStruct((b, c * m, h, m), f32)]
+        + [jax.ShapeDtypeStruct((b, T // s, h, pp), f32), part_shape],
+    )
     dz = outs[0] if has_z else None
-    rowp, dd_part, dc_part = outs[-3:]
+    dleft, dentry, dprime, tiles, dd_part, dc_part = outs[-6:]
 
     return Grads(
         dx=dx,
@@ -555,6 +572,12 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         dD=dd_part.sum(axis=(0, 1)),
         dinit=dinit,
         ddt=ddt,
-        dcum=rowp + colp,
-        dtotal=q.sum(axis=-1) + svec.reshape(b, h, c, lc).sum(axis=-1),
+        dleft=dleft,
+        dbelow=dbelow,
+        dtiles=tiles_below_left(tiles.reshape(b, c, m, h, m).transpose(0, 3, 1, 2, 4), s),
+        # The diagonal tile's part of d la_k was stored at k - 1; the last slot of every tile holds an exact zero.
+        ddiag=jnp.pad(dprime[..., :-1], ((0, 0), (0, 0), (1, 0))),
+        dentry=dentry,
+        dexit=dexit,
+        dtotal=q.sum(axis=-1),
     )

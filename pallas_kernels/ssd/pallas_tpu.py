@@ -46,8 +46,8 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 
 # Fields of the packed per-token vectors.
-_COL = dict(dt=0, loc=1, cum=2, tail=3, seg=4, moff=5, mst=6)  # (b, h, t, 8)
-_ROW = dict(dt=0, loc=1, seg=2, la=3)  # (b, h, c, 8, l)
+_COL = dict(dt=0, loc=1, cum=2, tail=3, seg=4, moff=5, mst=6, la=7)  # (b, h, t, 8)
+_ROW = dict(dt=0, rsub=1, seg=2, la=3)  # (b, h, c, 8, l)
 _K = 8
 
 
@@ -70,9 +70,9 @@ def _pack(vec: Vectors, chunk: int):
     b, h, T = vec.dt.shape
     zeros = jnp.zeros_like(vec.dt)
     per_token = lambda v: zeros if v is None else jnp.broadcast_to(v.astype(f32)[:, None, :], (b, h, T))
-    col = [vec.dt, vec.loc, vec.cum, vec.tail, per_token(vec.seg), per_token(vec.moff), per_token(vec.mst)]
-    cols = jnp.stack(col + [zeros], axis=-1)
-    row = [vec.dt, vec.loc, per_token(vec.seg), vec.la]
+    col = [vec.dt, vec.loc, vec.cum, vec.tail, per_token(vec.seg), per_token(vec.moff), per_token(vec.mst), vec.la]
+    cols = jnp.stack(col, axis=-1)
+    row = [vec.dt, vec.rsub, per_token(vec.seg), vec.la]
     rows = jnp.stack(row + [zeros] * (_K - len(row)), axis=2)  # (b, h, 8, T)
     c = T // chunk
     rows = rows.reshape(b, h, _K, c, chunk).transpose(0, 1, 3, 2, 4)
@@ -103,25 +103,34 @@ class _Tiles:
         return jnp.sum(self.row("la", j), axis=1, keepdims=True)
 
     def decays(self):
-        """``{(i, j): (s, s) decay}`` for every causal tile, row sub-block i, column sub-block j <= i."""
+        """``{(i, j): (s, s) decay}`` for every causal tile, row sub-block i, column sub-block j <= i.
+
+        Every exponent is a direct sum of log-decays: within the diagonal tile ``la_{j+1} + ... + la_i`` comes from
+        a float32 (``HIGHEST``) matmul of a 0/1 lower-triangular matrix with the masked log-decays (products by 1
+        are exact, so it is a plain sum); off the diagonal it is (rest of j's tile) + (whole tiles between) +
+        (start of i's tile through i).
+        """
         s = self.s
-        lower = lax.broadcasted_iota(jnp.int32, (s, s), 0) >= lax.broadcasted_iota(jnp.int32, (s, s), 1)
+        rows = lax.broadcasted_iota(jnp.int32, (s, s), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+        lower = rows >= cols
+        ones_lower = lower.astype(f32)
         out = {}
         for i in range(self.m):
             loc_i = self.col("loc", i)
             seg_i = self.col("seg", i) if self.has_seg else None
             between = jnp.zeros((1, 1), f32)
             for j in range(i, -1, -1):
-                loc_j = self.row("loc", j)
                 if j == i:
                     mask = lower
                     if self.has_seg:
                         mask = mask & (seg_i == self.row("seg", j))
-                    exponent = jnp.where(mask, loc_i - loc_j, 0.0)
+                    terms = jnp.where(rows > cols, self.col("la", i), 0.0)  # [k, j] = la_k for k > j
+                    exponent = jnp.where(mask, _dot(ones_lower, terms, _NN), 0.0)
                     out[i, j] = jnp.where(mask, jnp.exp(exponent), 0.0)
                 else:
                     total = self.total(j)
-                    decay = jnp.exp(loc_i + ((total - loc_j) + between))
+                    decay = jnp.exp(loc_i + (self.row("rsub", j) + between))
                     if self.has_seg:
                         decay = jnp.where(seg_i == self.row("seg", j), decay, 0.0)
                     out[i, j] = decay
@@ -229,6 +238,13 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
     dx_acc = [jnp.zeros((s, p_dim), f32) for _ in range(m)]
     rowsum = [jnp.zeros((s, 1), f32) for _ in range(m)]
     colsum = [jnp.zeros((1, s), f32) for _ in range(m)]
+    diag_part = [None] * m
+    entry = [None] * m
+    tile_sums = {}
+    row_id = lax.broadcasted_iota(jnp.int32, (s, s), 0)
+    col_id = lax.broadcasted_iota(jnp.int32, (s, s), 1)
+    upper_incl = (row_id <= col_id).astype(f32)
+    strict_lower = row_id > col_id
     for i in range(m):
         rows = geo.span(i)
         c_i = c_ref[rows, :]
@@ -245,8 +261,16 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             y_diag[i] = y_diag[i] + _dot((w * dt_j).astype(dd), xd_j, _NN)
             dx_acc[j] = dx_acc[j] + _dot(w.astype(dd), dyd_i, _TN)
             mw = w * v * dt_j
-            rowsum[i] = rowsum[i] + jnp.sum(mw, axis=1, keepdims=True)
-            colsum[j] = colsum[j] + jnp.sum(mw, axis=0, keepdims=True)
+            if j < i:
+                rowsum[i] = rowsum[i] + jnp.sum(mw, axis=1, keepdims=True)
+                colsum[j] = colsum[j] + jnp.sum(mw, axis=0, keepdims=True)
+                tile_sums[i, j] = jnp.sum(jnp.sum(mw, axis=1, keepdims=True), axis=0, keepdims=True)
+            else:
+                # d la_k's share from this diagonal tile, sum of M[i', j'] over i' >= k > j', summed directly (see
+                # pallas_gpu): prefix sums along rows by a float32 matmul with a 0/1 matrix, then column sums of
+                # the rows strictly below; stored for k' = k - 1.
+                prefix = _dot(mw, upper_incl, _NN)
+                diag_part[i] = jnp.sum(jnp.where(strict_lower, prefix, 0.0), axis=0, keepdims=True)
             dc_i = dc_i + _dot(p.astype(dd), b_j, _NN)
             db_ref[cols, :] += _dot(p.astype(dd), c_i, _TN)
         # The entry state's contribution to y, and what it sends back to C.
@@ -258,7 +282,7 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             y_pre = y_diag[i] + y_off + d * xf
             sig = jax.nn.sigmoid(zs[i])
             dz_ref[rows, :] = (dout[i] * y_pre * sig * (1.0 + zs[i] * (1.0 - sig))).astype(dz_ref.dtype)
-        rowsum[i] = rowsum[i] + jnp.sum(dy[i] * y_off, axis=1, keepdims=True)
+        entry[i] = jnp.sum(dy[i] * y_off, axis=1, keepdims=True)
 
     gd = g.astype(dd)
     dd_sum = jnp.zeros((1, p_dim), f32)
@@ -273,9 +297,17 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
         dx_ref[cols, :] = (dt_j * dxdt + d * dy[j]).astype(dx_ref.dtype)
         s_j = dt_j * jnp.sum(xf * u, axis=1, keepdims=True)
         dcol_ref[cols, 0:1] = jnp.sum(xf * dxdt, axis=1, keepdims=True)
-        dcol_ref[cols, 1:2] = rowsum[j] - s_j
+        dcol_ref[cols, 1:2] = rowsum[j]
         dcol_ref[cols, 2:3] = s_j
+        dcol_ref[cols, 3:4] = entry[j]
         drow_ref[0:1, cols] = colsum[j]
+        drow_ref[2:3, cols] = diag_part[j]
+        # Whole tiles below-left of tile j (rows i > j, columns < j), summed directly.
+        below_left = jnp.zeros((1, 1), f32)
+        for (ti, tj), v in tile_sums.items():
+            if ti > j > tj:
+                below_left = below_left + v
+        drow_ref[3:4, cols] = jnp.broadcast_to(below_left, (1, s))
         db_ref[cols, :] += _dot((xf * (dt_j * w_out)).astype(dd), gd, _NN)
         dd_sum = dd_sum + jnp.sum(dy[j] * xf, axis=0, keepdims=True)
     dd_ref[...] = dd_sum
@@ -392,7 +424,7 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
     dx = outs[0]
     dz = outs[1] if has_z else None
     db, dc, dcol, drow, dd_part, dinit = outs[-6:]
-    colsum = drow[:, :, :, 0, :].reshape(b, h, T)
+    row = lambda k: drow[:, :, :, k, :].reshape(b, h, T)
     return Grads(
         dx=heads_first(dx),
         dz=None if dz is None else heads_first(dz),
@@ -401,6 +433,11 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         dD=dd_part.sum(axis=(0, 2))[:, 0, :],
         dinit=dinit,
         ddt=dcol[..., 0],
-        dcum=dcol[..., 1] - colsum,
-        dtotal=drow[:, :, :, 1, 0] + dcol[..., 2].reshape(b, h, c, lc).sum(axis=-1),
+        dleft=dcol[..., 1],
+        dbelow=row(0),
+        dtiles=row(3),
+        ddiag=jnp.pad(row(2)[..., :-1], ((0, 0), (0, 0), (1, 0))),
+        dentry=dcol[..., 3],
+        dexit=dcol[..., 2],
+        dtotal=drow[:, :, :, 1, 0],
     )

@@ -72,7 +72,7 @@ class Plan:
 class Vectors(NamedTuple):
     """Per-token float32 quantities of the chunked algorithm, built in XLA (see the module docstring).
 
-    Shapes: ``dt, la, loc, cum, tail`` ``(b, h, T)``; ``tsub`` ``(b, h, T / s)``; ``tchunk`` ``(b, h, c)``;
+    Shapes: ``dt, la, loc, rsub, cum, tail`` ``(b, h, T)``; ``tsub`` ``(b, h, T / s)``; ``tchunk`` ``(b, h, c)``;
     ``seg`` ``(b, T)`` int32 monotone segment index (or None); ``moff`` / ``mst`` ``(b, T)`` float32 masks
     (or None): token i still sees the state that entered its chunk / token j still belongs to the segment that
     ends its chunk.
@@ -81,6 +81,7 @@ class Vectors(NamedTuple):
     dt: jax.Array
     la: jax.Array
     loc: jax.Array
+    rsub: jax.Array
     cum: jax.Array
     tail: jax.Array
     tsub: jax.Array
@@ -94,8 +95,8 @@ class Grads(NamedTuple):
     """What a backend's backward returns (aligned shapes, float32 unless said).
 
     ``dx, dz`` in the layout of x (``dz`` None without a gate); ``dB, dC`` summed over the heads of each group;
-    ``dD (h, p)``; ``dinit (b, h, p, n)``; ``ddt (b, h, T)`` the direct part ``x . d(dt x)``; ``dcum (b, h, T)``;
-    ``dtotal (b, h, c)`` (see the module docstring).
+    ``dD (h, p)``; ``dinit (b, h, p, n)``; ``ddt (b, h, T)`` the direct part ``x . d(dt x)``. The rest are the
+    pieces of ``d la`` (see ``_dla``), all ``(b, h, T)`` except ``dtotal (b, h, c)``.
     """
 
     dx: jax.Array
@@ -105,7 +106,12 @@ class Grads(NamedTuple):
     dD: jax.Array
     dinit: jax.Array
     ddt: jax.Array
-    dcum: jax.Array
+    dleft: jax.Array
+    dbelow: jax.Array
+    dtiles: jax.Array
+    ddiag: jax.Array
+    dentry: jax.Array
+    dexit: jax.Array
     dtotal: jax.Array
 
 
@@ -133,8 +139,11 @@ def prepare_vectors(dt, A, starts, chunk: int, block: int) -> Vectors:
     b, T, h = dt.shape
     dt = jnp.moveaxis(dt, 1, 2)  # (b, h, T): contiguous per head, what every kernel reads
     la = dt * A[None, :, None]
-    loc = jnp.cumsum(la.reshape(b, h, T // block, block), axis=-1)
+    lb = la.reshape(b, h, T // block, block)
+    loc = jnp.cumsum(lb, axis=-1)
     tsub = loc[..., -1]
+    rsub = jnp.flip(jnp.cumsum(jnp.flip(lb, -1), axis=-1), -1)[..., 1:]  # strictly after j, within the sub-block
+    rsub = jnp.concatenate([rsub, jnp.zeros_like(lb[..., :1])], axis=-1)
     lc = la.reshape(b, h, T // chunk, chunk)
     cum = jnp.cumsum(lc, axis=-1)
     suffix = jnp.flip(jnp.cumsum(jnp.flip(lc, -1), axis=-1), -1)  # la_j + ... + la_{l-1}, a direct sum
@@ -150,6 +159,7 @@ def prepare_vectors(dt, A, starts, chunk: int, block: int) -> Vectors:
         dt=dt,
         la=la,
         loc=loc.reshape(b, h, T),
+        rsub=rsub.reshape(b, h, T),
         cum=cum.reshape(b, h, T),
         tail=tail.reshape(b, h, T),
         tsub=tsub,
@@ -189,16 +199,62 @@ def _core_fwd(plan, x, dt, A, B, C, D, z, init, starts):
     return (y, final), (x, dt, A, B, C, D, z, starts, states)
 
 
+def _suffix_sums(v, size: int):
+    """``out[k] = v[k] + ... + v[end of k's block of size]``, direct sums, over the last axis."""
+    *lead, T = v.shape
+    v = v.reshape(*lead, T // size, size)
+    return jnp.flip(jnp.cumsum(jnp.flip(v, -1), axis=-1), -1).reshape(*lead, T)
+
+
+def _prefix_sums_before(v, size: int):
+    """``out[k] = v[start of k's block of size] + ... + v[k - 1]`` (0 at a block start), direct sums."""
+    *lead, T = v.shape
+    v = v.reshape(*lead, T // size, size)
+    out = jnp.cumsum(v[..., :-1], axis=-1)
+    return jnp.pad(out, [(0, 0)] * len(lead) + [(0, 0), (1, 0)]).reshape(*lead, T)
+
+
+def _dla(plan: Plan, g: Grads):
+    """``d la_k`` from the kernels' pieces, every term a direct sum (no large terms cancel).
+
+    ``d la_k`` is the sum of ``M[i, j]`` over ``i >= k > j`` in k's chunk (the intra-chunk pairs whose decay spans
+    k), plus ``dy_i . y_off_i`` over ``i >= k`` (entry state), plus ``s_j`` over ``j < k`` (exit state), plus
+    ``<G, exp(total) S_in>`` (the chunk's decay of its entry state). With tiles of s tokens the pair sum splits into
+    the diagonal tile's own part (``ddiag``), row sums of k's tile against tiles to its left over rows ``i >= k``,
+    column sums of tiles below against k's tile over columns ``j < k``, and whole tiles below-left (``dtiles``).
+    """
+    s, lc = plan.block, plan.chunk
+    dla = g.ddiag + g.dtiles + _suffix_sums(g.dleft, s) + _prefix_sums_before(g.dbelow, s)
+    dla = dla + _suffix_sums(g.dentry, lc) + _prefix_sums_before(g.dexit, lc)
+    b, h, T = dla.shape
+    return (dla.reshape(b, h, T // lc, lc) + g.dtotal[..., None]).reshape(b, h, T)
+
+
+def tiles_below_left(f, s: int):
+    """Per token, the sum of whole-tile sums ``f[I, J]`` over ``I > K > J`` (K the token's tile).
+
+    Args:
+      f: ``(b, h, c, m, m)`` float32 sums of M over tile (row I, column J), zero unless ``J < I``.
+      s: tile length.
+
+    Returns:
+      ``(b, h, c * m * s)``.
+    """
+    m = f.shape[-1]
+    before = _prefix_sums_before(f.reshape(*f.shape[:-2], m * m), m).reshape(f.shape)  # [I, K]: over J < K
+    rows = jnp.arange(m)[:, None]
+    cols = jnp.arange(m)[None, :]
+    e = jnp.sum(jnp.where(rows > cols, before, 0.0), axis=-2)  # (b, h, c, m): over I > K
+    b, h, c, _ = e.shape
+    return jnp.repeat(e, s, axis=-1).reshape(b, h, c * m * s)
+
+
 def _core_bwd(plan, residuals, cotangents):
     x, dt, A, B, C, D, z, starts, states = residuals
     dy, dfinal = cotangents
     vec = prepare_vectors(dt, A, starts, plan.chunk, plan.block)
     g = _backend(plan).backward(plan, x, B, C, D, z, vec, states, dy, dfinal.astype(f32))
-    b, h, T = vec.dt.shape
-    # d la_k = (sum of d cum_i over i >= k in the chunk) + d(chunk total): a direct reverse cumulative sum.
-    dcum = g.dcum.reshape(b, h, T // plan.chunk, plan.chunk)
-    dla = jnp.flip(jnp.cumsum(jnp.flip(dcum, -1), axis=-1), -1) + g.dtotal[..., None]
-    dla = dla.reshape(b, h, T)
+    dla = _dla(plan, g)
     ddt = g.ddt + dla * A[None, :, None]
     dA = jnp.sum(dla * vec.dt, axis=(0, 2))
     dz = None if z is None else g.dz.astype(z.dtype)
