@@ -13,13 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.selective_scan.pallas_gpu import selective_scan_pallas_gpu
+from pallas_kernels.selective_scan.pallas_tpu import selective_scan_pallas_tpu
 from pallas_kernels.selective_scan.reference import (
     selective_scan_reference,
     selective_scan_step_reference,
 )
 from pallas_kernels.selective_scan.xla import selective_scan_xla
 
-AVAILABLE = ("reference", "xla")
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
 _OP = "selective_scan"
 _STEP = "selective_scan_step"
@@ -71,6 +73,7 @@ def selective_scan(
     segment_ids=None,
     chunk_size: int | None = None,
     implementation: str = "auto",
+    interpret: bool = False,
 ):
     """The selective scan of Mamba-1 over whole sequences.
 
@@ -94,9 +97,11 @@ def selective_scan(
       segment_ids: ``(b, t)`` integers for packed sequences, or None. Segments are maximal runs of
         equal ids; the state is reset to zero before the first token of each segment after the
         first.
-      chunk_size: tokens per chunk of the ``xla`` path (static tuning knob, >= 1; None picks a
-        default). It does not change results.
+      chunk_size: tokens per time chunk of the ``xla`` path and of the Pallas kernels (static tuning
+        knob, >= 1; None picks a default per implementation and shape). It does not change results.
       implementation: "auto", "reference", "xla", "pallas_gpu" or "pallas_tpu".
+      interpret: run a Pallas kernel in interpret mode (on any platform; the TPU kernel with
+        ``pltpu.InterpretParams()``). Ignored by "reference" and "xla".
 
     Returns:
       y ``(b, t, d)`` in ``u.dtype``, or ``(y, final_state)`` with final_state ``(b, d, n)`` float32
@@ -105,6 +110,7 @@ def selective_scan(
     Raises:
       ValueError: a malformed argument or an unknown implementation.
       NotImplementedError: an implementation this op does not have yet.
+      RuntimeError: a Pallas kernel asked for on another platform without ``interpret=True``.
     """
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
     D, z, delta_bias, initial_state, segment_ids = (
@@ -141,16 +147,24 @@ def selective_scan(
     )
     _checks.positive_int(_OP, "chunk_size", chunk_size, allow_none=True)
 
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE)
+    if not isinstance(interpret, bool):
+        raise ValueError(f"{_OP}: interpret={interpret!r} must be a bool")
+
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
     kwargs = dict(
         delta_softplus=bool(delta_softplus),
         initial_state=initial_state,
         return_final_state=bool(return_final_state),
         segment_ids=segment_ids,
     )
+    args = (u, delta, A, B, C, D, z, delta_bias)
     if impl == "reference":
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, **kwargs)
-    return selective_scan_xla(u, delta, A, B, C, D, z, delta_bias, chunk_size=chunk_size, **kwargs)
+        return selective_scan_reference(*args, **kwargs)
+    if impl == "xla":
+        return selective_scan_xla(*args, chunk_size=chunk_size, **kwargs)
+    if impl == "pallas_gpu":
+        return selective_scan_pallas_gpu(*args, chunk_size=chunk_size, interpret=interpret, **kwargs)
+    return selective_scan_pallas_tpu(*args, chunk_size=chunk_size, interpret=interpret, **kwargs)
 
 
 def selective_scan_step(
