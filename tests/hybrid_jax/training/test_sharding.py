@@ -60,19 +60,11 @@ def test_rules_name_only_mesh_axes():
     assert normalize_rules([("embed", ["data", "fsdp"])]) == (("embed", ("data", "fsdp")),)
 
 
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """Losses of 5 steps on one device (this process) with the test config of _steps.py."""
-    from tests.hybrid_jax.training._steps import run_steps, tiny_config
-
-    return run_steps(tiny_config((1, 1, 1), 5, data_dir), str(tmp_path_factory.mktemp("ref")))
-
-
 def _results(output: str) -> list[dict]:
     return [json.loads(line[len("RESULT ") :]) for line in output.splitlines() if line.startswith("RESULT ")]
 
 
-def _run(args, timeout=300):
+def _run(args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
@@ -80,30 +72,50 @@ def _run(args, timeout=300):
     )
 
 
+def _wait(procs, timeout=600) -> list[dict]:
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [r for out, _ in outs for r in _results(out)]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """5 steps on the one device of this process, with the config of _steps.py."""
+    from tests.hybrid_jax.training._steps import run_steps, tiny_config
+
+    return run_steps(tiny_config((1, 1, 1), 5, data_dir), str(tmp_path_factory.mktemp("reference")))
+
+
 # Expected parameter PartitionSpecs on a (2, 2, 2) mesh: width over fsdp, wide axes over tensor, scanned layer axis
 # and norms replicated; the SAL gate's 2 outputs are not sharded.
 EXPECTED_222 = {
     "embed/embedding": "P('tensor', 'fsdp')",
     "norm_f/scale": "P()",
-    "periods/mamba2_0/mixer/in_proj/kernel": "P(None, 'fsdp', 'tensor')",
-    "periods/mamba2_0/mixer/out_proj/kernel": "P(None, 'tensor', 'fsdp')",
-    "periods/mamba2_0/mixer/A_log": "P(None, 'tensor')",
-    "periods/mamba2_0/mixer/conv1d/kernel": "P(None, None, 'tensor')",
-    "periods/mamba2_0/norm/scale": "P()",
-    "periods/sal_1/mixer/qkv/q_proj/kernel": "P(None, 'fsdp', 'tensor')",
-    "periods/sal_1/mixer/o_proj/kernel": "P(None, 'tensor', 'fsdp')",
-    "periods/sal_1/mixer/gate/kernel": "P(None, 'fsdp')",
-    "periods/mlp_2/mixer/gate_proj/kernel": "P(None, 'fsdp', 'tensor')",
-    "periods/mlp_2/mixer/down_proj/kernel": "P(None, 'tensor', 'fsdp')",
+    "periods/sal_0/mixer/qkv/q_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/sal_0/mixer/qkv/k_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/sal_0/mixer/o_proj/kernel": "P(None, 'tensor', 'fsdp')",
+    "periods/sal_0/mixer/gate/kernel": "P(None, 'fsdp')",
+    "periods/sal_0/mixer/gate/bias": "P()",
+    "periods/sal_0/norm/scale": "P()",
+    "periods/mlp_1/mixer/gate_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/mlp_1/mixer/up_proj/kernel": "P(None, 'fsdp', 'tensor')",
+    "periods/mlp_1/mixer/down_proj/kernel": "P(None, 'tensor', 'fsdp')",
 }
 
 
-def test_sharded_meshes_match_one_device(reference, data_dir, tmp_path):
+def test_sharded_meshes_match_one_device(data_dir, tmp_path, request):
     """(8,1,1), (2,2,2), (1,1,8) on 8 CPU devices: same 5 losses as one device, expected compiled shardings."""
     proc = _run(["--devices", "8", "--mesh", "8,1,1;2,2,2;1,1,8", "--data_dir", data_dir, "--workdir", str(tmp_path)])
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    results = _results(out)
+    reference = request.getfixturevalue("reference")  # computed while the subprocess compiles
+    results = _wait([proc])
     assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 2, 2], [1, 1, 8]]
     ref = np.array(reference["losses"])
     assert ref[-1] < ref[0]  # the reference itself trains
@@ -117,7 +129,35 @@ def test_sharded_meshes_match_one_device(reference, data_dir, tmp_path):
         assert mixed["params_out"][name] == spec, name  # the step keeps the layout it was given
         assert mixed["mu_in"][name] == spec, name  # Adam moments are sharded like their parameters
     assert tensor["params_in"]["embed/embedding"] == "P('tensor',)"
-    assert tensor["params_in"]["periods/mamba2_0/mixer/in_proj/kernel"] == "P(None, None, 'tensor')"
+    assert tensor["params_in"]["periods/mlp_1/mixer/down_proj/kernel"] == "P(None, 'tensor')"
+
+
+def test_taipan_parameter_shardings_on_a_2x2x2_mesh():
+    """Every Taipan parameter (Mamba-2 included) gets the spec of its logical names on a (2,2,2) mesh."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_jax.model import LanguageModel, preset
+    from hybrid_jax.sharding import tree_shardings
+
+    model = LanguageModel(preset("taipan", "tiny", vocab_size=384))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    specs = jax.tree.map(lambda s: s.spec, tree_shardings(boxed, AbstractMesh((2, 2, 2), MESH_AXES), DEFAULT_RULES))
+    flat = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): s
+        for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]
+    }
+    m2 = "periods/mamba2_0/mixer/"
+    assert flat[m2 + "in_proj/kernel"] == P(None, "fsdp", "tensor")  # (layers, embed, 2e+2gn+h = 168)
+    assert flat[m2 + "out_proj/kernel"] == P(None, "tensor", "fsdp")
+    assert flat[m2 + "conv1d/kernel"] == P(None, None, "tensor")
+    for name in ("A_log", "D", "dt_bias", "norm/scale"):
+        assert flat[m2 + name] == P(None, "tensor"), name
+    assert flat["periods/sal_6/mixer/gate/kernel"] == P(None, "fsdp")
+    assert flat["embed/embedding"] == P("tensor", "fsdp")
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]
+    assert len(flat) == len(leaves)  # every parameter has a spec
 
 
 def _free_port() -> int:
@@ -126,41 +166,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_device(reference, data_dir, tmp_path):
+def test_two_processes_match_one_device(data_dir, tmp_path, request):
     """Two processes x 4 CPU devices (gloo on localhost) train a (2,2,2) global mesh: the single-device losses."""
     port = str(_free_port())
+    common = ["--devices", "4", "--mesh", "2,2,2", "--num_processes", "2", "--port", port]
     procs = [
-        _run(
-            [
-                "--devices",
-                "4",
-                "--mesh",
-                "2,2,2",
-                "--process",
-                str(i),
-                "--num_processes",
-                "2",
-                "--port",
-                port,
-                "--data_dir",
-                data_dir,
-                "--workdir",
-                str(tmp_path / str(i)),
-            ]
-        )
+        _run([*common, "--process", str(i), "--data_dir", data_dir, "--workdir", str(tmp_path / str(i))])
         for i in range(2)
     ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    results = [_results(out)[0] for out, _ in outs]
+    reference = request.getfixturevalue("reference")
+    results = _wait(procs)
+    assert len(results) == 2
     for r in results:
         assert r["processes"] == 2 and r["devices"] == 8
         np.testing.assert_allclose(r["losses"], reference["losses"], rtol=1e-5, atol=0)
