@@ -69,6 +69,31 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=f32, precision=precision)
 
 
+def _dot_f32(a, b, dims, dd):
+    """A dot whose float32 operands keep ~16 mantissa bits with 16-bit matmul operands.
+
+    Each float32 operand is split as ``hi + lo`` (both ``dd``) and the products except ``lo lo`` are summed. Used
+    where state-sized values meet a matmul (chunk states, ``C S^T``, ``G B``): rounding a state to bf16 would put a
+    2**-9 relative error into the final state, well above the xla path's at the same input dtype.
+    """
+    if dd == f32:
+        return _dot(a, b, dims)
+
+    def parts(v):
+        if v.dtype != f32:
+            return [v]
+        hi = v.astype(dd)
+        return [hi, (v - hi.astype(f32)).astype(dd)]
+
+    pa, pb = parts(a), parts(b)
+    out = _dot(pa[0], pb[0], dims)
+    if len(pb) > 1:
+        out = out + _dot(pa[0], pb[1], dims)
+    if len(pa) > 1:
+        out = out + _dot(pa[1], pb[0], dims)
+    return out
+
+
 def _silu(v):
     return v * jax.nn.sigmoid(v)
 
@@ -122,8 +147,8 @@ def _ssd_state_fwd_kernel(*refs, lc: int, c: int, has_seg: bool, dd):
         if has_seg:
             w = w * mst_ref[span]
             decay = decay * moff_ref[ci * lc + lc - 1]
-        xw = (x_ref[span, :].astype(f32) * w[:, None]).astype(dd)
-        return decay * state + _dot(xw, b_ref[span, :], _TN)
+        xw = x_ref[span, :].astype(f32) * w[:, None]
+        return decay * state + _dot_f32(xw, b_ref[span, :], _TN, dd)
 
     final_ref[...] = lax.fori_loop(0, c, chunk, init_ref[...])
 
@@ -172,7 +197,7 @@ def _ssd_fwd_kernel(*refs, s: int, has_z: bool, has_seg: bool, dd):
     w = jnp.exp(cum_ref[rows])
     if has_seg:
         w = w * moff_ref[rows]
-    y_off = _dot(c_i, states_ref[...].astype(dd), _NT)
+    y_off = _dot_f32(c_i, states_ref[...], _NT, dd)
     y = acc + w[:, None] * y_off + d_ref[...][None, :] * x_i.astype(f32)
     if has_z:
         y = y * _silu(z_ref[rows, :].astype(f32))
@@ -194,23 +219,49 @@ def _state_specs(plan: Plan, T: int, pp: int, nn: int):
     return (bp, bn, n_p * (nn // bn)), seq, grp, vec, tok, state, per_chunk
 
 
-def _intra_specs(plan: Plan, c: int, pp: int, nn: int, heads: int | None):
-    """Block geometry of the intra-chunk kernels: grid ``(h / heads, m, b c)``.
+# CUDA caps the y and z grid dimensions at 65535 programs; x allows 2**31 - 1.
+_MAX_GRID_YZ = 65535
 
+
+class _IntraGrid:
+    """Grid ``(h / heads, m, b c)`` of the intra-chunk kernels and BlockSpecs over it.
+
+    Heads go on grid axis 0 (launched fastest) so that the programs of one chunk and row tile, which read the same B
+    and C tiles, run together and share them through L2. Beyond 65535 chunks in a batch the grid is reversed.
     ``heads`` heads per program keep a head axis in every per-head block; ``None`` means one head, axis squeezed.
     """
-    lc, s = plan.chunk, plan.block
-    m = lc // s
-    groups_of = plan.heads_per_group // (heads or 1)  # programs per group along grid axis 0
-    hsq = heads
-    seq = pl.BlockSpec((None, lc, hsq, pp), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
-    grp = pl.BlockSpec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi // groups_of, 0))
-    vec = pl.BlockSpec((None, hsq, lc), lambda hi, t, bc: (bc // c, hi, bc % c))
-    tsub = pl.BlockSpec((None, hsq, m), lambda hi, t, bc: (bc // c, hi, bc % c))
-    tok = pl.BlockSpec((None, lc), lambda hi, t, bc: (bc // c, bc % c))
-    state = pl.BlockSpec((None, hsq, None, pp, nn), lambda hi, t, bc: (bc // c, hi, bc % c, 0, 0))
-    dskip = pl.BlockSpec((hsq, pp), lambda hi, t, bc: (hi, 0))
-    return seq, grp, vec, tsub, tok, state, dskip
+
+    def __init__(self, plan: Plan, b: int, c: int, pp: int, nn: int, heads: int | None):
+        self.lc, self.s, self.c = plan.chunk, plan.block, c
+        self.m = self.lc // self.s
+        self.heads = heads
+        self.per_group = plan.heads_per_group // (heads or 1)  # programs per group along the head axis
+        self.pp, self.nn = pp, nn
+        self.b = b
+        self.swap = b * c > _MAX_GRID_YZ
+
+    def grid(self, head_programs: int):
+        g = (head_programs, self.m, self.b * self.c)
+        return g[::-1] if self.swap else g
+
+    def spec(self, block, index):
+        """A BlockSpec whose index map is written in terms of ``(head program, row/column tile, b * c + chunk)``."""
+        if self.swap:
+            return pl.BlockSpec(block, lambda bc, t, hi: index(hi, t, bc))
+        return pl.BlockSpec(block, index)
+
+    def specs(self):
+        lc, c, hsq, pp, nn, m = self.lc, self.c, self.heads, self.pp, self.nn, self.m
+        per_group = self.per_group
+        return (
+            self.spec((None, lc, hsq, pp), lambda hi, t, bc: (bc // c, bc % c, hi, 0)),  # x, z, y, dy, dx, dz
+            self.spec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi // per_group, 0)),  # B, C
+            self.spec((None, hsq, lc), lambda hi, t, bc: (bc // c, hi, bc % c)),  # per-token vectors
+            self.spec((None, hsq, m), lambda hi, t, bc: (bc // c, hi, bc % c)),  # sub-block totals
+            self.spec((None, lc), lambda hi, t, bc: (bc // c, bc % c)),  # per-token, all heads (segments)
+            self.spec((None, hsq, None, pp, nn), lambda hi, t, bc: (bc // c, hi, bc % c, 0, 0)),  # states
+            self.spec((hsq, pp), lambda hi, t, bc: (hi, 0)),  # D
+        )
 
 
 def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool):
@@ -232,7 +283,7 @@ def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool)
     b, T, h, pp = x.shape
     nn = B.shape[-1]
     lc, s = plan.chunk, plan.block
-    c, m = T // lc, lc // s
+    c = T // lc
     til: GpuTiling = plan.tiling
     dd = B.dtype
     has_seg = plan.has_segments
@@ -254,7 +305,8 @@ def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool)
         name="ssd_state_fwd",
     )(*args, init)
 
-    seq, grp, vspec, tsub, tok, sspec, dskip = _intra_specs(plan, c, pp, nn, heads=None)
+    ig = _IntraGrid(plan, b, c, pp, nn, heads=None)
+    seq, grp, vspec, tsub, tok, sspec, dskip = ig.specs()
     args, specs = [x], [seq]
     if plan.has_z:
         args.append(z)
@@ -266,7 +318,7 @@ def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool)
         specs += [tok, tok]
     y = pl.pallas_call(
         functools.partial(_ssd_fwd_kernel, s=s, has_z=plan.has_z, has_seg=has_seg, dd=dd),
-        grid=(h, m, b * c),
+        grid=ig.grid(h),
         in_specs=[*specs, sspec, dskip],
         out_specs=seq,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -308,7 +360,7 @@ def _ssd_state_bwd_kernel(*refs, lc: int, c: int, has_z: bool, has_seg: bool, dd
             w = w * moff_ref[span]
         q_ref[ci] = decay * jnp.sum(jnp.sum(g * states_ref[ci], axis=1), axis=0)
         dy = _gated(dout_ref[span, :], None if z_ref is None else z_ref[span, :])
-        return decay * g + _dot((dy * w[:, None]).astype(dd), c_ref[span, :], _TN)
+        return decay * g + _dot_f32(dy * w[:, None], c_ref[span, :], _TN, dd)
 
     dinit_ref[...] = lax.fori_loop(0, c, chunk, dfinal_ref[...])
 
@@ -371,11 +423,11 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         (dx_acc, colsum, db), _ = lax.fori_loop(0, m - 1 - col_tile, below, (acc, jnp.zeros((), f32)))
 
         # What S_out (hence the next chunks and the final state) sends back to token j.
-        g = g_ref[k].astype(dd)
+        g = g_ref[k]
         w_state = jnp.exp(tail_j)
         if has_seg:
             w_state = w_state * mst_ref[cols]
-        u = _dot(b_j, g, _NT) * w_state[:, None]
+        u = _dot_f32(b_j, g, _NT, dd) * w_state[:, None]
         dxdt = dx_acc + u
         xf = x_j.astype(f32)
         dx = dt_j[:, None] * dxdt + d_ref[k, :][None, :] * dy_at(cols)
@@ -384,7 +436,7 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         s_j = dt_j * jnp.sum(xf * u, axis=1)
         exit_ref[k, cols] = s_j
         below_ref[k, cols] = dt_j * colsum
-        return db + _dot((xf * (dt_j * w_state)[:, None]).astype(dd), g, _NN)
+        return db + _dot_f32(xf * (dt_j * w_state)[:, None], g, _NN, dd)
 
     db_ref[cols, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, b_j.shape[-1]), f32))
 
@@ -458,11 +510,11 @@ def _ssd_bwd_dc_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
 
         (y_acc, rowsum, dc), _ = lax.fori_loop(0, row_tile, left, (acc, jnp.zeros((), f32)))
 
-        s_in = states_ref[k].astype(dd)
+        s_in = states_ref[k]
         w = jnp.exp(cum_ref[k, rows])
         if has_seg:
             w = w * moff_ref[rows]
-        y_off = _dot(c_i, s_in, _NT) * w[:, None]
+        y_off = _dot_f32(c_i, s_in, _NT, dd) * w[:, None]
         xf = x_i.astype(f32)
         if has_z:
             y_pre = y_acc + y_off + d_ref[k, :][None, :] * xf
@@ -471,7 +523,7 @@ def _ssd_bwd_dc_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         dd_ref[k, :] = jnp.sum(dy_i * xf, axis=0)
         left_ref[k, rows] = rowsum
         entry_ref[k, rows] = jnp.sum(dy_i * y_off, axis=1)
-        return dc + _dot(dyd_i, s_in, _NN) * w[:, None]
+        return dc + _dot_f32(dy_i, s_in, _NN, dd) * w[:, None]
 
     dc_ref[rows, :] = lax.fori_loop(0, heads, head, jnp.zeros((s, c_i.shape[-1]), f32))
 
@@ -520,9 +572,10 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
     # 2. and 3. Intra-chunk kernels, k heads of one group per program.
     k = _heads_per_program(plan.heads_per_group, til.heads_per_program)
     splits = h // k
-    seq, grp, vspec, tsub, tok, sspec, dskip = _intra_specs(plan, c, pp, nn, heads=k)
-    part = pl.BlockSpec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
-    per_tile = lambda width: pl.BlockSpec((None, None, k, width), lambda hi, t, bc: (bc // c, (bc % c) * m + t, hi, 0))
+    ig = _IntraGrid(plan, b, c, pp, nn, heads=k)
+    seq, grp, vspec, tsub, tok, sspec, dskip = ig.specs()
+    part = ig.spec((None, lc, None, nn), lambda hi, t, bc: (bc // c, bc % c, hi, 0))
+    per_tile = lambda width: ig.spec((None, None, k, width), lambda hi, t, bc: (bc // c, (bc % c) * m + t, hi, 0))
     vshape = jax.ShapeDtypeStruct((b, h, T), f32)
     part_shape = jax.ShapeDtypeStruct((b, T, splits, nn), f32)
     gated = [x, dy] + ([z] if has_z else [])
@@ -532,7 +585,7 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
     def call(kernel, name, side, mask, resident, out_specs, out_shape):
         return pl.pallas_call(
             functools.partial(kernel, s=s, m=m, heads=k, has_z=has_z, has_seg=has_seg, dd=dd),
-            grid=(splits, m, b * c),
+            grid=ig.grid(splits),
             in_specs=[*gated_specs, grp, grp, *[vspec] * 5, tsub] + [tok, tok] * has_seg + [sspec, dskip],
             out_specs=out_specs,
             out_shape=out_shape,

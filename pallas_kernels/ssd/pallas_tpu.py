@@ -61,6 +61,31 @@ def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=f32, precision=precision)
 
 
+def _dot_f32(a, b, dims, dd):
+    """A dot whose float32 operands keep ~16 mantissa bits with 16-bit matmul operands.
+
+    Each float32 operand is split as ``hi + lo`` (both ``dd``) and the products except ``lo lo`` are summed. Used
+    where state-sized values meet a matmul (chunk states, ``C S^T``, ``G B``): rounding a state to bf16 would put a
+    2**-9 relative error into the final state, well above the xla path's at the same input dtype.
+    """
+    if dd == f32:
+        return _dot(a, b, dims)
+
+    def parts(v):
+        if v.dtype != f32:
+            return [v]
+        hi = v.astype(dd)
+        return [hi, (v - hi.astype(f32)).astype(dd)]
+
+    pa, pb = parts(a), parts(b)
+    out = _dot(pa[0], pb[0], dims)
+    if len(pb) > 1:
+        out = out + _dot(pa[0], pb[1], dims)
+    if len(pa) > 1:
+        out = out + _dot(pa[1], pb[0], dims)
+    return out
+
+
 def _silu(v):
     return v * jax.nn.sigmoid(v)
 
@@ -181,7 +206,7 @@ def _ssd_fwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
     for i in range(geo.m):
         rows = geo.span(i)
         c_i = c_ref[rows, :]
-        acc = _dot(c_i, s_in.astype(dd), _NT) * geo.entry_weight(i)
+        acc = _dot_f32(c_i, s_in, _NT, dd) * geo.entry_weight(i)
         for j in range(i + 1):
             cols = geo.span(j)
             scores = _dot(c_i, b_ref[cols, :], _NT)
@@ -192,8 +217,8 @@ def _ssd_fwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             y = y * _silu(z_ref[rows, :].astype(f32))
         y_ref[rows, :] = y.astype(y_ref.dtype)
 
-    xw = (x_ref[...].astype(f32) * (geo.col("dt") * geo.exit_weight())).astype(dd)
-    state_ref[ri] = geo.chunk_decay() * s_in + _dot(xw, b_ref[...], _TN)
+    xw = x_ref[...].astype(f32) * (geo.col("dt") * geo.exit_weight())
+    state_ref[ri] = geo.chunk_decay() * s_in + _dot_f32(xw, b_ref[...], _TN, dd)
 
     # The final state leaves by DMA at the last chunk: as a blocked output its block would be revisited once per
     # chunk, which Pallas TPU does not allow.
@@ -275,8 +300,8 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             db_ref[cols, :] += _dot(p.astype(dd), c_i, _TN)
         # The entry state's contribution to y, and what it sends back to C.
         w_in = geo.entry_weight(i)
-        y_off = _dot(c_i, s_in.astype(dd), _NT) * w_in
-        dc_ref[rows, :] += dc_i + _dot(dyd_i, s_in.astype(dd), _NN) * w_in
+        y_off = _dot_f32(c_i, s_in, _NT, dd) * w_in
+        dc_ref[rows, :] += dc_i + _dot_f32(dy[i], s_in, _NN, dd) * w_in
         xf = xs[i].astype(f32)
         if has_z:
             y_pre = y_diag[i] + y_off + d * xf
@@ -284,14 +309,13 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             dz_ref[rows, :] = (dout[i] * y_pre * sig * (1.0 + zs[i] * (1.0 - sig))).astype(dz_ref.dtype)
         entry[i] = jnp.sum(dy[i] * y_off, axis=1, keepdims=True)
 
-    gd = g.astype(dd)
     dd_sum = jnp.zeros((1, p_dim), f32)
     for j in range(m):
         cols = geo.span(j)
         b_j = b_ref[cols, :]
         dt_j = geo.col("dt", j)
         w_out = geo.exit_weight(j)
-        u = _dot(b_j, gd, _NT) * w_out
+        u = _dot_f32(b_j, g, _NT, dd) * w_out
         dxdt = dx_acc[j] + u
         xf = xs[j].astype(f32)
         dx_ref[cols, :] = (dt_j * dxdt + d * dy[j]).astype(dx_ref.dtype)
@@ -308,7 +332,7 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             if ti > j > tj:
                 below_left = below_left + v
         drow_ref[3:4, cols] = jnp.broadcast_to(below_left, (1, s))
-        db_ref[cols, :] += _dot((xf * (dt_j * w_out)).astype(dd), gd, _NN)
+        db_ref[cols, :] += _dot_f32(xf * (dt_j * w_out), g, _NN, dd)
         dd_sum = dd_sum + jnp.sum(dy[j] * xf, axis=0, keepdims=True)
     dd_ref[...] = dd_sum
 
@@ -318,7 +342,7 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
     dy_all = dout_ref[...].astype(f32)
     if has_z:
         dy_all = dy_all * _silu(z_ref[...].astype(f32))
-    g_ref[ri] = decay * g + _dot((dy_all * geo.entry_weight()).astype(dd), c_ref[...], _TN)
+    g_ref[ri] = decay * g + _dot_f32(dy_all * geo.entry_weight(), c_ref[...], _TN, dd)
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
