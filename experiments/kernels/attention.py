@@ -61,7 +61,7 @@ class Config:
     runs: int = 20
     input_sets: int = 3
     interpret: bool = False
-    budget_s: float = 420.0
+    budget_s: float = 480.0
 
 
 def smoke_config() -> Config:
@@ -213,27 +213,26 @@ def cudnn_convention(cfg: Config) -> dict:
     """cuDNN with ``local_window_size=(w - 1, 0)`` against our window w and w + 1, at small w where one key matters.
 
     Our definition: query i sees key j iff ``0 <= i - j < w``. The call matches it when the error against w is at
-    bf16 level and the error against w + 1 is far larger.
+    bf16 level and the error against w + 1 is several times larger (with w <= 8 one key is >= 1/9 of a row).
     """
     q, k, v, _ = make_inputs(jax.random.key(3), cfg, 256)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     out = {}
-    for w in (1, 4, 64):
+    for w in (1, 2, 8):
         try:
             got = jax.jit(swa_fn("cudnn", w, cfg))(q, k, v).astype(jnp.float32)
             same = rel_err(got, jax.jit(swa_fn("reference", w, cfg))(*up))
             plus1 = rel_err(got, jax.jit(swa_fn("reference", w + 1, cfg))(*up))
             out[f"cudnn convention w={w}"] = {"vs_our_w": same, "vs_our_w_plus_1": plus1}
-        except Exception as err:
+        except Exception as err:  # e.g. a window cuDNN does not support
             out[f"cudnn convention w={w}"] = {"status": classify(err)}
     return out
 
 
 def convention_ok(checks: dict) -> bool:
-    rows = [v for k, v in checks.items() if k.startswith("cudnn convention")]
-    return bool(rows) and all(
-        "status" not in r and r["vs_our_w"] < 3e-2 and r["vs_our_w_plus_1"] > 5 * r["vs_our_w"] for r in rows
-    )
+    """Every window cuDNN ran matches ours (and not ours + 1); at least two ran."""
+    rows = [v for k, v in checks.items() if k.startswith("cudnn convention") and "status" not in v]
+    return len(rows) >= 2 and all(r["vs_our_w"] < 3e-2 and r["vs_our_w_plus_1"] > 3 * r["vs_our_w"] for r in rows)
 
 
 def passed(errs: dict, tol: float = 3e-2) -> bool:

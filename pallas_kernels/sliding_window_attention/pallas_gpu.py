@@ -3,14 +3,18 @@
 Three kernels on the position-based problem of ``pallas_kernels._flash_window`` (slot i sees slot j iff
 ``0 <= pos[i] - pos[j] < window`` and equal segment ids), which selective attention reuses on its compacted buffer:
 
-* forward, grid ``(nq, b, hq)``: one program holds a ``(block_q, e)`` query tile and loops (``fori_loop``, dynamic
-  bounds) over the key blocks ``[start, start + count)`` that ``key_block_ranges`` found for it, with an online
-  softmax (FlashAttention-2). K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton blocks
-  are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
-* dq, grid ``(nq, b, hq)``: the same loop, recomputing ``P = exp2(S - lse)``; ``dS = P * (dP - delta)``.
-* dk/dv, grid ``(nk, b, hk)``: a key tile stays resident; one loop runs over the ``hq // hk`` query heads of its key
-  head times the query blocks that ``query_block_ranges`` found, so dk/dv accumulate in registers without a
-  per-query-head copy in HBM. Scores are formed transposed (``K Q^T``) so no tile needs a transpose.
+* forward, grid ``(nq, b, hq)``, query blocks in reverse order (the longest rows of full causal attention start
+  first): one program holds a ``(block_q, e)`` query tile and loops (``fori_loop``, dynamic bounds) over the key
+  blocks ``[start, end)`` that ``key_block_ranges`` found for it, with an online softmax (FlashAttention-2), in
+  three runs: masked boundary blocks ``[start, lo)``, interior blocks ``[lo, hi)`` that every query sees whole (no
+  mask arithmetic), masked ``[hi, end)``. K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)``
+  (Triton blocks are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2
+  log-sum-exp.
+* dq, grid ``(nq, b, hq)``: the same loops, recomputing ``P = exp2(S - lse)``; ``dS = P * (dP - delta)``.
+* dk/dv, grid ``(nk, b, hk)``: a key tile stays resident; flat loops run over the ``hq // hk`` query heads of its
+  key head times the query blocks that ``query_block_ranges`` found (again masked / interior / masked), so dk/dv
+  accumulate in registers without a per-query-head copy in HBM. Scores are formed transposed (``K Q^T``) so no tile
+  needs a transpose.
 
 BlockSpecs keep the caller's ``(b, s, h, e)`` layout. Scores, the running max/sum, accumulators and the
 log-sum-exp are fp32 (``preferred_element_type=float32``) whatever the input dtype: exp of bf16 scores and bf16

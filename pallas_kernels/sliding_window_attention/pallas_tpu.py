@@ -8,8 +8,9 @@ The same three kernels as ``pallas_gpu.py`` on the position-based problem of ``p
 * the loop over visited blocks is the last grid axis (``"arbitrary"``) instead of a ``fori_loop``: the key-block
   ``start`` and ``count`` per query block (and the query-block ones per key block) come in by scalar prefetch
   (``PrefetchScalarGridSpec``), the index maps read them to DMA only visited blocks, steps past ``count`` re-map
-  to the last visited block (no new DMA) and skip compute under ``pl.when``. The grid extent of that axis is the
-  static bound ``max_blocks_visited(span, ...)``, so the work is O(s * (window + block)).
+  to the last visited block (no new DMA) and skip compute under ``pl.when``; interior blocks (seen whole by every
+  query, ``[lo, hi)`` of the ranges) take a ``pl.when`` branch without the mask. The grid extent of that axis is
+  the static bound ``max_blocks_visited(span, ...)``, so the work is O(s * (window + block)).
   - forward, grid ``(b, hq, nq, kv steps)``: VMEM scratch holds the running max and sum (``(block_q, 128)``,
     lane-replicated as in jax's TPU flash attention) and the fp32 accumulator; O and the log-sum-exp are written
     at the last step.
