@@ -22,6 +22,7 @@ from ml_collections import config_dict
 
 from hybrid_jax.model import SIZES, KernelConfig, ModelConfig, preset
 from hybrid_jax.sharding import DEFAULT_RULES, normalize_rules
+from pallas_kernels._platform import IMPLEMENTATIONS
 
 # Training defaults per size: (seq_len, global batch, steps, peak lr, warm-up steps, compute dtype, remat policy).
 # tiny/small are for CPUs and smoke tests; 130m..1.3b follow the Mamba / Mamba-2 recipe (peak lr 5x GPT-3's, AdamW
@@ -335,6 +336,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if peak is not None and not peak > 0:
         _fail(f"train.peak_flops_per_device={peak!r} must be > 0 (or None)")
     normalize_rules(config.mesh.rules)
+    for op, impl in config.kernels.items():
+        if impl not in IMPLEMENTATIONS:
+            _fail(f"kernels.{op}={impl!r} is not one of {IMPLEMENTATIONS}")
     # The model section is checked by building it (ModelConfig validates itself).
     model_config(config, vocab_size=config.model.vocab_size or 256)
 
