@@ -15,6 +15,7 @@ matrices fit (T <= 8192); cuDNN is skipped when unavailable.
 
     python experiments/kernels/attention.py --out DIR          # on a GPU, ~5-8 min on an H100
     python experiments/kernels/attention.py --out DIR --sweep  # also times alternative Triton tilings at T 32K
+    python experiments/kernels/attention.py --out DIR --sweep-only  # just those (~1-2 min)
     python experiments/kernels/attention.py --out DIR --smoke  # tiny sizes, Pallas in interpret mode, CPU
 
 Writes DIR/attention.json (every number, the device, versions and the correctness table) and DIR/attention.png,
@@ -495,6 +496,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="directory for attention.json and attention.png")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas in interpret mode (CPU check)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative Triton tilings")
+    parser.add_argument("--sweep-only", action="store_true", help="only the tiling sweep (writes sweep.json)")
     parser.add_argument("--runs", type=int, default=None, help="timed calls per measurement (default 20)")
     parser.add_argument("--budget-s", type=float, default=None, help="skip remaining timings after this many s")
     args = parser.parse_args(argv)
@@ -503,6 +505,11 @@ def main(argv=None):
         cfg.runs = args.runs
     if args.budget_s is not None:
         cfg.budget_s = args.budget_s
+    if args.sweep_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sweep = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "sweep": tiling_sweep(cfg)}
+        (args.out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+        return
     run(cfg, args.out, args.sweep)
 
 
