@@ -10,7 +10,7 @@ from hybrid_jax.training.config import model_config, parse_arg, preset_config, v
 from hybrid_jax.training.flops import flops_per_token, peak_flops
 from hybrid_jax.training.metrics import MetricWriter
 from hybrid_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from hybrid_jax.training.trainer import NonFiniteLossError, Trainer, TrainState, train_and_evaluate
+from hybrid_jax.training.trainer import NonFiniteLossError, Trainer, TrainState, kernel_choices, train_and_evaluate
 
 __all__ = [
     "CheckpointError",
@@ -20,6 +20,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "flops_per_token",
+    "kernel_choices",
     "learning_rate_schedule",
     "make_optimizer",
     "model_config",

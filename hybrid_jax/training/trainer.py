@@ -219,7 +219,8 @@ def _git_revision() -> str | None:
         return None
 
 
-def _kernel_choices(model_config: ModelConfig) -> dict[str, str]:
+def kernel_choices(model_config: ModelConfig) -> dict[str, str]:
+    """The implementation every op runs: the configured one, or what "auto" resolves to on this platform."""
     from pallas_kernels import _platform  # what "auto" resolves to on this platform
 
     chosen = _platform.chosen()
@@ -406,7 +407,7 @@ class Trainer:
         record = {
             "config": config_lib.to_json_dict(self.config),
             "model_config": self.model_config.to_dict(),
-            "kernels_chosen": _kernel_choices(self.model_config),
+            "kernels_chosen": kernel_choices(self.model_config),
             "mesh": {
                 "shape": dict(self.mesh.shape),
                 "devices": jax.device_count(),
@@ -674,4 +675,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return Trainer(config, workdir).run()
 
 
-__all__ = ["NonFiniteLossError", "TrainState", "Trainer", "make_eval_step", "make_train_step", "train_and_evaluate"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainState",
+    "Trainer",
+    "kernel_choices",
+    "make_eval_step",
+    "make_train_step",
+    "train_and_evaluate",
+]

@@ -71,6 +71,25 @@ def run_steps(config, workdir: str) -> dict:
     }
 
 
+def run_full(config, workdir: str) -> dict:
+    """The whole ``train_and_evaluate`` (checkpoints, evaluation, sample); losses read back from metrics.jsonl."""
+    import jax
+
+    from hybrid_jax.training import train_and_evaluate
+
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.eval.sample_tokens = 4
+    result = train_and_evaluate(config, workdir)
+    out = {"status": result["status"], "eval_loss": result["eval"]["loss"], "processes": jax.process_count(),
+           "devices": jax.device_count()}  # fmt: skip
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            out["losses"] = [json.loads(line)["loss"] for line in f]
+        out["checkpoints"] = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
@@ -83,18 +102,30 @@ def main() -> None:
     parser.add_argument("--process", type=int, default=None)
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="run train_and_evaluate (workdir shared by processes)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per process (NCCL) instead of CPU devices (gloo)")
     args = parser.parse_args()
     import jax
 
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    if args.gpu:
+        jax.config.update("jax_default_matmul_precision", "highest")  # fp32 dots, not TF32: comparable losses
+    else:
+        jax.config.update("jax_num_cpu_devices", args.devices)
     if args.process is not None:
+        extra = {"local_device_ids": [args.process]} if args.gpu else {}
         jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes, process_id=args.process
+            coordinator_address=f"127.0.0.1:{args.port}",
+            num_processes=args.num_processes,
+            process_id=args.process,
+            **extra,
         )
     for i, text in enumerate(args.mesh.split(";")):  # several meshes: one RESULT line each
         mesh = tuple(int(x) for x in text.split(","))
         config = tiny_config(mesh, args.steps, args.data_dir, args.accum, args.period.split(","))
-        out = run_steps(config, os.path.join(args.workdir, str(i)))
+        if args.full:
+            out = run_full(config, os.path.join(args.workdir, str(i)))
+        else:
+            out = run_steps(config, os.path.join(args.workdir, str(i)))
         sys.stdout.write("RESULT " + json.dumps({"mesh": list(mesh), **out}) + "\n")
         sys.stdout.flush()
     if args.process is not None:

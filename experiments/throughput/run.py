@@ -1,0 +1,161 @@
+"""Training throughput (tokens/s) and MFU of the 130M-class models at sequence length 4096.
+
+Builds each model exactly as the trainer does (``hybrid_jax.training.Trainer``: config, mesh over every local device,
+shardings, the AOT-compiled train step with bf16 compute and fp32 master weights, AdamW), then times ``--steps``
+steps on one device-resident batch of real text (so the input pipeline is not measured), after ``--warmup`` steps.
+A configuration that runs out of memory is retried with the next remat policy of ``--remat``.
+
+    python experiments/throughput/run.py                       # all four models, table + JSON in results/
+    python experiments/throughput/run.py --models taipan --batch 4 --kernels xla
+
+MFU = training FLOPs per token (hybrid_jax.training.flops: 6N + attention + SSM terms) x tokens/s / (devices x peak).
+Two peaks are reported: the dense bf16 spec sheet of the device (H100 SXM: 989 TFLOP/s) and, where we measured it,
+the bf16 matmul ceiling reached through JAX on the same machine (H100: 689 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+
+from hybrid_jax.training import Trainer, kernel_choices, preset_config
+from hybrid_jax.training.flops import MEASURED_PEAK_FLOPS
+
+MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transformer": "Transformer++"}
+
+
+def build_config(name: str, args, remat: str):
+    config = preset_config(name, "130m")
+    config.model.vocab_size = 50280  # GPT-NeoX vocabulary of the Mamba / Samba / Taipan papers
+    config.model.remat_policy = remat
+    config.model.dtype = args.dtype
+    for op in config.kernels:
+        config.kernels[op] = args.kernels
+    config.data.seq_len = args.seq_len
+    config.data.batch_size = args.batch * jax.device_count()
+    config.data.num_threads = 0
+    config.train.steps = args.warmup + args.steps
+    config.eval.batch_size = jax.device_count()
+    config.eval.max_batches = 1
+    config.logging.progress_bar = False
+    config.logging.tensorboard = False
+    return config
+
+
+def measure(name: str, args, remat: str) -> dict:
+    config = build_config(name, args, remat)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir)
+    B = config.data.batch_size
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        t0 = time.perf_counter()
+        step = trainer.train_step.lower(trainer.abstract_state, trainer._abstract_batch(B)).compile()
+        compile_s = time.perf_counter() - t0
+        state = trainer.init_state()
+        batch = trainer.global_batch(next(trainer.train_iter), B)
+        for _ in range(args.warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds = time.perf_counter() - t0
+    tokens_per_sec = args.steps * B * args.seq_len / seconds
+    flops = trainer.flops_per_token["total"]
+    n = jax.device_count()
+    kind = trainer.device_kind.lower()
+    measured = next((v for k, v in MEASURED_PEAK_FLOPS.items() if k in kind), None)
+    memory = None
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        memory = stats["peak_bytes_in_use"] / 2**30
+    return {
+        "model": MODELS[name],
+        "preset": config.model.name,
+        "params": trainer.num_params,
+        "seq_len": args.seq_len,
+        "global_batch": B,
+        "remat": remat,
+        "dtype": args.dtype,
+        "kernels": kernel_choices(trainer.model_config),
+        "step_ms": 1e3 * seconds / args.steps,
+        "tokens_per_sec": tokens_per_sec,
+        "flops_per_token": flops,
+        "model_tflops_per_sec_per_device": flops * tokens_per_sec / n / 1e12,
+        "mfu_spec_peak": None if trainer.peak_flops is None else flops * tokens_per_sec / (n * trainer.peak_flops),
+        "mfu_measured_peak": None if measured is None else flops * tokens_per_sec / (n * measured),
+        "compile_s": compile_s,
+        "peak_memory_gib": memory,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--seq_len", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per device per step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kernels", default="auto", help="implementation of every op: auto | xla | pallas_gpu ...")
+    parser.add_argument("--remat", default="none,dots_no_batch,full", help="policies to try in order (on OOM)")
+    parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json here)")
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    rows = []
+    for name in args.models.split(","):
+        for remat in args.remat.split(","):
+            try:
+                rows.append(measure(name, args, remat))
+                break
+            except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED and friends: try the next remat policy
+                text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                print(f"{name} remat={remat}: {type(e).__name__}: {text}", file=sys.stderr, flush=True)
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    rows.append({"model": MODELS[name], "remat": remat, "error": text})
+                    break
+        else:
+            rows.append({"model": MODELS[name], "error": "out of memory with every remat policy"})
+    header = f"{'model':<14}{'params':>8}{'batch':>7}{'remat':>15}{'step ms':>9}{'tokens/s':>11}{'TFLOP/s':>9}"
+    header += f"{'MFU spec':>10}{'MFU meas.':>10}"
+    print(f"\n{device}, {jax.device_count()} device(s), jax {jax.__version__}, seq {args.seq_len}, {args.dtype}")
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<14} error: {r['error']}")
+            continue
+        print(
+            f"{r['model']:<14}{r['params'] / 1e6:>7.0f}M{r['global_batch']:>7}{r['remat']:>15}{r['step_ms']:>9.1f}"
+            f"{r['tokens_per_sec']:>11,.0f}{r['model_tflops_per_sec_per_device']:>9.1f}{fmt(r['mfu_spec_peak']):>10}"
+            f"{fmt(r['mfu_measured_peak']):>10}"
+        )
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"throughput_{device.replace(' ', '_')}.json"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    record = {
+        "device": device,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "command": sys.argv,
+        "rows": rows,
+    }
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"\nwrote {out}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
