@@ -56,7 +56,7 @@ def measure(name: str, args, remat: str) -> dict:
     B = config.data.batch_size
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         t0 = time.perf_counter()
-        step = trainer.train_step.lower(trainer.abstract_state, trainer._abstract_batch(B)).compile()
+        step = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(B)).compile()
         compile_s = time.perf_counter() - t0
         state = trainer.init_state()
         batch = trainer.global_batch(next(trainer.train_iter), B)

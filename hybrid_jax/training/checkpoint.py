@@ -81,7 +81,8 @@ class Checkpointer:
         except Exception as e:  # orbax / tensorstore raise many types for unreadable or mismatched files
             raise CheckpointError(
                 f"checkpoint step {step} in {path} cannot be restored ({_first_line(e)}); it was left in place: "
-                "move it aside to resume from an earlier checkpoint, or use a new workdir"
+                "if the config changed use a new workdir, if the files are damaged move the step aside to resume "
+                "from an earlier checkpoint"
             ) from None
         state = restored["state"]
         if jax.tree.structure(state) != jax.tree.structure(abstract_state):

@@ -28,6 +28,7 @@ position saved in the checkpoint, so a resumed run repeats an uninterrupted one 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -228,6 +229,18 @@ def kernel_choices(model_config: ModelConfig) -> dict[str, str]:
     return {op: (chosen.get(op, "?") if impl == "auto" else impl) for op, impl in requested.items()}
 
 
+def _check_kernels(kernels) -> None:
+    """An explicit implementation that cannot run on this platform fails now, in one line, not inside a trace."""
+    from pallas_kernels import _platform
+
+    for op, impl in kernels.items():
+        available = importlib.import_module(f"pallas_kernels.{op}.api").AVAILABLE
+        try:
+            _platform.resolve(op, impl, available=available)
+        except (NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"config: kernels.{op}: {e}") from None
+
+
 def _maybe_initialize_distributed(mesh_cfg) -> None:
     if not mesh_cfg.initialize_distributed or jax.distributed.is_initialized():
         return
@@ -285,6 +298,7 @@ class Trainer:
         _maybe_initialize_distributed(config.mesh)
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.is_main = jax.process_index() == 0
+        _check_kernels(config.kernels)
         self.rules = sharding_lib.normalize_rules(config.mesh.rules)
         self.mesh = sharding_lib.make_mesh(tuple(config.mesh.shape))
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
@@ -530,7 +544,7 @@ class Trainer:
                 steps,
             )
         t0 = time.perf_counter()
-        compiled = self.train_step.lower(self.abstract_state, self._abstract_batch(B)).compile()
+        compiled = self.train_step.lower(self.abstract_state, self.abstract_batch(B)).compile()
         compile_s = time.perf_counter() - t0
         bar = tqdm.tqdm(
             total=steps,
@@ -604,7 +618,8 @@ class Trainer:
                 )
         return {"status": status, "step": step, "eval": result, "sample": text}
 
-    def _abstract_batch(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    def abstract_batch(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of a global batch of ``size`` rows (for ``train_step.lower``)."""
         T = self.config.data.seq_len
         dtypes = {
             "inputs": jnp.int32,

@@ -49,7 +49,7 @@ def run_steps(config, workdir: str) -> dict:
     B = config.data.batch_size
     losses = []
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        compiled = trainer.train_step.lower(trainer.abstract_state, trainer._abstract_batch(B)).compile()
+        compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(B)).compile()
         state = trainer.init_state()
         for _ in range(config.train.steps):
             state, metrics = compiled(state, trainer.global_batch(next(trainer.train_iter), B))

@@ -182,3 +182,19 @@ def test_bad_input_exits_with_one_line_and_keeps_checkpoints(baseline, data_dir,
     assert saved and max(saved) < bad_step, (saved, bad_step)
     recorded = losses(nan_dir)
     assert all(math.isfinite(recorded[s]) for s in saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["taipan", "samba", "mamba2", "mamba", "transformer", "transformer_swa", "jamba"])
+def test_every_preset_config_trains_at_size_tiny(name, data_dir, tmp_path):
+    """The issue's acceptance run, ``--config=configs/<preset>.py:size=tiny`` at its defaults: the loss falls."""
+    args = [sys.executable, "-m", "hybrid_jax.train", f"--config=configs/{name}.py:size=tiny", f"--workdir={tmp_path}",
+            f"--config.data.data_dir={data_dir}", "--config.logging.progress_bar=False"]  # fmt: skip
+    proc = start(args)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    got = list(losses(str(tmp_path)).values())
+    assert len(got) == 20 and sum(got[-5:]) / 5 < sum(got[:2]) / 2 - 2.0, got
+    evals = [json.loads(line)["loss"] for line in open(tmp_path / "eval.jsonl")]
+    assert evals[-1] < evals[0], evals
+    assert "final evaluation at step 200" in out

@@ -106,3 +106,17 @@ def test_model_config_rejects_unknown_fields():
 
 def test_padded_vocab():
     assert [config_lib.padded_vocab(v, 128) for v in (1, 128, 129, 259)] == [128, 128, 256, 384]
+
+
+def test_trainer_rejects_a_kernel_this_platform_cannot_run(tmp_path):
+    import jax
+
+    from hybrid_jax.training import Trainer
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU refusal of GPU kernels")
+    config = config_lib.preset_config("taipan", "tiny")
+    config.kernels.ssd = "pallas_gpu"
+    with pytest.raises(ValueError, match=r"config: kernels.ssd: ssd: implementation='pallas_gpu' needs a GPU"):
+        Trainer(config, str(tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing was created

@@ -1,0 +1,565 @@
+"""Benchmark of Mamba-2 SSD (arXiv:2405.21060): reference, xla and pallas_gpu (and mamba_ssm when importable).
+
+Question: how fast are the Pallas Triton SSD kernels (``pallas_kernels.ssd``, ``implementation="pallas_gpu"``)
+against our xla path in the same run, against the mamba_ssm Triton anchors of shared/docs/targets.md (bf16, B8 T4096
+H24 P64 N128 G1, chunk 256: fwd 1.257 ms, fwd+bwd 4.941 ms; T16384 fwd 2.560 ms), and how close to the H100 floor?
+
+Setup: x, dt, B, C, z in the case's dtype (bf16 unless said); A, D (per head), dt_bias float32; dt_softplus; D skip
+and z gate; chunk 256; no initial state. Cases: the target shape, the same at T16384, mamba2-130m's layer (B1 T2048
+H24 P64 N128) in bf16 and fp32, and T from 1K to 128K at B1. Every contender is first checked at a small size,
+forward and the VJP of all eight inputs, against the float32 sequential reference on the same rounded inputs (bf16
+rule: error <= 2 x the xla path's + 1e-3; fp32: <= 1e-4); one that fails is not timed. Timing: warm-up on every input
+set, then the median of ``--runs`` calls rotating over 3 input sets, each synchronised with
+``jax.block_until_ready``. fwd+bwd is one jitted program computing y and the VJP of a random cotangent with respect
+to all eight inputs. The reference is timed only at small sizes. Peak memory of fwd+bwd is XLA's compiled memory
+analysis (arguments + outputs + temporaries; Pallas kernels' outputs are XLA buffers, so they are counted).
+
+Floor: max(FLOPs / 689e12, bytes / 2.8e12) (shared/docs/environment.md). FLOPs forward follow targets.md's count,
+``2 b t h (l (n + p) + 2 p n)`` (dense l x l blocks, C B^T per head); fwd+bwd counts 3x that. Bytes forward: x, z,
+dt, B, C in and y out; fwd+bwd adds x, z, dy, dt, B, C in and dx, dz, ddt, dB, dC out. The public Mosaic GPU claim
+(forward 0.11 ms vs Triton 0.35 ms at mamba2-130m, T2048 B1 fp32) is listed next to that case for context only: it
+was not measured here.
+
+If ``import mamba_ssm`` works (it is not on the lead's GPU image), ``mamba_chunk_scan_combined`` is timed at the same
+shapes in the same run (``torch.cuda.synchronize`` around each call). Nothing of mamba_ssm is vendored.
+
+    python experiments/kernels/ssm_ssd.py --out DIR           # on a GPU, < 8 min on an H100
+    python experiments/kernels/ssm_ssd.py --out DIR --sweep   # plus alternative GpuTilings at the target shape
+    python experiments/kernels/ssm_ssd.py --out DIR --smoke   # tiny sizes, Pallas interpret mode, CPU
+
+Writes DIR/ssm_ssd.json and DIR/ssm_ssd.png and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+from pallas_kernels.ssd import block_sizes, ssd, vjp  # noqa: E402
+
+FLOP_PER_S = 689e12  # bf16 matmul on the H100, measured through JAX
+HBM_BYTES_PER_S = 2.8e12  # device copy on the H100
+ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+# Context only (not measured here): a forward-only Mosaic GPU Pallas SSD vs Triton at mamba2-130m, T2048 B1 fp32.
+PUBLIC_CLAIM = {"mosaic_gpu_fwd_ms": 0.11, "triton_fwd_ms": 0.35}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    b: int
+    t: int
+    h: int = 24
+    p: int = 64
+    n: int = 128
+    g: int = 1
+    dtype: str = "bfloat16"
+    anchor: tuple[float | None, float | None] | None = None  # mamba_ssm Triton (fwd ms, fwd+bwd ms), targets.md
+
+    @property
+    def label(self) -> str:
+        return f"B{self.b} T{self.t} H{self.h} P{self.p} N{self.n} G{self.g} {self.dtype}"
+
+
+@dataclasses.dataclass
+class Config:
+    cases: tuple[Case, ...] = (
+        Case("target", 8, 4096, anchor=(1.257, 4.941)),
+        Case("target_t16k", 8, 16384, anchor=(2.560, None)),
+        Case("mamba2_130m_bf16", 1, 2048),
+        Case("mamba2_130m_fp32", 1, 2048, dtype="float32"),
+        *(Case(f"length_{t}", 1, t) for t in (1024, 4096, 16384, 65536, 131072)),
+    )
+    chunk: int = 256
+    check: Case = Case("check", 2, 512, h=4)
+    reference_max_btp: int = 2**21
+    runs: int = 20
+    input_sets: int = 3
+    interpret: bool = False
+    budget_s: float = 420.0
+
+
+def smoke_config() -> Config:
+    return Config(
+        cases=(Case("tiny", 2, 64, h=4, p=16, n=16, g=2), Case("tiny_fp32", 1, 40, h=2, p=16, n=16, dtype="float32")),
+        chunk=16,
+        check=Case("check", 1, 40, h=2, p=16, n=16),
+        reference_max_btp=2**14,
+        runs=3,
+        input_sets=2,
+        interpret=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Contenders: (x, dt, A, B, C, D, z, dt_bias) -> y
+
+
+def ssd_fn(impl: str, cfg: Config):
+    extra = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+
+    def fn(x, dt, A, B, C, D, z, dt_bias):
+        return ssd(
+            x, dt, A, B, C, chunk_size=cfg.chunk, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, implementation=impl,
+            **extra,
+        )  # fmt: skip
+
+    return fn
+
+
+def tiling_fn(tiling: block_sizes.GpuTiling, cfg: Config):
+    """pallas_gpu with explicit tiles (the sweep only)."""
+
+    def fn(x, dt, A, B, C, D, z, dt_bias):
+        y, _ = vjp.ssd_pallas(
+            x, dt, A, B, C, backend="gpu", chunk_size=cfg.chunk, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+            dt_limit=(0.0, float("inf")), initial_state=None, segment_ids=None, interpret=cfg.interpret, tiling=tiling,
+        )  # fmt: skip
+        return y
+
+    return fn
+
+
+def with_vjp(fn):
+    """y and the VJP of the cotangent (last argument) with respect to all eight inputs, as one program."""
+
+    def run(*args):
+        *inputs, ct = args
+        y, pullback = jax.vjp(fn, *inputs)
+        return y, pullback(ct)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Inputs, timing, floors
+
+
+def make_inputs(key, case: Case):
+    """The eight inputs (Mamba-2's ranges: dt ~ softplus(N(-3, 1) + bias), A = -exp(U(0, log 16))) and a cotangent."""
+    b, t, h, p, n, g = case.b, case.t, case.h, case.p, case.n, case.g
+    dtype = jnp.dtype(case.dtype)
+    k = jax.random.split(key, 9)
+    x = jax.random.normal(k[0], (b, t, h, p), dtype)
+    dt = (jax.random.normal(k[1], (b, t, h)) - 3.0).astype(dtype)
+    A = -jnp.exp(jax.random.uniform(k[2], (h,), jnp.float32, 0.0, float(np.log(16.0))))
+    B = jax.random.normal(k[3], (b, t, g, n), dtype)
+    C = jax.random.normal(k[4], (b, t, g, n), dtype)
+    D = jax.random.normal(k[5], (h,), jnp.float32)
+    z = jax.random.normal(k[6], (b, t, h, p), dtype)
+    dt_bias = 0.5 * jax.random.normal(k[7], (h,), jnp.float32)
+    ct = jax.random.normal(k[8], (b, t, h, p), dtype)
+    return (x, dt, A, B, C, D, z, dt_bias), ct
+
+
+def time_ms(fn, input_sets, runs: int) -> float:
+    for args in input_sets:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for i in range(runs):
+        args = input_sets[i % len(input_sets)]
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def classify(err: Exception) -> str:
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return "oom"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"error: {type(err).__name__}: {first}"
+
+
+def measure(fn, input_sets, runs: int) -> tuple[float | None, str]:
+    try:
+        return time_ms(jax.jit(fn), input_sets, runs), "ok"
+    except Exception as err:  # an OOM or a failed compile is a result, not a crash
+        return None, classify(err)
+
+
+def peak_bytes(fn, args) -> int | None:
+    """Arguments + outputs + temporaries of the compiled program (XLA's memory analysis), or None."""
+    try:
+        stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
+    except Exception:
+        return None
+
+
+def floor_ms(case: Case, chunk: int, backward: bool) -> dict:
+    b, t, h, p, n, g = case.b, case.t, case.h, case.p, case.n, case.g
+    size = jnp.dtype(case.dtype).itemsize
+    l = min(chunk, t)  # noqa: E741 (the chunk length, as in the papers)
+    flops = 2 * b * t * h * (l * (n + p) + 2 * p * n) * (3 if backward else 1)
+    btp, btn, bth = b * t * h * p, b * t * g * n, b * t * h
+    moved = size * (3 * btp + 2 * btn + bth)  # x, z, y; B, C; dt
+    if backward:
+        moved += size * (5 * btp + 4 * btn + 2 * bth)  # x, z, dy in, dx, dz out; B, C, dB, dC; dt, ddt
+    return {"flop_ms": flops / FLOP_PER_S * 1e3, "bytes_ms": moved / HBM_BYTES_PER_S * 1e3, "flops": flops}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Optional mamba_ssm side by side
+
+
+def mamba_ssm_fns():
+    """Callables around mamba_ssm's ``mamba_chunk_scan_combined``, or None when it cannot be imported."""
+    try:
+        import torch
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:
+        return None
+    if not torch.cuda.is_available():
+        return None
+
+    def to_torch(args, ct):
+        # Same (b, t, h, p) / (b, t, g, n) layouts as ours.
+        dtype = torch.float32 if args[0].dtype == jnp.float32 else torch.bfloat16
+        t = lambda v, d: torch.from_numpy(np.asarray(jax.device_get(v), np.float32).copy()).cuda().to(d)  # noqa: E731
+        x, dt, A, B, C, D, z, dt_bias = args
+        out = dict(x=t(x, dtype), dt=t(dt, dtype), A=t(A, torch.float32), B=t(B, dtype), C=t(C, dtype))
+        out.update(D=t(D, torch.float32), z=t(z, dtype), dt_bias=t(dt_bias, torch.float32))
+        return out, t(ct, dtype)
+
+    def call(q, chunk):
+        return mamba_chunk_scan_combined(
+            q["x"], q["dt"], q["A"], q["B"], q["C"], chunk, D=q["D"], z=q["z"], dt_bias=q["dt_bias"], dt_softplus=True
+        )
+
+    def fwd(q, ct, chunk):
+        with torch.no_grad():
+            return call(q, chunk)
+
+    def fwdbwd(q, ct, chunk):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in q.items()}
+        y = call(leaves, chunk)
+        y.backward(ct)
+        return y
+
+    def timed(fn, sets, runs, chunk):
+        for q, ct in sets:
+            fn(q, ct, chunk)
+        torch.cuda.synchronize()
+        times = []
+        for i in range(runs):
+            q, ct = sets[i % len(sets)]
+            t0 = time.perf_counter()
+            fn(q, ct, chunk)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Correctness at a small size
+
+
+def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
+    """Relative errors of y and every gradient vs the float32 reference on the same rounded inputs, per dtype."""
+    results = {}
+    for dtype in ("bfloat16", "float32"):
+        case = dataclasses.replace(cfg.check, dtype=dtype)
+        args, ct = make_inputs(jax.random.key(0), case)
+        up = [v.astype(jnp.float32) for v in args]
+        ref_y, ref_grads = jax.jit(with_vjp(ssd_fn("reference", cfg)))(*up, ct.astype(jnp.float32))
+        for impl in contenders:
+            key = f"{impl} {dtype}"
+            try:
+                y, grads = jax.jit(with_vjp(ssd_fn(impl, cfg)))(*args, ct)
+                errs = {"y": rel_err(y.astype(jnp.float32), ref_y)}
+                errs.update(
+                    {f"d{k}": rel_err(v.astype(jnp.float32), r) for k, v, r in zip(ARG_NAMES, grads, ref_grads)}
+                )
+                results[key] = errs
+            except Exception as err:
+                results[key] = {"status": classify(err)}
+        if mamba is not None:
+            try:
+                q, ct_t = mamba["to_torch"](args, ct)
+                y = mamba["fwdbwd"](q, ct_t, cfg.chunk)
+                results[f"mamba_ssm {dtype}"] = {"y": rel_err(y.float().cpu().numpy(), ref_y)}
+            except Exception as err:
+                results[f"mamba_ssm {dtype}"] = {"status": classify(err)}
+    return results
+
+
+def passed(errs: dict, baseline: dict | None, dtype: str) -> bool:
+    if "status" in errs:
+        return False
+    if dtype == "float32":
+        return all(e <= 1e-4 for e in errs.values())
+    if baseline is None or "status" in baseline:
+        return all(e <= 2e-2 for e in errs.values())
+    return all(e <= 2 * baseline.get(k, 1e-2) + 1e-3 for k, e in errs.items())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
+    start = time.perf_counter()
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not cfg.interpret:
+        raise SystemExit("no GPU: pass --smoke to exercise the script on CPU (interpret mode)")
+    mamba = mamba_ssm_fns() if on_gpu else None
+    contenders = ["xla", "pallas_gpu"]
+    report = {
+        "meta": {
+            "device": str(jax.devices()[0].device_kind),
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "config": dataclasses.asdict(cfg),
+            "tiling": dataclasses.asdict(block_sizes.DEFAULT_GPU),
+            "mamba_ssm": mamba is not None,
+            "pallas_interpret": cfg.interpret,
+            "public_claim_mamba2_130m_fp32": PUBLIC_CLAIM,
+        }
+    }
+    print(f"device {report['meta']['device']}, jax {jax.__version__}, mamba_ssm {mamba is not None}", flush=True)
+
+    checks = check_contenders(cfg, contenders, mamba)
+    report["correctness"] = checks
+    print(f"\ncorrectness at {cfg.check.label.rsplit(' ', 1)[0]}, vs the float32 reference on the same inputs:")
+    for name, errs in checks.items():
+        shown = errs.get("status") or "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        print(f"  {name:20s} {shown}")
+    ok = {
+        dtype: [c for c in contenders if passed(checks[f"{c} {dtype}"], checks.get(f"xla {dtype}"), dtype)]
+        for dtype in ("bfloat16", "float32")
+    }
+    for dtype, names in ok.items():
+        if mamba is not None and passed(checks.get(f"mamba_ssm {dtype}", {"status": "-"}), None, "bfloat16"):
+            names.append("mamba_ssm")
+        if set(contenders) - set(names):
+            print(f"  NOT TIMED at {dtype} (failed the check): {sorted(set(contenders) - set(names))}")
+    report["timed"] = ok
+
+    rows = []
+    for case in cfg.cases:
+        sets = [make_inputs(jax.random.key(10 + i), case) for i in range(cfg.input_sets)]
+        fwd_sets = [a for a, _ in sets]
+        bwd_sets = [(*a, ct) for a, ct in sets]
+        btp = case.b * case.t * case.h * case.p
+        impls = ["reference"] * (btp <= cfg.reference_max_btp) + ok[case.dtype]
+        for impl in impls:
+            row = {"case": case.name, "label": case.label, "t": case.t, "b": case.b, "dtype": case.dtype, "impl": impl}
+            if time.perf_counter() - start > cfg.budget_s:
+                row["status"] = "skipped (time budget)"
+            elif impl == "mamba_ssm":
+                try:
+                    tsets = [mamba["to_torch"](a, ct) for a, ct in sets]
+                    row["fwd_ms"] = mamba["timed"](mamba["fwd"], tsets, cfg.runs, cfg.chunk)
+                    row["fwdbwd_ms"] = mamba["timed"](mamba["fwdbwd"], tsets, cfg.runs, cfg.chunk)
+                    row["fwd_status"] = row["fwdbwd_status"] = "ok"
+                    del tsets
+                except Exception as err:
+                    row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
+            else:
+                fn = ssd_fn(impl, cfg)
+                row["fwd_ms"], row["fwd_status"] = measure(fn, fwd_sets, cfg.runs)
+                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), bwd_sets, cfg.runs)
+                if row["fwdbwd_status"] == "ok":
+                    row["fwdbwd_peak_bytes"] = peak_bytes(with_vjp(fn), bwd_sets[0])
+            rows.append(row)
+            print(row_text(row), flush=True)
+        del sets, fwd_sets, bwd_sets
+    report["rows"] = rows
+    report["summary"] = summarise(rows, cfg)
+    if sweep:
+        report["sweep"] = tiling_sweep(cfg)
+    report["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    print_tables(report, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ssm_ssd.json").write_text(json.dumps(report, indent=2))
+    plot(report, cfg, out_dir / "ssm_ssd.png")
+    print(f"\nwrote {out_dir / 'ssm_ssd.json'} and ssm_ssd.png in {report['meta']['wall_s']} s")
+    return report
+
+
+def row_text(row) -> str:
+    if "status" in row:
+        return f"{row['label']:38s} {row['impl']:10s} {row['status']}"
+    cell = lambda k: f"{row[k + '_ms']:9.3f} ms" if row.get(k + "_ms") is not None else f"{row[k + '_status']:>12s}"  # noqa: E731
+    mem = row.get("fwdbwd_peak_bytes")
+    mem = f"  peak {mem / 2**30:.2f} GiB" if mem else ""
+    return f"{row['label']:38s} {row['impl']:10s} fwd {cell('fwd')}   fwd+bwd {cell('fwdbwd')}{mem}"
+
+
+def _get(rows, impl, case_name, key):
+    for r in rows:
+        if r["impl"] == impl and r["case"] == case_name:
+            return r.get(key)
+    return None
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def summarise(rows, cfg: Config) -> list[dict]:
+    """Per case: pallas / xla, pallas / anchor, pallas / mamba_ssm (same run) and the fraction of the floor."""
+    out = []
+    for case in cfg.cases:
+        entry = {"case": case.name, "label": case.label}
+        for key, backward in (("fwd_ms", False), ("fwdbwd_ms", True)):
+            ms = _get(rows, "pallas_gpu", case.name, key)
+            floor = floor_ms(case, cfg.chunk, backward)
+            anchor = None if case.anchor is None else case.anchor[backward]
+            entry[key] = {
+                "pallas_ms": ms,
+                "pallas_over_xla": _ratio(ms, _get(rows, "xla", case.name, key)),
+                "pallas_over_anchor": _ratio(ms, anchor),
+                "pallas_over_mamba_ssm_same_run": _ratio(ms, _get(rows, "mamba_ssm", case.name, key)),
+                "floor_ms": max(floor["flop_ms"], floor["bytes_ms"]),
+                "floor": floor,
+                "floor_fraction": _ratio(max(floor["flop_ms"], floor["bytes_ms"]), ms),
+                "tflops": None if ms is None else floor["flops"] / ms / 1e9,
+            }
+        out.append(entry)
+    return out
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_tables(report, cfg: Config) -> None:
+    rows = report["rows"]
+    impls = [i for i in ("reference", "xla", "pallas_gpu", "mamba_ssm") if any(r["impl"] == i for r in rows)]
+    print(f"\nSSD, chunk {cfg.chunk}, D + z + dt bias + softplus; ms (median of {cfg.runs})")
+    head = " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls)
+    print(f"| case | {head} | pallas peak GiB (fwd+bwd) |")
+    print("|---" * (2 + 2 * len(impls)) + "|")
+    for case in cfg.cases:
+        cells = []
+        for i in impls:
+            for key in ("fwd", "fwdbwd"):
+                v = _get(rows, i, case.name, key + "_ms")
+                cells.append(_fmt(v) if v is not None else (_get(rows, i, case.name, key + "_status") or "-"))
+        mem = _get(rows, "pallas_gpu", case.name, "fwdbwd_peak_bytes")
+        print(f"| {case.label} | " + " | ".join(cells) + f" | {_fmt(mem and mem / 2**30, 2)} |")
+    print("\npallas_gpu ratios (< 1 is faster), achieved TFLOP/s (targets.md FLOP count) and fraction of the floor")
+    print(
+        "| case | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd "
+        "| TFLOP/s fwd | TFLOP/s fwd+bwd | floor fwd ms | floor fwd+bwd ms | floor frac fwd | floor frac fwd+bwd |"
+    )
+    print("|---" * 14 + "|")
+    for s in report["summary"]:
+        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
+        cells = [
+            f["pallas_over_xla"], fb["pallas_over_xla"], f["pallas_over_anchor"], fb["pallas_over_anchor"],
+            f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"], f["tflops"], fb["tflops"],
+            f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
+        ]  # fmt: skip
+        print(f"| {s['label']} | " + " | ".join(_fmt(c, 3) for c in cells) + " |")
+    print(
+        f"\ncontext, not measured here: at mamba2-130m fp32 a Mosaic GPU Pallas SSD claims fwd "
+        f"{PUBLIC_CLAIM['mosaic_gpu_fwd_ms']} ms vs Triton {PUBLIC_CLAIM['triton_fwd_ms']} ms"
+    )
+    if "sweep" in report:
+        print("\nGpuTiling sweep (pallas_gpu, target shape), ms")
+        for r in report["sweep"]:
+            print(f"  {r['tiling']}: fwd {_fmt(r.get('fwd_ms'))} ({r['fwd_status']})  "
+                  f"fwd+bwd {_fmt(r.get('fwdbwd_ms'))} ({r['fwdbwd_status']})")  # fmt: skip
+
+
+def plot(report, cfg: Config, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    sweep = [c for c in cfg.cases if c.b == 1 and c.dtype == "bfloat16"]
+    names = {c.name for c in sweep}
+    rows = [r for r in report["rows"] if r["case"] in names]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, backward, title in ((axes[0], "fwd_ms", False, "forward"), (axes[1], "fwdbwd_ms", True, "fwd+bwd")):
+        for impl in ("reference", "xla", "pallas_gpu", "mamba_ssm"):
+            pts = sorted((r["t"], r[key]) for r in rows if r["impl"] == impl and r.get(key))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        cases = sorted(sweep, key=lambda c: c.t)
+        if cases:
+            floors = [max(floor_ms(c, cfg.chunk, backward)[k] for k in ("flop_ms", "bytes_ms")) for c in cases]
+            ax.plot([c.t for c in cases], floors, "k:", label="H100 floor")
+        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"SSD B1 H24 P64 N128 bf16, {title}")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tiling_sweep(cfg: Config) -> list[dict]:
+    """Alternative tiles for pallas_gpu at the first case (a tuning aid; the defaults first)."""
+    base = block_sizes.DEFAULT_GPU
+    candidates = [
+        base,
+        dataclasses.replace(base, block=32),
+        dataclasses.replace(base, block=128, num_warps=8),
+        dataclasses.replace(base, num_warps=8),
+        dataclasses.replace(base, num_warps_bwd=4),
+        dataclasses.replace(base, heads_per_program=1),
+        dataclasses.replace(base, heads_per_program=8),
+        dataclasses.replace(base, state_block_p=64, state_block_n=128, num_warps_state=8),
+        dataclasses.replace(base, state_block_p=16, state_block_n=64),
+        dataclasses.replace(base, num_stages=3),
+    ]
+    case = cfg.cases[0]
+    sets = [make_inputs(jax.random.key(30 + i), case) for i in range(cfg.input_sets)]
+    out = []
+    for tiling in candidates:
+        fn = tiling_fn(tiling, cfg)
+        row = {"tiling": dataclasses.asdict(tiling), "case": case.name}
+        row["fwd_ms"], row["fwd_status"] = measure(fn, [a for a, _ in sets], cfg.runs)
+        row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), [(*a, ct) for a, ct in sets], cfg.runs)
+        out.append(row)
+        print(f"sweep {row['tiling']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON and PNG")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas in interpret mode (CPU check)")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative GpuTilings at the target shape")
+    parser.add_argument("--runs", type=int, default=None, help="timed calls per measurement (default 20)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip remaining timings after this many s")
+    args = parser.parse_args(argv)
+    cfg = smoke_config() if args.smoke else Config()
+    if args.runs is not None:
+        cfg.runs = args.runs
+    if args.budget_s is not None:
+        cfg.budget_s = args.budget_s
+    run(cfg, args.out, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
