@@ -26,8 +26,19 @@ def _one_line(e: BaseException) -> str:
     text = str(e)
     if isinstance(e, KeyError) and len(e.args) == 1:
         text = str(e.args[0])
+    if "Traceback (most recent call last)" in text:
+        # config_flags wraps an exception of get_config() with its traceback: keep the flag and the final line.
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = text.split(":", 1)[0] + ": " + lines[-1].strip()
+    text = text.replace("\\n", "\n")  # AttributeError(repr(KeyError(...))) escapes its newlines
     text = re.sub(r"\s*\n\s*", "; ", text.strip()).strip("'\"")
     return text.replace("\\'", "'")
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -57,7 +68,8 @@ def main(argv: list[str]) -> int:
         config = _CONFIG.value
         config.keys()  # a config file that failed to load raises here
     except OSError as e:
-        sys.exit(f"error: {_one_line(e.__cause__ or e)}")
+        last = str(_innermost(e)).strip().splitlines()[-1].strip()  # e.g. "[Errno 2] No such file or directory: ..."
+        sys.exit(f"error: cannot load the config file: {last}")
 
     # Our progress lines at INFO; orbax's per-save chatter (absl logger) only at WARNING unless --verbosity > 0.
     if flags.FLAGS.verbosity <= 0:

@@ -16,6 +16,7 @@ the bf16 matmul ceiling reached through JAX on the same machine (H100: 689 TFLOP
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -74,9 +75,10 @@ def measure(name: str, args, remat: str) -> dict:
     kind = trainer.device_kind.lower()
     measured = next((v for k, v in MEASURED_PEAK_FLOPS.items() if k in kind), None)
     memory = None
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        memory = stats["peak_bytes_in_use"] / 2**30
+    analysis = step.memory_analysis()
+    if analysis is not None:  # what XLA planned for one step: arguments + outputs + temporaries - donated aliases
+        used = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+        memory = (used - analysis.alias_size_in_bytes) / 2**30 / n
     return {
         "model": MODELS[name],
         "preset": config.model.name,
@@ -93,7 +95,7 @@ def measure(name: str, args, remat: str) -> dict:
         "mfu_spec_peak": None if trainer.peak_flops is None else flops * tokens_per_sec / (n * trainer.peak_flops),
         "mfu_measured_peak": None if measured is None else flops * tokens_per_sec / (n * measured),
         "compile_s": compile_s,
-        "peak_memory_gib": memory,
+        "step_memory_gib_per_device": memory,
         "final_loss": float(metrics["loss"]),
     }
 
@@ -119,6 +121,8 @@ def main() -> int:
                 break
             except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED and friends: try the next remat policy
                 text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                gc.collect()  # release the failed attempt's buffers before the next one
+                jax.clear_caches()
                 print(f"{name} remat={remat}: {type(e).__name__}: {text}", file=sys.stderr, flush=True)
                 if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                     rows.append({"model": MODELS[name], "remat": remat, "error": text})
