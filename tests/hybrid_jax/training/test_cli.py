@@ -115,6 +115,11 @@ def test_sigkill_then_rerun_repeats_the_uninterrupted_losses_bitwise(baseline, d
     proc.communicate()
     kept = checkpoint_steps(workdir)
     assert kept and kept[-1] < STEPS, f"the run was not killed mid-way (checkpoints {kept})"
+    # What a save cut short leaves behind (orbax writes into a temporary directory and renames it when complete):
+    # the restart must ignore it and resume from the last complete checkpoint.
+    unfinished = os.path.join(workdir, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-1234", "state")
+    os.makedirs(unfinished)
+    open(os.path.join(unfinished, "half_written"), "wb").write(b"\x00" * 100)
     proc = start(cli_args(workdir, data_dir))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
