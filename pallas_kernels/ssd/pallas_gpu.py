@@ -389,26 +389,29 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
             return _gated(dout_ref[span, k, :], None if z_ref is None else z_ref[span, k, :])
 
         # Tiles are formed transposed (rows j of the resident column tile, columns i) so no operand is transposed.
-        def tile(rows, decay_t, acc, diagonal: bool = False):
+        # Returns the accumulators and the tile's column sums of W V (d dt and d la pieces, kept in fp32: dy is split
+        # into hi + lo bf16 parts for V so that fp32 parameters' gradients (A, dt_bias) keep the xla path's accuracy).
+        def tile(rows, decay_t, acc):
             dx_acc, colsum, db = acc
             c_i = c_ref[rows, :]
-            dy_i = dy_at(rows).astype(dd)
+            dy_i = dy_at(rows)
             w_t = _dot(b_j, c_i, _NT) * decay_t  # W^T
-            v_t = _dot(xd_j, dy_i, _NT)  # (x_j . dy_i)
+            v_t = _dot_f32(xd_j, dy_i, _NT, dd)  # (x_j . dy_i)
             p_t = v_t * decay_t
-            if not diagonal:  # the diagonal tile's share of d la is summed exactly by the dc kernel
-                colsum = colsum + jnp.sum(w_t * v_t, axis=1)
-            return (
-                dx_acc + _dot(w_t.astype(dd), dy_i, _NN),
+            acc = (
+                dx_acc + _dot(w_t.astype(dd), dy_i.astype(dd), _NN),
                 colsum,
                 db + _dot((p_t * dt_j[:, None]).astype(dd), c_i, _NN),
             )
+            return acc, jnp.sum(w_t * v_t, axis=1)
 
         mask = upper
         if has_seg:
             mask = mask & (seg_j[:, None] == seg_j[None, :])
         decay_t = _masked_exp(_segsum_t(la_ref[k, cols], s), mask)
-        acc = tile(cols, decay_t, (jnp.zeros((s, x_j.shape[-1]), f32), jnp.zeros((s,), f32), db_acc), True)
+        acc0 = (jnp.zeros((s, x_j.shape[-1]), f32), jnp.zeros((s,), f32), db_acc)
+        # The diagonal tile's share of d la is summed exactly by the dc kernel; its W V still counts for d dt.
+        acc, diag_colsum = tile(cols, decay_t, acc0)
 
         def below(kk, carry):
             acc, between = carry
@@ -418,7 +421,8 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
             decay_t = jnp.exp(exponent)
             if has_seg:
                 decay_t = jnp.where(seg_j[:, None] == seg_ref[rows][None, :], decay_t, 0.0)
-            return tile(rows, decay_t, acc), between + tsub_ref[k, row_tile]
+            (dx_acc, colsum, db), wv = tile(rows, decay_t, acc)
+            return (dx_acc, colsum + wv, db), between + tsub_ref[k, row_tile]
 
         (dx_acc, colsum, db), _ = lax.fori_loop(0, m - 1 - col_tile, below, (acc, jnp.zeros((), f32)))
 
@@ -432,8 +436,10 @@ def _ssd_bwd_dx_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         xf = x_j.astype(f32)
         dx = dt_j[:, None] * dxdt + d_ref[k, :][None, :] * dy_at(cols)
         dx_ref[cols, k, :] = dx.astype(dx_ref.dtype)
-        ddt_ref[k, cols] = jnp.sum(xf * dxdt, axis=1)
-        s_j = dt_j * jnp.sum(xf * u, axis=1)
+        x_dot_u = jnp.sum(xf * u, axis=1)
+        # x . d(dt x) from the fp32 column sums of W V rather than from dx's bf16 matmul.
+        ddt_ref[k, cols] = diag_colsum + colsum + x_dot_u
+        s_j = dt_j * x_dot_u
         exit_ref[k, cols] = s_j
         below_ref[k, cols] = dt_j * colsum
         return db + _dot_f32(xf * (dt_j * w_state)[:, None], g, _NN, dd)
@@ -466,7 +472,6 @@ def _ssd_bwd_dc_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
         dout_i = dout_ref[rows, k, :].astype(f32)
         z_i = None if z_ref is None else z_ref[rows, k, :].astype(f32)
         dy_i = _gated(dout_i, z_i)
-        dyd_i = dy_i.astype(dd)
         tiles_ref[k, :] = jnp.zeros((m,), f32)
 
         def tile(cols, decay, acc):
@@ -475,7 +480,7 @@ def _ssd_bwd_dc_kernel(*refs, s: int, m: int, heads: int, has_z: bool, has_seg: 
             xd_j = x_ref[cols, k, :].astype(dd)
             dt_j = dt_ref[k, cols][None, :]
             scores = _dot(c_i, b_j, _NT)
-            p = _dot(dyd_i, xd_j, _NT) * decay * dt_j
+            p = _dot_f32(dy_i, xd_j, _NT, dd) * decay * dt_j
             acc = (
                 y_acc + _dot((scores * decay * dt_j).astype(dd), xd_j, _NN),
                 rowsum + jnp.sum(p * scores, axis=1),

@@ -263,6 +263,7 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
     dx_acc = [jnp.zeros((s, p_dim), f32) for _ in range(m)]
     rowsum = [jnp.zeros((s, 1), f32) for _ in range(m)]
     colsum = [jnp.zeros((1, s), f32) for _ in range(m)]
+    wv_colsum = [jnp.zeros((1, s), f32) for _ in range(m)]  # x . d(dt x) without the state term, in fp32
     diag_part = [None] * m
     entry = [None] * m
     tile_sums = {}
@@ -281,10 +282,13 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
             xd_j = xs[j].astype(dd)
             dt_j = geo.row("dt", j)
             w = _dot(c_i, b_j, _NT) * decays[i, j]
-            v = _dot(dyd_i, xd_j, _NT)
+            # dy split into hi + lo parts: V feeds d la and d dt, whose fp32 parameters (A, dt_bias) must keep the
+            # xla path's accuracy under bf16 inputs.
+            v = _dot_f32(dy[i], xd_j, _NT, dd)
             p = v * decays[i, j] * dt_j
             y_diag[i] = y_diag[i] + _dot((w * dt_j).astype(dd), xd_j, _NN)
             dx_acc[j] = dx_acc[j] + _dot(w.astype(dd), dyd_i, _TN)
+            wv_colsum[j] = wv_colsum[j] + jnp.sum(w * v, axis=0, keepdims=True)
             mw = w * v * dt_j
             if j < i:
                 rowsum[i] = rowsum[i] + jnp.sum(mw, axis=1, keepdims=True)
@@ -320,12 +324,13 @@ def _ssd_bwd_kernel(*refs, lc: int, s: int, r: int, has_z: bool, has_seg: bool, 
         xf = xs[j].astype(f32)
         dx_ref[cols, :] = (dt_j * dxdt + d * dy[j]).astype(dx_ref.dtype)
         s_j = dt_j * jnp.sum(xf * u, axis=1, keepdims=True)
-        dcol_ref[cols, 0:1] = jnp.sum(xf * dxdt, axis=1, keepdims=True)
+        dcol_ref[cols, 0:1] = jnp.sum(xf * u, axis=1, keepdims=True)
         dcol_ref[cols, 1:2] = rowsum[j]
         dcol_ref[cols, 2:3] = s_j
         dcol_ref[cols, 3:4] = entry[j]
         drow_ref[0:1, cols] = colsum[j]
         drow_ref[2:3, cols] = diag_part[j]
+        drow_ref[4:5, cols] = wv_colsum[j]
         # Whole tiles below-left of tile j (rows i > j, columns < j), summed directly.
         below_left = jnp.zeros((1, 1), f32)
         for (ti, tj), v in tile_sums.items():
@@ -456,7 +461,7 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         dC=heads_first(dc),
         dD=dd_part.sum(axis=(0, 2))[:, 0, :],
         dinit=dinit,
-        ddt=dcol[..., 0],
+        ddt=dcol[..., 0] + row(4),
         dleft=dcol[..., 1],
         dbelow=row(0),
         dtiles=row(3),

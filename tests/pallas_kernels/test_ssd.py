@@ -1,13 +1,20 @@
 """Tests of the SSD op (Mamba-2 state space duality, arXiv:2405.21060).
 
 The oracle chain (STYLE.md section 3): ``ssd_numpy`` (float64 loop) -> ``reference`` (sequential
-``lax.scan``) -> every chunked backend. ``TestSSD`` holds every behavioural test; a kernel's test
-module reuses it by subclassing and overriding ``implementations`` / ``chunked`` (and ``run`` to
-pass e.g. ``interpret=True``).
+``lax.scan``) -> every chunked backend. ``TestSSD`` holds every behavioural test and runs it for every
+implementation in ``IMPLS``: the XLA paths, the Pallas GPU (Triton) and TPU (Mosaic) kernels in interpret mode
+(any platform), and the compiled GPU kernels (marked ``gpu``). Interpret mode compiles a large program per shape,
+so on CPU only the cases in ``FAST_IN_INTERPRET`` run by default; the other interpret cases are marked ``slow``.
+
+Beyond TestSSD: the per-token vectors the kernels build from (direct sums), kernel tilings with several tiles per
+chunk and several state blocks, lowering of every kernel for CUDA (Triton IR, incl. a check that offsets into arrays
+over 4 GiB are 64-bit) and for TPU (``jax.export``) on this CPU, and a GPU run past ``b*t*h*p = 2**31``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 
 import jax
@@ -16,8 +23,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd import ssd, ssd_step
+from pallas_kernels.ssd import block_sizes, ssd, ssd_step, vjp
 from pallas_kernels.ssd.xla import segsum
 from pallas_kernels.testing import (
     TOLERANCES,
@@ -155,30 +163,112 @@ def resolve_options(inputs, options):
 # --------------------------------------------------------------------------------------------------
 
 
+# Test name -> (implementation, interpret). "*_interpret" run the Pallas kernels in interpret mode on any platform
+# (pallas_tpu with pltpu.InterpretParams()); "pallas_gpu" is the compiled Triton kernel and needs a GPU.
+IMPLS = {
+    "reference": ("reference", False),
+    "xla": ("xla", False),
+    "pallas_gpu_interpret": ("pallas_gpu", True),
+    "pallas_tpu_interpret": ("pallas_tpu", True),
+    "pallas_gpu": ("pallas_gpu", False),
+}
+
+# Interpret-mode cases that run by default (test -> case ids, None = all cases); every other interpret-mode case is
+# marked slow. Together they cover t == 1, b == 1, h == 1, g > 1, t not a chunk multiple, every option, segments,
+# final state, fp32 and bf16 forward and VJP, and strong decays in a long chunk.
+FAST_IN_INTERPRET = {
+    "test_shapes": {"t1", "b1_h1", "groups3"},
+    "test_matches_numpy_oracle": {"everything-2"},
+    "test_vjp_matches_reference": None,
+    "test_bf16_rule": None,
+    "test_bf16_vjp_rule": None,
+    "test_long_chunk_precision": None,
+}
+
+# Cases of tests whose speed in interpret mode depends on the case: (argument names, [(values, id)]).
+SHAPES = [
+    ((1, 1, 1, 2, 1, 3, 4), "t1"),  # t == 1 (below the chunk)
+    ((1, 9, 1, 3, 1, 4, 4), "b1_h1"),  # b == 1, h == 1, t not a chunk multiple
+    ((2, 13, 6, 2, 3, 4, 4), "groups3"),  # g == 3 > 1, t not a chunk multiple
+    ((2, 16, 4, 2, 4, 2, 8), "g_eq_h"),  # g == h, t a chunk multiple
+]
+CASES = {
+    "test_shapes": ("b,t,h,p,g,n,chunk", SHAPES),
+    "test_matches_numpy_oracle": (
+        "option_set,groups",
+        [((name, 2), f"{name}-2") for name in OPTION_SETS]
+        + [
+            ((name, g), f"{name}-{g}") for name, g in [("plain", 1), ("plain", 4), ("everything", 1), ("everything", 4)]
+        ],
+    ),
+}
+
+
+def _marks(test: str, impl: str, case: str | None):
+    if impl == "pallas_gpu":
+        return [pytest.mark.gpu]
+    if IMPLS[impl][1]:
+        fast = test in FAST_IN_INTERPRET and (FAST_IN_INTERPRET[test] is None or case in FAST_IN_INTERPRET[test])
+        return [] if fast else [pytest.mark.slow]
+    return []
+
+
+# Interpret-mode programs are large and LLVM's optimisations dominate their compile time on CPU (about half of it)
+# while buying nothing at these sizes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _jit(fn, interpret: bool):
+    if interpret and jax.default_backend() == "cpu":
+        return jax.jit(fn, compiler_options=FAST_COMPILE)
+    return jax.jit(fn)
+
+
+def _vjp(fn, primals, cotangent, interpret: bool = True):
+    """``(outputs, cotangents of primals)`` under one jit (interpret-mode kernels compile much faster that way)."""
+
+    def both(primals, cotangent):
+        out, pullback = jax.vjp(fn, *primals)
+        return out, pullback(cotangent)
+
+    return _jit(both, interpret)(primals, cotangent)
+
+
 class TestSSD:
-    """Behaviour of ``ssd`` / ``ssd_step``; subclass, override the attributes for a new backend."""
+    """Behaviour of ``ssd`` / ``ssd_step`` for every implementation (names are keys of ``IMPLS``)."""
 
     # Every implementation (checked against the float64 oracle and the op's properties).
-    implementations: tuple[str, ...] = ("reference", "xla")
+    implementations: tuple[str, ...] = tuple(IMPLS)
     # Implementations checked against the sequential reference (forward and VJP).
-    chunked: tuple[str, ...] = ("xla",)
+    chunked: tuple[str, ...] = tuple(name for name in IMPLS if name != "reference")
 
     def pytest_generate_tests(self, metafunc):
-        if "impl" in metafunc.fixturenames:
-            metafunc.parametrize("impl", self.implementations)
-        if "chunked_impl" in metafunc.fixturenames:
-            metafunc.parametrize("chunked_impl", self.chunked)
+        test = metafunc.function.__name__
+        for argname, impls in (("impl", self.implementations), ("chunked_impl", self.chunked)):
+            if argname not in metafunc.fixturenames:
+                continue
+            names, cases = CASES.get(test, ("", [((), None)]))
+            params = [
+                pytest.param(
+                    impl, *values, marks=_marks(test, impl, case), id=impl if case is None else f"{impl}-{case}"
+                )
+                for impl in impls
+                for values, case in cases
+            ]
+            metafunc.parametrize(",".join([argname, *filter(None, [names])]), params)
 
     def run(self, impl, *args, **kwargs):
-        return ssd(*args, implementation=impl, **kwargs)
+        implementation, interpret = IMPLS[impl]
+        call = functools.partial(ssd, implementation=implementation, interpret=interpret)
+        leaves = [*args, *kwargs.values()]
+        if not interpret or any(isinstance(v, jax.core.Tracer) for v in leaves):
+            return call(*args, **kwargs)
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, (np.ndarray, jax.Array))}
+        static = {k: v for k, v in kwargs.items() if k not in arrays}
+        return _jit(lambda args, arrays: call(*args, **arrays, **static), True)(args, arrays)
 
     # ---- values against the float64 oracle -------------------------------------------------------
 
-    @pytest.mark.parametrize(
-        "option_set,groups",
-        [(name, 2) for name in OPTION_SETS]
-        + [("plain", 1), ("plain", 4), ("everything", 1), ("everything", 4)],
-    )
     def test_matches_numpy_oracle(self, impl, option_set, groups):
         inputs = make_inputs(0, g=groups)
         dt, kwargs = resolve_options(inputs, OPTION_SETS[option_set])
@@ -189,22 +279,10 @@ class TestSSD:
         assert_rel_close(y, y_np, "fp32", "y")
         assert_rel_close(state, state_np, "fp32", "final_state")
 
-    @pytest.mark.parametrize(
-        "b,t,h,p,g,n,chunk",
-        [
-            (1, 1, 1, 2, 1, 3, 4),  # t == 1 (below the chunk)
-            (1, 9, 1, 3, 1, 4, 4),  # b == 1, h == 1, t not a chunk multiple
-            (2, 13, 6, 2, 3, 4, 4),  # g == 3 > 1, t not a chunk multiple
-            (2, 16, 4, 2, 4, 2, 8),  # g == h, t a chunk multiple
-        ],
-        ids=["t1", "b1_h1", "groups3", "g_eq_h"],
-    )
     def test_shapes(self, impl, b, t, h, p, g, n, chunk):
         inputs = make_inputs(1, b=b, t=t, h=h, p=p, g=g, n=n)
         args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
-        kwargs = dict(
-            D=inputs["D_h"], z=inputs["z"], dt_softplus=True, initial_state=inputs["initial_state"]
-        )
+        kwargs = dict(D=inputs["D_h"], z=inputs["z"], dt_softplus=True, initial_state=inputs["initial_state"])
         y, state = self.run(impl, *args, chunk_size=chunk, return_final_state=True, **kwargs)
         y_np, state_np = ssd_numpy(*args, **kwargs)
         assert y.shape == (b, t, h, p) and state.shape == (b, h, p, n)
@@ -231,9 +309,7 @@ class TestSSD:
     def test_auto_matches_reference(self):
         inputs = make_inputs(3)
         args = (inputs["x"], inputs["dt_pos"], inputs["A"], inputs["B"], inputs["C"])
-        assert_rel_close(
-            ssd(*args, chunk_size=8), ssd(*args, implementation="reference"), "fp32", "auto"
-        )
+        assert_rel_close(ssd(*args, chunk_size=8), ssd(*args, implementation="reference"), "fp32", "auto")
 
     @stateless_class
     @given(t=st.integers(1, 40), chunk=st.integers(1, 48))
@@ -329,9 +405,7 @@ class TestSSD:
     def test_step_loop_matches_scan(self, impl):
         inputs = make_inputs(7, t=11)
         x, dt, A, B, C, z = (inputs[k] for k in ("x", "dt", "A", "B", "C", "z"))
-        opts = dict(
-            D=inputs["D_h"], dt_bias=inputs["dt_bias"], dt_softplus=True, dt_limit=(0.02, 0.1)
-        )
+        opts = dict(D=inputs["D_h"], dt_bias=inputs["dt_bias"], dt_softplus=True, dt_limit=(0.02, 0.1))
         y_full, state_full = self.run(
             impl,
             x,
@@ -360,9 +434,7 @@ class TestSSD:
     def test_vjp_matches_reference(self, chunked_impl, segments):
         inputs = make_inputs(8, t=37)
         names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
-        primals = [
-            inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")
-        ]
+        primals = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")]
         segment_ids = None if segments is None else packed_ids(segments, b=2)
 
         def f(impl):
@@ -389,8 +461,9 @@ class TestSSD:
         rng = np.random.default_rng(9)
         out, vjp_ref = jax.vjp(f("reference"), *primals)
         cot = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
-        _, vjp = jax.vjp(f(chunked_impl), *primals)
-        got, want = vjp(cot), vjp_ref(cot)
+        out_got, got = _vjp(f(chunked_impl), primals, cot, IMPLS[chunked_impl][1])
+        want = vjp_ref(cot)
+        assert_tree_rel_close(out_got, out, "fp32", "outputs")
         for name, g_got, g_want in zip(names, got, want):
             assert_rel_close(g_got, g_want, "fp32_grad", f"d{name}")
 
@@ -493,9 +566,55 @@ class TestSSD:
         y_ref, state_ref = call("reference", fp32)
         assert y.dtype == jnp.bfloat16 and state.dtype == jnp.float32
         assert_bf16_rule(y, y_xla, y_ref, "y")
-        # Math is fp32 throughout: the only bf16 error is rounding y (at most 2**-8 relative).
+        # The XLA paths compute in fp32, so their only bf16 error is rounding y (at most 2**-8 relative); the kernels
+        # also round matmul operands to bf16 but must stay within the same bound (measured 1.7e-3 vs 2**-8).
         assert rel_err(y, y_ref) <= 2.0**-8 + TOLERANCES["fp32"]
+        # The state is never rounded to bf16 (kernels split state-sized matmul operands into hi + lo parts).
         assert_rel_close(state, state_ref, "fp32", "final_state")
+
+    def test_bf16_vjp_rule(self, chunked_impl):
+        """bf16 activations, float32 parameters and state (as in a bf16 Mamba-2), segments: every gradient obeys
+        the bf16 rule against the fp32 reference's, including those of the fp32 parameters A, D and dt_bias."""
+        inputs = make_inputs(14, t=40)
+        names = ("x", "dt", "A", "B", "C", "D_h", "z", "dt_bias", "initial_state")
+        low = ("x", "dt", "B", "C", "z")
+        bf16 = [jnp.asarray(inputs[k], jnp.bfloat16 if k in low else jnp.float32) for k in names]
+        fp32 = [v.astype(jnp.float32) for v in bf16]
+        segment_ids = packed_ids([9, 15, 16], b=2)
+        rng = np.random.default_rng(15)
+        cot = (
+            jnp.asarray(rng.standard_normal(inputs["x"].shape), jnp.float32),
+            jnp.asarray(rng.standard_normal(inputs["initial_state"].shape), jnp.float32),
+        )
+
+        def grads(impl, primals):
+            def fn(x, dt, A, B, C, D, z, dt_bias, initial_state):
+                return self.run(
+                    impl,
+                    x,
+                    dt,
+                    A,
+                    B,
+                    C,
+                    D=D,
+                    z=z,
+                    dt_bias=dt_bias,
+                    dt_softplus=True,
+                    initial_state=initial_state,
+                    segment_ids=segment_ids,
+                    chunk_size=16,
+                    return_final_state=True,
+                )
+
+            y_cot = cot[0].astype(primals[0].dtype)
+            return _vjp(fn, primals, (y_cot, cot[1]), IMPLS[impl][1])[1]
+
+        got = grads(chunked_impl, bf16)
+        xla = grads("xla", bf16)
+        want = grads("reference", fp32)
+        for name, g_got, g_xla, g_want in zip(names, got, xla, want):
+            assert g_got.dtype == g_xla.dtype
+            assert_bf16_rule(g_got, g_xla, g_want, f"d{name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,6 +636,261 @@ def test_segsum_is_direct_sums(length):
     assert np.array_equal(np.isneginf(got), np.isneginf(want)) and not np.isnan(got).any()
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=TOLERANCES["fp32"], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pallas kernels: building blocks, tilings, lowering
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chunk_length_is_a_power_of_two_that_covers_t():
+    assert [vjp.chunk_length(c, t) for c, t in [(256, 4096), (200, 4096), (8, 40), (256, 1), (256, 37), (33, 40)]] == [
+        256,
+        256,
+        16,
+        16,
+        64,
+        64,
+    ]
+
+
+def test_prepared_vectors_are_direct_sums():
+    """The kernels' per-token vectors against float64 sums of exactly the tokens each one names."""
+    rng = np.random.default_rng(21)
+    b, t, h, chunk, block = 2, 32, 3, 16, 4
+    dt = np.logaddexp(0.0, rng.standard_normal((b, t, h))).astype(np.float32)
+    A = -np.exp(rng.uniform(-1.0, 2.0, h)).astype(np.float32)
+    ids = packed_ids([5, 11, 1, 15], b=b)
+    from pallas_kernels.ssd.reference import segment_starts
+
+    vec = jax.jit(vjp.prepare_vectors, static_argnums=(3, 4))(dt, A, segment_starts(ids), chunk, block)
+    la = np.moveaxis(dt.astype(np.float64) * A, 1, 2)  # (b, h, t)
+    tok = np.arange(t)
+    for name, lo, hi in [
+        ("loc", tok // block * block, tok + 1),  # start of the sub-block through the token
+        ("rsub", tok + 1, (tok // block + 1) * block),  # strictly after the token to the sub-block end
+        ("cum", tok // chunk * chunk, tok + 1),
+        ("tail", tok + 1, (tok // chunk + 1) * chunk),
+    ]:
+        want = np.stack([la[..., a:z].sum(-1) for a, z in zip(lo, hi)], axis=-1)
+        np.testing.assert_allclose(np.asarray(getattr(vec, name)), want, rtol=1e-6, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(vec.tsub, la.reshape(b, h, -1, block).sum(-1), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(vec.tchunk, la.reshape(b, h, -1, chunk).sum(-1), rtol=1e-6, atol=1e-5)
+    # moff: the token still sees the state entering its chunk; mst: it still belongs to the chunk's last segment.
+    seg = np.cumsum(segment_starts(ids), axis=1)
+    start = tok // chunk * chunk
+    prev = np.where(start[None] > 0, seg[:, np.maximum(start - 1, 0)], 0)
+    np.testing.assert_array_equal(vec.moff, (seg == prev).astype(np.float32))
+    np.testing.assert_array_equal(vec.mst, (seg == seg[:, start + chunk - 1]).astype(np.float32))
+
+
+# Tilings with several tiles per chunk (the off-diagonal tile loops) and several state blocks per head (p / bp and
+# n / bn > 1), which the default tiles never reach at the tiny shapes of TestSSD.
+TILINGS = {
+    "gpu": block_sizes.GpuTiling(block=16, state_block_p=16, state_block_n=16, heads_per_program=2),
+    "tpu": block_sizes.TpuTiling(block=16),
+}
+
+
+def _pallas(backend, tiling, **kwargs):
+    interpret = True if backend == "gpu" else pltpu.InterpretParams()
+    return functools.partial(vjp.ssd_pallas, backend=backend, interpret=interpret, tiling=tiling, **kwargs)
+
+
+# Ids avoid the bare words "gpu" / "tpu", which conftest reads as markers.
+@pytest.mark.parametrize("backend", ["gpu", "tpu"], ids=["triton_interpret", "mosaic_interpret"])
+def test_kernel_tilings_with_many_tiles_match_reference(backend):
+    """Chunk 64 in tiles of 16 (4 x 4 tiles, 10 causal), 4 heads in 2 groups, all options, VJP included."""
+    inputs = make_inputs(16, b=2, t=100, h=4, p=32, g=2, n=32)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+    primals = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")]
+    segment_ids = packed_ids([30, 1, 40, 29], b=2)
+    options = dict(dt_softplus=True, dt_limit=(0.0, INF), segment_ids=segment_ids)
+    kernel = _pallas(backend, TILINGS[backend], chunk_size=64, **options)
+
+    def fn(impl):
+        def call(x, dt, A, B, C, D, z, dt_bias, initial_state):
+            args = dict(D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
+            if impl == "reference":
+                return ssd(x, dt, A, B, C, **args, **options, return_final_state=True, implementation="reference")
+            return kernel(x, dt, A, B, C, **args)
+
+        return call
+
+    rng = np.random.default_rng(17)
+    out, vjp_ref = jax.vjp(fn("reference"), *primals)
+    cot = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
+    got_out, got = _vjp(fn("kernel"), primals, cot)
+    assert_tree_rel_close(got_out, out, "fp32", backend)
+    for name, g_got, g_want in zip(names, got, vjp_ref(cot)):
+        assert_rel_close(g_got, g_want, "fp32_grad", f"{backend} d{name}")
+
+
+@pytest.mark.slow
+def test_gpu_grid_order_fallback_matches(monkeypatch):
+    """Past 65535 chunks per batch the intra-chunk grids are reversed; forced here, results must not change."""
+    from pallas_kernels.ssd import pallas_gpu
+
+    inputs = make_inputs(18, t=40)
+    args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+    kwargs = dict(z=inputs["z"], dt_softplus=True, initial_state=inputs["initial_state"], chunk_size=16)
+    want = ssd(*args, **kwargs, return_final_state=True, implementation="reference")
+    monkeypatch.setattr(pallas_gpu, "_MAX_GRID_YZ", 1)
+    got = ssd(*args, **kwargs, return_final_state=True, implementation="pallas_gpu", interpret=True)
+    assert_tree_rel_close(got, want, "fp32", "reversed grid")
+    grad = lambda impl, i: jax.grad(lambda x: jnp.sum(ssd(x, *args[1:], **kwargs, implementation=impl, interpret=i)))
+    assert_rel_close(grad("pallas_gpu", True)(args[0]), grad("reference", False)(args[0]), "fp32_grad", "dx")
+
+
+def _abstract_args(b, t, h, p, g, n, dtype, segments):
+    sd = jax.ShapeDtypeStruct
+    args = [sd((b, t, h, p), dtype), sd((b, t, h), dtype), sd((h,), jnp.float32), sd((b, t, g, n), dtype)]
+    args += [sd((b, t, g, n), dtype), sd((h,), jnp.float32), sd((b, t, h, p), dtype), sd((h,), jnp.float32)]
+    args += [sd((b, h, p, n), jnp.float32), sd((b, t), jnp.int32) if segments else None]
+    return args
+
+
+def _loss(backend, tiling, **options):
+    def loss(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids):
+        y, state = vjp.ssd_pallas(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            backend=backend,
+            chunk_size=256,
+            D=D,
+            z=z,
+            dt_bias=dt_bias,
+            dt_softplus=True,
+            dt_limit=(0.0, INF),
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            interpret=False,
+            tiling=tiling,
+            **options,
+        )
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+    return jax.value_and_grad(loss, argnums=tuple(range(9)))
+
+
+LOWERING_CASES = [(jnp.bfloat16, True), (jnp.float32, False)]
+
+
+@pytest.mark.parametrize("dtype,segments", LOWERING_CASES, ids=["bf16_segments", "fp32"])
+def test_gpu_kernels_lower_to_triton(dtype, segments):
+    """Every GPU kernel (2 forward, 3 backward) lowers to Triton IR at Mamba-2 shapes, from this CPU."""
+    args = _abstract_args(2, 1000, 24, 64, 1, 128, dtype, segments)
+    lowered = jax.jit(_loss("gpu", block_sizes.DEFAULT_GPU)).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("xla.gpu.triton") + text.count("triton_kernel_call") == 5
+
+
+@pytest.mark.parametrize("dtype,segments", LOWERING_CASES, ids=["bf16_segments", "fp32"])
+def test_tpu_kernels_export(dtype, segments):
+    """The TPU kernels (1 forward, 1 backward) lower for TPU through ``jax.export`` on this CPU.
+
+    This runs Pallas' Mosaic lowering (block shapes, the ops it supports); Mosaic's own compiler in libtpu, which
+    checks layouts further, never runs here.
+    """
+    args = _abstract_args(2, 1000, 8, 64, 2, 128, dtype, segments)
+    exported = jax.export.export(jax.jit(_loss("tpu", block_sizes.DEFAULT_TPU)), platforms=("tpu",))(*args)
+    assert exported.mlir_module().count("tpu_custom_call") == 2
+
+
+def _pointer_offsets(asm: str) -> dict[int, set[int]]:
+    """For Triton IR text: kernel argument index -> bit widths of the offsets added to pointers derived from it."""
+    splat = dict(re.findall(r"(%\w+) = tt\.splat %arg(\d+)", asm))
+    widths: dict[int, set[int]] = {}
+    for ptr, offset_type in re.findall(r"tt\.addptr (%\w+), %\w+ : [^,]+, (?:tensor<[^>]*x)?i(\d+)", asm):
+        arg = int(ptr[4:]) if ptr.startswith("%arg") else int(splat[ptr])
+        widths.setdefault(arg, set()).add(int(offset_type))
+    return widths
+
+
+def test_gpu_offsets_are_64_bit_for_huge_arrays(monkeypatch):
+    """Index arithmetic past int32: lowered at b*t*h*p > 2**31, every pointer into an array over 4 GiB gets int64
+    offsets (and none of a small problem's do), so no element offset wraps around.
+
+    Pallas builds each offset as ``sum(index_d * stride_d)`` in int64 for such arrays and the kernels never merge
+    dimensions, so per-dimension indices stay small; this checks the lowered IR of all five kernels.
+    """
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    captured = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def spy(jaxpr, grid_mapping, *args, **kwargs):
+        result = original(jaxpr, grid_mapping, *args, **kwargs)
+        avals = [bm.array_aval for bm in grid_mapping.block_mappings]
+        captured.append((result.module.operation.get_asm(), avals))
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", spy)
+    for t, huge in [(4096, False), (1_050_000, True)]:
+        b, h, p = 2, 16, 64
+        assert (b * t * h * p > 2**31) == huge
+        captured.clear()
+        args = _abstract_args(b, t, h, p, 1, 128, jnp.bfloat16, True)
+        jax.jit(_loss("gpu", block_sizes.DEFAULT_GPU)).trace(*args).lower(lowering_platforms=("cuda",))
+        assert len(captured) == 5
+        big_arrays = 0
+        for asm, avals in captured:
+            for arg, widths in _pointer_offsets(asm).items():
+                nbytes = math.prod(avals[arg].shape) * avals[arg].dtype.itemsize
+                assert f"%arg{arg}: !tt.ptr<{'bf16' if avals[arg].dtype == jnp.bfloat16 else 'f32'}>" in asm or (
+                    avals[arg].dtype == jnp.int32
+                ), "argument order differs from the operand order"
+                assert widths == ({64} if nbytes > 2**32 else {32}), (avals[arg], widths)
+                big_arrays += nbytes > 2**32
+        assert (big_arrays > 0) == huge
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_offsets_past_int32_on_device():
+    """A real run with b*t*h*p > 2**31 (bf16 x of 4.3 GB): the last segment of the last sequence, whose elements sit
+    past offset 2**31, matches the xla path on that segment alone, forward and VJP."""
+    b, t, h, p, g, n, last = 2, 1_050_000, 16, 64, 1, 128, 3000
+    assert b * t * h * p > 2**31
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (b, t, h, p), jnp.bfloat16)
+    dt = (jax.random.normal(keys[1], (b, t, h), jnp.float32) - 3.0).astype(jnp.bfloat16)
+    A = -jnp.exp(jax.random.uniform(keys[2], (h,), jnp.float32, -2.0, 2.0))
+    B = jax.random.normal(keys[3], (b, t, g, n), jnp.bfloat16)
+    C = jax.random.normal(keys[4], (b, t, g, n), jnp.bfloat16)
+    segment_ids = jnp.zeros((b, t), jnp.int32).at[1, t - last :].set(1)
+    cot = jax.random.normal(jax.random.key(1), (1, last, h, p), jnp.bfloat16)
+
+    def loss(impl, segment_ids):
+        def f(x, B, C, dt):
+            y, state = ssd(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                dt_softplus=True,
+                segment_ids=segment_ids,
+                chunk_size=256,
+                return_final_state=True,
+                implementation=impl,
+            )
+            tail = y[-1:, -last:]
+            return jnp.sum(tail.astype(jnp.float32) * cot.astype(jnp.float32)), (tail, state[-1])
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (_, (y, state)), (dx, dB) = loss("pallas_gpu", segment_ids)(x, B, C, dt)
+    part = lambda v: v[-1:, -last:]
+    (_, (y_want, state_want)), (dx_want, dB_want) = loss("xla", None)(part(x), part(B), part(C), part(dt))
+    assert rel_err(y, y_want) < 1e-2  # two bf16 roundings of the same fp32 values; a wrong offset gives ~1
+    assert rel_err(state, state_want) < 1e-3
+    assert rel_err(part(dx), dx_want) < 1e-2
+    assert rel_err(part(dB), dB_want) < 1e-2
+    assert float(jnp.max(jnp.abs(dx[0].astype(jnp.float32)))) == 0.0  # nothing leaks into the other sequence
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,9 +968,14 @@ BAD_SSD = [
     (dict(dt_limit=(0.1, 0.01)), ValueError, "ssd: dt_limit=(0.1, 0.01) must satisfy lo <= hi"),
     (dict(dt_limit=0.1), ValueError, "ssd: dt_limit=0.1 must be a pair of numbers (lo, hi)"),
     (
-        dict(implementation="pallas_gpu"),
-        NotImplementedError,
-        "ssd: implementation='pallas_gpu' is not available (this op has ('reference', 'xla'))",
+        dict(implementation="pallas_tpu"),
+        RuntimeError,
+        "ssd: implementation='pallas_tpu' needs a TPU but the default backend is",
+    ),
+    (
+        dict(interpret="yes"),
+        ValueError,
+        "ssd: interpret='yes' must be a bool (or a pltpu.InterpretParams)",
     ),
     (dict(implementation="cuda"), ValueError, "ssd: implementation='cuda' is not one of"),
 ]
