@@ -184,20 +184,24 @@ def classify(err: Exception) -> str:
     return f"error: {type(err).__name__}: {first}"
 
 
-def measure(fn, input_sets, runs: int) -> tuple[float | None, str]:
+def measure(fn, input_sets, runs: int) -> tuple[float | None, str, int | None]:
+    """``(median ms, status, peak bytes)``; one compile serves the timing and XLA's memory analysis.
+
+    Peak bytes are arguments + outputs + temporaries of the compiled program, or None where unavailable.
+    """
     try:
-        return time_ms(jax.jit(fn), input_sets, runs), "ok"
+        compiled = jax.jit(fn).lower(*input_sets[0]).compile()
     except Exception as err:  # an OOM or a failed compile is a result, not a crash
-        return None, classify(err)
-
-
-def peak_bytes(fn, args) -> int | None:
-    """Arguments + outputs + temporaries of the compiled program (XLA's memory analysis), or None."""
+        return None, classify(err), None
     try:
-        stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
+        stats = compiled.memory_analysis()
+        peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
     except Exception:
-        return None
+        peak = None
+    try:
+        return time_ms(compiled, input_sets, runs), "ok", peak
+    except Exception as err:
+        return None, classify(err), peak
 
 
 def floor_ms(case: Case, chunk: int, backward: bool) -> dict:
@@ -380,10 +384,10 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
                 fn = ssd_fn(impl, cfg)
-                row["fwd_ms"], row["fwd_status"] = measure(fn, fwd_sets, cfg.runs)
-                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), bwd_sets, cfg.runs)
-                if row["fwdbwd_status"] == "ok":
-                    row["fwdbwd_peak_bytes"] = peak_bytes(with_vjp(fn), bwd_sets[0])
+                row["fwd_ms"], row["fwd_status"], _ = measure(fn, fwd_sets, cfg.runs)
+                row["fwdbwd_ms"], row["fwdbwd_status"], row["fwdbwd_peak_bytes"] = measure(
+                    with_vjp(fn), bwd_sets, cfg.runs
+                )
             rows.append(row)
             print(row_text(row), flush=True)
         del sets, fwd_sets, bwd_sets
@@ -510,7 +514,8 @@ def plot(report, cfg: Config, path: Path) -> None:
             floors = [max(floor_ms(c, cfg.chunk, backward)[k] for k in ("flop_ms", "bytes_ms")) for c in cases]
             ax.plot([c.t for c in cases], floors, "k:", label="H100 floor")
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"SSD B1 H24 P64 N128 bf16, {title}")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -538,8 +543,8 @@ def tiling_sweep(cfg: Config) -> list[dict]:
     for tiling in candidates:
         fn = tiling_fn(tiling, cfg)
         row = {"tiling": dataclasses.asdict(tiling), "case": case.name}
-        row["fwd_ms"], row["fwd_status"] = measure(fn, [a for a, _ in sets], cfg.runs)
-        row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), [(*a, ct) for a, ct in sets], cfg.runs)
+        row["fwd_ms"], row["fwd_status"], _ = measure(fn, [a for a, _ in sets], cfg.runs)
+        row["fwdbwd_ms"], row["fwdbwd_status"], _ = measure(with_vjp(fn), [(*a, ct) for a, ct in sets], cfg.runs)
         out.append(row)
         print(f"sweep {row['tiling']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
     return out
