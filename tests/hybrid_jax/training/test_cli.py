@@ -199,7 +199,7 @@ def test_every_preset_config_trains_at_size_tiny(name, data_dir, tmp_path):
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     got = list(losses(str(tmp_path)).values())
-    assert len(got) == 20 and sum(got[-5:]) / 5 < sum(got[:2]) / 2 - 2.0, got
+    assert len(got) == 20 and sum(got[-5:]) / 5 < sum(got[:2]) / 2 - 1.0, got
     evals = [json.loads(line)["loss"] for line in open(tmp_path / "eval.jsonl")]
     assert evals[-1] < evals[0], evals
     assert "final evaluation at step 200" in out
