@@ -18,18 +18,30 @@ blocks are pointers, nothing is copied, and the caller's ``(b, t, h, p)`` / ``(b
 * ``_ssd_fwd_kernel`` (chunk scan), grid ``(h, m, b c)``: one ``(s, p)`` row tile of y; a loop over column tiles
   ``J <= I`` forms ``C_I B_J^T`` (tensor cores, fp32 accumulation), multiplies by the decay tile and ``dt``, and
   accumulates ``(.) x_J``; then ``exp(cum) C_I S_in^T``, the D skip and the ``silu(z)`` gate, fused before the store.
-  B and C are read through the group of the head (``h // r`` in the index map), never repeated per head in HBM.
+  B and C are read through the group of the head (``h // r`` in the index map), never repeated per head in HBM; heads
+  are the fastest grid axis, so the programs sharing a B / C tile run together and meet it in L2. ``C B^T`` is
+  recomputed per head (tensor-core FLOPs, cheap) rather than stored per group and re-read (mamba_ssm's bmm kernel).
 * backward ``_ssd_state_bwd_kernel``, grid as the forward state kernel, chunks in reverse: ``G = dL/dS_out`` of every
   chunk, ``G <- exp(total_c) G + (dy * exp(cum))^T C``, the gradient of the initial state, and ``<G, S_out>`` pieces.
-* ``_ssd_bwd_dx_kernel``, grid ``(g h/(g k), m, b c)``: a column tile J (the inputs side) stays resident; loops over k
-  heads of one group and over row tiles ``I >= J``: dx, dB (summed over the k heads in registers), the direct dt
-  gradient and column sums for ``d la``.
+* ``_ssd_bwd_dx_kernel``, grid ``(h / k, m, b c)``: a column tile J (the inputs side) stays resident; loops over the
+  k heads of the program (one group) and over row tiles ``I >= J``: dx, dB (summed over the k heads in registers,
+  written as ``h / k`` partial sums that XLA adds), the direct dt gradient and column sums for ``d la``.
 * ``_ssd_bwd_dc_kernel``, same grid: a row tile I (the outputs side) stays resident; recomputes the pre-gate output
-  for dz, and forms dC (summed over k heads), dz, D's gradient and row sums for ``d la``.
+  for dz, and forms dC (summed over k heads), dz, D's gradient, row sums and the diagonal tile's exact share of
+  ``d la``, and whole-tile sums.
+
+Bytes (B8 T4096 H24 P64 N128 bf16, forward): x, z, y 100 MB each, chunk-entry states 100 MB fp32 written once and
+read once (they are also the backward's residual), B and C 8 MB each (re-read per head from L2), per-token vectors
+~6 MB. The backward reads x, dy, z twice (two intra-chunk kernels) and the states and their gradients once each.
 
 What is fp32: every accumulator, decay, dt, state and ``dy = dout * silu(z)``; matmul operands are the input dtype
-(bf16 in, bf16 tensor-core operands out, as in mamba_ssm) or fp32 with ``precision=HIGHEST`` (IEEE, not TF32) for
-fp32 inputs. Decays come from sums over at most s tokens plus direct sums of sub-block totals (``vjp.py``).
+(bf16 in, bf16 tensor-core operands, as in mamba_ssm) or fp32 with ``precision=HIGHEST`` (IEEE, not TF32) for fp32
+inputs. Where a float32 value that must stay accurate meets a bf16 matmul (chunk states, ``C S^T``, ``B G^T``, and
+``dy x^T`` which feeds the gradients of the float32 parameters A and dt_bias) it is split into bf16 ``hi + lo``
+parts (``_dot_f32``, 2 to 3 matmuls): rounding them to bf16 would put 2**-9 errors into the final state and dA,
+where the xla path has float32 accuracy. Decays are exponentials of direct sums (``vjp.py``): within a tile the
+segment sums come from ``_segsum_t``, a masked prefix sum along rows (``lax.cumsum`` on axis 1, i.e. Triton's
+``tl.cumsum(axis=1)``).
 
 Triton rules kept: every tile is a power of two >= 16 per dot dimension (p and n are zero-padded to one by the
 wrapper), loops are ``fori_loop``s, register tensors are never indexed dynamically (only refs are). Offsets: Pallas

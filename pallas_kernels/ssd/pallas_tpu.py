@@ -20,12 +20,19 @@ way), so every block is ``(l, p)`` / ``(l, n)``: chunk on sublanes, p and n on l
 to the array's (p, n) or multiples of (8, 128). Per-token vectors come packed in two layouts so that no kernel
 transposes a vector: columns ``(b, h, t, 8)`` for row scaling and rows ``(b, h, c, 8, l)`` for column scaling.
 
+The final state and the initial-state gradient leave by DMA (``pltpu.sync_copy`` from scratch to an ``ANY``-space
+output) at the last grid step of their head: as blocked outputs their blocks would be revisited once per chunk.
+
 What is fp32: accumulators (``preferred_element_type=float32`` on the MXU), decays, dt, states and ``dy``; matmul
-operands are the input dtype (bf16 in, bf16 MXU passes) or fp32 with ``precision=HIGHEST``. Decays are built as in
-``vjp.py`` (sub-block local sums plus direct sums of sub-block totals), never from ``inf - inf``.
+operands are the input dtype (bf16 in, bf16 MXU passes) or fp32 with ``precision=HIGHEST``; state-sized fp32
+operands and ``dy`` in ``dy x^T`` are split into bf16 ``hi + lo`` parts as in ``pallas_gpu``. Decays are
+exponentials of direct sums (``vjp.py``); within a tile ``la_{j+1} + ... + la_i`` is a float32 matmul of a 0/1
+lower-triangular matrix with the masked log-decays (Mosaic has no cumsum), which sums exactly the right terms.
 
 Verified only in interpret mode (``pltpu.InterpretParams``) and by lowering with ``jax.export(..., platforms=
-("tpu",))`` on CPU; never run on a TPU. Default tiles are UNTUNED (``block_sizes.py``).
+("tpu",))`` on CPU, which runs Pallas' Mosaic lowering but not Mosaic's compiler in libtpu (layout legality of e.g.
+the narrow lane slices of the packed vectors and the transposed-lhs matmuls is unchecked); never run on a TPU.
+Default tiles are UNTUNED (``block_sizes.py``).
 """
 
 from __future__ import annotations
