@@ -2,63 +2,69 @@
 
 Triton because the recurrence is a sequential, elementwise, exp-bound walk over time with a tiny per-channel state:
 it needs no tensor cores, TMA or warp specialisation (what Mosaic GPU adds), while Triton gives fori_loops with
-dynamic bounds, register-resident state and automatic coalescing, and runs in Pallas interpret mode on CPU.
+dynamic bounds, register-resident state and coalesced loads, and runs in Pallas interpret mode on CPU.
 
 Layout and grid. Inputs stay channels-last, ``(b, t, d)``: one time row of a block of ``bd`` channels is contiguous,
-so every per-step load and store is coalesced along ``d``. Every kernel has the grid ``(d / bd, c, b)`` (channel
+so every per-token load and store is coalesced along ``d``. Every kernel has the grid ``(d / bd, c, b)`` (channel
 blocks, time chunks of ``l`` tokens, batch): one program owns one channel block of one chunk of one sequence and walks
-its chunk with a ``fori_loop`` whose body is unrolled ``unroll`` steps in Python (the unrolled loads do not depend on
-the state, so they can be issued ahead of the dependent arithmetic). The state of a program is ``n`` separate ``(bd,)``
-float32 vectors held in registers (one channel per thread by default), never a ``(b, t, d, n)`` array in HBM. Keeping
-``n`` as a Python list rather than an ``(n, bd)`` tile means every tensor in a kernel is one-dimensional with one
-layout: the contraction ``sum_n C h`` is a chain of in-thread FMAs, and ``B_t``, ``C_t`` are ``2n`` uniform scalar loads
-per step (served by L1) instead of a broadcast that Triton would route through shared memory. Triton needs tensor
-shapes that are powers of two, so ``bd`` is a power of two and the channel axis is zero-padded per group when ``d / g``
-is not a multiple of it (padded channels have ``A = 0, u = 0``: their state stays zero and they are sliced away).
-The time axis is never padded: each program's loop bound is the number of valid tokens of its chunk, and the last
-``t % unroll`` tokens run in a tail loop (or, in the backward, a statically shorter sub-chunk).
+its chunk with a ``fori_loop`` whose body is unrolled ``unroll`` tokens in Python (the unrolled loads do not depend on
+the state, so they are issued ahead of the dependent arithmetic). BlockSpecs: ``(l, bd)`` blocks of u, delta, z, y
+(and dy, du, d(delta), dz); ``(l, n)`` blocks of the float32 B and C of the block's group; ``(n, bd)`` of ``A^T``,
+``(bd,)`` of D and the bias; ``(n, bd)`` state tiles of the ``(b, c, n, d)`` chunk-boundary arrays. The state of a
+program is ``n`` separate ``(bd,)`` float32 vectors held in registers, never a ``(b, t, d, n)`` array in HBM. Keeping
+``n`` as a Python list rather than an ``(n, bd)`` tile makes every tensor one-dimensional with one layout: ``sum_n C h``
+is a chain of in-thread FMAs and ``B_t``, ``C_t`` are ``2n`` uniform scalar loads per token (served by L1) instead of
+broadcasts that Triton would route through shared memory. Triton needs power-of-two tensor shapes, so ``bd`` is a power
+of two and the channel axis is zero-padded per group when ``d / g`` is not a multiple of it (padded channels have
+``A = 0, u = 0``: their state stays zero and they are sliced away); ``n`` is padded to a power of two. The time axis
+is never padded: each program's loop bound is its chunk's number of valid tokens, and the last ``t % unroll`` tokens
+run in a tail loop (in the backward, a statically shorter sub-chunk).
 
-Forward (``c > 1``; with one chunk only step 3 runs, from the initial state):
-  1. ``_chunk_state_kernel``: each chunk from a zero state, giving its end state ``S`` and its total decay
-     ``P = prod_t keep_t exp(delta_t A) = exp(A sum_t delta_t) * [no reset in the chunk]`` (one exp per (d, n) per
-     chunk: cheap). Both ``(b, c, n, d)`` float32, tiny.
+Forward (with ``c == 1`` only step 3 runs, from the initial state):
+  1. ``_chunk_state_kernel`` on chunks ``0 .. c-2``: each chunk from a zero state, giving its end state ``S`` and its
+     total decay ``P = prod_t keep_t exp(delta_t A) = exp(A sum_t delta_t) * [no reset in the chunk]`` (one exp per
+     (d, n) per chunk). Both ``(b, c - 1, n, d)`` float32, tiny.
   2. ``_chunk_carry_kernel``: the incoming state of every chunk, ``H[k + 1] = P[k] H[k] + S[k]``, one sequential loop
-     over chunks per ``(b, channel block)`` (a few microseconds).
+     over chunks per (batch, 256 channels), next tiles loaded one iteration ahead.
   3. ``_selective_scan_fwd_kernel``: every chunk again from its correct incoming state, writing y and the chunk's end
-     state (the last one is the final state). Recomputing costs a second exp per (t, d, n) but only reads u and delta
-     again; correcting local outputs instead needs ``C_t exp(A cumsum(delta)) H`` per (t, d, n), the same exps plus a
+     state (the last one is the final state). Recomputing costs a second exp per (t, d, n) but only re-reads u and
+     delta; correcting local outputs instead needs ``C_t exp(A cumsum(delta)) H`` per (t, d, n), the same exps plus a
      stored ``y`` and a second pass over it, so recompute it is.
-Chunk parallelism is what fills the GPU for one long sequence: ``c`` is chosen so that ``(d / bd) * c * b`` reaches
-``min_programs`` (B1 T65536 D1536 gets 44 chunks of 1496 tokens).
+Chunk parallelism is what fills the GPU: ``c`` is chosen so that ``(d / bd) * c * b`` reaches ``min_programs``
+(B4 T4096 D1536: 22 chunks of 192 tokens; B1 T65536 D1536: 88 chunks of 752; B8 T2048 D2048: 9 of 232).
 
-Backward (custom_vjp; ``mu_t = dL/dh_t``, ``mu_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
-  1. ``_chunk_adjoint_kernel``: each chunk backwards from a zero adjoint (needs no forward state), giving the adjoint
-     its own outputs send into its incoming state.
-  2. ``_chunk_carry_kernel`` in reverse order: the adjoint entering every chunk from its right end, starting from the
-     final state's cotangent, with the forward's ``P``.
-  3. ``_selective_scan_bwd_kernel``: per chunk, a forward sweep from the chunk's incoming state (a forward residual)
-     writes the state at every ``bwd_unroll``-th token to a float32 scratch output; then sub-chunks are visited in
-     reverse: the ``bwd_unroll`` states of one sub-chunk are recomputed into registers and the adjoint walks back
-     through them, producing du, d(delta) (through softplus and the bias), dz and per-program partial sums of dA, dD,
-     d(bias); dB and dC (sums over channels) leave each program as one ``(n,)`` partial row per token, summed over
-     channel blocks by XLA. The adjoint left at the chunk start is d(initial_state) for chunk 0. The scratch holds
-     ``n / bwd_unroll`` float32 values per (b, t, d): 16 bytes at N16, unroll 4, i.e. 2x the bf16 inputs, never the
-     full ``(b, t, d, n)``; a barrier orders its writes before its reads.
+Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
+  1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
+     state), giving the adjoint its own outputs send into its incoming state, and its decay ``P``.
+  2. ``_chunk_carry_kernel`` in reverse: the adjoint entering every chunk from its right end, from the final state's
+     cotangent.
+  3. ``_selective_scan_bwd_kernel``, ``bwd_block_d`` channels per program: a forward sweep from the chunk's incoming
+     state (the forward's only residual besides its inputs) writes the state at every ``bwd_unroll``-th token to a
+     float32 scratch output; a barrier; then sub-chunks are visited in reverse: the ``bwd_unroll`` states of one
+     sub-chunk are recomputed into registers and the adjoint walks back through them, producing du, d(delta)
+     (through softplus and the bias), dz and per-program partial sums of dA, dD, d(bias); dB and dC (sums over
+     channels: ``2n`` warp reductions per token) leave each program as one ``(n,)`` partial row per token, summed over
+     channel blocks by XLA. The adjoint left at a chunk's start is d(initial_state) for chunk 0. The scratch holds
+     ``n / bwd_unroll`` float32 values per (b, t, d) element, 16 bytes at N16 and sub-chunk 4 (8x a bf16 input, 1/4 of
+     a float32 ``(b, t, d, n)``): 0.4 GB written and read once at B4 T4096 D1536.
 
-What stays float32: the state, the adjoint, every exp/softplus/sigmoid, all accumulations and all partial sums,
+What stays float32: the state, the adjoint, every exp/softplus/sigmoid, all accumulations and partial sums, B and C,
 whatever the input dtype (bf16 rows are converted on load and results cast on store): a bf16 state would lose the
-relative accuracy of a 4096-step product of decays, and bf16 partial sums of thousands of terms lose 1e-2. exp(x) is
-computed as ``exp2(x * log2(e))`` with the ``log2(e)`` folded into the per-channel ``delta``.
+relative accuracy of a long product of decays, and bf16 sums of thousands of terms lose 1e-2. ``exp(delta A)`` is
+``exp2(delta log2(e) A)``, the ``log2(e)`` folded into the per-channel step size.
 
-Index arithmetic: kernels index refs only per dimension (row < l, state index < n, chunk < c); Pallas multiplies
-grid indices by block sizes per dimension (int32, each below 2**31) and forms flat offsets in 64 bits whenever an
-array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (see ``tests``: the lowered Triton IR at
-B8 T131072 D2048 N16 uses 64-bit offsets).
+Index arithmetic: kernels index refs only per dimension (row < l, state < n, sub-chunk < l / bwd_unroll); Pallas
+forms block offsets per dimension from grid indices (int32, each far below 2**31) and flat offsets in 64 bits whenever
+an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the tests lower the kernels at B16 T131072
+D2048 N16 and check the 64-bit offsets).
 
-Default block sizes are UNTUNED (chosen from the counts above, not measured): ``bd = 32`` with one warp (one channel
-per thread, no cross-warp reductions in the backward's per-token dB/dC sums), unroll 8 forward and 4 backward (the
-backward's sub-chunk of 4 x N16 states sits in 64 registers per thread), ``min_programs = 16 * 132`` (four one-warp
-programs per H100 SM sub-partition). ``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
+Default block sizes are UNTUNED (no GPU timing yet); chosen from the compiled code: Triton 3.6 / ptxas for sm_90a
+(lowered here from abstract shapes) gives, per 32 channels and token at N16, about 190 instructions and 19 MUFU
+(exp2/log/rcp) ops for the forward kernel (128 registers at ``block_d = 64``: two channels per thread, one warp; 80
+at 32) and ~1070 instructions incl. 160 shuffles for the backward kernel (255 registers, no spills, at
+``bwd_block_d = 32``, one warp, ``bwd_unroll = 4``; 8 spills heavily, 64 channels per warp spill). ``min_programs =
+16 * 132`` keeps 16 one-warp programs per H100 SM. ``experiments/kernels/ssm_selective_scan.py --sweep`` times
+alternatives.
 """
 
 from __future__ import annotations
@@ -85,10 +91,10 @@ class GpuConfig:
     """Block sizes of the GPU kernels (all UNTUNED defaults, see the module docstring).
 
     Attributes:
-      block_d: channels per program in the forward kernels (a power of two).
-      num_warps: warps per forward program; ``block_d / (32 * num_warps)`` channels per thread.
+      block_d: channels per program in the forward kernels and the backward's adjoint pre-pass (a power of two).
+      num_warps: warps per such program; ``block_d / (32 * num_warps)`` channels per thread.
       unroll: time steps per loop iteration in the forward kernels and the backward's adjoint pre-pass.
-      bwd_block_d: channels per program in the main backward kernel (a power of two).
+      bwd_block_d: channels per program in the main backward kernel (a power of two, at most ``block_d``).
       bwd_num_warps: warps per backward program (1 keeps the per-token channel sums inside one warp).
       bwd_unroll: tokens per backward sub-chunk, whose recomputed states live in registers.
       num_stages: Triton software-pipelining depth for every kernel.
@@ -96,7 +102,7 @@ class GpuConfig:
       min_chunk: never make chunks shorter than this many tokens (each chunk adds a state pass and a carry step).
     """
 
-    block_d: int = 32
+    block_d: int = 64
     num_warps: int = 1
     unroll: int = 8
     bwd_block_d: int = 32
@@ -279,8 +285,9 @@ def _tail_range(plan: _Plan, n_valid, unroll: int):
     return full, n_valid - full * unroll
 
 
-def _n_valid(plan: _Plan):
-    c = pl.program_id(1)
+def _n_valid(plan: _Plan, first_chunk: int = 0):
+    """Tokens of this program's chunk (``first_chunk`` offsets grids that skip leading chunks)."""
+    c = pl.program_id(1) + first_chunk
     return jnp.minimum(plan.chunk, plan.t - c * plan.chunk)
 
 
@@ -349,6 +356,7 @@ def _split(refs, plan: _Plan, names):
 
 
 def _chunk_state_kernel(*refs, plan: _Plan):
+    """Chunks 0..c-2 (the last chunk's end state is the forward kernel's business): end state from zero, decay P."""
     r, (s_ref, p_ref) = _split(refs, plan, ("u", "dl", "b", "at", "bias", "keep"))
     n = plan.n
     a_rows = _load_state(r["at"], n)
@@ -402,27 +410,40 @@ def _selective_scan_fwd_kernel(*refs, plan: _Plan):
 
 
 def _chunk_carry_kernel(x0_ref, p_ref, s_ref, x_ref, *, chunks: int, reverse: bool):
-    """``x_ref[k]`` = the state entering step k of ``x <- P[k] x + S[k]`` (k descending when ``reverse``)."""
+    """The states at the ``chunks`` chunk boundaries of ``x <- P[i] x + S[i]``, ``i`` over the ``chunks - 1`` entries.
 
-    def body(j, x):
-        k = chunks - 1 - j if reverse else j
-        x_ref[k] = x
-        return p_ref[k] * x + s_ref[k]
+    Forward: ``x[0] = x0, x[i + 1] = P[i] x[i] + S[i]``; reverse: ``x[c - 1] = x0, x[i] = P[i] x[i + 1] + S[i]``.
+    The next ``(P, S)`` tiles are loaded one iteration ahead, so the loop waits on one multiply-add, not on memory.
+    """
+    last = chunks - 2
+    x_ref[last + 1 if reverse else 0] = x0_ref[...]
 
-    lax.fori_loop(0, chunks, body, x0_ref[...])
+    def body(j, carry):
+        x, p, s = carry
+        i = last - j if reverse else j
+        ahead = jnp.maximum(i - 1, 0) if reverse else jnp.minimum(i + 1, last)
+        p_next, s_next = p_ref[ahead], s_ref[ahead]
+        x = p * x + s
+        x_ref[i if reverse else i + 1] = x
+        return x, p_next, s_next
+
+    start = last if reverse else 0
+    lax.fori_loop(0, chunks - 1, body, (x0_ref[...], p_ref[start], s_ref[start]))
 
 
 # --- backward kernels
 
 
 def _chunk_adjoint_kernel(*refs, plan: _Plan):
-    r, (lam_ref,) = _split(refs, plan, ("dl", "z", "c", "dy", "at", "bias", "keep"))
+    """Chunks 1..c-1 (chunk 0's own adjoint is never needed): local adjoint at the chunk start, and its decay P."""
+    r, (lam_ref, p_ref) = _split(refs, plan, ("dl", "z", "c", "dy", "at", "bias", "keep"))
     n = plan.n
     a_rows = _load_state(r["at"], n)
     rows = _Rows(plan, r["bias"][...].astype(_F32), dl_ref=r["dl"], keep_ref=r["keep"])
 
-    def step(i, m):
+    def step(i, carry):
         # m = a_{i+1} mu_{i+1}; mu_i = gy_i C_i + m; returns a_i mu_i.
+        m, total_dt, kept = carry
         _, dt2, _ = rows.delta(i)
         gy = rows.row(r["dy"], i)
         if plan.has_z:
@@ -430,12 +451,15 @@ def _chunk_adjoint_kernel(*refs, plan: _Plan):
             gy = gy * (z * _sigmoid(z))
         c_t = rows.scalars(r["c"], i)
         keep = rows.keep(i)
-        return [_decay(dt2, a_rows[k], keep) * (gy * c_t[k] + m[k]) for k in range(n)]
+        m = [_decay(dt2, a_rows[k], keep) * (gy * c_t[k] + m[k]) for k in range(n)]
+        return m, total_dt + dt2, kept if keep is None else kept * keep
 
     zero = jnp.zeros((plan.bd,), _F32)
-    m = _run_backward(plan, _n_valid(plan), step, [zero] * n)
+    m, total_dt, kept = _run_backward(plan, _n_valid(plan, 1), step, ([zero] * n, zero, jnp.float32(1.0)))
     _store_state(lam_ref, m)
+    _store_state(p_ref, [jnp.exp2(total_dt * a_rows[k]) * kept for k in range(n)])
     _zero_padding_rows(lam_ref, plan, plan.bd)
+    _zero_padding_rows(p_ref, plan, plan.bd)
 
 
 def _assemble(values, size: int):
@@ -465,15 +489,13 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
         u = rows.row(r["u"], i)
         b_t = rows.scalars(r["b"], i)
         keep = rows.keep(i)
-        h = [_decay(dt2, a_rows[k], keep) * h[k] + (dt * u) * b_t[k] for k in range(n)]
-        # B_t is not kept: n uniform scalars per token would cost n registers per thread; reloading hits L1.
-        return h, (dt, dt2, pre, u, keep)
+        return [_decay(dt2, a_rows[k], keep) * h[k] + (dt * u) * b_t[k] for k in range(n)]
 
     # Phase 1: the state at the start of every sub-chunk, into the scratch output.
     def checkpoint(s, h):
         _store_state(scr_ref, h, s)
         for j in range(ub):
-            h, _ = forward_step(s * ub + j, h)
+            h = forward_step(s * ub + j, h)
         return h
 
     h = lax.fori_loop(0, full, checkpoint, _load_state(r["h0"], n))
@@ -490,15 +512,16 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
     # Phase 2: sub-chunks in reverse, states recomputed into registers, then the adjoint walks back through them.
     def sub_chunk(s, length: int, carry):
         m, da, dd, dbias = carry
-        h = _load_state(scr_ref, n, s)
-        states, saved = [h], []
+        states = [_load_state(scr_ref, n, s)]
         for j in range(length):
-            h, aux = forward_step(s * ub + j, h)
-            states.append(h)
-            saved.append(aux)
+            states.append(forward_step(s * ub + j, states[-1]))
         for j in reversed(range(length)):
+            # Per-token inputs are reloaded (L1 hits) and dt recomputed rather than kept from the recompute above:
+            # the sub-chunk's states already take (bwd_unroll + 1) * n registers per channel.
             i = s * ub + j
-            dt, dt2, pre, u, keep = saved[j]
+            dt, dt2, pre = rows.delta(i)
+            u = rows.row(r["u"], i)
+            keep = rows.keep(i)
             h_prev, h_now = states[j], states[j + 1]
             dy = rows.row(r["dy"], i)
             b_t, c_t = rows.scalars(r["b"], i), rows.scalars(r["c"], i)
@@ -563,18 +586,23 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
 
 
 class _Specs:
-    """BlockSpecs over the grid ``(channel block, chunk, batch)`` for channel blocks of ``bd``."""
+    """BlockSpecs over the grid ``(channel block, chunk, batch)`` for channel blocks of ``bd``.
 
-    def __init__(self, plan: _Plan, bd: int):
+    The grid covers ``chunks`` chunks starting at ``first_chunk`` (the chunk passes skip the first or last chunk);
+    per-chunk state arrays are indexed by grid position.
+    """
+
+    def __init__(self, plan: _Plan, bd: int, first_chunk: int = 0, chunks: int | None = None):
         self.plan, self.bd = plan, bd
+        self.chunks = plan.chunks if chunks is None else chunks
         per_group = plan.dgp // bd
-        length, npow = plan.chunk, plan.npow
-        self.rows = pl.BlockSpec((None, length, bd), lambda i, c, b: (b, c, i))
-        self.bc = pl.BlockSpec((None, length, None, npow), lambda i, c, b: (b, c, lax.div(i, per_group), 0))
+        length, npow, f = plan.chunk, plan.npow, first_chunk
+        self.rows = pl.BlockSpec((None, length, bd), lambda i, c, b: (b, c + f, i))
+        self.bc = pl.BlockSpec((None, length, None, npow), lambda i, c, b: (b, c + f, lax.div(i, per_group), 0))
         self.param = pl.BlockSpec((bd,), lambda i, c, b: (i,))
         self.a = pl.BlockSpec((npow, bd), lambda i, c, b: (0, i))
         self.state = pl.BlockSpec((None, None, npow, bd), lambda i, c, b: (b, c, 0, i))
-        self.keep = pl.BlockSpec((None, length), lambda i, c, b: (b, c))
+        self.keep = pl.BlockSpec((None, length), lambda i, c, b: (b, c + f))
         self.partial_param = pl.BlockSpec((None, None, bd), lambda i, c, b: (b, c, i))
         self.partial_bc = pl.BlockSpec((None, length, None, npow), lambda i, c, b: (b, c, i, 0))
         self.scratch = pl.BlockSpec((None, None, plan.subchunks, npow, bd), lambda i, c, b: (b, c, 0, 0, i))
@@ -582,7 +610,7 @@ class _Specs:
     @property
     def grid(self):
         p = self.plan
-        return (p.dp // self.bd, p.chunks, p.b)
+        return (p.dp // self.bd, self.chunks, p.b)
 
 
 def _call(kernel, plan: _Plan, specs: _Specs, in_specs, out_specs, out_shape, name, *args, backward=False):
@@ -608,48 +636,50 @@ def _present(*pairs):
 
 
 def _carry(plan: _Plan, x0, p, s, *, reverse: bool, name: str):
-    """The state entering every chunk of ``x <- P x + S``: ``(b, c, npow, dp)``."""
+    """The state at every chunk boundary of ``x <- P x + S``: ``(b, c, npow, dp)`` from ``(b, c - 1, npow, dp)``."""
     bdc = plan.bd
     while bdc < 256 and plan.dp % (2 * bdc) == 0:
         bdc *= 2
     c, npow = plan.chunks, plan.npow
-    chunk_spec = pl.BlockSpec((None, c, npow, bdc), lambda i, b: (b, 0, 0, i))
+    pairs_spec = pl.BlockSpec((None, c - 1, npow, bdc), lambda i, b: (b, 0, 0, i))
+    out_spec = pl.BlockSpec((None, c, npow, bdc), lambda i, b: (b, 0, 0, i))
     return pl.pallas_call(
         functools.partial(_chunk_carry_kernel, chunks=c, reverse=reverse),
-        out_shape=jax.ShapeDtypeStruct(p.shape, _F32),
+        out_shape=_state_shape(plan),
         grid=(plan.dp // bdc, plan.b),
-        in_specs=[pl.BlockSpec((None, npow, bdc), lambda i, b: (b, 0, i)), chunk_spec, chunk_spec],
-        out_specs=chunk_spec,
+        in_specs=[pl.BlockSpec((None, npow, bdc), lambda i, b: (b, 0, i)), pairs_spec, pairs_spec],
+        out_specs=out_spec,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=plan.num_stages),
         interpret=plan.interpret,
         name=name,
     )(x0, p, s)
 
 
-def _state_shape(plan: _Plan):
-    return jax.ShapeDtypeStruct((plan.b, plan.chunks, plan.npow, plan.dp), _F32)
+def _state_shape(plan: _Plan, chunks: int | None = None):
+    return jax.ShapeDtypeStruct((plan.b, plan.chunks if chunks is None else chunks, plan.npow, plan.dp), _F32)
 
 
 def _forward(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
-    """Kernel-layout forward: ``(y, incoming states (b, c, npow, dp), chunk decays or None)``."""
+    """Kernel-layout forward: ``(y, final state, incoming state of every chunk (b, c, npow, dp))``."""
     sp = _Specs(plan, plan.bd)
     if plan.chunks > 1:
+        sc = _Specs(plan, plan.bd, chunks=plan.chunks - 1)
         in_specs, args = _present(
-            (sp.rows, u), (sp.rows, dl), (sp.bc, bm), (sp.a, at), (sp.param, bias), (sp.keep, keep)
+            (sc.rows, u), (sc.rows, dl), (sc.bc, bm), (sc.a, at), (sc.param, bias), (sc.keep, keep)
         )
         s, p = _call(
             _chunk_state_kernel,
             plan,
-            sp,
+            sc,
             in_specs,
-            [sp.state, sp.state],
-            [_state_shape(plan)] * 2,
+            [sc.state, sc.state],
+            [_state_shape(plan, plan.chunks - 1)] * 2,
             "selective_scan_chunk_state",
             *args,
         )
         h_in = _carry(plan, h0, p, s, reverse=False, name="selective_scan_chunk_carry")
     else:
-        h_in, p = h0[:, None], None
+        h_in = h0[:, None]
     in_specs, args = _present(
         (sp.rows, u),
         (sp.rows, dl),
@@ -672,24 +702,24 @@ def _forward(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
         "selective_scan_fwd",
         *args,
     )
-    return y, h_end[:, -1], h_in, p
+    return y, h_end[:, -1], h_in
 
 
 def _backward(plan: _Plan, res, dy, dh_final):
-    u, dl, z, bm, cm, at, dskip, bias, keep, h_in, p = res
+    u, dl, z, bm, cm, at, dskip, bias, keep, h_in = res
     dy = dy.astype(u.dtype) if dy.dtype != u.dtype else dy
-    sp = _Specs(plan, plan.bd)
     if plan.chunks > 1:
+        sa = _Specs(plan, plan.bd, first_chunk=1, chunks=plan.chunks - 1)
         in_specs, args = _present(
-            (sp.rows, dl), (sp.rows, z), (sp.bc, cm), (sp.rows, dy), (sp.a, at), (sp.param, bias), (sp.keep, keep)
+            (sa.rows, dl), (sa.rows, z), (sa.bc, cm), (sa.rows, dy), (sa.a, at), (sa.param, bias), (sa.keep, keep)
         )
-        lam_local = _call(
+        lam_local, p = _call(
             _chunk_adjoint_kernel,
             plan,
-            sp,
+            sa,
             in_specs,
-            sp.state,
-            _state_shape(plan),
+            [sa.state, sa.state],
+            [_state_shape(plan, plan.chunks - 1)] * 2,
             "selective_scan_chunk_adjoint",
             *args,
         )
@@ -751,13 +781,13 @@ def _backward(plan: _Plan, res, dy, dh_final):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
-    y, h_final, _, _ = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
+    y, h_final, _ = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
     return y, h_final
 
 
 def _scan_fwd(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
-    y, h_final, h_in, p = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
-    return (y, h_final), (u, dl, z, bm, cm, at, dskip, bias, keep, h_in, p)
+    y, h_final, h_in = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
+    return (y, h_final), (u, dl, z, bm, cm, at, dskip, bias, keep, h_in)
 
 
 def _scan_bwd(plan, res, cotangents):
@@ -876,8 +906,10 @@ def selective_scan_pallas_gpu(
         pad_rows(u),
         pad_rows(delta),
         None if z is None else pad_rows(z),
-        _pad_state(B, plan),
-        _pad_state(C, plan),
+        # float32 in HBM: B and C are tiny (b, t, n) and are read as 2n scalars per token, each of which
+        # would otherwise need its own bf16 -> float32 conversion instruction.
+        _pad_state(B.astype(_F32), plan),
+        _pad_state(C.astype(_F32), plan),
         at,
         dskip,
         bias,
