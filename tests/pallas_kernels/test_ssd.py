@@ -693,21 +693,25 @@ TILINGS = {
 }
 
 
-def _pallas(backend, tiling, **kwargs):
-    interpret = True if backend == "gpu" else pltpu.InterpretParams()
+def _pallas(backend, tiling, compiled=False, **kwargs):
+    interpret = False if compiled else (True if backend == "gpu" else pltpu.InterpretParams())
     return functools.partial(vjp.ssd_pallas, backend=backend, interpret=interpret, tiling=tiling, **kwargs)
 
 
 # Ids avoid the bare words "gpu" / "tpu", which conftest reads as markers.
-@pytest.mark.parametrize("backend", ["gpu", "tpu"], ids=["triton_interpret", "mosaic_interpret"])
-def test_kernel_tilings_with_many_tiles_match_reference(backend):
+@pytest.mark.parametrize(
+    "backend,compiled",
+    [("gpu", False), ("tpu", False), pytest.param("gpu", True, marks=pytest.mark.gpu)],
+    ids=["triton_interpret", "mosaic_interpret", "triton_compiled"],
+)
+def test_kernel_tilings_with_many_tiles_match_reference(backend, compiled):
     """Chunk 64 in tiles of 16 (4 x 4 tiles, 10 causal), 4 heads in 2 groups, all options, VJP included."""
     inputs = make_inputs(16, b=2, t=100, h=4, p=32, g=2, n=32)
     names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
     primals = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")]
     segment_ids = packed_ids([30, 1, 40, 29], b=2)
     options = dict(dt_softplus=True, dt_limit=(0.0, INF), segment_ids=segment_ids)
-    kernel = _pallas(backend, TILINGS[backend], chunk_size=64, **options)
+    kernel = _pallas(backend, TILINGS[backend], compiled, chunk_size=64, **options)
 
     def fn(impl):
         def call(x, dt, A, B, C, D, z, dt_bias, initial_state):
@@ -721,7 +725,7 @@ def test_kernel_tilings_with_many_tiles_match_reference(backend):
     rng = np.random.default_rng(17)
     out, vjp_ref = jax.vjp(fn("reference"), *primals)
     cot = jax.tree.map(lambda o: jnp.asarray(rng.standard_normal(o.shape), o.dtype), out)
-    got_out, got = _vjp(fn("kernel"), primals, cot)
+    got_out, got = _vjp(fn("kernel"), primals, cot, not compiled)
     assert_tree_rel_close(got_out, out, "fp32", backend)
     for name, g_got, g_want in zip(names, got, vjp_ref(cot)):
         assert_rel_close(g_got, g_want, "fp32_grad", f"{backend} d{name}")
