@@ -3,3 +3,13 @@
 Ops (channels-last, see each sub-package's ``api.py``): ``selective_scan`` (Mamba-1 S6), ``ssd`` (Mamba-2),
 ``causal_conv1d``, ``sliding_window_attention`` and ``selective_attention`` (Taipan). Imports only jax and numpy.
 """
+
+from importlib import import_module as _import_module
+
+from pallas_kernels import _platform
+
+
+def resolve_implementation(op: str, implementation: str = "auto") -> str:
+    """What ``implementation`` becomes for ``op`` on this platform (``"auto"`` resolved; impossible requests raise)."""
+    available = _import_module(f"pallas_kernels.{op}.api").AVAILABLE
+    return _platform.resolve(op, implementation, available=available)

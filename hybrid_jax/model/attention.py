@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_from_sequence
 from hybrid_jax.model.config import ModelConfig
+from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, KV_HEADS, Dense, apply_rope
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
@@ -103,13 +104,13 @@ class AttentionMixer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         q, k, v = self._qkv(x, positions)
-        o = sliding_window_attention(
-            q,
-            k,
-            v,
-            window=self.window,
-            segment_ids=segment_ids,
-            implementation=self.config.kernels.sliding_window_attention,
+        o = call_kernel(
+            "sliding_window_attention",
+            sliding_window_attention,
+            self.config.kernels.sliding_window_attention,
+            batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
+            shared={},
+            static=dict(window=self.window),
         )
         y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
         cache = None

@@ -33,6 +33,7 @@ from hybrid_jax.model.cache import (
     selective_ring_from_sequence,
 )
 from hybrid_jax.model.config import ModelConfig
+from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
 from pallas_kernels.selective_attention import limit_selection, selective_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
@@ -101,19 +102,22 @@ class SelectiveAttentionLayer(nn.Module):
         m = m_st * eff
         q, k, v = self._qkv(hn, positions)
         if cfg.kv_source == "selected":
-            o = selective_attention(
-                q,
-                k,
-                v,
-                eff,
-                window=cfg.window,
-                segment_ids=segment_ids,
-                capacity=cap,
-                implementation=c.kernels.selective_attention,
+            o = call_kernel(
+                "selective_attention",
+                selective_attention,
+                c.kernels.selective_attention,
+                batched=dict(q=q, k=k, v=v, selected=eff, segment_ids=segment_ids),
+                shared={},
+                static=dict(window=cfg.window, capacity=cap),
             )
         else:
-            o = sliding_window_attention(
-                q, k, v, window=cfg.window, segment_ids=segment_ids, implementation=c.kernels.sliding_window_attention
+            o = call_kernel(
+                "sliding_window_attention",
+                sliding_window_attention,
+                c.kernels.sliding_window_attention,
+                batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
+                shared={},
+                static=dict(window=cfg.window),
             )
             o = jnp.where(eff[..., None, None], o, 0)
         o = self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.model.cache import SSMCache
 from hybrid_jax.model.config import ModelConfig
+from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import (
     CONV_WIDTH,
     DT_RANK,
@@ -70,14 +71,13 @@ class DepthwiseConv(nn.Module):
 
     def __call__(self, x, *, segment_ids=None, return_state: bool = False):
         w, b = self._weights()
-        out = causal_conv1d(
-            x,
-            w,
-            b,
-            activation="silu",
-            segment_ids=segment_ids,
-            return_final_state=return_state,
-            implementation=self.implementation,
+        out = call_kernel(
+            "causal_conv1d",
+            causal_conv1d,
+            self.implementation,
+            batched=dict(x=x, segment_ids=segment_ids),
+            shared=dict(weight=w, bias=b),
+            static=dict(activation="silu", return_final_state=return_state),
         )
         return out if return_state else (out, None)
 
@@ -146,19 +146,13 @@ class MambaMixer(nn.Module):
         xs, z = jnp.split(xz, 2, axis=-1)
         xs, conv_state = self.conv1d(xs, segment_ids=segment_ids, return_state=cache_len is not None)
         dt, B, C = self._project(xs)
-        y, ssm_state = selective_scan(
-            xs,
-            dt,
-            -jnp.exp(self.A_log),
-            B,
-            C,
-            self.D,
-            z,
-            self.dt_bias,
-            delta_softplus=True,
-            segment_ids=segment_ids,
-            return_final_state=True,
-            implementation=self.config.kernels.selective_scan,
+        y, ssm_state = call_kernel(
+            "selective_scan",
+            selective_scan,
+            self.config.kernels.selective_scan,
+            batched=dict(u=xs, delta=dt, B=B, C=C, z=z, segment_ids=segment_ids),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, delta_bias=self.dt_bias),
+            static=dict(delta_softplus=True, return_final_state=True),
         )
         cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
         return self.out_proj(y), cache
@@ -237,20 +231,15 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._split(self.in_proj(x))
         xBC, conv_state = self.conv1d(xBC, segment_ids=segment_ids, return_state=cache_len is not None)
         xs, B, C = self._heads(xBC)
-        y, ssm_state = ssd(
-            xs,
-            dt,
-            -jnp.exp(self.A_log),
-            B,
-            C,
-            chunk_size=c.mamba2.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=c.mamba2.dt_limit,
-            segment_ids=segment_ids,
-            return_final_state=True,
-            implementation=c.kernels.ssd,
+        y, ssm_state = call_kernel(
+            "ssd",
+            ssd,
+            c.kernels.ssd,
+            batched=dict(x=xs, dt=dt, B=B, C=C, segment_ids=segment_ids),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
+            static=dict(
+                chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit, return_final_state=True
+            ),
         )
         y = self.norm(y.reshape(*y.shape[:2], -1), z)
         cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
