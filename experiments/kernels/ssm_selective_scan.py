@@ -485,7 +485,7 @@ def config_sweep(cfg: Config) -> list[dict]:
         DEFAULT_CONFIG,  # forward: 64 channels per one-warp program; backward: 32, sub-chunk 4
         GpuConfig(block_d=32),  # one channel per thread forward, twice the programs
         GpuConfig(block_d=128, num_warps=2),  # two channels per thread, two warps
-        GpuConfig(unroll=4),
+        GpuConfig(unroll=8),  # more loads in flight per warp, ~250 registers: half the resident warps
         GpuConfig(num_stages=2),
         GpuConfig(bwd_unroll=2),  # fewer registers, twice the backward scratch traffic
         GpuConfig(min_programs=8 * 132),

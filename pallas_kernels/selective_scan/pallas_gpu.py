@@ -7,8 +7,9 @@ dynamic bounds, register-resident state and coalesced loads, and runs in Pallas 
 Layout and grid. Inputs stay channels-last, ``(b, t, d)``: one time row of a block of ``bd`` channels is contiguous,
 so every per-token load and store is coalesced along ``d``. Every kernel has the grid ``(d / bd, c, b)`` (channel
 blocks, time chunks of ``l`` tokens, batch): one program owns one channel block of one chunk of one sequence and walks
-its chunk with a ``fori_loop`` whose body is unrolled ``unroll`` tokens in Python (the unrolled loads do not depend on
-the state, so they are issued ahead of the dependent arithmetic). BlockSpecs: ``(l, bd)`` blocks of u, delta, z, y
+its chunk with a ``fori_loop`` whose body is unrolled ``unroll`` tokens in Python; the block's stores wait until its
+end, so no store separates the loads of consecutive tokens and the compiler issues a block's loads (which do not
+depend on the state) ahead of the dependent arithmetic. BlockSpecs: ``(l, bd)`` blocks of u, delta, z, y
 (and dy, du, d(delta), dz); ``(l, n)`` blocks of the float32 B and C of the block's group; ``(n, bd)`` of ``A^T``,
 ``(bd,)`` of D and the bias; ``(n, bd)`` state tiles of the ``(b, c, n, d)`` chunk-boundary arrays. The state of a
 program is ``n`` separate ``(bd,)`` float32 vectors held in registers, never a ``(b, t, d, n)`` array in HBM. Keeping
@@ -31,7 +32,7 @@ Forward (with ``c == 1`` only step 3 runs, from the initial state):
      delta; correcting local outputs instead needs ``C_t exp(A cumsum(delta)) H`` per (t, d, n), the same exps plus a
      stored ``y`` and a second pass over it, so recompute it is.
 Chunk parallelism is what fills the GPU: ``c`` is chosen so that ``(d / bd) * c * b`` reaches ``min_programs``
-(B4 T4096 D1536: 22 chunks of 192 tokens; B1 T65536 D1536: 88 chunks of 752; B8 T2048 D2048: 9 of 232).
+(B4 T4096 D1536: 22 chunks of 188 tokens; B1 T65536 D1536: 88 chunks of 748; B8 T2048 D2048: 9 of 228).
 
 Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
   1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
@@ -59,12 +60,13 @@ an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the t
 D2048 N16 and check the 64-bit offsets).
 
 Default block sizes are UNTUNED (no GPU timing yet); chosen from the compiled code: Triton 3.6 / ptxas for sm_90a
-(lowered here from abstract shapes) gives, per 32 channels and token at N16, about 190 instructions and 19 MUFU
-(exp2/log/rcp) ops for the forward kernel (128 registers at ``block_d = 64``: two channels per thread, one warp; 80
-at 32) and ~1070 instructions incl. 160 shuffles for the backward kernel (255 registers, no spills, at
-``bwd_block_d = 32``, one warp, ``bwd_unroll = 4``; 8 spills heavily, 64 channels per warp spill). ``min_programs =
-16 * 132`` keeps 16 one-warp programs per H100 SM. ``experiments/kernels/ssm_selective_scan.py --sweep`` times
-alternatives.
+(lowered here from abstract shapes, B4 T4096 D1536 N16 bf16) gives, per 32 channels and token, about 205
+instructions incl. 19 MUFU (exp2/log/rcp) for the forward kernel at ``block_d = 64`` (two channels per thread, one
+warp, 128 registers, unroll 4; unroll 8 needs ~250 registers, halving the resident warps), and about 1050
+instructions incl. 160 shuffles (the dB/dC warp reductions) for the backward kernel at ``bwd_block_d = 32``,
+``bwd_unroll = 4`` (255 registers, 4 bytes spilled; sub-chunk 8 or 64 channels per warp spill heavily).
+``min_programs = 16 * 132`` gives 16 one-warp programs per H100 SM, what the 128-register forward kernels can keep
+resident. ``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class GpuConfig:
 
     block_d: int = 64
     num_warps: int = 1
-    unroll: int = 8
+    unroll: int = 4
     bwd_block_d: int = 32
     bwd_num_warps: int = 1
     bwd_unroll: int = 4
@@ -291,19 +293,37 @@ def _n_valid(plan: _Plan, first_chunk: int = 0):
     return jnp.minimum(plan.chunk, plan.t - c * plan.chunk)
 
 
+def _flush(stores):
+    for ref, i, value in stores:
+        ref[i, :] = value.astype(ref.dtype)
+
+
 def _run_forward(plan: _Plan, n_valid, step, carry):
-    """Runs ``carry = step(i, carry)`` for ``i`` in ``[0, n_valid)``: unrolled blocks, then a one-token tail."""
+    """Runs ``carry, stores = step(i, carry)`` for ``i`` in ``[0, n_valid)``: unrolled blocks, then a one-token tail.
+
+    ``stores`` are ``(ref, row, value)`` triples, written at the end of each unrolled block: no store sits between
+    the loads of consecutive tokens, so the compiler may issue a whole block's loads early (it must assume a store
+    can alias any later load).
+    """
     u = plan.unroll
     full, rest = _tail_range(plan, n_valid, u)
 
     def block(k, carry):
+        stores = []
         for j in range(u):
-            carry = step(k * u + j, carry)
+            carry, out = step(k * u + j, carry)
+            stores += out
+        _flush(stores)
+        return carry
+
+    def one(j, carry):
+        carry, out = step(full * u + j, carry)
+        _flush(out)
         return carry
 
     carry = lax.fori_loop(0, full, block, carry)
     if plan.tail:
-        carry = lax.fori_loop(0, rest, lambda j, cr: step(full * u + j, cr), carry)
+        carry = lax.fori_loop(0, rest, one, carry)
     return carry
 
 
@@ -369,7 +389,7 @@ def _chunk_state_kernel(*refs, plan: _Plan):
         b_t = rows.scalars(r["b"], i)
         keep = rows.keep(i)
         h = [_decay(dt2, a_rows[k], keep) * h[k] + dtu * b_t[k] for k in range(n)]
-        return h, total_dt + dt2, kept if keep is None else kept * keep
+        return (h, total_dt + dt2, kept if keep is None else kept * keep), []
 
     zero = jnp.zeros((plan.bd,), _F32)
     h, total_dt, kept = _run_forward(plan, _n_valid(plan), step, ([zero] * n, zero, jnp.float32(1.0)))
@@ -401,8 +421,7 @@ def _selective_scan_fwd_kernel(*refs, plan: _Plan):
         if plan.has_z:
             z = rows.row(r["z"], i)
             y = y * (z * _sigmoid(z))
-        y_ref[i, :] = y.astype(y_ref.dtype)
-        return new
+        return new, [(y_ref, i, y)]
 
     h = _run_forward(plan, _n_valid(plan), step, _load_state(r["h0"], n))
     _store_state(hend_ref, h)
@@ -512,6 +531,7 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
     # Phase 2: sub-chunks in reverse, states recomputed into registers, then the adjoint walks back through them.
     def sub_chunk(s, length: int, carry):
         m, da, dd, dbias = carry
+        stores = []  # written after the sub-chunk, as in _run_forward
         states = [_load_state(scr_ref, n, s)]
         for j in range(length):
             states.append(forward_step(s * ub + j, states[-1]))
@@ -532,7 +552,7 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
                 z = rows.row(r["z"], i)
                 sz = _sigmoid(z)
                 ddz = dy * y * (sz * (1.0 + z * (1.0 - sz)))
-                dz_ref[i, :] = ddz.astype(dz_ref.dtype)
+                stores.append((dz_ref, i, ddz))
                 gy = dy * (z * sz)
             else:
                 gy = dy
@@ -554,13 +574,12 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             ddt = ddt + u * mu_b
             du = gy * dskip + dt * mu_b
             ddl = ddt * _sigmoid(pre) if plan.softplus else ddt
-            du_ref[i, :] = du.astype(du_ref.dtype)
-            ddl_ref[i, :] = ddl.astype(ddl_ref.dtype)
-            db_ref[i, :] = _assemble(db_t, plan.npow)
-            dc_ref[i, :] = _assemble(dc_t, plan.npow)
+            stores += [(du_ref, i, du), (ddl_ref, i, ddl)]
+            stores += [(db_ref, i, _assemble(db_t, plan.npow)), (dc_ref, i, _assemble(dc_t, plan.npow))]
             dd = dd + gy * u
             dbias = dbias + ddl
             m = m_new
+        _flush(stores)
         return m, da, dd, dbias
 
     zero = jnp.zeros((bd,), _F32)

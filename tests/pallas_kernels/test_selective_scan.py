@@ -447,8 +447,9 @@ class TestSelectiveScan:
     @pytest.mark.parametrize(
         "kernel,chunk_size",
         [
-            # one token per chunk; unrolled blocks of 8 plus a 5-token tail; the default plan (one
-            # chunk here); the TPU kernel's 32-token chunk with 3 padded tokens in its second tile
+            # one token per chunk; 8-token chunks (the last has 5: an unrolled block and a one-token
+            # tail); the default plan (one chunk here); the TPU kernel's 32-token chunk with 3 padded
+            # tokens in its second tile
             ("pallas_gpu:interpret", 1),
             ("pallas_gpu:interpret", 8),
             ("pallas_gpu:interpret", None),
