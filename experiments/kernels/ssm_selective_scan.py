@@ -9,12 +9,12 @@ B8 T2048 D2048, B1 T65536 D1536 (all N16) and T from 1K to 128K at B1 D1536. Eve
 small size (forward and the VJP of every input) against the float32 sequential reference on the same bf16-rounded
 inputs; one that fails is not timed. Timing: warm-up on every input set, then the median of ``--runs`` calls rotating
 over 3 input sets, each synchronised with ``jax.block_until_ready``. fwd+bwd is one jitted program computing y and
-the VJP of a random cotangent with respect to all eight inputs. The reference is timed only at small sizes.
-Peak memory of fwd+bwd is XLA's compiled memory analysis (arguments + outputs + temporaries). The floor is
-max(bytes / 2.8e12 B/s, exps / 4.0e12 exp/s): fwd moves u, delta, z, y, B, C and needs b*t*d*n exps; fwd+bwd moves
-u, delta, z, dy in and y, du, d(delta), dz out (plus B, C and their gradients) and needs 2*b*t*d*n exps (the decays
-once forward, once backward). If ``import mamba_ssm`` works, its ``selective_scan_fn`` is timed at the same shapes in
-the same run (torch, CUDA events not needed: ``torch.cuda.synchronize`` around each call).
+the VJP of a random cotangent with respect to all eight inputs. The reference is timed only at small sizes. Peak
+memory of fwd+bwd is XLA's memory analysis of the timed executable (arguments + outputs + temporaries). The floor
+is max(bytes / 2.8e12 B/s, exps / 4.0e12 exp/s): fwd moves u, delta, z, y, B, C and needs b*t*d*n exps; fwd+bwd
+moves u, delta, z, dy in and y, du, d(delta), dz out (plus B, C and their gradients) and needs 2*b*t*d*n exps (the
+decays once forward, once backward). If ``import mamba_ssm`` works, its ``selective_scan_fn`` is timed at the same
+shapes in the same run (``torch.cuda.synchronize`` around each call).
 
     python experiments/kernels/ssm_selective_scan.py --out DIR          # on a GPU, < 8 min on an H100
     python experiments/kernels/ssm_selective_scan.py --out DIR --sweep  # plus 8 GpuConfigs at B4 T4096 (~5 min)
@@ -159,20 +159,21 @@ def classify(err: Exception) -> str:
     return f"error: {type(err).__name__}: {first}"
 
 
-def measure(fn, input_sets, runs: int) -> tuple[float | None, str]:
+def measure(fn, input_sets, runs: int) -> tuple[float | None, str, int | None]:
+    """``(median ms, status, peak bytes)``: one compile serves both the timing and XLA's memory analysis."""
     try:
-        return time_ms(jax.jit(fn), input_sets, runs), "ok"
+        compiled = jax.jit(fn).lower(*input_sets[0]).compile()
     except Exception as err:  # an OOM or a failed compile is a result, not a crash
-        return None, classify(err)
-
-
-def peak_bytes(fn, args) -> int | None:
-    """Arguments + outputs + temporaries of the compiled program (XLA's memory analysis), or None."""
+        return None, classify(err), None
     try:
-        stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
-    except Exception:
-        return None
+        stats = compiled.memory_analysis()
+        peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        peak = None
+    try:
+        return time_ms(compiled, input_sets, runs), "ok", peak
+    except Exception as err:
+        return None, classify(err), peak
 
 
 def floor_ms(b: int, t: int, d: int, n: int, backward: bool) -> dict:
@@ -345,10 +346,10 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
                 fn = scan_fn(impl, cfg)
-                row["fwd_ms"], row["fwd_status"] = measure(fn, fwd_sets, cfg.runs)
-                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), bwd_sets, cfg.runs)
-                if row["fwdbwd_status"] == "ok":
-                    row["fwdbwd_peak_bytes"] = peak_bytes(with_vjp(fn), bwd_sets[0])
+                row["fwd_ms"], row["fwd_status"], _ = measure(fn, fwd_sets, cfg.runs)
+                row["fwdbwd_ms"], row["fwdbwd_status"], row["fwdbwd_peak_bytes"] = measure(
+                    with_vjp(fn), bwd_sets, cfg.runs
+                )
             rows.append(row)
             print(row_text(row), flush=True)
         del sets, fwd_sets, bwd_sets
@@ -497,8 +498,9 @@ def config_sweep(cfg: Config) -> list[dict]:
     for gpu_config in candidates:
         fn = config_fn(gpu_config, cfg)
         row = {"config": dataclasses.asdict(gpu_config), "b": b, "t": t, "d": d}
-        row["fwd_ms"], row["fwd_status"] = measure(fn, [a for a, _ in sets], cfg.runs)
-        row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), [(*a, ct) for a, ct in sets], cfg.runs)
+        row["fwd_ms"], row["fwd_status"], _ = measure(fn, [a for a, _ in sets], cfg.runs)
+        bwd_sets = [(*a, ct) for a, ct in sets]
+        row["fwdbwd_ms"], row["fwdbwd_status"], row["fwdbwd_peak_bytes"] = measure(with_vjp(fn), bwd_sets, cfg.runs)
         out.append(row)
         print(f"sweep {row['config']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
     return out

@@ -563,13 +563,14 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             for k in range(n):
                 mu = gy * c_t[k] + m[k]
                 a = _decay(dt2, a_rows[k], keep)
-                decayed = a * h_prev[k]
                 dc_t.append(jnp.sum(gy * h_now[k]))
                 db_t.append(jnp.sum(mu * dtu))
                 mu_b = mu_b + mu * b_t[k]
-                # d h_i / d dt = A a h_{i-1} + u B; a_rows hold A itself (the log2 e sits in dt2).
-                ddt = ddt + mu * (a_rows[k] * decayed)
-                da[k] = da[k] + mu * (dt * decayed)
+                # d h_i / d dt = A a h_{i-1} + u B and d h_i / d A = dt a h_{i-1}; a_rows hold A itself (the log2 e
+                # sits in dt2).
+                q = mu * (a * h_prev[k])
+                ddt = ddt + a_rows[k] * q
+                da[k] = da[k] + dt * q
                 m_new.append(a * mu)
             ddt = ddt + u * mu_b
             du = gy * dskip + dt * mu_b
