@@ -29,7 +29,7 @@ import jax
 from hybrid_jax.training import Trainer, kernel_choices, preset_config
 from hybrid_jax.training.flops import MEASURED_PEAK_FLOPS
 
-MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transformer": "Transformer++"}
+MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transformer": "Transformer++", "mamba": "Mamba"}
 
 
 def build_config(name: str, args, remat: str):
@@ -102,7 +102,7 @@ def measure(name: str, args, remat: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--models", default="taipan,samba,mamba2,transformer", help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--seq_len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8, help="sequences per device per step")
     parser.add_argument("--steps", type=int, default=10)
