@@ -22,10 +22,11 @@ _log = logging.getLogger("pallas_kernels")
 # (0.44 s vs 0.75 s at B2 T4096 D512 N16, see shared environment notes), so "reference" is preferred there.
 _AUTO: dict[str, dict[str, tuple[str, ...]]] = {
     "selective_scan": {"cpu": ("reference",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
-    # GPU: the Pallas SSD forward beats xla (1.10 vs 3.05 ms at B8 T4096 H24 P64 N128 bf16, H100) but its backward
-    # does not yet (fwd+bwd 32.0 vs 10.3 ms), and training is fwd+bwd: xla until the backward kernels are fixed.
-    # Ask for implementation="pallas_gpu" explicitly for forward-only work (prefill, evaluation).
-    "ssd": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("pallas_tpu", "xla")},
+    # GPU (H100, jax 0.11.2): the Pallas SSD forward beats xla (1.10 vs 3.05 ms at B8 T4096 H24 P64 N128 bf16) and its
+    # backward does not yet (fwd+bwd 32.0 vs 10.3 ms); but inside the 130m Mamba-2 / Taipan training step the xla path
+    # runs out of memory without remat and crashes XLA's GPU compiler with remat ("Failed to translate module to LLVM
+    # IR" in an input_transpose_fusion), while the Pallas kernels train (96K / 83K tokens/s). So Pallas first.
+    "ssd": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
     "causal_conv1d": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
     "sliding_window_attention": {
         "cpu": ("xla",),
