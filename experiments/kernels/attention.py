@@ -24,22 +24,41 @@ and prints the tables with the ratios pallas / cuDNN and selective / sliding.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import math
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+import bench_common  # noqa: E402
+from bench_common import (  # noqa: E402
+    Budget,
+    bench_parser,
+    classify,
+    config_from_args,
+    fmt,
+    gpu_or_interpret,
+    interpret_kwargs,
+    lookup,
+    measure_fwd_fwdbwd,
+    print_checks,
+    print_sweep_row,
+    pyplot,
+    ratio,
+    rel_err,
+    run_meta,
+    save_figure,
+    timing_cells,
+    timings_text,
+    vjp_errors,
+    write_report,
+)
 
 from pallas_kernels.selective_attention import limit_selection, selective_attention  # noqa: E402
 from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
@@ -93,30 +112,24 @@ def swa_fn(impl: str, window: int, cfg: Config):
         return lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=(window - 1, 0), implementation="cudnn"
         )
-    extra = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+    extra = interpret_kwargs(impl, cfg.interpret)
     return lambda q, k, v: sliding_window_attention(q, k, v, window=window, implementation=impl, **extra)
 
 
 def sel_fn(impl: str, window: int, capacity: int | None, cfg: Config):
-    extra = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+    extra = interpret_kwargs(impl, cfg.interpret)
     return lambda q, k, v, sel: selective_attention(
         q, k, v, sel, window=window, capacity=capacity, implementation=impl, **extra
     )
 
 
 def with_vjp(fn):
-    """``fn``'s output and the VJP of a cotangent ``ct`` (the last argument), as one program."""
-
-    def run(q, k, v, *rest):
-        *args, ct = rest
-        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, *args), q, k, v)
-        return out, vjp(ct)
-
-    return run
+    """``fn``'s output and the VJP of a cotangent ``ct`` (the last argument) with respect to q, k, v, as one program."""
+    return bench_common.with_vjp(fn, num_diff=3)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Inputs, timing, error handling
+# Inputs
 
 
 def make_inputs(key, cfg: Config, t: int, fraction: float | None = None):
@@ -127,38 +140,6 @@ def make_inputs(key, cfg: Config, t: int, fraction: float | None = None):
     if fraction is None:
         return q, k, v, ct
     return q, k, v, jax.random.uniform(ks, (cfg.batch, t)) < fraction, ct
-
-
-def time_ms(fn, input_sets, runs: int) -> float:
-    """Median wall time of ``fn`` in ms over ``runs`` calls, rotating over ``input_sets``, after warm-up on each."""
-    for args in input_sets:
-        jax.block_until_ready(fn(*args))
-    times = []
-    for i in range(runs):
-        args = input_sets[i % len(input_sets)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def classify(err: Exception) -> str:
-    text = str(err)
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text:
-        return "oom"
-    return f"error: {type(err).__name__}: {text.splitlines()[0][:160] if text else ''}"
-
-
-def measure(fn, input_sets, runs: int) -> tuple[float | None, str]:
-    try:
-        return time_ms(jax.jit(fn), input_sets, runs), "ok"
-    except Exception as err:  # OOM and unsupported configurations are results, not crashes
-        return None, classify(err)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -175,9 +156,7 @@ def check_contenders(cfg: Config, contenders: list[str]) -> dict:
     def errors(fn, ref_fn, args, ref_args):
         out, grads = jax.jit(with_vjp(fn))(*args)
         ref, ref_grads = jax.jit(with_vjp(ref_fn))(*ref_args)
-        errs = {"out": rel_err(out.astype(jnp.float32), ref)}
-        errs.update({f"d{n}": rel_err(g.astype(jnp.float32), r) for n, g, r in zip("qkv", grads, ref_grads)})
-        return errs
+        return vjp_errors(out, grads, ref, ref_grads, "qkv", "out")
 
     for window in (w, None):
         ref_fn = swa_fn("reference", window, cfg)
@@ -256,24 +235,12 @@ def cudnn_available(cfg: Config) -> bool:
 
 
 def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
-    start = time.perf_counter()
-    on_gpu = jax.default_backend() == "gpu"
+    budget = Budget(cfg.budget_s)
+    gpu_or_interpret(cfg.interpret)
     contenders = ["xla", "pallas_gpu"] + (["cudnn"] if cudnn_available(cfg) else [])
     report = {
-        "meta": {
-            "device": str(jax.devices()[0].device_kind),
-            "backend": jax.default_backend(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "config": dataclasses.asdict(cfg),
-            "dtype": "bfloat16",
-            "contenders": contenders,
-            "pallas_interpret": cfg.interpret,
-        }
+        "meta": run_meta(cfg, dtype="bfloat16", contenders=contenders, pallas_interpret=cfg.interpret),
     }
-    if not on_gpu and not cfg.interpret:
-        raise SystemExit("no GPU: pass --smoke to exercise the script on CPU (interpret mode)")
     print(f"device {report['meta']['device']}, jax {jax.__version__}, contenders {contenders}", flush=True)
 
     checks = check_contenders(cfg, contenders)
@@ -282,9 +249,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         f"\ncorrectness at B{cfg.batch} T{cfg.check_length} H{cfg.heads} E{cfg.head_dim}"
         " (relative error vs the fp32 reference):"
     )
-    for name, errs in checks.items():
-        shown = errs.get("status") or "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        print(f"  {name:52s} {shown}")
+    print_checks(checks, 52)
     ok = {c for c in contenders if passed(checks.get(f"swa w={cfg.check_window} {c}", {"status": "missing"}))}
     if "cudnn" in ok and not convention_ok(checks):
         print("  cuDNN's local_window_size=(w - 1, 0) does not match our window w")
@@ -295,9 +260,6 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         print(f"  NOT TIMED (failed a check): {skipped}")
     report["timed"] = {"sliding": sorted(ok), "selective": sorted(ok_sel)}
 
-    def over_budget() -> bool:
-        return time.perf_counter() - start > cfg.budget_s
-
     rows = []
     for t in cfg.swa_lengths:
         sets = [make_inputs(jax.random.key(10 + i), cfg, t) for i in range(cfg.input_sets)]
@@ -305,12 +267,11 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         impls = ["reference"] * (t <= cfg.reference_max_t) + [c for c in contenders if c in ok]
         for impl in impls:
             row = {"case": "sliding", "T": t, "window": cfg.window, "impl": impl}
-            if over_budget():
-                row.update(status="skipped (time budget)")
+            if budget.spent():
+                row.update(status=bench_common.SKIPPED)
             else:
                 fn = swa_fn(impl, cfg.window, cfg)
-                row["fwd_ms"], row["fwd_status"] = measure(fn, fwd_sets, cfg.runs)
-                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+                row.update(measure_fwd_fwdbwd(fn, fwd_sets, sets, cfg.runs, peak=False))
             rows.append(row)
             print(_row_text(row), flush=True)
         del sets, fwd_sets
@@ -320,12 +281,11 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         sets = [make_inputs(jax.random.key(20 + i), cfg, t, fraction) for i in range(cfg.input_sets)]
         for impl in [c for c in ("xla", "pallas_gpu") if c in ok_sel]:
             row = {"case": "selective", "T": t, "window": cfg.window, "C": fraction, "capacity": capacity, "impl": impl}
-            if over_budget():
-                row.update(status="skipped (time budget)")
+            if budget.spent():
+                row.update(status=bench_common.SKIPPED)
             else:
                 fn = sel_fn(impl, cfg.window, capacity, cfg)
-                row["fwd_ms"], row["fwd_status"] = measure(fn, [s[:4] for s in sets], cfg.runs)
-                row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+                row.update(measure_fwd_fwdbwd(fn, [s[:4] for s in sets], sets, cfg.runs, peak=False))
             rows.append(row)
             print(_row_text(row), flush=True)
         del sets
@@ -333,12 +293,9 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     report["ratios"] = ratios(rows, cfg)
     if sweep:
         report["sweep"] = tiling_sweep(cfg)
-    report["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    report["meta"]["wall_s"] = round(budget.elapsed_s(), 1)
     print_tables(report, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention.json").write_text(json.dumps(report, indent=2))
-    plot(report, cfg, out_dir / "attention.png")
-    print(f"\nwrote {out_dir / 'attention.json'} and attention.png in {report['meta']['wall_s']} s")
+    write_report(report, out_dir, "attention", functools.partial(plot, report, cfg))
     return report
 
 
@@ -346,19 +303,11 @@ def _row_text(row) -> str:
     what = f"{row['case']:9s} T{row['T']:<7d}" + (f" C={row['C']:<5}" if "C" in row else " " * 8)
     if "status" in row:
         return f"{what} {row['impl']:11s} {row['status']}"
-    f = lambda key: f"{row[key + '_ms']:9.3f} ms" if row[key + "_ms"] is not None else f"{row[key + '_status']:>12s}"  # noqa: E731
-    return f"{what} {row['impl']:11s} fwd {f('fwd')}   fwd+bwd {f('fwdbwd')}"
+    return f"{what} {row['impl']:11s} {timings_text(row)}"
 
 
 def _get(rows, case, impl, key, **match):
-    for r in rows:
-        if r["case"] == case and r["impl"] == impl and all(r.get(k) == v for k, v in match.items()):
-            return r.get(key)
-    return None
-
-
-def _ratio(a, b):
-    return None if a is None or b is None else a / b
+    return lookup(rows, key, case=case, impl=impl, **match)
 
 
 def ratios(rows, cfg: Config) -> dict:
@@ -367,10 +316,10 @@ def ratios(rows, cfg: Config) -> dict:
         for key in ("fwd_ms", "fwdbwd_ms"):
             p = _get(rows, "sliding", "pallas_gpu", key, T=t)
             out["pallas_over_cudnn"].append(
-                {"T": t, "what": key, "ratio": _ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
+                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
             )
             out["pallas_over_xla"].append(
-                {"T": t, "what": key, "ratio": _ratio(p, _get(rows, "sliding", "xla", key, T=t))}
+                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "xla", key, T=t))}
             )
     for fraction in cfg.sel_fractions:
         for impl in ("pallas_gpu", "xla"):
@@ -378,13 +327,9 @@ def ratios(rows, cfg: Config) -> dict:
                 sel = _get(rows, "selective", impl, key, C=fraction)
                 swa = _get(rows, "sliding", impl, key, T=cfg.sel_length)
                 out["selective_over_sliding"].append(
-                    {"C": fraction, "impl": impl, "what": key, "ratio": _ratio(sel, swa)}
+                    {"C": fraction, "impl": impl, "what": key, "ratio": ratio(sel, swa)}
                 )
     return out
-
-
-def _fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def print_tables(report, cfg: Config) -> None:
@@ -396,13 +341,9 @@ def print_tables(report, cfg: Config) -> None:
     )
     print("|---" * (1 + 2 * len(impls) + 2) + "|")
     for t in cfg.swa_lengths:
-        cells = []
-        for i in impls:
-            for key in ("fwd", "fwdbwd"):
-                v = _get(rows, "sliding", i, key + "_ms", T=t)
-                cells.append(_fmt(v) if v is not None else (_get(rows, "sliding", i, key + "_status", T=t) or "-"))
+        cells = timing_cells(rows, impls, case="sliding", T=t)
         rat = [x["ratio"] for x in r["pallas_over_cudnn"] if x["T"] == t]
-        print(f"| {t} | " + " | ".join(cells) + f" | {_fmt(rat[0], 2)} | {_fmt(rat[1], 2)} |")
+        print(f"| {t} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
     print(f"\nselective attention T{cfg.sel_length} window {cfg.window}, capacity ceil(1.1 C T), ms")
     print(
         "| C | capacity | xla fwd | xla fwd+bwd | pallas fwd | pallas fwd+bwd | pallas sel/SWA fwd | sel/SWA fwd+bwd |"
@@ -410,28 +351,23 @@ def print_tables(report, cfg: Config) -> None:
     print("|---" * 8 + "|")
     for fraction in cfg.sel_fractions:
         cells = [
-            _fmt(_get(rows, "selective", i, k, C=fraction))
+            fmt(_get(rows, "selective", i, k, C=fraction))
             for i in ("xla", "pallas_gpu")
             for k in ("fwd_ms", "fwdbwd_ms")
         ]
         rat = [x["ratio"] for x in r["selective_over_sliding"] if x["C"] == fraction and x["impl"] == "pallas_gpu"]
         cap = math.ceil(fraction * cfg.sel_length * 1.1)
-        print(f"| {fraction} | {cap} | " + " | ".join(cells) + f" | {_fmt(rat[0], 2)} | {_fmt(rat[1], 2)} |")
+        print(f"| {fraction} | {cap} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
     if "sweep" in report:
         print(f"\ntiling sweep (pallas_gpu sliding window, T{cfg.sel_length} ), ms")
         for s in report["sweep"]:
-            fwd = f"{_fmt(s.get('fwd_ms'))} ({s.get('fwd_status')})"
-            print(f"  {s['tiling']}: fwd {fwd} fwd+bwd {_fmt(s.get('fwdbwd_ms'))} ({s.get('fwdbwd_status')})")
+            fwd = f"{fmt(s.get('fwd_ms'))} ({s.get('fwd_status')})"
+            print(f"  {s['tiling']}: fwd {fwd} fwd+bwd {fmt(s.get('fwdbwd_ms'))} ({s.get('fwdbwd_status')})")
 
 
 def plot(report, cfg: Config, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rows = report["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -458,9 +394,7 @@ def plot(report, cfg: Config, path: Path) -> None:
     )
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def tiling_sweep(cfg: Config) -> list[dict]:
@@ -484,27 +418,19 @@ def tiling_sweep(cfg: Config) -> list[dict]:
             q, k, v, window=cfg.window, softmax_scale=cfg.head_dim**-0.5, tiling=tl, interpret=cfg.interpret
         )
         row = {"tiling": dataclasses.asdict(tl)}
-        row["fwd_ms"], row["fwd_status"] = measure(fn, [s[:3] for s in sets], cfg.runs)
-        row["fwdbwd_ms"], row["fwdbwd_status"] = measure(with_vjp(fn), sets, cfg.runs)
+        row.update(measure_fwd_fwdbwd(fn, [s[:3] for s in sets], sets, cfg.runs, peak=False))
         out.append(row)
-        print(f"sweep {row['tiling']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
+        print_sweep_row(row["tiling"], row)
     return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for attention.json and attention.png")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas in interpret mode (CPU check)")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative Triton tilings")
+    parser = bench_parser(
+        __doc__, "directory for attention.json and attention.png", "also time alternative Triton tilings"
+    )
     parser.add_argument("--sweep-only", action="store_true", help="only the tiling sweep (writes sweep.json)")
-    parser.add_argument("--runs", type=int, default=None, help="timed calls per measurement (default 20)")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip remaining timings after this many s")
     args = parser.parse_args(argv)
-    cfg = smoke_config() if args.smoke else Config()
-    if args.runs is not None:
-        cfg.runs = args.runs
-    if args.budget_s is not None:
-        cfg.budget_s = args.budget_s
+    cfg = config_from_args(args, Config, smoke_config)
     if args.sweep_only:
         args.out.mkdir(parents=True, exist_ok=True)
         sweep = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "sweep": tiling_sweep(cfg)}

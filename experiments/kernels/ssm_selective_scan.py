@@ -25,13 +25,9 @@ Writes DIR/ssm_selective_scan.json and DIR/ssm_selective_scan.png and prints the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import platform
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -39,6 +35,33 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+from bench_common import (  # noqa: E402
+    SKIPPED,
+    Budget,
+    bench_parser,
+    classify,
+    config_from_args,
+    fmt,
+    gpu_or_interpret,
+    interpret_kwargs,
+    lookup,
+    measure_fwd_fwdbwd,
+    passes_bf16_rule,
+    print_checks,
+    print_sweep_row,
+    pyplot,
+    ratio,
+    rel_err,
+    run_meta,
+    save_figure,
+    timing_cells,
+    timings_text,
+    torch_time_ms,
+    vjp_errors,
+    with_vjp,
+    write_report,
+)
 
 from pallas_kernels.selective_scan import selective_scan  # noqa: E402
 
@@ -87,7 +110,7 @@ ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def scan_fn(impl: str, cfg: Config, **extra):
-    kw = {"interpret": True} if impl == "pallas_gpu" and cfg.interpret else {}
+    kw = interpret_kwargs(impl, cfg.interpret)
 
     def fn(u, delta, A, B, C, D, z, bias):
         return selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, implementation=impl, **kw, **extra)
@@ -107,19 +130,8 @@ def config_fn(gpu_config, cfg: Config):
     return fn
 
 
-def with_vjp(fn):
-    """y and the VJP of the cotangent (last argument) with respect to all eight inputs, as one program."""
-
-    def run(*args):
-        *inputs, ct = args
-        y, vjp = jax.vjp(fn, *inputs)
-        return y, vjp(ct)
-
-    return run
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# Inputs, timing
+# Inputs, floor
 
 
 def make_inputs(key, b: int, t: int, d: int, n: int):
@@ -139,43 +151,6 @@ def make_inputs(key, b: int, t: int, d: int, n: int):
     return (u, delta, A, B, C, D, z, bias), ct
 
 
-def time_ms(fn, input_sets, runs: int) -> float:
-    for args in input_sets:
-        jax.block_until_ready(fn(*args))
-    times = []
-    for i in range(runs):
-        args = input_sets[i % len(input_sets)]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def classify(err: Exception) -> str:
-    text = str(err)
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
-        return "oom"
-    first = text.splitlines()[0][:160] if text else ""
-    return f"error: {type(err).__name__}: {first}"
-
-
-def measure(fn, input_sets, runs: int) -> tuple[float | None, str, int | None]:
-    """``(median ms, status, peak bytes)``: one compile serves both the timing and XLA's memory analysis."""
-    try:
-        compiled = jax.jit(fn).lower(*input_sets[0]).compile()
-    except Exception as err:  # an OOM or a failed compile is a result, not a crash
-        return None, classify(err), None
-    try:
-        stats = compiled.memory_analysis()
-        peak = int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
-    except Exception:  # not every backend reports it
-        peak = None
-    try:
-        return time_ms(compiled, input_sets, runs), "ok", peak
-    except Exception as err:
-        return None, classify(err), peak
-
-
 def floor_ms(b: int, t: int, d: int, n: int, backward: bool) -> dict:
     btd, btn = b * t * d, b * t * n
     if backward:
@@ -185,11 +160,6 @@ def floor_ms(b: int, t: int, d: int, n: int, backward: bool) -> dict:
         moved = 4 * btd * 2 + 2 * btn * 2  # u, delta, z in; y out; B, C
         exps = btd * n
     return {"bytes_ms": moved / HBM_BYTES_PER_S * 1e3, "exp_ms": exps / EXP_PER_S * 1e3}
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -230,20 +200,7 @@ def mamba_ssm_fns():
         y.backward(ct)
         return y
 
-    def timed(fn, sets, runs):
-        for p, ct in sets:
-            fn(p, ct)
-        torch.cuda.synchronize()
-        times = []
-        for i in range(runs):
-            p, ct = sets[i % len(sets)]
-            t0 = time.perf_counter()
-            fn(p, ct)
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed, "call": call}
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": torch_time_ms, "call": call}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -260,9 +217,7 @@ def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
     for impl in contenders:
         try:
             y, grads = jax.jit(with_vjp(scan_fn(impl, cfg)))(*args, ct)
-            errs = {"y": rel_err(y.astype(jnp.float32), ref_y)}
-            errs.update({f"d{k}": rel_err(g.astype(jnp.float32), r) for k, g, r in zip(ARG_NAMES, grads, ref_grads)})
-            results[impl] = errs
+            results[impl] = vjp_errors(y, grads, ref_y, ref_grads, ARG_NAMES, "y")
         except Exception as err:
             results[impl] = {"status": classify(err)}
     if mamba is not None:
@@ -275,49 +230,30 @@ def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
     return results
 
 
-def passed(errs: dict, baseline: dict | None) -> bool:
-    """bf16 rule: every error <= 2 x the xla path's + 1e-3 (xla itself: <= 2e-2)."""
-    if "status" in errs:
-        return False
-    if baseline is None or "status" in baseline:
-        return all(e <= 2e-2 for e in errs.values())
-    return all(e <= 2 * baseline.get(k, 1e-2) + 1e-3 for k, e in errs.items())
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # The benchmark
 
 
 def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
-    start = time.perf_counter()
-    on_gpu = jax.default_backend() == "gpu"
-    if not on_gpu and not cfg.interpret:
-        raise SystemExit("no GPU: pass --smoke to exercise the script on CPU (interpret mode)")
-    mamba = mamba_ssm_fns() if on_gpu else None
+    budget = Budget(cfg.budget_s)
+    mamba = mamba_ssm_fns() if gpu_or_interpret(cfg.interpret) else None
     contenders = ["xla", "pallas_gpu"]
     report = {
-        "meta": {
-            "device": str(jax.devices()[0].device_kind),
-            "backend": jax.default_backend(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "config": dataclasses.asdict(cfg),
-            "dtype": "bfloat16 (A, D, delta_bias float32)",
-            "mamba_ssm": mamba is not None,
-            "pallas_interpret": cfg.interpret,
-        }
+        "meta": run_meta(
+            cfg,
+            dtype="bfloat16 (A, D, delta_bias float32)",
+            mamba_ssm=mamba is not None,
+            pallas_interpret=cfg.interpret,
+        )
     }
     print(f"device {report['meta']['device']}, jax {jax.__version__}, mamba_ssm {mamba is not None}", flush=True)
 
     checks = check_contenders(cfg, contenders, mamba)
     report["correctness"] = checks
     print(f"\ncorrectness at B{cfg.check[0]} T{cfg.check[1]} D{cfg.check[2]} N{cfg.n}, bf16 vs float32 reference:")
-    for name, errs in checks.items():
-        shown = errs.get("status") or "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        print(f"  {name:10s} {shown}")
-    ok = [c for c in contenders if passed(checks[c], None if c == "xla" else checks.get("xla"))]
-    if mamba is not None and passed(checks.get("mamba_ssm", {"status": "-"}), None):
+    print_checks(checks, 10)
+    ok = [c for c in contenders if passes_bf16_rule(checks[c], None if c == "xla" else checks.get("xla"))]
+    if mamba is not None and passes_bf16_rule(checks.get("mamba_ssm", {"status": "-"}), None):
         ok.append("mamba_ssm")
     if set(contenders) - set(ok):
         print(f"  NOT TIMED (failed the check): {sorted(set(contenders) - set(ok))}")
@@ -334,8 +270,8 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         impls = ["reference"] * (b * t * d <= cfg.reference_max_btd) + ok
         for impl in impls:
             row = {"kind": kind, "b": b, "t": t, "d": d, "n": cfg.n, "impl": impl}
-            if time.perf_counter() - start > cfg.budget_s:
-                row["status"] = "skipped (time budget)"
+            if budget.spent():
+                row["status"] = SKIPPED
             elif impl == "mamba_ssm":
                 try:
                     tsets = [mamba["to_torch"](a, ct) for a, ct in sets]
@@ -345,11 +281,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 except Exception as err:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
-                fn = scan_fn(impl, cfg)
-                row["fwd_ms"], row["fwd_status"], _ = measure(fn, fwd_sets, cfg.runs)
-                row["fwdbwd_ms"], row["fwdbwd_status"], row["fwdbwd_peak_bytes"] = measure(
-                    with_vjp(fn), bwd_sets, cfg.runs
-                )
+                row.update(measure_fwd_fwdbwd(scan_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
             rows.append(row)
             print(row_text(row), flush=True)
         del sets, fwd_sets, bwd_sets
@@ -357,12 +289,9 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     report["summary"] = summarise(rows, cfg)
     if sweep:
         report["sweep"] = config_sweep(cfg)
-    report["meta"]["wall_s"] = round(time.perf_counter() - start, 1)
+    report["meta"]["wall_s"] = round(budget.elapsed_s(), 1)
     print_tables(report, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ssm_selective_scan.json").write_text(json.dumps(report, indent=2))
-    plot(report, cfg, out_dir / "ssm_selective_scan.png")
-    print(f"\nwrote {out_dir / 'ssm_selective_scan.json'} and ssm_selective_scan.png in {report['meta']['wall_s']} s")
+    write_report(report, out_dir, "ssm_selective_scan", functools.partial(plot, report, cfg))
     return report
 
 
@@ -370,21 +299,11 @@ def row_text(row) -> str:
     what = f"B{row['b']} T{row['t']} D{row['d']}"
     if "status" in row:
         return f"{what:20s} {row['impl']:10s} {row['status']}"
-    cell = lambda k: f"{row[k + '_ms']:9.3f} ms" if row.get(k + "_ms") is not None else f"{row[k + '_status']:>12s}"  # noqa: E731
-    mem = row.get("fwdbwd_peak_bytes")
-    mem = f"  peak {mem / 2**30:.2f} GiB" if mem else ""
-    return f"{what:20s} {row['impl']:10s} fwd {cell('fwd')}   fwd+bwd {cell('fwdbwd')}{mem}"
+    return f"{what:20s} {row['impl']:10s} {timings_text(row)}"
 
 
 def _get(rows, impl, b, t, d, key):
-    for r in rows:
-        if (r["impl"], r["b"], r["t"], r["d"]) == (impl, b, t, d):
-            return r.get(key)
-    return None
-
-
-def _ratio(a, b):
-    return None if a is None or b is None else a / b
+    return lookup(rows, key, impl=impl, b=b, t=t, d=d)
 
 
 def summarise(rows, cfg: Config) -> list[dict]:
@@ -398,19 +317,15 @@ def summarise(rows, cfg: Config) -> list[dict]:
             anchor = ANCHORS.get((b, t, d))
             entry[key] = {
                 "pallas_ms": p,
-                "pallas_over_xla": _ratio(p, _get(rows, "xla", b, t, d, key)),
-                "pallas_over_mamba_ssm_same_run": _ratio(p, _get(rows, "mamba_ssm", b, t, d, key)),
-                "pallas_over_anchor": _ratio(p, None if anchor is None else anchor[backward]),
+                "pallas_over_xla": ratio(p, _get(rows, "xla", b, t, d, key)),
+                "pallas_over_mamba_ssm_same_run": ratio(p, _get(rows, "mamba_ssm", b, t, d, key)),
+                "pallas_over_anchor": ratio(p, None if anchor is None else anchor[backward]),
                 "floor_ms": max(floor.values()),
                 "floor": floor,
-                "floor_fraction": _ratio(max(floor.values()), p),
+                "floor_fraction": ratio(max(floor.values()), p),
             }
         out.append(entry)
     return out
-
-
-def _fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def print_tables(report, cfg: Config) -> None:
@@ -422,13 +337,9 @@ def print_tables(report, cfg: Config) -> None:
     print("|---" * (2 + 2 * len(impls)) + "|")
     for s in report["summary"]:
         b, t, d = s["b"], s["t"], s["d"]
-        cells = []
-        for i in impls:
-            for key in ("fwd", "fwdbwd"):
-                v = _get(rows, i, b, t, d, key + "_ms")
-                cells.append(_fmt(v) if v is not None else (_get(rows, i, b, t, d, key + "_status") or "-"))
+        cells = timing_cells(rows, impls, b=b, t=t, d=d)
         mem = _get(rows, "pallas_gpu", b, t, d, "fwdbwd_peak_bytes")
-        print(f"| B{b} T{t} D{d} | " + " | ".join(cells) + f" | {_fmt(mem and mem / 2**30, 2)} |")
+        print(f"| B{b} T{t} D{d} | " + " | ".join(cells) + f" | {fmt(mem and mem / 2**30, 2)} |")
     print("\npallas_gpu ratios (< 1 is faster) and fraction of the floor (1 = at the floor)")
     print(
         "| shape | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd "
@@ -442,22 +353,17 @@ def print_tables(report, cfg: Config) -> None:
             f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"],
             f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
         ]  # fmt: skip
-        print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(_fmt(c, 3) for c in cells) + " |")
+        print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
     if "sweep" in report:
         print("\nGpuConfig sweep (pallas_gpu), ms")
         for r in report["sweep"]:
-            print(f"  {r['config']}: fwd {_fmt(r.get('fwd_ms'))} ({r['fwd_status']})  "
-                  f"fwd+bwd {_fmt(r.get('fwdbwd_ms'))} ({r['fwdbwd_status']})")  # fmt: skip
+            print(f"  {r['config']}: fwd {fmt(r.get('fwd_ms'))} ({r['fwd_status']})  "
+                  f"fwd+bwd {fmt(r.get('fwdbwd_ms'))} ({r['fwdbwd_status']})")  # fmt: skip
 
 
 def plot(report, cfg: Config, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in report["rows"] if r["b"] == cfg.sweep_b and r["d"] == cfg.sweep_d]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -473,9 +379,7 @@ def plot(report, cfg: Config, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"B{cfg.sweep_b} D{cfg.sweep_d}, {title}")
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def config_sweep(cfg: Config) -> list[dict]:
@@ -498,28 +402,18 @@ def config_sweep(cfg: Config) -> list[dict]:
     for gpu_config in candidates:
         fn = config_fn(gpu_config, cfg)
         row = {"config": dataclasses.asdict(gpu_config), "b": b, "t": t, "d": d}
-        row["fwd_ms"], row["fwd_status"], _ = measure(fn, [a for a, _ in sets], cfg.runs)
-        bwd_sets = [(*a, ct) for a, ct in sets]
-        row["fwdbwd_ms"], row["fwdbwd_status"], row["fwdbwd_peak_bytes"] = measure(with_vjp(fn), bwd_sets, cfg.runs)
+        row.update(measure_fwd_fwdbwd(fn, [a for a, _ in sets], [(*a, ct) for a, ct in sets], cfg.runs))
         out.append(row)
-        print(f"sweep {row['config']}: fwd {_fmt(row['fwd_ms'])} fwd+bwd {_fmt(row['fwdbwd_ms'])}", flush=True)
+        print_sweep_row(row["config"], row)
     return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON and PNG")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, Pallas in interpret mode (CPU check)")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative GpuConfigs at the first shape")
-    parser.add_argument("--runs", type=int, default=None, help="timed calls per measurement (default 20)")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip remaining timings after this many s")
+    parser = bench_parser(
+        __doc__, "directory for the JSON and PNG", "also time alternative GpuConfigs at the first shape"
+    )
     args = parser.parse_args(argv)
-    cfg = smoke_config() if args.smoke else Config()
-    if args.runs is not None:
-        cfg.runs = args.runs
-    if args.budget_s is not None:
-        cfg.budget_s = args.budget_s
-    run(cfg, args.out, args.sweep)
+    run(config_from_args(args, Config, smoke_config), args.out, args.sweep)
 
 
 if __name__ == "__main__":
