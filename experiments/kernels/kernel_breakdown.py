@@ -1,0 +1,248 @@
+"""Where the time of a Pallas op goes: each of its kernels timed alone, inside the op's own jitted fwd+bwd.
+
+Question: which kernel of an op's forward + backward dominates, and how far is each from the rest?
+
+Method: the op's fwd+bwd program (output and the VJP of a random cotangent, one jit) is traced once per kernel with
+every OTHER ``pallas_call`` of the backend module replaced by zeros of its output shape, so the program keeps the
+XLA glue and exactly one live kernel. "glue" is the program with every kernel stubbed; "all" the real program. The
+time of kernel K alone is ``t(only K) - t(glue)``. Each program is compiled, warmed up and timed as the median of
+``--runs`` synchronised calls (bench_common.time_ms). Zero inputs do not change the work a kernel does (no
+data-dependent control flow in these kernels). Optionally (``--sweep``) alternative tilings of the op are timed too.
+
+    python experiments/kernels/kernel_breakdown.py --op ssd --out DIR [--sweep]
+    python experiments/kernels/kernel_breakdown.py --op ssd --out DIR --smoke    # tiny, interpret mode, CPU
+
+Writes DIR/breakdown_<op>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+from bench_common import run_meta, time_ms, with_vjp  # noqa: E402
+
+
+@dataclasses.dataclass
+class Settings:
+    op: str
+    runs: int
+    sweep: bool
+    smoke: bool
+
+
+@contextlib.contextmanager
+def only_kernels(module, keep):
+    """Within the block, ``module.pl.pallas_call`` runs only the kernels whose ``name`` is in ``keep``.
+
+    The others return zeros of their ``out_shape``. Caches are cleared on entry and exit so that no trace made
+    under one setting is reused under another.
+    """
+    real = module.pl
+
+    def pallas_call(kernel, *args, name=None, out_shape=None, **kwargs):
+        if name in keep:
+            return real.pallas_call(kernel, *args, name=name, out_shape=out_shape, **kwargs)
+
+        def stub(*operands):
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+        return stub
+
+    proxy = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    proxy.pallas_call = pallas_call
+    jax.clear_caches()
+    module.pl = proxy
+    try:
+        yield
+    finally:
+        module.pl = real
+        jax.clear_caches()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ops: the backend module, its kernel names, a function of the inputs and its inputs
+
+
+def ssd_case(smoke: bool):
+    from pallas_kernels.ssd import block_sizes, pallas_gpu, vjp
+
+    b, t, h, p, n = (1, 128, 4, 16, 16) if smoke else (8, 4096, 24, 64, 128)
+    dtype = jnp.bfloat16
+    k = jax.random.split(jax.random.key(0), 9)
+    x = jax.random.normal(k[0], (b, t, h, p), dtype)
+    dt = (jax.random.normal(k[1], (b, t, h)) - 3.0).astype(dtype)
+    A = -jnp.exp(jax.random.uniform(k[2], (h,), jnp.float32, 0.0, 2.77))
+    B = jax.random.normal(k[3], (b, t, 1, n), dtype)
+    C = jax.random.normal(k[4], (b, t, 1, n), dtype)
+    D = jax.random.normal(k[5], (h,), jnp.float32)
+    z = jax.random.normal(k[6], (b, t, h, p), dtype)
+    dt_bias = 0.5 * jax.random.normal(k[7], (h,), jnp.float32)
+    ct = jax.random.normal(k[8], (b, t, h, p), dtype)
+
+    def make(tiling):
+        def fn(x, dt, A, B, C, D, z, dt_bias):
+            y, _ = vjp.ssd_pallas(
+                x, dt, A, B, C, backend="gpu", chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                dt_limit=(0.0, float("inf")), initial_state=None, segment_ids=None, interpret=smoke, tiling=tiling,
+            )  # fmt: skip
+            return y
+
+        return fn
+
+    base = block_sizes.DEFAULT_GPU
+    sweep = [
+        dataclasses.replace(base, num_warps_bwd=4),
+        dataclasses.replace(base, heads_per_program=1),
+        dataclasses.replace(base, heads_per_program=1, num_warps_bwd=4),
+        dataclasses.replace(base, block=32),
+        dataclasses.replace(base, block=32, num_warps_bwd=4),
+        dataclasses.replace(base, num_stages=1),
+        dataclasses.replace(base, state_block_p=16, state_block_n=64),
+    ]
+    kernels = ["ssd_state_fwd", "ssd_fwd", "ssd_state_bwd", "ssd_bwd_dx", "ssd_bwd_dc"]
+    label = f"B{b} T{t} H{h} P{p} N{n} G1 bf16 chunk 256"
+    return pallas_gpu, kernels, make, base, sweep, (x, dt, A, B, C, D, z, dt_bias, ct), label
+
+
+def selective_scan_case(smoke: bool):
+    from pallas_kernels.selective_scan import pallas_gpu
+
+    b, t, d, n = (1, 256, 64, 16) if smoke else (4, 4096, 1536, 16)
+    dtype = jnp.bfloat16
+    k = jax.random.split(jax.random.key(0), 9)
+    u = jax.random.normal(k[0], (b, t, d), dtype)
+    delta = (0.5 * jax.random.normal(k[1], (b, t, d)) - 4.0).astype(dtype)
+    A = -jnp.exp(jax.random.normal(k[2], (d, n)))
+    B = jax.random.normal(k[3], (b, t, n), dtype)
+    C = jax.random.normal(k[4], (b, t, n), dtype)
+    D = jax.random.normal(k[5], (d,))
+    z = jax.random.normal(k[6], (b, t, d), dtype)
+    bias = 0.1 * jax.random.normal(k[7], (d,))
+    ct = jax.random.normal(k[8], (b, t, d), dtype)
+
+    def make(config):
+        def fn(u, delta, A, B, C, D, z, bias):
+            return pallas_gpu.selective_scan_pallas_gpu(
+                u, delta, A, B, C, D, z, bias, delta_softplus=True, config=config, interpret=smoke
+            )
+
+        return fn
+
+    base = pallas_gpu.DEFAULT_CONFIG
+    sweep = [
+        dataclasses.replace(base, unroll=8),
+        dataclasses.replace(base, block_d=128, num_warps=2),
+        dataclasses.replace(base, block_d=32),
+        dataclasses.replace(base, min_programs=8 * 132),
+        dataclasses.replace(base, min_programs=32 * 132),
+        dataclasses.replace(base, num_stages=2),
+        dataclasses.replace(base, bwd_unroll=2),
+        dataclasses.replace(base, bwd_block_d=64, bwd_num_warps=2),
+    ]
+    kernels = [
+        "selective_scan_chunk_state",
+        "selective_scan_chunk_carry",
+        "selective_scan_fwd",
+        "selective_scan_chunk_adjoint",
+        "selective_scan_chunk_carry_bwd",
+        "selective_scan_bwd",
+    ]
+    label = f"B{b} T{t} D{d} N{n} bf16, D, z, bias, softplus"
+    return pallas_gpu, kernels, make, base, sweep, (u, delta, A, B, C, D, z, bias, ct), label
+
+
+def swa_case(smoke: bool):
+    from pallas_kernels.sliding_window_attention import pallas_gpu
+
+    b, t, h, e, w = (1, 256, 2, 64, 64) if smoke else (2, 32768, 16, 64, 2048)
+    k = jax.random.split(jax.random.key(0), 4)
+    q, kk, v, ct = (jax.random.normal(k[i], (b, t, h, e), jnp.bfloat16) for i in range(4))
+
+    def make(tiling):
+        def fn(q, k, v):
+            return pallas_gpu.sliding_window_attention_pallas_gpu(
+                q, k, v, window=w, softmax_scale=e**-0.5, tiling=tiling, interpret=smoke
+            )
+
+        return fn
+
+    base = pallas_gpu.DEFAULT_TILING
+    sweep = [
+        dataclasses.replace(base, block_k=128),
+        dataclasses.replace(base, num_warps=8, block_k=128),
+        dataclasses.replace(base, num_stages=3),
+        dataclasses.replace(base, num_stages=3, block_k=128),
+        dataclasses.replace(base, block_q_dq=64, block_k_dq=64),
+        dataclasses.replace(base, block_q_dkv=64, block_k_dkv=64),
+        dataclasses.replace(base, block_q_dkv=64, block_k_dkv=128, num_warps=8),
+    ]
+    kernels = ["sliding_window_attention_fwd", "sliding_window_attention_bwd_dq", "sliding_window_attention_bwd_dkv"]
+    label = f"B{b} T{t} H{h} E{e} window {w} bf16"
+    return pallas_gpu, kernels, make, base, sweep, (q, kk, v, ct), label
+
+
+OPS = {"ssd": ssd_case, "selective_scan": selective_scan_case, "swa": swa_case}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=sorted(OPS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    runs = 2 if args.smoke else args.runs
+
+    module, kernels, make, base, sweep, inputs, label = OPS[args.op](args.smoke)
+    fwd_inputs = inputs[:-1]
+
+    def timed(fn, keep, backward=True):
+        with only_kernels(module, keep):
+            f = jax.jit(with_vjp(fn) if backward else fn)
+            return time_ms(f, [inputs if backward else fwd_inputs], runs)
+
+    fn = make(base)
+    rows = {"all": timed(fn, set(kernels)), "glue": timed(fn, set())}
+    rows["fwd only"] = timed(fn, set(kernels), backward=False)
+    for name in kernels:
+        rows[name] = timed(fn, {name}) - rows["glue"]
+    print(f"{args.op} at {label}: fwd+bwd breakdown, median of {runs}, ms")
+    print("| part | ms |\n|---|---|")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms:.3f} |", flush=True)
+
+    swept = []
+    if args.sweep:
+        print("\ntiling sweep: fwd / fwd+bwd ms (every kernel live)")
+        for tiling in [base, *sweep]:
+            fn = make(tiling)
+            row = {"tiling": dataclasses.asdict(tiling)}
+            try:
+                row["fwd_ms"] = timed(fn, set(kernels), backward=False)
+                row["fwdbwd_ms"] = timed(fn, set(kernels))
+            except Exception as err:  # a tiling that does not compile is a result
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            swept.append(row)
+            print(row, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"breakdown_{args.op}.json"
+    meta = run_meta(Settings(args.op, runs, args.sweep, args.smoke))
+    path.write_text(json.dumps({"meta": meta, "op": args.op, "case": label, "ms": rows, "sweep": swept}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
