@@ -11,7 +11,8 @@ k heads per backward program; the time axis of every BlockSpec is either one chu
 blocks are pointers, nothing is copied, and the caller's ``(b, t, h, p)`` / ``(b, t, g, n)`` layouts are kept):
 
 * ``_ssd_state_fwd_kernel``, grid ``(h, p/bp * n/bn, b)``: chunk states AND state passing in one loop over chunks
-  (``fori_loop``), the ``(bp, bn)`` state in registers: ``S <- exp(total_c) S + (x * dt * exp(tail))^T B``. Writes the
+  (``fori_loop``; each chunk in sub-blocks of s tokens to keep operands in registers), the ``(bp, bn)`` state in
+  registers: ``S <- exp(total_c) S + (x * dt * exp(tail))^T B``. Writes the
   state entering every chunk ``(b, h, c, p, n)`` fp32 and the final state. Fusing the two stages that mamba_ssm runs
   as chunk_state + state_passing saves one write and one read of all chunk states (2 x 100 MB at B8 T4096 H24 P64
   N128, ~0.07 ms of H100 bandwidth); the price is parallelism ``b h p/bp n/bn`` instead of ``b h c``.
@@ -49,7 +50,7 @@ computes each load's offset per dimension as ``index * stride`` in int64 wheneve
 and no array here is reshaped so that one dimension exceeds int32, so ``b*t*h*p > 2**31`` is safe
 (``test_ssd.py::test_gpu_offsets_are_64_bit_for_huge_arrays`` checks the lowered Triton IR on CPU).
 
-Default tiles are UNTUNED (``block_sizes.py``).
+Default tiles: ``block_sizes.py`` (tuned on an H100 at the Mamba-2 shape; the numbers and the cliffs are there).
 """
 
 from __future__ import annotations
@@ -145,7 +146,17 @@ def _masked_exp(exponent, mask):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _ssd_state_fwd_kernel(*refs, lc: int, c: int, has_seg: bool, dd):
+def _over_sub_blocks(lc: int, s: int, first, contribution, acc):
+    """``acc + sum of contribution(span)`` over the ``lc / s`` spans of s tokens starting at ``first``.
+
+    The state kernels walk a chunk in sub-blocks so that only ``(s, bp)`` / ``(s, bn)`` operands are live at once:
+    whole ``(l, bp)`` fp32 tiles (plus their bf16 hi / lo parts) spill registers, which made the reverse state
+    pass 50x slower than its forward at l = 256, bp = 32 (kernel_breakdown.py, H100).
+    """
+    return lax.fori_loop(0, lc // s, lambda k, a: a + contribution(pl.ds(first + k * s, s)), acc)
+
+
+def _ssd_state_fwd_kernel(*refs, lc: int, s: int, c: int, has_seg: bool, dd):
     if has_seg:
         x_ref, b_ref, dt_ref, tail_ref, tch_ref, mst_ref, moff_ref, init_ref, states_ref, final_ref = refs
     else:
@@ -153,14 +164,18 @@ def _ssd_state_fwd_kernel(*refs, lc: int, c: int, has_seg: bool, dd):
 
     def chunk(ci, state):
         states_ref[ci] = state  # the state entering chunk ci
-        span = pl.ds(ci * lc, lc)
-        w = dt_ref[span] * jnp.exp(tail_ref[span])
         decay = jnp.exp(tch_ref[ci])
         if has_seg:
-            w = w * mst_ref[span]
             decay = decay * moff_ref[ci * lc + lc - 1]
-        xw = x_ref[span, :].astype(f32) * w[:, None]
-        return decay * state + _dot_f32(xw, b_ref[span, :], _TN, dd)
+
+        def contribution(span):
+            w = dt_ref[span] * jnp.exp(tail_ref[span])
+            if has_seg:
+                w = w * mst_ref[span]
+            xw = x_ref[span, :].astype(f32) * w[:, None]
+            return _dot_f32(xw, b_ref[span, :], _TN, dd)
+
+        return _over_sub_blocks(lc, s, ci * lc, contribution, decay * state)
 
     final_ref[...] = lax.fori_loop(0, c, chunk, init_ref[...])
 
@@ -307,7 +322,7 @@ def forward(plan: Plan, x, B, C, D, z, init, vec: Vectors, *, save_states: bool)
         args += [vec.mst, vec.moff]
         specs += [tok, tok]
     states, final = pl.pallas_call(
-        functools.partial(_ssd_state_fwd_kernel, lc=lc, c=c, has_seg=has_seg, dd=dd),
+        functools.partial(_ssd_state_fwd_kernel, lc=lc, s=s, c=c, has_seg=has_seg, dd=dd),
         grid=(h, nk, b),
         in_specs=[*specs, state],
         out_specs=[per_chunk(c), state],
@@ -352,7 +367,7 @@ def _gated(dout, z):
     return dout if z is None else dout * _silu(z.astype(f32))
 
 
-def _ssd_state_bwd_kernel(*refs, lc: int, c: int, has_z: bool, has_seg: bool, dd):
+def _ssd_state_bwd_kernel(*refs, lc: int, s: int, c: int, has_z: bool, has_seg: bool, dd):
     refs = list(refs)
     dout_ref = refs.pop(0)
     z_ref = refs.pop(0) if has_z else None
@@ -365,14 +380,18 @@ def _ssd_state_bwd_kernel(*refs, lc: int, c: int, has_z: bool, has_seg: bool, dd
         ci = c - 1 - k
         dstates_ref[ci] = g  # dL/d(state leaving chunk ci)
         decay = jnp.exp(tch_ref[ci])
-        span = pl.ds(ci * lc, lc)
-        w = jnp.exp(cum_ref[span])
         if has_seg:
             decay = decay * moff_ref[ci * lc + lc - 1]
-            w = w * moff_ref[span]
         q_ref[ci] = decay * jnp.sum(jnp.sum(g * states_ref[ci], axis=1), axis=0)
-        dy = _gated(dout_ref[span, :], None if z_ref is None else z_ref[span, :])
-        return decay * g + _dot_f32(dy * w[:, None], c_ref[span, :], _TN, dd)
+
+        def contribution(span):
+            w = jnp.exp(cum_ref[span])
+            if has_seg:
+                w = w * moff_ref[span]
+            dy = _gated(dout_ref[span, :], None if z_ref is None else z_ref[span, :])
+            return _dot_f32(dy * w[:, None], c_ref[span, :], _TN, dd)
+
+        return _over_sub_blocks(lc, s, ci * lc, contribution, decay * g)
 
     dinit_ref[...] = lax.fori_loop(0, c, chunk, dfinal_ref[...])
 
@@ -568,7 +587,7 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         args.append(vec.moff)
         specs.append(tok)
     dstates, dinit, q = pl.pallas_call(
-        functools.partial(_ssd_state_bwd_kernel, lc=lc, c=c, has_z=has_z, has_seg=has_seg, dd=dd),
+        functools.partial(_ssd_state_bwd_kernel, lc=lc, s=s, c=c, has_z=has_z, has_seg=has_seg, dd=dd),
         grid=(h, nk, b),
         in_specs=[*specs, per_chunk(c), state],
         out_specs=[

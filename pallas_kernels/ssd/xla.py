@@ -80,15 +80,11 @@ def segsum(v, block: int = SEGSUM_BLOCK):
     tail = jnp.concatenate([tail[..., 1:], jnp.zeros_like(tail[..., :1])], axis=-1)  # (j, end]
     between = _segsum_masked(head[..., -1])  # [I, J]: sub-block totals over (J, I]
     between = jnp.concatenate([jnp.zeros_like(between[..., :1, :]), between[..., :-1, :]], axis=-2)
-    cross = (
-        head[..., :, :, None, None] + between[..., :, None, :, None] + tail[..., None, None, :, :]
-    )
+    cross = head[..., :, :, None, None] + between[..., :, None, :, None] + tail[..., None, None, :, :]
     within = _segsum_masked(vb)[..., :, :, None, :]  # (..., m, s, 1, s), the diagonal sub-blocks
     row_block = jnp.arange(m)[:, None, None, None]
     col_block = jnp.arange(m)[None, None, :, None]
-    out = jnp.where(
-        row_block > col_block, cross, jnp.where(row_block == col_block, within, -jnp.inf)
-    )
+    out = jnp.where(row_block > col_block, cross, jnp.where(row_block == col_block, within, -jnp.inf))
     return out.reshape(*v.shape[:-1], m * block, m * block)[..., :size, :size]
 
 
