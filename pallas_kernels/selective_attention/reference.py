@@ -26,9 +26,7 @@ def limit_selection_impl(selected, capacity: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "capacity"))
-def selective_attention_reference(
-    q, k, v, selected, *, window, segment_ids=None, softmax_scale: float, capacity=None
-):
+def selective_attention_reference(q, k, v, selected, *, window, segment_ids=None, softmax_scale: float, capacity=None):
     """Selective sliding-window attention with a dense ``(t, t)`` mask.
 
     Args:

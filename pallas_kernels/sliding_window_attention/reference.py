@@ -60,9 +60,7 @@ def band_mask(t: int, window: int | None, segment_ids=None):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale"))
-def sliding_window_attention_reference(
-    q, k, v, *, window=None, segment_ids=None, softmax_scale: float
-):
+def sliding_window_attention_reference(q, k, v, *, window=None, segment_ids=None, softmax_scale: float):
     """Causal sliding-window attention with a dense ``(t, t)`` mask.
 
     Args:

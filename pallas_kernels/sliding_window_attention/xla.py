@@ -128,9 +128,7 @@ def blockwise_local_attention(
 
     # Products in the input dtype with float32 accumulation (HIGHEST keeps float32 inputs out of
     # TF32 on GPUs); softmax statistics in float32.
-    scores = jnp.einsum(
-        "bnqhge,bnshe->bnhgqs", qb, kb, preferred_element_type=jnp.float32, precision="highest"
-    )
+    scores = jnp.einsum("bnqhge,bnshe->bnhgqs", qb, kb, preferred_element_type=jnp.float32, precision="highest")
     scores = jnp.where(mask, scores * softmax_scale, -jnp.inf)
     # Masked scores are -inf before the max, so exp never sees them: empty rows give 0 / 1 = 0 and
     # no NaN gradients.
@@ -151,9 +149,7 @@ def blockwise_local_attention(
 
 
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "block_size"))
-def sliding_window_attention_xla(
-    q, k, v, *, window=None, segment_ids=None, softmax_scale: float, block_size=None
-):
+def sliding_window_attention_xla(q, k, v, *, window=None, segment_ids=None, softmax_scale: float, block_size=None):
     """Blockwise causal sliding-window attention, memory O(t * (window + block_size)).
 
     Args:
