@@ -33,7 +33,7 @@ MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transforme
 
 
 def build_config(name: str, args, remat: str):
-    config = preset_config(name, "130m")
+    config = preset_config(name, getattr(args, "size", "130m"))
     config.model.vocab_size = 50280  # GPT-NeoX vocabulary of the Mamba / Samba / Taipan papers
     config.model.remat_policy = remat
     config.model.dtype = args.dtype
