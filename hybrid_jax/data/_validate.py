@@ -8,9 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 
-def integer(
-    where: str, name: str, value, *, minimum: int | None = None, maximum: int | None = None
-) -> None:
+def integer(where: str, name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> None:
     """Checks ``value`` is an int (not a bool) within ``[minimum, maximum]``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: {name}={value!r} must be an integer")
@@ -20,9 +18,7 @@ def integer(
         raise ValueError(f"{where}: {name}={value!r} must be <= {maximum}")
 
 
-def number(
-    where: str, name: str, value, *, low: float, high: float, open_low: bool = False
-) -> None:
+def number(where: str, name: str, value, *, low: float, high: float, open_low: bool = False) -> None:
     """Checks ``value`` is a real number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: {name}={value!r} must be a number")

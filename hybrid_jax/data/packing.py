@@ -65,9 +65,7 @@ class PackPlan:
         return int(self.piece_len.sum())
 
 
-def plan_packing(
-    num_pairs: Sequence[int] | np.ndarray, seq_len: int, order: Sequence[int] | None = None
-) -> PackPlan:
+def plan_packing(num_pairs: Sequence[int] | np.ndarray, seq_len: int, order: Sequence[int] | None = None) -> PackPlan:
     """Greedy next-fit packing of documents into rows of ``seq_len`` pairs.
 
     Args:
@@ -151,9 +149,7 @@ def build_row(
     return row
 
 
-def pack_documents(
-    documents: Sequence[np.ndarray], seq_len: int, pad_id: int
-) -> dict[str, np.ndarray]:
+def pack_documents(documents: Sequence[np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """Packs token sequences into rows all at once (the pipeline builds rows lazily instead).
 
     Args:

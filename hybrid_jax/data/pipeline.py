@@ -98,9 +98,7 @@ class _GeneratedExamples:
         return self._count
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return synthetic_lib.make_example(
-            self._task, seed=self._seed, split=self._split, index=int(i)
-        )
+        return synthetic_lib.make_example(self._task, seed=self._seed, split=self._split, index=int(i))
 
 
 class _InMemoryExamples:
@@ -115,9 +113,7 @@ class _InMemoryExamples:
             self._decode(examples, cache, chunk)
         self.arrays = {k: np.load(cache / f"{k}.npy", mmap_mode="r") for k in _EXAMPLE_KEYS}
         if len(self.arrays["inputs"]) != len(examples):
-            raise ValueError(
-                f"data: cached examples in {cache} do not match the dataset; delete it"
-            )
+            raise ValueError(f"data: cached examples in {cache} do not match the dataset; delete it")
 
     @staticmethod
     def _decode(examples, cache: pathlib.Path, chunk: int) -> None:
@@ -299,25 +295,17 @@ def _count_pairs(docs: _Documents, tokenizer: Tokenizer, cache: pathlib.Path) ->
             return counts
     byte_level = isinstance(tokenizer, ByteTokenizer)
     counts = np.empty(len(docs), np.int64)
-    for i in tqdm.tqdm(
-        range(len(docs)), desc="Counting tokens", disable=len(docs) < 20_000, unit="doc"
-    ):
+    for i in tqdm.tqdm(range(len(docs)), desc="Counting tokens", disable=len(docs) < 20_000, unit="doc"):
         text = docs[i]
         # BOS + text + EOS gives len + 2 tokens, len + 1 (input, target) pairs.
-        counts[i] = (
-            len(text) + 1
-            if byte_level
-            else len(tokenizer.encode(text, add_bos=True, add_eos=True)) - 1
-        )
+        counts[i] = len(text) + 1 if byte_level else len(tokenizer.encode(text, add_bos=True, add_eos=True)) - 1
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, counts)
     os.replace(tmp, cache)
     return counts
 
 
-def _text_tokenizer(
-    source: TextFiles | TfdsText, train_docs: _Documents, identity: str, data_dir: str
-) -> Tokenizer:
+def _text_tokenizer(source: TextFiles | TfdsText, train_docs: _Documents, identity: str, data_dir: str) -> Tokenizer:
     if source.tokenizer == "byte":
         return ByteTokenizer()
     key = hashlib.sha1(f"{identity}|{source.max_documents}".encode()).hexdigest()[:12]
@@ -353,12 +341,8 @@ def _text_split(source: TextFiles | TfdsText, split: str, data_dir: str):
         src = tfds_builders.split_source(builder, name, what=what)
         return src, "text", builder.info.full_name, name
     name = source.train_split if split == "train" else source.eval_split
-    src = tfds_builders.open_tfds(
-        source.name, split=name, data_dir=source.data_dir, feature=source.text_key
-    )
-    full_name = getattr(
-        getattr(src, "dataset_info", None), "full_name", None
-    )  # name/config/version
+    src = tfds_builders.open_tfds(source.name, split=name, data_dir=source.data_dir, feature=source.text_key)
+    full_name = getattr(getattr(src, "dataset_info", None), "full_name", None)  # name/config/version
     return src, source.text_key, full_name or source.name, name
 
 
@@ -390,9 +374,7 @@ def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, d
             seed=source.seed,
             data_dir=data_dir,
         )
-        examples = tfds_builders.split_source(
-            builder, tfds_split, what=f"synthetic dataset {builder.name}"
-        )
+        examples = tfds_builders.split_source(builder, tfds_split, what=f"synthetic dataset {builder.name}")
         # inputs, targets and mask take 4 bytes a token
         if len(examples) * task.length * 12 <= _IN_MEMORY_BYTES:
             key = hashlib.sha1(f"{builder.info.full_name}|{tfds_split}".encode()).hexdigest()[:16]
@@ -407,26 +389,18 @@ def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, d
         count = source.num_train if split == "train" else source.num_eval
         examples = _GeneratedExamples(task, source.seed, tfds_split, count)
         identity = f"generated:{json.dumps(task.to_dict(), sort_keys=True)}:{source.seed}:{count}"
-    tokenizer = (
-        ByteTokenizer()
-        if isinstance(task, (synthetic_lib.Passkey, synthetic_lib.Phonebook))
-        else None
-    )
+    tokenizer = ByteTokenizer() if isinstance(task, (synthetic_lib.Passkey, synthetic_lib.Phonebook)) else None
     rows = _ExampleRows(examples, seq_len, task.pad_id, shuffle_seed)
     return rows, tokenizer, f"{identity}[{tfds_split}]"
 
 
-def _build(
-    source: Source | str | None, split: str, seq_len: int | None, shuffle_seed, data_dir: str | None
-):
+def _build(source: Source | str | None, split: str, seq_len: int | None, shuffle_seed, data_dir: str | None):
     if source is None:
         source = TextFiles()
     elif isinstance(source, str):
         source = parse_source(source)
     if not isinstance(source, (Synthetic, TextFiles, TfdsText)):
-        raise ValueError(
-            f"data source={source!r} must be a Synthetic, TextFiles or TfdsText spec or a string"
-        )
+        raise ValueError(f"data source={source!r} must be a Synthetic, TextFiles or TfdsText spec or a string")
     data_dir = data_dir or tfds_builders.default_data_dir()
     where = "make_train_iterator" if split == "train" else "make_eval_iterator"
     if isinstance(source, Synthetic):
@@ -434,10 +408,7 @@ def _build(
         seq_len = length if seq_len is None else seq_len
         _validate.integer(where, "seq_len", seq_len, minimum=1)
         if seq_len < length:
-            raise ValueError(
-                f"{where}: seq_len={seq_len} is shorter than the {source.task.name} examples"
-                f" ({length})"
-            )
+            raise ValueError(f"{where}: seq_len={seq_len} is shorter than the {source.task.name} examples ({length})")
         rows, tokenizer, identity = _synthetic_rows(source, split, seq_len, shuffle_seed, data_dir)
         vocab_size = source.task.vocab_size
     else:
@@ -454,17 +425,13 @@ def _check_batching(where: str, batch_size, process_index, process_count):
     _validate.integer(where, "process_count", process_count, minimum=1)
     _validate.integer(where, "process_index", process_index, minimum=0, maximum=process_count - 1)
     if batch_size % process_count:
-        raise ValueError(
-            f"{where}: batch_size={batch_size} must be divisible by process_count={process_count}"
-        )
+        raise ValueError(f"{where}: batch_size={batch_size} must be divisible by process_count={process_count}")
 
 
 # ------------------------------------------------------------------------------------ batching
 
 
-def _local_batches(
-    view, *, start: int, stop: int, batch: int, local: int, process_index: int, num_threads: int
-):
+def _local_batches(view, *, start: int, stop: int, batch: int, local: int, process_index: int, num_threads: int):
     """This process's batches ``start..stop-1`` of an epoch's rows (rows past the end are empty)."""
     offsets = process_index * local + np.arange(local)
 
@@ -566,9 +533,7 @@ class DataIterator:
             batch, seed).
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"data iterator state={state!r} is not a version-{STATE_VERSION} state"
-            )
+            raise ValueError(f"data iterator state={state!r} is not a version-{STATE_VERSION} state")
         if state.get("fingerprint") != self._fingerprint:
             raise ValueError(
                 f"data iterator state fingerprint={state.get('fingerprint')!r} does not match this"
@@ -588,9 +553,7 @@ class EvalBatches:
     (mask 0), so every row of the split is seen exactly once over all processes.
     """
 
-    def __init__(
-        self, rows, info: DataInfo, *, process_index: int, num_batches: int, num_threads: int
-    ):
+    def __init__(self, rows, info: DataInfo, *, process_index: int, num_batches: int, num_threads: int):
         self._rows, self.info = rows, info
         self._process_index, self._num_batches, self._num_threads = (
             process_index,
@@ -654,9 +617,7 @@ def make_train_iterator(
     _validate.integer("make_train_iterator", "num_threads", num_threads, minimum=0)
     if num_epochs is not None:
         _validate.integer("make_train_iterator", "num_epochs", num_epochs, minimum=1)
-    source, rows, tokenizer, identity, vocab, seq_len = _build(
-        source, "train", seq_len, seed, data_dir
-    )
+    source, rows, tokenizer, identity, vocab, seq_len = _build(source, "train", seq_len, seed, data_dir)
     info = DataInfo(
         vocab_size=vocab,
         pad_id=rows.pad_id,
@@ -705,9 +666,7 @@ def make_eval_iterator(
     _validate.integer("make_eval_iterator", "num_threads", num_threads, minimum=0)
     if max_batches is not None:
         _validate.integer("make_eval_iterator", "max_batches", max_batches, minimum=1)
-    source, rows, tokenizer, identity, vocab, seq_len = _build(
-        source, "eval", seq_len, None, data_dir
-    )
+    source, rows, tokenizer, identity, vocab, seq_len = _build(source, "eval", seq_len, None, data_dir)
     n = len(rows.epoch(0))
     num_batches = -(-n // batch_size)
     if max_batches is not None:
@@ -722,9 +681,7 @@ def make_eval_iterator(
         tokenizer=tokenizer,
         dataset=identity,
     )
-    return EvalBatches(
-        rows, info, process_index=process_index, num_batches=num_batches, num_threads=num_threads
-    )
+    return EvalBatches(rows, info, process_index=process_index, num_batches=num_batches, num_threads=num_threads)
 
 
 __all__ = [

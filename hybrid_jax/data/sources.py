@@ -126,9 +126,7 @@ class TextFiles(_TextOptions):
 
     @property
     def corpus(self) -> TextCorpus:
-        return TextCorpus(
-            self.root, self.include, self.exclude_dirs, self.exclude_files, self.validation_fraction
-        )
+        return TextCorpus(self.root, self.include, self.exclude_dirs, self.exclude_files, self.validation_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "stdlib" if self.root is None else "dir", **dataclasses.asdict(self)}
@@ -154,9 +152,7 @@ class TfdsText(_TextOptions):
 
     def __post_init__(self):
         self._check_text_options("TfdsText")
-        _validate.require(
-            "TfdsText", bool(self.name), f"name={self.name!r} must name a TFDS dataset"
-        )
+        _validate.require("TfdsText", bool(self.name), f"name={self.name!r} must name a TFDS dataset")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "tfds", **dataclasses.asdict(self)}
@@ -188,14 +184,9 @@ def source_from_dict(config: Mapping[str, Any]) -> Source:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(
-            f"source_from_dict: {kind} source has no field(s) {unknown} (known: {sorted(known)})"
-        )
+        raise ValueError(f"source_from_dict: {kind} source has no field(s) {unknown} (known: {sorted(known)})")
     if kind == "stdlib" and config.get("root") is not None:
-        raise ValueError(
-            f"source_from_dict: kind='stdlib' takes no root (got root={config['root']!r});"
-            " use kind='dir'"
-        )
+        raise ValueError(f"source_from_dict: kind='stdlib' takes no root (got root={config['root']!r}); use kind='dir'")
     if kind == "dir" and not config.get("root"):
         raise ValueError("source_from_dict: kind='dir' needs root=<directory>")
     return cls(**config)
@@ -238,14 +229,10 @@ def parse_source(text: str) -> Source:
         elif kind == "tfds":
             config["name"] = argument
         else:
-            raise ValueError(
-                f"parse_source: {text!r}: only 'dir:' and 'tfds:' take an argument after ':'"
-            )
+            raise ValueError(f"parse_source: {text!r}: only 'dir:' and 'tfds:' take an argument after ':'")
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"parse_source: {text!r}: {item!r} must be key=value")
-        config[key] = (
-            tuple(filter(None, value.split(","))) if key in _TUPLE_FIELDS else _parse_value(value)
-        )
+        config[key] = tuple(filter(None, value.split(","))) if key in _TUPLE_FIELDS else _parse_value(value)
     return source_from_dict(config)

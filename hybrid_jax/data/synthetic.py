@@ -158,8 +158,7 @@ class MQAR(Task):
         _validate.require(
             w,
             k <= self.vocab_size // 2 - 1,
-            f"num_kv_pairs={k} exceeds the {self.vocab_size // 2 - 1} keys of"
-            f" vocab_size={self.vocab_size}",
+            f"num_kv_pairs={k} exceeds the {self.vocab_size // 2 - 1} keys of vocab_size={self.vocab_size}",
         )
 
     @property
@@ -282,12 +281,8 @@ class AssociativeRecall(Task):
         if not self.allow_dot and query not in set(present.tolist()):
             query = int(rng.choice(list(dict.fromkeys(present.tolist()))))
         answer = table[query] if query in set(present.tolist()) else self.noop
-        body = np.concatenate(
-            [self._tuple_tokens(present), table[present][:, None]], axis=1
-        ).reshape(-1)
-        seq = np.concatenate(
-            [body, [self.copy_prefix], self._tuple_tokens(np.array(query)), [answer]]
-        )
+        body = np.concatenate([self._tuple_tokens(present), table[present][:, None]], axis=1).reshape(-1)
+        seq = np.concatenate([body, [self.copy_prefix], self._tuple_tokens(np.array(query)), [answer]])
         ex = _lm_example(seq.astype(np.int32), self.length, self.pad_id)
         ex["mask"][-1] = 1.0
         return ex
@@ -504,9 +499,7 @@ PASSKEY_TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-PASSKEY_FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-)
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
@@ -571,9 +564,7 @@ class Passkey(Task):
     def num_filler_chars(self) -> int:
         """Characters of filler (prefix + suffix) per example."""
         widest = "9" * (self.key_digits or 5)
-        fixed = (
-            len(PASSKEY_TASK) + len(PASSKEY_QUESTION) + len(_passkey_info(widest)) + 4
-        )  # 4 newlines
+        fixed = len(PASSKEY_TASK) + len(PASSKEY_QUESTION) + len(_passkey_info(widest)) + 4  # 4 newlines
         # t inputs come from t + 1 tokens: BOS + text + answer + EOS.
         return self.seq_len + 1 - 2 - fixed - len(f" {widest}.")
 
@@ -668,18 +659,12 @@ class Phonebook(Task):
         while len(names) < n:
             names.setdefault(f"{_name_part(rng)} {_name_part(rng)}")
         numbers = [
-            str(int(rng.integers(6, 10)))
-            + "".join(string.digits[d] for d in rng.integers(10, size=9))
+            str(int(rng.integers(6, 10))) + "".join(string.digits[d] for d in rng.integers(10, size=9))
             for _ in range(n)
         ]
         entries = [f"{name}: {number}" for name, number in zip(names, numbers)]
         first, second, query = (int(i) for i in rng.choice(n, size=3, replace=False))
-        text = (
-            "\n".join(entries)
-            + f"\n\n{entries[first]}\n{entries[second]}\n\n"
-            + entries[query].split(":")[0]
-            + ":"
-        )
+        text = "\n".join(entries) + f"\n\n{entries[first]}\n{entries[second]}\n\n" + entries[query].split(":")[0] + ":"
         return _text_example(text, f" {numbers[query]}", self.length)
 
 
@@ -710,9 +695,7 @@ def task_from_dict(params: Mapping[str, Any]) -> Task:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(
-            f"task_from_dict: {name} has no parameter(s) {unknown} (known: {sorted(known)})"
-        )
+        raise ValueError(f"task_from_dict: {name} has no parameter(s) {unknown} (known: {sorted(known)})")
     return cls(**params)
 
 
@@ -723,9 +706,7 @@ def example_rng(seed: int | tuple[int, ...], split: str, index: int) -> np.rando
     return np.random.default_rng([*seeds, _SPLIT_CODE[split], index])
 
 
-def make_example(
-    task: Task, *, seed: int | tuple[int, ...], split: str, index: int
-) -> dict[str, np.ndarray]:
+def make_example(task: Task, *, seed: int | tuple[int, ...], split: str, index: int) -> dict[str, np.ndarray]:
     """Example ``index`` of ``split`` for ``task`` and data seed ``seed``.
 
     The train split of a ``train_on_all_tokens`` task gets a mask over every real token (the

@@ -70,9 +70,7 @@ class TextCorpus:
     validation_fraction: float = 0.05
 
     def __post_init__(self):
-        _validate.number(
-            "TextCorpus", "validation_fraction", self.validation_fraction, low=0.0, high=1.0
-        )
+        _validate.number("TextCorpus", "validation_fraction", self.validation_fraction, low=0.0, high=1.0)
         for name in ("include", "exclude_dirs", "exclude_files"):
             value = getattr(self, name)
             if isinstance(value, str):  # a lone pattern, not its characters
@@ -86,9 +84,7 @@ class TextCorpus:
 
     @property
     def directory(self) -> pathlib.Path:
-        return pathlib.Path(
-            stdlib_root() if self.root is None else os.path.expanduser(self.root)
-        ).resolve()
+        return pathlib.Path(stdlib_root() if self.root is None else os.path.expanduser(self.root)).resolve()
 
     def _patterns(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         std = self.is_stdlib
@@ -98,11 +94,7 @@ class TextCorpus:
             if self.exclude_dirs is not None
             else (STDLIB_EXCLUDE_DIRS if std else DIRECTORY_EXCLUDE_DIRS)
         )
-        files = (
-            self.exclude_files
-            if self.exclude_files is not None
-            else (STDLIB_EXCLUDE_FILES if std else ())
-        )
+        files = self.exclude_files if self.exclude_files is not None else (STDLIB_EXCLUDE_FILES if std else ())
         return include, dirs, files
 
     def all_files(self) -> list[str]:
@@ -113,9 +105,7 @@ class TextCorpus:
         """
         root = self.directory
         if not root.is_dir():
-            raise DataNotFoundError(
-                f"text directory {str(root)!r} does not exist or is not a directory"
-            )
+            raise DataNotFoundError(f"text directory {str(root)!r} does not exist or is not a directory")
         include, exclude_dirs, exclude_files = self._patterns()
         found = []
         for here, dirs, files in os.walk(root):
@@ -129,9 +119,7 @@ class TextCorpus:
                     if path.is_file():
                         found.append(path.relative_to(root).as_posix())
         if not found:
-            raise DataNotFoundError(
-                f"no files matching {list(include)} under text directory {str(root)!r}"
-            )
+            raise DataNotFoundError(f"no files matching {list(include)} under text directory {str(root)!r}")
         return sorted(found)
 
     def split_files(self) -> dict[str, list[str]]:
@@ -171,9 +159,5 @@ class TextCorpus:
     def describe(self) -> str:
         """One line naming the corpus (root, patterns, Python version for the standard library)."""
         include, _, _ = self._patterns()
-        what = (
-            f"python{sys.version_info.major}.{sys.version_info.minor} stdlib"
-            if self.is_stdlib
-            else "directory"
-        )
+        what = f"python{sys.version_info.major}.{sys.version_info.minor} stdlib" if self.is_stdlib else "directory"
         return f"{what} {str(self.directory)!r} {list(include)}"

@@ -48,9 +48,7 @@ DATA_DIR_ENV = "HYBRID_JAX_DATA_DIR"
 
 def default_data_dir() -> str:
     """``$HYBRID_JAX_DATA_DIR`` if set, else ``~/.cache/hybrid_jax/tensorflow_datasets``."""
-    return os.environ.get(DATA_DIR_ENV) or os.path.expanduser(
-        "~/.cache/hybrid_jax/tensorflow_datasets"
-    )
+    return os.environ.get(DATA_DIR_ENV) or os.path.expanduser("~/.cache/hybrid_jax/tensorflow_datasets")
 
 
 def _short_hash(obj) -> str:
@@ -104,9 +102,7 @@ def _zoology_figure2() -> list[SyntheticConfig]:
     # Zoology Figure 2: V = 8192, 100k train / 3k test, no random fill of the non-query positions.
     return [
         SyntheticConfig.for_task(
-            synthetic_lib.MQAR(
-                vocab_size=8192, seq_len=length, num_kv_pairs=pairs, random_non_queries=False
-            ),
+            synthetic_lib.MQAR(vocab_size=8192, seq_len=length, num_kv_pairs=pairs, random_non_queries=False),
             num_train=100_000,
             num_test=3_000,
             name=f"mqar_zoology_l{length}_k{pairs}",
@@ -201,18 +197,14 @@ class HybridJaxText(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"hybrid_jax text corpus: {self.builder_config.description}",
-            features=tfds.features.FeaturesDict(
-                {"text": tfds.features.Text(), "path": tfds.features.Text()}
-            ),
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
             disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):
         del dl_manager
         files = self.builder_config.corpus.split_files()
-        return {
-            split: self._generate_examples(files[split]) for split in TEXT_SPLITS if files[split]
-        }
+        return {split: self._generate_examples(files[split]) for split in TEXT_SPLITS if files[split]}
 
     def _generate_examples(self, paths: list[str]):
         root = self.builder_config.corpus.directory
@@ -239,9 +231,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, data_dir: str) -> tfds.core.Data
     with file_lock(data_dir, f"{builder.name}-{builder.builder_config.name}"):
         if not builder.is_prepared():
             log.info("Preparing %s/%s in %s", builder.name, builder.builder_config.name, data_dir)
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-            )
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
 
@@ -266,9 +256,7 @@ def prepare_synthetic(
     """
     data_dir = data_dir or default_data_dir()
     config = SyntheticConfig.for_task(task, num_train=num_train, num_test=num_test, seed=seed)
-    for preset in (
-        HybridJaxSynthetic.BUILDER_CONFIGS
-    ):  # reuse a named preset's directory when it is the same data
+    for preset in HybridJaxSynthetic.BUILDER_CONFIGS:  # reuse a named preset's directory when it is the same data
         if preset.description == config.description:
             config = preset
     builder = HybridJaxSynthetic(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
@@ -282,9 +270,7 @@ def prepare_text(corpus: TextCorpus, *, data_dir: str | None = None) -> HybridJa
       DataNotFoundError: the corpus directory is missing or has no matching files.
     """
     data_dir = data_dir or default_data_dir()
-    builder = HybridJaxText(
-        config=TextConfig.for_corpus(corpus), data_dir=data_dir, file_format=FILE_FORMAT
-    )
+    builder = HybridJaxText(config=TextConfig.for_corpus(corpus), data_dir=data_dir, file_format=FILE_FORMAT)
     return _prepare(builder, data_dir)
 
 
@@ -296,9 +282,7 @@ def split_source(builder: tfds.core.DatasetBuilder, split: str, *, what: str):
     base = split.split("[")[0]
     splits = sorted(builder.info.splits.keys())
     if base not in splits:
-        raise DataNotFoundError(
-            f"{what} has no split {base!r} (splits: {', '.join(splits) or 'none'})"
-        )
+        raise DataNotFoundError(f"{what} has no split {base!r} (splits: {', '.join(splits) or 'none'})")
     return builder.as_data_source(split=split)
 
 
@@ -330,9 +314,7 @@ def open_tfds(name: str, *, split: str, data_dir: str | None = None, feature: st
         ) from None
     except Exception as e:  # a builder module can need packages missing here (e.g. TensorFlow)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataNotFoundError(
-            f"TFDS dataset {name!r} cannot be opened here: {type(e).__name__}: {first}"
-        ) from e
+        raise DataNotFoundError(f"TFDS dataset {name!r} cannot be opened here: {type(e).__name__}: {first}") from e
     where = data_dir or tfds.core.constants.DATA_DIR
     if not builder.is_prepared():
         raise DataNotFoundError(
@@ -348,9 +330,7 @@ def open_tfds(name: str, *, split: str, data_dir: str | None = None, feature: st
         )
     if feature is not None and feature not in builder.info.features:
         features = ", ".join(sorted(builder.info.features.keys()))
-        raise DataNotFoundError(
-            f"TFDS dataset {name!r} has no feature {feature!r} (features: {features})"
-        )
+        raise DataNotFoundError(f"TFDS dataset {name!r} has no feature {feature!r} (features: {features})")
     return split_source(builder, split, what=f"TFDS dataset {name!r}")
 
 

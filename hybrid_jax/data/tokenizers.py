@@ -59,9 +59,7 @@ class ByteTokenizer:
     def eos_id(self) -> int:
         return 258
 
-    def encode(
-        self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False
-    ) -> np.ndarray:
+    def encode(self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
         """Encodes text (``str`` as UTF-8) to ids.
 
         Args:
@@ -95,8 +93,7 @@ def _require_sentencepiece():
         import sentencepiece
     except ImportError as e:  # an optional extra
         raise ImportError(
-            "the SentencePiece tokenizer needs the 'sentencepiece' package:"
-            " pip install 'hybrid_jax[text]'"
+            "the SentencePiece tokenizer needs the 'sentencepiece' package: pip install 'hybrid_jax[text]'"
         ) from e
     return sentencepiece
 
@@ -137,9 +134,7 @@ class SentencePieceTokenizer:
     def eos_id(self) -> int:
         return int(self._sp.eos_id())
 
-    def encode(
-        self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False
-    ) -> np.ndarray:
+    def encode(self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
         """Encodes text to (t,) int32 ids (bytes decode as UTF-8, invalid sequences to U+FFFD)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
