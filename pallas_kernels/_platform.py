@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from importlib import import_module
 
 import jax
+import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
 
@@ -22,10 +23,9 @@ _log = logging.getLogger("pallas_kernels")
 # (0.44 s vs 0.75 s at B2 T4096 D512 N16, see shared environment notes), so "reference" is preferred there.
 _AUTO: dict[str, dict[str, tuple[str, ...]]] = {
     "selective_scan": {"cpu": ("reference",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
-    # GPU (H100, jax 0.11.2): the Pallas SSD forward beats xla (1.10 vs 3.05 ms at B8 T4096 H24 P64 N128 bf16) and its
-    # backward does not yet (fwd+bwd 32.0 vs 10.3 ms); but inside the 130m Mamba-2 / Taipan training step the xla path
-    # runs out of memory without remat and crashes XLA's GPU compiler with remat ("Failed to translate module to LLVM
-    # IR" in an input_transpose_fusion), while the Pallas kernels train (96K / 83K tokens/s). So Pallas first.
+    # GPU (H100, jax 0.11.2, bf16): the Pallas SSD beats xla (fwd 1.08 vs 2.93 ms, fwd+bwd 4.63 vs 10.2 ms at B8 T4096
+    # H24 P64 N128), and inside the 130m Mamba-2 / Taipan training step at seq 4096 the xla path runs out of memory
+    # without remat and crashes XLA's GPU compiler with remat ("Failed to translate module to LLVM IR").
     "ssd": {"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
     "causal_conv1d": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
     "sliding_window_attention": {
@@ -40,7 +40,21 @@ _AUTO: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-_logged: set[tuple[str, str]] = set()
+# Overrides of _AUTO for float32 inputs. GPU SSD: the Pallas kernels run float32 dots exactly (precision HIGHEST, no
+# tensor cores) while XLA's default float32 dot on the H100 uses TF32: 8.1 vs 0.44 ms forward at B1 T2048 H24 P64
+# N128 float32 (experiments/kernels/README.md), so float32 SSD stays on xla; 16-bit inputs take the Pallas kernels.
+_AUTO_FLOAT32: dict[str, dict[str, tuple[str, ...]]] = {
+    "ssd": {"gpu": ("xla", "pallas_gpu")},
+}
+
+_logged: set[tuple[str, str, bool]] = set()
+
+
+def _preferences(op: str, here: str, dtype) -> tuple[str, ...]:
+    wide = dtype is not None and jnp.dtype(dtype) == jnp.float32
+    if wide and here in _AUTO_FLOAT32.get(op, {}):
+        return _AUTO_FLOAT32[op][here]
+    return _AUTO[op].get(here, ("xla",))
 
 
 def platform() -> str:
@@ -49,7 +63,7 @@ def platform() -> str:
     return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 
 
-def resolve(op: str, implementation: str, *, available: Sequence[str], interpret: bool = False) -> str:
+def resolve(op: str, implementation: str, *, available: Sequence[str], interpret: bool = False, dtype=None) -> str:
     """Returns the implementation ``op`` will run.
 
     Args:
@@ -57,6 +71,7 @@ def resolve(op: str, implementation: str, *, available: Sequence[str], interpret
       implementation: what the caller asked for, one of ``IMPLEMENTATIONS``.
       available: the implementations this op has.
       interpret: whether a Pallas kernel will run in interpret mode (then it can run on any platform).
+      dtype: the dtype of the op's main input, where ``auto`` depends on it (``_AUTO_FLOAT32``); None: 16-bit rules.
 
     Raises:
       ValueError: ``implementation`` is not a known name.
@@ -67,11 +82,12 @@ def resolve(op: str, implementation: str, *, available: Sequence[str], interpret
         raise ValueError(f"{op}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
     here = platform()
     if implementation == "auto":
-        prefs = _AUTO[op].get(here, ("xla",))
+        prefs = _preferences(op, here, dtype)
         choice = next((p for p in prefs if p in available), "xla")
-        if (op, here) not in _logged:
-            _logged.add((op, here))
-            _log.info("pallas_kernels.%s: implementation='auto' chose %r on %s", op, choice, here)
+        key = (op, here, prefs is not _AUTO[op].get(here))
+        if key not in _logged:
+            _logged.add(key)
+            _log.info("pallas_kernels.%s: implementation='auto' chose %r on %s (dtype %s)", op, choice, here, dtype)
         return choice
     if implementation not in available:
         raise NotImplementedError(
@@ -86,12 +102,12 @@ def resolve(op: str, implementation: str, *, available: Sequence[str], interpret
     return implementation
 
 
-def chosen() -> dict[str, str]:
-    """What ``auto`` picks for every op on this platform, e.g. to record in a run's config."""
+def chosen(dtype=None) -> dict[str, str]:
+    """What ``auto`` picks for every op on this platform for inputs of ``dtype``, e.g. to record in a run's config."""
     here = platform()
     out = {}
-    for op, table in _AUTO.items():
+    for op in _AUTO:
         available = import_module(f"pallas_kernels.{op}.api").AVAILABLE
-        prefs = table.get(here, ("xla",))
+        prefs = _preferences(op, here, dtype)
         out[op] = next((p for p in prefs if p in available), "xla")
     return out

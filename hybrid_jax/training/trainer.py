@@ -224,7 +224,7 @@ def kernel_choices(model_config: ModelConfig) -> dict[str, str]:
     """The implementation every op runs: the configured one, or what "auto" resolves to on this platform."""
     from pallas_kernels import _platform  # what "auto" resolves to on this platform
 
-    chosen = _platform.chosen()
+    chosen = _platform.chosen(model_config.dtype)
     requested = dataclasses.asdict(model_config.kernels)
     return {op: (chosen.get(op, "?") if impl == "auto" else impl) for op, impl in requested.items()}
 

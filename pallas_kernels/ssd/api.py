@@ -167,7 +167,7 @@ def ssd(
     dt_limit = _check_dt_limit(op, dt_limit)
     _check_interpret(op, interpret)
 
-    impl = _platform.resolve(op, implementation, available=AVAILABLE, interpret=interpret is not False)
+    impl = _platform.resolve(op, implementation, available=AVAILABLE, interpret=interpret is not False, dtype=x.dtype)
     kwargs = dict(
         D=D,
         z=z,

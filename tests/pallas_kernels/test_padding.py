@@ -7,9 +7,7 @@ import pytest
 from pallas_kernels._padding import pad_to_multiple, round_up
 
 
-@pytest.mark.parametrize(
-    "n, multiple, expected", [(0, 4, 0), (1, 4, 4), (4, 4, 4), (5, 4, 8), (7, 1, 7), (9, 16, 16)]
-)
+@pytest.mark.parametrize("n, multiple, expected", [(0, 4, 0), (1, 4, 4), (4, 4, 4), (5, 4, 8), (7, 1, 7), (9, 16, 16)])
 def test_round_up_values(n, multiple, expected):
     assert round_up(n, multiple) == expected
 

@@ -25,17 +25,13 @@ def check_packed(docs, rows, seq_len):
     np.testing.assert_array_equal(rows["targets"][real], want_targets)
     np.testing.assert_array_equal(rows["mask"], real.astype(np.float32))
     assert np.all(rows["inputs"][~real] == PAD) and np.all(rows["targets"][~real] == PAD)
-    for seg, pos, inp, tgt in zip(
-        rows["segment_ids"], rows["positions"], rows["inputs"], rows["targets"]
-    ):
+    for seg, pos, inp, tgt in zip(rows["segment_ids"], rows["positions"], rows["inputs"], rows["targets"]):
         n = int((seg > 0).sum())
         assert n > 0 and np.all(seg[n:] == 0) and np.all(pos[n:] == 0)  # padding only at the end
         starts = np.flatnonzero(np.diff(seg[:n], prepend=0))
         assert seg[0] == 1 and np.array_equal(seg[starts], np.arange(1, len(starts) + 1))
         for a, b in zip(starts, list(starts[1:]) + [n]):
-            np.testing.assert_array_equal(
-                pos[a:b], np.arange(b - a)
-            )  # positions restart per segment
+            np.testing.assert_array_equal(pos[a:b], np.arange(b - a))  # positions restart per segment
             assert len({int(x) // 1000 for x in np.append(inp[a:b], tgt[a:b])}) == 1  # one document
             np.testing.assert_array_equal(tgt[a:b], inp[a:b] + 1)
 

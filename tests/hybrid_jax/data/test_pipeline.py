@@ -36,9 +36,7 @@ def text_source(text_dir):
 
 
 def test_text_batches_are_documents_packed(text_source, data_dir):
-    it = pipeline.make_train_iterator(
-        text_source, seq_len=32, batch_size=4, seed=0, data_dir=data_dir, num_epochs=1
-    )
+    it = pipeline.make_train_iterator(text_source, seq_len=32, batch_size=4, seed=0, data_dir=data_dir, num_epochs=1)
     assert it.info.vocab_size == 259 and it.info.pad_id == 256 and it.info.local_batch_size == 4
     batches = list(it)
     assert len(batches) == it.info.num_rows // 4
@@ -63,9 +61,7 @@ def test_text_batches_are_documents_packed(text_source, data_dir):
 
 def test_same_seed_same_batches_other_seed_other_batches(text_source, data_dir):
     def first(seed):
-        it = pipeline.make_train_iterator(
-            text_source, seq_len=32, batch_size=4, seed=seed, data_dir=data_dir
-        )
+        it = pipeline.make_train_iterator(text_source, seq_len=32, batch_size=4, seed=seed, data_dir=data_dir)
         return take(it, 3)
 
     assert_same_batches(first(1), first(1))
@@ -86,9 +82,7 @@ def test_resume_gives_the_uninterrupted_batches(text_source, data_dir, stop):
 
 
 def test_set_state_rewinds_a_running_iterator(text_source, data_dir):
-    it = pipeline.make_train_iterator(
-        text_source, seq_len=32, batch_size=64, seed=5, data_dir=data_dir, num_threads=4
-    )
+    it = pipeline.make_train_iterator(text_source, seq_len=32, batch_size=64, seed=5, data_dir=data_dir, num_threads=4)
     take(it, 3)
     state = it.get_state()
     after = take(it, 9)  # into the next epoch, with reader threads prefetching
@@ -107,16 +101,12 @@ def test_state_restores_on_another_data_dir(text_source, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_shards_are_disjoint_and_make_the_global_batch(
-    text_source, data_dir, process_count
-):
+def test_process_shards_are_disjoint_and_make_the_global_batch(text_source, data_dir, process_count):
     kwargs = dict(seq_len=16, batch_size=8, seed=3, data_dir=data_dir)
     glob = take(pipeline.make_train_iterator(text_source, **kwargs), 6)
     shards = [
         take(
-            pipeline.make_train_iterator(
-                text_source, process_index=p, process_count=process_count, **kwargs
-            ),
+            pipeline.make_train_iterator(text_source, process_index=p, process_count=process_count, **kwargs),
             6,
         )
         for p in range(process_count)
@@ -164,9 +154,7 @@ def test_eval_covers_the_validation_split_once_in_fixed_order(text_source, data_
         )
         for p in range(2)
     ]
-    full = list(
-        pipeline.make_eval_iterator(text_source, seq_len=24, batch_size=4, data_dir=data_dir)
-    )
+    full = list(pipeline.make_eval_iterator(text_source, seq_len=24, batch_size=4, data_dir=data_dir))
     assert_same_batches([concat([a, b]) for a, b in zip(*halves)], full)
 
 
@@ -207,10 +195,7 @@ def test_sentencepiece_text_pipeline(text_dir, data_dir):
     batch = next(it)
     ids = batch["inputs"][0][batch["segment_ids"][0] == 1]
     text = tok.decode(ids)
-    docs = [
-        (pathlib.Path(text_dir) / f).read_text("utf-8", "replace")
-        for f in source.corpus.files("train")
-    ]
+    docs = [(pathlib.Path(text_dir) / f).read_text("utf-8", "replace") for f in source.corpus.files("train")]
     assert text and any(text in d for d in docs)
     ev = pipeline.make_eval_iterator(source, seq_len=64, batch_size=2, data_dir=data_dir)
     assert ev.info.tokenizer.model_proto == tok.model_proto  # one tokenizer for both splits
@@ -244,9 +229,7 @@ def test_synthetic_batches_are_the_shuffled_examples(mqar, data_dir):
 def test_prepared_and_generated_synthetic_data_agree(mqar, data_dir):
     def batches(prepare):
         source = Synthetic(mqar, num_train=24, num_eval=8, prepare=prepare)
-        return take(
-            pipeline.make_train_iterator(source, batch_size=4, seed=1, data_dir=data_dir), 8
-        )
+        return take(pipeline.make_train_iterator(source, batch_size=4, seed=1, data_dir=data_dir), 8)
 
     generated = batches(False)
     assert_same_batches(batches(True), generated)  # decoded from the TFDS records
@@ -269,9 +252,7 @@ def test_endless_synthetic_stream_is_seeded(mqar, data_dir):
     source = Synthetic(mqar, num_train=None, prepare=False)
 
     def first(seed):
-        return take(
-            pipeline.make_train_iterator(source, batch_size=4, seed=seed, data_dir=data_dir), 2
-        )
+        return take(pipeline.make_train_iterator(source, batch_size=4, seed=seed, data_dir=data_dir), 2)
 
     assert_same_batches(first(0), first(0))
     assert not np.array_equal(first(0)[0]["inputs"], first(1)[0]["inputs"])
@@ -302,9 +283,7 @@ def test_missing_data_are_clear_errors(tmp_path, data_dir):
             TextFiles(root=str(tmp_path / "missing")), seq_len=8, batch_size=2, data_dir=data_dir
         )
     with pytest.raises(DataNotFoundError, match="TFDS dataset 'not_a_dataset' is not registered"):
-        pipeline.make_train_iterator(
-            "tfds:not_a_dataset", seq_len=8, batch_size=2, data_dir=data_dir
-        )
+        pipeline.make_train_iterator("tfds:not_a_dataset", seq_len=8, batch_size=2, data_dir=data_dir)
     with pytest.raises(DataNotFoundError, match="TFDS dataset 'lm1b' is not prepared"):
         pipeline.make_eval_iterator(
             TfdsText(name="lm1b", data_dir=str(tmp_path)),
@@ -319,17 +298,13 @@ def test_bad_arguments_are_one_line_value_errors(text_source, mqar, data_dir):
     with pytest.raises(ValueError, match="batch_size=6 must be divisible by process_count=4"):
         pipeline.make_train_iterator(text_source, batch_size=6, process_count=4, **text_kwargs)
     with pytest.raises(ValueError, match="process_index=2 must be <= 1"):
-        pipeline.make_train_iterator(
-            text_source, batch_size=4, process_index=2, process_count=2, **text_kwargs
-        )
+        pipeline.make_train_iterator(text_source, batch_size=4, process_index=2, process_count=2, **text_kwargs)
     with pytest.raises(ValueError, match="seq_len=None: text sources need a row length"):
         pipeline.make_train_iterator(text_source, batch_size=4, data_dir=data_dir)
     with pytest.raises(ValueError, match="fewer than one global batch of 100000"):
         pipeline.make_train_iterator(text_source, batch_size=100_000, **text_kwargs)
     with pytest.raises(ValueError, match=r"seq_len=8 is shorter than the mqar examples \(16\)"):
-        pipeline.make_train_iterator(
-            Synthetic(mqar, prepare=False), seq_len=8, batch_size=2, data_dir=data_dir
-        )
+        pipeline.make_train_iterator(Synthetic(mqar, prepare=False), seq_len=8, batch_size=2, data_dir=data_dir)
     it = pipeline.make_train_iterator(text_source, batch_size=4, **text_kwargs)
     other = pipeline.make_train_iterator(text_source, batch_size=4, seed=9, **text_kwargs)
     with pytest.raises(ValueError, match="does not match this pipeline's"):

@@ -15,12 +15,10 @@ def test_parse_source_forms():
         TfdsText(name="lm1b", eval_split="test", tokenizer="sentencepiece", sp_vocab_size=8192)
     )
     spec = parse_source("mqar?seq_len=256&num_kv_pairs=16&random_non_queries=false&num_train=20000")
-    assert spec == Synthetic(
-        synthetic.MQAR(seq_len=256, num_kv_pairs=16, random_non_queries=False), num_train=20000
+    assert spec == Synthetic(synthetic.MQAR(seq_len=256, num_kv_pairs=16, random_non_queries=False), num_train=20000)
+    assert parse_source("passkey?seq_len=2048&key_digits=5&prepare=false&num_train=none") == Synthetic(
+        synthetic.Passkey(seq_len=2048, key_digits=5), num_train=None, prepare=False
     )
-    assert parse_source(
-        "passkey?seq_len=2048&key_digits=5&prepare=false&num_train=none"
-    ) == Synthetic(synthetic.Passkey(seq_len=2048, key_digits=5), num_train=None, prepare=False)
 
 
 def test_source_from_dict_round_trips_to_dict():

@@ -70,10 +70,7 @@ def test_mqar_every_query_key_appeared_with_its_value(fill):
 def test_mqar_fill_draws_from_whole_vocabulary():
     task = synthetic.MQAR(vocab_size=64, seq_len=32, num_kv_pairs=2)
     filler = np.concatenate(
-        [
-            np.delete(ex["inputs"], np.r_[0:4, np.flatnonzero(ex["mask"])])
-            for ex in examples(task, 200)
-        ]
+        [np.delete(ex["inputs"], np.r_[0:4, np.flatnonzero(ex["mask"])]) for ex in examples(task, 200)]
     )
     assert filler.min() < 8 and filler.max() > 56 and len(np.unique(filler)) > 50
 
@@ -180,9 +177,7 @@ def test_selective_copying_targets_are_the_data_tokens_in_order(variable):
 
 @pytest.mark.parametrize("induction_len, num_triggers", [(1, 1), (2, 3)])
 def test_induction_heads_copy_what_followed_the_first_trigger(induction_len, num_triggers):
-    task = synthetic.InductionHeads(
-        vocab_size=8, seq_len=40, induction_len=induction_len, num_triggers=num_triggers
-    )
+    task = synthetic.InductionHeads(vocab_size=8, seq_len=40, induction_len=induction_len, num_triggers=num_triggers)
     counts = []
     for ex in examples(task, 200):
         check_layout(task, ex)
@@ -258,14 +253,10 @@ def test_passkey_prompt_is_the_landmark_prompt():
         text, answer = decode_example(ex)
         lines = text.split("\n")
         assert lines[0] == synthetic.PASSKEY_TASK and len(lines) == 5
-        key = re.fullmatch(
-            r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", lines[2]
-        )
+        key = re.fullmatch(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", lines[2])
         assert key and key[1] == key[2]
         assert 1 <= int(key[1]) <= 50_000
-        assert (
-            lines[4] == synthetic.PASSKEY_QUESTION + f" {key[1]}."
-        )  # the answer follows the question
+        assert lines[4] == synthetic.PASSKEY_QUESTION + f" {key[1]}."  # the answer follows the question
         assert answer == f" {key[1]}."
         assert ex["targets"][ex["mask"] > 0][-1] == BYTES.eos_id
         filler = " ".join([synthetic.PASSKEY_FILLER] * 20)

@@ -59,9 +59,7 @@ def test_fingerprint_follows_contents(tmp_path):
 def test_missing_directory_and_empty_match_are_clear_errors(tmp_path):
     with pytest.raises(DataNotFoundError, match="text directory '.*nope' does not exist"):
         text.TextCorpus(str(tmp_path / "nope")).all_files()
-    with pytest.raises(
-        DataNotFoundError, match=r"no files matching \['\*.xyz'\] under text directory"
-    ):
+    with pytest.raises(DataNotFoundError, match=r"no files matching \['\*.xyz'\] under text directory"):
         text.TextCorpus(str(tmp_path), include=("*.xyz",)).all_files()
     with pytest.raises(ValueError, match=r"validation_fraction=2.0 must be in \[0.0, 1.0\]"):
         text.TextCorpus(validation_fraction=2.0)

@@ -13,9 +13,7 @@ from hybrid_jax.data.text import TextCorpus
 
 def test_synthetic_builder_round_trips_the_generator(data_dir):
     task = synthetic.InductionHeads(vocab_size=8, seq_len=24)
-    builder = tfds_builders.prepare_synthetic(
-        task, num_train=40, num_test=8, seed=3, data_dir=data_dir
-    )
+    builder = tfds_builders.prepare_synthetic(task, num_train=40, num_test=8, seed=3, data_dir=data_dir)
     assert builder.info.file_format.value == "array_record"
     # By name through tfds.data_source (no TensorFlow), as any TFDS dataset.
     name = f"{builder.name}/{builder.builder_config.name}"
@@ -41,13 +39,9 @@ def test_synthetic_builder_is_prepared_once_and_keyed_by_parameters(data_dir):
     again = tfds_builders.prepare_synthetic(task, num_train=5, num_test=5, data_dir=data_dir)
     assert again.data_path == a.data_path
     assert info.stat().st_mtime_ns == mtime  # not prepared again
-    other = tfds_builders.prepare_synthetic(
-        task, num_train=5, num_test=5, seed=1, data_dir=data_dir
-    )
+    other = tfds_builders.prepare_synthetic(task, num_train=5, num_test=5, seed=1, data_dir=data_dir)
     assert other.data_path != a.data_path
-    assert not np.array_equal(
-        a.as_data_source("train")[0]["inputs"], other.as_data_source("train")[0]["inputs"]
-    )
+    assert not np.array_equal(a.as_data_source("train")[0]["inputs"], other.as_data_source("train")[0]["inputs"])
 
 
 def test_text_builder_round_trips_the_files(text_dir, data_dir):
@@ -73,13 +67,9 @@ def test_stdlib_corpus_prepares_in_seconds(tmp_path):
 
 
 def test_unknown_and_unprepared_tfds_datasets_are_clear_errors(tmp_path):
-    with pytest.raises(
-        DataNotFoundError, match="TFDS dataset 'no_such_dataset_xyz' is not registered"
-    ):
+    with pytest.raises(DataNotFoundError, match="TFDS dataset 'no_such_dataset_xyz' is not registered"):
         tfds_builders.open_tfds("no_such_dataset_xyz", split="train", data_dir=str(tmp_path))
-    with pytest.raises(
-        DataNotFoundError, match=r"TFDS dataset 'lm1b' is not prepared in .*array_record"
-    ):
+    with pytest.raises(DataNotFoundError, match=r"TFDS dataset 'lm1b' is not prepared in .*array_record"):
         tfds_builders.open_tfds("lm1b", split="train", data_dir=str(tmp_path))
 
 
@@ -87,9 +77,7 @@ def test_missing_split_and_feature_are_clear_errors(data_dir):
     task = synthetic.MQAR(vocab_size=64, seq_len=16, num_kv_pairs=2)
     builder = tfds_builders.prepare_synthetic(task, num_train=5, num_test=5, data_dir=data_dir)
     name = f"{builder.name}/{builder.builder_config.name}"
-    with pytest.raises(
-        DataNotFoundError, match=r"has no split 'validation' \(splits: test, train\)"
-    ):
+    with pytest.raises(DataNotFoundError, match=r"has no split 'validation' \(splits: test, train\)"):
         tfds_builders.open_tfds(name, split="validation", data_dir=data_dir)
     with pytest.raises(DataNotFoundError, match=r"has no feature 'text' \(features: index, inputs"):
         tfds_builders.open_tfds(name, split="train", data_dir=data_dir, feature="text")
