@@ -9,7 +9,8 @@ from importlib import import_module as _import_module
 from pallas_kernels import _platform
 
 
-def resolve_implementation(op: str, implementation: str = "auto") -> str:
-    """What ``implementation`` becomes for ``op`` on this platform (``"auto"`` resolved; impossible requests raise)."""
+def resolve_implementation(op: str, implementation: str = "auto", dtype=None) -> str:
+    """What ``implementation`` becomes for ``op`` on this platform for inputs of ``dtype`` (``"auto"`` resolved;
+    impossible requests raise)."""
     available = _import_module(f"pallas_kernels.{op}.api").AVAILABLE
-    return _platform.resolve(op, implementation, available=available)
+    return _platform.resolve(op, implementation, available=available, dtype=dtype)

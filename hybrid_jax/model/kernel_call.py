@@ -59,7 +59,8 @@ def call_kernel(
       What ``fn`` returns; every output array must have the batch as axis 0.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    resolved = pallas_kernels.resolve_implementation(op, implementation)
+    dtype = next((x.dtype for x in batched.values() if x is not None), None)
+    resolved = pallas_kernels.resolve_implementation(op, implementation, dtype)
     call = lambda b, s: fn(**b, **s, **static, implementation=implementation)  # noqa: E731
     if mesh.empty or not resolved.startswith("pallas"):
         return call(dict(batched), dict(shared))

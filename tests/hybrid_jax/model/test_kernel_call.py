@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
     mesh = jax.make_mesh((4, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = (("activation_batch", ("data", "fsdp")),)
     def run(impl):
-        pallas_kernels.resolve_implementation = lambda op_, i: impl  # pretend "auto" chose a kernel
+        pallas_kernels.resolve_implementation = lambda op_, i, dtype=None: impl  # pretend "auto" chose a kernel
         seen.clear()
         f = jax.jit(lambda a, s: kernel_call.call_kernel("selective_scan", op, "auto", a, s, static))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
