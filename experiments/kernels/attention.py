@@ -54,6 +54,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    save_partial,
     timing_cells,
     timings_text,
     vjp_errors,
@@ -273,6 +274,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 fn = swa_fn(impl, cfg.window, cfg)
                 row.update(measure_fwd_fwdbwd(fn, fwd_sets, sets, cfg.runs, peak=False))
             rows.append(row)
+            save_partial(report, rows, out_dir, "attention")
             print(_row_text(row), flush=True)
         del sets, fwd_sets
     t = cfg.sel_length
@@ -287,6 +289,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 fn = sel_fn(impl, cfg.window, capacity, cfg)
                 row.update(measure_fwd_fwdbwd(fn, [s[:4] for s in sets], sets, cfg.runs, peak=False))
             rows.append(row)
+            save_partial(report, rows, out_dir, "attention")
             print(_row_text(row), flush=True)
         del sets
     report["rows"] = rows

@@ -236,10 +236,23 @@ def print_sweep_row(label, row: dict) -> None:
     print(f"sweep {label}: fwd {fmt(row['fwd_ms'])} fwd+bwd {fmt(row['fwdbwd_ms'])}", flush=True)
 
 
+def save_partial(report: dict, rows: list[dict], out_dir: Path, name: str) -> None:
+    """Writes the report so far to ``out_dir/name.partial.json`` (replaced atomically after every row).
+
+    A run killed from outside (a device time limit) then still leaves every row it measured; ``write_report``
+    removes the partial file once the full report is written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{name}.partial.json.tmp"
+    tmp.write_text(json.dumps({**report, "rows": rows, "partial": True}, indent=2))
+    tmp.replace(out_dir / f"{name}.partial.json")
+
+
 def write_report(report: dict, out_dir: Path, name: str, plot: Callable[[Path], None]) -> None:
     """Writes ``out_dir/name.json`` and, through ``plot(path)``, ``out_dir/name.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out_dir / f"{name}.partial.json").unlink(missing_ok=True)
     plot(out_dir / f"{name}.png")
     print(f"\nwrote {out_dir / f'{name}.json'} and {name}.png in {report['meta']['wall_s']} s")
 

@@ -55,6 +55,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    save_partial,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -283,6 +284,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
             else:
                 row.update(measure_fwd_fwdbwd(scan_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
             rows.append(row)
+            save_partial(report, rows, out_dir, "ssm_selective_scan")
             print(row_text(row), flush=True)
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows

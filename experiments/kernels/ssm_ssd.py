@@ -62,6 +62,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    save_partial,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -325,6 +326,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
             else:
                 row.update(measure_fwd_fwdbwd(ssd_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
             rows.append(row)
+            save_partial(report, rows, out_dir, "ssm_ssd")
             print(row_text(row), flush=True)
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows
