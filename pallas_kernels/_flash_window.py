@@ -10,11 +10,12 @@ kernels share:
 * sentinels: padded and empty slots get ``QUERY_PAD`` as query positions and ``KEY_PAD`` as key positions. Both are
   larger than every real position (so positions stay sorted), a real query never sees ``KEY_PAD`` (negative
   distance), and ``QUERY_PAD - KEY_PAD = 2^29 >= window`` keeps padded queries blind; their rows come out as zeros.
-* block skipping: positions are sorted, so for every query block a binary search (``searchsorted``, in XLA before the
-  kernel) finds the first and last key block that can hold a visible key, and for every key block the query blocks
-  that can see it. Kernels visit only those, so the work is O(s * (window + block)) instead of O(s^2). The same
-  search finds the interior blocks that every query of the block sees whole; without segment ids the kernels skip
-  the mask (position arithmetic and a select per score) there, so only the ~2 boundary blocks per row pay for it.
+* block skipping: positions are sorted, so for every query block a search (in XLA before the kernel; at trace time
+  when the positions are ``0 .. t - 1``) finds the first and last key block that can hold a visible key, and for
+  every key block the query blocks that can see it. Kernels visit only those, so the work is O(s * (window + block))
+  instead of O(s^2). The same search finds the interior blocks that every query of the block sees whole; without
+  segment ids the kernels skip the mask (position arithmetic and a select per score) there, so only the ~2 boundary
+  blocks per row pay for it.
 * the ``custom_vjp``: the forward kernel saves the log-sum-exp; the backward recomputes the probabilities block by
   block in a dq kernel (loop over key blocks) and a dk/dv kernel (loop over query blocks and the query heads of a
   key head), FlashAttention-2 style (arXiv:2307.08691). ``delta = rowsum(dO * O)`` is computed in XLA.
@@ -31,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels._padding import pad_to_multiple
 
@@ -84,6 +86,9 @@ class Problem:
       groups: query heads per key head.
       tiling: block sizes, already clamped to the (padded) sequence.
       interpret: passed to every ``pallas_call``.
+      arange_length: when not None, the positions are ``0 .. arange_length - 1`` in every row (then padding), as in
+        sliding-window attention: the block ranges are then computed once while tracing (numpy constants) instead of
+        by searches in XLA at every call.
     """
 
     window: int
@@ -92,6 +97,7 @@ class Problem:
     groups: int
     tiling: Tiling
     interpret: Any
+    arange_length: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +117,26 @@ class Backend:
     bwd: Callable
 
 
+# Above this many (value, slot) pairs per row, ``_search`` sorts instead of comparing every pair.
+_COMPARE_ALL_LIMIT = 1 << 24
+
+
 def _search(sorted_rows, values, side: str):
-    """Row-wise ``searchsorted``: ``(b, s)`` sorted rows, ``(b, n)`` values -> ``(b, n)`` int32 slots."""
-    return jax.vmap(functools.partial(jnp.searchsorted, side=side))(sorted_rows, values).astype(jnp.int32)
+    """Row-wise ``searchsorted``: ``(b, s)`` sorted rows, ``(b, n)`` values -> ``(b, n)`` int32 slots.
+
+    Counts the entries ``<`` (left) or ``<=`` (right) each value: one fused compare-and-reduce. ``jnp.searchsorted``'s
+    default binary search is a loop of ~log2(s) dependent steps of small kernels, which cost ~0.7 ms of launches per
+    attention call on the H100 (experiments/kernels/README.md); large problems use its sort-based method instead.
+    """
+    if sorted_rows.shape[-1] * values.shape[-1] > _COMPARE_ALL_LIMIT:
+        search = functools.partial(jnp.searchsorted, side=side, method="sort")
+        return jax.vmap(search)(sorted_rows, values).astype(jnp.int32)
+    below = (
+        sorted_rows[:, None, :] < values[:, :, None]
+        if side == "left"
+        else sorted_rows[:, None, :] <= values[:, :, None]
+    )
+    return jnp.sum(below, axis=-1, dtype=jnp.int32)
 
 
 def _block_ranges(lo, hi, full_lo, full_hi, live, block: int, n_blocks: int, split: bool):
@@ -195,10 +218,32 @@ def _attend(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
     return _attend_fwd(q, k, v, q_pos, k_pos, seg, backend, problem)[0]
 
 
+def _slot_positions(length: int, s: int):
+    """``(k_pos, q_pos)`` of ``s`` slots holding positions ``0 .. length - 1`` then padding, ``(1, s)`` numpy."""
+    k_pos = np.full((1, s), KEY_PAD, np.int32)
+    k_pos[0, :length] = np.arange(length, dtype=np.int32)
+    return k_pos, np.where(k_pos == KEY_PAD, QUERY_PAD, k_pos).astype(np.int32)
+
+
+def _ranges(which, q_pos, k_pos, problem: Problem, block_q: int, block_k: int, split: bool):
+    """``which`` (``key_block_ranges`` or ``query_block_ranges``) of this call's positions.
+
+    With ``problem.arange_length`` the positions are known while tracing: the ranges are computed from numpy
+    positions under ``ensure_compile_time_eval`` and enter the program as constants, broadcast over the batch.
+    """
+    if problem.arange_length is None:
+        return which(q_pos, k_pos, problem.window, block_q, block_k, split=split)
+    b, s = q_pos.shape
+    k_np, q_np = _slot_positions(problem.arange_length, s)
+    with jax.ensure_compile_time_eval():
+        ranges = np.asarray(which(q_np, k_np, problem.window, block_q, block_k, split=split))
+    return jnp.broadcast_to(jnp.asarray(ranges), (b, *ranges.shape[1:]))
+
+
 def _attend_fwd(q, k, v, q_pos, k_pos, seg, backend: Backend, problem: Problem):
     tl = problem.tiling
     split = seg is None
-    ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q, tl.block_k, split=split)
+    ranges = _ranges(key_block_ranges, q_pos, k_pos, problem, tl.block_q, tl.block_k, split)
     o, lse = backend.fwd(q, k, v, q_pos, k_pos, seg, ranges, problem)
     return o, (q, k, v, q_pos, k_pos, seg, o, lse)
 
@@ -207,8 +252,8 @@ def _attend_bwd(backend: Backend, problem: Problem, res, do):
     q, k, v, q_pos, k_pos, seg, o, lse = res
     tl = problem.tiling
     split = seg is None
-    dq_ranges = key_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dq, tl.block_k_dq, split=split)
-    dkv_ranges = query_block_ranges(q_pos, k_pos, problem.window, tl.block_q_dkv, tl.block_k_dkv, split=split)
+    dq_ranges = _ranges(key_block_ranges, q_pos, k_pos, problem, tl.block_q_dq, tl.block_k_dq, split)
+    dkv_ranges = _ranges(query_block_ranges, q_pos, k_pos, problem, tl.block_q_dkv, tl.block_k_dkv, split)
     dq, dk, dv = backend.bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, problem)
     return dq, dk, dv, None, None, None
 
@@ -239,7 +284,8 @@ def window_attention(
       q: ``(b, s, hq, e)``.
       k: ``(b, s, hk, e)``, ``hq % hk == 0``.
       v: ``(b, s, hk, e)``.
-      positions: ``(b, s)`` int32, sorted; real positions in ``[0, MAX_WINDOW)``, ``KEY_PAD`` in empty slots.
+      positions: ``(b, s)`` int32, sorted; real positions in ``[0, MAX_WINDOW)``, ``KEY_PAD`` in empty slots. None:
+        ``0 .. s - 1`` in every row (sliding-window attention), which lets the block ranges be trace-time constants.
       segment_ids: ``(b, s)`` int or None.
       window: finite window, ``1 <= window <= MAX_WINDOW``.
       span: bound on the slot distance of a visible key, plus one.
@@ -262,10 +308,22 @@ def window_attention(
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, e_pad - e)))
         return jnp.swapaxes(x, 1, 2) if backend.heads_major else x
 
+    arange_length = None
+    if positions is None:
+        arange_length = s
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_pos = pad_to_multiple(positions.astype(jnp.int32), multiple, axis=1, value=KEY_PAD)
     q_pos = jnp.where(k_pos == KEY_PAD, QUERY_PAD, k_pos)
     seg = None if segment_ids is None else pad_to_multiple(segment_ids.astype(jnp.int32), multiple, axis=1)
-    problem = Problem(window=window, span=span, scale=scale, groups=hq // hk, tiling=tiling, interpret=interpret)
+    problem = Problem(
+        window=window,
+        span=span,
+        scale=scale,
+        groups=hq // hk,
+        tiling=tiling,
+        interpret=interpret,
+        arange_length=arange_length,
+    )
     out = _attend(prep(q), prep(k), prep(v), q_pos, k_pos, seg, backend, problem)
     if backend.heads_major:
         out = jnp.swapaxes(out, 1, 2)

@@ -446,13 +446,11 @@ def sliding_window_attention_pallas_tpu(
 
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "tiling", "interpret"))
 def _sliding_window_attention_pallas_tpu(q, k, v, segment_ids, *, window, softmax_scale, tiling, interpret):
-    b, t = q.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return fw.window_attention(
         q,
         k,
         v,
-        positions,
+        None,  # positions 0 .. t - 1: block ranges become trace-time constants
         segment_ids,
         window=window,
         span=window,

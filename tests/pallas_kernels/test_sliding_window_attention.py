@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import _flash_window, _platform
+from pallas_kernels.selective_attention import selective_attention
 from pallas_kernels.sliding_window_attention import pallas_tpu, sliding_window_attention
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
@@ -618,3 +619,80 @@ def test_pallas_tpu_tiling_rules():
         assert all(b % 128 == 0 or b == one <= 128 for b in (tl.block_q, tl.block_k, tl.block_q_dkv)), (t, tl)
     assert pallas_tpu.tiling_for(1000, 16, interpret=True).block_q == 16
     assert pallas_tpu.tiling_for(40).block_q == 48
+
+
+@pytest.mark.parametrize("force_sort", [False, True])
+def test_block_search_matches_searchsorted(monkeypatch, force_sort):
+    """``_flash_window._search`` (compare-and-count, or sort-based above a size) equals ``np.searchsorted`` per row,
+    on sorted rows with repeated values and the padding sentinels."""
+    if force_sort:
+        monkeypatch.setattr(_flash_window, "_COMPARE_ALL_LIMIT", 0)
+    rng = np.random.default_rng(3)
+    rows = np.sort(rng.integers(0, 50, (3, 40)), axis=1).astype(np.int32)
+    rows[:, -5:] = _flash_window.KEY_PAD
+    values = rng.integers(-5, 60, (3, 17)).astype(np.int32)
+    values[:, 0] = _flash_window.KEY_PAD
+    values[:, 1] = rows[:, 3]  # an exact hit on a stored value
+    for side in ("left", "right"):
+        got = np.asarray(_flash_window._search(jnp.asarray(rows), jnp.asarray(values), side))
+        want = np.stack([np.searchsorted(r, v, side=side) for r, v in zip(rows, values)])
+        np.testing.assert_array_equal(got, want, err_msg=side)
+
+
+@pytest.mark.parametrize("t, window, bq, bk", [(1000, 300, 128, 64), (77, 5, 16, 32), (256, 1000, 64, 64)])
+@pytest.mark.parametrize("split", [True, False])
+def test_trace_time_ranges_equal_searched_ranges(t, window, bq, bk, split):
+    """For positions ``0 .. t - 1`` (sliding-window attention) the constant ranges built while tracing equal the
+    ranges searched in XLA from the padded position rows, for the forward / dq and the dk-dv block tables."""
+    s = -(-t // max(bq, bk)) * max(bq, bk)
+    k_np, q_np = _flash_window._slot_positions(t, s)
+    k_pos, q_pos = jnp.asarray(np.repeat(k_np, 2, 0)), jnp.asarray(np.repeat(q_np, 2, 0))
+    from pallas_kernels.sliding_window_attention.pallas_gpu import DEFAULT_TILING as tiling
+
+    common = dict(window=window, span=window, scale=1.0, groups=1, tiling=tiling, interpret=True)
+    static = _flash_window.Problem(**common, arange_length=t)
+    searched = _flash_window.Problem(**common)
+    for which in (_flash_window.key_block_ranges, _flash_window.query_block_ranges):
+        want = _flash_window._ranges(which, q_pos, k_pos, searched, bq, bk, split)
+        got = _flash_window._ranges(which, q_pos, k_pos, static, bq, bk, split)
+        assert got.shape == want.shape == (2, s // (bq if which is _flash_window.key_block_ranges else bk), 4)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=which.__name__)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_sliding_window_block_ranges_are_computed_while_tracing(monkeypatch, segments):
+    """The SWA kernels' block tables are trace-time constants: every block search runs on concrete values (never on
+    tracers, which would put the searches into every call's program), for the forward and both backward kernels. The
+    selective-attention path, whose positions depend on the data, searches tracers: the recorder sees both kinds."""
+    from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+
+    seen = []
+    real = _flash_window._search
+
+    def recording(rows, values, side):
+        seen.append(isinstance(rows, jax.core.Tracer) or isinstance(values, jax.core.Tracer))
+        return real(rows, values, side)
+
+    monkeypatch.setattr(_flash_window, "_search", recording)
+    fn, args = _grad_program(
+        lambda q, k, v, seg: sliding_window_attention_pallas_gpu(
+            q, k, v, window=300, segment_ids=seg, softmax_scale=0.125, interpret=True
+        ),
+        1000,
+        4,
+        2,
+        64,
+        jnp.float32,
+        segments=segments,
+    )
+    fn.trace(*args)
+    # 4 searches per block table; 3 tables (the custom_vjp traces the forward's twice: primal and fwd rule).
+    assert len(seen) >= 12 and not any(seen), seen
+
+    seen.clear()
+    x = jax.ShapeDtypeStruct((2, 256, 2, 16), jnp.float32)
+    sel = jax.ShapeDtypeStruct((2, 256), jnp.bool_)
+    jax.jit(
+        lambda q, k, v, s: selective_attention(q, k, v, s, window=64, implementation="pallas_gpu", interpret=True)
+    ).trace(x, x, x, sel)
+    assert seen and all(seen)
