@@ -75,7 +75,8 @@ def only_kernels(module, keep):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Ops: the backend module, its kernel names, a function of the inputs and its inputs
+# Ops: the backend module, its kernel names, fn(tiling), default and swept tilings, an inputs() maker (the
+# function's inputs then a cotangent), a label
 
 
 def ssd_case(smoke: bool):
@@ -83,16 +84,19 @@ def ssd_case(smoke: bool):
 
     b, t, h, p, n = (1, 128, 4, 16, 16) if smoke else (8, 4096, 24, 64, 128)
     dtype = jnp.bfloat16
-    k = jax.random.split(jax.random.key(0), 9)
-    x = jax.random.normal(k[0], (b, t, h, p), dtype)
-    dt = (jax.random.normal(k[1], (b, t, h)) - 3.0).astype(dtype)
-    A = -jnp.exp(jax.random.uniform(k[2], (h,), jnp.float32, 0.0, 2.77))
-    B = jax.random.normal(k[3], (b, t, 1, n), dtype)
-    C = jax.random.normal(k[4], (b, t, 1, n), dtype)
-    D = jax.random.normal(k[5], (h,), jnp.float32)
-    z = jax.random.normal(k[6], (b, t, h, p), dtype)
-    dt_bias = 0.5 * jax.random.normal(k[7], (h,), jnp.float32)
-    ct = jax.random.normal(k[8], (b, t, h, p), dtype)
+
+    def inputs():
+        k = jax.random.split(jax.random.key(0), 9)
+        x = jax.random.normal(k[0], (b, t, h, p), dtype)
+        dt = (jax.random.normal(k[1], (b, t, h)) - 3.0).astype(dtype)
+        A = -jnp.exp(jax.random.uniform(k[2], (h,), jnp.float32, 0.0, 2.77))
+        B = jax.random.normal(k[3], (b, t, 1, n), dtype)
+        C = jax.random.normal(k[4], (b, t, 1, n), dtype)
+        D = jax.random.normal(k[5], (h,), jnp.float32)
+        z = jax.random.normal(k[6], (b, t, h, p), dtype)
+        dt_bias = 0.5 * jax.random.normal(k[7], (h,), jnp.float32)
+        ct = jax.random.normal(k[8], (b, t, h, p), dtype)
+        return x, dt, A, B, C, D, z, dt_bias, ct
 
     def make(tiling):
         def fn(x, dt, A, B, C, D, z, dt_bias):
@@ -120,7 +124,7 @@ def ssd_case(smoke: bool):
     ]
     kernels = ["ssd_state_fwd", "ssd_fwd", "ssd_state_bwd", "ssd_bwd_dx", "ssd_bwd_dc"]
     label = f"B{b} T{t} H{h} P{p} N{n} G1 bf16 chunk 256"
-    return pallas_gpu, kernels, make, base, sweep, (x, dt, A, B, C, D, z, dt_bias, ct), label
+    return pallas_gpu, kernels, make, base, sweep, inputs, label
 
 
 def selective_scan_case(smoke: bool):
@@ -128,16 +132,19 @@ def selective_scan_case(smoke: bool):
 
     b, t, d, n = (1, 256, 64, 16) if smoke else (4, 4096, 1536, 16)
     dtype = jnp.bfloat16
-    k = jax.random.split(jax.random.key(0), 9)
-    u = jax.random.normal(k[0], (b, t, d), dtype)
-    delta = (0.5 * jax.random.normal(k[1], (b, t, d)) - 4.0).astype(dtype)
-    A = -jnp.exp(jax.random.normal(k[2], (d, n)))
-    B = jax.random.normal(k[3], (b, t, n), dtype)
-    C = jax.random.normal(k[4], (b, t, n), dtype)
-    D = jax.random.normal(k[5], (d,))
-    z = jax.random.normal(k[6], (b, t, d), dtype)
-    bias = 0.1 * jax.random.normal(k[7], (d,))
-    ct = jax.random.normal(k[8], (b, t, d), dtype)
+
+    def inputs():
+        k = jax.random.split(jax.random.key(0), 9)
+        u = jax.random.normal(k[0], (b, t, d), dtype)
+        delta = (0.5 * jax.random.normal(k[1], (b, t, d)) - 4.0).astype(dtype)
+        A = -jnp.exp(jax.random.normal(k[2], (d, n)))
+        B = jax.random.normal(k[3], (b, t, n), dtype)
+        C = jax.random.normal(k[4], (b, t, n), dtype)
+        D = jax.random.normal(k[5], (d,))
+        z = jax.random.normal(k[6], (b, t, d), dtype)
+        bias = 0.1 * jax.random.normal(k[7], (d,))
+        ct = jax.random.normal(k[8], (b, t, d), dtype)
+        return u, delta, A, B, C, D, z, bias, ct
 
     def make(config):
         def fn(u, delta, A, B, C, D, z, bias):
@@ -167,15 +174,18 @@ def selective_scan_case(smoke: bool):
         "selective_scan_bwd",
     ]
     label = f"B{b} T{t} D{d} N{n} bf16, D, z, bias, softplus"
-    return pallas_gpu, kernels, make, base, sweep, (u, delta, A, B, C, D, z, bias, ct), label
+    return pallas_gpu, kernels, make, base, sweep, inputs, label
 
 
 def swa_case(smoke: bool):
     from pallas_kernels.sliding_window_attention import pallas_gpu
 
     b, t, h, e, w = (1, 256, 2, 64, 64) if smoke else (2, 32768, 16, 64, 2048)
-    k = jax.random.split(jax.random.key(0), 4)
-    q, kk, v, ct = (jax.random.normal(k[i], (b, t, h, e), jnp.bfloat16) for i in range(4))
+
+    def inputs():
+        k = jax.random.split(jax.random.key(0), 4)
+        q, kk, v, ct = (jax.random.normal(k[i], (b, t, h, e), jnp.bfloat16) for i in range(4))
+        return q, kk, v, ct
 
     def make(tiling):
         def fn(q, k, v):
@@ -197,7 +207,7 @@ def swa_case(smoke: bool):
     ]
     kernels = ["sliding_window_attention_fwd", "sliding_window_attention_bwd_dq", "sliding_window_attention_bwd_dkv"]
     label = f"B{b} T{t} H{h} E{e} window {w} bf16"
-    return pallas_gpu, kernels, make, base, sweep, (q, kk, v, ct), label
+    return pallas_gpu, kernels, make, base, sweep, inputs, label
 
 
 OPS = {"ssd": ssd_case, "selective_scan": selective_scan_case, "swa": swa_case}
@@ -213,7 +223,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = 2 if args.smoke else args.runs
 
-    module, kernels, make, base, sweep, inputs, label = OPS[args.op](args.smoke)
+    module, kernels, make, base, sweep, make_inputs, label = OPS[args.op](args.smoke)
+    inputs = make_inputs()
     fwd_inputs = inputs[:-1]
 
     def timed(fn, keep, backward=True):
