@@ -117,6 +117,15 @@ def swa_fn(impl: str, window: int, cfg: Config):
     return lambda q, k, v: sliding_window_attention(q, k, v, window=window, implementation=impl, **extra)
 
 
+def swa_tiling_fn(tiling, cfg: Config):
+    """pallas_gpu sliding-window attention with explicit tiles (tuning aids only)."""
+    from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+
+    return lambda q, k, v: sliding_window_attention_pallas_gpu(
+        q, k, v, window=cfg.window, softmax_scale=cfg.head_dim**-0.5, tiling=tiling, interpret=cfg.interpret
+    )
+
+
 def sel_fn(impl: str, window: int, capacity: int | None, cfg: Config):
     extra = interpret_kwargs(impl, cfg.interpret)
     return lambda q, k, v, sel: selective_attention(
@@ -403,7 +412,6 @@ def plot(report, cfg: Config, path: Path) -> None:
 def tiling_sweep(cfg: Config) -> list[dict]:
     """Alternative Triton tilings for sliding-window attention at T = ``sel_length`` (kernel tuning aid)."""
     from pallas_kernels._flash_window import Tiling
-    from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
 
     t = cfg.sel_length
     candidates = [
@@ -417,9 +425,7 @@ def tiling_sweep(cfg: Config) -> list[dict]:
     sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
     out = []
     for tl in candidates:
-        fn = lambda q, k, v, tl=tl: sliding_window_attention_pallas_gpu(  # noqa: E731
-            q, k, v, window=cfg.window, softmax_scale=cfg.head_dim**-0.5, tiling=tl, interpret=cfg.interpret
-        )
+        fn = swa_tiling_fn(tl, cfg)
         row = {"tiling": dataclasses.asdict(tl)}
         row.update(measure_fwd_fwdbwd(fn, [s[:3] for s in sets], sets, cfg.runs, peak=False))
         out.append(row)

@@ -80,33 +80,19 @@ def only_kernels(module, keep):
 
 
 def ssd_case(smoke: bool):
-    from pallas_kernels.ssd import block_sizes, pallas_gpu, vjp
+    import ssm_ssd
 
-    b, t, h, p, n = (1, 128, 4, 16, 16) if smoke else (8, 4096, 24, 64, 128)
-    dtype = jnp.bfloat16
+    from pallas_kernels.ssd import block_sizes, pallas_gpu
+
+    cfg = ssm_ssd.smoke_config() if smoke else ssm_ssd.Config()
+    case = cfg.cases[0]  # the target shape (B8 T4096 H24 P64 N128 G1 bf16)
 
     def inputs():
-        k = jax.random.split(jax.random.key(0), 9)
-        x = jax.random.normal(k[0], (b, t, h, p), dtype)
-        dt = (jax.random.normal(k[1], (b, t, h)) - 3.0).astype(dtype)
-        A = -jnp.exp(jax.random.uniform(k[2], (h,), jnp.float32, 0.0, 2.77))
-        B = jax.random.normal(k[3], (b, t, 1, n), dtype)
-        C = jax.random.normal(k[4], (b, t, 1, n), dtype)
-        D = jax.random.normal(k[5], (h,), jnp.float32)
-        z = jax.random.normal(k[6], (b, t, h, p), dtype)
-        dt_bias = 0.5 * jax.random.normal(k[7], (h,), jnp.float32)
-        ct = jax.random.normal(k[8], (b, t, h, p), dtype)
-        return x, dt, A, B, C, D, z, dt_bias, ct
+        args, ct = ssm_ssd.make_inputs(jax.random.key(0), case)
+        return (*args, ct)
 
     def make(tiling):
-        def fn(x, dt, A, B, C, D, z, dt_bias):
-            y, _ = vjp.ssd_pallas(
-                x, dt, A, B, C, backend="gpu", chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
-                dt_limit=(0.0, float("inf")), initial_state=None, segment_ids=None, interpret=smoke, tiling=tiling,
-            )  # fmt: skip
-            return y
-
-        return fn
+        return ssm_ssd.tiling_fn(tiling, cfg)
 
     base = block_sizes.DEFAULT_GPU
     sweep = [
@@ -123,36 +109,25 @@ def ssd_case(smoke: bool):
         dataclasses.replace(base, state_block_p=16, state_block_n=128),
     ]
     kernels = ["ssd_state_fwd", "ssd_fwd", "ssd_state_bwd", "ssd_bwd_dx", "ssd_bwd_dc"]
-    label = f"B{b} T{t} H{h} P{p} N{n} G1 bf16 chunk 256"
+    label = f"{case.label} chunk {cfg.chunk}"
     return pallas_gpu, kernels, make, base, sweep, inputs, label
 
 
 def selective_scan_case(smoke: bool):
+    import ssm_selective_scan
+
     from pallas_kernels.selective_scan import pallas_gpu
 
-    b, t, d, n = (1, 256, 64, 16) if smoke else (4, 4096, 1536, 16)
-    dtype = jnp.bfloat16
+    cfg = ssm_selective_scan.smoke_config() if smoke else ssm_selective_scan.Config()
+    b, t, d = cfg.cases[0]  # B4 T4096 D1536, the target shape
+    n = cfg.n
 
     def inputs():
-        k = jax.random.split(jax.random.key(0), 9)
-        u = jax.random.normal(k[0], (b, t, d), dtype)
-        delta = (0.5 * jax.random.normal(k[1], (b, t, d)) - 4.0).astype(dtype)
-        A = -jnp.exp(jax.random.normal(k[2], (d, n)))
-        B = jax.random.normal(k[3], (b, t, n), dtype)
-        C = jax.random.normal(k[4], (b, t, n), dtype)
-        D = jax.random.normal(k[5], (d,))
-        z = jax.random.normal(k[6], (b, t, d), dtype)
-        bias = 0.1 * jax.random.normal(k[7], (d,))
-        ct = jax.random.normal(k[8], (b, t, d), dtype)
-        return u, delta, A, B, C, D, z, bias, ct
+        args, ct = ssm_selective_scan.make_inputs(jax.random.key(0), b, t, d, n)
+        return (*args, ct)
 
     def make(config):
-        def fn(u, delta, A, B, C, D, z, bias):
-            return pallas_gpu.selective_scan_pallas_gpu(
-                u, delta, A, B, C, D, z, bias, delta_softplus=True, config=config, interpret=smoke
-            )
-
-        return fn
+        return ssm_selective_scan.config_fn(config, cfg)
 
     base = pallas_gpu.DEFAULT_CONFIG
     sweep = [
@@ -178,22 +153,18 @@ def selective_scan_case(smoke: bool):
 
 
 def swa_case(smoke: bool):
+    import attention
+
     from pallas_kernels.sliding_window_attention import pallas_gpu
 
-    b, t, h, e, w = (1, 256, 2, 64, 64) if smoke else (2, 32768, 16, 64, 2048)
+    cfg = attention.smoke_config() if smoke else attention.Config()
+    b, t, h, e, w = cfg.batch, cfg.sel_length, cfg.heads, cfg.head_dim, cfg.window  # T32768 w2048: the target
 
     def inputs():
-        k = jax.random.split(jax.random.key(0), 4)
-        q, kk, v, ct = (jax.random.normal(k[i], (b, t, h, e), jnp.bfloat16) for i in range(4))
-        return q, kk, v, ct
+        return attention.make_inputs(jax.random.key(0), cfg, t)
 
     def make(tiling):
-        def fn(q, k, v):
-            return pallas_gpu.sliding_window_attention_pallas_gpu(
-                q, k, v, window=w, softmax_scale=e**-0.5, tiling=tiling, interpret=smoke
-            )
-
-        return fn
+        return attention.swa_tiling_fn(tiling, cfg)
 
     base = pallas_gpu.DEFAULT_TILING
     sweep = [
