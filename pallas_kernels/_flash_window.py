@@ -131,12 +131,8 @@ def _search(sorted_rows, values, side: str):
     if sorted_rows.shape[-1] * values.shape[-1] > _COMPARE_ALL_LIMIT:
         search = functools.partial(jnp.searchsorted, side=side, method="sort")
         return jax.vmap(search)(sorted_rows, values).astype(jnp.int32)
-    below = (
-        sorted_rows[:, None, :] < values[:, :, None]
-        if side == "left"
-        else sorted_rows[:, None, :] <= values[:, :, None]
-    )
-    return jnp.sum(below, axis=-1, dtype=jnp.int32)
+    before = jnp.less if side == "left" else jnp.less_equal
+    return jnp.sum(before(sorted_rows[:, None, :], values[:, :, None]), axis=-1, dtype=jnp.int32)
 
 
 def _block_ranges(lo, hi, full_lo, full_hi, live, block: int, n_blocks: int, split: bool):

@@ -47,14 +47,15 @@ _AUTO_FLOAT32: dict[str, dict[str, tuple[str, ...]]] = {
     "ssd": {"gpu": ("xla", "pallas_gpu")},
 }
 
-_logged: set[tuple[str, str, bool]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
-def _preferences(op: str, here: str, dtype) -> tuple[str, ...]:
-    wide = dtype is not None and jnp.dtype(dtype) == jnp.float32
-    if wide and here in _AUTO_FLOAT32.get(op, {}):
-        return _AUTO_FLOAT32[op][here]
-    return _AUTO[op].get(here, ("xla",))
+def _auto_choice(op: str, here: str, dtype, available: Sequence[str]) -> str:
+    """What ``auto`` picks for ``op`` on platform ``here`` for inputs of ``dtype``: the first preference it has."""
+    prefs = _AUTO[op].get(here, ("xla",))
+    if dtype is not None and jnp.dtype(dtype) == jnp.float32:
+        prefs = _AUTO_FLOAT32.get(op, {}).get(here, prefs)
+    return next((p for p in prefs if p in available), "xla")
 
 
 def platform() -> str:
@@ -82,11 +83,9 @@ def resolve(op: str, implementation: str, *, available: Sequence[str], interpret
         raise ValueError(f"{op}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
     here = platform()
     if implementation == "auto":
-        prefs = _preferences(op, here, dtype)
-        choice = next((p for p in prefs if p in available), "xla")
-        key = (op, here, prefs is not _AUTO[op].get(here))
-        if key not in _logged:
-            _logged.add(key)
+        choice = _auto_choice(op, here, dtype, available)
+        if (op, here, choice) not in _logged:
+            _logged.add((op, here, choice))
             _log.info("pallas_kernels.%s: implementation='auto' chose %r on %s (dtype %s)", op, choice, here, dtype)
         return choice
     if implementation not in available:
@@ -105,9 +104,4 @@ def resolve(op: str, implementation: str, *, available: Sequence[str], interpret
 def chosen(dtype=None) -> dict[str, str]:
     """What ``auto`` picks for every op on this platform for inputs of ``dtype``, e.g. to record in a run's config."""
     here = platform()
-    out = {}
-    for op in _AUTO:
-        available = import_module(f"pallas_kernels.{op}.api").AVAILABLE
-        prefs = _preferences(op, here, dtype)
-        out[op] = next((p for p in prefs if p in available), "xla")
-    return out
+    return {op: _auto_choice(op, here, dtype, import_module(f"pallas_kernels.{op}.api").AVAILABLE) for op in _AUTO}
