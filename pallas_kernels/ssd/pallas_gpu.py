@@ -12,10 +12,10 @@ blocks are pointers, nothing is copied, and the caller's ``(b, t, h, p)`` / ``(b
 
 * ``_ssd_state_fwd_kernel``, grid ``(h, p/bp * n/bn, b)``: chunk states AND state passing in one loop over chunks
   (``fori_loop``; each chunk in sub-blocks of s tokens to keep operands in registers), the ``(bp, bn)`` state in
-  registers: ``S <- exp(total_c) S + (x * dt * exp(tail))^T B``. Writes the
-  state entering every chunk ``(b, h, c, p, n)`` fp32 and the final state. Fusing the two stages that mamba_ssm runs
-  as chunk_state + state_passing saves one write and one read of all chunk states (2 x 100 MB at B8 T4096 H24 P64
-  N128, ~0.07 ms of H100 bandwidth); the price is parallelism ``b h p/bp n/bn`` instead of ``b h c``.
+  registers: ``S <- exp(total_c) S + (x * dt * exp(tail))^T B``. Writes the state entering every chunk
+  ``(b, h, c, p, n)`` fp32 and the final state. Fusing the two stages that mamba_ssm runs as chunk_state +
+  state_passing saves one write and one read of all chunk states (2 x 100 MB at B8 T4096 H24 P64 N128, ~0.07 ms of
+  H100 bandwidth); the price is parallelism ``b h p/bp n/bn`` instead of ``b h c``.
 * ``_ssd_fwd_kernel`` (chunk scan), grid ``(h, m, b c)``: one ``(s, p)`` row tile of y; a loop over column tiles
   ``J <= I`` forms ``C_I B_J^T`` (tensor cores, fp32 accumulation), multiplies by the decay tile and ``dt``, and
   accumulates ``(.) x_J``; then ``exp(cum) C_I S_in^T``, the D skip and the ``silu(z)`` gate, fused before the store.
@@ -89,8 +89,6 @@ def _dot_f32(a, b, dims, dd):
     where state-sized values meet a matmul (chunk states, ``C S^T``, ``G B``): rounding a state to bf16 would put a
     2**-9 relative error into the final state, well above the xla path's at the same input dtype.
     """
-    if dd == f32:
-        return _dot(a, b, dims)
     return _dot_parts(_split(a, dd), _split(b, dd), dims)
 
 
