@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 import bench_common  # noqa: E402
 from bench_common import (  # noqa: E402
     Budget,
+    add_row,
     bench_parser,
     classify,
     config_from_args,
@@ -54,7 +55,6 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
-    save_partial,
     timing_cells,
     timings_text,
     vjp_errors,
@@ -282,9 +282,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
             else:
                 fn = swa_fn(impl, cfg.window, cfg)
                 row.update(measure_fwd_fwdbwd(fn, fwd_sets, sets, cfg.runs, peak=False))
-            rows.append(row)
-            save_partial(report, rows, out_dir, "attention")
-            print(_row_text(row), flush=True)
+            add_row(report, rows, row, out_dir, "attention", _row_text(row))
         del sets, fwd_sets
     t = cfg.sel_length
     for fraction in cfg.sel_fractions:
@@ -297,9 +295,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
             else:
                 fn = sel_fn(impl, cfg.window, capacity, cfg)
                 row.update(measure_fwd_fwdbwd(fn, [s[:4] for s in sets], sets, cfg.runs, peak=False))
-            rows.append(row)
-            save_partial(report, rows, out_dir, "attention")
-            print(_row_text(row), flush=True)
+            add_row(report, rows, row, out_dir, "attention", _row_text(row))
         del sets
     report["rows"] = rows
     report["ratios"] = ratios(rows, cfg)

@@ -236,16 +236,18 @@ def print_sweep_row(label, row: dict) -> None:
     print(f"sweep {label}: fwd {fmt(row['fwd_ms'])} fwd+bwd {fmt(row['fwdbwd_ms'])}", flush=True)
 
 
-def save_partial(report: dict, rows: list[dict], out_dir: Path, name: str) -> None:
-    """Writes the report so far to ``out_dir/name.partial.json`` (replaced atomically after every row).
+def add_row(report: dict, rows: list[dict], row: dict, out_dir: Path, name: str, text: str) -> None:
+    """Appends a measured ``row``, prints its ``text`` and saves the rows so far to ``out_dir/name.partial.json``.
 
-    A run killed from outside (a device time limit) then still leaves every row it measured; ``write_report``
-    removes the partial file once the full report is written.
+    The partial file is replaced atomically after every row, so a run killed from outside (a device time limit)
+    still leaves every row it measured; ``write_report`` removes it once the full report is written.
     """
+    rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"{name}.partial.json.tmp"
     tmp.write_text(json.dumps({**report, "rows": rows, "partial": True}, indent=2))
     tmp.replace(out_dir / f"{name}.partial.json")
+    print(text, flush=True)
 
 
 def write_report(report: dict, out_dir: Path, name: str, plot: Callable[[Path], None]) -> None:

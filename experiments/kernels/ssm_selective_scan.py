@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from bench_common import (  # noqa: E402
     SKIPPED,
     Budget,
+    add_row,
     bench_parser,
     classify,
     config_from_args,
@@ -55,7 +56,6 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
-    save_partial,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -283,9 +283,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
                 row.update(measure_fwd_fwdbwd(scan_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
-            rows.append(row)
-            save_partial(report, rows, out_dir, "ssm_selective_scan")
-            print(row_text(row), flush=True)
+            add_row(report, rows, row, out_dir, "ssm_selective_scan", row_text(row))
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows
     report["summary"] = summarise(rows, cfg)

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 from bench_common import (  # noqa: E402
     SKIPPED,
     Budget,
+    add_row,
     bench_parser,
     classify,
     config_from_args,
@@ -62,7 +63,6 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
-    save_partial,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -325,9 +325,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
                 row.update(measure_fwd_fwdbwd(ssd_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
-            rows.append(row)
-            save_partial(report, rows, out_dir, "ssm_ssd")
-            print(row_text(row), flush=True)
+            add_row(report, rows, row, out_dir, "ssm_ssd", row_text(row))
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows
     report["summary"] = summarise(rows, cfg)
