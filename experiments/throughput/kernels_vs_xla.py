@@ -22,19 +22,17 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import MODELS, build_config  # noqa: E402
+from run import MODELS, build_config, compiled  # noqa: E402
 
-from hybrid_jax.training import Trainer, kernel_choices  # noqa: E402
+from hybrid_jax.training import kernel_choices  # noqa: E402
 
 TOLERANCE = 2e-2
 OPS_USED = {
@@ -56,12 +54,8 @@ def run_one(name: str, args, kernels: str) -> dict:
     config.optim.learning_rate = args.lr
     config.optim.min_learning_rate = args.lr / 10
     config.optim.warmup_steps = 0
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir)
     B = config.data.batch_size
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        step = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(B)).compile()
-        state = trainer.init_state()
+    with compiled(config) as (trainer, step, state, _):
         losses, grad_norms, times = [], [], []
         for _ in range(args.steps):
             batch = trainer.global_batch(next(trainer.train_iter), B)

@@ -16,6 +16,7 @@ the bf16 matmul ceiling reached through JAX on the same machine (H100: 689 TFLOP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -53,8 +54,9 @@ def build_config(name: str, args, remat: str):
     return config
 
 
-def measure(name: str, args, remat: str) -> dict:
-    config = build_config(name, args, remat)
+@contextlib.contextmanager
+def compiled(config):
+    """``(trainer, AOT-compiled train step, initial state, compile seconds)``, inside the trainer's mesh and rules."""
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir)
     B = config.data.batch_size
@@ -62,7 +64,13 @@ def measure(name: str, args, remat: str) -> dict:
         t0 = time.perf_counter()
         step = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(B)).compile()
         compile_s = time.perf_counter() - t0
-        state = trainer.init_state()
+        yield trainer, step, trainer.init_state(), compile_s
+
+
+def measure(name: str, args, remat: str) -> dict:
+    config = build_config(name, args, remat)
+    B = config.data.batch_size
+    with compiled(config) as (trainer, step, state, compile_s):
         batch = trainer.global_batch(next(trainer.train_iter), B)
         for _ in range(args.warmup):
             state, metrics = step(state, batch)
