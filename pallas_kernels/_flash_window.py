@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._padding import pad_to_multiple
+from pallas_kernels._compaction import Compaction
+from pallas_kernels._padding import FAR_POSITION, pad_to_multiple
 
-# Key position of padded / empty slots: later than any real query. Equal to the xla path's FAR_POSITION, which
-# ``selective_attention.xla.compact_selection`` writes into unused slots (not imported: that would make this module
-# import an op package that imports it back).
-KEY_PAD = 1 << 30
+# Key position of padded / empty slots: later than any real query; what ``_compaction.compact_selection`` writes into
+# unused buffer slots.
+KEY_PAD = FAR_POSITION
 # Query position of padded / empty slots: after KEY_PAD, and at least ``MAX_WINDOW`` past it.
 QUERY_PAD = KEY_PAD + (1 << 29)
 MAX_WINDOW = 1 << 29
@@ -64,6 +64,8 @@ class Tiling:
     block_k_dkv: int
     num_warps: int = 4
     num_stages: int = 2
+    num_warps_bwd: int | None = None  # the dq and dk/dv kernels' knobs; None: as the forward's
+    num_stages_bwd: int | None = None
 
     @property
     def largest(self) -> int:
@@ -326,20 +328,13 @@ def window_attention(
     return out[:, :s, :, :e]
 
 
-def gather_time(x, index):
-    """``x[b, index[b, r], ...]`` for ``x (b, t, ...)`` and ``index (b, r)``."""
-    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def compacted_window_attention(q, k, v, selected, positions, rank, segment_ids, *, window: int, **kwargs):
+def compacted_window_attention(q, k, v, compaction: Compaction, segment_ids, *, window: int, **kwargs):
     """Selective attention through ``window_attention`` on a compacted buffer.
 
     Args:
       q, k, v: ``(b, t, h*, e)``.
-      selected: ``(b, t)`` bool, already capped (at most ``k`` per row).
-      positions: ``(b, k)`` int32, original position of the r-th selected token, ``KEY_PAD`` in unused slots (from
-        ``selective_attention.xla.compact_selection``).
-      rank: ``(b, t)`` int32, slot of each selected token.
+      compaction: where the selected tokens go (``_compaction.compact_selection`` of an already capped selection);
+        its ``positions`` (``KEY_PAD`` in unused slots) are the buffer's positions.
       segment_ids: ``(b, t)`` int or None.
       window: finite window on original positions.
       **kwargs: the rest of ``window_attention``'s keywords except ``span`` (``min(window, k)`` here).
@@ -347,21 +342,18 @@ def compacted_window_attention(q, k, v, selected, positions, rank, segment_ids, 
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``, zeros where not selected.
     """
-    cap = positions.shape[1]
-    index = jnp.where(positions < KEY_PAD, positions, 0)
-    seg = None if segment_ids is None else gather_time(segment_ids, index)
+    cap = compaction.positions.shape[1]
     out_c = window_attention(
-        gather_time(q, index),
-        gather_time(k, index),
-        gather_time(v, index),
-        positions,
-        seg,
+        compaction.pack(q),
+        compaction.pack(k),
+        compaction.pack(v),
+        compaction.positions,
+        None if segment_ids is None else compaction.pack_ids(segment_ids),
         window=window,
         span=min(window, cap),
         **kwargs,
     )
-    out = gather_time(out_c, jnp.clip(rank, 0, cap - 1))
-    return jnp.where(selected[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return compaction.unpack(out_c)
 
 
 def fit_tiling(tiling: Tiling, s: int, block_size: int | None, *, minimum: int = 16) -> Tiling:
@@ -390,7 +382,6 @@ __all__ = [
     "Tiling",
     "compacted_window_attention",
     "fit_tiling",
-    "gather_time",
     "key_block_ranges",
     "max_blocks_visited",
     "query_block_ranges",

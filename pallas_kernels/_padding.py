@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+# Position of padded or empty slots in the position-masked attention paths: later than any real token (so positions
+# stay sorted) and so far away that no window reaches it.
+FAR_POSITION = 1 << 30
+
 
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``n`` (Python ints, ``multiple >= 1``)."""

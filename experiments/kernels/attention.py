@@ -83,6 +83,7 @@ class Config:
     input_sets: int = 3
     interpret: bool = False
     budget_s: float = 480.0
+    impls: tuple[str, ...] = ("reference", "xla", "pallas_gpu", "cudnn")  # the ones timed (all are checked)
 
 
 def smoke_config() -> Config:
@@ -275,6 +276,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         sets = [make_inputs(jax.random.key(10 + i), cfg, t) for i in range(cfg.input_sets)]
         fwd_sets = [s[:3] for s in sets]
         impls = ["reference"] * (t <= cfg.reference_max_t) + [c for c in contenders if c in ok]
+        impls = [c for c in impls if c in cfg.impls]
         for impl in impls:
             row = {"case": "sliding", "T": t, "window": cfg.window, "impl": impl}
             if budget.spent():
@@ -288,7 +290,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     for fraction in cfg.sel_fractions:
         capacity = math.ceil(fraction * t * 1.1)
         sets = [make_inputs(jax.random.key(20 + i), cfg, t, fraction) for i in range(cfg.input_sets)]
-        for impl in [c for c in ("xla", "pallas_gpu") if c in ok_sel]:
+        for impl in [c for c in ("xla", "pallas_gpu") if c in ok_sel and c in cfg.impls]:
             row = {"case": "selective", "T": t, "window": cfg.window, "C": fraction, "capacity": capacity, "impl": impl}
             if budget.spent():
                 row.update(status=bench_common.SKIPPED)
@@ -407,16 +409,22 @@ def plot(report, cfg: Config, path: Path) -> None:
 
 def tiling_sweep(cfg: Config) -> list[dict]:
     """Alternative Triton tilings for sliding-window attention at T = ``sel_length`` (kernel tuning aid)."""
-    from pallas_kernels._flash_window import Tiling
+    from pallas_kernels.sliding_window_attention.pallas_gpu import DEFAULT_TILING
 
     t = cfg.sel_length
+    base = DEFAULT_TILING
     candidates = [
-        Tiling(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=2),  # the default
-        Tiling(128, 64, 128, 32, 32, 128, num_warps=4, num_stages=3),
-        Tiling(128, 128, 128, 64, 64, 128, num_warps=8, num_stages=2),
-        Tiling(64, 64, 64, 64, 64, 64, num_warps=4, num_stages=2),
-        Tiling(128, 32, 64, 32, 32, 64, num_warps=4, num_stages=3),
-        Tiling(64, 128, 128, 64, 64, 64, num_warps=4, num_stages=2),
+        base,
+        dataclasses.replace(base, num_stages=3),
+        dataclasses.replace(base, num_stages=3, num_stages_bwd=2),
+        dataclasses.replace(base, num_stages=4, num_stages_bwd=2),
+        dataclasses.replace(base, block_q=64, block_k=64),
+        dataclasses.replace(base, block_q=64, block_k=128),
+        dataclasses.replace(base, block_k=128, num_stages=3, num_stages_bwd=2),
+        dataclasses.replace(base, block_q_dkv=16, block_k_dkv=128),
+        dataclasses.replace(base, block_q_dkv=32, block_k_dkv=64),
+        dataclasses.replace(base, block_q_dq=64, block_k_dq=32),
+        dataclasses.replace(base, block_q_dq=128, block_k_dq=64),
     ]
     sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
     out = []
@@ -434,8 +442,17 @@ def main(argv=None):
         __doc__, "directory for attention.json and attention.png", "also time alternative Triton tilings"
     )
     parser.add_argument("--sweep-only", action="store_true", help="only the tiling sweep (writes sweep.json)")
+    parser.add_argument("--lengths", default=None, help="sliding-window T values, e.g. 32768 (default 4K..128K)")
+    parser.add_argument("--fractions", default=None, help="selective C values, e.g. 0.15,1.0 (default 0.05..1.0)")
+    parser.add_argument("--impls", default=None, help="contenders to time, e.g. pallas_gpu,cudnn (default all)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, Config, smoke_config)
+    if args.lengths:
+        cfg.swa_lengths = tuple(int(x) for x in args.lengths.split(","))
+    if args.fractions:
+        cfg.sel_fractions = tuple(float(x) for x in args.fractions.split(","))
+    if args.impls:
+        cfg.impls = tuple(args.impls.split(","))
     if args.sweep_only:
         args.out.mkdir(parents=True, exist_ok=True)
         sweep = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "sweep": tiling_sweep(cfg)}

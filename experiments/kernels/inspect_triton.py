@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 
 from kernel_breakdown import OPS  # noqa: E402
 
-SHOWN = ("MUFU", "SHFL", "LDG", "STG", "LDS", "STS", "LDL", "STL", "HGMMA", "HMMA", "BAR", "FFMA", "BRA")
+SHOWN = ("MUFU", "SHFL", "LDG", "LDGSTS", "STG", "LDS", "STS", "LDL", "STL", "HGMMA", "HMMA", "BAR", "FFMA", "BRA")
 
 
 def triton_calls(exported) -> list[dict]:
@@ -103,6 +103,7 @@ def compile_for_sm90(ttir: str, num_warps: int, num_stages: int, workdir: Path, 
         [str(bin_dir / "ptxas"), "-v", "-arch=sm_90a", str(ptx), "-o", os.devnull], capture_output=True, text=True
     ).stderr
     sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    (workdir / f"{name}.sass").write_text(sass)
     ops = collections.Counter()
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
@@ -136,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--op", choices=sorted(OPS), required=True)
     parser.add_argument("--tiling", default="", help='overrides of the default tiling, e.g. "block=32,num_stages=3"')
     parser.add_argument("--triton-path", default=None, help="a folder holding the triton package, if not installed")
+    parser.add_argument("--keep", default=None, help="a folder to keep each kernel's ttir / ptx / cubin / sass in")
     args = parser.parse_args(argv)
     if args.triton_path:
         sys.path.insert(0, args.triton_path)
@@ -159,8 +161,10 @@ def main(argv=None):
     print(head + " | ".join(SHOWN) + " |")
     print("|---" * (7 + len(SHOWN)) + "|")
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.keep or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for call in triton_calls(exported):
-            r = compile_for_sm90(call["ir"], call["num_warps"], call["num_stages"], Path(tmp), call["name"])
+            r = compile_for_sm90(call["ir"], call["num_warps"], call["num_stages"], workdir, call["name"])
             cells = [str(r["ops"].get(k, 0)) for k in SHOWN]
             shared = "-" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1024:.0f}"
             print(

@@ -393,8 +393,8 @@ def config_sweep(cfg: Config) -> list[dict]:
         GpuConfig(unroll=8),  # more loads in flight per warp, ~250 registers: half the resident warps
         GpuConfig(num_stages=2),
         GpuConfig(bwd_unroll=2),  # fewer registers, twice the backward scratch traffic
-        GpuConfig(min_programs=8 * 132),
-        GpuConfig(min_programs=32 * 132),
+        GpuConfig(wave_programs=8 * 132),
+        GpuConfig(wave_programs=16 * 132),
     ]
     b, t, d = cfg.cases[0]
     sets = [make_inputs(jax.random.key(30 + i), b, t, d, cfg.n) for i in range(cfg.input_sets)]

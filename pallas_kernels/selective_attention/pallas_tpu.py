@@ -16,8 +16,8 @@ import functools
 import jax
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._compaction import compact_selection
 from pallas_kernels.selective_attention.reference import limit_selection_impl
-from pallas_kernels.selective_attention.xla import compact_selection
 from pallas_kernels.sliding_window_attention import pallas_tpu as swa
 
 
@@ -76,14 +76,11 @@ def _selective_attention_pallas_tpu(
     q, k, v, selected, segment_ids, *, window, softmax_scale, capacity, tiling, interpret
 ):
     sel = limit_selection_impl(selected, capacity)
-    positions, _, rank = compact_selection(sel, capacity)
     return fw.compacted_window_attention(
         q,
         k,
         v,
-        sel,
-        positions,
-        rank,
+        compact_selection(sel, capacity),
         segment_ids,
         window=window,
         scale=softmax_scale,

@@ -11,8 +11,8 @@ slots, so at most ``min(window, k)`` slots back can hold a visible key, and the 
 compacted space is bounded. Outputs are gathered back to ``(b, t)`` (zeros where not selected). Work
 is O(k * min(window, k)) plus O(t) bookkeeping.
 
-Everything is gathers, scatters and einsums, so JAX differentiates it: gradients reach q, k and v at
-the selected positions and are exactly zero elsewhere.
+Packing and unpacking (``_compaction``) are gathers whose derivatives are the inverse gathers; the rest is
+einsums, so gradients reach q, k and v at the selected positions and are exactly zero elsewhere.
 """
 
 from __future__ import annotations
@@ -20,42 +20,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
+from pallas_kernels._compaction import compact_selection
 from pallas_kernels.selective_attention.reference import limit_selection_impl
-from pallas_kernels.sliding_window_attention.xla import FAR_POSITION, blockwise_local_attention
-
-
-def compact_selection(selected, capacity: int):
-    """Original positions of the selected tokens, packed to the front of a ``(b, k)`` buffer.
-
-    Args:
-      selected: ``(b, t)`` bool with at most ``capacity`` True entries per row (apply
-        ``limit_selection`` first).
-      capacity: ``k``, the buffer length.
-
-    Returns:
-      ``(positions, valid, rank)``: ``positions (b, k)`` int32, the time index of the r-th selected
-      token in slot r and ``FAR_POSITION`` in unused slots; ``valid (b, k)`` bool, slot r is used;
-      ``rank (b, t)`` int32, the slot of each selected token (meaningless where not selected).
-    """
-    b, t = selected.shape
-    rank = jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1
-    # Unselected tokens aim past the end of the buffer and are dropped by the scatter.
-    target = jnp.where(selected, rank, capacity)
-    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
-    times = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-    positions = jnp.full((b, capacity), FAR_POSITION, dtype=jnp.int32)
-    positions = positions.at[rows, target].set(times, mode="drop")
-    count = jnp.sum(selected.astype(jnp.int32), axis=1)
-    valid = jnp.arange(capacity, dtype=jnp.int32)[None, :] < count[:, None]
-    return positions, valid, rank
-
-
-def _gather_time(x, index):
-    """``x[b, index[b, r], ...]`` for ``x (b, t, ...)`` and ``index (b, r)``."""
-    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, index, axis=1)
+from pallas_kernels.sliding_window_attention.xla import blockwise_local_attention
 
 
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "capacity", "block_size"))
@@ -93,23 +61,19 @@ def selective_attention_xla(
     t = q.shape[1]
     cap = t if capacity is None else min(capacity, t)
     sel = limit_selection_impl(selected, cap)
-    positions, valid, rank = compact_selection(sel, cap)
-    # Unused slots read token 0; they are masked as keys (FAR_POSITION) and as queries (valid).
-    index = jnp.where(valid, positions, 0)
-    seg_c = None if segment_ids is None else _gather_time(segment_ids, index)
+    comp = compact_selection(sel, cap)
     span = cap if window is None else min(window, cap)
     out_c = blockwise_local_attention(
-        _gather_time(q, index),
-        _gather_time(k, index),
-        _gather_time(v, index),
+        comp.pack(q),
+        comp.pack(k),
+        comp.pack(v),
         span=span,
         window=window,
         softmax_scale=softmax_scale,
         block_size=block_size,
-        positions=positions,
-        segment_ids=seg_c,
-        query_valid=valid,
+        positions=comp.positions,
+        segment_ids=None if segment_ids is None else comp.pack_ids(segment_ids),
+        query_valid=comp.valid,
     )
-    out = _gather_time(out_c, jnp.clip(rank, 0, cap - 1))
-    out = jnp.where(sel[:, :, None, None], out, 0.0)
+    out = comp.unpack(out_c)
     return out.astype(q.dtype)

@@ -31,8 +31,9 @@ Forward (with ``c == 1`` only step 3 runs, from the initial state):
      state (the last one is the final state). Recomputing costs a second exp per (t, d, n) but only re-reads u and
      delta; correcting local outputs instead needs ``C_t exp(A cumsum(delta)) H`` per (t, d, n), the same exps plus a
      stored ``y`` and a second pass over it, so recompute it is.
-Chunk parallelism is what fills the GPU: ``c`` is chosen so that ``(d / bd) * c * b`` reaches ``min_programs``
-(B4 T4096 D1536: 22 chunks of 188 tokens; B1 T65536 D1536: 88 chunks of 748; B8 T2048 D2048: 9 of 228).
+Chunk parallelism is what fills the GPU: ``c`` is the largest count with ``(d / bd) * c * b <= wave_programs``, the
+one-warp programs that one wave of the forward kernel holds (B4 T4096 D1536: 16 chunks of 256 tokens; B1 T65536
+D1536: 66 chunks of 996; B8 T2048 D2048: 6 of 344).
 
 Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
   1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
@@ -65,8 +66,11 @@ instructions incl. 19 MUFU (exp2/log/rcp) for the forward kernel at ``block_d = 
 warp, 128 registers, unroll 4; unroll 8 needs ~250 registers, halving the resident warps), and about 1050
 instructions incl. 160 shuffles (the dB/dC warp reductions) for the backward kernel at ``bwd_block_d = 32``,
 ``bwd_unroll = 4`` (255 registers, 4 bytes spilled; sub-chunk 8 or 64 channels per warp spill heavily).
-``min_programs = 16 * 132`` gives 16 one-warp programs per H100 SM, what the 128-register forward kernels can keep
-resident. ``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
+``wave_programs = 12 * 132``: XLA's Triton gives the forward kernel 130 registers (Triton 3.6 offline: 128), so an
+H100 SM keeps 12 of its one-warp programs resident, not 16. The earlier rule (at least 16 * 132 programs: 22 chunks,
+2112 programs at B4 T4096 D1536) ran 1.33 waves, its last third on a quarter-full GPU (Nsight Compute); 16 chunks
+in one wave took the whole forward from 1.05 to 0.79 ms (``kernel_breakdown.py --sweep-only``, H100).
+``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class GpuConfig:
       bwd_num_warps: warps per backward program (1 keeps the per-token channel sums inside one warp).
       bwd_unroll: tokens per backward sub-chunk, whose recomputed states live in registers.
       num_stages: Triton software-pipelining depth for every kernel.
-      min_programs: split the time axis into chunks until the grid has at least this many programs.
+      wave_programs: split the time axis into as many chunks as keep the grid within this many programs (one wave
+        of the forward kernel on the target GPU; the default is an H100's 132 SMs x 12 resident programs).
       min_chunk: never make chunks shorter than this many tokens (each chunk adds a state pass and a carry step).
     """
 
@@ -111,7 +116,7 @@ class GpuConfig:
     bwd_num_warps: int = 1
     bwd_unroll: int = 4
     num_stages: int = 1
-    min_programs: int = 16 * 132
+    wave_programs: int = 12 * 132
     min_chunk: int = 64
 
 
@@ -191,7 +196,7 @@ def make_plan(
 
     Args:
       b, t, d, n, g: batch, time, channels, state size, groups of B/C (``d % g == 0``).
-      chunk_size: tokens per chunk, or None to choose from ``config.min_programs``.
+      chunk_size: tokens per chunk, or None to choose from ``config.wave_programs``.
       config: block sizes.
       softplus, has_z, has_keep: static flags of the call.
       interpret: run the kernels in Pallas interpret mode.
@@ -205,7 +210,7 @@ def make_plan(
     dgp = round_up(dg, bd)
     blocks = g * dgp // bd
     if chunk_size is None:
-        chunks = max(1, -(-config.min_programs // (b * blocks)))
+        chunks = max(1, config.wave_programs // (b * blocks))
         step = math.lcm(config.unroll, config.bwd_unroll)
         chunk = round_up(max(-(-t // chunks), config.min_chunk), step)
         chunk = min(chunk, round_up(t, step))

@@ -53,9 +53,13 @@ def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     try:
-        return float(softmax_scale)
+        scale = float(softmax_scale)
     except Exception:  # a traced value cannot become a static float
         raise ValueError(f"{op}: softmax_scale={softmax_scale!r} must be a Python number or None") from None
+    # The kernels keep their running maxima on unscaled scores, which needs a positive scale.
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: softmax_scale={softmax_scale!r} must be a finite number > 0")
+    return scale
 
 
 def sliding_window_attention(

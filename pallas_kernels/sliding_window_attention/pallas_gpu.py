@@ -24,9 +24,9 @@ not TF32). Masked scores are ``-inf`` and the running max starts at a finite ``-
 give zeros, never NaN.
 
 Triton rules kept: every tile is a power of two >= 16 on each dot dimension (the head dim is zero-padded to one),
-loops are ``fori_loop``s, no register tensor is indexed dynamically (only refs are). Default block sizes are
-UNTUNED (FlashAttention-2 Triton tutorial values for head dim 64); ``experiments/kernels/attention.py --sweep``
-times alternatives on a GPU.
+loops are ``fori_loop``s, no register tensor is indexed dynamically (only refs are). Default block sizes: the
+FlashAttention-2 Triton tutorial's for head dim 64, with three pipeline stages (measured, see ``DEFAULT_TILING``);
+``experiments/kernels/attention.py --sweep-only`` times alternatives on a GPU.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ _LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 
-# Untuned: fwd 128x64 and bwd 32x128 / 128x32 tiles with 4 warps are the FlashAttention-2 Triton tutorial's choice
-# for head dim 64 on A100/H100; not yet measured here.
+# fwd 128x64 and bwd 128x32 (dq) / 32x128 (dk/dv) tiles with 4 warps are the FlashAttention-2 Triton tutorial's for
+# head dim 64. Three pipeline stages, measured on the H100 at B2 T32768 H16 E64 window 2048 (``attention.py
+# --sweep-only``): fwd 1.99 / fwd+bwd 6.61 ms against 2.17 / 7.24 with two; 64x64 forward tiles, larger dq / dk/dv
+# tiles, 16-row dk/dv query blocks and 4 stages were no better.
 DEFAULT_TILING = fw.Tiling(
     block_q=128,
     block_k=64,
@@ -56,7 +58,7 @@ DEFAULT_TILING = fw.Tiling(
     block_q_dkv=32,
     block_k_dkv=128,
     num_warps=4,
-    num_stages=2,
+    num_stages=3,
 )
 
 
@@ -103,28 +105,35 @@ def _sliding_window_attention_fwd_kernel(
     q_pos = qpos_ref[...][:, None]
     q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
 
+    c = scale * _LOG2E
+
     def body(j, carry, masked):
+        # The running max m is kept on raw scores (c > 0 preserves the order), so the scale enters only through
+        # one fused multiply-subtract per score, exp2(s * c - m * c), instead of a separate scaled copy of s.
         acc, m, row_sum = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        s = _dot(q, k_ref[ks, :], _NT) * (scale * _LOG2E)
+        s = _dot(q, k_ref[ks, :], _NT)
         if masked:
             k_seg = None if seg_ref is None else seg_ref[ks][None, :]
             s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        m_scaled = m_new * c
+        # (m - m_new) * c, not m * c - m_scaled: from the initial max of -1e30 a fused multiply-add leaves a residue
+        # of ~1e22, whose exp2 is inf (and 0 * inf = NaN in padded rows).
+        alpha = jnp.exp2((m - m_new) * c)
+        p = jnp.exp2(s * c - m_scaled[:, None])
         v = v_ref[ks, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
         return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
 
     bq, e = q.shape
     init = (jnp.zeros((bq, e), jnp.float32), jnp.full((bq,), fw.NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, row_sum = _masked_loops([ranges_ref[i, c] for c in range(4)], body, init)
+    acc, m, row_sum = _masked_loops([ranges_ref[i, col] for col in range(4)], body, init)
     seen = row_sum > 0
     l_safe = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     # +inf for rows with no key: the backward's exp2(S - lse) is then 0, never exp2(-inf + inf).
-    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), jnp.inf)
+    lse_ref[...] = jnp.where(seen, m * c + jnp.log2(l_safe), jnp.inf)
 
 
 def _sliding_window_attention_bwd_dq_kernel(
@@ -218,7 +227,10 @@ def _sliding_window_attention_bwd_dkv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _params(tl: fw.Tiling):
+def _params(tl: fw.Tiling, backward: bool = False):
+    if backward:
+        warps, stages = tl.num_warps_bwd or tl.num_warps, tl.num_stages_bwd or tl.num_stages
+        return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
     return plgpu.CompilerParams(num_warps=tl.num_warps, num_stages=tl.num_stages)
 
 
@@ -291,7 +303,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         + [full_pos] * has_seg,
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(tl),
+        compiler_params=_params(tl, backward=True),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dq",
     )(dq_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)
@@ -318,7 +330,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
         + [full_pos] * has_seg,
         out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(tl),
+        compiler_params=_params(tl, backward=True),
         interpret=pr.interpret,
         name="sliding_window_attention_bwd_dkv",
     )(dkv_ranges, q, k, v, do, lse, delta, q_pos, k_pos, *segs)

@@ -20,11 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._padding import pad_to_multiple
+from pallas_kernels._padding import FAR_POSITION, pad_to_multiple
 
 # Position of padding and empty key slots: later than any real query, so the causal test (d >= 0)
 # hides them.
-FAR_POSITION = 1 << 30
 
 
 def default_block_size(span: int, length: int) -> int:

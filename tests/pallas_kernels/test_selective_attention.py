@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import _flash_window
+from pallas_kernels._compaction import compact_selection
 from pallas_kernels.selective_attention import limit_selection, selective_attention
-from pallas_kernels.selective_attention.xla import compact_selection, selective_attention_xla
+from pallas_kernels.selective_attention.xla import selective_attention_xla
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 from pallas_kernels.testing import TOLERANCES, assert_bf16_rule, assert_rel_close, rel_err
@@ -360,9 +361,9 @@ def test_default_tiles_match_reference(implementation, interpret, t, capacity, w
 def test_compaction_marks_empty_slots_with_the_kernels_key_sentinel():
     """Unused buffer slots carry ``_flash_window.KEY_PAD``: never a visible key, sorted after every position."""
     sel = jnp.asarray([[True, False, True, False, False], [False] * 5])
-    positions, valid, _ = compact_selection(sel, 4)
-    np.testing.assert_array_equal(np.asarray(positions)[0, :2], [0, 2])
-    assert np.all(np.asarray(positions)[~np.asarray(valid)] == _flash_window.KEY_PAD)
+    comp = compact_selection(sel, 4)
+    np.testing.assert_array_equal(np.asarray(comp.positions)[0, :2], [0, 2])
+    assert np.all(np.asarray(comp.positions)[~np.asarray(comp.valid)] == _flash_window.KEY_PAD)
 
 
 def test_pallas_gpu_lowers_to_triton():

@@ -480,12 +480,14 @@ class TestSelectiveScan:
         [(4, 4096, 1536, 1), (8, 2048, 2048, 1), (1, 65536, 1536, 1), (8, 131072, 2048, 1), (2, 100, 12, 4)],
     )
     def test_gpu_plan(self, b, t, d, g):
-        # The chunking fills the GPU, tiles the sequence exactly, and keeps every per-dimension index
-        # the kernels form (chunk start, channel-block start, row, sub-chunk) inside int32.
+        # The chunking fills one wave of the GPU without spilling into a second, tiles the sequence exactly, and
+        # keeps every per-dimension index the kernels form (chunk start, channel-block start, row, sub-chunk)
+        # inside int32.
         config = scan_gpu.DEFAULT_CONFIG
         plan = scan_gpu.make_plan(b, t, d, 16, g)
-        blocks = plan.dp // plan.bd
-        assert blocks * plan.chunks * b >= config.min_programs or plan.chunk <= config.min_chunk + 8
+        programs = plan.dp // plan.bd * plan.chunks * b
+        assert programs <= config.wave_programs or plan.chunks == 1
+        assert programs > config.wave_programs // 2 or plan.chunk <= config.min_chunk + 8 or plan.chunks == 1
         assert (plan.chunks - 1) * plan.chunk < t <= plan.chunks * plan.chunk
         assert plan.chunk % plan.unroll == 0 and plan.chunk % plan.bwd_unroll == 0
         assert plan.bd & (plan.bd - 1) == 0 and plan.npow == 16

@@ -350,6 +350,8 @@ BAD = [
     ),
     (dict(interpret="yes"), ValueError, r"interpret='yes' must be a bool \(or a pltpu.InterpretParams\)"),
     (dict(interpret=1), ValueError, r"interpret=1 must be a bool"),
+    (dict(softmax_scale=-0.5), ValueError, r"softmax_scale=-0.5 must be a finite number > 0"),
+    (dict(softmax_scale=float("nan")), ValueError, r"softmax_scale=nan must be a finite number > 0"),
 ]
 
 
