@@ -415,16 +415,12 @@ def tiling_sweep(cfg: Config) -> list[dict]:
     base = DEFAULT_TILING
     candidates = [
         base,
-        dataclasses.replace(base, num_stages=3),
-        dataclasses.replace(base, num_stages=3, num_stages_bwd=2),
-        dataclasses.replace(base, num_stages=4, num_stages_bwd=2),
+        dataclasses.replace(base, num_stages=2),
+        # Two warpgroups sharing each K/V tile (one 8-warp program per SM at ~220 registers, as 2 x 4 warps now).
+        dataclasses.replace(base, block_q=256, num_warps=8, num_warps_bwd=4),
+        dataclasses.replace(base, block_q=256, block_k=32, num_warps=8, num_warps_bwd=4),
         dataclasses.replace(base, block_q=64, block_k=64),
-        dataclasses.replace(base, block_q=64, block_k=128),
-        dataclasses.replace(base, block_k=128, num_stages=3, num_stages_bwd=2),
-        dataclasses.replace(base, block_q_dkv=16, block_k_dkv=128),
-        dataclasses.replace(base, block_q_dkv=32, block_k_dkv=64),
-        dataclasses.replace(base, block_q_dq=64, block_k_dq=32),
-        dataclasses.replace(base, block_q_dq=128, block_k_dq=64),
+        dataclasses.replace(base, num_stages=4, num_stages_bwd=3),
     ]
     sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
     out = []

@@ -47,8 +47,9 @@ Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy
      (through softplus and the bias), dz and per-program partial sums of dA, dD, d(bias); dB and dC (sums over
      channels: ``2n`` warp reductions per token) leave each program as one ``(n,)`` partial row per token, summed over
      channel blocks by XLA. The adjoint left at a chunk's start is d(initial_state) for chunk 0. The scratch holds
-     ``n / bwd_unroll`` float32 values per (b, t, d) element, 16 bytes at N16 and sub-chunk 4 (8x a bf16 input, 1/4 of
-     a float32 ``(b, t, d, n)``): 0.4 GB written and read once at B4 T4096 D1536.
+     ``n / bwd_unroll`` float32 values per (b, t, d) element: with the default sub-chunk of 2, 32 bytes at N16 (16x a
+     bf16 input, half of a float32 ``(b, t, d, n)``): 0.8 GB written and read once at B4 T4096 D1536, freed when the
+     kernel's outputs are consumed. ``bwd_unroll = 4`` halves it for 1.35x the backward time (below).
 
 What stays float32: the state, the adjoint, every exp/softplus/sigmoid, all accumulations and partial sums, B and C,
 whatever the input dtype (bf16 rows are converted on load and results cast on store): a bf16 state would lose the
@@ -60,12 +61,15 @@ forms block offsets per dimension from grid indices (int32, each far below 2**31
 an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the tests lower the kernels at B16 T131072
 D2048 N16 and check the 64-bit offsets).
 
-Default block sizes are UNTUNED (no GPU timing yet); chosen from the compiled code: Triton 3.6 / ptxas for sm_90a
+Default block sizes, first chosen from the compiled code, then measured: Triton 3.6 / ptxas for sm_90a
 (lowered here from abstract shapes, B4 T4096 D1536 N16 bf16) gives, per 32 channels and token, about 205
 instructions incl. 19 MUFU (exp2/log/rcp) for the forward kernel at ``block_d = 64`` (two channels per thread, one
 warp, 128 registers, unroll 4; unroll 8 needs ~250 registers, halving the resident warps), and about 1050
 instructions incl. 160 shuffles (the dB/dC warp reductions) for the backward kernel at ``bwd_block_d = 32``,
-``bwd_unroll = 4`` (255 registers, 4 bytes spilled; sub-chunk 8 or 64 channels per warp spill heavily).
+``bwd_unroll = 4`` (255 registers, 4 bytes spilled; sub-chunk 8 or 64 channels per warp spill heavily). On the H100
+XLA's own Triton spills far more there (Nsight Compute: 47.6 M local-memory requests, 2.83 ms for the backward kernel
+alone), and a sub-chunk of 2 took the whole fwd+bwd from 4.11 to 3.03 ms (same run, ``kernel_breakdown.py
+--sweep-only``), so ``bwd_unroll = 2`` is the default.
 ``wave_programs = 12 * 132``: XLA's Triton gives the forward kernel 130 registers (Triton 3.6 offline: 128), so an
 H100 SM keeps 12 of its one-warp programs resident, not 16. The earlier rule (at least 16 * 132 programs: 22 chunks,
 2112 programs at B4 T4096 D1536) ran 1.33 waves, its last third on a quarter-full GPU (Nsight Compute); 16 chunks
@@ -94,7 +98,7 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-    """Block sizes of the GPU kernels (all UNTUNED defaults, see the module docstring).
+    """Block sizes of the GPU kernels (measured choices on an H100, see the module docstring).
 
     Attributes:
       block_d: channels per program in the forward kernels and the backward's adjoint pre-pass (a power of two).
@@ -114,7 +118,7 @@ class GpuConfig:
     unroll: int = 4
     bwd_block_d: int = 32
     bwd_num_warps: int = 1
-    bwd_unroll: int = 4
+    bwd_unroll: int = 2
     num_stages: int = 1
     wave_programs: int = 12 * 132
     min_chunk: int = 64
