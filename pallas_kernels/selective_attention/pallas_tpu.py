@@ -1,23 +1,13 @@
 """Selective attention on TPUs with the Mosaic flash kernels (Taipan SAL, arXiv:2410.18572).
 
-The selected tokens of each row are compacted in XLA (``compact_selection``: a cumsum and a scatter, in time order)
-into a ``(b, k)`` buffer together with their ORIGINAL positions; the sliding-window flash kernels of
-``sliding_window_attention.pallas_tpu`` then run on that buffer with the window evaluated on those positions
-(``_flash_window.compacted_window_attention``). Positions are sorted, so each query block visits only the key
-blocks found by binary search: work O(k * min(window, k)) for capacity k, independent of t. The gathers into and
-out of the buffer stay in XLA, so autodiff routes gradients to q, k and v at the selected tokens (exact zeros
-elsewhere); the layer's gate ``m * alpha`` multiplies the output outside this op.
+Compaction of the selected tokens and the windowed flash attention over them: ``selective_attention.flash``; the
+kernels: ``sliding_window_attention.pallas_tpu``.
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
-
 from pallas_kernels import _flash_window as fw
-from pallas_kernels._compaction import compact_selection
-from pallas_kernels.selective_attention.reference import limit_selection_impl
+from pallas_kernels.selective_attention.flash import compacted_flash_attention
 from pallas_kernels.sliding_window_attention import pallas_tpu as swa
 
 
@@ -57,7 +47,7 @@ def selective_attention_pallas_tpu(
     t = q.shape[1]
     cap = t if capacity is None else min(capacity, t)
     # Windows >= t and capacities >= t change nothing: one compiled program for each of them.
-    return _selective_attention_pallas_tpu(
+    return compacted_flash_attention(
         q,
         k,
         v,
@@ -66,25 +56,7 @@ def selective_attention_pallas_tpu(
         window=t if window is None else min(window, t),
         softmax_scale=softmax_scale,
         capacity=cap,
+        backend=swa.BACKEND,
         tiling=swa.tiling_for(cap, block_size, tiling, interpret=bool(interpret)),
         interpret=swa.interpret_params(interpret),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "capacity", "tiling", "interpret"))
-def _selective_attention_pallas_tpu(
-    q, k, v, selected, segment_ids, *, window, softmax_scale, capacity, tiling, interpret
-):
-    sel = limit_selection_impl(selected, capacity)
-    return fw.compacted_window_attention(
-        q,
-        k,
-        v,
-        compact_selection(sel, capacity),
-        segment_ids,
-        window=window,
-        scale=softmax_scale,
-        tiling=tiling,
-        backend=swa.BACKEND,
-        interpret=interpret,
     )
