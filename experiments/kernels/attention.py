@@ -55,6 +55,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    sweep_candidates,
     timing_cells,
     timings_text,
     vjp_errors,
@@ -407,13 +408,11 @@ def plot(report, cfg: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
-def tiling_sweep(cfg: Config) -> list[dict]:
-    """Alternative Triton tilings for sliding-window attention at T = ``sel_length`` (kernel tuning aid)."""
-    from pallas_kernels.sliding_window_attention.pallas_gpu import DEFAULT_TILING
+def sweep_tilings() -> list:
+    """The default Triton tiling, then the alternatives a tuning sweep times (also ``kernel_breakdown.py``'s)."""
+    from pallas_kernels.sliding_window_attention.pallas_gpu import DEFAULT_TILING as base
 
-    t = cfg.sel_length
-    base = DEFAULT_TILING
-    candidates = [
+    return sweep_candidates(
         base,
         dataclasses.replace(base, num_stages=2),
         # Two warpgroups sharing each K/V tile (one 8-warp program per SM at ~220 registers, as 2 x 4 warps now).
@@ -421,7 +420,15 @@ def tiling_sweep(cfg: Config) -> list[dict]:
         dataclasses.replace(base, block_q=256, block_k=32, num_warps=8, num_warps_bwd=4),
         dataclasses.replace(base, block_q=64, block_k=64),
         dataclasses.replace(base, num_stages=4, num_stages_bwd=3),
-    ]
+        dataclasses.replace(base, block_q_dkv=64, block_k_dkv=64),
+        dataclasses.replace(base, block_q_dq=64, block_k_dq=64),
+    )
+
+
+def tiling_sweep(cfg: Config) -> list[dict]:
+    """Alternative Triton tilings for sliding-window attention at T = ``sel_length`` (kernel tuning aid)."""
+    t = cfg.sel_length
+    candidates = sweep_tilings()
     sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
     out = []
     for tl in candidates:

@@ -232,6 +232,16 @@ def timings_text(row: dict) -> str:
     return f"fwd {cell('fwd')}   fwd+bwd {cell('fwdbwd')}{mem}"
 
 
+def sweep_candidates(base, *alternatives) -> list:
+    """``[base, *alternatives]`` without the alternatives that equal ``base`` or an earlier one (defaults move on as
+    sweeps are adopted; a stale alternative would time the default twice)."""
+    out = [base]
+    for alt in alternatives:
+        if alt not in out:
+            out.append(alt)
+    return out
+
+
 def print_sweep_row(label, row: dict) -> None:
     print(f"sweep {label}: fwd {fmt(row['fwd_ms'])} fwd+bwd {fmt(row['fwdbwd_ms'])}", flush=True)
 

@@ -82,7 +82,7 @@ def only_kernels(module, keep):
 def ssd_case(smoke: bool):
     import ssm_ssd
 
-    from pallas_kernels.ssd import block_sizes, pallas_gpu
+    from pallas_kernels.ssd import pallas_gpu
 
     cfg = ssm_ssd.smoke_config() if smoke else ssm_ssd.Config()
     case = cfg.cases[0]  # the target shape (B8 T4096 H24 P64 N128 G1 bf16)
@@ -94,20 +94,7 @@ def ssd_case(smoke: bool):
     def make(tiling):
         return ssm_ssd.tiling_fn(tiling, cfg)
 
-    base = block_sizes.DEFAULT_GPU
-    sweep = [
-        dataclasses.replace(base, heads_per_program=2),
-        dataclasses.replace(base, heads_per_program=4, num_warps_bwd=8),
-        dataclasses.replace(base, num_warps_bwd=2),
-        dataclasses.replace(base, num_warps_bwd=8),
-        dataclasses.replace(base, num_stages=3),
-        dataclasses.replace(base, num_stages=1),
-        dataclasses.replace(base, num_warps=8),
-        dataclasses.replace(base, block=128, num_warps=8, num_warps_bwd=8),
-        dataclasses.replace(base, state_block_p=64, state_block_n=64),
-        dataclasses.replace(base, state_block_p=64, state_block_n=128, num_warps_state=8),
-        dataclasses.replace(base, state_block_p=16, state_block_n=128),
-    ]
+    base, *sweep = ssm_ssd.sweep_tilings()
     kernels = ["ssd_state_fwd", "ssd_fwd", "ssd_state_bwd", "ssd_bwd_dx", "ssd_bwd_dc"]
     label = f"{case.label} chunk {cfg.chunk}"
     return pallas_gpu, kernels, make, base, sweep, inputs, label
@@ -129,14 +116,7 @@ def selective_scan_case(smoke: bool):
     def make(config):
         return ssm_selective_scan.config_fn(config, cfg)
 
-    base = pallas_gpu.DEFAULT_CONFIG
-    sweep = [
-        dataclasses.replace(base, wave_programs=16 * 132),  # the rule before the ncu finding (22 chunks)
-        dataclasses.replace(base, bwd_unroll=2),
-        dataclasses.replace(base, bwd_block_d=64, bwd_num_warps=2),
-        dataclasses.replace(base, num_stages=2),
-        dataclasses.replace(base, block_d=32, wave_programs=24 * 132),
-    ]
+    base, *sweep = ssm_selective_scan.sweep_configs()
     kernels = [
         "selective_scan_chunk_state",
         "selective_scan_chunk_carry",
@@ -163,16 +143,7 @@ def swa_case(smoke: bool):
     def make(tiling):
         return attention.swa_tiling_fn(tiling, cfg)
 
-    base = pallas_gpu.DEFAULT_TILING
-    sweep = [
-        dataclasses.replace(base, block_k=128),
-        dataclasses.replace(base, num_warps=8, block_k=128),
-        dataclasses.replace(base, num_stages=3),
-        dataclasses.replace(base, num_stages=3, block_k=128),
-        dataclasses.replace(base, block_q_dq=64, block_k_dq=64),
-        dataclasses.replace(base, block_q_dkv=64, block_k_dkv=64),
-        dataclasses.replace(base, block_q_dkv=64, block_k_dkv=128, num_warps=8),
-    ]
+    base, *sweep = attention.sweep_tilings()
     kernels = ["sliding_window_attention_fwd", "sliding_window_attention_bwd_dq", "sliding_window_attention_bwd_dkv"]
     label = f"B{b} T{t} H{h} E{e} window {w} bf16"
     return pallas_gpu, kernels, make, base, sweep, inputs, label

@@ -17,7 +17,7 @@ decays once forward, once backward). If ``import mamba_ssm`` works, its ``select
 shapes in the same run (``torch.cuda.synchronize`` around each call).
 
     python experiments/kernels/ssm_selective_scan.py --out DIR          # on a GPU, < 8 min on an H100
-    python experiments/kernels/ssm_selective_scan.py --out DIR --sweep  # plus 8 GpuConfigs at B4 T4096 (~5 min)
+    python experiments/kernels/ssm_selective_scan.py --out DIR --sweep  # plus other GpuConfigs at B4 T4096 (~5 min)
     python experiments/kernels/ssm_selective_scan.py --out DIR --smoke  # tiny sizes, Pallas interpret mode, CPU
 
 Writes DIR/ssm_selective_scan.json and DIR/ssm_selective_scan.png and prints the tables.
@@ -56,6 +56,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    sweep_candidates,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -382,20 +383,26 @@ def plot(report, cfg: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
+def sweep_configs() -> list:
+    """The default GpuConfig, then the alternatives a tuning sweep times (also ``kernel_breakdown.py``'s)."""
+    from pallas_kernels.selective_scan.pallas_gpu import DEFAULT_CONFIG as base
+
+    return sweep_candidates(
+        base,
+        dataclasses.replace(base, block_d=32, wave_programs=24 * 132),  # one channel per thread, twice the programs
+        dataclasses.replace(base, block_d=128, num_warps=2),  # two channels per thread, two warps
+        dataclasses.replace(base, unroll=8),  # more loads in flight per warp, ~250 registers
+        dataclasses.replace(base, num_stages=2),
+        dataclasses.replace(base, bwd_unroll=4),  # half the backward scratch, more registers (spills on the H100)
+        dataclasses.replace(base, bwd_block_d=64, bwd_num_warps=2),
+        dataclasses.replace(base, wave_programs=16 * 132),  # the chunking rule before the ncu finding (1.33 waves)
+        dataclasses.replace(base, wave_programs=8 * 132),
+    )
+
+
 def config_sweep(cfg: Config) -> list[dict]:
     """Alternative block sizes for pallas_gpu at the first named shape (tuning aid; defaults first)."""
-    from pallas_kernels.selective_scan.pallas_gpu import DEFAULT_CONFIG, GpuConfig
-
-    candidates = [
-        DEFAULT_CONFIG,  # forward: 64 channels per one-warp program; backward: 32, sub-chunk 4
-        GpuConfig(block_d=32),  # one channel per thread forward, twice the programs
-        GpuConfig(block_d=128, num_warps=2),  # two channels per thread, two warps
-        GpuConfig(unroll=8),  # more loads in flight per warp, ~250 registers: half the resident warps
-        GpuConfig(num_stages=2),
-        GpuConfig(bwd_unroll=2),  # fewer registers, twice the backward scratch traffic
-        GpuConfig(wave_programs=8 * 132),
-        GpuConfig(wave_programs=16 * 132),
-    ]
+    candidates = sweep_configs()
     b, t, d = cfg.cases[0]
     sets = [make_inputs(jax.random.key(30 + i), b, t, d, cfg.n) for i in range(cfg.input_sets)]
     out = []

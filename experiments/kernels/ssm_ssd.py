@@ -63,6 +63,7 @@ from bench_common import (  # noqa: E402
     rel_err,
     run_meta,
     save_figure,
+    sweep_candidates,
     timing_cells,
     timings_text,
     torch_time_ms,
@@ -430,21 +431,28 @@ def plot(report, cfg: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
-def tiling_sweep(cfg: Config) -> list[dict]:
-    """Alternative tiles for pallas_gpu at the first case (a tuning aid; the defaults first)."""
+def sweep_tilings() -> list:
+    """The default GpuTiling, then the alternatives a tuning sweep times (also ``kernel_breakdown.py``'s)."""
     base = block_sizes.DEFAULT_GPU
-    candidates = [
+    return sweep_candidates(
         base,
         dataclasses.replace(base, block=32),
-        dataclasses.replace(base, block=128, num_warps=8),
+        dataclasses.replace(base, block=128, num_warps=8, num_warps_bwd=8),
         dataclasses.replace(base, num_warps=8),
-        dataclasses.replace(base, num_warps_bwd=4),
-        dataclasses.replace(base, heads_per_program=1),
-        dataclasses.replace(base, heads_per_program=8),
+        dataclasses.replace(base, num_warps_bwd=2),  # a cliff in session 2 (52 ms: dC spills)
+        dataclasses.replace(base, num_warps_bwd=8),
+        dataclasses.replace(base, heads_per_program=2),
+        dataclasses.replace(base, heads_per_program=4, num_warps_bwd=8),
         dataclasses.replace(base, state_block_p=64, state_block_n=128, num_warps_state=8),
-        dataclasses.replace(base, state_block_p=16, state_block_n=64),
+        dataclasses.replace(base, state_block_p=16, state_block_n=128),
         dataclasses.replace(base, num_stages=3),
-    ]
+        dataclasses.replace(base, num_stages=1),
+    )
+
+
+def tiling_sweep(cfg: Config) -> list[dict]:
+    """Alternative tiles for pallas_gpu at the first case (a tuning aid; the defaults first)."""
+    candidates = sweep_tilings()
     case = cfg.cases[0]
     sets = [make_inputs(jax.random.key(30 + i), case) for i in range(cfg.input_sets)]
     out = []

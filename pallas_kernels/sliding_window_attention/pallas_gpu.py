@@ -228,10 +228,10 @@ def _sliding_window_attention_bwd_dkv_kernel(
 
 
 def _params(tl: fw.Tiling, backward: bool = False):
-    if backward:
-        warps, stages = tl.num_warps_bwd or tl.num_warps, tl.num_stages_bwd or tl.num_stages
-        return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
-    return plgpu.CompilerParams(num_warps=tl.num_warps, num_stages=tl.num_stages)
+    warps, stages = tl.num_warps, tl.num_stages
+    if backward:  # the dq and dk/dv kernels' own knobs, when set
+        warps, stages = tl.num_warps_bwd or warps, tl.num_stages_bwd or stages
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
