@@ -672,6 +672,46 @@ class TestSelectiveScan:
         assert "\n" not in str(info.value) and str(info.value).startswith("selective_scan_step: ")
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_fast_math_matches_float64(compiled):
+    # The GPU kernels' softplus (ex2.approx + a log1p polynomial) and sigmoid, run inside a Pallas
+    # kernel (interpret mode, or compiled by Triton on a GPU), against float64, elementwise over the
+    # range step sizes and gates take: the polynomial's end points (x = 0: e = 1; large |x|: e -> 0)
+    # and values whose softplus is below 1e-30. Bound: 2 ulp of ex2.approx and the polynomial, plus
+    # the rounding of the argument x * log2(e), a relative error of up to |x| * 2**-24 in exp(x).
+    from jax.experimental import pallas as pl
+
+    x = np.concatenate(
+        [np.linspace(-40.0, 40.0, 204790), [0.0, -0.0, 1e-30, -1e-30, -80.0, -87.0, 88.0, 1e4, -1e4, 3.0]]
+    ).astype(np.float32)
+    block = 1024
+
+    def apply(fn):
+        def kernel(x_ref, o_ref):
+            o_ref[...] = fn(x_ref[...])
+
+        call = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            grid=(x.size // block,),
+            in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
+            out_specs=pl.BlockSpec((block,), lambda i: (i,)),
+            interpret=not compiled,
+        )
+        return np.asarray(jax.jit(call)(jnp.asarray(x)), np.float64)
+
+    x64 = x.astype(np.float64)
+    tol = 4e-7 + np.abs(x64) * 2.0**-24
+    for name, fn, want in (
+        ("softplus", scan_gpu._softplus, np.log1p(np.exp(-np.abs(x64))) + np.maximum(x64, 0.0)),
+        ("sigmoid", scan_gpu._sigmoid, 1.0 / (1.0 + np.exp(-x64))),
+    ):
+        got = apply(fn)
+        # Below float32's normal range the GPU flushes to zero (ftz): allow an absolute 1.2e-38.
+        bad = np.abs(got - want) > tol * want + 1.2e-38
+        assert not bad.any(), (name, x[bad][:5], got[bad][:5], want[bad][:5])
+
+
 def _lower_gpu_kernels(b: int, t: int, d: int, n: int) -> dict[str, str]:
     """Triton IR text of every pallas_call in the forward and backward of the GPU path, lowered for
     CUDA from abstract shapes (no GPU, no memory)."""
