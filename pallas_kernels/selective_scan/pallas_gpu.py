@@ -56,6 +56,14 @@ whatever the input dtype (bf16 rows are converted on load and results cast on st
 relative accuracy of a long product of decays, and bf16 sums of thousands of terms lose 1e-2. ``exp(delta A)`` is
 ``exp2(delta log2(e) A)``, the ``log2(e)`` folded into the per-channel step size.
 
+Arithmetic (``_Math``): compiled kernels use inline PTX ``fma.rn.f32`` and ``ex2.approx.ftz.f32``, because XLA's
+Triton pipeline emits neither (no FFMA at all, and a range-fixed ``ex2``: 10 instructions per state element where 5
+do); softplus is ``ex2`` plus a degree-8 polynomial for ``log1p`` instead of libdevice's ``expf`` / ``log1pf`` (~45
+instructions per channel and token). Measured on the H100 (profiler trace, B4 T4096 D1536, same run): chunk_state
+200 -> 154 us, chunk_adjoint 216 -> 183 us; the forward kernel only 376 -> 362 us, as it waits on memory (Nsight
+Compute PC sampling: 45% long-scoreboard stalls on the u / delta / z rows and the B / C scalars), which
+``_run_forward`` now fetches one unrolled block ahead.
+
 Index arithmetic: kernels index refs only per dimension (row < l, state < n, sub-chunk < l / bwd_unroll); Pallas
 forms block offsets per dimension from grid indices (int32, each far below 2**31) and flat offsets in 64 bits whenever
 an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the tests lower the kernels at B16 T131072
@@ -252,7 +260,7 @@ def make_plan(
 
 # log1p(e) / e for e in [0, 1] as a degree-8 polynomial in e (Chebyshev least-squares fit of the float64 function,
 # rounded to float32; max relative error of e * p(e) against log1p(e) evaluated by float32 Horner: 1.9e-7, i.e.
-# about 2 ulp; tests/pallas_kernels/test_selective_scan.py::test_fast_math_matches_jax checks it).
+# about 2 ulp; tests/pallas_kernels/test_selective_scan.py::test_fast_math_matches_float64 checks it).
 _LOG1P_OVER_X = (
     1.0,
     -0.49999502301216125,
@@ -266,60 +274,111 @@ _LOG1P_OVER_X = (
 )
 
 
-def _exp(x):
-    """``exp(x)`` as one multiply and the hardware ``ex2.approx`` (libdevice ``expf`` is ~9 instructions)."""
-    return jnp.exp2(x * _LOG2E)
+class _Math:
+    """The kernels' float32 elementwise math: inline PTX when compiled, plain jnp in interpret mode.
 
-
-def _softplus(x):
-    """``max(x, 0) + log1p(exp(-|x|))`` in ~12 instructions with one MUFU op.
-
-    Triton lowers ``jnp.log1p`` and ``jnp.exp`` to libdevice's accurate ``log1pf`` / ``expf``: ~45 instructions per
-    channel and token, which the SASS of the forward kernels showed to be a third of their issue slots. Here the
-    exponential is ``ex2.approx`` and ``log1p`` on ``[0, 1]`` a polynomial, both within ~2e-7 relative. ``exp(-|x|)``
-    cannot overflow; for very negative x it flushes to zero (GPU) where the true value is below 1e-38.
+    Why PTX: XLA's Triton pipeline neither contracts ``a * b + c`` into one FFMA nor uses the flush-to-zero
+    ``ex2``. Nsight Compute's per-instruction counts of the compiled forward kernels showed no FFMA at all and every
+    ``exp2`` as FSETP + MUFU + two predicated FMULs (range fix-ups for denormal results): 10 instructions per state
+    element where 5 do (the offline Triton 3.6 pipeline emits the 5). ``fma`` and ``exp2`` here are single PTX
+    instructions (``fma.rn.f32``, ``ex2.approx.ftz.f32``: 2 ulp, results below 2**-126 flush to zero, where a decay
+    or a softplus tail is 0 to float32 accuracy anyway). Interpret mode runs the same formulas with jnp, so the CPU
+    tests check the algebra and the compiled GPU tests the instructions.
     """
-    e = _exp(-jnp.abs(x))
-    acc = jnp.float32(_LOG1P_OVER_X[-1])
-    for coeff in reversed(_LOG1P_OVER_X[:-1]):
-        acc = acc * e + coeff
-    return jnp.maximum(x, 0.0) + e * acc
 
+    def __init__(self, ptx: bool):
+        self.ptx = ptx
 
-def _sigmoid(x):
-    # 1 / (1 + inf) = 0 for very negative x; Triton's f32 division is div.full (MUFU rcp plus a few FMAs).
-    return 1.0 / (1.0 + _exp(-x))
+    def _asm(self, op: str, *args):
+        shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+        args = [jnp.broadcast_to(jnp.asarray(a, _F32), shape) for a in args]
+        operands = ", ".join(f"${k}" for k in range(len(args) + 1))
+        (out,) = plgpu.elementwise_inline_asm(
+            f"{op} {operands};",
+            args=args,
+            constraints=",".join(["=f"] + ["f"] * len(args)),
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)],
+        )
+        return out
+
+    def fma(self, a, b, c):
+        """``a * b + c``, rounded once."""
+        if not self.ptx or not jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c)):
+            return a * b + c
+        return self._asm("fma.rn.f32", a, b, c)
+
+    def exp2(self, x):
+        if not self.ptx or not jnp.shape(x):
+            return jnp.exp2(x)
+        return self._asm("ex2.approx.ftz.f32", x)
+
+    def exp(self, x):
+        """``exp(x)`` as one multiply and the hardware ``ex2`` (libdevice ``expf`` is ~9 instructions)."""
+        return self.exp2(x * _LOG2E)
+
+    def softplus(self, x):
+        """``max(x, 0) + log1p(exp(-|x|))`` in ~12 instructions with one MUFU op.
+
+        Triton lowers ``jnp.log1p`` and ``jnp.exp`` to libdevice's accurate ``log1pf`` / ``expf``: ~45 instructions
+        per channel and token, a third of the forward kernels' SASS. Here the exponential is ``ex2.approx`` and
+        ``log1p`` on ``[0, 1]`` a polynomial, both within ~2e-7 relative. ``exp(-|x|)`` cannot overflow; for very
+        negative x it flushes to zero where the true value is below 1e-38.
+        """
+        e = self.exp(-jnp.abs(x))
+        acc = jnp.full(jnp.shape(x), _LOG1P_OVER_X[-1], _F32)
+        for coeff in reversed(_LOG1P_OVER_X[:-1]):
+            acc = self.fma(acc, e, coeff)
+        return self.fma(e, acc, jnp.maximum(x, 0.0))
+
+    def sigmoid(self, x):
+        # 1 / (1 + inf) = 0 for very negative x; Triton's f32 division is div.full (MUFU rcp plus a few FMAs).
+        return 1.0 / (1.0 + self.exp(-x))
+
+    def decay(self, dt2, a_row, keep):
+        """``keep * exp(dt * A_n)`` for one state index, from ``dt2 = dt * log2 e``."""
+        a = self.exp2(dt2 * a_row)
+        return a if keep is None else a * keep
 
 
 class _Rows:
-    """Per-token loads of one program: rows of ``(l, bd)`` blocks and scalars of ``(l, n)`` blocks, as float32."""
+    """Per-token loads of one program, in two steps so that a token's memory traffic can start a block early.
 
-    def __init__(self, plan: _Plan, bias, u_ref=None, dl_ref=None, z_ref=None, b_ref=None, c_ref=None, keep_ref=None):
-        self.plan, self.bias = plan, bias
-        self.u_ref, self.dl_ref, self.z_ref = u_ref, dl_ref, z_ref
-        self.b_ref, self.c_ref, self.keep_ref = b_ref, c_ref, keep_ref
+    ``fetch(i)`` issues the loads of token ``i`` that stream from HBM, whole rows of the ``(l, bd)`` inputs named in
+    ``vectors`` (u, delta, z, dy: each token is a new 128-byte line), and its reset flag, and returns them raw. The
+    accessors take that bundle: ``row`` and ``delta`` convert to float32; ``scalars`` loads a token's row of B or C
+    as ``n`` uniform scalar loads (L1 / L2 hits: a chunk's B and C are shared by every channel block). Fetching
+    the B / C rows ahead too (one load per 32-byte sector) took the forward kernel from 128 to 255 registers
+    offline, for no gain on the H100.
+    """
+
+    def __init__(self, plan: _Plan, bias, refs: dict, vectors=()):
+        self.plan, self.bias, self.refs = plan, bias, refs
+        self.math = _Math(ptx=not plan.interpret)
+        self.vectors = tuple(vectors)
+
+    def fetch(self, i) -> dict:
+        f = {name: self.refs[name][i, :] for name in self.vectors}
+        if self.plan.has_keep:
+            f["keep"] = self.refs["keep"][i]
+        return f
 
     @staticmethod
-    def row(ref, i):
-        return ref[i, :].astype(_F32)
+    def row(f, name):
+        return f[name].astype(_F32)
 
-    def delta(self, i):
+    def delta(self, f):
         """``(dt, dt * log2 e, pre)``: the step size, its exp2 scale and the pre-softplus value."""
-        pre = self.row(self.dl_ref, i) + self.bias
-        dt = _softplus(pre) if self.plan.softplus else pre
+        pre = self.row(f, "dl") + self.bias
+        dt = self.math.softplus(pre) if self.plan.softplus else pre
         return dt, dt * _LOG2E, pre
 
-    def scalars(self, ref, i):
-        return [ref[i, k].astype(_F32) for k in range(self.plan.n)]
+    def scalars(self, name, i):
+        return [self.refs[name][i, k].astype(_F32) for k in range(self.plan.n)]
 
-    def keep(self, i):
-        return self.keep_ref[i] if self.plan.has_keep else None
-
-
-def _decay(dt2, a_row, keep):
-    """``keep * exp(dt * A_n)`` for one state index, from ``dt2 = dt * log2 e``."""
-    a = jnp.exp2(dt2 * a_row)
-    return a if keep is None else a * keep
+    @staticmethod
+    def keep(f):
+        return f.get("keep")
 
 
 def _tail_range(plan: _Plan, n_valid, unroll: int):
@@ -339,49 +398,66 @@ def _flush(stores):
         ref[i, :] = value.astype(ref.dtype)
 
 
-def _run_forward(plan: _Plan, n_valid, step, carry):
-    """Runs ``carry, stores = step(i, carry)`` for ``i`` in ``[0, n_valid)``: unrolled blocks, then a one-token tail.
+def _run_forward(plan: _Plan, n_valid, fetch, step, carry):
+    """Runs ``carry, stores = step(i, fetch(i), carry)`` for ``i`` in ``[0, n_valid)``: unrolled blocks, then a
+    one-token tail.
 
-    ``stores`` are ``(ref, row, value)`` triples, written at the end of each unrolled block: no store sits between
-    the loads of consecutive tokens, so the compiler may issue a whole block's loads early (it must assume a store
-    can alias any later load).
+    Each block first fetches the next block's tokens (carried to the next iteration; the last block re-fetches its
+    own last token), then computes its own: a token's loads are issued a whole block of arithmetic before they are
+    needed, which hides the HBM latency of the streamed rows (Nsight Compute: L1TEX waits were half of all stalls
+    when each block loaded its own rows). ``stores`` are ``(ref, row, value)`` triples, written at the end of each
+    block: no store sits between the loads, so the compiler may issue them early (a store can alias any later load).
     """
     u = plan.unroll
     full, rest = _tail_range(plan, n_valid, u)
+    last = n_valid - 1
 
-    def block(k, carry):
+    def fetch_block(k):
+        return [fetch(jnp.minimum(k * u + j, last)) for j in range(u)]
+
+    def block(k, state):
+        carry, pending = state
+        ahead = fetch_block(k + 1)
         stores = []
         for j in range(u):
-            carry, out = step(k * u + j, carry)
+            carry, out = step(k * u + j, pending[j], carry)
             stores += out
         _flush(stores)
-        return carry
+        return carry, ahead
 
     def one(j, carry):
-        carry, out = step(full * u + j, carry)
+        i = full * u + j
+        carry, out = step(i, fetch(i), carry)
         _flush(out)
         return carry
 
-    carry = lax.fori_loop(0, full, block, carry)
+    carry, _ = lax.fori_loop(0, full, block, (carry, fetch_block(0)))
     if plan.tail:
         carry = lax.fori_loop(0, rest, one, carry)
     return carry
 
 
-def _run_backward(plan: _Plan, n_valid, step, carry):
-    """Runs ``carry = step(i, carry)`` for ``i`` from ``n_valid - 1`` down to 0 (tail first, then unrolled blocks)."""
+def _run_backward(plan: _Plan, n_valid, fetch, step, carry):
+    """Runs ``carry = step(i, fetch(i), carry)`` for ``i`` from ``n_valid - 1`` down to 0 (tail first, then unrolled
+    blocks, each fetching the block before it as in ``_run_forward``)."""
     u = plan.unroll
     full, rest = _tail_range(plan, n_valid, u)
     if plan.tail:
-        carry = lax.fori_loop(0, rest, lambda j, cr: step(n_valid - 1 - j, cr), carry)
+        carry = lax.fori_loop(0, rest, lambda j, cr: step(n_valid - 1 - j, fetch(n_valid - 1 - j), cr), carry)
 
-    def block(k, carry):
+    def fetch_block(k):  # block k counts from the end: tokens (full - 1 - k) * u + j
+        return [fetch(jnp.maximum((full - 1 - k) * u + j, 0)) for j in range(u)]
+
+    def block(k, state):
+        carry, pending = state
+        ahead = fetch_block(k + 1)
         base = (full - 1 - k) * u
         for j in reversed(range(u)):
-            carry = step(base + j, carry)
-        return carry
+            carry = step(base + j, pending[j], carry)
+        return carry, ahead
 
-    return lax.fori_loop(0, full, block, carry)
+    carry, _ = lax.fori_loop(0, full, block, (carry, fetch_block(0)))
+    return carry
 
 
 def _load_state(ref, n, *lead):
@@ -421,21 +497,22 @@ def _chunk_state_kernel(*refs, plan: _Plan):
     r, (s_ref, p_ref) = _split(refs, plan, ("u", "dl", "b", "at", "bias", "keep"))
     n = plan.n
     a_rows = _load_state(r["at"], n)
-    rows = _Rows(plan, r["bias"][...].astype(_F32), u_ref=r["u"], dl_ref=r["dl"], b_ref=r["b"], keep_ref=r["keep"])
+    rows = _Rows(plan, r["bias"][...].astype(_F32), r, vectors=("u", "dl"))
+    mth = rows.math
 
-    def step(i, carry):
+    def step(i, f, carry):
         h, total_dt, kept = carry
-        dt, dt2, _ = rows.delta(i)
-        dtu = dt * rows.row(r["u"], i)
-        b_t = rows.scalars(r["b"], i)
-        keep = rows.keep(i)
-        h = [_decay(dt2, a_rows[k], keep) * h[k] + dtu * b_t[k] for k in range(n)]
+        dt, dt2, _ = rows.delta(f)
+        dtu = dt * rows.row(f, "u")
+        b_t = rows.scalars("b", i)
+        keep = rows.keep(f)
+        h = [mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], dtu * b_t[k]) for k in range(n)]
         return (h, total_dt + dt2, kept if keep is None else kept * keep), []
 
     zero = jnp.zeros((plan.bd,), _F32)
-    h, total_dt, kept = _run_forward(plan, _n_valid(plan), step, ([zero] * n, zero, jnp.float32(1.0)))
+    h, total_dt, kept = _run_forward(plan, _n_valid(plan), rows.fetch, step, ([zero] * n, zero, jnp.float32(1.0)))
     _store_state(s_ref, h)
-    _store_state(p_ref, [jnp.exp2(total_dt * a_rows[k]) * kept for k in range(n)])
+    _store_state(p_ref, [mth.exp2(total_dt * a_rows[k]) * kept for k in range(n)])
     _zero_padding_rows(s_ref, plan, plan.bd)
     _zero_padding_rows(p_ref, plan, plan.bd)
 
@@ -445,26 +522,28 @@ def _selective_scan_fwd_kernel(*refs, plan: _Plan):
     n = plan.n
     a_rows = _load_state(r["at"], n)
     dskip = r["dskip"][...].astype(_F32)
-    rows = _Rows(plan, r["bias"][...].astype(_F32), dl_ref=r["dl"], keep_ref=r["keep"])
+    vectors = ("u", "dl", "z") if plan.has_z else ("u", "dl")
+    rows = _Rows(plan, r["bias"][...].astype(_F32), r, vectors=vectors)
+    mth = rows.math
 
-    def step(i, h):
-        dt, dt2, _ = rows.delta(i)
-        u = rows.row(r["u"], i)
+    def step(i, f, h):
+        dt, dt2, _ = rows.delta(f)
+        u = rows.row(f, "u")
         dtu = dt * u
-        b_t, c_t = rows.scalars(r["b"], i), rows.scalars(r["c"], i)
-        keep = rows.keep(i)
+        b_t, c_t = rows.scalars("b", i), rows.scalars("c", i)
+        keep = rows.keep(f)
         y = dskip * u
         new = []
         for k in range(n):
-            hk = _decay(dt2, a_rows[k], keep) * h[k] + dtu * b_t[k]
-            y = y + c_t[k] * hk
+            hk = mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], dtu * b_t[k])
+            y = mth.fma(c_t[k], hk, y)
             new.append(hk)
         if plan.has_z:
-            z = rows.row(r["z"], i)
-            y = y * (z * _sigmoid(z))
+            z = rows.row(f, "z")
+            y = y * (z * mth.sigmoid(z))
         return new, [(y_ref, i, y)]
 
-    h = _run_forward(plan, _n_valid(plan), step, _load_state(r["h0"], n))
+    h = _run_forward(plan, _n_valid(plan), rows.fetch, step, _load_state(r["h0"], n))
     _store_state(hend_ref, h)
     _zero_padding_rows(hend_ref, plan, plan.bd)
 
@@ -499,25 +578,27 @@ def _chunk_adjoint_kernel(*refs, plan: _Plan):
     r, (lam_ref, p_ref) = _split(refs, plan, ("dl", "z", "c", "dy", "at", "bias", "keep"))
     n = plan.n
     a_rows = _load_state(r["at"], n)
-    rows = _Rows(plan, r["bias"][...].astype(_F32), dl_ref=r["dl"], keep_ref=r["keep"])
+    vectors = ("dl", "dy", "z") if plan.has_z else ("dl", "dy")
+    rows = _Rows(plan, r["bias"][...].astype(_F32), r, vectors=vectors)
+    mth = rows.math
 
-    def step(i, carry):
+    def step(i, f, carry):
         # m = a_{i+1} mu_{i+1}; mu_i = gy_i C_i + m; returns a_i mu_i.
         m, total_dt, kept = carry
-        _, dt2, _ = rows.delta(i)
-        gy = rows.row(r["dy"], i)
+        _, dt2, _ = rows.delta(f)
+        gy = rows.row(f, "dy")
         if plan.has_z:
-            z = rows.row(r["z"], i)
-            gy = gy * (z * _sigmoid(z))
-        c_t = rows.scalars(r["c"], i)
-        keep = rows.keep(i)
-        m = [_decay(dt2, a_rows[k], keep) * (gy * c_t[k] + m[k]) for k in range(n)]
+            z = rows.row(f, "z")
+            gy = gy * (z * mth.sigmoid(z))
+        c_t = rows.scalars("c", i)
+        keep = rows.keep(f)
+        m = [mth.decay(dt2, a_rows[k], keep) * mth.fma(gy, c_t[k], m[k]) for k in range(n)]
         return m, total_dt + dt2, kept if keep is None else kept * keep
 
     zero = jnp.zeros((plan.bd,), _F32)
-    m, total_dt, kept = _run_backward(plan, _n_valid(plan, 1), step, ([zero] * n, zero, jnp.float32(1.0)))
+    m, total_dt, kept = _run_backward(plan, _n_valid(plan, 1), rows.fetch, step, ([zero] * n, zero, jnp.float32(1.0)))
     _store_state(lam_ref, m)
-    _store_state(p_ref, [jnp.exp2(total_dt * a_rows[k]) * kept for k in range(n)])
+    _store_state(p_ref, [mth.exp2(total_dt * a_rows[k]) * kept for k in range(n)])
     _zero_padding_rows(lam_ref, plan, plan.bd)
     _zero_padding_rows(p_ref, plan, plan.bd)
 
@@ -540,16 +621,20 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
     n, bd, ub = plan.n, plan.bdb, plan.bwd_unroll
     a_rows = _load_state(r["at"], n)
     dskip = r["dskip"][...].astype(_F32)
-    rows = _Rows(plan, r["bias"][...].astype(_F32), dl_ref=r["dl"], keep_ref=r["keep"])
+    vectors = ("u", "dl", "dy", "z") if plan.has_z else ("u", "dl", "dy")
+    rows = _Rows(plan, r["bias"][...].astype(_F32), r, vectors=vectors)
+    mth = rows.math
+    fwd_rows = _Rows(plan, rows.bias, r, vectors=("u", "dl"))
     n_valid = _n_valid(plan)
     full = n_valid // ub
 
     def forward_step(i, h):
-        dt, dt2, pre = rows.delta(i)
-        u = rows.row(r["u"], i)
-        b_t = rows.scalars(r["b"], i)
-        keep = rows.keep(i)
-        return [_decay(dt2, a_rows[k], keep) * h[k] + (dt * u) * b_t[k] for k in range(n)]
+        f = fwd_rows.fetch(i)
+        dt, dt2, pre = rows.delta(f)
+        u = rows.row(f, "u")
+        b_t = rows.scalars("b", i)
+        keep = rows.keep(f)
+        return [mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], (dt * u) * b_t[k]) for k in range(n)]
 
     # Phase 1: the state at the start of every sub-chunk, into the scratch output.
     def checkpoint(s, h):
@@ -580,18 +665,19 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             # Per-token inputs are reloaded (L1 hits) and dt recomputed rather than kept from the recompute above:
             # the sub-chunk's states already take (bwd_unroll + 1) * n registers per channel.
             i = s * ub + j
-            dt, dt2, pre = rows.delta(i)
-            u = rows.row(r["u"], i)
-            keep = rows.keep(i)
+            f = rows.fetch(i)
+            dt, dt2, pre = rows.delta(f)
+            u = rows.row(f, "u")
+            keep = rows.keep(f)
             h_prev, h_now = states[j], states[j + 1]
-            dy = rows.row(r["dy"], i)
-            b_t, c_t = rows.scalars(r["b"], i), rows.scalars(r["c"], i)
+            dy = rows.row(f, "dy")
+            b_t, c_t = rows.scalars("b", i), rows.scalars("c", i)
             y = dskip * u
             for k in range(n):
-                y = y + c_t[k] * h_now[k]
+                y = mth.fma(c_t[k], h_now[k], y)
             if plan.has_z:
-                z = rows.row(r["z"], i)
-                sz = _sigmoid(z)
+                z = rows.row(f, "z")
+                sz = mth.sigmoid(z)
                 ddz = dy * y * (sz * (1.0 + z * (1.0 - sz)))
                 stores.append((dz_ref, i, ddz))
                 gy = dy * (z * sz)
@@ -602,20 +688,20 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             ddt = jnp.zeros_like(u)
             db_t, dc_t, m_new = [], [], []
             for k in range(n):
-                mu = gy * c_t[k] + m[k]
-                a = _decay(dt2, a_rows[k], keep)
+                mu = mth.fma(gy, c_t[k], m[k])
+                a = mth.decay(dt2, a_rows[k], keep)
                 dc_t.append(jnp.sum(gy * h_now[k]))
                 db_t.append(jnp.sum(mu * dtu))
-                mu_b = mu_b + mu * b_t[k]
+                mu_b = mth.fma(mu, b_t[k], mu_b)
                 # d h_i / d dt = A a h_{i-1} + u B and d h_i / d A = dt a h_{i-1}; a_rows hold A itself (the log2 e
                 # sits in dt2).
                 q = mu * (a * h_prev[k])
-                ddt = ddt + a_rows[k] * q
-                da[k] = da[k] + dt * q
+                ddt = mth.fma(a_rows[k], q, ddt)
+                da[k] = mth.fma(dt, q, da[k])
                 m_new.append(a * mu)
-            ddt = ddt + u * mu_b
-            du = gy * dskip + dt * mu_b
-            ddl = ddt * _sigmoid(pre) if plan.softplus else ddt
+            ddt = mth.fma(u, mu_b, ddt)
+            du = mth.fma(dt, mu_b, gy * dskip)
+            ddl = ddt * mth.sigmoid(pre) if plan.softplus else ddt
             stores += [(du_ref, i, du), (ddl_ref, i, ddl)]
             stores += [(db_ref, i, _assemble(db_t, plan.npow)), (dc_ref, i, _assemble(dc_t, plan.npow))]
             dd = dd + gy * u

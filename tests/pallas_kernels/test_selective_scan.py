@@ -674,7 +674,7 @@ class TestSelectiveScan:
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.gpu)])
 def test_fast_math_matches_float64(compiled):
-    # The GPU kernels' softplus (ex2.approx + a log1p polynomial) and sigmoid, run inside a Pallas
+    # The GPU kernels' softplus (ex2.approx + a log1p polynomial, fma) and sigmoid, run inside a Pallas
     # kernel (interpret mode, or compiled by Triton on a GPU), against float64, elementwise over the
     # range step sizes and gates take: the polynomial's end points (x = 0: e = 1; large |x|: e -> 0)
     # and values whose softplus is below 1e-30. Bound: 2 ulp of ex2.approx and the polynomial, plus
@@ -700,11 +700,12 @@ def test_fast_math_matches_float64(compiled):
         )
         return np.asarray(jax.jit(call)(jnp.asarray(x)), np.float64)
 
+    math = scan_gpu._Math(ptx=compiled)  # compiled: the kernels' inline PTX
     x64 = x.astype(np.float64)
     tol = 4e-7 + np.abs(x64) * 2.0**-24
     for name, fn, want in (
-        ("softplus", scan_gpu._softplus, np.log1p(np.exp(-np.abs(x64))) + np.maximum(x64, 0.0)),
-        ("sigmoid", scan_gpu._sigmoid, 1.0 / (1.0 + np.exp(-x64))),
+        ("softplus", math.softplus, np.log1p(np.exp(-np.abs(x64))) + np.maximum(x64, 0.0)),
+        ("sigmoid", math.sigmoid, 1.0 / (1.0 + np.exp(-np.clip(x64, -700.0, None)))),
     ):
         got = apply(fn)
         # Below float32's normal range the GPU flushes to zero (ftz): allow an absolute 1.2e-38.
