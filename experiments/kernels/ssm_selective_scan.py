@@ -238,7 +238,8 @@ def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
 
 def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     budget = Budget(cfg.budget_s)
-    mamba = mamba_ssm_fns() if gpu_or_interpret(cfg.interpret) else None
+    on_gpu = gpu_or_interpret(cfg.interpret)
+    mamba = mamba_ssm_fns() if on_gpu else None
     contenders = ["xla", "pallas_gpu"]
     report = {
         "meta": run_meta(
@@ -283,7 +284,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 except Exception as err:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
-                row.update(measure_fwd_fwdbwd(scan_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
+                row.update(measure_fwd_fwdbwd(scan_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs, device=on_gpu))
             add_row(report, rows, row, out_dir, "ssm_selective_scan", row_text(row))
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows
@@ -316,8 +317,13 @@ def summarise(rows, cfg: Config) -> list[dict]:
             p = _get(rows, "pallas_gpu", b, t, d, key)
             floor = floor_ms(b, t, d, cfg.n, backward)
             anchor = ANCHORS.get((b, t, d))
+            dkey = key.replace("_ms", "_device_ms")
+            p_dev = _get(rows, "pallas_gpu", b, t, d, dkey)
             entry[key] = {
                 "pallas_ms": p,
+                "pallas_device_ms": p_dev,
+                "pallas_device_over_xla_device": ratio(p_dev, _get(rows, "xla", b, t, d, dkey)),
+                "pallas_device_over_anchor": ratio(p_dev, None if anchor is None else anchor[backward]),
                 "pallas_over_xla": ratio(p, _get(rows, "xla", b, t, d, key)),
                 "pallas_over_mamba_ssm_same_run": ratio(p, _get(rows, "mamba_ssm", b, t, d, key)),
                 "pallas_over_anchor": ratio(p, None if anchor is None else anchor[backward]),
@@ -353,6 +359,19 @@ def print_tables(report, cfg: Config) -> None:
             f["pallas_over_xla"], fb["pallas_over_xla"], f["pallas_over_anchor"], fb["pallas_over_anchor"],
             f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"],
             f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
+        ]  # fmt: skip
+        print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    print(
+        "\ndevice time (profiler span of a call's kernels, without JAX's host dispatch; the anchors are torch wall"
+        " times with a synchronise, which include that call's own host time)"
+    )
+    print("| shape | pallas fwd | pallas fwd+bwd | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd |")
+    print("|---" * 7 + "|")
+    for s in report["summary"]:
+        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
+        cells = [
+            f["pallas_device_ms"], fb["pallas_device_ms"], f["pallas_device_over_xla_device"],
+            fb["pallas_device_over_xla_device"], f["pallas_device_over_anchor"], fb["pallas_device_over_anchor"],
         ]  # fmt: skip
         print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
     if "sweep" in report:

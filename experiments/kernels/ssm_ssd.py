@@ -276,7 +276,8 @@ def passed(errs: dict, baseline: dict | None, dtype: str) -> bool:
 
 def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     budget = Budget(cfg.budget_s)
-    mamba = mamba_ssm_fns() if gpu_or_interpret(cfg.interpret) else None
+    on_gpu = gpu_or_interpret(cfg.interpret)
+    mamba = mamba_ssm_fns() if on_gpu else None
     contenders = ["xla", "pallas_gpu"]
     report = {
         "meta": run_meta(
@@ -325,7 +326,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 except Exception as err:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
             else:
-                row.update(measure_fwd_fwdbwd(ssd_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs))
+                row.update(measure_fwd_fwdbwd(ssd_fn(impl, cfg), fwd_sets, bwd_sets, cfg.runs, device=on_gpu))
             add_row(report, rows, row, out_dir, "ssm_ssd", row_text(row))
         del sets, fwd_sets, bwd_sets
     report["rows"] = rows
