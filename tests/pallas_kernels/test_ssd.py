@@ -857,7 +857,8 @@ def test_gpu_offsets_are_64_bit_for_huge_arrays(monkeypatch):
 @pytest.mark.slow
 def test_gpu_offsets_past_int32_on_device():
     """A real run with b*t*h*p > 2**31 (bf16 x of 4.3 GB): the last segment of the last sequence, whose elements sit
-    past offset 2**31, matches the xla path on that segment alone, forward and VJP."""
+    past offset 2**31, matches the xla path on that segment alone, forward and VJP. Needs ~45 GB of GPU memory: run
+    it in a process of its own with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (``run_on_gpu.sh slow-tests`` does)."""
     b, t, h, p, g, n, last = 2, 1_050_000, 16, 64, 1, 128, 3000
     assert b * t * h * p > 2**31
     keys = jax.random.split(jax.random.key(0), 5)
