@@ -139,9 +139,7 @@ def device_time_ms(fn, input_sets, runs: int) -> float | None:
     if not kernels or len(kernels) % runs:
         return None
     per_call = len(kernels) // runs
-    spans = [
-        max(end for _, end in kernels[k : k + per_call]) - kernels[k][0] for k in range(0, len(kernels), per_call)
-    ]
+    spans = [max(end for _, end in kernels[k : k + per_call]) - kernels[k][0] for k in range(0, len(kernels), per_call)]
     return statistics.median(spans) / 1e3  # trace timestamps are microseconds
 
 
@@ -201,15 +199,10 @@ def measure_fwd_fwdbwd(fn, fwd_sets, bwd_sets, runs: int, peak: bool = True, dev
     ``fwd_device_ms`` / ``fwdbwd_device_ms`` (``device_time_ms``).
     """
     row = {}
-    if device:
-        row["fwd_ms"], row["fwd_status"], _, row["fwd_device_ms"] = measure(fn, fwd_sets, runs, device=True)
-        timed = measure(with_vjp(fn), bwd_sets, runs, device=True)
-        row["fwdbwd_ms"], row["fwdbwd_status"], peak_bytes, row["fwdbwd_device_ms"] = timed
-        if peak:
-            row["fwdbwd_peak_bytes"] = peak_bytes
-        return row
-    row["fwd_ms"], row["fwd_status"], _ = measure(fn, fwd_sets, runs)
-    row["fwdbwd_ms"], row["fwdbwd_status"], peak_bytes = measure(with_vjp(fn), bwd_sets, runs)
+    for key, f, sets in (("fwd", fn, fwd_sets), ("fwdbwd", with_vjp(fn), bwd_sets)):
+        row[f"{key}_ms"], row[f"{key}_status"], peak_bytes, *device_ms = measure(f, sets, runs, device=device)
+        if device:
+            row[f"{key}_device_ms"] = device_ms[0]
     if peak:
         row["fwdbwd_peak_bytes"] = peak_bytes
     return row

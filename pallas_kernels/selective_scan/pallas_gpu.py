@@ -340,6 +340,10 @@ class _Math:
         a = self.exp2(dt2 * a_row)
         return a if keep is None else a * keep
 
+    def advance(self, h, dt2, a_rows, keep, dtu, b_t):
+        """One token of the recurrence, ``h_n <- keep * exp(dt A_n) h_n + (dt u) B_n`` for every state index n."""
+        return [self.fma(self.decay(dt2, a_rows[k], keep), h[k], dtu * b_t[k]) for k in range(len(h))]
+
 
 class _Rows:
     """Per-token loads of one program, in two steps so that a token's memory traffic can start a block early.
@@ -357,8 +361,9 @@ class _Rows:
         self.math = _Math(ptx=not plan.interpret)
         self.vectors = tuple(vectors)
 
-    def fetch(self, i) -> dict:
-        f = {name: self.refs[name][i, :] for name in self.vectors}
+    def fetch(self, i, vectors=None) -> dict:
+        """Token ``i``'s raw loads: the rows named in ``vectors`` (default: all the program's), and the flag."""
+        f = {name: self.refs[name][i, :] for name in (self.vectors if vectors is None else vectors)}
         if self.plan.has_keep:
             f["keep"] = self.refs["keep"][i]
         return f
@@ -506,7 +511,7 @@ def _chunk_state_kernel(*refs, plan: _Plan):
         dtu = dt * rows.row(f, "u")
         b_t = rows.scalars("b", i)
         keep = rows.keep(f)
-        h = [mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], dtu * b_t[k]) for k in range(n)]
+        h = mth.advance(h, dt2, a_rows, keep, dtu, b_t)
         return (h, total_dt + dt2, kept if keep is None else kept * keep), []
 
     zero = jnp.zeros((plan.bd,), _F32)
@@ -532,12 +537,10 @@ def _selective_scan_fwd_kernel(*refs, plan: _Plan):
         dtu = dt * u
         b_t, c_t = rows.scalars("b", i), rows.scalars("c", i)
         keep = rows.keep(f)
+        new = mth.advance(h, dt2, a_rows, keep, dtu, b_t)
         y = dskip * u
-        new = []
         for k in range(n):
-            hk = mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], dtu * b_t[k])
-            y = mth.fma(c_t[k], hk, y)
-            new.append(hk)
+            y = mth.fma(c_t[k], new[k], y)
         if plan.has_z:
             z = rows.row(f, "z")
             y = y * (z * mth.sigmoid(z))
@@ -624,17 +627,16 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
     vectors = ("u", "dl", "dy", "z") if plan.has_z else ("u", "dl", "dy")
     rows = _Rows(plan, r["bias"][...].astype(_F32), r, vectors=vectors)
     mth = rows.math
-    fwd_rows = _Rows(plan, rows.bias, r, vectors=("u", "dl"))
     n_valid = _n_valid(plan)
     full = n_valid // ub
 
     def forward_step(i, h):
-        f = fwd_rows.fetch(i)
+        f = rows.fetch(i, ("u", "dl"))
         dt, dt2, pre = rows.delta(f)
         u = rows.row(f, "u")
         b_t = rows.scalars("b", i)
         keep = rows.keep(f)
-        return [mth.fma(mth.decay(dt2, a_rows[k], keep), h[k], (dt * u) * b_t[k]) for k in range(n)]
+        return mth.advance(h, dt2, a_rows, keep, dt * u, b_t)
 
     # Phase 1: the state at the start of every sub-chunk, into the scratch output.
     def checkpoint(s, h):
