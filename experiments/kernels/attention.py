@@ -248,7 +248,7 @@ def cudnn_available(cfg: Config) -> bool:
 
 def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     budget = Budget(cfg.budget_s)
-    gpu_or_interpret(cfg.interpret)
+    on_gpu = gpu_or_interpret(cfg.interpret)
     contenders = ["xla", "pallas_gpu"] + (["cudnn"] if cudnn_available(cfg) else [])
     report = {
         "meta": run_meta(cfg, dtype="bfloat16", contenders=contenders, pallas_interpret=cfg.interpret),
@@ -284,7 +284,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 row.update(status=bench_common.SKIPPED)
             else:
                 fn = swa_fn(impl, cfg.window, cfg)
-                row.update(measure_fwd_fwdbwd(fn, fwd_sets, sets, cfg.runs, peak=False))
+                row.update(measure_fwd_fwdbwd(fn, fwd_sets, sets, cfg.runs, peak=False, device=on_gpu))
             add_row(report, rows, row, out_dir, "attention", _row_text(row))
         del sets, fwd_sets
     t = cfg.sel_length
@@ -297,7 +297,7 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 row.update(status=bench_common.SKIPPED)
             else:
                 fn = sel_fn(impl, cfg.window, capacity, cfg)
-                row.update(measure_fwd_fwdbwd(fn, [s[:4] for s in sets], sets, cfg.runs, peak=False))
+                row.update(measure_fwd_fwdbwd(fn, [s[:4] for s in sets], sets, cfg.runs, peak=False, device=on_gpu))
             add_row(report, rows, row, out_dir, "attention", _row_text(row))
         del sets
     report["rows"] = rows
@@ -322,8 +322,13 @@ def _get(rows, case, impl, key, **match):
 
 
 def ratios(rows, cfg: Config) -> dict:
-    out = {"pallas_over_cudnn": [], "pallas_over_xla": [], "selective_over_sliding": []}
+    out = {"pallas_over_cudnn": [], "pallas_over_cudnn_device": [], "pallas_over_xla": [], "selective_over_sliding": []}
     for t in cfg.swa_lengths:
+        for key in ("fwd_device_ms", "fwdbwd_device_ms"):
+            p = _get(rows, "sliding", "pallas_gpu", key, T=t)
+            out["pallas_over_cudnn_device"].append(
+                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
+            )
         for key in ("fwd_ms", "fwdbwd_ms"):
             p = _get(rows, "sliding", "pallas_gpu", key, T=t)
             out["pallas_over_cudnn"].append(
@@ -355,6 +360,16 @@ def print_tables(report, cfg: Config) -> None:
         cells = timing_cells(rows, impls, case="sliding", T=t)
         rat = [x["ratio"] for x in r["pallas_over_cudnn"] if x["T"] == t]
         print(f"| {t} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
+    if any(x.get("fwd_device_ms") for x in rows):
+        print("\ndevice time (profiler span of a call's kernels, without JAX's host dispatch), sliding window, ms")
+        print("| T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " | pallas/cuDNN fwd | fwd+bwd |")
+        print("|---" * (1 + 2 * len(impls) + 2) + "|")
+        for t in cfg.swa_lengths:
+            cells = [
+                fmt(_get(rows, "sliding", i, k, T=t)) for i in impls for k in ("fwd_device_ms", "fwdbwd_device_ms")
+            ]
+            rat = [x["ratio"] for x in r["pallas_over_cudnn_device"] if x["T"] == t]
+            print(f"| {t} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
     print(f"\nselective attention T{cfg.sel_length} window {cfg.window}, capacity ceil(1.1 C T), ms")
     print(
         "| C | capacity | xla fwd | xla fwd+bwd | pallas fwd | pallas fwd+bwd | pallas sel/SWA fwd | sel/SWA fwd+bwd |"

@@ -33,7 +33,7 @@ Forward (with ``c == 1`` only step 3 runs, from the initial state):
      stored ``y`` and a second pass over it, so recompute it is.
 Chunk parallelism is what fills the GPU: ``c`` is the largest count with ``(d / bd) * c * b <= wave_programs``, the
 one-warp programs that one wave of the forward kernel holds (B4 T4096 D1536: 16 chunks of 256 tokens; B1 T65536
-D1536: 66 chunks of 996; B8 T2048 D2048: 6 of 344).
+D1536: 66 chunks of 1000; B8 T2048 D2048: 6 of 344).
 
 Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
   1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
@@ -45,7 +45,8 @@ Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy
      float32 scratch output; a barrier; then sub-chunks are visited in reverse: the ``bwd_unroll`` states of one
      sub-chunk are recomputed into registers and the adjoint walks back through them, producing du, d(delta)
      (through softplus and the bias), dz and per-program partial sums of dA, dD, d(bias); dB and dC (sums over
-     channels: ``2n`` warp reductions per token) leave each program as one ``(n,)`` partial row per token, summed over
+     channels: per token, ``n`` contributions per lane reduced across the warp by recursive halving,
+     ``_channel_sums``) leave each program as one partial row per token (32 lane partials), summed over
      channel blocks by XLA. The adjoint left at a chunk's start is d(initial_state) for chunk 0. The scratch holds
      ``n / bwd_unroll`` float32 values per (b, t, d) element: with the default sub-chunk of 2, 32 bytes at N16 (16x a
      bf16 input, half of a float32 ``(b, t, d, n)``): 0.8 GB written and read once at B4 T4096 D1536, freed when the
@@ -56,7 +57,7 @@ whatever the input dtype (bf16 rows are converted on load and results cast on st
 relative accuracy of a long product of decays, and bf16 sums of thousands of terms lose 1e-2. ``exp(delta A)`` is
 ``exp2(delta log2(e) A)``, the ``log2(e)`` folded into the per-channel step size.
 
-Arithmetic (``_Math``): compiled kernels use inline PTX ``fma.rn.f32`` and ``ex2.approx.ftz.f32``, because XLA's
+Arithmetic (``_Math``, on ``pallas_kernels._triton_math``): compiled kernels use inline PTX ``fma.rn.f32`` and ``ex2.approx.ftz.f32``, because XLA's
 Triton pipeline emits neither (no FFMA at all, and a range-fixed ``ex2``: 10 instructions per state element where 5
 do); softplus is ``ex2`` plus a degree-8 polynomial for ``log1p`` instead of libdevice's ``expf`` / ``log1pf`` (~45
 instructions per channel and token). Measured on the H100 (profiler trace, B4 T4096 D1536, same run): chunk_state
@@ -69,19 +70,17 @@ forms block offsets per dimension from grid indices (int32, each far below 2**31
 an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the tests lower the kernels at B16 T131072
 D2048 N16 and check the 64-bit offsets).
 
-Default block sizes, first chosen from the compiled code, then measured: Triton 3.6 / ptxas for sm_90a
-(lowered here from abstract shapes, B4 T4096 D1536 N16 bf16) gives, per 32 channels and token, about 205
-instructions incl. 19 MUFU (exp2/log/rcp) for the forward kernel at ``block_d = 64`` (two channels per thread, one
-warp, 128 registers, unroll 4; unroll 8 needs ~250 registers, halving the resident warps), and about 1050
-instructions incl. 160 shuffles (the dB/dC warp reductions) for the backward kernel at ``bwd_block_d = 32``,
-``bwd_unroll = 4`` (255 registers, 4 bytes spilled; sub-chunk 8 or 64 channels per warp spill heavily). On the H100
-XLA's own Triton spills far more there (Nsight Compute: 47.6 M local-memory requests, 2.83 ms for the backward kernel
-alone), and a sub-chunk of 2 took the whole fwd+bwd from 4.11 to 3.03 ms (same run, ``kernel_breakdown.py
---sweep-only``), so ``bwd_unroll = 2`` is the default.
-``wave_programs = 12 * 132``: XLA's Triton gives the forward kernel 130 registers (Triton 3.6 offline: 128), so an
-H100 SM keeps 12 of its one-warp programs resident, not 16. The earlier rule (at least 16 * 132 programs: 22 chunks,
-2112 programs at B4 T4096 D1536) ran 1.33 waves, its last third on a quarter-full GPU (Nsight Compute); 16 chunks
-in one wave took the whole forward from 1.05 to 0.79 ms (``kernel_breakdown.py --sweep-only``, H100).
+Default block sizes, first chosen from the compiled code, then measured on the H100 (B4 T4096 D1536 N16 bf16, device
+time from a profiler trace, interleaved A/B runs of module copies):
+* forward: ``block_d = 32`` (one channel per thread, one warp), ``unroll = 8``, ``wave_programs = 24 * 132``: fwd
+  0.531 -> 0.473 ms against ``block_d = 64, unroll = 4, wave_programs = 12 * 132`` (same run). Offline Triton 3.6 /
+  ptxas for sm_90a: 128 registers for the forward kernel (168 before), 72 for the chunk-state kernel, so more warps
+  stay resident to hide the load latency that dominates the forward kernel (Nsight Compute: 45% long-scoreboard
+  stalls). ``wave_programs = 16 * 132`` with the same blocks was slower (0.643), ``32 * 132`` too (0.501).
+* backward: ``bwd_block_d = 32`` (one warp: the per-token channel sums stay within it), ``bwd_unroll = 2``. Sub-chunks
+  of 4 made XLA's Triton spill (Nsight Compute: 47.6 M local-memory requests, 2.83 ms for the backward kernel alone);
+  2 took the whole fwd+bwd from 4.11 to 3.03 ms. The dB / dC channel sums use ``TritonMath.lane_sums`` (``n - 1``
+  shuffles per sum instead of ``5 n``): backward kernel 1.84 -> 1.33 ms, fwd+bwd 2.616 -> 2.140 ms (same run).
 ``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
 """
 
@@ -98,9 +97,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._padding import round_up
+from pallas_kernels._triton_math import LOG2E as _LOG2E
+from pallas_kernels._triton_math import TritonMath
 from pallas_kernels.selective_scan.reference import segment_starts
 
-_LOG2E = math.log2(math.e)
 _F32 = jnp.float32
 
 
@@ -117,18 +117,18 @@ class GpuConfig:
       bwd_unroll: tokens per backward sub-chunk, whose recomputed states live in registers.
       num_stages: Triton software-pipelining depth for every kernel.
       wave_programs: split the time axis into as many chunks as keep the grid within this many programs (one wave
-        of the forward kernel on the target GPU; the default is an H100's 132 SMs x 12 resident programs).
+        of the forward kernel on the target GPU; the default, 132 SMs x 24, was measured best on an H100).
       min_chunk: never make chunks shorter than this many tokens (each chunk adds a state pass and a carry step).
     """
 
-    block_d: int = 64
+    block_d: int = 32
     num_warps: int = 1
-    unroll: int = 4
+    unroll: int = 8
     bwd_block_d: int = 32
     bwd_num_warps: int = 1
     bwd_unroll: int = 2
     num_stages: int = 1
-    wave_programs: int = 12 * 132
+    wave_programs: int = 24 * 132
     min_chunk: int = 64
 
 
@@ -188,6 +188,16 @@ class _Plan:
     @property
     def subchunks(self) -> int:
         return self.chunk // self.bwd_unroll
+
+    @property
+    def lane_sums(self) -> bool:
+        """Whether the backward's dB / dC channel sums use ``TritonMath.lane_sums`` (one warp of 32 channels)."""
+        return self.bdb == 32 and self.bwd_num_warps == 1 and self.npow <= 32
+
+    @property
+    def bc_width(self) -> int:
+        """Columns of the backward's per-token dB / dC partial rows: 32 lane partials, or ``npow`` sums."""
+        return 32 if self.lane_sums else self.npow
 
 
 def make_plan(
@@ -258,82 +268,8 @@ def make_plan(
 # --- math shared by the kernels (float32 (bd,) vectors and scalars)
 
 
-# log1p(e) / e for e in [0, 1] as a degree-8 polynomial in e (Chebyshev least-squares fit of the float64 function,
-# rounded to float32; max relative error of e * p(e) against log1p(e) evaluated by float32 Horner: 1.9e-7, i.e.
-# about 2 ulp; tests/pallas_kernels/test_selective_scan.py::test_fast_math_matches_float64 checks it).
-_LOG1P_OVER_X = (
-    1.0,
-    -0.49999502301216125,
-    0.33319270610809326,
-    -0.24844373762607574,
-    0.1911144256591797,
-    -0.13674786686897278,
-    0.07836182415485382,
-    -0.02958858013153076,
-    0.005253470968455076,
-)
-
-
-class _Math:
-    """The kernels' float32 elementwise math: inline PTX when compiled, plain jnp in interpret mode.
-
-    Why PTX: XLA's Triton pipeline neither contracts ``a * b + c`` into one FFMA nor uses the flush-to-zero
-    ``ex2``. Nsight Compute's per-instruction counts of the compiled forward kernels showed no FFMA at all and every
-    ``exp2`` as FSETP + MUFU + two predicated FMULs (range fix-ups for denormal results): 10 instructions per state
-    element where 5 do (the offline Triton 3.6 pipeline emits the 5). ``fma`` and ``exp2`` here are single PTX
-    instructions (``fma.rn.f32``, ``ex2.approx.ftz.f32``: 2 ulp, results below 2**-126 flush to zero, where a decay
-    or a softplus tail is 0 to float32 accuracy anyway). Interpret mode runs the same formulas with jnp, so the CPU
-    tests check the algebra and the compiled GPU tests the instructions.
-    """
-
-    def __init__(self, ptx: bool):
-        self.ptx = ptx
-
-    def _asm(self, op: str, *args):
-        shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
-        args = [jnp.broadcast_to(jnp.asarray(a, _F32), shape) for a in args]
-        operands = ", ".join(f"${k}" for k in range(len(args) + 1))
-        (out,) = plgpu.elementwise_inline_asm(
-            f"{op} {operands};",
-            args=args,
-            constraints=",".join(["=f"] + ["f"] * len(args)),
-            pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, _F32)],
-        )
-        return out
-
-    def fma(self, a, b, c):
-        """``a * b + c``, rounded once."""
-        if not self.ptx or not jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c)):
-            return a * b + c
-        return self._asm("fma.rn.f32", a, b, c)
-
-    def exp2(self, x):
-        if not self.ptx or not jnp.shape(x):
-            return jnp.exp2(x)
-        return self._asm("ex2.approx.ftz.f32", x)
-
-    def exp(self, x):
-        """``exp(x)`` as one multiply and the hardware ``ex2`` (libdevice ``expf`` is ~9 instructions)."""
-        return self.exp2(x * _LOG2E)
-
-    def softplus(self, x):
-        """``max(x, 0) + log1p(exp(-|x|))`` in ~12 instructions with one MUFU op.
-
-        Triton lowers ``jnp.log1p`` and ``jnp.exp`` to libdevice's accurate ``log1pf`` / ``expf``: ~45 instructions
-        per channel and token, a third of the forward kernels' SASS. Here the exponential is ``ex2.approx`` and
-        ``log1p`` on ``[0, 1]`` a polynomial, both within ~2e-7 relative. ``exp(-|x|)`` cannot overflow; for very
-        negative x it flushes to zero where the true value is below 1e-38.
-        """
-        e = self.exp(-jnp.abs(x))
-        acc = jnp.full(jnp.shape(x), _LOG1P_OVER_X[-1], _F32)
-        for coeff in reversed(_LOG1P_OVER_X[:-1]):
-            acc = self.fma(acc, e, coeff)
-        return self.fma(e, acc, jnp.maximum(x, 0.0))
-
-    def sigmoid(self, x):
-        # 1 / (1 + inf) = 0 for very negative x; Triton's f32 division is div.full (MUFU rcp plus a few FMAs).
-        return 1.0 / (1.0 + self.exp(-x))
+class _Math(TritonMath):
+    """``TritonMath`` (inline PTX ``fma`` / ``ex2`` when compiled) plus the recurrence's own steps."""
 
     def decay(self, dt2, a_row, keep):
         """``keep * exp(dt * A_n)`` for one state index, from ``dt2 = dt * log2 e``."""
@@ -615,6 +551,21 @@ def _assemble(values, size: int):
     return out
 
 
+def _channel_sums(values, plan: _Plan, mth: _Math):
+    """The ``(bc_width,)`` partial row of one token's dB or dC: sums over this program's channels of the ``n``
+    ``(bdb,)`` contribution vectors ``values``.
+
+    One warp of 32 channels (the default): ``lane_sums``, ``npow - 1`` shuffles in all, leaving ``32 / npow`` lane
+    partials per state index for XLA to add with the sum over channel blocks. A butterfly per state index
+    (``jnp.sum``) took ``5 npow`` shuffles and as many adds per token for each of dB and dC, the backward kernel's
+    largest instruction count. Otherwise one ``jnp.sum`` per state index.
+    """
+    if plan.lane_sums:
+        zero = jnp.zeros_like(values[0])
+        return mth.lane_sums(list(values) + [zero] * (plan.npow - len(values)))
+    return _assemble([jnp.sum(v) for v in values], plan.npow)
+
+
 def _selective_scan_bwd_kernel(*refs, plan: _Plan):
     names = ("u", "dl", "z", "b", "c", "dy", "at", "dskip", "bias", "h0", "lam", "keep")
     r, outs = _split(refs, plan, names)
@@ -692,8 +643,8 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             for k in range(n):
                 mu = mth.fma(gy, c_t[k], m[k])
                 a = mth.decay(dt2, a_rows[k], keep)
-                dc_t.append(jnp.sum(gy * h_now[k]))
-                db_t.append(jnp.sum(mu * dtu))
+                dc_t.append(gy * h_now[k])
+                db_t.append(mu * dtu)
                 mu_b = mth.fma(mu, b_t[k], mu_b)
                 # d h_i / d dt = A a h_{i-1} + u B and d h_i / d A = dt a h_{i-1}; a_rows hold A itself (the log2 e
                 # sits in dt2).
@@ -705,7 +656,7 @@ def _selective_scan_bwd_kernel(*refs, plan: _Plan):
             du = mth.fma(dt, mu_b, gy * dskip)
             ddl = ddt * mth.sigmoid(pre) if plan.softplus else ddt
             stores += [(du_ref, i, du), (ddl_ref, i, ddl)]
-            stores += [(db_ref, i, _assemble(db_t, plan.npow)), (dc_ref, i, _assemble(dc_t, plan.npow))]
+            stores += [(db_ref, i, _channel_sums(db_t, plan, mth)), (dc_ref, i, _channel_sums(dc_t, plan, mth))]
             dd = dd + gy * u
             dbias = dbias + ddl
             m = m_new
@@ -753,7 +704,7 @@ class _Specs:
         self.state = pl.BlockSpec((None, None, npow, bd), lambda i, c, b: (b, c, 0, i))
         self.keep = pl.BlockSpec((None, length), lambda i, c, b: (b, c + f))
         self.partial_param = pl.BlockSpec((None, None, bd), lambda i, c, b: (b, c, i))
-        self.partial_bc = pl.BlockSpec((None, length, None, npow), lambda i, c, b: (b, c, i, 0))
+        self.partial_bc = pl.BlockSpec((None, length, None, plan.bc_width), lambda i, c, b: (b, c, i, 0))
         self.scratch = pl.BlockSpec((None, None, plan.subchunks, npow, bd), lambda i, c, b: (b, c, 0, 0, i))
 
     @property
@@ -898,8 +849,8 @@ def _backward(plan: _Plan, res, dy, dh_final):
     out_shape = [rows_like(u), rows_like(dl)] + ([rows_like(z)] if plan.has_z else [])
     out_specs += [sb.partial_bc, sb.partial_bc, sb.state, sb.partial_param, sb.partial_param, sb.state, sb.scratch]
     out_shape += [
-        f32(b, t, blocks, npow),
-        f32(b, t, blocks, npow),
+        f32(b, t, blocks, plan.bc_width),
+        f32(b, t, blocks, plan.bc_width),
         f32(b, c, npow, dp),
         f32(b, c, dp),
         f32(b, c, dp),
@@ -913,7 +864,10 @@ def _backward(plan: _Plan, res, dy, dh_final):
     dz = outs.pop(0) if plan.has_z else None
     db_part, dc_part, da_part, dd_part, dbias_part, dh_in, _ = outs
     per_group = blocks // plan.g
-    group_sum = lambda x: x.reshape(b, t, plan.g, per_group, npow).sum(axis=3).astype(bm.dtype)
+    # Over the channel blocks of each group and, with lane sums, the 32 / npow lane partials of each state index.
+    group_sum = lambda x: (  # noqa: E731
+        x.reshape(b, t, plan.g, per_group, npow, plan.bc_width // npow).sum(axis=(3, 5)).astype(bm.dtype)
+    )
     return (
         du,
         ddl,

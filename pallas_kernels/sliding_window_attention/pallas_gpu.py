@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._triton_math import TritonMath
 
 _LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
@@ -97,7 +98,7 @@ def _masked_loops(bounds, body, carry):
 
 
 def _sliding_window_attention_fwd_kernel(
-    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments
+    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments, math
 ):
     seg_ref, (o_ref, lse_ref) = _split_segments(refs, has_segments)
     i = nq - 1 - pl.program_id(0)  # heavy (late) query blocks first: shorter tail when the window is long
@@ -109,7 +110,8 @@ def _sliding_window_attention_fwd_kernel(
 
     def body(j, carry, masked):
         # The running max m is kept on raw scores (c > 0 preserves the order), so the scale enters only through
-        # one fused multiply-subtract per score, exp2(s * c - m * c), instead of a separate scaled copy of s.
+        # one fused multiply-subtract per score, exp2(s * c - m * c), instead of a separate scaled copy of s: an
+        # explicit fma (XLA's Triton contracts nothing) and the one-instruction ex2 (``TritonMath``).
         acc, m, row_sum = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = _dot(q, k_ref[ks, :], _NT)
@@ -117,11 +119,10 @@ def _sliding_window_attention_fwd_kernel(
             k_seg = None if seg_ref is None else seg_ref[ks][None, :]
             s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_scaled = m_new * c
-        # (m - m_new) * c, not m * c - m_scaled: from the initial max of -1e30 a fused multiply-add leaves a residue
-        # of ~1e22, whose exp2 is inf (and 0 * inf = NaN in padded rows).
-        alpha = jnp.exp2((m - m_new) * c)
-        p = jnp.exp2(s * c - m_scaled[:, None])
+        # (m - m_new) * c, not m * c - m_new * c: from the initial max of -1e30 a fused multiply-add leaves a residue
+        # of ~1e22, whose exp2 is inf (and 0 * inf = NaN in padded rows). Masked scores: fma(-inf, c, .) = -inf.
+        alpha = math.exp2((m - m_new) * c)
+        p = math.exp2(math.fma(s, c, -(m_new * c)[:, None]))
         v = v_ref[ks, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
         return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
@@ -152,6 +153,7 @@ def _sliding_window_attention_bwd_dq_kernel(
     block_k,
     nq,
     has_segments,
+    math,
 ):
     seg_ref, (dq_ref,) = _split_segments(refs, has_segments)
     i = nq - 1 - pl.program_id(0)
@@ -163,11 +165,11 @@ def _sliding_window_attention_bwd_dq_kernel(
     def body(j, dq, masked):
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[ks, :]
-        s = _dot(q, k, _NT) * (scale * _LOG2E)
+        s = math.fma(_dot(q, k, _NT), scale * _LOG2E, -lse)  # log2 of P
         if masked:
             k_seg = None if seg_ref is None else seg_ref[ks][None, :]
             s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
-        p = jnp.exp2(s - lse)
+        p = math.exp2(s)
         ds = p * (_dot(do, v_ref[ks, :], _NT) - delta)
         return dq + _dot(ds.astype(k.dtype), k, _NN)
 
@@ -191,6 +193,7 @@ def _sliding_window_attention_bwd_dkv_kernel(
     block_q,
     groups,
     has_segments,
+    math,
 ):
     seg_ref, (dk_ref, dv_ref) = _split_segments(refs, has_segments)
     j = pl.program_id(0)
@@ -207,11 +210,11 @@ def _sliding_window_attention_bwd_dkv_kernel(
             qs = pl.ds(pl.multiple_of((first + lax.rem(r, count)) * block_q, block_q), block_q)
             q, do = q_ref[qs, head, :], do_ref[qs, head, :]
             # Transposed scores (keys x queries): dk and dv are then plain A @ B products.
-            s = _dot(k, q, _NT) * (scale * _LOG2E)
+            s = math.fma(_dot(k, q, _NT), scale * _LOG2E, -lse_ref[head, qs][None, :])  # log2 of P^T
             if masked:
                 q_seg = None if seg_ref is None else seg_ref[qs][None, :]
                 s = jnp.where(_visible(qpos_ref[qs][None, :], k_pos, window, q_seg, k_seg), s, -jnp.inf)
-            p = jnp.exp2(s - lse_ref[head, qs][None, :])
+            p = math.exp2(s)
             dv = dv + _dot(p.astype(do.dtype), do, _NN)
             ds = p * (_dot(v, do, _NT) - delta_ref[head, qs][None, :])
             return dk + _dot(ds.astype(q.dtype), q, _NN), dv
@@ -246,6 +249,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         block_k=tl.block_k,
         nq=nq,
         has_segments=has_seg,
+        math=TritonMath(ptx=not pr.interpret),
     )
     rev = lambda i: nq - 1 - i  # noqa: E731
     in_specs = [
@@ -296,6 +300,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             block_k=tl.block_k_dq,
             nq=nq,
             has_segments=has_seg,
+            math=TritonMath(ptx=not pr.interpret),
         ),
         grid=(nq, b, hq),
         in_specs=[per_row, q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
@@ -323,6 +328,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             block_q=tl.block_q_dkv,
             groups=g,
             has_segments=has_seg,
+            math=TritonMath(ptx=not pr.interpret),
         ),
         grid=(nk, b, hk),
         in_specs=[per_row, group_q, kv_tile, kv_tile, group_q, group_rows, group_rows]
