@@ -57,13 +57,13 @@ whatever the input dtype (bf16 rows are converted on load and results cast on st
 relative accuracy of a long product of decays, and bf16 sums of thousands of terms lose 1e-2. ``exp(delta A)`` is
 ``exp2(delta log2(e) A)``, the ``log2(e)`` folded into the per-channel step size.
 
-Arithmetic (``_Math``, on ``pallas_kernels._triton_math.TritonMath``): compiled kernels use inline PTX
-``fma.rn.f32`` and ``ex2.approx.ftz.f32``, because XLA's Triton pipeline emits neither (no FFMA at all, and a range-fixed ``ex2``: 10 instructions per state element where 5
-do); softplus is ``ex2`` plus a degree-8 polynomial for ``log1p`` instead of libdevice's ``expf`` / ``log1pf`` (~45
-instructions per channel and token). Measured on the H100 (profiler trace, B4 T4096 D1536, same run): chunk_state
-200 -> 154 us, chunk_adjoint 216 -> 183 us; the forward kernel only 376 -> 362 us, as it waits on memory (Nsight
-Compute PC sampling: 45% long-scoreboard stalls on the u / delta / z rows and the B / C scalars), which
-``_run_forward`` now fetches one unrolled block ahead.
+Arithmetic (``_Math``, on ``pallas_kernels._triton_math.TritonMath``): compiled kernels use inline PTX ``fma.rn.f32``
+and ``ex2.approx.ftz.f32``, because XLA's Triton pipeline emits neither (no FFMA at all, and a range-fixed ``ex2``: 10
+instructions per state element where 5 do); softplus is ``ex2`` plus a degree-8 polynomial for ``log1p`` instead of
+libdevice's ``expf`` / ``log1pf`` (~45 instructions per channel and token). Measured on the H100 (profiler trace, B4
+T4096 D1536, same run): chunk_state 200 -> 154 us, chunk_adjoint 216 -> 183 us; the forward kernel only 376 -> 362 us,
+as it waits on memory (Nsight Compute PC sampling: 45% long-scoreboard stalls on the u / delta / z rows and the B / C
+scalars), which ``_run_forward`` now fetches one unrolled block ahead.
 
 Index arithmetic: kernels index refs only per dimension (row < l, state < n, sub-chunk < l / bwd_unroll); Pallas
 forms block offsets per dimension from grid indices (int32, each far below 2**31) and flat offsets in 64 bits whenever
