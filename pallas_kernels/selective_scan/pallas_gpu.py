@@ -33,7 +33,7 @@ Forward (with ``c == 1`` only step 3 runs, from the initial state):
      stored ``y`` and a second pass over it, so recompute it is.
 Chunk parallelism is what fills the GPU: ``c`` is the largest count with ``(d / bd) * c * b <= wave_programs``, the
 one-warp programs that one wave of the forward kernel holds (B4 T4096 D1536: 16 chunks of 256 tokens; B1 T65536
-D1536: 66 chunks of 1000; B8 T2048 D2048: 6 of 344).
+D1536: 66 chunks of 996; B8 T2048 D2048: 6 of 344; shorter chunks switch to narrower programs, below).
 
 Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
   1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
@@ -72,11 +72,19 @@ D2048 N16 and check the 64-bit offsets).
 
 Default block sizes, first chosen from the compiled code, then measured on the H100 (B4 T4096 D1536 N16 bf16, device
 time from a profiler trace, interleaved A/B runs of module copies):
-* forward: ``block_d = 32`` (one channel per thread, one warp), ``unroll = 8``, ``wave_programs = 24 * 132``: fwd
-  0.531 -> 0.473 ms against ``block_d = 64, unroll = 4, wave_programs = 12 * 132`` (same run). Offline Triton 3.6 /
-  ptxas for sm_90a: 128 registers for the forward kernel (168 before), 72 for the chunk-state kernel, so more warps
-  stay resident to hide the load latency that dominates the forward kernel (Nsight Compute: 45% long-scoreboard
-  stalls). ``wave_programs = 16 * 132`` with the same blocks was slower (0.643), ``32 * 132`` too (0.501).
+* forward, two regimes (``choose_config``): where ``DEFAULT_CONFIG`` (``block_d = 64``: two channels per thread,
+  one warp; ``unroll = 4``; ``wave_programs = 12 * 132``) cuts chunks of at most 256 tokens, ``SHORT_CHUNK_CONFIG``
+  (``block_d = 32``, ``unroll = 8``, ``wave_programs = 24 * 132``): twice the programs at the same chunk count, 128
+  registers for the forward kernel (168 before; offline Triton 3.6 / ptxas), 72 for the chunk-state kernel. Device
+  time of the forward, same runs: B4 T4096 D1536 (16 chunks of 256) 0.531 -> 0.473 ms; but B1 T65536 D1536 (66
+  chunks of ~1000) 1.780 -> 1.956 and B8 T2048 D2048 (6 of 344) got slower, 0.495 (previous session's benchmark)
+  -> 0.727 (this one's), hence the rule. Also
+  measured at B4 T4096: ``wave_programs = 16 * 132`` with the narrow blocks 0.643, ``32 * 132`` 0.501; at B1 T65536:
+  narrow blocks with ``unroll = 4`` 1.879, with ``12 * 132`` programs 3.526. Not understood: why the narrow
+  programs win at 256-token chunks and lose at 344 (Nsight Compute of both would tell).
+  ``wave_programs = 12 * 132``: XLA's Triton gives the wide forward kernel 130 registers, so an H100 SM keeps 12 of
+  its one-warp programs resident; the earlier rule (at least 16 * 132 programs) ran 1.33 waves, its last third on a
+  quarter-full GPU (1.05 -> 0.79 ms for the whole forward then).
 * backward: ``bwd_block_d = 32`` (one warp: the per-token channel sums stay within it), ``bwd_unroll = 2``. Sub-chunks
   of 4 made XLA's Triton spill (Nsight Compute: 47.6 M local-memory requests, 2.83 ms for the backward kernel alone);
   2 took the whole fwd+bwd from 4.11 to 3.03 ms. The dB / dC channel sums use ``TritonMath.lane_sums`` (``n - 1``
@@ -116,23 +124,35 @@ class GpuConfig:
       bwd_num_warps: warps per backward program (1 keeps the per-token channel sums inside one warp).
       bwd_unroll: tokens per backward sub-chunk, whose recomputed states live in registers.
       num_stages: Triton software-pipelining depth for every kernel.
-      wave_programs: split the time axis into as many chunks as keep the grid within this many programs (one wave
-        of the forward kernel on the target GPU; the default, 132 SMs x 24, was measured best on an H100).
+      wave_programs: split the time axis into as many chunks as keep the grid within this many programs (about one
+        wave of the forward kernel on the target GPU: an H100's 132 SMs x 12 resident one-warp programs).
       min_chunk: never make chunks shorter than this many tokens (each chunk adds a state pass and a carry step).
     """
 
-    block_d: int = 32
+    block_d: int = 64
     num_warps: int = 1
-    unroll: int = 8
+    unroll: int = 4
     bwd_block_d: int = 32
     bwd_num_warps: int = 1
     bwd_unroll: int = 2
     num_stages: int = 1
-    wave_programs: int = 24 * 132
+    wave_programs: int = 12 * 132
     min_chunk: int = 64
 
 
+# The two forward regimes measured on the H100 (module docstring): wide programs for long chunks, narrow ones with
+# twice the programs for short chunks. ``choose_config`` picks one per shape.
 DEFAULT_CONFIG = GpuConfig()
+SHORT_CHUNK_CONFIG = GpuConfig(block_d=32, unroll=8, wave_programs=24 * 132)
+SHORT_CHUNK_TOKENS = 256
+
+
+def choose_config(b: int, t: int, d: int, g: int) -> GpuConfig:
+    """``SHORT_CHUNK_CONFIG`` when ``DEFAULT_CONFIG`` would cut the sequence into chunks of at most
+    ``SHORT_CHUNK_TOKENS`` tokens (B4 T4096 D1536: 256), else ``DEFAULT_CONFIG`` (B8 T2048 D2048: 344; B1 T65536 D1536:
+    ~1000)."""
+    plan = make_plan(b, t, d, 16, g, config=DEFAULT_CONFIG)
+    return SHORT_CHUNK_CONFIG if plan.chunks > 1 and plan.chunk <= SHORT_CHUNK_TOKENS else DEFAULT_CONFIG
 
 
 def _pow2_at_least(x: int) -> int:
@@ -953,7 +973,7 @@ def selective_scan_pallas_gpu(
     return_final_state=False,
     segment_ids=None,
     chunk_size=None,
-    config: GpuConfig = DEFAULT_CONFIG,
+    config: GpuConfig | None = None,
     interpret: bool = False,
 ):
     """Selective scan with the Triton kernels above. Arguments are validated by ``api.selective_scan``.
@@ -969,7 +989,7 @@ def selective_scan_pallas_gpu(
       return_final_state: also return the state after the last token.
       segment_ids: ``(b, t)`` integers or None; the state is zeroed before each new segment.
       chunk_size: tokens per time chunk (static), or None to choose one that fills the GPU.
-      config: block sizes (static).
+      config: block sizes (static), or None for ``choose_config`` of the shape.
       interpret: run the kernels in Pallas interpret mode (any platform).
 
     Returns:
@@ -980,6 +1000,7 @@ def selective_scan_pallas_gpu(
     if B.ndim == 3:
         B, C = B[:, :, None], C[:, :, None]
     g = B.shape[2]
+    config = choose_config(b, t, d, g) if config is None else config
     plan = make_plan(
         b,
         t,

@@ -499,6 +499,19 @@ class TestSelectiveScan:
         with pytest.raises(RuntimeError, match=rf"implementation='{other}' needs a .*pass interpret=True"):
             selective_scan(*args, **kw, implementation=other)
 
+    def test_gpu_config_choice(self):
+        # Narrow programs where the default plan's chunks are short (measured on an H100: B4 T4096 D1536), the
+        # default elsewhere; both keep the backward's lane sums (one warp of 32 channels).
+        want = {(4, 4096, 1536): "short", (8, 2048, 2048): "default", (1, 65536, 1536): "default"}
+        want[(1, 64, 8)] = "default"  # one chunk
+        for (b, t, d), kind in want.items():
+            config = scan_gpu.choose_config(b, t, d, 1)
+            assert config == (scan_gpu.SHORT_CHUNK_CONFIG if kind == "short" else scan_gpu.DEFAULT_CONFIG), (b, t, d)
+            plan = scan_gpu.make_plan(b, t, d, 16, 1, config=config)
+            assert plan.lane_sums == (d >= 32)
+            if kind == "short":
+                assert plan.chunk <= scan_gpu.SHORT_CHUNK_TOKENS and plan.bd == 32
+
     @pytest.mark.parametrize(
         "b,t,d,g",
         [(4, 4096, 1536, 1), (8, 2048, 2048, 1), (1, 65536, 1536, 1), (8, 131072, 2048, 1), (2, 100, 12, 4)],
