@@ -23,6 +23,10 @@ input dtype only as matmul operands, as FlashAttention does. fp32 inputs use ``p
 not TF32). Masked scores are ``-inf`` and the running max starts at a finite ``-1e30``, so fully masked rows (padding)
 give zeros, never NaN.
 
+Arithmetic: the softmax's ``s * c - m * c`` is one explicit fma and ``exp2`` the one-instruction ``ex2.approx.ftz``
+(``pallas_kernels._triton_math.TritonMath``; XLA's Triton emits neither): forward 1.611 -> 1.528 ms, fwd+bwd 6.197
+-> 5.752 ms on the H100 at B2 T32768 H16 E64 window 2048 (device time, same run).
+
 Triton rules kept: every tile is a power of two >= 16 on each dot dimension (the head dim is zero-padded to one),
 loops are ``fori_loop``s, no register tensor is indexed dynamically (only refs are). Default block sizes: the
 FlashAttention-2 Triton tutorial's for head dim 64, with three pipeline stages (measured, see ``DEFAULT_TILING``);
