@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
-import gzip
 import importlib.util
-import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -38,7 +34,7 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from bench_common import device_time_ms, time_ms, with_vjp  # noqa: E402
+from bench_common import device_time_ms, profile_calls, time_ms, with_vjp  # noqa: E402
 from ssm_selective_scan import make_inputs as scan_inputs  # noqa: E402
 
 WINDOW = 2048
@@ -84,20 +80,9 @@ def inputs(op: str, shape: str):
 
 def kernel_times(fn, args, calls: int = 10) -> dict:
     """Each GPU kernel's time per call (us) and launches per call, from a profiler trace."""
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    folder = tempfile.mkdtemp(prefix="ab_kernels_")
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
-        for _ in range(calls):
-            jax.block_until_ready(fn(*args))
-    with gzip.open(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]) as fh:
-        events = json.load(fh)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    gpu = {e["pid"] for e in events if e.get("name") == "process_name" and "GPU" in e["args"]["name"]}
     out = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and e["pid"] in gpu:
-            out[e["name"]].append(e["dur"])
+    for e in profile_calls(fn, [args], calls).gpu_stream_events():
+        out[e["name"]].append(e["dur"])
     return {name: (sum(d) / calls, len(d) / calls) for name, d in sorted(out.items(), key=lambda kv: -sum(kv[1]))}
 
 

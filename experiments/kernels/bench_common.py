@@ -103,18 +103,31 @@ def time_ms(fn, input_sets, runs: int) -> float:
     return statistics.median(times)
 
 
-def device_time_ms(fn, input_sets, runs: int) -> float | None:
-    """Median device time of ``fn`` per call in ms: from the start of a call's first GPU kernel to the end of its
-    last, read from a ``jax.profiler`` trace (CUPTI timestamps), i.e. what CUDA events around the call measure.
+@dataclasses.dataclass
+class Trace:
+    """The complete events (``"ph": "X"``) of a ``jax.profiler`` trace, with process and thread names by id."""
 
-    ``time_ms`` reads a host clock after synchronising, so it also counts JAX's dispatch and the synchronisation
-    (~0.2 ms per call measured for the selective scan's forward on the H100, 0.8 ms wall against 0.6 ms of kernels);
-    this is the time the GPU is busy with the call, gaps between its kernels included. None when the trace holds no
-    GPU kernels or their count is not a multiple of ``runs`` (the calls cannot be told apart).
-    """
+    events: list
+    processes: dict  # pid -> name ("/host:CPU", "/device:GPU:0", ...)
+    threads: dict  # (pid, tid) -> name ("python3", "Stream #14(Compute)", ...)
+
+    def process(self, e) -> str:
+        return self.processes.get(e["pid"], "?")
+
+    def thread(self, e) -> str:
+        return self.threads.get((e["pid"], e.get("tid")), "?")
+
+    def gpu_stream_events(self) -> list:
+        """Kernels, copies and sets on the GPU's streams."""
+        return [e for e in self.events if "GPU" in self.process(e) and "Stream" in self.thread(e)]
+
+
+def profile_calls(fn, input_sets, runs: int) -> Trace | None:
+    """A ``jax.profiler`` trace of ``runs`` synchronised calls of ``fn`` (after warm-up on each input set), rotating
+    over ``input_sets``; None if the profiler wrote no perfetto trace."""
     for args in input_sets:
         jax.block_until_ready(fn(*args))
-    folder = tempfile.mkdtemp(prefix="device_time_")
+    folder = tempfile.mkdtemp(prefix="profile_calls_")
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         for i in range(runs):
             jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
@@ -128,14 +141,22 @@ def device_time_ms(fn, input_sets, runs: int) -> float | None:
         (e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == kind
     }
     processes = {pid: name for (pid, _), name in meta("process_name").items()}
-    threads = meta("thread_name")
-    kernels = sorted(
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("ph") == "X"
-        and "GPU" in processes.get(e["pid"], "")
-        and "Stream" in threads.get((e["pid"], e["tid"]), "")
-    )
+    return Trace([e for e in events if e.get("ph") == "X"], processes, meta("thread_name"))
+
+
+def device_time_ms(fn, input_sets, runs: int) -> float | None:
+    """Median device time of ``fn`` per call in ms: from the start of a call's first GPU kernel to the end of its
+    last, read from a ``jax.profiler`` trace (CUPTI timestamps), i.e. what CUDA events around the call measure.
+
+    ``time_ms`` reads a host clock after synchronising, so it also counts JAX's synchronous call (host path before
+    the first kernel, wake-up after the last: ~0.25 ms per selective-scan forward on the H100, ``host_overhead.py``);
+    this is the time the GPU is busy with the call, gaps between its kernels included. None when the trace holds no
+    GPU kernels or their count is not a multiple of ``runs`` (the calls cannot be told apart).
+    """
+    trace = profile_calls(fn, input_sets, runs)
+    if trace is None:
+        return None
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace.gpu_stream_events())
     if not kernels or len(kernels) % runs:
         return None
     per_call = len(kernels) // runs

@@ -17,13 +17,9 @@ calls: the host-side phases per call, and one call's timeline. Run it again with
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +27,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
 
-from bench_common import device_time_ms, time_ms  # noqa: E402
+from bench_common import device_time_ms, profile_calls, time_ms  # noqa: E402
 from ssm_selective_scan import make_inputs  # noqa: E402
 
 from pallas_kernels.selective_scan import selective_scan  # noqa: E402
@@ -47,23 +43,6 @@ def pipelined_ms(fn, args, calls: int = 50, rounds: int = 5) -> float:
         jax.block_until_ready(outs)
         times.append((time.perf_counter() - t0) * 1e3 / calls)
     return statistics.median(times)
-
-
-def trace_events(fn, args, calls: int = 10) -> tuple[list, dict, dict]:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    folder = tempfile.mkdtemp(prefix="host_overhead_")
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
-        for _ in range(calls):
-            jax.block_until_ready(fn(*args))
-    with gzip.open(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]) as fh:
-        events = json.load(fh)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    meta = lambda kind: {  # noqa: E731
-        (e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == kind
-    }
-    processes = {pid: name for (pid, _), name in meta("process_name").items()}
-    return [e for e in events if e.get("ph") == "X"], processes, meta("thread_name")
 
 
 def main():
@@ -86,16 +65,15 @@ def main():
         device = device_time_ms(fn, [a], 20)
         print(f"{name:28s} {time_ms(fn, [a], 50):12.3f} {pipelined_ms(fn, a):10.3f} {device or float('nan'):8.3f}")
 
-    events, processes, threads = trace_events(jitted, args)
+    trace = profile_calls(jitted, [args], 10)
     totals = collections.defaultdict(list)
-    for e in events:
-        key = (processes.get(e["pid"], "?")[:14], threads.get((e["pid"], e.get("tid")), "?")[:20], e["name"][:64])
-        totals[key].append(e["dur"])
+    for e in trace.events:
+        totals[(trace.process(e)[:14], trace.thread(e)[:20], e["name"][:64])].append(e["dur"])
     print("\nselective scan fwd, ten profiled calls: events by total time (us per call, count per call)")
     for (proc, thread, name), durs in sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:30]:
         if not name.startswith("$profiler") and not name.startswith("$contextlib"):
             print(f"  {sum(durs) / 10:9.1f}  x{len(durs) / 10:4.1f}  {proc:14s} {thread:20s} {name}")
-    timeline = sorted((e["ts"], e["dur"], processes.get(e["pid"], "?")[:14], e["name"][:60]) for e in events)
+    timeline = sorted((e["ts"], e["dur"], trace.process(e)[:14], e["name"][:60]) for e in trace.events)
     calls = [x for x in timeline if x[3].startswith("PjitFunction")]
     start = calls[len(calls) // 2][0]  # a call from the middle of the trace
     print("\none call's timeline (us from the call's start, duration)")
