@@ -297,33 +297,30 @@ class TestSelectiveScan:
 
     # --- gradients
 
-    @pytest.mark.parametrize("packed", [False, True])
-    def test_vjp_matches_reference(self, candidate, packed):
-        inputs = make_inputs(6, t=21)
-        # With chunk_size=4 the segment starting at token 8 also starts a chunk.
-        segment_ids = np.repeat(np.array([[0, 1, 2], [0, 0, 1]]), [8, 7, 6], axis=1) if packed else None
-        diff_names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-        primals = {k: jnp.asarray(inputs[k]) for k in diff_names}
+    def assert_vjp_matches_reference(self, candidate, inputs: dict, seed: int, **kwargs):
+        """Forward (output and final state) and the VJP with respect to every differentiable input, against the
+        reference's, for a random cotangent; ``kwargs`` go to the candidate's scan call (e.g. ``chunk_size``)."""
+        primals = {k: jnp.asarray(inputs[k]) for k in _DIFF_NAMES}
 
-        def run(which, p):
-            kwargs = {"chunk_size": 4} if which == "xla" else {}
-            return self.scan(
-                which,
-                {**p, "delta_softplus": True},
-                return_final_state=True,
-                segment_ids=segment_ids,
-                **kwargs,
-            )
+        def run(which, p, **extra):
+            return self.scan(which, {**p, "delta_softplus": True}, return_final_state=True, **extra)
 
-        out, vjp = jax.vjp(functools.partial(run, candidate), primals)
-        out_ref, vjp_ref = jax.vjp(functools.partial(run, "reference"), primals)
-        rng = np.random.default_rng(7)
+        out, vjp = jax.vjp(functools.partial(run, candidate, **kwargs), primals)
+        out_ref, vjp_ref = jax.vjp(functools.partial(run, "reference", segment_ids=kwargs.get("segment_ids")), primals)
+        rng = np.random.default_rng(seed)
         cotangent = tuple(jnp.asarray(rng.standard_normal(o.shape), o.dtype) for o in out_ref)
         assert_tree_rel_close(out, out_ref, "fp32", "forward")
         (grads,), (grads_ref,) = vjp(cotangent), vjp_ref(cotangent)
-        assert set(grads) == set(diff_names)
-        for k in diff_names:
+        assert set(grads) == set(_DIFF_NAMES)
+        for k in _DIFF_NAMES:
             assert_rel_close(grads[k], grads_ref[k], "fp32_grad", f"d{k}")
+
+    @pytest.mark.parametrize("packed", [False, True])
+    def test_vjp_matches_reference(self, candidate, packed):
+        # With chunk_size=4 the segment starting at token 8 also starts a chunk.
+        segment_ids = np.repeat(np.array([[0, 1, 2], [0, 0, 1]]), [8, 7, 6], axis=1) if packed else None
+        extra = {"chunk_size": 4} if candidate == "xla" else {}
+        self.assert_vjp_matches_reference(candidate, make_inputs(6, t=21), 7, segment_ids=segment_ids, **extra)
 
     @pytest.mark.parametrize("n", [16, 3, 1])
     @pytest.mark.parametrize(
@@ -334,20 +331,7 @@ class TestSelectiveScan:
         # (TritonMath.lane_sums) with n padded to 16, 4 and 1 state indices; the small-d tests above take jnp.sum.
         b, t, d, g = 2, 19, 64, 2
         assert scan_gpu.make_plan(b, t, d, n, g).lane_sums
-        inputs = make_inputs(23, b=b, t=t, d=d, n=n, g=g)
-        primals = {k: jnp.asarray(inputs[k]) for k in _DIFF_NAMES}
-
-        def run(which, p):
-            return self.scan(which, {**p, "delta_softplus": True}, return_final_state=True, chunk_size=8)
-
-        out, vjp = jax.vjp(functools.partial(run, kernel), primals)
-        out_ref, vjp_ref = jax.vjp(functools.partial(run, "reference"), primals)
-        rng = np.random.default_rng(24)
-        cotangent = tuple(jnp.asarray(rng.standard_normal(o.shape), o.dtype) for o in out_ref)
-        assert_tree_rel_close(out, out_ref, "fp32", "forward")
-        (grads,), (grads_ref,) = vjp(cotangent), vjp_ref(cotangent)
-        for k in _DIFF_NAMES:
-            assert_rel_close(grads[k], grads_ref[k], "fp32_grad", f"d{k}")
+        self.assert_vjp_matches_reference(kernel, make_inputs(23, b=b, t=t, d=d, n=n, g=g), 24, chunk_size=8)
 
     def test_reference_vjp_matches_finite_differences(self):
         # Directional derivative <cotangent, J v> of the reference against central differences of
