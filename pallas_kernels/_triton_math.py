@@ -111,6 +111,9 @@ class TritonMath:
         4, ... on the remaining half. ``m - 1`` shuffles in all, where one butterfly per value takes ``5 m``.
         """
         m = len(values)
+        if m == 0 or m > 32 or m & (m - 1) or any(jnp.shape(v) != (32,) for v in values):
+            shapes = [jnp.shape(v) for v in values]
+            raise ValueError(f"lane_sums: values must be 1 to 32 (a power of two) vectors of shape (32,), got {shapes}")
         lane = lax.broadcasted_iota(jnp.int32, values[0].shape, 0)
         offset = 16
         while len(values) > 1:

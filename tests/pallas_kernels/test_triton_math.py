@@ -129,3 +129,9 @@ def test_lane_sums_match_float64(compiled, m):
     )
     got = np.asarray(jax.jit(call)(jnp.asarray(x)), np.float64)
     np.testing.assert_array_equal(got.reshape(m, 32 // m).sum(axis=1), x.astype(np.float64).sum(axis=1))
+
+
+@pytest.mark.parametrize("shapes", [[], [(32,)] * 3, [(32,)] * 64, [(16,)] * 2])
+def test_lane_sums_rejects_bad_input(shapes):
+    with pytest.raises(ValueError, match=r"lane_sums: values must be .* got \["):
+        TritonMath(ptx=False).lane_sums([jnp.zeros(s, jnp.float32) for s in shapes])
