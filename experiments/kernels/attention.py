@@ -324,16 +324,12 @@ def _get(rows, case, impl, key, **match):
 def ratios(rows, cfg: Config) -> dict:
     out = {"pallas_over_cudnn": [], "pallas_over_cudnn_device": [], "pallas_over_xla": [], "selective_over_sliding": []}
     for t in cfg.swa_lengths:
-        for key in ("fwd_device_ms", "fwdbwd_device_ms"):
-            p = _get(rows, "sliding", "pallas_gpu", key, T=t)
-            out["pallas_over_cudnn_device"].append(
-                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
-            )
+        for name, suffix in (("pallas_over_cudnn", "_ms"), ("pallas_over_cudnn_device", "_device_ms")):
+            for key in ("fwd" + suffix, "fwdbwd" + suffix):
+                p = _get(rows, "sliding", "pallas_gpu", key, T=t)
+                out[name].append({"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))})
         for key in ("fwd_ms", "fwdbwd_ms"):
             p = _get(rows, "sliding", "pallas_gpu", key, T=t)
-            out["pallas_over_cudnn"].append(
-                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))}
-            )
             out["pallas_over_xla"].append(
                 {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "xla", key, T=t))}
             )
@@ -351,24 +347,19 @@ def ratios(rows, cfg: Config) -> dict:
 def print_tables(report, cfg: Config) -> None:
     rows, r = report["rows"], report["ratios"]
     impls = [i for i in ("reference", "xla", "pallas_gpu", "cudnn") if any(x["impl"] == i for x in rows)]
-    print(f"\nsliding window {cfg.window}, B{cfg.batch} H{cfg.heads} E{cfg.head_dim} bf16, ms (median of {cfg.runs})")
-    print(
-        "| T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " | pallas/cuDNN fwd | pallas/cuDNN fwd+bwd |"
-    )
-    print("|---" * (1 + 2 * len(impls) + 2) + "|")
-    for t in cfg.swa_lengths:
-        cells = timing_cells(rows, impls, case="sliding", T=t)
-        rat = [x["ratio"] for x in r["pallas_over_cudnn"] if x["T"] == t]
-        print(f"| {t} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
+    shape = f"B{cfg.batch} H{cfg.heads} E{cfg.head_dim} bf16"
+    tables = [(f"sliding window {cfg.window}, {shape}, ms (median of {cfg.runs})", "_ms", "pallas_over_cudnn")]
     if any(x.get("fwd_device_ms") for x in rows):
-        print("\ndevice time (profiler span of a call's kernels, without JAX's host dispatch), sliding window, ms")
-        print("| T | " + " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls) + " | pallas/cuDNN fwd | fwd+bwd |")
+        title = "device time (profiler span of a call's kernels, without JAX's host dispatch), sliding window, ms"
+        tables.append((title, "_device_ms", "pallas_over_cudnn_device"))
+    for title, suffix, name in tables:
+        print(f"\n{title}")
+        header = " | ".join(f"{i} fwd | {i} fwd+bwd" for i in impls)
+        print(f"| T | {header} | pallas/cuDNN fwd | pallas/cuDNN fwd+bwd |")
         print("|---" * (1 + 2 * len(impls) + 2) + "|")
         for t in cfg.swa_lengths:
-            cells = [
-                fmt(_get(rows, "sliding", i, k, T=t)) for i in impls for k in ("fwd_device_ms", "fwdbwd_device_ms")
-            ]
-            rat = [x["ratio"] for x in r["pallas_over_cudnn_device"] if x["T"] == t]
+            cells = timing_cells(rows, impls, suffix, case="sliding", T=t)
+            rat = [x["ratio"] for x in r[name] if x["T"] == t]
             print(f"| {t} | " + " | ".join(cells) + f" | {fmt(rat[0], 2)} | {fmt(rat[1], 2)} |")
     print(f"\nselective attention T{cfg.sel_length} window {cfg.window}, capacity ceil(1.1 C T), ms")
     print(

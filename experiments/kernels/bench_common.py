@@ -284,12 +284,13 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def timing_cells(rows: list[dict], impls: Sequence[str], **match) -> list[str]:
-    """Table cells ``impl fwd | impl fwd+bwd`` per implementation: ms, or why there is no time."""
+def timing_cells(rows: list[dict], impls: Sequence[str], suffix: str = "_ms", **match) -> list[str]:
+    """Table cells ``impl fwd | impl fwd+bwd`` per implementation: ms, or why there is no time. ``suffix`` picks the
+    timing: ``"_ms"`` (host clock) or ``"_device_ms"`` (``device_time_ms``)."""
     cells = []
     for impl in impls:
         for key in ("fwd", "fwdbwd"):
-            v = lookup(rows, key + "_ms", impl=impl, **match)
+            v = lookup(rows, key + suffix, impl=impl, **match)
             cells.append(fmt(v) if v is not None else (lookup(rows, key + "_status", impl=impl, **match) or "-"))
     return cells
 

@@ -151,7 +151,7 @@ def choose_config(b: int, t: int, d: int, g: int) -> GpuConfig:
     """``SHORT_CHUNK_CONFIG`` when ``DEFAULT_CONFIG`` would cut the sequence into chunks of at most
     ``SHORT_CHUNK_TOKENS`` tokens (B4 T4096 D1536: 256), else ``DEFAULT_CONFIG`` (B8 T2048 D2048: 344; B1 T65536 D1536:
     ~1000)."""
-    plan = make_plan(b, t, d, 16, g, config=DEFAULT_CONFIG)
+    plan = make_plan(b, t, d, 16, g, config=DEFAULT_CONFIG)  # the chunking does not depend on n
     return SHORT_CHUNK_CONFIG if plan.chunks > 1 and plan.chunk <= SHORT_CHUNK_TOKENS else DEFAULT_CONFIG
 
 

@@ -36,7 +36,6 @@ FlashAttention-2 Triton tutorial's for head dim 64, with three pipeline stages (
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +44,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
 
-_LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 
