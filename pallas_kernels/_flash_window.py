@@ -53,7 +53,8 @@ class Tiling:
     """Static block sizes of the three kernels, and the Triton launch knobs (ignored by the TPU backend).
 
     ``block_q`` / ``block_k`` tile the forward pass; ``*_dq`` the dq kernel (a query block resident, a loop over key
-    blocks); ``*_dkv`` the dk/dv kernel (a key block resident, a loop over query blocks).
+    blocks); ``*_dkv`` the dk/dv kernel (a key block resident, a loop over query blocks). ``q_blocks_per_program``
+    (a power of two; GPU forward only) query blocks share one forward program and its K/V loads.
     """
 
     block_q: int
@@ -66,10 +67,24 @@ class Tiling:
     num_stages: int = 2
     num_warps_bwd: int | None = None  # the dq and dk/dv kernels' knobs; None: as the forward's
     num_stages_bwd: int | None = None
+    q_blocks_per_program: int = 1
+
+    def __post_init__(self):
+        n = self.q_blocks_per_program
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"q_blocks_per_program must be a power of two >= 1, got {n}")
 
     @property
     def largest(self) -> int:
-        return max(self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv, self.block_k_dkv)
+        """The padding multiple: every block, and the rows of one forward program."""
+        return max(
+            self.block_q * self.q_blocks_per_program,
+            self.block_k,
+            self.block_q_dq,
+            self.block_k_dq,
+            self.block_q_dkv,
+            self.block_k_dkv,
+        )
 
     def map_blocks(self, fn: Callable[[int], int]) -> Tiling:
         """This tiling with ``fn`` applied to every block size."""
@@ -365,8 +380,12 @@ def fit_tiling(tiling: Tiling, s: int, block_size: int | None, *, minimum: int =
     cap = max(minimum, _next_pow2(s))
     if block_size is not None:
         size = min(cap, max(minimum, _next_pow2(block_size)))
-        return tiling.map_blocks(lambda _: size)
-    return tiling.map_blocks(lambda n: min(n, cap))
+        tiling = tiling.map_blocks(lambda _: size)
+    else:
+        tiling = tiling.map_blocks(lambda n: min(n, cap))
+    # A forward program never spans more rows than the capped sequence.
+    per_program = max(1, min(tiling.q_blocks_per_program, cap // tiling.block_q))
+    return dataclasses.replace(tiling, q_blocks_per_program=per_program)
 
 
 def _next_pow2(n: int) -> int:

@@ -3,14 +3,20 @@
 Three kernels on the position-based problem of ``pallas_kernels._flash_window`` (slot i sees slot j iff
 ``0 <= pos[i] - pos[j] < window`` and equal segment ids), which selective attention reuses on its compacted buffer:
 
-* forward, grid ``(nq, b, hq)``, query blocks in reverse order (the longest rows of full causal attention start
-  first): one program holds a ``(block_q, e)`` query tile and loops (``fori_loop``, dynamic bounds) over the key
-  blocks ``[start, end)`` that ``key_block_ranges`` found for it, with an online softmax (FlashAttention-2), in
-  three runs: masked boundary blocks ``[start, lo)``, interior blocks ``[lo, hi)`` that every query sees whole (no
-  mask arithmetic), masked ``[hi, end)``. K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)``
-  (Triton blocks are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2
-  log-sum-exp.
-* dq, grid ``(nq, b, hq)``: the same loops, recomputing ``P = exp2(S - lse)``; ``dS = P * (dP - delta)``.
+* forward, grid ``(nq / n, b, hq)``, query blocks in reverse order (the longest rows of full causal attention start
+  first): one program holds ``n = q_blocks_per_program`` query blocks of ``(block_q, e)`` (default two of 64 rows),
+  each with its own online softmax (FlashAttention-2) and its own key-block bounds ``[start, lo, hi, end)`` from
+  ``key_block_ranges``. One ``fori_loop`` (dynamic bounds) runs over the union of their key blocks, loading each K/V
+  block once for all of them; a query block masks (``lax.cond``) only the blocks outside its interior ``[lo, hi)``,
+  which every one of its queries sees whole, so only ~2 boundary blocks per query block pay for the mask, and a
+  block outside its ``[start, end)`` comes out all ``-inf`` and changes nothing. Why 2 x 64 rows and not one
+  128-row block: the window's two staircase edges (far edge and diagonal) then cover 64 keys each instead of 128,
+  so less masked work is wasted, while K/V loads are still shared by 128 rows: 1.53 -> 1.42 ms at the benchmark shape
+  (cuDNN 1.39; ``DEFAULT_TILING``). K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton
+  blocks are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
+* dq, grid ``(nq, b, hq)``: one query block, loops over masked boundary blocks ``[start, lo)``, interior blocks
+  ``[lo, hi)`` (no mask arithmetic) and masked ``[hi, end)``, recomputing ``P = exp2(S - lse)``;
+  ``dS = P * (dP - delta)``.
 * dk/dv, grid ``(nk, b, hk)``: a key tile stays resident; flat loops run over the ``hq // hk`` query heads of its
   key head times the query blocks that ``query_block_ranges`` found (again masked / interior / masked), so dk/dv
   accumulate in registers without a per-query-head copy in HBM. Scores are formed transposed (``K Q^T``) so no tile
@@ -50,12 +56,14 @@ from pallas_kernels._triton_math import TritonMath
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 
-# fwd 128x64 and bwd 128x32 (dq) / 32x128 (dk/dv) tiles with 4 warps are the FlashAttention-2 Triton tutorial's for
-# head dim 64. Three pipeline stages, measured on the H100 at B2 T32768 H16 E64 window 2048 (``attention.py
-# --sweep-only``): fwd 1.99 / fwd+bwd 6.61 ms against 2.17 / 7.24 with two; 64x64 forward tiles, larger dq / dk/dv
-# tiles, 16-row dk/dv query blocks and 4 stages were no better.
+# Forward: two 64-row query blocks per program (128 rows, 64-key blocks); backward: 128x32 (dq) / 32x128 (dk/dv),
+# the FlashAttention-2 Triton tutorial's for head dim 64. 4 warps, 3 pipeline stages. Measured on the H100 at B2 T32768
+# H16 E64 window 2048 (device time, interleaved A/B runs; experiments/kernels/NOTES.md, sixth session): one 128-row
+# query block per program 1.519-1.530 ms, two 64-row ones 1.422-1.436 ms, cuDNN 1.387-1.390 in the same runs. Earlier
+# sweeps (``attention.py --sweep-only``, ``results/ab_session5/swa_tiles.log``): two stages instead of three cost 10%;
+# 64x64 forward tiles, larger dq / dk/dv tiles, 16-row dk/dv query blocks and 4 stages were no better.
 DEFAULT_TILING = fw.Tiling(
-    block_q=128,
+    block_q=64,
     block_k=64,
     block_q_dq=128,
     block_k_dq=32,
@@ -63,6 +71,7 @@ DEFAULT_TILING = fw.Tiling(
     block_k_dkv=128,
     num_warps=4,
     num_stages=3,
+    q_blocks_per_program=2,
 )
 
 
@@ -101,43 +110,63 @@ def _masked_loops(bounds, body, carry):
 
 
 def _sliding_window_attention_fwd_kernel(
-    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, has_segments, math
+    ranges_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, *refs, scale, window, block_k, nq, subs, has_segments, math
 ):
     seg_ref, (o_ref, lse_ref) = _split_segments(refs, has_segments)
-    i = nq - 1 - pl.program_id(0)  # heavy (late) query blocks first: shorter tail when the window is long
-    q = q_ref[...]
-    q_pos = qpos_ref[...][:, None]
-    q_seg = None if seg_ref is None else seg_ref[pl.ds(i * q.shape[0], q.shape[0])][:, None]
-
+    bq = q_ref.shape[0] // subs
+    first_block = (nq // subs - 1 - pl.program_id(0)) * subs  # heavy (late) query blocks first: a shorter tail
     c = scale * _LOG2E
 
-    def body(j, carry, masked):
+    # ``subs`` query blocks of bq rows, each with its own softmax state and key-block bounds [start, lo, hi, end).
+    blocks = []
+    for h in range(subs):
+        rows = pl.ds(h * bq, bq)
+        i = first_block + h
+        q_seg = None if seg_ref is None else seg_ref[pl.ds(i * bq, bq)][:, None]
+        blocks.append((q_ref[rows, :], qpos_ref[rows][:, None], q_seg, [ranges_ref[i, col] for col in range(4)]))
+
+    def attend(block, j, k, v, carry):
+        """One key block for one query block: online softmax (FlashAttention-2), masked outside ``[lo, hi)``."""
+        q, q_pos, q_seg, (_, lo, hi, _) = block
+        acc, m, row_sum = carry
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        s = _dot(q, k, _NT)
+
+        def mask(s):
+            k_seg = None if seg_ref is None else seg_ref[ks][None, :]
+            return jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
+
+        # A block outside [start, end) of this query block comes out all -inf: m, acc and the sum stay as they were.
+        s = lax.cond((j < lo) | (j >= hi), mask, lambda s: s, s)
         # The running max m is kept on raw scores (c > 0 preserves the order), so the scale enters only through
         # one fused multiply-subtract per score, exp2(s * c - m * c), instead of a separate scaled copy of s: an
         # explicit fma (XLA's Triton contracts nothing) and the one-instruction ex2 (``TritonMath``).
-        acc, m, row_sum = carry
-        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        s = _dot(q, k_ref[ks, :], _NT)
-        if masked:
-            k_seg = None if seg_ref is None else seg_ref[ks][None, :]
-            s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # (m - m_new) * c, not m * c - m_new * c: from the initial max of -1e30 a fused multiply-add leaves a residue
         # of ~1e22, whose exp2 is inf (and 0 * inf = NaN in padded rows). Masked scores: fma(-inf, c, .) = -inf.
         alpha = math.exp2((m - m_new) * c)
         p = math.exp2(math.fma(s, c, -(m_new * c)[:, None]))
-        v = v_ref[ks, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
         return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
 
-    bq, e = q.shape
+    def every_block(j, carry):
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        k, v = k_ref[ks, :], v_ref[ks, :]  # loaded once for all query blocks of the program
+        return tuple(attend(block, j, k, v, cr) for block, cr in zip(blocks, carry))
+
+    first, last = blocks[0][3][0], blocks[0][3][3]
+    for block in blocks[1:]:
+        first, last = jnp.minimum(first, block[3][0]), jnp.maximum(last, block[3][3])
+    e = q_ref.shape[1]
     init = (jnp.zeros((bq, e), jnp.float32), jnp.full((bq,), fw.NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, row_sum = _masked_loops([ranges_ref[i, col] for col in range(4)], body, init)
-    seen = row_sum > 0
-    l_safe = jnp.where(seen, row_sum, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    # +inf for rows with no key: the backward's exp2(S - lse) is then 0, never exp2(-inf + inf).
-    lse_ref[...] = jnp.where(seen, m * c + jnp.log2(l_safe), jnp.inf)
+    carry = lax.fori_loop(first, last, every_block, (init,) * subs)
+    for h, (acc, m, row_sum) in enumerate(carry):
+        seen = row_sum > 0
+        l_safe = jnp.where(seen, row_sum, 1.0)
+        rows = pl.ds(h * bq, bq)
+        o_ref[rows, :] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+        # +inf for rows with no key: the backward's exp2(S - lse) is then 0, never exp2(-inf + inf).
+        lse_ref[rows] = jnp.where(seen, m * c + jnp.log2(l_safe), jnp.inf)
 
 
 def _sliding_window_attention_bwd_dq_kernel(
@@ -243,7 +272,8 @@ def _params(tl: fw.Tiling, backward: bool = False):
 def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
     b, s, hq, e = q.shape
     tl = pr.tiling
-    bq, nq, g = tl.block_q, s // tl.block_q, pr.groups
+    nq, g, subs = s // tl.block_q, pr.groups, tl.q_blocks_per_program
+    rows, programs = tl.block_q * subs, nq // subs
     has_seg = seg is not None
     kernel = functools.partial(
         _sliding_window_attention_fwd_kernel,
@@ -251,26 +281,27 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         window=pr.window,
         block_k=tl.block_k,
         nq=nq,
+        subs=subs,
         has_segments=has_seg,
         math=TritonMath(ptx=not pr.interpret),
     )
-    rev = lambda i: nq - 1 - i  # noqa: E731
+    rev = lambda i: programs - 1 - i  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, nq, 4), lambda i, bi, h: (bi, 0, 0)),
-        pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, rows, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
         pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
         pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((None, bq), lambda i, bi, h: (bi, rev(i))),
+        pl.BlockSpec((None, rows), lambda i, bi, h: (bi, rev(i))),
         pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0)),
     ] + [pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0))] * has_seg
     out_specs = [
-        pl.BlockSpec((None, bq, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, rev(i))),
+        pl.BlockSpec((None, rows, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, None, rows), lambda i, bi, h: (bi, h, rev(i))),
     ]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, s), jnp.float32)]
     return pl.pallas_call(
         kernel,
-        grid=(nq, b, hq),
+        grid=(programs, b, hq),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,

@@ -9,6 +9,8 @@ overrides ``implementation`` / ``extra_kwargs``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -621,6 +623,52 @@ def test_pallas_tpu_tiling_rules():
         assert all(b % 128 == 0 or b == one <= 128 for b in (tl.block_q, tl.block_k, tl.block_q_dkv)), (t, tl)
     assert pallas_tpu.tiling_for(1000, 16, interpret=True).block_q == 16
     assert pallas_tpu.tiling_for(40).block_q == 48
+
+
+@pytest.mark.parametrize("per_program", [1, 2, 4])
+@pytest.mark.parametrize("window, segments", [(37, False), (5, True), (1000, False)])
+def test_pallas_gpu_query_blocks_per_program(per_program, window, segments):
+    """The GPU forward with 1, 2 or 4 query blocks per program (one loop over the union of their key blocks, each
+    masking outside its own interior) equals the reference, forward and VJP, in interpret mode: short and long
+    windows (blocks of one query block outside another's range), packed segments, t not a multiple of a program."""
+    from pallas_kernels.sliding_window_attention.pallas_gpu import DEFAULT_TILING, sliding_window_attention_pallas_gpu
+
+    tiling = dataclasses.replace(DEFAULT_TILING, q_blocks_per_program=per_program)
+    q, k, v, ct, seg = make_inputs(3, 1, 200, 2, 1, 16, segments)
+
+    def run(implementation):
+        def fn(q, k, v):
+            if implementation == "reference":
+                return sliding_window_attention(q, k, v, window=window, segment_ids=seg, implementation="reference")
+            return sliding_window_attention_pallas_gpu(
+                q,
+                k,
+                v,
+                window=window,
+                segment_ids=seg,
+                softmax_scale=0.25,
+                block_size=16,
+                interpret=True,
+                tiling=tiling,
+            )
+
+        return value_and_grads(fn, q, k, v, ct)
+
+    out, grads = run("pallas_gpu")
+    ref, g_ref = run("reference")
+    assert_rel_close(out, ref, "fp32", f"forward, {per_program} query blocks per program")
+    assert_grads_close(grads, g_ref, TOLERANCES["fp32_grad"], f"{per_program} query blocks per program ")
+
+
+def test_query_blocks_per_program_rules():
+    """A power of two, named in the error otherwise; never more rows per program than the capped sequence."""
+    with pytest.raises(ValueError, match="q_blocks_per_program must be a power of two >= 1, got 3"):
+        _flash_window.Tiling(16, 16, 16, 16, 16, 16, q_blocks_per_program=3)
+    tiling = _flash_window.Tiling(64, 64, 64, 64, 64, 64, q_blocks_per_program=4)
+    assert _flash_window.fit_tiling(tiling, 100, None).q_blocks_per_program == 2  # 2 x 64 rows cover 128 >= 100
+    assert _flash_window.fit_tiling(tiling, 40, None).q_blocks_per_program == 1
+    assert _flash_window.fit_tiling(tiling, 5000, 16).q_blocks_per_program == 4
+    assert tiling.largest == 256
 
 
 @pytest.mark.parametrize("force_sort", [False, True])
