@@ -125,11 +125,11 @@ def _sliding_window_attention_fwd_kernel(
         q_seg = None if seg_ref is None else seg_ref[pl.ds(i * bq, bq)][:, None]
         blocks.append((q_ref[rows, :], qpos_ref[rows][:, None], q_seg, [ranges_ref[i, col] for col in range(4)]))
 
-    def attend(block, j, k, v, carry):
-        """One key block for one query block: online softmax (FlashAttention-2), masked outside ``[lo, hi)``."""
+    def attend(block, j, ks, k, v, carry):
+        """Key block j (slots ``ks``) for one query block: online softmax (FlashAttention-2), masked outside
+        ``[lo, hi)``."""
         q, q_pos, q_seg, (_, lo, hi, _) = block
         acc, m, row_sum = carry
-        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = _dot(q, k, _NT)
 
         def mask(s):
@@ -152,7 +152,7 @@ def _sliding_window_attention_fwd_kernel(
     def every_block(j, carry):
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k, v = k_ref[ks, :], v_ref[ks, :]  # loaded once for all query blocks of the program
-        return tuple(attend(block, j, k, v, cr) for block, cr in zip(blocks, carry))
+        return tuple(attend(block, j, ks, k, v, cr) for block, cr in zip(blocks, carry))
 
     first, last = blocks[0][3][0], blocks[0][3][3]
     for block in blocks[1:]:
