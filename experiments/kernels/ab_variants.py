@@ -5,7 +5,8 @@ two benchmark runs of identical code on the wall clock. Timing the variants in o
 on the same inputs, with the profiler's device time next to the wall time, separates the two.
 
 Method: each variant is a copy of the module file (``label=path``; e.g. ``git show HEAD:... > /tmp/old.py``) with
-optional overrides of its default tiling (``label=path@key=value,...``), or ``cudnn`` (attention only). Three
+optional overrides of its default tiling (``label=path@key=value,...``), ``cudnn`` (attention only), or ``mamba_ssm``
+(selective scan only: its CUDA kernel through torch, when importable; device time from CUDA events). Three
 interleaved rounds; in each, every variant's fwd and fwd+bwd are timed (median of 20 synchronised calls after
 warm-up, ``bench_common.time_ms``) and their device time read from a trace (``bench_common.device_time_ms``). The
 table shows the medians over rounds and each round's device time, so a drift between rounds is visible. Outputs of
@@ -34,8 +35,16 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from bench_common import device_time_ms, profile_calls, time_ms, with_vjp  # noqa: E402
+from bench_common import (  # noqa: E402
+    device_time_ms,
+    profile_calls,
+    time_ms,
+    torch_device_time_ms,
+    torch_time_ms,
+    with_vjp,
+)
 from ssm_selective_scan import make_inputs as scan_inputs  # noqa: E402
+from ssm_selective_scan import mamba_ssm_fns  # noqa: E402
 
 WINDOW = 2048
 
@@ -86,6 +95,31 @@ def kernel_times(fn, args, calls: int = 10) -> dict:
     return {name: (sum(d) / calls, len(d) / calls) for name, d in sorted(out.items(), key=lambda kv: -sum(kv[1]))}
 
 
+def vjp_args(op: str):
+    return 3 if op == "swa" else None  # attention: gradients of q, k, v only
+
+
+def jax_timers(fn, op: str, fwd_sets, bwd_sets) -> dict:
+    """``{"fwd": timer, "fwd+bwd": timer}``, each timer returning ``(wall ms, device ms)`` of 20 calls."""
+    f, g = jax.jit(fn), jax.jit(with_vjp(fn, vjp_args(op)))
+    return {
+        "fwd": lambda: (time_ms(f, fwd_sets, 20), device_time_ms(f, fwd_sets, 20)),
+        "fwd+bwd": lambda: (time_ms(g, bwd_sets, 20), device_time_ms(g, bwd_sets, 20)),
+    }
+
+
+def mamba_timers(mamba, fwd_sets, bwd_sets, first) -> dict:
+    """The same timers for mamba_ssm's CUDA selective scan (torch; device time from CUDA events) on the same inputs,
+    after printing its output's distance from the first JAX variant's."""
+    sets = [mamba["to_torch"](a[:-1], a[-1]) for a in bwd_sets]
+    y = mamba["fwd"](*sets[0]).float().transpose(1, 2).cpu().numpy()
+    print(f"{'mamba_ssm':14s} max |out - first variant's| {float(jnp.max(jnp.abs(y - first))):.3e}", flush=True)
+    return {
+        mode: (lambda fn=fn: (torch_time_ms(fn, sets, 20), torch_device_time_ms(fn, sets, 20)))
+        for mode, fn in (("fwd", mamba["fwd"]), ("fwd+bwd", mamba["fwdbwd"]))
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", choices=("selective_scan", "swa"), required=True)
@@ -94,24 +128,31 @@ def main(argv=None):
     parser.add_argument("--kernels", action="store_true", help="also each kernel's time per call")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (a CPU smoke run)")
-    parser.add_argument("variants", nargs="+", help="label=path[@key=value,...] or cudnn")
+    parser.add_argument("variants", nargs="+", help="label=path[@key=value,...], cudnn (swa) or mamba_ssm (scan)")
     args = parser.parse_args(argv)
 
     fwd_sets, bwd_sets = inputs(args.op, args.shape)
-    variants = [load_variant(s, args.op, args.interpret) for s in args.variants]
+    mamba = None
+    if "mamba_ssm" in args.variants:
+        if args.op != "selective_scan" or (mamba := mamba_ssm_fns()) is None:
+            raise SystemExit("mamba_ssm: only for --op selective_scan, with mamba_ssm importable and a CUDA GPU")
+    variants = [load_variant(s, args.op, args.interpret) for s in args.variants if s != "mamba_ssm"]
     first = None
     for label, fn in variants:
         out = jax.jit(fn)(*fwd_sets[0]).astype(jnp.float32)
         first = out if first is None else first
         print(f"{label:14s} max |out - first variant's| {float(jnp.max(jnp.abs(out - first))):.3e}", flush=True)
-    compiled = {label: (jax.jit(fn), jax.jit(with_vjp(fn, 3 if args.op == "swa" else None))) for label, fn in variants}
+    timers = {label: jax_timers(fn, args.op, fwd_sets, bwd_sets) for label, fn in variants}
+    if mamba is not None:
+        timers["mamba_ssm"] = mamba_timers(mamba, fwd_sets, bwd_sets, first)
     modes = ("fwd",) if args.fwd_only else ("fwd", "fwd+bwd")
-    res = {label: {m: {"wall": [], "device": []} for m in modes} for label in compiled}
+    res = {label: {m: {"wall": [], "device": []} for m in modes} for label in timers}
     for _ in range(args.rounds):
-        for label, (f, g) in compiled.items():
-            for mode, fn, sets in (("fwd", f, fwd_sets), ("fwd+bwd", g, bwd_sets))[: len(modes)]:
-                res[label][mode]["wall"].append(time_ms(fn, sets, 20))
-                res[label][mode]["device"].append(device_time_ms(fn, sets, 20))
+        for label, timer in timers.items():
+            for mode in modes:
+                wall, device = timer[mode]()
+                res[label][mode]["wall"].append(wall)
+                res[label][mode]["device"].append(device)
     print(f"\n{args.op} {args.shape}: median over {args.rounds} interleaved rounds of medians of 20 calls, ms")
     for label, r in res.items():
         cells = []
@@ -122,8 +163,10 @@ def main(argv=None):
             cells.append(f"{mode} wall {statistics.median(r[mode]['wall']):.3f} device {med:.3f} ({rounds})")
         print(f"{label:14s} " + " | ".join(cells))
     if args.kernels:
-        for label, (f, g) in compiled.items():
-            fn, sets = (f, fwd_sets) if args.fwd_only else (g, bwd_sets)
+        for label, fn in variants:
+            if not args.fwd_only:
+                fn = with_vjp(fn, vjp_args(args.op))
+            fn, sets = jax.jit(fn), (fwd_sets if args.fwd_only else bwd_sets)
             print(f"\n{label} {modes[-1]}: us per call, launches per call")
             for name, (us, count) in kernel_times(fn, sets[0]).items():
                 if us >= 5.0:

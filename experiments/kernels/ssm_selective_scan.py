@@ -59,6 +59,7 @@ from bench_common import (  # noqa: E402
     sweep_candidates,
     timing_cells,
     timings_text,
+    torch_device_time_ms,
     torch_time_ms,
     vjp_errors,
     with_vjp,
@@ -226,7 +227,7 @@ def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
         try:
             p, ct_t = mamba["to_torch"](args, ct)
             y = mamba["fwdbwd"](p, ct_t)
-            results["mamba_ssm"] = {"y": rel_err(y.float().transpose(1, 2).cpu().numpy(), ref_y)}
+            results["mamba_ssm"] = {"y": rel_err(y.detach().float().transpose(1, 2).cpu().numpy(), ref_y)}
         except Exception as err:
             results["mamba_ssm"] = {"status": classify(err)}
     return results
@@ -280,6 +281,8 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     tsets = [mamba["to_torch"](a, ct) for a, ct in sets]
                     row["fwd_ms"], row["fwd_status"] = mamba["timed"](mamba["fwd"], tsets, cfg.runs), "ok"
                     row["fwdbwd_ms"], row["fwdbwd_status"] = mamba["timed"](mamba["fwdbwd"], tsets, cfg.runs), "ok"
+                    row["fwd_device_ms"] = torch_device_time_ms(mamba["fwd"], tsets, cfg.runs)
+                    row["fwdbwd_device_ms"] = torch_device_time_ms(mamba["fwdbwd"], tsets, cfg.runs)
                     del tsets
                 except Exception as err:
                     row.update(fwd_ms=None, fwdbwd_ms=None, fwd_status=classify(err), fwdbwd_status=classify(err))
@@ -324,6 +327,7 @@ def summarise(rows, cfg: Config) -> list[dict]:
                 "pallas_device_ms": p_dev,
                 "pallas_device_over_xla_device": ratio(p_dev, _get(rows, "xla", b, t, d, dkey)),
                 "pallas_device_over_anchor": ratio(p_dev, None if anchor is None else anchor[backward]),
+                "pallas_device_over_mamba_ssm_device_same_run": ratio(p_dev, _get(rows, "mamba_ssm", b, t, d, dkey)),
                 "pallas_over_xla": ratio(p, _get(rows, "xla", b, t, d, key)),
                 "pallas_over_mamba_ssm_same_run": ratio(p, _get(rows, "mamba_ssm", b, t, d, key)),
                 "pallas_over_anchor": ratio(p, None if anchor is None else anchor[backward]),
@@ -362,16 +366,23 @@ def print_tables(report, cfg: Config) -> None:
         ]  # fmt: skip
         print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
     print(
-        "\ndevice time (profiler span of a call's kernels, without JAX's host dispatch; the anchors are torch wall"
-        " times with a synchronise, which include that call's own host time)"
+        "\ndevice time (ours: profiler span of a call's kernels, without JAX's host dispatch; mamba_ssm: CUDA events"
+        " around each call; the targets.md anchors are torch wall times with a synchronise, which include that call's"
+        " own host time)"
     )
-    print("| shape | pallas fwd | pallas fwd+bwd | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd |")
-    print("|---" * 7 + "|")
+    print(
+        "| shape | pallas fwd | pallas fwd+bwd | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd "
+        "| mamba_ssm fwd | mamba_ssm fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd |"
+    )
+    print("|---" * 11 + "|")
     for s in report["summary"]:
         f, fb = s["fwd_ms"], s["fwdbwd_ms"]
+        b, t, d = s["b"], s["t"], s["d"]
         cells = [
             f["pallas_device_ms"], fb["pallas_device_ms"], f["pallas_device_over_xla_device"],
             fb["pallas_device_over_xla_device"], f["pallas_device_over_anchor"], fb["pallas_device_over_anchor"],
+            _get(rows, "mamba_ssm", b, t, d, "fwd_device_ms"), _get(rows, "mamba_ssm", b, t, d, "fwdbwd_device_ms"),
+            f["pallas_device_over_mamba_ssm_device_same_run"], fb["pallas_device_over_mamba_ssm_device_same_run"],
         ]  # fmt: skip
         print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
     if "sweep" in report:

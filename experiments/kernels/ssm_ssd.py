@@ -66,6 +66,7 @@ from bench_common import (  # noqa: E402
     sweep_candidates,
     timing_cells,
     timings_text,
+    torch_device_time_ms,
     torch_time_ms,
     vjp_errors,
     with_vjp,
@@ -231,7 +232,10 @@ def mamba_ssm_fns():
     def timed(fn, sets, runs, chunk):
         return torch_time_ms(lambda q, ct: fn(q, ct, chunk), sets, runs)
 
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed}
+    def device_timed(fn, sets, runs, chunk):
+        return torch_device_time_ms(lambda q, ct: fn(q, ct, chunk), sets, runs)
+
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed, "device_timed": device_timed}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def check_contenders(cfg: Config, contenders: list[str], mamba) -> dict:
             try:
                 q, ct_t = mamba["to_torch"](args, ct)
                 y = mamba["fwdbwd"](q, ct_t, cfg.chunk)
-                results[f"mamba_ssm {dtype}"] = {"y": rel_err(y.float().cpu().numpy(), ref_y)}
+                results[f"mamba_ssm {dtype}"] = {"y": rel_err(y.detach().float().cpu().numpy(), ref_y)}
             except Exception as err:
                 results[f"mamba_ssm {dtype}"] = {"status": classify(err)}
     return results
@@ -321,6 +325,8 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     tsets = [mamba["to_torch"](a, ct) for a, ct in sets]
                     row["fwd_ms"] = mamba["timed"](mamba["fwd"], tsets, cfg.runs, cfg.chunk)
                     row["fwdbwd_ms"] = mamba["timed"](mamba["fwdbwd"], tsets, cfg.runs, cfg.chunk)
+                    row["fwd_device_ms"] = mamba["device_timed"](mamba["fwd"], tsets, cfg.runs, cfg.chunk)
+                    row["fwdbwd_device_ms"] = mamba["device_timed"](mamba["fwdbwd"], tsets, cfg.runs, cfg.chunk)
                     row["fwd_status"] = row["fwdbwd_status"] = "ok"
                     del tsets
                 except Exception as err:
@@ -358,11 +364,17 @@ def summarise(rows, cfg: Config) -> list[dict]:
             ms = _get(rows, "pallas_gpu", case.name, key)
             floor = floor_ms(case, cfg.chunk, backward)
             anchor = None if case.anchor is None else case.anchor[backward]
+            dkey = key.replace("_ms", "_device_ms")
             entry[key] = {
                 "pallas_ms": ms,
                 "pallas_over_xla": ratio(ms, _get(rows, "xla", case.name, key)),
                 "pallas_over_anchor": ratio(ms, anchor),
                 "pallas_over_mamba_ssm_same_run": ratio(ms, _get(rows, "mamba_ssm", case.name, key)),
+                "pallas_device_ms": _get(rows, "pallas_gpu", case.name, dkey),
+                "mamba_ssm_device_ms": _get(rows, "mamba_ssm", case.name, dkey),
+                "pallas_device_over_mamba_ssm_device_same_run": ratio(
+                    _get(rows, "pallas_gpu", case.name, dkey), _get(rows, "mamba_ssm", case.name, dkey)
+                ),
                 "floor_ms": max(floor["flop_ms"], floor["bytes_ms"]),
                 "floor": floor,
                 "floor_fraction": ratio(max(floor["flop_ms"], floor["bytes_ms"]), ms),
@@ -395,6 +407,22 @@ def print_tables(report, cfg: Config) -> None:
             f["pallas_over_xla"], fb["pallas_over_xla"], f["pallas_over_anchor"], fb["pallas_over_anchor"],
             f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"], f["tflops"], fb["tflops"],
             f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
+        ]  # fmt: skip
+        print(f"| {s['label']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    print(
+        "\ndevice time (ours: profiler span of a call's kernels, without JAX's host dispatch; mamba_ssm: CUDA events"
+        " around each call), ms"
+    )
+    print(
+        "| case | pallas fwd | pallas fwd+bwd | mamba_ssm fwd | mamba_ssm fwd+bwd | /mamba_ssm fwd "
+        "| /mamba_ssm fwd+bwd |"
+    )
+    print("|---" * 7 + "|")
+    for s in report["summary"]:
+        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
+        cells = [
+            f["pallas_device_ms"], fb["pallas_device_ms"], f["mamba_ssm_device_ms"], fb["mamba_ssm_device_ms"],
+            f["pallas_device_over_mamba_ssm_device_same_run"], fb["pallas_device_over_mamba_ssm_device_same_run"],
         ]  # fmt: skip
         print(f"| {s['label']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
     print(

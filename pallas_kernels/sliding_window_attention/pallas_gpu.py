@@ -3,17 +3,17 @@
 Three kernels on the position-based problem of ``pallas_kernels._flash_window`` (slot i sees slot j iff
 ``0 <= pos[i] - pos[j] < window`` and equal segment ids), which selective attention reuses on its compacted buffer:
 
-* forward, grid ``(nq / n, b, hq)``, query blocks in reverse order (the longest rows of full causal attention start
-  first): one program holds ``n = q_blocks_per_program`` query blocks of ``(block_q, e)`` (default two of 64 rows),
-  each with its own online softmax (FlashAttention-2) and its own key-block bounds ``[start, lo, hi, end)`` from
-  ``key_block_ranges``. One ``fori_loop`` (dynamic bounds) runs over the union of their key blocks, loading each K/V
-  block once for all of them; a query block masks (``lax.cond``) only the blocks outside its interior ``[lo, hi)``,
-  which every one of its queries sees whole, so only ~2 boundary blocks per query block pay for the mask, and a
-  block outside its ``[start, end)`` comes out all ``-inf`` and changes nothing. Why 2 x 64 rows and not one
-  128-row block: the window's two staircase edges (far edge and diagonal) then cover 64 keys each instead of 128,
-  so less masked work is wasted, while K/V loads are still shared by 128 rows: 1.53 -> 1.42 ms at the benchmark shape
-  (cuDNN 1.39; ``DEFAULT_TILING``). K/V BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton
-  blocks are pointers, nothing is copied), so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
+* forward, grid ``(hq, b, nq / n)``, query blocks in reverse order and heads fastest (see ``_fwd``): one program holds
+  ``n = q_blocks_per_program`` query blocks of ``(block_q, e)`` (default two of 64 rows), each with its own online
+  softmax (FlashAttention-2) and its own key-block bounds ``[start, lo, hi, end)`` from ``key_block_ranges``. One
+  ``fori_loop`` (dynamic bounds) runs over the union of their key blocks, loading each K/V block once for all of them;
+  a query block masks (``lax.cond``) only the blocks outside its interior ``[lo, hi)``, which every one of its queries
+  sees whole, so only ~2 boundary blocks per query block pay for the mask, and a block outside its ``[start, end)``
+  comes out all ``-inf`` and changes nothing. Why 2 x 64 rows and not one 128-row block: the window's two staircase
+  edges (far edge and diagonal) then cover 64 keys each instead of 128, so less masked work is wasted, while K/V loads
+  are still shared by 128 rows: 1.53 -> 1.42 ms at the benchmark shape (cuDNN 1.39; ``DEFAULT_TILING``). K/V
+  BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton blocks are pointers, nothing is copied),
+  so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
 * dq, grid ``(nq, b, hq)``: one query block, loops over masked boundary blocks ``[start, lo)``, interior blocks
   ``[lo, hi)`` (no mask arithmetic) and masked ``[hi, end)``, recomputing ``P = exp2(S - lse)``;
   ``dS = P * (dP - delta)``.
@@ -114,7 +114,7 @@ def _sliding_window_attention_fwd_kernel(
 ):
     seg_ref, (o_ref, lse_ref) = _split_segments(refs, has_segments)
     bq = q_ref.shape[0] // subs
-    first_block = (nq // subs - 1 - pl.program_id(0)) * subs  # heavy (late) query blocks first: a shorter tail
+    first_block = (nq // subs - 1 - pl.program_id(2)) * subs  # grid (hq, b, programs): see _fwd
     c = scale * _LOG2E
 
     # ``subs`` query blocks of bq rows, each with its own softmax state and key-block bounds [start, lo, hi, end).
@@ -285,23 +285,28 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         has_segments=has_seg,
         math=TritonMath(ptx=not pr.interpret),
     )
+    # Launch order: the GPU starts programs with grid axis 0 fastest. Heads first and query blocks last to first, so
+    # the heavy programs of every head start early and the light ones (the first window's rows see fewer keys; all
+    # rows of full causal attention) come last and fill the launch's tail. With query blocks fastest (head-major), the
+    # tail was a mostly idle last wave: B2 T32768 H16 window 2048 has 8192 programs for 264 resident slots (2 per SM),
+    # and the forward took 1.416 -> 1.382 ms device time with this order (cuDNN 1.369; experiments/kernels/NOTES.md).
     rev = lambda i: programs - 1 - i  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, nq, 4), lambda i, bi, h: (bi, 0, 0)),
-        pl.BlockSpec((None, rows, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
-        pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((None, s, None, e), lambda i, bi, h: (bi, 0, lax.div(h, g), 0)),
-        pl.BlockSpec((None, rows), lambda i, bi, h: (bi, rev(i))),
-        pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0)),
-    ] + [pl.BlockSpec((None, s), lambda i, bi, h: (bi, 0))] * has_seg
+        pl.BlockSpec((None, nq, 4), lambda h, bi, i: (bi, 0, 0)),
+        pl.BlockSpec((None, rows, None, e), lambda h, bi, i: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, s, None, e), lambda h, bi, i: (bi, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, s, None, e), lambda h, bi, i: (bi, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((None, rows), lambda h, bi, i: (bi, rev(i))),
+        pl.BlockSpec((None, s), lambda h, bi, i: (bi, 0)),
+    ] + [pl.BlockSpec((None, s), lambda h, bi, i: (bi, 0))] * has_seg
     out_specs = [
-        pl.BlockSpec((None, rows, None, e), lambda i, bi, h: (bi, rev(i), h, 0)),
-        pl.BlockSpec((None, None, rows), lambda i, bi, h: (bi, h, rev(i))),
+        pl.BlockSpec((None, rows, None, e), lambda h, bi, i: (bi, rev(i), h, 0)),
+        pl.BlockSpec((None, None, rows), lambda h, bi, i: (bi, h, rev(i))),
     ]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, s), jnp.float32)]
     return pl.pallas_call(
         kernel,
-        grid=(programs, b, hq),
+        grid=(hq, b, programs),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
