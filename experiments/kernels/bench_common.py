@@ -307,6 +307,17 @@ def fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def print_mode_table(first: str, names: Sequence[str], keys: Sequence[str], summary: Sequence[dict], label, digits=3):
+    """A markdown table of a benchmark summary: a column per name for fwd, then for fwd+bwd; a row per entry,
+    ``label(entry)`` then ``entry["fwd_ms" / "fwdbwd_ms"][key]`` for each of ``keys`` (None prints -)."""
+    modes = (("fwd", "fwd_ms"), ("fwd+bwd", "fwdbwd_ms"))
+    print("| " + " | ".join([first] + [f"{n} {m}" for n in names for m, _ in modes]) + " |")
+    print("|---" * (1 + 2 * len(names)) + "|")
+    for entry in summary:
+        cells = [fmt(entry[mode][k], digits) for k in keys for _, mode in modes]
+        print(f"| {label(entry)} | " + " | ".join(cells) + " |")
+
+
 def timing_cells(rows: list[dict], impls: Sequence[str], suffix: str = "_ms", **match) -> list[str]:
     """Table cells ``impl fwd | impl fwd+bwd`` per implementation: ms, or why there is no time. ``suffix`` picks the
     timing: ``"_ms"`` (host clock) or ``"_device_ms"`` (``device_time_ms``)."""

@@ -50,6 +50,7 @@ from bench_common import (  # noqa: E402
     measure_fwd_fwdbwd,
     passes_bf16_rule,
     print_checks,
+    print_mode_table,
     print_sweep_row,
     pyplot,
     ratio,
@@ -328,6 +329,7 @@ def summarise(rows, cfg: Config) -> list[dict]:
                 "pallas_device_over_xla_device": ratio(p_dev, _get(rows, "xla", b, t, d, dkey)),
                 "pallas_device_over_anchor": ratio(p_dev, None if anchor is None else anchor[backward]),
                 "pallas_device_over_mamba_ssm_device_same_run": ratio(p_dev, _get(rows, "mamba_ssm", b, t, d, dkey)),
+                "mamba_ssm_device_ms": _get(rows, "mamba_ssm", b, t, d, dkey),
                 "pallas_over_xla": ratio(p, _get(rows, "xla", b, t, d, key)),
                 "pallas_over_mamba_ssm_same_run": ratio(p, _get(rows, "mamba_ssm", b, t, d, key)),
                 "pallas_over_anchor": ratio(p, None if anchor is None else anchor[backward]),
@@ -352,39 +354,19 @@ def print_tables(report, cfg: Config) -> None:
         mem = _get(rows, "pallas_gpu", b, t, d, "fwdbwd_peak_bytes")
         print(f"| B{b} T{t} D{d} | " + " | ".join(cells) + f" | {fmt(mem and mem / 2**30, 2)} |")
     print("\npallas_gpu ratios (< 1 is faster) and fraction of the floor (1 = at the floor)")
-    print(
-        "| shape | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd "
-        "| floor fwd ms | floor fwd+bwd ms | floor frac fwd | floor frac fwd+bwd |"
-    )
-    print("|---" * 11 + "|")
-    for s in report["summary"]:
-        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
-        cells = [
-            f["pallas_over_xla"], fb["pallas_over_xla"], f["pallas_over_anchor"], fb["pallas_over_anchor"],
-            f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"],
-            f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
-        ]  # fmt: skip
-        print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    label = lambda s: f"B{s['b']} T{s['t']} D{s['d']}"  # noqa: E731
+    keys = ["pallas_over_xla", "pallas_over_anchor", "pallas_over_mamba_ssm_same_run", "floor_ms", "floor_fraction"]
+    names = ["/xla", "/anchor", "/mamba_ssm", "floor ms", "floor frac"]
+    print_mode_table("shape", names, keys, report["summary"], label)
     print(
         "\ndevice time (ours: profiler span of a call's kernels, without JAX's host dispatch; mamba_ssm: CUDA events"
         " around each call; the targets.md anchors are torch wall times with a synchronise, which include that call's"
         " own host time)"
     )
-    print(
-        "| shape | pallas fwd | pallas fwd+bwd | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd "
-        "| mamba_ssm fwd | mamba_ssm fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd |"
-    )
-    print("|---" * 11 + "|")
-    for s in report["summary"]:
-        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
-        b, t, d = s["b"], s["t"], s["d"]
-        cells = [
-            f["pallas_device_ms"], fb["pallas_device_ms"], f["pallas_device_over_xla_device"],
-            fb["pallas_device_over_xla_device"], f["pallas_device_over_anchor"], fb["pallas_device_over_anchor"],
-            _get(rows, "mamba_ssm", b, t, d, "fwd_device_ms"), _get(rows, "mamba_ssm", b, t, d, "fwdbwd_device_ms"),
-            f["pallas_device_over_mamba_ssm_device_same_run"], fb["pallas_device_over_mamba_ssm_device_same_run"],
-        ]  # fmt: skip
-        print(f"| B{s['b']} T{s['t']} D{s['d']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    keys = ["pallas_device_ms", "pallas_device_over_xla_device", "pallas_device_over_anchor", "mamba_ssm_device_ms"]
+    keys.append("pallas_device_over_mamba_ssm_device_same_run")
+    names = ["pallas", "/xla", "/anchor", "mamba_ssm", "/mamba_ssm"]
+    print_mode_table("shape", names, keys, report["summary"], label)
     if "sweep" in report:
         print("\nGpuConfig sweep (pallas_gpu), ms")
         for r in report["sweep"]:

@@ -57,6 +57,7 @@ from bench_common import (  # noqa: E402
     measure_fwd_fwdbwd,
     passes_bf16_rule,
     print_checks,
+    print_mode_table,
     print_sweep_row,
     pyplot,
     ratio,
@@ -396,35 +397,17 @@ def print_tables(report, cfg: Config) -> None:
         mem = _get(rows, "pallas_gpu", case.name, "fwdbwd_peak_bytes")
         print(f"| {case.label} | " + " | ".join(cells) + f" | {fmt(mem and mem / 2**30, 2)} |")
     print("\npallas_gpu ratios (< 1 is faster), achieved TFLOP/s (targets.md FLOP count) and fraction of the floor")
-    print(
-        "| case | /xla fwd | /xla fwd+bwd | /anchor fwd | /anchor fwd+bwd | /mamba_ssm fwd | /mamba_ssm fwd+bwd "
-        "| TFLOP/s fwd | TFLOP/s fwd+bwd | floor fwd ms | floor fwd+bwd ms | floor frac fwd | floor frac fwd+bwd |"
-    )
-    print("|---" * 13 + "|")
-    for s in report["summary"]:
-        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
-        cells = [
-            f["pallas_over_xla"], fb["pallas_over_xla"], f["pallas_over_anchor"], fb["pallas_over_anchor"],
-            f["pallas_over_mamba_ssm_same_run"], fb["pallas_over_mamba_ssm_same_run"], f["tflops"], fb["tflops"],
-            f["floor_ms"], fb["floor_ms"], f["floor_fraction"], fb["floor_fraction"],
-        ]  # fmt: skip
-        print(f"| {s['label']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    keys = ["pallas_over_xla", "pallas_over_anchor", "pallas_over_mamba_ssm_same_run", "tflops", "floor_ms"]
+    keys.append("floor_fraction")
+    names = ["/xla", "/anchor", "/mamba_ssm", "TFLOP/s", "floor ms", "floor frac"]
+    print_mode_table("case", names, keys, report["summary"], lambda s: s["label"])
     print(
         "\ndevice time (ours: profiler span of a call's kernels, without JAX's host dispatch; mamba_ssm: CUDA events"
         " around each call), ms"
     )
-    print(
-        "| case | pallas fwd | pallas fwd+bwd | mamba_ssm fwd | mamba_ssm fwd+bwd | /mamba_ssm fwd "
-        "| /mamba_ssm fwd+bwd |"
-    )
-    print("|---" * 7 + "|")
-    for s in report["summary"]:
-        f, fb = s["fwd_ms"], s["fwdbwd_ms"]
-        cells = [
-            f["pallas_device_ms"], fb["pallas_device_ms"], f["mamba_ssm_device_ms"], fb["mamba_ssm_device_ms"],
-            f["pallas_device_over_mamba_ssm_device_same_run"], fb["pallas_device_over_mamba_ssm_device_same_run"],
-        ]  # fmt: skip
-        print(f"| {s['label']} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+    keys = ["pallas_device_ms", "mamba_ssm_device_ms", "pallas_device_over_mamba_ssm_device_same_run"]
+    names = ["pallas", "mamba_ssm", "/mamba_ssm"]
+    print_mode_table("case", names, keys, report["summary"], lambda s: s["label"])
     print(
         f"\ncontext, not measured here: at mamba2-130m fp32 a Mosaic GPU Pallas SSD claims fwd "
         f"{PUBLIC_CLAIM['mosaic_gpu_fwd_ms']} ms vs Triton {PUBLIC_CLAIM['triton_fwd_ms']} ms"
