@@ -324,15 +324,12 @@ def _get(rows, case, impl, key, **match):
 def ratios(rows, cfg: Config) -> dict:
     out = {"pallas_over_cudnn": [], "pallas_over_cudnn_device": [], "pallas_over_xla": [], "selective_over_sliding": []}
     for t in cfg.swa_lengths:
-        for name, suffix in (("pallas_over_cudnn", "_ms"), ("pallas_over_cudnn_device", "_device_ms")):
+        for suffix, others in (("_ms", ("cudnn", "xla")), ("_device_ms", ("cudnn",))):
             for key in ("fwd" + suffix, "fwdbwd" + suffix):
                 p = _get(rows, "sliding", "pallas_gpu", key, T=t)
-                out[name].append({"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "cudnn", key, T=t))})
-        for key in ("fwd_ms", "fwdbwd_ms"):
-            p = _get(rows, "sliding", "pallas_gpu", key, T=t)
-            out["pallas_over_xla"].append(
-                {"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", "xla", key, T=t))}
-            )
+                for other in others:
+                    name = f"pallas_over_{other}" + ("_device" if suffix == "_device_ms" else "")
+                    out[name].append({"T": t, "what": key, "ratio": ratio(p, _get(rows, "sliding", other, key, T=t))})
     for fraction in cfg.sel_fractions:
         for impl in ("pallas_gpu", "xla"):
             for key in ("fwd_ms", "fwdbwd_ms"):

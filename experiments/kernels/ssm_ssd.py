@@ -230,13 +230,11 @@ def mamba_ssm_fns():
         y.backward(ct)
         return y
 
-    def timed(fn, sets, runs, chunk):
-        return torch_time_ms(lambda q, ct: fn(q, ct, chunk), sets, runs)
+    def timed(fn, sets, runs, chunk, clock=torch_time_ms):
+        """``clock`` (``torch_time_ms`` or ``torch_device_time_ms``) of ``fn`` at this chunk size."""
+        return clock(lambda q, ct: fn(q, ct, chunk), sets, runs)
 
-    def device_timed(fn, sets, runs, chunk):
-        return torch_device_time_ms(lambda q, ct: fn(q, ct, chunk), sets, runs)
-
-    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed, "device_timed": device_timed}
+    return {"fwd": fwd, "fwdbwd": fwdbwd, "to_torch": to_torch, "timed": timed}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -326,8 +324,10 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                     tsets = [mamba["to_torch"](a, ct) for a, ct in sets]
                     row["fwd_ms"] = mamba["timed"](mamba["fwd"], tsets, cfg.runs, cfg.chunk)
                     row["fwdbwd_ms"] = mamba["timed"](mamba["fwdbwd"], tsets, cfg.runs, cfg.chunk)
-                    row["fwd_device_ms"] = mamba["device_timed"](mamba["fwd"], tsets, cfg.runs, cfg.chunk)
-                    row["fwdbwd_device_ms"] = mamba["device_timed"](mamba["fwdbwd"], tsets, cfg.runs, cfg.chunk)
+                    for key in ("fwd", "fwdbwd"):
+                        row[f"{key}_device_ms"] = mamba["timed"](
+                            mamba[key], tsets, cfg.runs, cfg.chunk, torch_device_time_ms
+                        )
                     row["fwd_status"] = row["fwdbwd_status"] = "ok"
                     del tsets
                 except Exception as err:
@@ -366,16 +366,15 @@ def summarise(rows, cfg: Config) -> list[dict]:
             floor = floor_ms(case, cfg.chunk, backward)
             anchor = None if case.anchor is None else case.anchor[backward]
             dkey = key.replace("_ms", "_device_ms")
+            p_dev, m_dev = (_get(rows, impl, case.name, dkey) for impl in ("pallas_gpu", "mamba_ssm"))
             entry[key] = {
                 "pallas_ms": ms,
                 "pallas_over_xla": ratio(ms, _get(rows, "xla", case.name, key)),
                 "pallas_over_anchor": ratio(ms, anchor),
                 "pallas_over_mamba_ssm_same_run": ratio(ms, _get(rows, "mamba_ssm", case.name, key)),
-                "pallas_device_ms": _get(rows, "pallas_gpu", case.name, dkey),
-                "mamba_ssm_device_ms": _get(rows, "mamba_ssm", case.name, dkey),
-                "pallas_device_over_mamba_ssm_device_same_run": ratio(
-                    _get(rows, "pallas_gpu", case.name, dkey), _get(rows, "mamba_ssm", case.name, dkey)
-                ),
+                "pallas_device_ms": p_dev,
+                "mamba_ssm_device_ms": m_dev,
+                "pallas_device_over_mamba_ssm_device_same_run": ratio(p_dev, m_dev),
                 "floor_ms": max(floor["flop_ms"], floor["bytes_ms"]),
                 "floor": floor,
                 "floor_fraction": ratio(max(floor["flop_ms"], floor["bytes_ms"]), ms),
