@@ -5,7 +5,7 @@ two benchmark runs of identical code on the wall clock. Timing the variants in o
 on the same inputs, with the profiler's device time next to the wall time, separates the two.
 
 Method: each variant is a copy of the module file (``label=path``; e.g. ``git show HEAD:... > /tmp/old.py``) with
-optional overrides of its default tiling (``label=path@key=value,...``), ``cudnn`` (attention only), or ``mamba_ssm``
+optional overrides of its default tiling (``label=path@key=value,...``; swa also takes ``forward=triton|mosaic``), ``cudnn`` (attention only), or ``mamba_ssm``
 (selective scan only: its CUDA kernel through torch, when importable; device time from CUDA events). Three
 interleaved rounds; in each, every variant's fwd and fwd+bwd are timed (median of 20 synchronised calls after
 warm-up, ``bench_common.time_ms``) and their device time read from a trace (``bench_common.device_time_ms``). The
@@ -17,6 +17,7 @@ the variants are compared against the first one before timing. ``--kernels`` add
     python experiments/kernels/ab_variants.py --op selective_scan --shape 4x4096x1536 old=/tmp/old.py new=$S \\
         narrow=$S@block_d=32,unroll=8
     python experiments/kernels/ab_variants.py --op swa --shape 32768 --fwd-only base=$W k128=$W@block_k=128 cudnn
+    python experiments/kernels/ab_variants.py --op swa --shape 32768 triton=$W@forward=triton mosaic=$W@forward=mosaic cudnn
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def load_variant(spec: str, op: str, interpret: bool = False):
     module_spec.loader.exec_module(module)
     base = module.DEFAULT_CONFIG if op == "selective_scan" else module.DEFAULT_TILING
     changes = dict(kv.split("=") for kv in filter(None, overrides.split(",")))
+    # swa: forward=triton|mosaic|auto picks the forward kernel (a string, not a tiling field).
+    forward = {"forward": changes.pop("forward")} if "forward" in changes else {}
     tiling = dataclasses.replace(base, **{k: int(v) for k, v in changes.items()}) if changes else None
     if op == "selective_scan":
         # No overrides: the module's own choice per shape (choose_config where it has one).
@@ -71,7 +74,7 @@ def load_variant(spec: str, op: str, interpret: bool = False):
             u, dl, A, B, C, D, z, bias, delta_softplus=True, config=cfg, interpret=interpret
         )
     return label, lambda q, k, v: module.sliding_window_attention_pallas_gpu(
-        q, k, v, window=WINDOW, softmax_scale=0.125, tiling=tiling, interpret=interpret
+        q, k, v, window=WINDOW, softmax_scale=0.125, tiling=tiling, interpret=interpret, **forward
     )
 
 

@@ -128,6 +128,17 @@ def swa_tiling_fn(tiling, cfg: Config):
     )
 
 
+def swa_forward_kernel(cfg: Config) -> dict:
+    """Which forward kernel (``"triton"`` / ``"mosaic"``) ``pallas_gpu`` runs at each timed length here."""
+    from pallas_kernels.sliding_window_attention.pallas_gpu import forward_choice
+
+    def choice(t):
+        q = jax.ShapeDtypeStruct((cfg.batch, t, cfg.heads, cfg.head_dim), jnp.bfloat16)
+        return forward_choice(q, q, None, forward="auto", length=t, interpret=cfg.interpret)
+
+    return {str(t): choice(t) for t in cfg.swa_lengths}
+
+
 def sel_fn(impl: str, window: int, capacity: int | None, cfg: Config):
     extra = interpret_kwargs(impl, cfg.interpret)
     return lambda q, k, v, sel: selective_attention(
@@ -251,7 +262,13 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
     on_gpu = gpu_or_interpret(cfg.interpret)
     contenders = ["xla", "pallas_gpu"] + (["cudnn"] if cudnn_available(cfg) else [])
     report = {
-        "meta": run_meta(cfg, dtype="bfloat16", contenders=contenders, pallas_interpret=cfg.interpret),
+        "meta": run_meta(
+            cfg,
+            dtype="bfloat16",
+            contenders=contenders,
+            pallas_interpret=cfg.interpret,
+            pallas_gpu_swa_forward=swa_forward_kernel(cfg),
+        ),
     }
     print(f"device {report['meta']['device']}, jax {jax.__version__}, contenders {contenders}", flush=True)
 

@@ -110,7 +110,37 @@ def unsupported_reason(q, k, segment_ids, *, length: int | None, tiling: MosaicT
         return f"head dim {e} is not a multiple of 64"
     if s % tiling.rows or s % tiling.block_k:
         return f"sequence {s} is not a multiple of {tiling.rows} and {tiling.block_k}"
+    if smem_bytes(e, q.dtype, tiling) > _SMEM_BYTES:
+        return f"head dim {e} needs {smem_bytes(e, q.dtype, tiling)} bytes of shared memory (> {_SMEM_BYTES})"
     return None
+
+
+# Shared memory one CTA may use on the H100 (227 KiB), less 4 KiB for barriers and the 1 KiB alignment of swizzled
+# buffers (head dim 128 at two stages: 229888 bytes of buffers, 232552 allocated, over the limit of 232448).
+_SMEM_BYTES = 227 * 1024 - 4096
+
+
+def smem_bytes(e: int, dtype, tiling: MosaicTiling = DEFAULT_MOSAIC_TILING) -> int:
+    """Shared memory of one CTA: Q (two items x two warpgroups), O staging, the K/V ring and the lse staging."""
+    item = jnp.dtype(dtype).itemsize
+    return (4 * tiling.block_q + 2 * tiling.block_q + 2 * tiling.stages * tiling.block_k) * e * item + 8 * tiling.block_q
+
+
+def is_hopper(device=None) -> bool:
+    """True on compute capability 9.x (wgmma and setmaxnreg exist only there; Blackwell has neither)."""
+    device = device or jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def interpret_params():
+    """Mosaic GPU interpret-mode parameters (runs this kernel on a CPU, for tests); None when this jax has none."""
+    params = getattr(plgpu, "InterpretParams", None)
+    if params is None:
+        try:
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+        except ImportError:  # pragma: no cover - depends on the installed jax
+            return None
+    return params()
 
 
 def _cdiv(a, b: int):

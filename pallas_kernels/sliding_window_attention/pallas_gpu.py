@@ -42,6 +42,7 @@ FlashAttention-2 Triton tutorial's for head dim 64, with three pipeline stages (
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _flash_window as fw
 from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
+from pallas_kernels.sliding_window_attention import mosaic_gpu
+
+_log = logging.getLogger("pallas_kernels")
+
+# Forward kernels of sliding-window attention on GPUs: "auto" takes the Mosaic GPU one on Hopper where it applies
+# (``mosaic_gpu.unsupported_reason``), else Triton.
+FORWARDS = ("auto", "triton", "mosaic")
 
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
@@ -382,7 +390,52 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
     return dq, dk, dv
 
 
+def forward_choice(q, k, segment_ids, *, forward: str, length: int | None, interpret) -> str:
+    """``"triton"`` or ``"mosaic"``: which forward kernel runs these (padded) inputs.
+
+    ``"auto"`` takes Mosaic GPU on a Hopper GPU (compiled) when ``mosaic_gpu.unsupported_reason`` finds nothing, and
+    Triton otherwise; ``"mosaic"`` raises a ValueError with the reason when it cannot run (an explicit request never
+    falls back). Interpret mode runs the Triton kernels unless ``"mosaic"`` is asked for (then the Mosaic GPU
+    interpreter runs it on any platform).
+    """
+    if forward not in FORWARDS:
+        raise ValueError(f"sliding_window_attention: forward={forward!r} must be one of {FORWARDS}")
+    if forward == "triton":
+        return "triton"
+    reason = mosaic_gpu.unsupported_reason(q, k, segment_ids, length=length)
+    if forward == "auto":
+        choice = "mosaic" if reason is None and not interpret and mosaic_gpu.is_hopper() else "triton"
+        _log.debug("sliding_window_attention: forward %s (%s)", choice, reason or "mosaic applies")
+        return choice
+    if reason is None and interpret and mosaic_gpu.interpret_params() is None:
+        reason = "this jax has no Mosaic GPU interpret mode"
+    if reason is not None:
+        raise ValueError(f"sliding_window_attention: forward='mosaic' cannot run these inputs: {reason}")
+    return "mosaic"
+
+
+def _fwd_auto(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem, forward: str = "auto"):
+    """The backend's forward: the Mosaic GPU kernel where ``forward_choice`` picks it, else the Triton one."""
+    if forward_choice(q, k, seg, forward=forward, length=pr.arange_length, interpret=pr.interpret) == "triton":
+        return _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr)
+    return mosaic_gpu.sliding_window_attention_fwd_mosaic_gpu(
+        q,
+        k,
+        v,
+        window=pr.window,
+        scale=pr.scale,
+        interpret=mosaic_gpu.interpret_params() if pr.interpret else None,
+    )
+
+
+# Selective attention's compacted buffers (positions, not 0 .. s - 1) always take the Triton forward.
 BACKEND = fw.Backend(head_dim=_head_dim, heads_major=False, fwd=_fwd, bwd=_bwd)
+BACKENDS = {
+    forward: fw.Backend(
+        head_dim=_head_dim, heads_major=False, fwd=functools.partial(_fwd_auto, forward=forward), bwd=_bwd
+    )
+    for forward in FORWARDS
+}
 
 
 def tiling_for(t: int, block_size: int | None = None, tiling: fw.Tiling | None = None) -> fw.Tiling:
@@ -401,8 +454,12 @@ def sliding_window_attention_pallas_gpu(
     block_size: int | None = None,
     interpret: bool = False,
     tiling: fw.Tiling | None = None,
+    forward: str = "auto",
 ):
-    """Causal sliding-window attention with Triton flash kernels; work O(t * (window + block)).
+    """Causal sliding-window attention with flash kernels; work O(t * (window + block)).
+
+    The backward is Triton's (dq and dk/dv kernels); the forward is the Mosaic GPU kernel (``mosaic_gpu.py``) on
+    Hopper where it applies, else Triton's (``forward_choice``).
 
     Args:
       q: ``(b, t, hq, e)``.
@@ -414,7 +471,9 @@ def sliding_window_attention_pallas_gpu(
       block_size: when given, every block size becomes this, rounded up to a power of two >= 16. Never changes
         results.
       interpret: run the kernels in Pallas interpret mode (any platform).
-      tiling: full control of block sizes and launch knobs (benchmarks); ``block_size`` still overrides blocks.
+      tiling: full control of the Triton kernels' block sizes and launch knobs (benchmarks); ``block_size`` still
+        overrides blocks.
+      forward: "auto", "triton" or "mosaic" (see ``forward_choice``).
 
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``.
@@ -431,11 +490,12 @@ def sliding_window_attention_pallas_gpu(
         softmax_scale=softmax_scale,
         tiling=tiling_for(t, block_size, tiling),
         interpret=interpret,
+        forward=forward,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "tiling", "interpret"))
-def _sliding_window_attention_pallas_gpu(q, k, v, segment_ids, *, window, softmax_scale, tiling, interpret):
+@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "tiling", "interpret", "forward"))
+def _sliding_window_attention_pallas_gpu(q, k, v, segment_ids, *, window, softmax_scale, tiling, interpret, forward):
     return fw.window_attention(
         q,
         k,
@@ -446,6 +506,6 @@ def _sliding_window_attention_pallas_gpu(q, k, v, segment_ids, *, window, softma
         span=window,
         scale=softmax_scale,
         tiling=tiling,
-        backend=BACKEND,
+        backend=BACKENDS[forward],
         interpret=interpret,
     )
