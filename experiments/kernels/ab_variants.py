@@ -5,19 +5,19 @@ two benchmark runs of identical code on the wall clock. Timing the variants in o
 on the same inputs, with the profiler's device time next to the wall time, separates the two.
 
 Method: each variant is a copy of the module file (``label=path``; e.g. ``git show HEAD:... > /tmp/old.py``) with
-optional overrides of its default tiling (``label=path@key=value,...``; swa also takes ``forward=triton|mosaic``), ``cudnn`` (attention only), or ``mamba_ssm``
-(selective scan only: its CUDA kernel through torch, when importable; device time from CUDA events). Three
-interleaved rounds; in each, every variant's fwd and fwd+bwd are timed (median of 20 synchronised calls after
-warm-up, ``bench_common.time_ms``) and their device time read from a trace (``bench_common.device_time_ms``). The
-table shows the medians over rounds and each round's device time, so a drift between rounds is visible. Outputs of
-the variants are compared against the first one before timing. ``--kernels`` adds each GPU kernel's time per call
-(from one more trace) for the variants.
+optional overrides of its default tiling (``label=path@key=value,...``; swa also takes ``forward=triton|mosaic``),
+``cudnn`` (attention only), or ``mamba_ssm`` (selective scan only: its CUDA kernel through torch, when importable;
+device time from CUDA events). Three interleaved rounds; in each, every variant's fwd and fwd+bwd are timed (median
+of 20 synchronised calls after warm-up, ``bench_common.time_ms``) and their device time read from a trace
+(``bench_common.device_time_ms``). The table shows the medians over rounds and each round's device time, so a drift
+between rounds is visible. Outputs of the variants are compared against the first one before timing. ``--kernels``
+adds each GPU kernel's time per call (from one more trace) for the variants.
 
     S=pallas_kernels/selective_scan/pallas_gpu.py; W=pallas_kernels/sliding_window_attention/pallas_gpu.py
     python experiments/kernels/ab_variants.py --op selective_scan --shape 4x4096x1536 old=/tmp/old.py new=$S \\
         narrow=$S@block_d=32,unroll=8
     python experiments/kernels/ab_variants.py --op swa --shape 32768 --fwd-only base=$W k128=$W@block_k=128 cudnn
-    python experiments/kernels/ab_variants.py --op swa --shape 32768 triton=$W@forward=triton mosaic=$W@forward=mosaic cudnn
+    python experiments/kernels/ab_variants.py --op swa --shape 32768 t=$W@forward=triton m=$W@forward=mosaic cudnn
 """
 
 from __future__ import annotations

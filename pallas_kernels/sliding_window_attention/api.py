@@ -90,7 +90,8 @@ def sliding_window_attention(
       block_size: static tuning knob of the blocked implementations (xla: query block length; Pallas: every
         block size, rounded up to a power of two >= 16, TPU compiled: to a multiple of 128); None picks a
         default. It never changes results.
-      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic).
+      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton; on Hopper the forward is Mosaic GPU where
+        it applies, see ``pallas_gpu.forward_choice``) or "pallas_tpu" (Mosaic TPU).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform
         ("pallas_gpu": Pallas' interpreter, "pallas_tpu": ``pltpu.InterpretParams()``, or pass an
         ``InterpretParams`` to choose its options). Ignored by "reference" and "xla".

@@ -1,31 +1,43 @@
 """Sliding-window attention forward for Hopper GPUs, Pallas Mosaic GPU lowering (Samba SWA, arXiv:2406.07522).
 
 Why a second GPU forward: the Triton forward (``pallas_gpu.py``) ties cuDNN on the H100 but cannot pass it; both
-are latency-bound, and cuDNN hides the latency with warp specialisation (experiments/kernels/NOTES.md, sixth
-session). This kernel is warp-specialised the way FlashAttention-3 (Shah et al., arXiv:2407.08608) describes:
+are latency-bound, and cuDNN hides the latency with a persistent warp-specialised kernel (experiments/kernels/NOTES.md,
+sixth session). This kernel is warp-specialised the way FlashAttention-3 (Shah et al., arXiv:2407.08608) describes,
+and persistent:
 
-* one CTA owns ``2 * block_q`` query rows of one head; it runs three warpgroups. Warpgroup 2 is the *producer*: it
-  streams the K and V blocks of the window, ``[first, last)``, through a ring of ``stages`` shared-memory slots with
-  TMA copies, each slot guarded by a "full" barrier (TMA completion) and a "free" barrier (both consumers done).
-  Warpgroups 0 and 1 are *consumers*, ``block_q`` rows each (the wgmma M of 64), holding their online-softmax state
-  (FlashAttention-2) in registers and computing ``S = Q K^T`` and ``O += P V`` with asynchronous wgmma.
+* work items are ``(head, batch row, query tile of 2 * block_q rows)``; ``ctas`` CTAs (one per SM by default) take
+  them round-robin, heads fastest, then batch, then query tiles last to first (the light first-window tiles come
+  last, as in the Triton forward's launch order). A CTA runs three warpgroups.
+* warpgroup 2 is the *producer*: it streams the K and V blocks of each item's window, ``[first, first + steps)``,
+  through a ring of ``stages`` shared-memory slots with TMA copies, one stream across all of the CTA's items, so the
+  next item's first blocks load while the current one finishes. Each slot has a "full" barrier (TMA completion) and a
+  "free" barrier (both consumers done; pre-released once so the producer's waits need no condition).
+* warpgroups 0 and 1 are *consumers*, ``block_q`` rows each (the wgmma M of 64). Each holds its online-softmax state
+  (FlashAttention-2) in registers and computes ``S = Q K^T`` and ``O += P V`` with asynchronous wgmma; Q is
+  double-buffered (the next item's rows load during this one) and O leaves through shared memory by TMA stores that
+  are waited for only before the buffer is reused.
 * ping-pong: a two-arrival barrier ``turn`` makes the consumers alternate, so one warpgroup's softmax (exp2 on the
   MUFU, max / sum on the FMA pipe) runs while the other's matmuls occupy the tensor cores.
 * the window: both consumers walk the same key blocks (the producer's stream), each masking only the blocks that
   its rows do not see whole (the far edge and the diagonal, typically one each); a block that one warpgroup does not
   see at all costs its matmuls but changes nothing (scores ``-inf``, running max from a finite ``-1e30``).
-* the launch order is the Triton forward's: heads fastest and query tiles last to first, so the light programs of
-  the first window come at the end of the launch.
+
+Measured on the H100 (B2 H16 E64, window 2048, bf16, T32768, device time, interleaved with cuDNN and the Triton
+forward; experiments/kernels/NOTES.md, eighth session): one CTA per item 1.45-1.47 ms (its prologue and epilogue
+are exposed in each of 8192 short CTAs), persistent 1.26-1.29 ms, Triton 1.36-1.39, cuDNN 1.38-1.40; without the
+ping-pong the persistent kernel takes 1.38 ms.
 
 Scores and the softmax state are float32; ``P`` is cast to the input dtype for the ``P V`` wgmma, as in every
 FlashAttention. The running max is kept in the base-2 scaled domain (``m = max(s) * scale * log2 e``), so each
 probability is one fused multiply-add and one ``ex2``; the log-sum-exp written for the backward is
-``m + log2(l)``, the same base-2 quantity the Triton kernels write and read.
+``m + log2(l)``, the same base-2 quantity the Triton kernels write and read (their backward runs after this forward).
 
-Scope (``unsupported_reason`` says which condition failed): Hopper or newer, 16-bit inputs, head dim a multiple of
-64, the sequence a multiple of ``2 * block_q`` and of ``block_k`` with no padding slots, no segment ids. Everything
-else, and the backward, runs on the Triton kernels. No interpret mode of this kernel on CPU is claimed; the tests run
-it compiled on the GPU (marked ``gpu``).
+Scope (``unsupported_reason`` says which condition failed): 16-bit inputs, head dim a multiple of 64 whose buffers fit
+in shared memory (64 does, 128 does not at two stages), the sequence a multiple of ``2 * block_q`` and ``block_k``
+with no padding slots, no segment ids; compiled, Hopper only (``is_hopper``). Everything else runs the Triton
+forward. On a CPU the kernel runs in Mosaic GPU's interpreter (``interpret_params``), which checks the barriers,
+TMA copies, indices and masks; there the two wgmmas become dots of the same shared-memory tiles, because the
+interpreter's wgmma takes neither a transposed nor a register operand.
 """
 
 from __future__ import annotations
@@ -123,7 +135,9 @@ _SMEM_BYTES = 227 * 1024 - 4096
 def smem_bytes(e: int, dtype, tiling: MosaicTiling = DEFAULT_MOSAIC_TILING) -> int:
     """Shared memory of one CTA: Q (two items x two warpgroups), O staging, the K/V ring and the lse staging."""
     item = jnp.dtype(dtype).itemsize
-    return (4 * tiling.block_q + 2 * tiling.block_q + 2 * tiling.stages * tiling.block_k) * e * item + 8 * tiling.block_q
+    return (
+        4 * tiling.block_q + 2 * tiling.block_q + 2 * tiling.stages * tiling.block_k
+    ) * e * item + 8 * tiling.block_q
 
 
 def is_hopper(device=None) -> bool:
@@ -272,7 +286,7 @@ def sliding_window_attention_fwd_mosaic_gpu(
                 hi = jnp.clip(lax.div(r0 + 1, jnp.int32(bk)) - first, lo, steps)
 
                 def step(i, carry, masked: bool):
-                    acc, m, l = carry
+                    acc, m, row_sum = carry
                     slot = lax.rem(g + i, jnp.int32(stages))
                     plgpu.barrier_wait(k_full.at[slot])
 
@@ -295,11 +309,11 @@ def sliding_window_attention_fwd_mosaic_gpu(
                     m_new = jnp.maximum(m, sc.max(axis=1) * c)
                     alpha = jnp.exp2(m - m_new)
                     p = jnp.exp2(sc * c - lax.broadcast_in_dim(m_new, sc.shape, [0]))
-                    l = l * alpha + p.sum(axis=1)
+                    row_sum = row_sum * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p_in = p.astype(dtype)
                     # Keep the softmax ahead of the barrier waits below.
-                    acc, l, m_new, p_in = lax.optimization_barrier((acc, l, m_new, p_in))
+                    acc, row_sum, m_new, p_in = lax.optimization_barrier((acc, row_sum, m_new, p_in))
                     if tiling.ping_pong:
                         plgpu.barrier_arrive(turn)  # softmax done
                     plgpu.barrier_wait(v_full.at[slot])
@@ -315,21 +329,21 @@ def sliding_window_attention_fwd_mosaic_gpu(
                         nn = (((1,), (0,)), ((), ()))
                         acc = acc + lax.dot_general(p_in, v_smem.at[slot][...], nn, preferred_element_type=jnp.float32)
                     plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l
+                    return acc, m_new, row_sum
 
                 acc = in_layout(jnp.zeros((bq, e), jnp.float32), plgpu.Layout.WGMMA)
                 m = in_layout(jnp.full((bq,), _NEG_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                l = in_layout(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                carry = (acc, m, l)
+                row_sum = in_layout(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                carry = (acc, m, row_sum)
                 carry = lax.fori_loop(0, lo, functools.partial(step, masked=True), carry)
                 carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False), carry)
-                acc, m, l = lax.fori_loop(hi, steps, functools.partial(step, masked=True), carry)
+                acc, m, row_sum = lax.fori_loop(hi, steps, functools.partial(step, masked=True), carry)
 
-                # Every row sees at least its own key, so l > 0. The previous item's stores must have read their
+                # Every row sees at least its own key, so row_sum > 0. The previous item's stores must have read their
                 # shared memory before it is overwritten.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-                lse_smem.at[wg][...] = m + jnp.log2(l)
+                o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])).astype(dtype)
+                lse_smem.at[wg][...] = m + jnp.log2(row_sum)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[bi, pl.ds(r0, bq), h])
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, h, pl.ds(r0, bq)])
