@@ -833,31 +833,16 @@ def test_mosaic_forward_vjp_matches_reference():
     """
     from pallas_kernels.sliding_window_attention import pallas_gpu
 
-    interpret = False
+    args = tuple(x.astype(jnp.bfloat16) for x in make_inputs(32, 1, 256, 4, 2, 64)[:4])
+    kw = dict(window=70, softmax_scale=0.125)
 
-    q, k, v, ct, _ = make_inputs(32, 1, 256, 4, 2, 64)
-    qb, kb, vb, cb = (x.astype(jnp.bfloat16) for x in (q, k, v, ct))
-    kw = dict(window=70)
-    out, grads = value_and_grads(
-        lambda q, k, v: pallas_gpu.sliding_window_attention_pallas_gpu(
-            q, k, v, softmax_scale=0.125, interpret=interpret, forward="mosaic", **kw
-        ),
-        qb,
-        kb,
-        vb,
-        cb,
-    )
-    xla, g_xla = value_and_grads(
-        lambda q, k, v: sliding_window_attention(q, k, v, implementation="xla", softmax_scale=0.125, **kw),
-        qb,
-        kb,
-        vb,
-        cb,
-    )
-    ref, g_ref = value_and_grads(
-        lambda q, k, v: sliding_window_attention(q, k, v, implementation="reference", softmax_scale=0.125, **kw),
-        *(x.astype(jnp.float32) for x in (qb, kb, vb, cb)),
-    )
+    def public(implementation):
+        return lambda q, k, v: sliding_window_attention(q, k, v, implementation=implementation, **kw)
+
+    mosaic = lambda q, k, v: pallas_gpu.sliding_window_attention_pallas_gpu(q, k, v, forward="mosaic", **kw)  # noqa: E731
+    out, grads = value_and_grads(mosaic, *args)
+    xla, g_xla = value_and_grads(public("xla"), *args)
+    ref, g_ref = value_and_grads(public("reference"), *(x.astype(jnp.float32) for x in args))
     assert_bf16_rule(out, xla, ref, "forward bf16")
     for name, a, x, r in zip("qkv", grads, g_xla, g_ref):
         assert_bf16_rule(a, x, r, f"d{name} bf16")
