@@ -291,7 +291,7 @@ def sliding_window_attention_fwd_mosaic_gpu(
                     plgpu.barrier_wait(k_full.at[slot])
 
                     def scores(ref):
-                        plgpu.wgmma(ref, qs, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(ref, qs, k_smem.at[slot].transpose((1, 0)))
                         take_turn()  # the other consumer's softmax overlaps this wgmma
                         return ref[...]
 
