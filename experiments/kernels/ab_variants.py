@@ -111,9 +111,9 @@ def jax_timers(fn, op: str, fwd_sets, bwd_sets) -> dict:
     }
 
 
-def mamba_timers(mamba, fwd_sets, bwd_sets, first) -> dict:
-    """The same timers for mamba_ssm's CUDA selective scan (torch; device time from CUDA events) on the same inputs,
-    after printing its output's distance from the first JAX variant's."""
+def mamba_timers(mamba, bwd_sets, first) -> dict:
+    """The same timers for mamba_ssm's CUDA selective scan (torch; device time from CUDA events) on the same inputs
+    (the fwd+bwd sets without their cotangent), after printing its output's distance from the first JAX variant's."""
     sets = [mamba["to_torch"](a[:-1], a[-1]) for a in bwd_sets]
     y = mamba["fwd"](*sets[0]).float().transpose(1, 2).cpu().numpy()
     print(f"{'mamba_ssm':14s} max |out - first variant's| {float(jnp.max(jnp.abs(y - first))):.3e}", flush=True)
@@ -147,7 +147,7 @@ def main(argv=None):
         print(f"{label:14s} max |out - first variant's| {float(jnp.max(jnp.abs(out - first))):.3e}", flush=True)
     timers = {label: jax_timers(fn, args.op, fwd_sets, bwd_sets) for label, fn in variants}
     if mamba is not None:
-        timers["mamba_ssm"] = mamba_timers(mamba, fwd_sets, bwd_sets, first)
+        timers["mamba_ssm"] = mamba_timers(mamba, bwd_sets, first)
     modes = ("fwd",) if args.fwd_only else ("fwd", "fwd+bwd")
     res = {label: {m: {"wall": [], "device": []} for m in modes} for label in timers}
     for _ in range(args.rounds):

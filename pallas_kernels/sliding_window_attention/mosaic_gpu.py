@@ -157,10 +157,6 @@ def interpret_params():
     return params()
 
 
-def _cdiv(a, b: int):
-    return lax.div(a + (b - 1), jnp.int32(b))
-
-
 def _sm_count() -> int:
     """Streaming multiprocessors of the default device (132 on an H100 SXM when the device does not say)."""
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
@@ -282,7 +278,7 @@ def sliding_window_attention_fwd_mosaic_gpu(
                 plgpu.barrier_wait(q_barrier)
                 pl.when(n + 1 < n_items)(functools.partial(load_q, n + 1))  # overlaps this item's work
                 # Key blocks [lo, hi) (stream steps) are seen whole by all rows of this warpgroup: no mask there.
-                lo = jnp.clip(_cdiv(jnp.maximum(r0 + bq - window, 0), bk) - first, 0, steps)
+                lo = jnp.clip(pl.cdiv(jnp.maximum(r0 + bq - window, 0), jnp.int32(bk)) - first, 0, steps)
                 hi = jnp.clip(lax.div(r0 + 1, jnp.int32(bk)) - first, lo, steps)
 
                 def step(i, carry, masked: bool):

@@ -395,6 +395,11 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
     return dq, dk, dv
 
 
+def _check_forward(forward) -> None:
+    if forward not in FORWARDS:
+        raise ValueError(f"sliding_window_attention: forward={forward!r} must be one of {FORWARDS}")
+
+
 def forward_choice(q, k, segment_ids, *, forward: str, length: int | None, interpret) -> str:
     """``"triton"`` or ``"mosaic"``: which forward kernel runs these (padded) inputs.
 
@@ -403,8 +408,7 @@ def forward_choice(q, k, segment_ids, *, forward: str, length: int | None, inter
     falls back). Interpret mode runs the Triton kernels unless ``"mosaic"`` is asked for (then the Mosaic GPU
     interpreter runs it on any platform).
     """
-    if forward not in FORWARDS:
-        raise ValueError(f"sliding_window_attention: forward={forward!r} must be one of {FORWARDS}")
+    _check_forward(forward)
     if forward == "triton":
         return "triton"
     reason = mosaic_gpu.unsupported_reason(q, k, segment_ids, length=length)
@@ -483,6 +487,7 @@ def sliding_window_attention_pallas_gpu(
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``.
     """
+    _check_forward(forward)  # before the jit: it picks the backend by this name
     t = q.shape[1]
     # Every window >= t is full causal attention: one compiled program for all of them.
     window = t if window is None else min(window, t)

@@ -756,7 +756,7 @@ def test_sliding_window_block_ranges_are_computed_while_tracing(monkeypatch, seg
 MOSAIC_NAMES = "b, t, hq, hk, window, ctas"
 MOSAIC = [
     # ctas: the persistent launch's CTA count (None: one per SM); 0: one CTA per work item (not persistent).
-    pytest.param(2, 256, 4, 2, 100, 3, id="t256-gqa-w100-3ctas"),  # 8 items over 3 CTAs: Q double buffer, K/V ring
+    pytest.param(2, 256, 4, 2, 100, 3, id="t256-gqa-w100-3ctas"),  # 16 items over 3 CTAs: Q double buffer, K/V ring
     pytest.param(1, 384, 2, 1, 1, 1, id="t384-mqa-window1-1cta"),
     pytest.param(1, 256, 2, 2, None, 0, id="t256-full-causal-per-item"),
     pytest.param(1, 512, 2, 2, 129, 2, id="t512-w129-2ctas"),  # window edge one key into a block
@@ -803,9 +803,9 @@ def test_mosaic_forward_matches_float64_oracle(interpret, b, t, hq, hk, window, 
     tiling = mosaic_gpu.MosaicTiling(persistent=ctas != 0, ctas=ctas or None)
     params = mosaic_gpu.interpret_params() if interpret else None
     mask = dense_window_mask(b, t, window)
+    inputs32 = make_inputs(31, b, t, hq, hk, e)[:3]
     for dtype in (jnp.bfloat16, jnp.float16):
-        q, k, v, _, _ = make_inputs(31, b, t, hq, hk, e)
-        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        q, k, v = (x.astype(dtype) for x in inputs32)
         assert mosaic_gpu.unsupported_reason(q, k, None, length=t, tiling=tiling) is None
         out, lse = jax.jit(
             lambda q, k, v: mosaic_gpu.sliding_window_attention_fwd_mosaic_gpu(
@@ -875,3 +875,5 @@ def test_mosaic_forward_scope(shape, dtype, segments, match):
     assert mosaic_gpu.unsupported_reason(ok, ok, None, length=256) is None
     with pytest.raises(ValueError, match="forward='fast' must be one of"):
         pallas_gpu.forward_choice(ok, ok, None, forward="fast", length=256, interpret=False)
+    with pytest.raises(ValueError, match="forward='fast' must be one of"):
+        pallas_gpu.sliding_window_attention_pallas_gpu(ok, ok, ok, softmax_scale=0.125, forward="fast")
