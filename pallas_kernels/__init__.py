@@ -1,7 +1,8 @@
 """pallas_kernels: the ops of hybrid state-space + attention models, each behind one ``implementation=`` switch.
 
 Ops (channels-last, see each sub-package's ``api.py``): ``selective_scan`` (Mamba-1 S6), ``ssd`` (Mamba-2),
-``causal_conv1d``, ``sliding_window_attention`` and ``selective_attention`` (Taipan). Imports only jax and numpy.
+``causal_conv1d``, ``sliding_window_attention``, ``selective_attention`` (Taipan) and ``topk_attention`` (top-k
+block-sparse attention, per-token block selection). Imports only jax and numpy.
 """
 
 from importlib import import_module as _import_module

@@ -38,6 +38,11 @@ _AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "gpu": ("pallas_gpu", "xla"),
         "tpu": ("pallas_tpu", "xla"),
     },
+    "topk_attention": {
+        "cpu": ("xla",),
+        "gpu": ("pallas_gpu", "xla"),
+        "tpu": ("pallas_tpu", "xla"),
+    },
 }
 
 # Overrides of _AUTO for float32 inputs. GPU SSD: the Pallas kernels run float32 dots exactly (precision HIGHEST, no
