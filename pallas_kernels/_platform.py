@@ -43,6 +43,10 @@ _AUTO: dict[str, dict[str, tuple[str, ...]]] = {
         "gpu": ("pallas_gpu", "xla"),
         "tpu": ("pallas_tpu", "xla"),
     },
+    # Decode-step ops: xla everywhere until the Pallas kernels are timed against it on a GPU
+    # (experiments/efficiency/run.py --decode_kernels=pallas_gpu measures both in one run).
+    "selective_state_update": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    "decode_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
 }
 
 # Overrides of _AUTO for float32 inputs. GPU SSD: the Pallas kernels run float32 dots exactly (precision HIGHEST, no

@@ -12,7 +12,8 @@ Three kinds of source feed the same pipeline:
 A trainer maps its config to a spec with :func:`source_from_dict` or :func:`parse_source`; the
 string form suits a command-line flag: ``"stdlib"``, ``"dir:/data/books?include=*.txt"``,
 ``"tfds:lm1b?eval_split=test"``, ``"mqar?seq_len=256&num_kv_pairs=16&num_train=20000"``,
-``"stdlib?tokenizer=sentencepiece&sp_vocab_size=8192"``.
+``"stdlib?tokenizer=sentencepiece&sp_vocab_size=8192"``. A comma-separated task parameter makes a
+:class:`~hybrid_jax.data.synthetic.Mixture` over its values (``"mqar?seq_len=256&num_kv_pairs=8,16,32,64"``).
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ def source_from_dict(config: Mapping[str, Any]) -> Source:
     _validate.one_of("source_from_dict", "kind", kind, kinds)
     if kind == "synthetic":
         own = {k: config.pop(k) for k in list(config) if k in _SOURCE_FIELDS}
-        return Synthetic(task=synthetic_lib.task_from_dict(config), **own)
+        name = config.pop("task", None)
+        _validate.one_of("source_from_dict", "task", name, synthetic_lib.TASKS)
+        return Synthetic(task=synthetic_lib.mixture_over(name, config), **own)
     cls = TfdsText if kind == "tfds" else TextFiles
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(config) - known)
@@ -234,5 +237,10 @@ def parse_source(text: str) -> Source:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"parse_source: {text!r}: {item!r} must be key=value")
-        config[key] = tuple(filter(None, value.split(","))) if key in _TUPLE_FIELDS else _parse_value(value)
+        if key in _TUPLE_FIELDS:
+            config[key] = tuple(filter(None, value.split(",")))
+        elif "," in value:  # a list of task parameters: a Mixture over them (synthetic sources)
+            config[key] = tuple(_parse_value(v) for v in value.split(",") if v)
+        else:
+            config[key] = _parse_value(value)
     return source_from_dict(config)

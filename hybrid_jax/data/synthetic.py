@@ -44,6 +44,7 @@ within a book, so no query is ambiguous. Random streams differ from the referenc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import string
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -668,6 +669,73 @@ class Phonebook(Task):
         return _text_example(text, f" {numbers[query]}", self.length)
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture(Task):
+    """Examples drawn from several tasks of one family, as Zoology trains MQAR on several (L, K) at once.
+
+    Each example picks its component uniformly with its own generator, so example ``i`` is fixed by
+    ``(seed, split, i)`` like any task's. Shorter components are padded to the longest one (their
+    padding is masked out). Components must agree on the vocabulary and the padding id.
+
+    Attributes:
+      tasks: the components (at least one).
+    """
+
+    name: ClassVar[str] = "mixture"
+
+    tasks: tuple[Task, ...] = ()
+
+    def __post_init__(self):
+        w = "Mixture"
+        _validate.require(w, len(self.tasks) > 0, "tasks=() must hold at least one task")
+        for t in self.tasks:
+            _validate.require(w, isinstance(t, Task), f"tasks entry {t!r} is not a task")
+        vocab = {t.vocab_size for t in self.tasks}
+        pads = {t.pad_id for t in self.tasks}
+        _validate.require(w, len(vocab) == 1, f"components disagree on vocab_size ({sorted(vocab)})")
+        _validate.require(w, len(pads) == 1, f"components disagree on pad_id ({sorted(pads)})")
+
+    @property
+    def train_on_all_tokens(self) -> bool:  # type: ignore[override]
+        return all(t.train_on_all_tokens for t in self.tasks)
+
+    @property
+    def length(self) -> int:
+        return max(t.length for t in self.tasks)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tasks[0].vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tasks[0].pad_id
+
+    def generate(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        ex = task.generate(rng)
+        pad = self.length - task.length
+        if pad:
+            fill = {"inputs": self.pad_id, "targets": self.pad_id, "mask": 0.0}
+            for key, value in fill.items():
+                ex[key] = np.concatenate([ex[key], np.full(pad, value, ex[key].dtype)])
+        return ex
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.name, "tasks": [t.to_dict() for t in self.tasks]}
+
+
+def mixture_over(name: str, params: Mapping[str, Any]) -> Task:
+    """Task ``name`` with ``params``; parameters given as lists or tuples span a :class:`Mixture` over their
+    cartesian product (``mixture_over("mqar", {"seq_len": 256, "num_kv_pairs": (8, 16)})`` mixes K = 8 and 16)."""
+    params = dict(params)
+    swept = {k: tuple(v) for k, v in params.items() if isinstance(v, (list, tuple))}
+    if not swept:
+        return task_from_dict({"task": name, **params})
+    combos = itertools.product(*swept.values())
+    return Mixture(tuple(task_from_dict({"task": name, **params, **dict(zip(swept, c))}) for c in combos))
+
+
 TASKS: Mapping[str, type[Task]] = {
     t.name: t
     for t in (
@@ -690,6 +758,8 @@ def task_from_dict(params: Mapping[str, Any]) -> Task:
     """
     params = dict(params)
     name = params.pop("task", None)
+    if name == Mixture.name:  # Mixture.to_dict() of a mixture
+        return Mixture(tuple(task_from_dict(t) for t in params.get("tasks", ())))
     _validate.one_of("task_from_dict", "task", name, TASKS)
     cls = TASKS[name]
     known = {f.name for f in dataclasses.fields(cls)}

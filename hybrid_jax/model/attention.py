@@ -3,7 +3,8 @@
 MHA / GQA with optional RoPE; a query at position i sees keys j with 0 <= i - j < window (window=None: all j <= i).
 Full sequences go through ``pallas_kernels.sliding_window_attention``; decoding keeps a :class:`KVCache` of
 ``max_len`` entries (full attention) or a :class:`WindowKVCache` ring of ``min(window, max_len)`` entries (SWA), so an
-SWA layer's memory is constant in the generated length.
+SWA layer's memory is constant in the generated length. Decode steps and prompt chunks after the first attend to the
+cache through ``pallas_kernels.decode_attention`` (position-masked, split along the keys).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_from_sequence
+from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_write
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, KV_HEADS, Dense, apply_rope
+from hybrid_jax.model.ssm import DepthwiseConv
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
 
@@ -25,25 +28,17 @@ def head_dims(
     return num_heads, num_kv_heads or num_heads, head_dim or config.d_model // num_heads
 
 
-def attend_to_slots(q, k, v, valid, scale):
-    """One query token against a cache.
-
-    Args:
-      q: ``(b, hq, e)``; k, v: ``(b, s, hk, e)``; valid: ``(b, s)`` bool; scale: softmax scale.
-
-    Returns:
-      ``(b, hq, e)`` in q's dtype (softmax in fp32). A row with no valid slot returns zeros.
-    """
-    b, hq, e = q.shape
-    hk = k.shape[2]
-    qg = q.reshape(b, hk, hq // hk, e).astype(jnp.float32)
-    s = jnp.einsum("bgre,bsge->bgrs", qg, k.astype(jnp.float32)) * scale
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(valid[:, None, None, :], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bgrs,bsge->bgre", p / jnp.where(denom > 0, denom, 1.0), v.astype(jnp.float32))
-    return o.reshape(b, hq, e).astype(q.dtype)
+def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window):
+    """Queries ``(b, tq, hq, e)`` at ``q_positions`` against cached keys at ``k_positions`` (negative: empty), through
+    ``pallas_kernels.decode_attention`` with the implementation of ``config.kernels``."""
+    return call_kernel(
+        "decode_attention",
+        decode_attention,
+        config.kernels.decode_attention,
+        batched=dict(q=q, k=k, v=v, q_positions=q_positions, k_positions=k_positions),
+        shared={},
+        static=dict(window=window),
+    )
 
 
 class QKVProjection(nn.Module):
@@ -87,6 +82,22 @@ class AttentionMixer(nn.Module):
             dtype=jnp.dtype(c.dtype),
             param_dtype=jnp.dtype(c.param_dtype),
         )
+        if a.conv:
+            self.conv1d = DepthwiseConv(
+                c.d_model,
+                a.conv,
+                True,
+                c.kernels.causal_conv1d,
+                dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.dtype(c.param_dtype),
+            )
+
+    def _no_conv(self, where: str) -> None:
+        if self.config.attention.conv:
+            raise ValueError(
+                f"{where}: attention.conv={self.config.attention.conv} (a short conv before q/k/v) has no decode path;"
+                " it is for training and evaluation only"
+            )
 
     @property
     def window(self) -> int | None:
@@ -99,10 +110,13 @@ class AttentionMixer(nn.Module):
             q, k = apply_rope(q, positions, a.rope_base), apply_rope(k, positions, a.rope_base)
         return q, k, v
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache_len=None):
+    def __call__(self, x, *, segment_ids=None, positions=None):
+        """x ``(b, t, d)`` -> (y, None); decoding goes through :meth:`prefill` and :meth:`step`."""
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if self.config.attention.conv:
+            x, _ = self.conv1d(x, segment_ids=segment_ids)
         q, k, v = self._qkv(x, positions)
         o = call_kernel(
             "sliding_window_attention",
@@ -113,36 +127,72 @@ class AttentionMixer(nn.Module):
             static=dict(window=self.window),
         )
         y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
-        cache = None
-        if cache_len is not None:
-            if t > cache_len:
-                raise ValueError(f"prefill: prompt length t={t} exceeds max_len={cache_len}")
-            if self.sliding:
-                cache = ring_from_sequence(k, v, min(self.window, cache_len))
-            else:
-                pad = ((0, 0), (0, cache_len - t), (0, 0), (0, 0))
-                cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad))
-        return y, cache
+        return y, None
 
-    def step(self, x, cache, position):
-        """One token: x ``(b, 1, d)``, position ``(b,)`` int32 (its absolute position)."""
+    def prefill(self, x, cache, positions, valid, history: bool):
+        """A prompt chunk x ``(b, t, d)`` at ``positions`` ``(b, t)`` continuing one layer's ``cache``; ``valid``
+        marks each row's real tokens (a prefix). ``history`` (static): whether the cache may hold earlier tokens;
+        without it the chunk attends to itself through the sequence kernel. Returns (y, cache)."""
+        self._no_conv("prefill")
+        b, t = x.shape[:2]
+        q, k, v = self._qkv(x, positions)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        start, n = positions[:, 0], valid.sum(axis=1)
+        rows = jnp.arange(b)[:, None]
+        if self.sliding:
+            new = ring_write(cache, k, v, start, n)
+        else:
+            # Padding lands in slots after the row's end, which no real query sees and decoding overwrites;
+            # positions past the cache are dropped (the engine checks real tokens fit).
+            new = KVCache(
+                cache.k.at[rows, positions].set(k, mode="drop"), cache.v.at[rows, positions].set(v, mode="drop")
+            )
+        if not history:
+            o = call_kernel(
+                "sliding_window_attention",
+                sliding_window_attention,
+                self.config.kernels.sliding_window_attention,
+                batched=dict(q=q, k=k, v=v),
+                shared={},
+                static=dict(window=self.window),
+            )
+        elif self.sliding:
+            # The ring before the chunk (the window behind its first token) plus the chunk itself.
+            kk = jnp.concatenate([cache.k, k], axis=1)
+            vv = jnp.concatenate([cache.v, v], axis=1)
+            kp = jnp.concatenate([cache.pos, jnp.where(valid, positions, -1)], axis=1)
+            o = attend_cache(self.config, q, kk, vv, positions, kp, self.window)
+        else:
+            kp = jnp.broadcast_to(jnp.arange(new.k.shape[1], dtype=jnp.int32), (b, new.k.shape[1]))
+            o = attend_cache(self.config, q, new.k, new.v, positions, kp, None)
+        return self.o_proj(o.reshape(b, t, self.hq * self.hd)), new
+
+    def step(self, x, cache, position, layer):
+        """One token: x ``(b, 1, d)``, position ``(b,)`` int32 (its absolute position); ``cache`` is stacked over
+        periods and ``layer`` picks this layer's entry. The token's key and value are written into one slot per row
+        in place, then the query attends to the layer's slots.
+
+        A full-attention cache has ``max_len`` slots: a position at or past it has no slot, and the step returns
+        NaN outputs for that row instead of silently dropping the write (``generate`` checks lengths up front).
+        """
+        self._no_conv("step")
         b = x.shape[0]
         q, k, v = self._qkv(x, position[:, None])
         rows = jnp.arange(b)
+        slots = cache.k.shape[2]
+        slot = position % slots if self.sliding else position
+        kc = cache.k.at[layer, rows, slot].set(k[:, 0].astype(cache.k.dtype), mode="drop")
+        vc = cache.v.at[layer, rows, slot].set(v[:, 0].astype(cache.v.dtype), mode="drop")
         if self.sliding:
-            slots = cache.k.shape[1]
-            slot = position % slots
-            kc = cache.k.at[rows, slot].set(k[:, 0])
-            vc = cache.v.at[rows, slot].set(v[:, 0])
-            pos = cache.pos.at[rows, slot].set(position)
-            valid = (pos >= 0) & (position[:, None] - pos < self.window)
+            pos = cache.pos.at[layer, rows, slot].set(position)
             new = WindowKVCache(kc, vc, pos)
+            k_pos = pos[layer]
         else:
-            kc = cache.k.at[rows, position].set(k[:, 0])
-            vc = cache.v.at[rows, position].set(v[:, 0])
-            valid = jnp.arange(kc.shape[1])[None, :] <= position[:, None]
             new = KVCache(kc, vc)
-        o = attend_to_slots(q[:, 0], kc, vc, valid, self.hd**-0.5)
+            k_pos = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
+        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window)
+        if not self.sliding:
+            o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
         return self.o_proj(o.reshape(b, 1, self.hq * self.hd)), new
 
     @staticmethod

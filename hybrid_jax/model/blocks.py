@@ -2,9 +2,10 @@
 
 Every layer is pre-norm with an fp32 residual stream (mamba_ssm's ``residual_in_fp32``):
 ``h <- h + layer(RMSNorm(h))``; a SAL returns its gated update ``m * alpha * (o - h)`` instead. A :class:`Period`
-runs one period of ``config.period`` and is what the language model scans over (``nn.scan``), in one of three
-modes: ``forward`` (training/eval), ``prefill`` (forward that also builds the decode caches) and ``step`` (one
-token against the caches).
+runs one period of ``config.period`` and is what the language model scans over (``nn.scan``), in one of two modes:
+``forward`` (training/eval) and ``prefill`` (a prompt chunk continuing the decode caches, which are scanned over as
+inputs and outputs). :class:`PeriodStep` is the one-token decode step: it carries the whole stacked cache through the
+scan over periods and each layer updates its own entry in place (no per-step copy of the cache).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hybrid_jax.model.mlp import SwiGLU
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 
-MODES = ("forward", "prefill", "step")
+MODES = ("forward", "prefill")
 
 
 def constrain(h: jax.Array) -> jax.Array:
@@ -51,26 +52,41 @@ class Block(nn.Module):
         else:
             self.mixer = SwiGLU(c, scale)
 
-    def __call__(self, h, *, segment_ids=None, positions=None, cache_len=None):
-        """h ``(b, t, d)`` fp32 -> (h, cache or None, aux dict or None)."""
+    def __call__(self, h, *, segment_ids=None, positions=None):
+        """h ``(b, t, d)`` fp32 -> (h, None, aux dict or None); caches come from :meth:`prefill`."""
         hn = self.norm(h)
         if self.kind is BlockType.MLP:
             return h + self.mixer(hn).astype(jnp.float32), None, None
         if self.kind is BlockType.SAL:
-            update, cache, aux = self.mixer(hn, h, segment_ids=segment_ids, positions=positions, cache_len=cache_len)
-            return h + update, cache, aux
-        y, cache = self.mixer(hn, segment_ids=segment_ids, positions=positions, cache_len=cache_len)
-        return h + y.astype(jnp.float32), cache, None
+            update, _, aux = self.mixer(hn, h, segment_ids=segment_ids, positions=positions)
+            return h + update, None, aux
+        y, _ = self.mixer(hn, segment_ids=segment_ids, positions=positions)
+        return h + y.astype(jnp.float32), None, None
 
-    def step(self, h, cache, position):
-        """h ``(b, 1, d)`` fp32, position ``(b,)`` -> (h, cache)."""
+    def prefill(self, h, cache, positions, valid, history: bool):
+        """A prompt chunk h ``(b, t, d)`` fp32 at ``positions`` continuing this layer's cache -> (h, cache)."""
         hn = self.norm(h)
         if self.kind is BlockType.MLP:
             return h + self.mixer(hn).astype(jnp.float32), None
         if self.kind is BlockType.SAL:
-            update, cache = self.mixer.step(hn, h, cache, position)
+            update, cache = self.mixer.prefill(hn, h, cache, positions, valid, history)
             return h + update, cache
-        y, cache = self.mixer.step(hn, cache, position)
+        if self.kind in (BlockType.ATTENTION, BlockType.SWA):
+            y, cache = self.mixer.prefill(hn, cache, positions, valid, history)
+        else:
+            y, cache = self.mixer.prefill(hn, cache, positions, valid)
+        return h + y.astype(jnp.float32), cache
+
+    def step(self, h, cache, position, layer):
+        """h ``(b, 1, d)`` fp32, position ``(b,)``; ``cache`` stacked over periods, ``layer`` this period -> (h,
+        cache)."""
+        hn = self.norm(h)
+        if self.kind is BlockType.MLP:
+            return h + self.mixer(hn).astype(jnp.float32), cache
+        if self.kind is BlockType.SAL:
+            update, cache = self.mixer.step(hn, h, cache, position, layer)
+            return h + update, cache
+        y, cache = self.mixer.step(hn, cache, position, layer)
         return h + y.astype(jnp.float32), cache
 
 
@@ -90,27 +106,49 @@ def block_cache(config: ModelConfig, kind: BlockType, batch: int, max_len: int):
 class Period(nn.Module):
     """One period of the pattern; the unit that ``nn.scan`` repeats.
 
-    ``__call__(h, caches, segment_ids, positions) -> (h, (caches, aux))`` where ``caches`` is the tuple of this
-    period's per-layer caches (``step`` mode input; None otherwise) and ``aux`` the tuple of SAL aux dicts.
-    In ``step`` mode ``positions`` is the ``(b,)`` position of the token.
+    ``__call__(h, caches, segment_ids, positions, valid) -> (h, (caches, aux))``. In ``forward`` mode ``caches``
+    and ``valid`` are None and ``aux`` is the tuple of SAL aux dicts; in ``prefill`` mode ``caches`` is the tuple of
+    this period's per-layer caches (None for MLPs), ``valid`` ``(b, t)`` marks real tokens and the new caches are
+    returned (``aux`` empty).
     """
 
     config: ModelConfig
     mode: str = "forward"
     deterministic: bool = True
-    cache_len: int | None = None
+    history: bool = False  # prefill: whether the caches may already hold tokens (else the chunk starts them)
 
     @nn.compact
-    def __call__(self, h, caches, segment_ids, positions):
+    def __call__(self, h, caches, segment_ids, positions, valid):
         new_caches, aux = [], []
         for i, kind in enumerate(self.config.period):
             block = Block(self.config, kind, self.deterministic, name=f"{kind.value}_{i}")
-            if self.mode == "step":
-                h, cache = block.step(h, caches[i], positions)
+            if self.mode == "prefill":
+                h, cache = block.prefill(h, caches[i], positions, valid, self.history)
+                new_caches.append(cache)
             else:
-                h, cache, a = block(h, segment_ids=segment_ids, positions=positions, cache_len=self.cache_len)
+                h, _, a = block(h, segment_ids=segment_ids, positions=positions)
                 if a is not None:
                     aux.append(a)
-            new_caches.append(cache)
             h = constrain(h)
         return h, (tuple(new_caches), tuple(aux))
+
+
+class PeriodStep(nn.Module):
+    """One period of the pattern for one decode token, with the same parameter names as :class:`Period`.
+
+    ``__call__((h, caches, layer), position) -> ((h, caches, layer + 1), None)``: ``caches`` is the model's whole
+    per-kind cache tuple, stacked over periods, carried through the scan so that every layer writes its own entry in
+    place; ``layer`` is this period's index.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, position):
+        h, caches, layer = carry
+        caches = list(caches)
+        for i, kind in enumerate(self.config.period):
+            block = Block(self.config, kind, name=f"{kind.value}_{i}")
+            h, caches[i] = block.step(h, caches[i], position, layer)
+            h = constrain(h)
+        return (h, tuple(caches), layer + 1), None

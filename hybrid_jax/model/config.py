@@ -50,6 +50,8 @@ class MambaConfig:
     dt_init_floor: float = 1e-4
     dt_scale: float = 1.0
     conv_bias: bool = True
+    # LTI ablation (Mamba section 4.1.1): delta, B and C become learned constants instead of projections of the input.
+    lti: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,9 @@ class AttentionConfig:
     rope: bool = True
     rope_base: float = 10000.0
     window: int = 2048  # SWA layers only
+    # Width of a causal depthwise conv (+ SiLU) on the layer input before the q/k/v projection, the short conv of
+    # Zoology's attention baselines; 0: none. Training and evaluation only (decoding refuses it).
+    conv: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,9 @@ class SALConfig:
     kv_source: str = "selected"  # "selected": A1-a, m_i m_j band mask; "all": A1-b, every token in the window
     # Static capacity of the compacted attention as a multiple of C * t (None: t, i.e. never truncate).
     capacity_factor: float | None = None
+    # Gradient of the selection on the key side: "none" (only a query's own gate gets the straight-through gradient)
+    # or "bias" (each selected key's score gains m_j - stop_gradient(m_j): same forward, keys get a gradient).
+    key_gradient: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,8 @@ class KernelConfig:
     causal_conv1d: str = "auto"
     sliding_window_attention: str = "auto"
     selective_attention: str = "auto"
+    selective_state_update: str = "auto"  # decode step of both Mamba mixers
+    decode_attention: str = "auto"  # decode step of attention / SWA / SAL layers, and chunked-prefill attention
 
 
 _SECTIONS = {
@@ -174,6 +184,12 @@ class ModelConfig:
             self._check_heads(
                 "attention", self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim
             )
+            _check(
+                isinstance(self.attention.conv, int)
+                and not isinstance(self.attention.conv, bool)
+                and self.attention.conv >= 0,
+                f"ModelConfig: attention.conv={self.attention.conv!r} must be an integer >= 0",
+            )
             if BlockType.SWA in kinds:
                 _check(
                     _pos_int(self.attention.window),
@@ -192,6 +208,14 @@ class ModelConfig:
             _check(
                 s.capacity_factor is None or s.capacity_factor > 0,
                 f"ModelConfig: sal.capacity_factor={s.capacity_factor!r} must be None or > 0",
+            )
+            _check(
+                s.key_gradient in ("none", "bias"),
+                f"ModelConfig: sal.key_gradient={s.key_gradient!r} must be 'none' or 'bias'",
+            )
+            _check(
+                s.key_gradient == "none" or s.kv_source == "selected",
+                f"ModelConfig: sal.key_gradient={s.key_gradient!r} needs sal.kv_source='selected' (keys are selected)",
             )
 
     def _check_heads(self, section: str, heads: int, kv_heads: int | None, head_dim: int | None) -> None:

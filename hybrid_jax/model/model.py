@@ -2,9 +2,12 @@
 
 Functional Flax Linen: ``variables = model.init(key, tokens)``; ``model.apply(variables, tokens)`` returns logits
 ``(b, t, vocab)`` in fp32; ``return_aux=True`` adds the SAL statistics (per-SAL selection rate, budget constraint).
-Decoding: ``model.apply(variables, prompt, max_len, method="prefill")`` returns the prompt's logits and a
-:class:`DecodeCache`; ``model.apply(variables, token, cache, method="step")`` advances one token. ``init_cache``
-builds an empty cache from the config alone, so decoding can also start from nothing.
+Decoding (``hybrid_jax.inference`` drives these): ``model.apply(variables, prompt, max_len, method="prefill")``
+returns the logits of each row's last prompt token ``(b, vocab)`` and a :class:`DecodeCache`; passing a cache instead
+of ``max_len`` continues it with the next chunk of a long prompt (same result as one pass, bounded memory), and
+``lengths`` gives ragged rows (left-aligned prompts, padding after each row's ``lengths[b]`` real tokens).
+``model.apply(variables, token, cache, method="step")`` advances one token, updating every layer's cache entry in
+place. ``init_cache`` builds an empty cache from the config alone, so decoding can also start from nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from hybrid_jax.model.blocks import Period, block_cache, constrain
+from hybrid_jax.model.blocks import Period, PeriodStep, block_cache, constrain
 from hybrid_jax.model.cache import DecodeCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.layers import EMBED, VOCAB, Dense, RMSNorm
@@ -42,7 +46,22 @@ class LanguageModel(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def _run(self, tokens, *, mode, caches=None, segment_ids=None, positions=None, deterministic=True, cache_len=None):
+    def _run(
+        self,
+        tokens,
+        *,
+        mode,
+        caches=None,
+        segment_ids=None,
+        positions=None,
+        deterministic=True,
+        valid=None,
+        history=False,
+        last_index=None,
+        logits_at=None,
+    ):
+        """mode "forward" / "prefill" (caches scanned as inputs and outputs) / "step" (caches carried, see
+        :class:`PeriodStep`); ``last_index`` ``(b,)`` keeps only that position's hidden state before the head."""
         c = self.config
         embed = nn.Embed(
             c.vocab_size,
@@ -52,27 +71,36 @@ class LanguageModel(nn.Module):
             name="embed",
         )
         h = constrain(embed(tokens).astype(jnp.float32))
-        period_kw = dict(mode=mode, deterministic=deterministic, cache_len=cache_len)
-        period_cls = Period
-        if c.remat_policy != "none" and mode == "forward":
-            period_cls = nn.remat(Period, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
-            scanned = nn.scan(
-                period_cls,
-                variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True, "gumbel": True},
-                in_axes=(0, nn.broadcast, nn.broadcast),
-                length=c.n_periods,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            h, (new_caches, aux) = scanned(c, **period_kw, name="periods")(h, caches, segment_ids, positions)
+        if mode == "step":
+            h, new_caches = self._step_periods(h, caches, positions)
+            aux = ()
         else:
-            outs = []
-            for i in range(c.n_periods):
-                ci = None if caches is None else jax.tree.map(lambda x, i=i: x[i], caches)
-                h, out = period_cls(c, **period_kw, name=f"period_{i}")(h, ci, segment_ids, positions)
-                outs.append(out)
-            new_caches, aux = _stack_caches([o[0] for o in outs]), _stack_caches([o[1] for o in outs])
+            period_kw = dict(mode=mode, deterministic=deterministic, history=history)
+            period_cls = Period
+            if c.remat_policy != "none" and mode == "forward":
+                period_cls = nn.remat(Period, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+            args = (caches, segment_ids, positions, valid)
+            if c.scan_layers:
+                scanned = nn.scan(
+                    period_cls,
+                    variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "gumbel": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=c.n_periods,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                h, (new_caches, aux) = scanned(c, **period_kw, name="periods")(h, *args)
+            else:
+                outs = []
+                for i in range(c.n_periods):
+                    ci = None if caches is None else jax.tree.map(lambda x, i=i: x[i], caches)
+                    h, out = period_cls(c, **period_kw, name=f"period_{i}")(h, ci, *args[1:])
+                    outs.append(out)
+                new_caches, aux = _stack_caches([o[0] for o in outs]), _stack_caches([o[1] for o in outs])
+        if last_index is not None:
+            h = h[jnp.arange(h.shape[0]), last_index][:, None]
+        if logits_at is not None:  # (b, n): only these positions reach the head (a masked loss needs no others)
+            h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="norm_f")(h)
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", h, embed.embedding.astype(h.dtype), preferred_element_type=jnp.float32)
@@ -86,8 +114,34 @@ class LanguageModel(nn.Module):
             )(h)
         return logits.astype(jnp.float32), new_caches, aux
 
+    def _step_periods(self, h, caches, position):
+        """The periods for one token, the stacked caches carried through (each layer updates its own entry)."""
+        c = self.config
+        carry = (h, caches, jnp.zeros((), jnp.int32))
+        if c.scan_layers:
+            scanned = nn.scan(
+                PeriodStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=c.n_periods,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            (h, caches, _), _ = scanned(c, name="periods")(carry, position)
+        else:
+            for i in range(c.n_periods):
+                (h, caches, _), _ = PeriodStep(c, name=f"period_{i}")((h, caches, i), position)
+        return h, caches
+
     def __call__(
-        self, tokens, segment_ids=None, positions=None, *, deterministic: bool = True, return_aux: bool = False
+        self,
+        tokens,
+        segment_ids=None,
+        positions=None,
+        *,
+        deterministic: bool = True,
+        return_aux: bool = False,
+        logits_at=None,
     ):
         """Logits for a batch of sequences.
 
@@ -97,6 +151,9 @@ class LanguageModel(nn.Module):
           positions: ``(b, t)`` int positions for RoPE (default ``arange(t)``; position within document when packed).
           deterministic: False in training: SAL gates sample straight-through Gumbel noise (needs rng "gumbel").
           return_aux: also return the auxiliary outputs.
+          logits_at: optional ``(b, n)`` int positions: the logits of these positions only, ``(b, n, vocab)`` (the
+            LM head, ``t * vocab`` work per row, is often most of a small model's step when the loss covers few
+            positions, as in the recall tasks).
 
         Returns:
           logits ``(b, t, vocab)`` fp32, or ``(logits, aux)`` where aux has ``sal_selection_rate`` ``(n_sal,)``,
@@ -104,23 +161,60 @@ class LanguageModel(nn.Module):
         """
         _check_tokens(tokens, self.config)
         logits, _, aux = self._run(
-            tokens, mode="forward", segment_ids=segment_ids, positions=positions, deterministic=deterministic
+            tokens,
+            mode="forward",
+            segment_ids=segment_ids,
+            positions=positions,
+            deterministic=deterministic,
+            logits_at=logits_at,
         )
         if not return_aux:
             return logits
         return logits, summarize_aux(aux)
 
-    def prefill(self, tokens, max_len: int):
-        """Runs the prompt ``(b, t)`` in parallel; returns (logits ``(b, t, vocab)``, cache ready for position t)."""
+    def prefill(self, tokens, cache: DecodeCache | int, lengths=None):
+        """Runs a prompt chunk ``(b, t)`` in parallel and returns the logits of each row's last real token.
+
+        Args:
+          tokens: ``(b, t)`` int ids; row b's real tokens are ``tokens[b, :lengths[b]]`` (the rest is padding, which
+            changes no cache: prompts are left-aligned).
+          cache: an int ``max_len`` starts fresh caches for ``max_len`` positions (the chunk attends to itself through
+            the sequence kernels); a :class:`DecodeCache` is continued, row b's chunk taking positions
+            ``cache.position[b] + j``. Prefilling a prompt in chunks gives the same logits and caches as one pass.
+          lengths: ``(b,)`` int real tokens per row in this chunk (None: all t).
+
+        Returns:
+          (logits ``(b, vocab)`` fp32 at each row's last real token (a row with ``lengths == 0`` gets its first
+          position's, to be ignored), cache with ``position`` advanced by ``lengths``).
+        """
         _check_tokens(tokens, self.config)
         b, t = tokens.shape
-        if t > max_len:
-            raise ValueError(f"prefill: prompt length t={t} exceeds max_len={max_len}")
-        logits, caches, _ = self._run(tokens, mode="prefill", cache_len=max_len)
-        return logits, DecodeCache(position=jnp.full((b,), t, jnp.int32), layers=caches)
+        history = isinstance(cache, DecodeCache)
+        if not history:
+            max_len = cache
+            if t > max_len:
+                raise ValueError(f"prefill: prompt length t={t} exceeds max_len={max_len}")
+            cache = init_cache(self.config, b, max_len)
+        lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        positions = cache.position[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        valid = jnp.arange(t)[None, :] < lengths[:, None]
+        logits, caches, _ = self._run(
+            tokens,
+            mode="prefill",
+            caches=cache.layers,
+            positions=positions,
+            valid=valid,
+            history=history,
+            last_index=jnp.clip(lengths - 1, 0, t - 1),
+        )
+        return logits[:, 0], DecodeCache(position=cache.position + lengths, layers=caches)
 
     def step(self, token, cache: DecodeCache):
-        """One decode step: token ``(b,)`` at position ``cache.position``; returns (logits ``(b, vocab)``, cache)."""
+        """One decode step: token ``(b,)`` at position ``cache.position``; returns (logits ``(b, vocab)``, cache).
+
+        Every layer's cache entry is updated in place (carried through the scan over periods). A full-attention
+        layer's cache has ``max_len`` slots: a step at a position past them returns NaN logits for that row.
+        """
         logits, caches, _ = self._run(token[:, None], mode="step", caches=cache.layers, positions=cache.position)
         return logits[:, 0], DecodeCache(position=cache.position + 1, layers=caches)
 
@@ -151,3 +245,9 @@ def _check_tokens(tokens, config: ModelConfig) -> None:
         raise ValueError(f"LanguageModel: tokens.shape={tuple(jnp.shape(tokens))} must be (batch, time)")
     if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
         raise ValueError(f"LanguageModel: tokens.dtype={jnp.result_type(tokens)} must be an integer type")
+    if not isinstance(tokens, jax.core.Tracer):  # concrete ids: out-of-range ones would embed as NaN
+        ids = np.asarray(tokens)  # numpy: jnp.min would be staged into an enclosing trace (e.g. eval_shape of init)
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"LanguageModel: token id {bad} is outside the vocabulary [0, {config.vocab_size})")

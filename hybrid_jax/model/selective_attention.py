@@ -24,13 +24,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.attention import QKVProjection, attend_to_slots, head_dims
+from hybrid_jax.model.attention import QKVProjection, attend_cache, head_dims
 from hybrid_jax.model.cache import (
     SelectiveKVCache,
     WindowKVCache,
     empty_slots,
+    keep_within_limit,
     ring_from_sequence,
+    ring_write,
     selective_ring_from_sequence,
+    selective_ring_write,
 )
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
@@ -50,6 +53,66 @@ def straight_through_gumbel(key: jax.Array, logits: jax.Array, temperature: floa
     soft = jax.nn.softmax((logits + g) / temperature, axis=-1)[..., 1]
     hard = soft > 0.5  # argmax of two classes
     return hard, hard.astype(jnp.float32) - jax.lax.stop_gradient(soft) + soft
+
+
+def with_key_bias(q, k, v, key_bias):
+    """Channels that add ``key_bias[j] * softmax_scale`` to every score against key j.
+
+    q gains a column of ones and k a column of ``key_bias``; all three are zero-padded to a multiple of 16
+    channels (what the Pallas kernels tile by). Call the attention with the original ``softmax_scale`` and keep
+    the output's first ``e`` channels.
+
+    Args:
+      q: ``(b, t, hq, e)``; k, v: ``(b, t, hk, e)``; key_bias: ``(b, t)`` (already divided by the softmax scale).
+
+    Returns:
+      q, k, v with ``16 * ceil((e + 1) / 16)`` channels.
+    """
+    b, t, hq, e = q.shape
+    hk = k.shape[2]
+    width = 16 * math.ceil((e + 1) / 16)
+
+    def widen(x, extra):
+        pad = jnp.zeros((*x.shape[:3], width - e - (0 if extra is None else 1)), x.dtype)
+        return jnp.concatenate([x, pad] if extra is None else [x, extra.astype(x.dtype), pad], axis=-1)
+
+    ones = jnp.ones((b, t, hq, 1), q.dtype)
+    bias = jnp.broadcast_to(key_bias[:, :, None, None], (b, t, hk, 1))
+    return widen(q, ones), widen(k, bias), widen(v, None)
+
+
+def selection_masks(model, params, tokens, segment_ids=None, positions=None) -> jax.Array:
+    """Which tokens each Selective Attention Layer selects (deterministic gate, after the capacity cap).
+
+    Args:
+      model: a :class:`hybrid_jax.model.LanguageModel` with SAL layers.
+      params: its parameters.
+      tokens: ``(b, t)`` int; segment_ids, positions: as for the model's forward pass.
+
+    Returns:
+      ``(n_sal, b, t)`` bool in layer order (period by period, then by position in the period).
+
+    Raises:
+      ValueError: the model has no SAL layer.
+    """
+    _, state = model.apply(
+        {"params": params}, tokens, segment_ids, positions, mutable=["intermediates"], capture_intermediates=False
+    )
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.get("intermediates", {}))[0]:
+        names = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+        if "selected" not in names:
+            continue
+        # "periods" (scanned: leading period axis) or "period_<i>" (unrolled); blocks are named "<kind>_<index>".
+        period = next((int(n.split("_")[1]) for n in names if n.startswith("period_")), None)
+        block = next(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("sal_"))
+        stacked = leaf[None] if period is not None else leaf
+        for j in range(stacked.shape[0]):
+            found.append(((period if period is not None else j, block), stacked[j]))
+    if not found:
+        raise ValueError("selection_masks: the model has no Selective Attention Layer")
+    found.sort(key=lambda item: item[0])
+    return jnp.stack([mask for _, mask in found])
 
 
 class SelectiveAttentionLayer(nn.Module):
@@ -87,29 +150,46 @@ class SelectiveAttentionLayer(nn.Module):
 
     def __call__(self, hn, h, *, segment_ids=None, positions=None, cache_len=None):
         """Args: hn ``(b, t, d)`` the normalised stream (gate, q, k, v input); h ``(b, t, d)`` the residual stream."""
-        c, cfg = self.config, self.config.sal
-        b, t = hn.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        s, alpha = self._scores(hn)
+        s = self.gate(hn.astype(jnp.float32))
         if self.deterministic:
             hard = s[..., 1] > s[..., 0]
             m_st = hard.astype(jnp.float32)
         else:
-            hard, m_st = straight_through_gumbel(self.make_rng("gumbel"), s, cfg.temperature)
+            hard, m_st = straight_through_gumbel(self.make_rng("gumbel"), s, self.config.sal.temperature)
+        return self.mix(hn, h, s, hard, m_st, segment_ids=segment_ids, positions=positions, cache_len=cache_len)
+
+    def mix(self, hn, h, s, hard, m_st, *, segment_ids=None, positions=None, cache_len=None):
+        """The layer given its gate: logits s ``(b, t, 2)``, the selection ``hard`` ``(b, t)`` bool and its
+        straight-through value ``m_st`` ``(b, t)`` (equal to ``hard``; its gradient is the relaxed one).
+
+        The selection after the capacity cap is sown as ``intermediates/selected`` (see :func:`selection_masks`).
+        With ``sal.key_gradient="bias"`` every key's score gains ``m_st[j] - stop_gradient(m_st[j])`` (zero in value,
+        so the forward pass is unchanged), the first-order form of scaling its attention probability by ``m_j``:
+        a selected key then receives the gradient ``sum_i dL/ds_ij``, so the gate can learn which tokens make useful
+        keys. With ``"none"`` (the default) keys get no gradient through the hard mask.
+        """
+        c, cfg = self.config, self.config.sal
+        b, t = hn.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        alpha = jax.nn.softmax(s, axis=-1)[..., 1]
         cap = self.capacity(t)
         eff = limit_selection(hard, cap) if cap is not None else hard
+        self.sow("intermediates", "selected", eff)
         m = m_st * eff
         q, k, v = self._qkv(hn, positions)
         if cfg.kv_source == "selected":
+            scale = self.hd**-0.5
+            if cfg.key_gradient == "bias":
+                q, k, v = with_key_bias(q, k, v, (m_st - jax.lax.stop_gradient(m_st)) / scale)
             o = call_kernel(
                 "selective_attention",
                 selective_attention,
                 c.kernels.selective_attention,
                 batched=dict(q=q, k=k, v=v, selected=eff, segment_ids=segment_ids),
                 shared={},
-                static=dict(window=cfg.window, capacity=cap),
-            )
+                static=dict(window=cfg.window, capacity=cap, softmax_scale=scale),
+            )[..., : self.hd]
         else:
             o = call_kernel(
                 "sliding_window_attention",
@@ -144,34 +224,87 @@ class SelectiveAttentionLayer(nn.Module):
             )
         return update, cache, aux
 
-    def step(self, hn, h, cache, position):
-        """One token: hn, h ``(b, 1, d)``; position ``(b,)``. Returns (update ``(b, 1, d)`` fp32, new cache)."""
+    def _gated_update(self, o, h, kept, alpha):
+        """``kept * alpha * (o_proj(o) - h)`` in fp32, o ``(b, t, hq, e)``."""
+        b, t = o.shape[:2]
+        o = self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)
+        return (kept.astype(jnp.float32) * alpha)[..., None] * (o - h.astype(jnp.float32))
+
+    def prefill(self, hn, h, cache, positions, valid, history: bool):
+        """A prompt chunk (hn, h ``(b, t, d)`` at ``positions``) continuing one layer's ``cache``; ``valid`` marks
+        each row's real tokens. Selection is deterministic (``s_1 > s_0``), padding is never selected, and the
+        capacity cap of ``sal.capacity_factor`` is the cache's ``limit`` (the cap of a ``max_len``-token sequence),
+        counted across chunks. Returns (update ``(b, t, d)`` fp32, cache)."""
+        cfg = self.config.sal
+        t = hn.shape[1]
+        s, alpha = self._scores(hn)
+        q, k, v = self._qkv(hn, positions)
+        k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        start, n = positions[:, 0], valid.sum(axis=1)
+        if cfg.kv_source == "selected":
+            kept = keep_within_limit((s[..., 1] > s[..., 0]) & valid, cache.count, cache.limit)
+            new = selective_ring_write(cache, k, v, kept, positions)
+        else:
+            kept = (s[..., 1] > s[..., 0]) & valid
+            new = ring_write(cache, k, v, start, n)
+        if not history:
+            if cfg.kv_source == "selected":
+                o = call_kernel(
+                    "selective_attention",
+                    selective_attention,
+                    self.config.kernels.selective_attention,
+                    batched=dict(q=q, k=k, v=v, selected=kept),
+                    shared={},
+                    static=dict(window=cfg.window, capacity=None if cache.limit is None else min(t, cache.limit)),
+                )
+            else:
+                o = call_kernel(
+                    "sliding_window_attention",
+                    sliding_window_attention,
+                    self.config.kernels.sliding_window_attention,
+                    batched=dict(q=q, k=k, v=v),
+                    shared={},
+                    static=dict(window=cfg.window),
+                )
+        else:
+            key_ok = kept if cfg.kv_source == "selected" else valid
+            kk = jnp.concatenate([cache.k, k], axis=1)
+            vv = jnp.concatenate([cache.v, v], axis=1)
+            kp = jnp.concatenate([cache.pos, jnp.where(key_ok, positions, -1)], axis=1)
+            o = attend_cache(self.config, q, kk, vv, positions, kp, cfg.window)
+        o = jnp.where(kept[..., None, None], o, 0)
+        return self._gated_update(o, h, kept, alpha), new
+
+    def step(self, hn, h, cache, position, layer):
+        """One token: hn, h ``(b, 1, d)``; position ``(b,)``; ``cache`` stacked over periods, ``layer`` picks this
+        layer's entry. A selected token (within the cache's ``limit``) is written into one slot of its row's ring in
+        place. Returns (update ``(b, 1, d)`` fp32, cache)."""
         cfg = self.config.sal
         b = hn.shape[0]
         rows = jnp.arange(b)
         s, alpha = self._scores(hn[:, 0])
-        sel = s[:, 1] > s[:, 0]  # deterministic at decode
         q, k, v = self._qkv(hn, position[:, None])
-        k0, v0 = k[:, 0], v[:, 0]
+        k0, v0 = k[:, 0].astype(cache.k.dtype), v[:, 0].astype(cache.v.dtype)
+        slots = cache.k.shape[2]
+        sel = s[:, 1] > s[:, 0]  # deterministic at decode
         if cfg.kv_source == "selected":
-            slots = cache.k.shape[1]
-            slot = cache.count % slots
-            w = sel[:, None, None]
-            kc = jnp.where(w[:, None], cache.k.at[rows, slot].set(k0), cache.k)
-            vc = jnp.where(w[:, None], cache.v.at[rows, slot].set(v0), cache.v)
-            pos = jnp.where(sel[:, None], cache.pos.at[rows, slot].set(position), cache.pos)
-            new = SelectiveKVCache(kc, vc, pos, cache.count + sel.astype(jnp.int32))
+            count = cache.count[layer]
+            kept = sel if cache.limit is None else sel & (count < cache.limit)
+            # Unkept tokens write to an out-of-range slot, which the scatter drops.
+            slot = jnp.where(kept, count % slots, slots)
+            kc = cache.k.at[layer, rows, slot].set(k0, mode="drop")
+            vc = cache.v.at[layer, rows, slot].set(v0, mode="drop")
+            pos = cache.pos.at[layer, rows, slot].set(position, mode="drop")
+            new = SelectiveKVCache(kc, vc, pos, cache.count.at[layer].add(kept.astype(jnp.int32)), cache.limit)
         else:
-            slots = cache.k.shape[1]
+            kept = sel
             slot = position % slots
-            kc, vc = cache.k.at[rows, slot].set(k0), cache.v.at[rows, slot].set(v0)
-            pos = cache.pos.at[rows, slot].set(position)
+            kc, vc = cache.k.at[layer, rows, slot].set(k0), cache.v.at[layer, rows, slot].set(v0)
+            pos = cache.pos.at[layer, rows, slot].set(position)
             new = WindowKVCache(kc, vc, pos)
-        valid = (pos >= 0) & (position[:, None] - pos < cfg.window) & sel[:, None]
-        o = attend_to_slots(q[:, 0], kc, vc, valid, self.hd**-0.5)
-        o = self.o_proj(o.reshape(b, 1, self.hq * self.hd)).astype(jnp.float32)
-        m = (sel.astype(jnp.float32) * alpha)[:, None, None]
-        return m * (o - h.astype(jnp.float32)), new
+        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], pos[layer], cfg.window)
+        o = jnp.where(kept[:, None, None, None], o, 0)
+        return self._gated_update(o, h, kept[:, None], alpha[:, None]), new
 
     @staticmethod
     def init_cache(config: ModelConfig, batch: int, max_len: int):
@@ -179,6 +312,13 @@ class SelectiveAttentionLayer(nn.Module):
         _, hk, hd = head_dims(config, s.num_heads, s.num_kv_heads, s.head_dim)
         slots = min(s.window, max_len)
         z = jnp.zeros((batch, slots, hk, hd), jnp.dtype(config.dtype))
+        if s.capacity_factor is not None and s.kv_source != "selected":
+            raise ValueError(
+                f"SAL decoding: sal.capacity_factor={s.capacity_factor} with sal.kv_source={s.kv_source!r} is not "
+                "supported (the cap needs the selected-token count of kv_source='selected')"
+            )
         if s.kv_source == "selected":
-            return SelectiveKVCache(z, z, empty_slots(batch, slots), jnp.zeros((batch,), jnp.int32))
+            f = s.capacity_factor
+            limit = None if f is None else max(1, min(max_len, math.ceil(f * s.capacity * max_len)))
+            return SelectiveKVCache(z, z, empty_slots(batch, slots), jnp.zeros((batch,), jnp.int32), limit)
         return WindowKVCache(z, z, empty_slots(batch, slots))

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.cache import SSMCache
+from hybrid_jax.model.cache import SSMCache, layer_of
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import (
@@ -32,8 +32,13 @@ from hybrid_jax.model.layers import (
     dt_bias_init,
 )
 from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
-from pallas_kernels.selective_scan import selective_scan, selective_scan_step
-from pallas_kernels.ssd import ssd, ssd_step
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_state_update import selective_state_update
+from pallas_kernels.ssd import ssd
+
+# Raw step size of padding tokens in a ragged prefill: softplus(-1e30 + bias) is exactly 0, so exp(dt A) = 1 and
+# dt x B = 0: the state passes through the padding after a row's prompt unchanged.
+PAD_DT = -1e30
 
 
 class DepthwiseConv(nn.Module):
@@ -81,9 +86,45 @@ class DepthwiseConv(nn.Module):
         )
         return out if return_state else (out, None)
 
+    def prefill(self, x, state):
+        """A chunk continuing from ``state`` ``(b, w - 1, c)`` (the previous inputs); returns y only (the state
+        after a ragged chunk comes from :func:`conv_state_after`)."""
+        w, b = self._weights()
+        return call_kernel(
+            "causal_conv1d",
+            causal_conv1d,
+            self.implementation,
+            batched=dict(x=x, initial_state=state.astype(x.dtype)),
+            shared=dict(weight=w, bias=b),
+            static=dict(activation="silu"),
+        )
+
     def step(self, x, state):
         w, b = self._weights()
         return causal_conv1d_step(state, x, w, b, activation="silu")
+
+
+def conv_state_after(state, x, n):
+    """The conv state after the first ``n`` ``(b,)`` inputs of a chunk: the last ``w - 1`` of ``[state; x[:n]]``.
+
+    Args:
+      state: ``(b, w - 1, c)`` before the chunk; x: ``(b, t, c)`` the conv inputs of the chunk.
+
+    Returns:
+      ``(b, w - 1, c)`` float32 (padding after a row's ``n`` real tokens never enters it).
+    """
+    full = jnp.concatenate([state.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
+    idx = n[:, None] + jnp.arange(state.shape[1])[None, :]
+    return full[jnp.arange(x.shape[0])[:, None], idx]
+
+
+def _pad_masked(valid, x, dt):
+    """Zero inputs and ``PAD_DT`` step sizes at padding, so padding leaves the SSM state as it was."""
+    return jnp.where(valid[..., None], x, 0), jnp.where(valid[..., None], dt, PAD_DT)
+
+
+def _write_layer(cache: SSMCache, layer, conv_state, ssm_state) -> SSMCache:
+    return SSMCache(cache.conv_state.at[layer].set(conv_state), cache.ssm_state.at[layer].set(ssm_state))
 
 
 class MambaMixer(nn.Module):
@@ -103,16 +144,22 @@ class MambaMixer(nn.Module):
         e, n, r = c.d_inner, m.d_state, c.dt_rank
         self.in_proj = Dense(2 * e, (EMBED, SSM_INNER), dtype=dt, param_dtype=pdt)
         self.conv1d = DepthwiseConv(e, m.d_conv, m.conv_bias, c.kernels.causal_conv1d, dtype=dt, param_dtype=pdt)
-        self.x_proj = Dense(r + 2 * n, (SSM_INNER, DT_RANK), dtype=dt, param_dtype=pdt)
-        dt_std = m.dt_scale * r**-0.5
-        self.dt_proj_kernel = self.param(
-            "dt_proj_kernel",
-            nn.with_logical_partitioning(
-                lambda k, s, d=pdt: jax.random.uniform(k, s, d, -dt_std, dt_std), (DT_RANK, SSM_INNER)
-            ),
-            (r, e),
-            pdt,
-        )
+        if m.lti:
+            # The LTI ablation: B and C are learned constants (delta is softplus(dt_bias), constant per channel).
+            init = nn.initializers.normal(n**-0.5)
+            self.B_lti = self.param("B_lti", nn.with_logical_partitioning(init, (SSM_STATE,)), (n,), pdt)
+            self.C_lti = self.param("C_lti", nn.with_logical_partitioning(init, (SSM_STATE,)), (n,), pdt)
+        else:
+            self.x_proj = Dense(r + 2 * n, (SSM_INNER, DT_RANK), dtype=dt, param_dtype=pdt)
+            dt_std = m.dt_scale * r**-0.5
+            self.dt_proj_kernel = self.param(
+                "dt_proj_kernel",
+                nn.with_logical_partitioning(
+                    lambda k, s, d=pdt: jax.random.uniform(k, s, d, -dt_std, dt_std), (DT_RANK, SSM_INNER)
+                ),
+                (r, e),
+                pdt,
+            )
         self.dt_bias = self.param(
             "dt_bias",
             nn.with_logical_partitioning(dt_bias_init(m.dt_min, m.dt_max, m.dt_init_floor), (SSM_INNER,)),
@@ -133,8 +180,15 @@ class MambaMixer(nn.Module):
         self.out_proj = Dense(c.d_model, (SSM_INNER, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt)
 
     def _project(self, x):
-        """From conv output x to the scan's (dt, B, C)."""
+        """From conv output x to the scan's (dt, B, C) (raw dt: the scan adds ``dt_bias`` before softplus)."""
         r, n = self.config.dt_rank, self.config.mamba.d_state
+        if self.config.mamba.lti:
+            lead = x.shape[:-1]
+            return (
+                jnp.zeros(x.shape, x.dtype),
+                jnp.broadcast_to(self.B_lti.astype(x.dtype), (*lead, n)),
+                jnp.broadcast_to(self.C_lti.astype(x.dtype), (*lead, n)),
+            )
         x_dbl = self.x_proj(x)
         dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
         dt = jnp.einsum("...r,re->...e", dt_low, self.dt_proj_kernel.astype(x.dtype))
@@ -157,16 +211,46 @@ class MambaMixer(nn.Module):
         cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
         return self.out_proj(y), cache
 
-    def step(self, x, cache: SSMCache, position):
-        del position
-        xz = self.in_proj(x[:, 0])
-        xs, z = jnp.split(xz, 2, axis=-1)
-        xs, conv_state = self.conv1d.step(xs, cache.conv_state)
+    def prefill(self, x, cache: SSMCache, positions, valid):
+        """A prompt chunk ``(b, t, d)`` continuing ``cache`` (one layer's); ``valid`` ``(b, t)`` marks the real
+        tokens (a prefix of each row). Returns (y, cache after each row's last real token)."""
+        del positions  # order is carried by the recurrence
+        xs_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        xs = self.conv1d.prefill(xs_in, cache.conv_state)
         dt, B, C = self._project(xs)
-        y, ssm_state = selective_scan_step(
-            cache.ssm_state, xs, dt, -jnp.exp(self.A_log), B, C, self.D, z, self.dt_bias, delta_softplus=True
+        xs, dt = _pad_masked(valid, xs, dt)
+        y, ssm_state = call_kernel(
+            "selective_scan",
+            selective_scan,
+            self.config.kernels.selective_scan,
+            batched=dict(u=xs, delta=dt, B=B, C=C, z=z, initial_state=cache.ssm_state),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, delta_bias=self.dt_bias),
+            static=dict(delta_softplus=True, return_final_state=True),
         )
-        return self.out_proj(y)[:, None], SSMCache(conv_state, ssm_state)
+        conv_state = conv_state_after(cache.conv_state, xs_in, valid.sum(axis=1))
+        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+
+    def step(self, x, cache: SSMCache, position, layer):
+        """One token x ``(b, 1, d)``; ``cache`` is stacked over periods and ``layer`` picks this layer's entry,
+        which is updated in place. Returns (y ``(b, 1, d)``, cache)."""
+        del position
+        mine = layer_of(cache, layer)
+        xs, z = jnp.split(self.in_proj(x[:, 0]), 2, axis=-1)
+        xs, conv_state = self.conv1d.step(xs, mine.conv_state)
+        dt, B, C = self._project(xs)
+        # Mamba-1 in the per-channel layout of selective_state_update: one head (h = 1) of p = d channels.
+        y, ssm_state = call_kernel(
+            "selective_state_update",
+            selective_state_update,
+            self.config.kernels.selective_state_update,
+            batched=dict(
+                state=mine.ssm_state[:, None], x=xs[:, None], dt=dt[:, None], B=B[:, None], C=C[:, None], z=z[:, None]
+            ),
+            shared=dict(A=-jnp.exp(self.A_log)[None], D=self.D[None], dt_bias=self.dt_bias[None]),
+            static=dict(dt_softplus=True),
+        )
+        y = self.out_proj(y[:, 0])[:, None]
+        return y, _write_layer(cache, layer, conv_state, ssm_state[:, 0])
 
     @staticmethod
     def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:
@@ -245,25 +329,46 @@ class Mamba2Mixer(nn.Module):
         cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
         return self.out_proj(y), cache
 
-    def step(self, x, cache: SSMCache, position):
-        del position
-        z, xBC, dt = self._split(self.in_proj(x[:, 0]))
-        xBC, conv_state = self.conv1d.step(xBC, cache.conv_state)
+    def prefill(self, x, cache: SSMCache, positions, valid):
+        """As :meth:`MambaMixer.prefill`. Padding is passed through with dt = 0, which needs
+        ``mamba2.dt_limit[0] == 0`` (the default); the engine refuses ragged batches otherwise."""
+        del positions
+        c = self.config
+        z, xBC_in, dt = self._split(self.in_proj(x))
+        xBC = self.conv1d.prefill(xBC_in, cache.conv_state)
         xs, B, C = self._heads(xBC)
-        y, ssm_state = ssd_step(
-            cache.ssm_state,
-            xs,
-            dt,
-            -jnp.exp(self.A_log),
-            B,
-            C,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=self.config.mamba2.dt_limit,
+        xs, dt = _pad_masked(valid[..., None], xs, dt[..., None])
+        y, ssm_state = call_kernel(
+            "ssd",
+            ssd,
+            c.kernels.ssd,
+            batched=dict(x=xs, dt=dt[..., 0], B=B, C=C, initial_state=cache.ssm_state),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
+            static=dict(
+                chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit, return_final_state=True
+            ),
+        )
+        y = self.norm(y.reshape(*y.shape[:2], -1), z)
+        conv_state = conv_state_after(cache.conv_state, xBC_in, valid.sum(axis=1))
+        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+
+    def step(self, x, cache: SSMCache, position, layer):
+        """As :meth:`MambaMixer.step`."""
+        del position
+        mine = layer_of(cache, layer)
+        z, xBC, dt = self._split(self.in_proj(x[:, 0]))
+        xBC, conv_state = self.conv1d.step(xBC, mine.conv_state)
+        xs, B, C = self._heads(xBC)
+        y, ssm_state = call_kernel(
+            "selective_state_update",
+            selective_state_update,
+            self.config.kernels.selective_state_update,
+            batched=dict(state=mine.ssm_state, x=xs, dt=dt, B=B, C=C),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
+            static=dict(dt_softplus=True, dt_limit=self.config.mamba2.dt_limit),
         )
         y = self.norm(y.reshape(y.shape[0], -1), z)
-        return self.out_proj(y)[:, None], SSMCache(conv_state, ssm_state)
+        return self.out_proj(y)[:, None], _write_layer(cache, layer, conv_state, ssm_state)
 
     @staticmethod
     def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:

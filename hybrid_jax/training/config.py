@@ -127,6 +127,7 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
     m.mamba.dt_init_floor = mb.dt_init_floor  # lower clamp of the initial dt
     m.mamba.dt_scale = mb.dt_scale  # scale of the dt projection init
     m.mamba.conv_bias = mb.conv_bias  # bias in the causal conv
+    m.mamba.lti = mb.lti  # LTI ablation: delta, B, C learned constants instead of input projections
 
     m2 = cfg.mamba2
     m.mamba2 = ml_collections.ConfigDict()  # Mamba-2 (SSD) mixers, arXiv:2405.21060
@@ -152,6 +153,7 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
     m.attention.rope = a.rope  # rotary position embedding on q and k
     m.attention.rope_base = a.rope_base  # RoPE base
     m.attention.window = a.window  # SWA layers: a query sees the last `window` tokens (itself included)
+    m.attention.conv = a.conv  # short causal conv before q/k/v (Zoology's attention baselines); 0: none
 
     s = cfg.sal
     m.sal = ml_collections.ConfigDict()  # Taipan's Selective Attention Layers, arXiv:2410.18572
@@ -166,6 +168,7 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
     m.sal.rope_base = s.rope_base  # RoPE base when rope is on
     m.sal.kv_source = s.kv_source  # "selected": keys are selected tokens only; "all": every token in the window
     m.sal.capacity_factor = _optional(s.capacity_factor, float)  # static compaction size / (C t); None: t
+    m.sal.key_gradient = s.key_gradient  # "none" | "bias": straight-through gradient to selected keys too
     return m
 
 
@@ -178,6 +181,8 @@ def kernels_section(kernels: KernelConfig | None = None) -> ml_collections.Confi
     c.causal_conv1d = k.causal_conv1d  # depthwise causal conv of both Mamba mixers
     c.sliding_window_attention = k.sliding_window_attention  # ATTENTION / SWA layers (and SAL with kv_source=all)
     c.selective_attention = k.selective_attention  # SAL attention over selected tokens
+    c.selective_state_update = k.selective_state_update  # one-token Mamba / Mamba-2 state update (decoding)
+    c.decode_attention = k.decode_attention  # attention against a KV cache or ring (decoding, chunked prefill)
     return c
 
 
@@ -223,11 +228,20 @@ def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collec
     # Parameters whose name is listed get no weight decay: SSM dynamics, skip, dt bias, norm scales and biases.
     o.no_decay = ("A_log", "D", "dt_bias", "scale", "bias")
     o.grad_clip_norm = 1.0  # clip the global gradient norm to this (0: no clipping)
+    # A population: one run per learning rate (x train.seeds), trained side by side in one vmapped step on the same
+    # batches. Each member's schedule is the one above scaled by its rate / learning_rate. Empty: one run.
+    o.learning_rates = ()
 
     config.train = tr = ml_collections.ConfigDict()
     tr.steps = t["steps"]  # optimizer steps of the whole run (the schedule's length)
     tr.seed = 0  # parameter init, Gumbel noise and (unless data.seed) the data order
+    # A population over init seeds (x optim.learning_rates): members differ in parameter init and Gumbel noise and
+    # share the data order (data.seed, or train.seed). Empty: one run.
+    tr.seeds = ()
     tr.grad_accum_steps = 1  # micro-batches per step (data.batch_size / this rows each); same result, less memory
+    # Compute logits (loss, accuracy) only at the first n masked positions of each row: the recall tasks score a few
+    # answers per row, and the LM head over all t positions would dominate a small model's step. 0: every position.
+    tr.loss_positions = 0
     tr.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     tr.eval_every = t["every"]  # steps between evaluations (0: only at the end)
     tr.checkpoint_every = t["every"]  # steps between checkpoints (0: only at the end and on preemption)
@@ -303,6 +317,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _int(config, path, 1)
     for path in ("train.eval_every", "train.checkpoint_every", "train.seed", "eval.max_batches", "eval.sample_tokens"):
         _int(config, path, 0)
+    if "loss_positions" in config.train:
+        _int(config, "train.loss_positions", 0)
     for path in ("data.seq_len", "data.batch_size", "data.vocab_multiple", "eval.batch_size"):
         _int(config, path, 1)
     _int(config, "data.num_threads", 0)
@@ -323,6 +339,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"optim.min_learning_rate={config.optim.min_learning_rate!r} exceeds "
             f"optim.learning_rate={config.optim.learning_rate!r}"
         )
+    rates, seeds = tuple(config.optim.get("learning_rates", ())), tuple(config.train.get("seeds", ()))
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            _fail(f"optim.learning_rates={rates!r} must hold numbers > 0")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            _fail(f"train.seeds={seeds!r} must hold integers >= 0")
+    if len(set(seeds)) != len(seeds) or len(set(rates)) != len(rates):
+        _fail(f"optim.learning_rates={rates!r} and train.seeds={seeds!r} must not repeat a value")
     if config.data.batch_size % config.train.grad_accum_steps:
         _fail(
             f"data.batch_size={config.data.batch_size} must be divisible by "
@@ -371,6 +396,20 @@ def model_config(config: ml_collections.ConfigDict | Mapping[str, Any], vocab_si
         _fail(f"model: {e}")
 
 
+def population_members(config: ml_collections.ConfigDict) -> list[tuple[float, int]] | None:
+    """The ``(learning rate, seed)`` of every member of a population run, or None for a single run.
+
+    Members are the product of ``optim.learning_rates`` (or ``optim.learning_rate``) and ``train.seeds`` (or
+    ``train.seed``), learning rate major.
+    """
+    rates, seeds = tuple(config.optim.get("learning_rates", ())), tuple(config.train.get("seeds", ()))
+    if not rates and not seeds:
+        return None
+    return [
+        (float(r), int(s)) for r in (rates or (config.optim.learning_rate,)) for s in (seeds or (config.train.seed,))
+    ]
+
+
 def padded_vocab(vocab_size: int, multiple: int) -> int:
     """``vocab_size`` rounded up to a multiple of ``multiple`` (tensor-parallel and MXU friendly)."""
     return multiple * math.ceil(vocab_size / multiple)
@@ -396,6 +435,7 @@ __all__ = [
     "model_section",
     "padded_vocab",
     "parse_arg",
+    "population_members",
     "preset_config",
     "to_json_dict",
     "validate",

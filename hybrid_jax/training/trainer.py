@@ -27,6 +27,7 @@ position saved in the checkpoint, so a resumed run repeats an uninterrupted one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -86,25 +87,53 @@ def _cross_entropy(logits, batch):
     return jnp.sum(ce * batch["mask"]), jnp.sum(batch["mask"])
 
 
-def make_train_step(model: LanguageModel, tx: optax.GradientTransformation, schedule, accum_steps: int):
+def masked_positions(batch, n: int):
+    """``(positions (b, n), targets (b, n), mask (b, n))`` of the first ``n`` masked positions of each row (padded
+    with unmasked ones), for a head that computes only the logits the loss needs (``train.loss_positions``)."""
+    _, idx = jax.lax.top_k(batch["mask"], n)  # ties (the 1s, then the 0s) keep their order: first positions first
+    take = lambda x: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    return idx, take(batch["targets"]), take(batch["mask"])
+
+
+def _logits_and_targets(model, params, batch, n: int, **kwargs):
+    """The model's logits and the batch restricted to the positions they cover (every position when n == 0)."""
+    args = (batch["inputs"], batch["segment_ids"], batch["positions"])
+    if not n:
+        return model.apply({"params": params}, *args, **kwargs), batch
+    idx, targets, mask = masked_positions(batch, n)
+    out = model.apply({"params": params}, *args, logits_at=idx, **kwargs)
+    return out, {**batch, "targets": targets, "mask": mask}
+
+
+def make_train_step(
+    model: LanguageModel,
+    tx: optax.GradientTransformation,
+    schedule,
+    accum_steps: int,
+    lr_scales: tuple[float, ...] | None = None,
+    loss_positions: int = 0,
+):
     """The (un-jitted) step ``(state, batch) -> (state, metrics)``.
 
     The objective is ``sum(ce * mask) / sum(mask)`` over the whole global batch plus ``constraint_weight`` times the
     SAL budget constraint (averaged over micro-batches). With ``accum_steps > 1`` the batch is split into strided
     micro-batches (rows ``j, j + k, j + 2k, ...``, so each device keeps its own rows) and their gradients are summed
     in fp32 by a ``lax.scan``.
+
+    With ``lr_scales`` (a population, see :func:`hybrid_jax.training.config.population_members`) every leaf of the
+    state has a leading member axis and the step is ``vmap``-ed over it: member i's AdamW update is scaled by
+    ``lr_scales[i]`` (AdamW's update is linear in its learning rate, weight decay included), all members read the
+    same batch, and every metric gains the member axis.
+
+    With ``loss_positions`` = n > 0 the head computes logits only at the first n masked positions of each row
+    (:func:`masked_positions`); masked positions beyond them would not count, which the metric ``answers_dropped``
+    reports.
     """
     lam = model.config.sal.constraint_weight
 
     def micro_objective(params, micro, key, total_tokens):
-        logits, aux = model.apply(
-            {"params": params},
-            micro["inputs"],
-            micro["segment_ids"],
-            micro["positions"],
-            deterministic=False,
-            return_aux=True,
-            rngs={"gumbel": key},
+        (logits, aux), micro = _logits_and_targets(
+            model, params, micro, loss_positions, deterministic=False, return_aux=True, rngs={"gumbel": key}
         )
         ce_sum, _ = _cross_entropy(logits, micro)
         objective = ce_sum / total_tokens + lam * aux["sal_constraint"] / accum_steps
@@ -112,7 +141,7 @@ def make_train_step(model: LanguageModel, tx: optax.GradientTransformation, sche
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
-    def train_step(state: TrainState, batch):
+    def member_step(state: TrainState, batch, lr_scale):
         key = jax.random.fold_in(state.rng, state.step)
         total_tokens = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
         if accum_steps == 1:
@@ -138,6 +167,8 @@ def make_train_step(model: LanguageModel, tx: optax.GradientTransformation, sche
             (grads, objective, ce_sum, aux), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum_steps)))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if lr_scale is not None:
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": ce_sum / total_tokens,
@@ -145,22 +176,34 @@ def make_train_step(model: LanguageModel, tx: optax.GradientTransformation, sche
             "sal_constraint": aux["sal_constraint"],
             "sal_selection_rate": aux["sal_selection_rate"],
             "sal_dropped": aux["sal_dropped"],
+            "sal_alpha": aux["sal_alpha"],
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
+            "learning_rate": schedule(state.step) * (1.0 if lr_scale is None else lr_scale),
             "tokens": total_tokens,
         }
+        if loss_positions:
+            metrics["answers_dropped"] = total_tokens - jnp.sum(masked_positions(batch, loss_positions)[2])
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return train_step
+    if lr_scales is None:
+        return lambda state, batch: member_step(state, batch, None)
+    scales = jnp.asarray(lr_scales, jnp.float32)
+    return lambda state, batch: jax.vmap(member_step, in_axes=(0, None, 0))(state, batch, scales)
 
 
-def make_eval_step(model: LanguageModel, byte_lengths: np.ndarray | None):
-    """``(params, batch) -> sums``: masked loss, tokens, correct tokens, exact rows, rows with answers, bytes."""
+def make_eval_step(
+    model: LanguageModel, byte_lengths: np.ndarray | None, population: bool = False, loss_positions: int = 0
+):
+    """``(params, batch) -> sums``: masked loss, tokens, correct tokens, exact rows, rows with answers, bytes.
+
+    With ``population`` the params have a leading member axis and every sum gains it; ``loss_positions`` as in
+    :func:`make_train_step`.
+    """
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
 
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+    def eval_step(params, full):
+        logits, batch = _logits_and_targets(model, params, full, loss_positions)
         ce_sum, tokens = _cross_entropy(logits, batch)
         mask = batch["mask"]
         correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32) * mask
@@ -176,9 +219,11 @@ def make_eval_step(model: LanguageModel, byte_lengths: np.ndarray | None):
         if table is not None:
             safe = jnp.clip(batch["targets"], 0, table.shape[0] - 1)
             out["bytes"] = jnp.sum(table[safe] * mask)
+        if loss_positions:
+            out["answers_dropped"] = jnp.sum(full["mask"]) - tokens
         return out
 
-    return eval_step
+    return jax.vmap(eval_step, in_axes=(0, None)) if population else eval_step
 
 
 def byte_lengths(tokenizer, vocab_size: int) -> np.ndarray | None:
@@ -318,15 +363,19 @@ class Trainer:
         self.model_config = config_lib.model_config(config, vocab_size=self.vocab_size)
         self.model = LanguageModel(self.model_config)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        # A population run (optim.learning_rates / train.seeds): a leading member axis on every state leaf.
+        self.members = config_lib.population_members(config)
+        lr_scales = None if self.members is None else tuple(lr / config.optim.learning_rate for lr, _ in self.members)
+        self.loss_positions = int(config.train.get("loss_positions", 0))
         self._build_state_shardings()
         self.train_step = jax.jit(
-            make_train_step(self.model, self.tx, self.schedule, k),
+            make_train_step(self.model, self.tx, self.schedule, k, lr_scales, self.loss_positions),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
             donate_argnums=(0,),
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.model, self.byte_lengths),
+            make_eval_step(self.model, self.byte_lengths, self.members is not None, self.loss_positions),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=NamedSharding(self.mesh, P()),
         )
@@ -334,6 +383,7 @@ class Trainer:
         self.device_kind = jax.devices()[0].device_kind
         self.peak_flops = config.train.peak_flops_per_device or flops_lib.peak_flops(self.device_kind)
         self.checkpointer: Checkpointer | None = None
+        self.diverged: dict[int, int] = {}  # population member -> first step with a non-finite loss
 
     # ----- construction -------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -395,6 +445,12 @@ class Trainer:
             opt_state=opt_abs,
             rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
         )
+        if self.members is not None:  # every leaf gains a leading, unsharded member axis
+            n = len(self.members)
+            self.state_shardings = jax.tree.map(
+                lambda s: NamedSharding(self.mesh, P(None, *s.spec)), self.state_shardings
+            )
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), abstract)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings
         )
@@ -409,6 +465,9 @@ class Trainer:
             params = nn.unbox(model.init(params_key, tokens)["params"])
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
+        if self.members is not None:
+            seeds = jnp.asarray([seed for _, seed in self.members], jnp.uint32)
+            return jax.jit(jax.vmap(init), out_shardings=self.state_shardings)(seeds)
         return jax.jit(init, static_argnums=0, out_shardings=self.state_shardings)(self.config.train.seed)
 
     def global_batch(self, local: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
@@ -449,14 +508,54 @@ class Trainer:
         os.replace(tmp, path)
 
     # ----- evaluation and sampling ------------------------------------------------------------------------------
-    def evaluate(self, params) -> dict[str, float]:
-        """Loss, perplexity, token accuracy; bits per byte (text) or exact match (synthetic tasks)."""
-        totals: dict[str, float] = {}
+    def eval_batches_for(self, source, seq_len: int | None = None, max_batches: int | None = None):
+        """Evaluation batches of another source (same vocabulary), e.g. longer text or another recall setting.
+
+        Args:
+          source: a source string or spec (see :func:`hybrid_jax.data.parse_source`).
+          seq_len: row length (None: the source's own for synthetic tasks, else ``data.seq_len``).
+          max_batches: batches to read (None: ``eval.max_batches``; 0: the whole split).
+        """
+        c = self.config
+        source = parse_source(source) if isinstance(source, str) else source
+        if seq_len is None and isinstance(source, (TextFiles, TfdsText)):
+            seq_len = c.data.seq_len
+        eb = c.eval.batch_size
+        block, blocks = sharding_lib.process_batch_block(self.batch_sharding, eb)
+        n = c.eval.max_batches if max_batches is None else max_batches
+        return make_eval_iterator(
+            source,
+            seq_len=seq_len,
+            batch_size=eb,
+            process_index=block,
+            process_count=blocks,
+            data_dir=c.data.data_dir,
+            max_batches=n or None,
+            num_threads=c.data.num_threads,
+        )
+
+    def evaluate(self, params, batches=None) -> dict[str, float] | list[dict[str, float]]:
+        """Loss, perplexity, token accuracy; bits per byte (text) or exact match (synthetic tasks).
+
+        Args:
+          params: the parameters (with the member axis in a population run).
+          batches: evaluation batches (default: the run's own, ``eval.*``); see :meth:`eval_batches_for`.
+
+        Returns:
+          The metrics, or one dict of metrics per member in a population run.
+        """
+        batches = self.eval_batches if batches is None else batches
+        totals: dict[str, Any] = {}
         eb = self.config.eval.batch_size
-        for local in self.eval_batches:
+        for local in batches:
             sums = jax.device_get(self.eval_step(params, self.global_batch(local, eb)))
             for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+                totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+        if self.members is None:
+            return self._eval_metrics({k: float(v) for k, v in totals.items()})
+        return [self._eval_metrics({k: float(v[i]) for k, v in totals.items()}) for i in range(len(self.members))]
+
+    def _eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         tokens = max(totals.get("tokens", 0.0), 1.0)
         loss = totals.get("loss_sum", 0.0) / tokens
         out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": totals.get("correct", 0.0) / tokens}
@@ -465,13 +564,15 @@ class Trainer:
         if not self.is_text:
             out["exact_match"] = totals.get("exact_rows", 0.0) / max(totals.get("answer_rows", 0.0), 1.0)
         out["eval_tokens"] = totals.get("tokens", 0.0)
+        if "answers_dropped" in totals:
+            out["answers_dropped"] = totals["answers_dropped"]
         return out
 
     def sample(self, params) -> str | None:
         """Greedy (or tempered) continuation of ``eval.sample_prompt`` for text data; None otherwise."""
         e = self.config.eval
         tok = self.data_info.tokenizer
-        if not self.is_text or e.sample_tokens == 0 or tok is None:
+        if not self.is_text or e.sample_tokens == 0 or tok is None or self.members is not None:
             return None
         prompt = np.asarray(tok.encode(e.sample_prompt, add_bos=True), np.int32)[None]
         model, n, temp = self.model, e.sample_tokens, float(e.sample_temperature)
@@ -497,8 +598,14 @@ class Trainer:
           NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
           CheckpointError: the newest checkpoint cannot be restored (it is left in place).
         """
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with self.context():
             return self._run()
+
+    @contextlib.contextmanager
+    def context(self):
+        """The run's mesh and logical axis rules, for work outside :meth:`run` (e.g. :meth:`evaluate` afterwards)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
     def _restore_or_init(self) -> tuple[TrainState, int]:
         latest = self.checkpointer.latest_step()
@@ -589,7 +696,7 @@ class Trainer:
                     last_checkpoint = step
                 if is_eval:
                     result = self.evaluate(state.params)
-                    writer.write_eval(step, result)
+                    writer.write_eval(step, _flat_members(result))
                     bar.write(f"eval step {step}: " + _format(result))
                     window_start, window_steps = time.perf_counter(), 0
             if status == "preempted":
@@ -607,7 +714,7 @@ class Trainer:
         self.checkpointer.wait()
         result = self.evaluate(state.params)
         if not resumed_complete:
-            writer.write_eval(step, result)
+            writer.write_eval(step, _flat_members(result))
         text = self.sample(state.params)
         if self.is_main:
             print(f"final evaluation at step {step}: {_format(result)}", flush=True)
@@ -616,7 +723,12 @@ class Trainer:
                     f"sample ({c.eval.sample_tokens} tokens, temperature {c.eval.sample_temperature}):\n{text}",
                     flush=True,
                 )
-        return {"status": status, "step": step, "eval": result, "sample": text}
+        out = {"status": status, "step": step, "eval": result, "sample": text}
+        if self.members is not None:
+            out["members"] = [{"learning_rate": lr, "seed": seed} for lr, seed in self.members]
+            out["diverged"] = dict(self.diverged)
+        self.final_state = state
+        return out
 
     def abstract_batch(self, size: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and shardings of a global batch of ``size`` rows (for ``train_step.lower``)."""
@@ -631,8 +743,22 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct((size, T), d, sharding=self.batch_sharding) for k, d in dtypes.items()}
 
     def _check_finite(self, fetched, last_checkpoint):
+        """Stops a run whose loss became non-finite; a population stops only when every member has diverged (the
+        others train on: members are independent), and records which members did in ``self.diverged``."""
         for step, m in fetched:
-            bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+            dropped = float(np.max(m.get("answers_dropped", 0.0)))
+            if dropped > 0:
+                raise ValueError(
+                    f"config: train.loss_positions={self.loss_positions} is smaller than the answers of some rows at "
+                    f"step {step} ({dropped:.0f} masked positions had no logits); raise it to the most answers a row has"
+                )
+            if self.members is not None:
+                finite = np.isfinite(np.asarray(m["loss"])) & np.isfinite(np.asarray(m["grad_norm"]))
+                for i in np.flatnonzero(~finite):
+                    self.diverged.setdefault(int(i), step)
+                if finite.any():
+                    continue
+            bad = [k for k in ("loss", "grad_norm") if not np.all(np.isfinite(m[k]))]
             if bad:
                 where = (
                     f"the last good checkpoint is step {last_checkpoint} in {self.checkpointer.directory}"
@@ -640,12 +766,15 @@ class Trainer:
                     else "no checkpoint was saved"
                 )
                 raise NonFiniteLossError(
-                    f"non-finite {bad[0]}={float(m[bad[0]])} at step {step}: stopping without saving this state; "
+                    f"non-finite {bad[0]}={np.asarray(m[bad[0]]).ravel()[0]} at step {step}"
+                    f"{' in every member' if self.members is not None else ''}: stopping without saving this state; "
                     f"{where} (lower optim.learning_rate or check the data)"
                 )
         return fetched
 
     def _train_record(self, m, tokens_per_sec: float, compile_s: float | None) -> dict[str, Any]:
+        if self.members is not None:
+            return self._population_record(m, tokens_per_sec, compile_s)
         mfu = flops_lib.mfu(self.flops_per_token["total"], tokens_per_sec, jax.device_count(), self.peak_flops)
         record = {
             "loss": float(m["loss"]),
@@ -663,13 +792,52 @@ class Trainer:
                 record[f"sal_selection_rate/{i}"] = float(r)
             for i, r in enumerate(np.asarray(m["sal_dropped"])):
                 record[f"sal_dropped/{i}"] = float(r)
+            for i, r in enumerate(np.asarray(m["sal_alpha"])):
+                record[f"sal_alpha/{i}"] = float(r)
+        if compile_s is not None:
+            record["compile_time_s"] = compile_s
+        return record
+
+    def _population_record(self, m, tokens_per_sec: float, compile_s: float | None) -> dict[str, Any]:
+        """A population's log record: ``loss`` is the best finite member's, ``<metric>/member<i>`` every member's
+        (SAL metrics as ``sal_selection_rate/<sal>/member<i>``); throughput counts every member's tokens."""
+        n = len(self.members)
+        tps = tokens_per_sec * n
+        mfu = flops_lib.mfu(self.flops_per_token["total"], tps, jax.device_count(), self.peak_flops)
+        losses = np.asarray(m["loss"], np.float64)
+        finite = losses[np.isfinite(losses)]
+        record: dict[str, Any] = {
+            "loss": float(finite.min()) if finite.size else float("nan"),
+            "tokens_per_sec": tps,
+            "mfu": mfu,
+            "tokens": float(np.asarray(m["tokens"]).ravel()[0]),
+        }
+        for key in ("loss", "objective", "grad_norm", "learning_rate"):
+            for i, v in enumerate(np.asarray(m[key]).reshape(n)):
+                record[f"{key}/member{i}"] = float(v)
+        for key in ("sal_selection_rate", "sal_dropped", "sal_alpha"):
+            values = np.asarray(m[key]).reshape(n, -1)
+            for i in range(n):
+                for j, v in enumerate(values[i]):
+                    record[f"{key}/{j}/member{i}"] = float(v)
         if compile_s is not None:
             record["compile_time_s"] = compile_s
         return record
 
 
-def _format(metrics: dict[str, float]) -> str:
+def _format(metrics: dict[str, float] | list[dict[str, float]]) -> str:
+    if isinstance(metrics, list):  # a population: the member with the lowest loss
+        finite = [m for m in metrics if math.isfinite(m["loss"])] or metrics
+        i = metrics.index(min(finite, key=lambda m: m["loss"]))
+        return f"best of {len(metrics)} members (member {i}): " + _format(metrics[i])
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _flat_members(metrics: dict[str, float] | list[dict[str, float]]) -> dict[str, float]:
+    """A population's per-member metrics as one flat record (``loss/member0``, ...); a single run's unchanged."""
+    if not isinstance(metrics, list):
+        return metrics
+    return {f"{k}/member{i}": v for i, m in enumerate(metrics) for k, v in m.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

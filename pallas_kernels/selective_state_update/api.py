@@ -1,0 +1,123 @@
+"""Public entry point of the one-token selective state update (decode step of Mamba-1 and Mamba-2).
+
+The semantics are mamba_ssm's ``selective_state_update`` (all math in float32, state float32, output in ``x.dtype``):
+
+    dt <- clamp(softplus(dt + dt_bias))            (each part optional)
+    S  <- exp(dt * A) * S + dt * x (outer) B        S is (p, n) per head
+    y  <- S C + D * x,   y *= silu(z)
+
+in one of two layouts: Mamba-2 (one ``dt`` and ``A`` per head: ``dt (b, h)``, ``A (h,)``) or per channel
+(``dt (b, h, p)``, ``A (h, p, n)``; Mamba-1 is h = 1, p = d with its d channels as the head dim). On a GPU the step is
+bound by reading and writing the state; the Pallas kernels update it in place (``input_output_aliases``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import _checks, _platform
+from pallas_kernels.selective_state_update.reference import selective_state_update_reference
+from pallas_kernels.selective_state_update.xla import selective_state_update_xla
+from pallas_kernels.sliding_window_attention.api import check_interpret
+from pallas_kernels.ssd.api import _check_dt_limit
+from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
+
+_OP = "selective_state_update"
+
+AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+
+def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+    _checks.rank(_OP, "x", x, 3)
+    b, h, p = x.shape
+    _checks.rank(_OP, "A", A, (1, 3))
+    per_head = A.ndim == 1
+    if per_head:
+        _checks.shape(_OP, "A", A, (h,), "one per head (Mamba-2 layout)")
+        _checks.shape(_OP, "dt", dt, (b, h), "(b, h) when A is (h,)")
+    else:
+        _checks.shape(_OP, "A", A, (h, p, None), "(h, p, n) per channel")
+        _checks.shape(_OP, "dt", dt, (b, h, p), "(b, h, p) when A is (h, p, n)")
+    _checks.rank(_OP, "B", B, 3)
+    _checks.shape(_OP, "B", B, (b, None, None), "batch of x, then groups, state")
+    g, n = B.shape[1:]
+    if g < 1 or h % g != 0:
+        raise ValueError(
+            f"{_OP}: B.shape={tuple(B.shape)} has {g} groups but x has {h} heads (heads % groups must be 0)"
+        )
+    if not per_head:
+        _checks.shape(_OP, "A", A, (h, p, n), "(h, p, n) with n from B")
+    _checks.shape(_OP, "C", C, (b, g, n), "same as B")
+    _checks.shape(_OP, "state", state, (b, h, p, n), "(b, h, p, n)")
+    if D is not None:
+        _checks.rank(_OP, "D", D, (1, 2))
+        _checks.shape(_OP, "D", D, (h,) if D.ndim == 1 else (h, p), "(h,) or (h, p)")
+    if z is not None:
+        _checks.shape(_OP, "z", z, (b, h, p), "same as x")
+    if dt_bias is not None:
+        _checks.shape(_OP, "dt_bias", dt_bias, dt.shape[1:], "dt without its batch axis")
+    for name, v in dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias).items():
+        if v is not None:
+            _checks.floating(_OP, name, v)
+
+
+def selective_state_update(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = DEFAULT_DT_LIMIT,
+    implementation: str = "auto",
+    interpret=False,
+):
+    """One decode token of a selective SSM: returns the output and the updated state.
+
+    Args:
+      state: ``(b, h, p, n)`` float32 state before the token.
+      x: ``(b, h, p)`` input of the token.
+      dt: ``(b, h)`` (with ``A (h,)``) or ``(b, h, p)`` (with ``A (h, p, n)``) raw step sizes.
+      A: ``(h,)`` per-head or ``(h, p, n)`` per-channel decay rates (negative in practice).
+      B, C: ``(b, g, n)``; head i uses group ``i // (h // g)``.
+      D: ``(h,)`` or ``(h, p)`` skip, or None.
+      z: ``(b, h, p)`` gate, ``y *= silu(z)``, or None.
+      dt_bias: shaped like ``dt`` without the batch axis, or None.
+      dt_softplus: apply softplus to ``dt + dt_bias``.
+      dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
+      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic).
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
+        ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
+
+    Returns:
+      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32.
+
+    Raises:
+      ValueError: bad shapes, dtypes or arguments (one line naming the argument).
+      NotImplementedError: an implementation this op does not have.
+      RuntimeError: a Pallas implementation on the wrong platform without ``interpret``.
+    """
+    state, x, dt, A, B, C = (jnp.asarray(v) for v in (state, x, dt, A, B, C))
+    D, z, dt_bias = (None if v is None else jnp.asarray(v) for v in (D, z, dt_bias))
+    _check(state, x, dt, A, B, C, D, z, dt_bias)
+    dt_limit = _check_dt_limit(_OP, dt_limit)
+    check_interpret(_OP, interpret)
+    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret is not False)
+    args = (state.astype(jnp.float32), x, dt, A, B, C, D, z, dt_bias)
+    kw = dict(dt_softplus=bool(dt_softplus), dt_limit=dt_limit)
+    if impl == "reference":
+        return selective_state_update_reference(*args, **kw)
+    if impl == "xla":
+        return selective_state_update_xla(*args, **kw)
+    if impl == "pallas_gpu":
+        from pallas_kernels.selective_state_update.pallas_gpu import selective_state_update_pallas_gpu
+
+        return selective_state_update_pallas_gpu(*args, interpret=bool(interpret), **kw)
+    from pallas_kernels.selective_state_update.pallas_tpu import selective_state_update_pallas_tpu
+
+    return selective_state_update_pallas_tpu(*args, interpret=interpret, **kw)
