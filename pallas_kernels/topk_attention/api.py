@@ -13,6 +13,7 @@ from pallas_kernels.sliding_window_attention.api import check_attention_inputs, 
 from pallas_kernels.topk_attention.pallas_gpu import topk_attention_pallas_gpu
 from pallas_kernels.topk_attention.pallas_tpu import topk_attention_pallas_tpu
 from pallas_kernels.topk_attention.reference import topk_attention_reference
+from pallas_kernels.topk_attention.selection import effective_top_k
 from pallas_kernels.topk_attention.xla import topk_attention_xla
 
 _OP = "topk_attention"
@@ -77,6 +78,8 @@ def topk_attention(
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
     impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
+    # Every top_k past the last query's nb - 1 candidates selects the same blocks: one compiled program for all.
+    top_k = effective_top_k(q.shape[1], block_size, top_k)
     kw = dict(block_size=block_size, top_k=top_k, segment_ids=segment_ids, softmax_scale=scale)
     if impl == "reference":
         return topk_attention_reference(q, k, v, **kw)

@@ -187,7 +187,8 @@ def _bwd(q, kb, vb, seg, layout: pairs.PairLayout, do, lse, delta, pr: Problem):
     stat_row = pl.BlockSpec((None, 1, rows), lambda t, h, *_: (h, 0, t))
     q_row = pl.BlockSpec((1, rows), lambda t, h, *_: (0, t))
     k_row = pl.BlockSpec(
-        (None, None, 1, kr), lambda t, h, row, blk, first: (lax.div(jnp.minimum(row[t], rr - 1), pr.kv_heads), blk[t], 0, 0)
+        (None, None, 1, kr),
+        lambda t, h, row, blk, first: (lax.div(jnp.minimum(row[t], rr - 1), pr.kv_heads), blk[t], 0, 0),
     )
     segs = _segment_args(seg, layout, batch_of_slot, pr)
     slots = pr.tiles * rows

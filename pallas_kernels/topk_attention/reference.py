@@ -56,6 +56,7 @@ def block_scores(q, k, block_size: int):
     return jnp.einsum("bthe,bnhe->bthn", qs, block_means(k, block_size), precision="highest")
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "top_k"))
 def selection_table(q, k, *, block_size: int, top_k: int):
     """``(b, t, hk, nb)`` bool: query i (with kv head g) selected block j, by ranks among its candidates ``j < c``.
 
