@@ -22,8 +22,9 @@ kernels in a blocked layout ``(b * hk, nb, block_rows, e)`` (the last block zero
 backend's tiles need), made and undone by differentiable XLA around the ``custom_vjp``.
 
 Costs beyond the attention's own ``4 * pairs * bs * e`` multiply-adds: the pair partials (``P`` rows of ``e`` per
-query head in the forward, float32 ``dq`` rows in the backward) written and gathered back once, and the padding of
-each key block's last tile (``< rows`` pairs per block). A key block that almost every query selects (an attention
+query head: outputs in the forward, ``dq`` in the backward) written and gathered back once, about as much memory
+traffic as reading each query's gathered keys, and the padding of each key block's last tile (``< rows`` pairs
+per block). A key block that almost every query selects (an attention
 sink) gives one backward program ~``t / rows`` tiles: the launch then ends on that program.
 """
 
@@ -144,16 +145,21 @@ class Backend:
         e)`` in q's dtype and ``(tiles * rows, g)`` float32 natural-log log-sum-exps (``-inf`` where a pair sees no
         key).
       bwd: ``(q, kb, vb, seg, layout, do, lse, delta, problem) -> (dq_pair, dkb, dvb)``: ``do`` like q, ``lse`` and
-        ``delta`` ``(R * t, g)`` float32 per query; returns ``(sub_blocks, tiles * rows, g, e)`` float32 and the
-        blocked ``dk``, ``dv`` in k's dtype.
+        ``delta`` ``(R * t, g)`` float32 per query; returns ``(sub_blocks, tiles * rows, g, e)`` (q's dtype or
+        float32) and the blocked ``dk``, ``dv`` in k's dtype.
       head_dim: the head dim the kernels want for a given one.
       key_tile: ``(block_size, tiling) -> (block_k, sub_blocks)``.
+      combine: ``(o_pair, lse_pair, layout, problem) -> (out (b, t, hq, e), lse (R * t, g))``; default
+        :func:`combine` (XLA gathers).
+      combine_dq: ``(dq_pair, layout, problem) -> dq (b, t, hq, e)``; default :func:`combine_dq`.
     """
 
     fwd: Callable
     bwd: Callable
     head_dim: Callable[[int], int]
     key_tile: Callable[[int, Tiling], tuple[int, int]]
+    combine: Callable | None = None
+    combine_dq: Callable | None = None
 
 
 def max_tiles(kv_rows: int, length: int, pairs: int, blocks: int, rows: int, multiple: int) -> int:
@@ -265,28 +271,33 @@ def _gather_pairs(x, pos):
     return jnp.where(valid.reshape(valid.shape + (1,) * (got.ndim - 2)), got, 0.0)
 
 
-def combine(o_pair, lse_pair, pos):
+def combine(o_pair, lse_pair, layout: PairLayout, pr: Problem):
     """Merges each query's ``P`` pair results: ``lse = logsumexp_s lse_s``, ``o = sum_s exp(lse_s - lse) o_s``.
 
     Args:
       o_pair: ``(slots, g, e)``, each pair's attention normalised over its own block.
       lse_pair: ``(slots, g)`` float32 natural-log log-sum-exps (``-inf``: the pair saw no key).
-      pos: ``(R * t, P)`` slots of each query's pairs (-1: none).
+      layout: its ``pos`` ``(R * t, P)`` holds the slots of each query's pairs (-1: none).
+      pr: the problem.
 
     Returns:
-      ``(R * t, g, e)`` float32 outputs and ``(R * t, g)`` float32 log-sum-exps (finite: a query sees itself).
+      ``(b, t, hq, e)`` outputs in ``o_pair``'s dtype and ``(R * t, g)`` float32 log-sum-exps (finite: a query sees
+      itself).
     """
+    pos = layout.pos
     valid = (pos >= 0)[:, :, None]
     lse_s = jnp.where(valid, jnp.take(lse_pair, jnp.maximum(pos, 0), axis=0), -jnp.inf)  # (R * t, P, g)
     lse = jax.nn.logsumexp(lse_s, axis=1)
     weights = jnp.exp(lse_s - lse[:, None, :])
     out = jnp.sum(weights[..., None] * _gather_pairs(o_pair, pos), axis=1)
-    return out, lse
+    return from_rows(out, pr.batch, pr.kv_heads).astype(o_pair.dtype), lse
 
 
-def combine_dq(dq_pair, pos):
-    """``dq`` of each query: the sum of its pairs' rows (over every sub-block step). ``(R * t, g, e)`` float32."""
-    return sum(jnp.sum(_gather_pairs(d, pos), axis=1) for d in dq_pair)
+def combine_dq(dq_pair, layout: PairLayout, pr: Problem):
+    """``dq`` of each query, ``(b, t, hq, e)`` in ``dq_pair``'s dtype: the sum of its pairs' rows over every key
+    step, accumulated in float32."""
+    dq = sum(jnp.sum(_gather_pairs(d, layout.pos), axis=1) for d in dq_pair)
+    return from_rows(dq, pr.batch, pr.kv_heads).astype(dq_pair.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -300,8 +311,7 @@ def _pair_attention(q, kb, vb, seg, layout, backend: Backend, problem: Problem):
 
 def _pair_attention_fwd(q, kb, vb, seg, layout, backend: Backend, problem: Problem):
     o_pair, lse_pair = backend.fwd(q, kb, vb, seg, layout, problem)
-    out, lse = combine(o_pair, lse_pair, layout.pos)
-    out = from_rows(out, problem.batch, problem.kv_heads).astype(q.dtype)
+    out, lse = (backend.combine or combine)(o_pair, lse_pair, layout, problem)
     return out, (q, kb, vb, seg, layout, out, lse)
 
 
@@ -310,7 +320,7 @@ def _pair_attention_bwd(backend: Backend, problem: Problem, res, do):
     # delta_i = sum_e dO * O, float32 (FlashAttention-2's D).
     delta = to_rows(jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1), problem.kv_heads)
     dq_pair, dkb, dvb = backend.bwd(q, kb, vb, seg, layout, do, lse, delta, problem)
-    dq = from_rows(combine_dq(dq_pair, layout.pos), problem.batch, problem.kv_heads).astype(q.dtype)
+    dq = (backend.combine_dq or combine_dq)(dq_pair, layout, problem).astype(q.dtype)
     return dq, dkb, dvb, None, None
 
 

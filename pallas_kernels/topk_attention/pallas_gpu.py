@@ -1,9 +1,10 @@
 """Top-k block-sparse attention on GPUs, Pallas Triton lowering (per-token block selection, MoBA-style).
 
-Selection, pair layout, combine and ``custom_vjp``: ``selection.py`` and ``pairs.py`` (XLA); this module holds the
-two kernels over the (query, key block) pairs of ``pairs.PairLayout``. A tile is ``rows`` pair slots of one
-(batch x kv head) row ``R`` and one key block ``j``; its queries are gathered from HBM by index (Triton loads take
-pointer tensors), so the (query tile x key block) products stay dense whatever each query selected.
+Selection, pair layout and ``custom_vjp``: ``selection.py`` and ``pairs.py`` (XLA); this module holds four kernels:
+two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge each query's pairs. A pair tile is
+``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries are gathered from HBM by index
+(Triton loads take pointer tensors), so the (query tile x key block) products stay dense whatever each query
+selected.
 
 * forward ``topk_attention_fwd``, 1-D grid over groups of ``tiles_per_program`` consecutive tiles (tiles are in
   (row, block) order, so consecutive ones usually share K/V in L2): one flat ``fori_loop`` over (tile, query head of
@@ -11,12 +12,18 @@ pointer tensors), so the (query tile x key block) products stay dense whatever e
   over the block's ``sub_blocks`` steps of ``block_k`` keys, and writes the pair results ``o_pair`` (input dtype,
   normalised over the block) and ``lse_pair`` (float32, natural log; ``-inf`` when the pair sees no key) in slot
   order. Unused trailing tiles are skipped by the loop's dynamic bound.
-* backward ``topk_attention_bwd``, 1-D grid over (key block, key step, row), blocks in increasing order so the most
-  selected ones (early blocks) start first: a ``(block_k, e)`` K/V step stays in registers while a ``fori_loop``
+* backward ``topk_attention_bwd``, 1-D grid over (row, key block, key step), rows slowest so that one head's q and
+  dO stay in L2 while its blocks run (the forward's tile order has the same property), blocks in increasing order
+  (early blocks are selected most and start first): a ``(block_k, e)`` K/V step stays in registers while a ``fori_loop``
   runs over the segment's tiles times the group's query heads, recomputing ``P = exp2(S - lse)`` with the final
   log-sum-exp, so P is exact: ``dV += P^T dO``, ``dS = P (dO V^T - delta)``, ``dK += dS^T Q``, and each tile's
   ``dQ = dS K`` is written to its own pair slots (``dq_pair``; ``pairs.combine_dq`` sums a query's pairs). No
-  atomics: every output element has exactly one writer.
+  atomics: every output element has exactly one writer. Pair ``dq`` rows are stored in the input dtype.
+* combines ``topk_attention_combine`` / ``topk_attention_combine_dq``, grid ``(t / 64, b * hk)``: 64 queries of one
+  row, a loop over the group's heads and the ``P`` pairs of each query, gathering pair rows by the layout's ``pos``:
+  the output is the log-sum-exp-weighted sum of the pair outputs (and the final log-sum-exp, which the backward
+  reads), ``dq`` the float32 sum of the pair rows; both are written straight into ``(b, t, hq, e)``. (The XLA
+  versions in ``pairs.py``, which the TPU path uses, compute the same.)
 
 Masks: own-block pairs are causal (key position <= query position); every pair masks keys past ``block_size`` in
 the padded block and, with segment ids, other segments; padding slots gather query 0 and see nothing of blocks > 0
@@ -54,6 +61,8 @@ _LN2 = pymath.log(2.0)
 _NEG_INIT = -1e30
 
 DEFAULT_TILING = Tiling(rows=64, block_k=64, tiles_per_program=4, num_warps=4, num_stages=2)
+# Query rows per program of the two combine kernels.
+COMBINE_ROWS = 64
 
 
 def _pow2(n: int) -> int:
@@ -136,6 +145,14 @@ def _topk_attention_fwd_kernel(
     lax.fori_loop(0, in_use * g, pair_tile, 0)
 
 
+def _bwd_program(p, pr: Problem):
+    """``(row, block, key step)`` of backward program p: rows slowest (one head's q and dO stay in L2 while its
+    blocks run), then blocks in increasing order (early blocks are selected most and start first), then steps."""
+    per_row = pr.num_blocks * pr.sub_blocks
+    ju = lax.rem(p, per_row)
+    return lax.div(p, per_row), lax.div(ju, pr.sub_blocks), lax.rem(ju, pr.sub_blocks)
+
+
 def _topk_attention_bwd_kernel(
     seg_start_ref,
     seg_count_ref,
@@ -152,9 +169,7 @@ def _topk_attention_bwd_kernel(
 ):
     qseg_ref, kseg_ref, (dq_ref, dk_ref, dv_ref) = _split_segments(refs, len(refs) == 5)
     rows, g, bk, bs, nb = pr.rows, pr.groups, pr.block_k, pr.block_size, pr.num_blocks
-    pid = pl.program_id(0)
-    row, ju = lax.rem(pid, pr.kv_rows), lax.div(pid, pr.kv_rows)
-    j, u = lax.div(ju, pr.sub_blocks), lax.rem(ju, pr.sub_blocks)
+    row, j, u = _bwd_program(pl.program_id(0), pr)
     bi, gk = lax.div(row, pr.kv_heads), lax.rem(row, pr.kv_heads)
     k, v = k_ref[...], v_ref[...]
     off = u * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -183,7 +198,7 @@ def _topk_attention_bwd_kernel(
         dv = dv + _dot(p.astype(do.dtype), do, _TN)
         ds = p * (_dot(do, v, _NT) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, _TN)
-        dq_ref[u, slots, hh, :] = _dot(ds.astype(k.dtype), k, _NN) * pr.scale
+        dq_ref[u, slots, hh, :] = (_dot(ds.astype(k.dtype), k, _NN) * pr.scale).astype(dq_ref.dtype)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -239,9 +254,8 @@ def _bwd(q, kb, vb, seg, layout: pairs.PairLayout, do, lse, delta, pr: Problem):
     g, tl, rr, ns = pr.groups, pr.tiling, pr.kv_rows, pr.sub_blocks
 
     def key_step(p):
-        """Program p: key block ``p // (R * sub_blocks)``, step ``(p // R) % sub_blocks``, row ``p % R``."""
-        ju = lax.div(p, rr)
-        return ((lax.rem(p, rr) * pr.num_blocks + lax.div(ju, ns)) * ns + lax.rem(ju, ns), 0)
+        row, j, u = _bwd_program(p, pr)
+        return ((row * pr.num_blocks + j) * ns + u, 0)
 
     step = pl.BlockSpec((pr.block_k, e), key_step)
     args = [
@@ -258,7 +272,8 @@ def _bwd(q, kb, vb, seg, layout: pairs.PairLayout, do, lse, delta, pr: Problem):
     ]
     in_specs = [_whole(a) for a in args]
     in_specs[4] = in_specs[5] = step
-    dq_shape = jax.ShapeDtypeStruct((ns, pr.tiles * tl.rows, g, e), jnp.float32)
+    # Pair dq rows in the input dtype (summed in float32 by the combine): half the traffic of float32 partials.
+    dq_shape = jax.ShapeDtypeStruct((ns, pr.tiles * tl.rows, g, e), q.dtype)
     dq, dk, dv = pl.pallas_call(
         functools.partial(_topk_attention_bwd_kernel, pr=pr, math=TritonMath(ptx=not pr.interpret)),
         grid=(rr * pr.num_blocks * ns,),
@@ -276,7 +291,104 @@ def _bwd(q, kb, vb, seg, layout: pairs.PairLayout, do, lse, delta, pr: Problem):
     return dq, dk.reshape(kb.shape), dv.reshape(vb.shape)
 
 
-BACKEND = pairs.Backend(fwd=_fwd, bwd=_bwd, head_dim=_head_dim, key_tile=_key_tile)
+def _combine_rows(pr: Problem):
+    """Query rows ``i`` of combine program ``(c, row)``: ``COMBINE_ROWS`` of them, clamped to ``t - 1`` (a clamped
+    row repeats the last one and stores identical values), and the row's batch index, kv head, ``row * t + i``."""
+    row = pl.program_id(1)
+    i = jnp.minimum(pl.program_id(0) * COMBINE_ROWS + jnp.arange(COMBINE_ROWS, dtype=jnp.int32), pr.length - 1)
+    return i, lax.div(row, pr.kv_heads), lax.rem(row, pr.kv_heads), row * pr.length + i
+
+
+def _topk_attention_combine_kernel(pos_ref, o_ref, lse_ref, out_ref, lse_out_ref, *, pr: Problem, math):
+    i, bi, gk, at = _combine_rows(pr)
+    g, p = pr.groups, pr.pairs
+
+    def head(hh, carry):
+        def pair(s, state):
+            acc, m, row_sum = state
+            slot = pos_ref[at * p + s]
+            src = jnp.maximum(slot, 0) * g + hh
+            lse = jnp.where(slot >= 0, lse_ref[src], -jnp.inf)
+            m_new = jnp.maximum(m, lse)
+            alpha, w = math.exp(m - m_new), math.exp(lse - m_new)  # w = 0 for a missing pair
+            acc = acc * alpha[:, None] + w[:, None] * o_ref[src, :].astype(jnp.float32)
+            return acc, m_new, row_sum * alpha + w
+
+        init = (
+            jnp.zeros((COMBINE_ROWS, o_ref.shape[-1]), jnp.float32),
+            jnp.full((COMBINE_ROWS,), _NEG_INIT, jnp.float32),
+            jnp.zeros((COMBINE_ROWS,), jnp.float32),
+        )
+        acc, m, row_sum = lax.fori_loop(0, p, pair, init)  # the own block always counts: row_sum >= 1
+        out_ref[(bi * pr.length + i) * pr.q_heads + gk * g + hh, :] = (acc / row_sum[:, None]).astype(out_ref.dtype)
+        lse_out_ref[at * g + hh] = m + jnp.log(row_sum)
+        return carry
+
+    lax.fori_loop(0, g, head, 0)
+
+
+def _topk_attention_combine_dq_kernel(pos_ref, dq_pair_ref, dq_ref, *, pr: Problem):
+    i, bi, gk, at = _combine_rows(pr)
+    g, p, slots = pr.groups, pr.pairs, pr.tiles * pr.rows
+
+    def head(hh, carry):
+        def pair(r, acc):
+            s, u = lax.div(r, pr.sub_blocks), lax.rem(r, pr.sub_blocks)
+            slot = pos_ref[at * p + s]
+            rows = dq_pair_ref[(u * slots + jnp.maximum(slot, 0)) * g + hh, :].astype(jnp.float32)
+            return acc + jnp.where((slot >= 0)[:, None], rows, 0.0)
+
+        acc = lax.fori_loop(0, p * pr.sub_blocks, pair, jnp.zeros((COMBINE_ROWS, dq_ref.shape[-1]), jnp.float32))
+        dq_ref[(bi * pr.length + i) * pr.q_heads + gk * g + hh, :] = acc.astype(dq_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, g, head, 0)
+
+
+def _combine_grid(pr: Problem):
+    return (pl.cdiv(pr.length, COMBINE_ROWS), pr.kv_rows)
+
+
+def _combine(o_pair, lse_pair, layout: pairs.PairLayout, pr: Problem):
+    e = o_pair.shape[-1]
+    args = [layout.pos.reshape(-1), o_pair.reshape(-1, e), lse_pair.reshape(-1)]
+    out_shape = [
+        jax.ShapeDtypeStruct((pr.batch * pr.length * pr.q_heads, e), o_pair.dtype),
+        jax.ShapeDtypeStruct((pr.kv_rows * pr.length * pr.groups,), jnp.float32),
+    ]
+    out, lse = pl.pallas_call(
+        functools.partial(_topk_attention_combine_kernel, pr=pr, math=TritonMath(ptx=not pr.interpret)),
+        grid=_combine_grid(pr),
+        in_specs=[_whole(a) for a in args],
+        out_specs=[_whole(x) for x in out_shape],
+        out_shape=out_shape,
+        compiler_params=_params(pr.tiling),
+        interpret=pr.interpret,
+        name="topk_attention_combine",
+    )(*args)
+    return out.reshape(pr.batch, pr.length, pr.q_heads, e), lse.reshape(-1, pr.groups)
+
+
+def _combine_dq(dq_pair, layout: pairs.PairLayout, pr: Problem):
+    e = dq_pair.shape[-1]
+    args = [layout.pos.reshape(-1), dq_pair.reshape(-1, e)]
+    out_shape = jax.ShapeDtypeStruct((pr.batch * pr.length * pr.q_heads, e), dq_pair.dtype)
+    dq = pl.pallas_call(
+        functools.partial(_topk_attention_combine_dq_kernel, pr=pr),
+        grid=_combine_grid(pr),
+        in_specs=[_whole(a) for a in args],
+        out_specs=_whole(out_shape),
+        out_shape=out_shape,
+        compiler_params=_params(pr.tiling),
+        interpret=pr.interpret,
+        name="topk_attention_combine_dq",
+    )(*args)
+    return dq.reshape(pr.batch, pr.length, pr.q_heads, e)
+
+
+BACKEND = pairs.Backend(
+    fwd=_fwd, bwd=_bwd, head_dim=_head_dim, key_tile=_key_tile, combine=_combine, combine_dq=_combine_dq
+)
 
 
 def check_tiling(tiling: Tiling) -> None:

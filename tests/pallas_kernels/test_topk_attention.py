@@ -544,8 +544,8 @@ def _grad_program(fn, t, hq, hk, e, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_pallas_gpu_lowers_to_triton(dtype):
-    """Forward and backward lower through Pallas' Triton lowering (gathers, power-of-two tiles, two key steps per
-    block); Triton's own compilation happens only on a GPU (the ``gpu`` tests)."""
+    """The pair kernels and the combines, forward and backward, lower through Pallas' Triton lowering (gathers,
+    power-of-two tiles, two key steps per block); Triton's own compilation happens only on a GPU (``gpu`` tests)."""
     fn, args = _grad_program(
         lambda q, k, v, seg: pallas_gpu.topk_attention_pallas_gpu(
             q, k, v, block_size=100, top_k=4, segment_ids=seg, softmax_scale=0.125
@@ -557,9 +557,9 @@ def test_pallas_gpu_lowers_to_triton(dtype):
         dtype,
     )
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("topk_attention_fwd", "topk_attention_bwd"):
+    for name in ("topk_attention_fwd", "topk_attention_combine", "topk_attention_bwd", "topk_attention_combine_dq"):
         assert f'name = "{name}"' in text
-    assert text.count("xla.gpu.triton") == 2
+    assert text.count("xla.gpu.triton") == 4
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

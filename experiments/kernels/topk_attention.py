@@ -1,0 +1,442 @@
+"""Benchmark of top-k block-sparse attention (issue 22) against sliding-window attention and cuDNN full causal.
+
+Question: is ``pallas_kernels.topk_attention`` (``implementation="pallas_gpu"``: per-token block selection, then
+Triton kernels over key-block-grouped (query, block) pairs) cheaper than the repository's sliding-window attention
+at a comparable key budget, much cheaper than full causal attention, and linear in T?
+
+Setup: bf16, batch 2, 16 query heads (``--kv-heads`` for GQA; default 16, no GQA), head dim 64. Top-k attention with
+block_size 64 and top_k 16 (each query reads (16 + 1) x 64 = 1088 keys); sliding-window attention (pallas_gpu) at
+window 2048; cuDNN full causal attention (``jax.nn.dot_product_attention(implementation="cudnn")``). T in 8K .. 128K.
+Every contender is first checked against its fp32 dense reference at a small size, then timed in the same run:
+warm-up on every input set, then the median of ``--runs`` synchronised calls rotating over 3 input sets, on the host
+clock and on the device clock (``bench_common.device_time_ms``: the span of a call's kernels in a profiler trace).
+fwd+bwd is one program computing the output and the VJP of a random cotangent. Also timed, forward only: top-k's
+XLA preamble alone (the block selection, and selection + pair layout), to show where the time goes.
+
+Acceptance targets (issue 22, H100): at T 32K, top-k fwd+bwd <= 0.7 x sliding window 2048 and >= 5x faster than
+cuDNN full causal; times linear in T from 8K to 128K. The script prints these ratios.
+
+    python experiments/kernels/topk_attention.py --out DIR                 # on a GPU (~5-8 min on an H100)
+    python experiments/kernels/topk_attention.py --out DIR --budget-s 300  # stop timing after 300 s
+    python experiments/kernels/topk_attention.py --out DIR --sweep         # also alternative pair tilings at T 32K
+    python experiments/kernels/topk_attention.py --out DIR --smoke         # tiny sizes, Pallas in interpret mode, CPU
+
+Writes DIR/topk_attention.json (every number, the device, versions and the correctness table) and
+DIR/topk_attention.png, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere without installing
+
+import bench_common  # noqa: E402
+from bench_common import (  # noqa: E402
+    Budget,
+    add_row,
+    bench_parser,
+    classify,
+    config_from_args,
+    fmt,
+    gpu_or_interpret,
+    lookup,
+    measure,
+    measure_fwd_fwdbwd,
+    print_checks,
+    print_sweep_row,
+    pyplot,
+    ratio,
+    run_meta,
+    save_figure,
+    sweep_candidates,
+    timings_text,
+    vjp_errors,
+    write_report,
+)
+
+from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
+from pallas_kernels.topk_attention import pairs, topk_attention  # noqa: E402
+from pallas_kernels.topk_attention.selection import query_blocks, select_blocks  # noqa: E402
+
+DTYPE = jnp.bfloat16
+CONTENDERS = ("topk", "swa", "cudnn")  # timed in this order at every T
+
+
+@dataclasses.dataclass
+class Config:
+    batch: int = 2
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 64
+    block_size: int = 64
+    top_k: int = 16
+    window: int = 2048
+    lengths: tuple[int, ...] = (8192, 16384, 32768, 65536, 131072)
+    target_length: int = 32768  # where the acceptance ratios are read
+    check_length: int = 1024
+    check_block_size: int = 64
+    check_top_k: int = 4
+    check_window: int = 256
+    runs: int = 20
+    input_sets: int = 3
+    interpret: bool = False
+    budget_s: float = 480.0
+    impls: tuple[str, ...] = CONTENDERS
+    parts: bool = True  # also time the selection and the pair layout alone (forward only)
+
+
+def smoke_config() -> Config:
+    return Config(
+        heads=2,
+        kv_heads=1,
+        head_dim=16,
+        block_size=16,
+        top_k=2,
+        window=64,
+        lengths=(256, 512),
+        target_length=512,
+        check_length=96,
+        check_block_size=16,
+        check_top_k=2,
+        check_window=32,
+        runs=3,
+        input_sets=2,
+        interpret=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Contenders: (q, k, v) -> out
+
+
+def contender_fn(name: str, cfg: Config, *, block_size=None, top_k=None, window=None, tiling=None):
+    """The contender ``name`` at the benchmark's parameters (or the ones given, for the correctness check)."""
+    block_size = block_size or cfg.block_size
+    top_k = cfg.top_k if top_k is None else top_k
+    window = window or cfg.window
+    interpret = {"interpret": True} if cfg.interpret else {}
+    if name == "topk":
+        if tiling is not None:
+            from pallas_kernels.topk_attention.pallas_gpu import topk_attention_pallas_gpu
+
+            return lambda q, k, v: topk_attention_pallas_gpu(
+                q,
+                k,
+                v,
+                block_size=block_size,
+                top_k=top_k,
+                softmax_scale=cfg.head_dim**-0.5,
+                tiling=tiling,
+                interpret=cfg.interpret,
+            )
+        return lambda q, k, v: topk_attention(
+            q, k, v, block_size=block_size, top_k=top_k, implementation="pallas_gpu", **interpret
+        )
+    if name == "topk_reference":
+        return lambda q, k, v: topk_attention(q, k, v, block_size=block_size, top_k=top_k, implementation="reference")
+    if name == "topk_xla":
+        return lambda q, k, v: topk_attention(q, k, v, block_size=block_size, top_k=top_k, implementation="xla")
+    if name == "swa":
+        return lambda q, k, v: sliding_window_attention(
+            q, k, v, window=window, implementation="pallas_gpu", **interpret
+        )
+    if name == "swa_reference":
+        return lambda q, k, v: sliding_window_attention(q, k, v, window=window, implementation="reference")
+    if name == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if name == "causal_reference":
+        return lambda q, k, v: sliding_window_attention(q, k, v, window=None, implementation="reference")
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def selection_fn(cfg: Config, layout: bool):
+    """Top-k's XLA preamble alone: ``select_blocks`` (and with ``layout`` the pair layout of the default tiling)."""
+    from pallas_kernels.topk_attention.pallas_gpu import DEFAULT_TILING as tiling
+
+    def run(q, k, v):
+        selected = select_blocks(q, k, block_size=cfg.block_size, top_k=cfg.top_k)
+        if not layout:
+            return selected
+        blocks = query_blocks(selected, cfg.block_size)
+        b, t, hk, p = blocks.shape
+        nb = -(-t // cfg.block_size)
+        tiles = pairs.max_tiles(b * hk, t, p, nb, tiling.rows, tiling.tiles_per_program)
+        return pairs.build_layout(blocks, num_blocks=nb, rows=tiling.rows, tiles=tiles)
+
+    return run
+
+
+def make_inputs(key, cfg: Config, t: int):
+    """``(q, k, v, ct)`` bf16: q and the cotangent ``(b, t, heads, e)``, k and v ``(b, t, kv_heads, e)``."""
+    kq, kk, kv, kc = jax.random.split(key, 4)
+    qs, ks = (cfg.batch, t, cfg.heads, cfg.head_dim), (cfg.batch, t, cfg.kv_heads, cfg.head_dim)
+    return (
+        jax.random.normal(kq, qs, DTYPE),
+        jax.random.normal(kk, ks, DTYPE),
+        jax.random.normal(kv, ks, DTYPE),
+        jax.random.normal(kc, qs, DTYPE),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Correctness at a small size, against the fp32 dense references
+
+
+def check_contenders(cfg: Config, contenders: list[str]) -> dict:
+    """Forward and VJP errors of every contender (bf16) against its fp32 reference on the same rounded inputs, and
+    of top-k's xla path as the bf16 yardstick."""
+    q, k, v, ct = make_inputs(jax.random.key(0), cfg, cfg.check_length)
+    up = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    kw = dict(block_size=cfg.check_block_size, top_k=cfg.check_top_k, window=cfg.check_window)
+    references = {"topk": "topk_reference", "topk_xla": "topk_reference", "swa": "swa_reference"}
+    references["cudnn"] = "causal_reference"
+    results = {}
+    for name in ["topk_xla"] + contenders:
+        try:
+            out, grads = jax.jit(bench_common.with_vjp(contender_fn(name, cfg, **kw)))(q, k, v, ct)
+            ref, ref_grads = jax.jit(bench_common.with_vjp(contender_fn(references[name], cfg, **kw)))(*up)
+            results[name] = vjp_errors(out, grads, ref, ref_grads, "qkv", "out")
+        except Exception as err:
+            results[name] = {"status": classify(err)}
+    return results
+
+
+def passed(errs: dict, tol: float = 3e-2) -> bool:
+    return "status" not in errs and all(e <= tol for e in errs.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def cudnn_available(cfg: Config) -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        q, k, v, _ = make_inputs(jax.random.key(2), cfg, 256)
+        jax.block_until_ready(contender_fn("cudnn", cfg)(q, k, v))
+        return True
+    except Exception:
+        return False
+
+
+def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
+    budget = Budget(cfg.budget_s)
+    on_gpu = gpu_or_interpret(cfg.interpret)
+    contenders = ["topk", "swa"] + (["cudnn"] if cudnn_available(cfg) else [])
+    report = {"meta": run_meta(cfg, dtype="bfloat16", contenders=contenders, pallas_interpret=cfg.interpret)}
+    print(f"device {report['meta']['device']}, jax {jax.__version__}, contenders {contenders}", flush=True)
+
+    checks = check_contenders(cfg, contenders)
+    report["correctness"] = checks
+    print(
+        f"\ncorrectness at B{cfg.batch} T{cfg.check_length} H{cfg.heads}/{cfg.kv_heads} E{cfg.head_dim}, top-k "
+        f"block {cfg.check_block_size} top_k {cfg.check_top_k}, window {cfg.check_window} (relative error vs fp32):"
+    )
+    print_checks(checks, 12)
+    ok = [c for c in contenders if passed(checks.get(c, {"status": "missing"}))]
+    if "topk" in ok and not bench_common.passes_bf16_rule(checks["topk"], checks.get("topk_xla")):
+        print("  topk fails the bf16 rule against its xla path")
+        ok.remove("topk")
+    if set(contenders) - set(ok):
+        print(f"  NOT TIMED (failed a check): {sorted(set(contenders) - set(ok))}")
+    report["timed"] = ok
+
+    rows = []
+    for t in cfg.lengths:
+        sets = [make_inputs(jax.random.key(10 + i), cfg, t) for i in range(cfg.input_sets)]
+        fwd_sets = [s[:3] for s in sets]
+        for impl in [c for c in CONTENDERS if c in ok and c in cfg.impls]:
+            row = {"T": t, "impl": impl}
+            if budget.spent():
+                row.update(fwd_status=bench_common.SKIPPED, fwdbwd_status=bench_common.SKIPPED)
+            else:
+                row.update(measure_fwd_fwdbwd(contender_fn(impl, cfg), fwd_sets, sets, cfg.runs, device=on_gpu))
+            add_row(report, rows, row, out_dir, "topk_attention", f"T{t:<7d} {impl:6s} {_row_text(row)}")
+        if cfg.parts and "topk" in ok and not budget.spent():
+            for name, layout in (("selection", False), ("selection+layout", True)):
+                ms, status, _, *device_ms = measure(selection_fn(cfg, layout), fwd_sets, cfg.runs, device=on_gpu)
+                row = {"T": t, "impl": name, "fwd_ms": ms, "fwd_status": status}
+                row["fwd_device_ms"] = device_ms[0] if device_ms else None
+                add_row(report, rows, row, out_dir, "topk_attention", f"T{t:<7d} {name} fwd {fmt(ms)} ms ({status})")
+        del sets, fwd_sets
+    report["rows"] = rows
+    report["ratios"] = ratios(rows, cfg)
+    if sweep:
+        report["sweep"] = tiling_sweep(cfg)
+    report["meta"]["wall_s"] = round(budget.elapsed_s(), 1)
+    print_tables(report, cfg)
+    write_report(report, out_dir, "topk_attention", functools.partial(plot, report, cfg))
+    return report
+
+
+def _row_text(row) -> str:
+    if row.get("fwd_ms") is None and row.get("fwdbwd_ms") is None:
+        return f"{row.get('fwd_status')} / {row.get('fwdbwd_status')}"
+    return timings_text(row)
+
+
+def ratios(rows, cfg: Config) -> dict:
+    """topk / swa and cudnn / topk per T, mode and clock; each contender's time per token relative to the first T."""
+    out = {"topk_over_swa": [], "cudnn_over_topk": [], "per_token_vs_first_T": []}
+    for t in cfg.lengths:
+        for suffix in ("_ms", "_device_ms"):
+            for mode in ("fwd", "fwdbwd"):
+                key = mode + suffix
+                topk = lookup(rows, key, T=t, impl="topk")
+                entry = {"T": t, "what": key}
+                out["topk_over_swa"].append({**entry, "ratio": ratio(topk, lookup(rows, key, T=t, impl="swa"))})
+                out["cudnn_over_topk"].append({**entry, "ratio": ratio(lookup(rows, key, T=t, impl="cudnn"), topk)})
+    first = cfg.lengths[0]
+    for impl in CONTENDERS:
+        for key in ("fwd_device_ms", "fwdbwd_device_ms", "fwd_ms", "fwdbwd_ms"):
+            base = lookup(rows, key, T=first, impl=impl)
+            for t in cfg.lengths:
+                v = lookup(rows, key, T=t, impl=impl)
+                per_token = None if v is None or not base else (v / t) / (base / first)
+                out["per_token_vs_first_T"].append({"impl": impl, "T": t, "what": key, "ratio": per_token})
+    return out
+
+
+def print_tables(report, cfg: Config) -> None:
+    rows, r = report["rows"], report["ratios"]
+    shape = f"B{cfg.batch} H{cfg.heads}/{cfg.kv_heads} E{cfg.head_dim} bf16"
+    what = f"top-k block {cfg.block_size} top_k {cfg.top_k}; SWA window {cfg.window}; cuDNN full causal"
+    for suffix, clock in (("_device_ms", "device clock"), ("_ms", "host clock")):
+        if not any(x.get("fwd" + suffix) for x in rows):
+            continue
+        print(f"\n{what}, {shape}, ms ({clock}, median of {cfg.runs})")
+        names = [c for c in CONTENDERS if any(x["impl"] == c for x in rows)]
+        head = " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names)
+        print(f"| T | {head} | topk/SWA fwd | topk/SWA fwd+bwd | cuDNN/topk fwd | cuDNN/topk fwd+bwd |")
+        print("|---" * (1 + 2 * len(names) + 4) + "|")
+        for t in cfg.lengths:
+            cells = [fmt(lookup(rows, m + suffix, T=t, impl=n)) for n in names for m in ("fwd", "fwdbwd")]
+            rat = [
+                fmt(next(x["ratio"] for x in r[name] if x["T"] == t and x["what"] == m + suffix), 2)
+                for name in ("topk_over_swa", "cudnn_over_topk")
+                for m in ("fwd", "fwdbwd")
+            ]
+            print(f"| {t} | " + " | ".join(cells + rat) + " |")
+    parts = [x for x in rows if x["impl"] in ("selection", "selection+layout")]
+    if parts:
+        print("\ntop-k's XLA preamble alone (forward), ms: | T | selection (host / device) | selection + layout |")
+        for t in cfg.lengths:
+            cells = [
+                f"{fmt(lookup(rows, 'fwd_ms', T=t, impl=n))} / {fmt(lookup(rows, 'fwd_device_ms', T=t, impl=n))}"
+                for n in ("selection", "selection+layout")
+            ]
+            print(f"| {t} | " + " | ".join(cells) + " |")
+    print(f"\ntime per token relative to T={cfg.lengths[0]} (1.00 = linear in T), device clock when measured:")
+    for impl in CONTENDERS:
+        key = "fwdbwd_device_ms" if any(x.get("fwdbwd_device_ms") for x in rows) else "fwdbwd_ms"
+        vals = [x["ratio"] for x in r["per_token_vs_first_T"] if x["impl"] == impl and x["what"] == key]
+        if any(v is not None for v in vals):
+            print(f"  {impl:6s} fwd+bwd: " + "  ".join(f"T{t} {fmt(v, 2)}" for t, v in zip(cfg.lengths, vals)))
+    t = cfg.target_length
+    for suffix, clock in (("_device_ms", "device"), ("_ms", "host")):
+        key = "fwdbwd" + suffix
+        swa = next((x["ratio"] for x in r["topk_over_swa"] if x["T"] == t and x["what"] == key), None)
+        cud = next((x["ratio"] for x in r["cudnn_over_topk"] if x["T"] == t and x["what"] == key), None)
+        if swa is not None or cud is not None:
+            verdict = lambda ok: "-" if ok is None else ("MET" if ok else "NOT MET")  # noqa: E731
+            print(
+                f"targets at T{t} ({clock} clock): topk/SWA fwd+bwd {fmt(swa, 2)} (<= 0.70: "
+                f"{verdict(None if swa is None else swa <= 0.7)}), cuDNN/topk fwd+bwd {fmt(cud, 2)} (>= 5: "
+                f"{verdict(None if cud is None else cud >= 5)})"
+            )
+    if "sweep" in report:
+        print(f"\npair tiling sweep (pallas_gpu top-k, T{cfg.target_length}), ms")
+        for s in report["sweep"]:
+            print(f"  {s['tiling']}: fwd {fmt(s.get('fwd_ms'))} fwd+bwd {fmt(s.get('fwdbwd_ms'))}")
+
+
+def plot(report, cfg: Config, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    rows = report["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    device = any(x.get("fwd_device_ms") for x in rows)
+    suffix = "_device_ms" if device else "_ms"
+    for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
+        for impl in CONTENDERS:
+            pts = [(x["T"], x.get(mode + suffix)) for x in rows if x["impl"] == impl and x.get(mode + suffix)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        if mode == "fwd":
+            for impl in ("selection", "selection+layout"):
+                pts = [(x["T"], x.get("fwd" + suffix)) for x in rows if x["impl"] == impl and x.get("fwd" + suffix)]
+                if pts:
+                    ax.plot(*zip(*pts), linestyle=":", marker=".", label=impl)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="T",
+            ylabel="ms (" + ("device" if device else "host") + ")",
+            title=f"{title}: top-k {cfg.block_size}x{cfg.top_k}, SWA {cfg.window}, cuDNN causal",
+        )
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    save_figure(fig, path)
+
+
+def sweep_tilings() -> list:
+    """The default pair tiling, then the alternatives a tuning sweep times."""
+    from pallas_kernels.topk_attention.pallas_gpu import DEFAULT_TILING as base
+
+    return sweep_candidates(
+        base,
+        dataclasses.replace(base, tiles_per_program=1),
+        dataclasses.replace(base, tiles_per_program=8),
+        dataclasses.replace(base, num_stages=3),
+        dataclasses.replace(base, rows=32),
+        dataclasses.replace(base, rows=128, num_warps=8),
+        dataclasses.replace(base, num_warps=8),
+    )
+
+
+def tiling_sweep(cfg: Config) -> list[dict]:
+    t = cfg.target_length
+    sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
+    out = []
+    for tl in sweep_tilings():
+        row = {"tiling": dataclasses.asdict(tl)}
+        fn = contender_fn("topk", cfg, tiling=tl)
+        row.update(measure_fwd_fwdbwd(fn, [s[:3] for s in sets], sets, cfg.runs, peak=False))
+        out.append(row)
+        print_sweep_row(row["tiling"], row)
+    return out
+
+
+def main(argv=None):
+    parser = bench_parser(
+        __doc__, "directory for topk_attention.json and topk_attention.png", "also time alternative pair tilings"
+    )
+    parser.add_argument("--lengths", default=None, help="T values, e.g. 32768 (default 8K..128K)")
+    parser.add_argument("--impls", default=None, help="contenders to time, e.g. topk,swa (default topk,swa,cudnn)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="kv heads (default: as many as query heads)")
+    parser.add_argument("--no-parts", action="store_true", help="do not time the selection and layout alone")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, Config, smoke_config)
+    if args.lengths:
+        cfg.lengths = tuple(int(x) for x in args.lengths.split(","))
+        cfg.target_length = cfg.target_length if cfg.target_length in cfg.lengths else cfg.lengths[-1]
+    if args.impls:
+        cfg.impls = tuple(args.impls.split(","))
+    if args.kv_heads:
+        cfg.kv_heads = args.kv_heads
+    if args.no_parts:
+        cfg.parts = False
+    run(cfg, args.out, args.sweep)
+
+
+if __name__ == "__main__":
+    main()
