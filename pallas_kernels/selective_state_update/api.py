@@ -8,7 +8,8 @@ The semantics are mamba_ssm's ``selective_state_update`` (all math in float32, s
 
 in one of two layouts: Mamba-2 (one ``dt`` and ``A`` per head: ``dt (b, h)``, ``A (h,)``) or per channel
 (``dt (b, h, p)``, ``A (h, p, n)``; Mamba-1 is h = 1, p = d with its d channels as the head dim). On a GPU the step is
-bound by reading and writing the state; the Pallas kernels update it in place (``input_output_aliases``).
+bound by reading and writing the state (Pallas kernels that update it in place with ``input_output_aliases`` are
+the planned next step; only "reference" and "xla" exist today).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 
 _OP = "selective_state_update"
 
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+# The Pallas kernels (pallas_gpu.py / pallas_tpu.py) are not written yet: asking for them raises NotImplementedError.
+AVAILABLE = ("reference", "xla")
 
 
 def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
@@ -90,7 +92,7 @@ def selective_state_update(
       dt_bias: shaped like ``dt`` without the batch axis, or None.
       dt_softplus: apply softplus to ``dt + dt_bias``.
       dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
-      implementation: "auto", "reference", "xla", "pallas_gpu" (Triton) or "pallas_tpu" (Mosaic).
+      implementation: "auto", "reference" or "xla" (the Pallas GPU / TPU kernels are not written yet).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
         ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
 
@@ -112,12 +114,4 @@ def selective_state_update(
     kw = dict(dt_softplus=bool(dt_softplus), dt_limit=dt_limit)
     if impl == "reference":
         return selective_state_update_reference(*args, **kw)
-    if impl == "xla":
-        return selective_state_update_xla(*args, **kw)
-    if impl == "pallas_gpu":
-        from pallas_kernels.selective_state_update.pallas_gpu import selective_state_update_pallas_gpu
-
-        return selective_state_update_pallas_gpu(*args, interpret=bool(interpret), **kw)
-    from pallas_kernels.selective_state_update.pallas_tpu import selective_state_update_pallas_tpu
-
-    return selective_state_update_pallas_tpu(*args, interpret=interpret, **kw)
+    return selective_state_update_xla(*args, **kw)

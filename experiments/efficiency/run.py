@@ -1,0 +1,417 @@
+r"""Long-context inference efficiency (papers.md section 8 item 9, Samba's protocol): prefill and decode vs context.
+
+Measures, for Transformer++, Mamba, Mamba-2, Samba and Taipan at the 1.3B presets (random weights, bf16):
+
+  (a) prefill: time and tokens/s of one prompt (batch 1) vs its length, 1K..128K (linear-time models up to 512K);
+  (b) decode: per-token latency and tokens/s at batch 16 and batch 1 vs the context already in the cache, 1K..64K;
+  (c) memory: the compiled program's device memory (arguments + temporaries + outputs) and the cache bytes per cell,
+      and the device's peak bytes in use where the backend reports it.
+
+Each decode row carries its memory floor: (weight bytes + cache bytes read per step) / the device copy bandwidth
+measured at the start of the same run (a jitted copy of a 1 GiB buffer; bandwidth = bytes read + written / time),
+and the ratio of the measured step time to it. The decode cells time ``--decode-steps`` steps of
+``hybrid_jax.inference``'s one-jit loop (``lax.while_loop`` over ``LanguageModel.step`` with the donated state), from
+a cache whose position is set to the context (the cache contents do not change the work of a step; a full-attention
+cache holds context + steps slots and every step reads all of them). Prefill cells time ``LanguageModel.prefill``
+(last position's logits only) in one pass (``--prefill-chunk`` for chunked prefill). Every timing is the median of
+``--repeats`` runs after a compile-and-warm-up call; a cell that runs out of device memory is recorded as OOM and
+the larger contexts of that model and batch are not tried. Results are written to ``--out/results.json`` after
+every cell (a rerun skips finished cells; ``--fresh`` starts over), then markdown tables (printed and
+``results.md``) and PNG plots.
+
+Commands (from the repository root):
+
+    # The recorded run on one H100 (about 35-50 minutes; --budget-s stops starting new cells after that many
+    # seconds and marks the rest as skipped):
+    python experiments/efficiency/run.py --out=experiments/efficiency/results --budget-s=3300
+    # Pallas decode kernels against the xla path in the same run (adds a decode sweep per kernel choice):
+    python experiments/efficiency/run.py --out=experiments/efficiency/results_kernels --only=decode \
+        --decode-kernels=xla,pallas_gpu --budget-s=2400
+    # Smoke test: tiny sizes on CPU in seconds (the test suite runs this):
+    python experiments/efficiency/run.py --smoke --out=/tmp/efficiency_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.inference.generate import DecodeState, Plan, _advance, cache_bytes
+from hybrid_jax.model import BlockType, LanguageModel, init_cache, preset
+
+MODELS = {"transformer": "Transformer++", "mamba": "Mamba", "mamba2": "Mamba-2", "samba": "Samba", "taipan": "Taipan"}
+K = 1024
+PREFILL_LENGTHS = [K * 2**i for i in range(8)]  # 1K .. 128K
+PREFILL_LENGTHS_LINEAR = PREFILL_LENGTHS + [256 * K, 512 * K]  # models without full attention
+DECODE_CONTEXTS = [K * 2**i for i in range(7)]  # 1K .. 64K
+DECODE_BATCHES = [16, 1]
+SMOKE = dict(size="tiny", prefill=[64, 128], prefill_linear=[64, 256], decode=[64], batches=[2, 1])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="experiments/efficiency/results", help="directory for JSON, tables and plots")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated presets")
+    p.add_argument("--size", default="1.3b", help="preset size (--smoke: tiny)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--only", default="all", choices=["all", "prefill", "decode"])
+    p.add_argument("--decode-kernels", default="auto", help="comma-separated implementations of the decode ops")
+    p.add_argument("--decode-steps", type=int, default=64, help="decode steps timed per call")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
+    p.add_argument("--prefill-chunk", type=int, default=0, help="prefill in chunks of this many tokens (0: one pass)")
+    p.add_argument("--budget-s", type=float, default=3300.0, help="start no new cell after this many seconds")
+    p.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU, seconds)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run in --out")
+    args = p.parse_args(argv)
+    bad = [m for m in args.models.split(",") if m not in MODELS]
+    if bad:
+        p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
+    if args.decode_steps < 1 or args.repeats < 1:
+        p.error("--decode-steps and --repeats must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def is_oom(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median seconds of ``fn()`` (blocking on its result) over ``repeats`` calls, after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def copy_bandwidth(smoke: bool) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + written), from a jitted copy of a 1 GiB buffer."""
+    n = (16 if smoke else 1024) * 2**20 // 4
+    x = jnp.arange(n, dtype=jnp.float32)
+    copy = jax.jit(lambda v: v + 1.0)
+    t, _ = timed(lambda: copy(x), 10)
+    return 2 * x.nbytes / t
+
+
+def device_memory() -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
+    return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+
+
+def compiled_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def build(name: str, args, kernels: str):
+    cfg = preset(name, args.size, dtype=args.dtype, param_dtype=args.dtype)
+    if kernels != "auto":
+        cfg = cfg.replace(
+            kernels=cfg.kernels.__class__(
+                **{**cfg.kernels.__dict__, "selective_state_update": kernels, "decode_attention": kernels}
+            )
+        )
+    model = LanguageModel(cfg)
+    params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
+    return cfg, model, params
+
+
+def linear_time(cfg) -> bool:
+    return BlockType.ATTENTION not in cfg.period
+
+
+# ------------------------------------------------------------------------------------------------- cells
+
+
+def prefill_cell(model, params, length: int, args) -> dict:
+    tokens = jax.random.randint(jax.random.key(1), (1, length), 0, model.config.vocab_size)
+    chunk = args.prefill_chunk or length
+
+    @jax.jit
+    def run(p, x):
+        first = min(chunk, length)
+        logits, cache = model.apply({"params": p}, x[:, :first], length, method="prefill")
+        for start in range(first, length, chunk):
+            logits, cache = model.apply({"params": p}, x[:, start : start + chunk], cache, method="prefill")
+        return logits, cache.position
+
+    compiled = run.lower(params, tokens).compile()
+    t, times = timed(lambda: compiled(params, tokens), args.repeats)
+    return {
+        "seconds": t,
+        "times": times,
+        "tokens_per_s": length / t,
+        "program_bytes": compiled_bytes(compiled),
+        **device_memory(),
+    }
+
+
+def decode_cell(model, params, batch: int, context: int, args, bandwidth: float) -> dict:
+    steps = args.decode_steps
+    plan = Plan(max_new_tokens=steps + 1, max_len=context + steps, prefill_chunk=context)
+    cache = init_cache(model.config, batch, context + steps)
+    cache = cache.replace(position=jnp.full((batch,), context, jnp.int32))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    state = DecodeState(token=zeros, cache=cache, done=zeros.astype(bool), emitted=jnp.ones((), jnp.int32))
+    fn = jax.jit(functools.partial(_advance, model, plan=plan, n=steps), donate_argnames=("state",))
+    key = jax.random.key(2)
+    compiled = fn.lower(params, state, key).compile()
+    holder = {"state": state}
+
+    def call():
+        out, new = compiled(params, holder["state"], key)  # the state is donated: feed back the new one
+        position = jnp.full((batch,), context, jnp.int32)  # every call decodes at the same context
+        holder["state"] = new.replace(cache=new.cache.replace(position=position))
+        return out
+
+    t, times = timed(call, args.repeats)
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv = cache_bytes(holder["state"].cache)
+    # Bytes a step must move at least: every weight once, the caches once (a full-attention cache: the context's
+    # slots only, which is what grows), states written back once (small).
+    per_step = weights + _bytes_read(model.config, holder["state"].cache, context, context + steps)
+    floor = per_step / bandwidth
+    per_token = t / steps
+    return {
+        "seconds": t,
+        "times": times,
+        "ms_per_step": 1e3 * per_token,
+        "tokens_per_s": batch * steps / t,
+        "cache_bytes": kv,
+        "weight_bytes": weights,
+        "floor_ms_per_step": 1e3 * floor,
+        "x_floor": per_token / floor,
+        "program_bytes": compiled_bytes(compiled),
+        **device_memory(),
+    }
+
+
+def _bytes_read(cfg, cache, context: int, slots: int) -> int:
+    """Cache bytes a step reads: all of it, except that a full-attention KV cache counts only its filled slots."""
+    total = 0
+    for kind, layer in zip(cfg.period, cache.layers):
+        b = cache_bytes(layer) if layer is not None else 0
+        total += b * context // slots if kind is BlockType.ATTENTION else b
+    return total
+
+
+# ------------------------------------------------------------------------------------------------- the sweep
+
+
+class Results:
+    """results.json, rewritten after every cell."""
+
+    def __init__(self, out: str, fresh: bool, meta: dict):
+        self.path = os.path.join(out, "results.json")
+        self.data = {"meta": meta, "cells": {}}
+        if not fresh and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.data["cells"] = json.load(f).get("cells", {})
+
+    def done(self, key: str) -> dict | None:
+        cell = self.data["cells"].get(key)
+        return cell if cell and cell.get("status") in ("ok", "oom") else None
+
+    def put(self, key: str, cell: dict) -> None:
+        self.data["cells"][key] = cell
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def run_sweep(args) -> Results:
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        args.size, args.repeats, args.decode_steps = SMOKE["size"], min(args.repeats, 2), min(args.decode_steps, 4)
+    t_start = time.time()
+    bandwidth = copy_bandwidth(args.smoke)
+    meta = {
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.default_backend(),
+        "jax": jax.__version__,
+        "size": args.size,
+        "dtype": args.dtype,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "decode_steps": args.decode_steps,
+        "repeats": args.repeats,
+        "command": " ".join(sys.argv),
+    }
+    print(f"device {meta['device']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    res = Results(args.out, args.fresh, meta)
+    kernel_choices = args.decode_kernels.split(",")
+    for name in args.models.split(","):
+        for kernels in kernel_choices:
+            cfg, model, params = build(name, args, kernels)
+            tag = f"{name}|{kernels}"
+            lengths = SMOKE["prefill_linear" if linear_time(cfg) else "prefill"] if args.smoke else None
+            if lengths is None:
+                lengths = PREFILL_LENGTHS_LINEAR if linear_time(cfg) else PREFILL_LENGTHS
+            cells = []
+            if args.only in ("all", "prefill") and kernels == kernel_choices[0]:
+                cells += [("prefill", 1, n) for n in lengths]
+            if args.only in ("all", "decode"):
+                for batch in SMOKE["batches"] if args.smoke else DECODE_BATCHES:
+                    cells += [("decode", batch, n) for n in (SMOKE["decode"] if args.smoke else DECODE_CONTEXTS)]
+            oom_from: dict[tuple, int] = {}
+            for kind, batch, n in cells:
+                key = f"{tag}|{kind}|b{batch}|{n}"
+                if res.done(key):
+                    if res.done(key)["status"] == "oom":
+                        oom_from[(kind, batch)] = min(oom_from.get((kind, batch), n), n)
+                    continue
+                base = {"model": name, "kernels": kernels, "kind": kind, "batch": batch, "length": n}
+                if n >= oom_from.get((kind, batch), 1 << 62):
+                    res.put(key, {**base, "status": "oom", "note": "a shorter length already ran out of memory"})
+                    continue
+                if time.time() - t_start > args.budget_s:
+                    res.put(key, {**base, "status": "skipped", "note": "--budget-s reached"})
+                    continue
+                try:
+                    if kind == "prefill":
+                        cell = prefill_cell(model, params, n, args)
+                    else:
+                        cell = decode_cell(model, params, batch, n, args, bandwidth)
+                    cell = {**base, "status": "ok", **cell}
+                except Exception as e:  # an OOM is a result; anything else is recorded and the sweep goes on
+                    if is_oom(e):
+                        oom_from[(kind, batch)] = n
+                        cell = {**base, "status": "oom", "note": str(e).splitlines()[0][:300]}
+                    else:
+                        note = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        cell = {**base, "status": "error", "note": note[:300]}
+                res.put(key, cell)
+                print(_line(cell), flush=True)
+            del params
+    return res
+
+
+def _line(c: dict) -> str:
+    head = f"{c['model']:12s} {c['kernels']:10s} {c['kind']:8s} b{c['batch']:<3d} {c['length']:>7d}"
+    if c["status"] != "ok":
+        return f"{head}  {c['status']}: {c.get('note', '')}"
+    if c["kind"] == "prefill":
+        return f"{head}  {c['seconds']:.4f} s  {c['tokens_per_s']:.4g} tok/s"
+    return f"{head}  {c['ms_per_step']:.3f} ms/step (floor {c['floor_ms_per_step']:.3f}, x{c['x_floor']:.2f})"
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _fmt_bytes(b) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def tables(res: Results) -> str:
+    cells = [c for c in res.data["cells"].values()]
+    out = [f"device: {res.data['meta']['device']}, size {res.data['meta']['size']}, {res.data['meta']['dtype']}, "
+           f"copy bandwidth {res.data['meta']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s"]  # fmt: skip
+
+    def value(c, what):
+        if c is None:
+            return ""
+        if c["status"] != "ok":
+            return c["status"].upper()
+        return what(c)
+
+    def grid(title, kind, batch, what, kernels=None):
+        sel = [c for c in cells if c["kind"] == kind and c["batch"] == batch and (kernels in (None, c["kernels"]))]
+        if not sel:
+            return
+        rows = sorted({(c["model"], c["kernels"]) for c in sel}, key=lambda r: (list(MODELS).index(r[0]), r[1]))
+        lengths = sorted({c["length"] for c in sel})
+        out.append(f"\n### {title}\n")
+        out.append("| model | kernels | " + " | ".join(_len(n) for n in lengths) + " |")
+        out.append("|---|---|" + "---|" * len(lengths))
+        for m, k in rows:
+            by = {c["length"]: c for c in sel if c["model"] == m and c["kernels"] == k}
+            out.append(f"| {MODELS[m]} | {k} | " + " | ".join(value(by.get(n), what) for n in lengths) + " |")
+
+    grid("(a) prefill, batch 1: seconds", "prefill", 1, lambda c: f"{c['seconds']:.3f}")
+    grid("(a) prefill, batch 1: tokens/s", "prefill", 1, lambda c: f"{c['tokens_per_s']:.3g}")
+    grid("(c) prefill, batch 1: program memory GiB", "prefill", 1, lambda c: _fmt_bytes(c["program_bytes"]))
+    for b in sorted({c["batch"] for c in cells if c["kind"] == "decode"}, reverse=True):
+        grid(f"(b) decode, batch {b}: ms per step", "decode", b, lambda c: f"{c['ms_per_step']:.2f}")
+        grid(f"(b) decode, batch {b}: tokens/s", "decode", b, lambda c: f"{c['tokens_per_s']:.4g}")
+        grid(
+            f"(b) decode, batch {b}: memory floor ms per step (weights + cache read / copy bandwidth) and x floor",
+            "decode",
+            b,
+            lambda c: f"{c['floor_ms_per_step']:.2f} (x{c['x_floor']:.1f})",
+        )
+        grid(f"(c) decode, batch {b}: cache GiB / program GiB", "decode", b,
+             lambda c: f"{_fmt_bytes(c['cache_bytes'])} / {_fmt_bytes(c['program_bytes'])}")  # fmt: skip
+    return "\n".join(out)
+
+
+def _len(n: int) -> str:
+    return f"{n // K}K" if n % K == 0 else str(n)
+
+
+def plots(res: Results, out: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    cells = [c for c in res.data["cells"].values() if c["status"] == "ok"]
+    written = []
+    panels = [("prefill", 1, "tokens_per_s", "prefill tokens/s (batch 1)", "prefill.png")]
+    for b in sorted({c["batch"] for c in cells if c["kind"] == "decode"}, reverse=True):
+        panels.append(("decode", b, "ms_per_step", f"decode ms per step (batch {b})", f"decode_b{b}.png"))
+        panels.append(("decode", b, "program_bytes", f"decode program bytes (batch {b})", f"memory_b{b}.png"))
+    for kind, batch, field, title, fname in panels:
+        sel = [c for c in cells if c["kind"] == kind and c["batch"] == batch and c.get(field) is not None]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m, k in sorted({(c["model"], c["kernels"]) for c in sel}):
+            pts = sorted((c["length"], c[field]) for c in sel if c["model"] == m and c["kernels"] == k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{MODELS[m]} ({k})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt length" if kind == "prefill" else "context")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    res = run_sweep(args)
+    text = tables(res)
+    print(text)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    for path in plots(res, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
