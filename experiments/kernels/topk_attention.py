@@ -11,7 +11,8 @@ Every contender is first checked against its fp32 dense reference at a small siz
 warm-up on every input set, then the median of ``--runs`` synchronised calls rotating over 3 input sets, on the host
 clock and on the device clock (``bench_common.device_time_ms``: the span of a call's kernels in a profiler trace).
 fwd+bwd is one program computing the output and the VJP of a random cotangent. Also timed, forward only: top-k's
-XLA preamble alone (the block selection, and selection + pair layout), to show where the time goes.
+XLA preamble alone (the block selection, and selection + pair layout), and at the target T the device time of every
+kernel of top-k's fwd+bwd (profiler trace), to show where the time goes.
 
 Acceptance targets (issue 22, H100): at T 32K, top-k fwd+bwd <= 0.7 x sliding window 2048 and >= 5x faster than
 cuDNN full causal; times linear in T from 8K to 128K. The script prints these ratios.
@@ -269,12 +270,35 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         del sets, fwd_sets
     report["rows"] = rows
     report["ratios"] = ratios(rows, cfg)
+    if on_gpu and "topk" in ok and not budget.spent():
+        report["breakdown"] = kernel_breakdown(cfg)
     if sweep:
         report["sweep"] = tiling_sweep(cfg)
     report["meta"]["wall_s"] = round(budget.elapsed_s(), 1)
     print_tables(report, cfg)
     write_report(report, out_dir, "topk_attention", functools.partial(plot, report, cfg))
     return report
+
+
+def kernel_breakdown(cfg: Config, top: int = 14) -> dict:
+    """Device time per kernel name of one top-k fwd+bwd call at ``target_length`` (median over calls of a profiler
+    trace; XLA fusions keep their HLO names, the Pallas kernels their ``name=``), largest first."""
+    t = cfg.target_length
+    sets = [make_inputs(jax.random.key(40 + i), cfg, t) for i in range(cfg.input_sets)]
+    fn = jax.jit(bench_common.with_vjp(contender_fn("topk", cfg)))
+    trace = bench_common.profile_calls(fn, sets, cfg.runs)
+    if trace is None:
+        return {}
+    totals = {}
+    for e in trace.gpu_stream_events():
+        totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"] / 1e3 / cfg.runs  # ms per call
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    out = {"T": t, "ms_per_call": dict(ranked[:top]), "others_ms": sum(v for _, v in ranked[top:])}
+    print(f"\ntop-k fwd+bwd at T{t}, device time per kernel (ms per call, summed over launches):")
+    for name, ms in ranked[:top]:
+        print(f"  {ms:8.3f}  {name[:100]}")
+    print(f"  {out['others_ms']:8.3f}  ({max(0, len(ranked) - top)} others)")
+    return out
 
 
 def _row_text(row) -> str:

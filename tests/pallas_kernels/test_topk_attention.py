@@ -238,12 +238,11 @@ class TestTopkAttention:
         full, g_full = value_and_grads(
             lambda q, k, v: sliding_window_attention(q, k, v, window=None, implementation="reference"), q, k, v, ct
         )
-        for top_k in (7, 8, 1000):
-            out, grads = value_and_grads(
-                lambda q, k, v, top_k=top_k: self.attn(q, k, v, block_size=bs, top_k=top_k), q, k, v, ct
-            )
-            assert_rel_close(out, full, "fp32", f"top_k={top_k}")
-            assert_grads_close(grads, g_full, TOLERANCES["fp32_grad"], f"top_k={top_k} ")
+        out, grads = value_and_grads(lambda q, k, v: self.attn(q, k, v, block_size=bs, top_k=7), q, k, v, ct)
+        assert_rel_close(out, full, "fp32", "top_k=7")
+        assert_grads_close(grads, g_full, TOLERANCES["fp32_grad"], "top_k=7 ")
+        for top_k in (8, 1000):  # the same program as top_k = 7 (the API clamps top_k to nb - 1)
+            assert_rel_close(self.attn(q, k, v, block_size=bs, top_k=top_k), full, "fp32", f"top_k={top_k}")
         short = np.asarray(self.attn(q, k, v, block_size=bs, top_k=6))
         assert np.abs(short[:, 28:] - np.asarray(full)[:, 28:]).max() > 1e-3
         np.testing.assert_allclose(short[:, :28], np.asarray(full)[:, :28], rtol=1e-5, atol=1e-5)
@@ -387,7 +386,7 @@ def sink_inputs(seed, t, hq, hk, e, block_size):
 def test_pallas_small_tiles_long_segments(implementation, tiling):
     """Small pair tiles, so segments span many tiles (block 0 is everyone's favourite) and the forward programs span
     several segments; GPU key steps of 16 keys (two per 24-key block): forward and VJP against the reference."""
-    q, k, v, ct, seg = sink_inputs(8, 150, 4, 2, 8, 24)
+    q, k, v, ct, seg = sink_inputs(8, 110, 4, 2, 8, 24)
     kw = dict(block_size=24, top_k=2, segment_ids=seg, softmax_scale=8**-0.5)
     blocks = np.asarray(select_blocks(q, k, block_size=24, top_k=2))
     assert (blocks[:, 24:] == 0).any(-1).all(), "block 0 is not selected by every query that can select it"
@@ -436,7 +435,7 @@ def test_default_tiles_match_reference(t, hq, hk, e, block_size, top_k, segments
 # The pair layout
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     b=st.integers(1, 2),
     t=st.integers(1, 60),
