@@ -7,7 +7,7 @@ rows into Zoology-style best-learning-rate tables and plots; :mod:`cli` is the c
 """
 
 from hybrid_jax.experiments.cli import Experiment, main
-from hybrid_jax.experiments.report import bar_chart, best_over, fmt, line_panels, markdown_table, pivot_table
+from hybrid_jax.experiments.report import bar_chart, best_over, chosen_at, fmt, line_panels, markdown_table, pivot_table
 from hybrid_jax.experiments.runner import EvalSpec, Job, load_results, machine_record, run_job, run_sweep
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Experiment",
     "Job",
     "best_over",
+    "chosen_at",
     "fmt",
     "line_panels",
     "load_results",

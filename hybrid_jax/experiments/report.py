@@ -72,6 +72,28 @@ def best_over(
     return out
 
 
+def chosen_at(
+    rows: Iterable[Mapping[str, Any]],
+    group: Sequence[str],
+    metric: str,
+    reference: Callable[[Mapping[str, Any]], bool],
+    *,
+    over: str = "learning_rate",
+    higher_is_better: bool = True,
+) -> list[dict[str, Any]]:
+    """The rows of the value of ``over`` chosen per ``group`` on the ``reference`` rows only.
+
+    For extrapolation: the learning rate is chosen by accuracy at the training length, and then every length is
+    reported at that learning rate (choosing per length would select on the test set).
+    """
+    rows = list(rows)
+    picks = {
+        tuple(s[c] for c in group): s[over]
+        for s in best_over(rows, group, metric, over=over, higher_is_better=higher_is_better, where=reference)
+    }
+    return [r for r in rows if picks.get(tuple(r.get(c) for c in group)) == r[over]]
+
+
 def fmt(value, digits: int = 3) -> str:
     """A table cell: numbers with ``digits`` significant digits, non-finite as '-', others as text."""
     if isinstance(value, bool) or value is None:
@@ -207,4 +229,4 @@ def bar_chart(
     return path
 
 
-__all__ = ["bar_chart", "best_over", "fmt", "line_panels", "markdown_table", "pivot_table"]
+__all__ = ["bar_chart", "best_over", "chosen_at", "fmt", "line_panels", "markdown_table", "pivot_table"]

@@ -196,7 +196,12 @@ def run_job(job: Job, workdir: str) -> dict[str, Any]:
                 if spec.source is None
                 else trainer.eval_batches_for(spec.source, spec.seq_len, spec.max_batches)
             )
-            evals[name] = (spec, _as_list(trainer.evaluate(params, batches)))
+            try:
+                evals[name] = (spec, _as_list(trainer.evaluate(params, batches)))
+            except Exception as e:  # noqa: BLE001 - an evaluation that does not fit is a result (the OOM point)
+                if not _is_oom(e):
+                    raise
+                evals[name] = (spec, [{"oom": True, "error": _first_line(e)} for _ in members])
         extra = job.analyze(trainer, params) if job.analyze is not None else None
     wall_s = time.perf_counter() - t0
     diverged = result.get("diverged", {})

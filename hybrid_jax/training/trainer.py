@@ -750,7 +750,7 @@ class Trainer:
             if dropped > 0:
                 raise ValueError(
                     f"config: train.loss_positions={self.loss_positions} is smaller than the answers of some rows at "
-                    f"step {step} ({dropped:.0f} masked positions had no logits); raise it to the most answers a row has"
+                    f"step {step} ({dropped:.0f} masked positions had no logits): set it to the most answers of a row"
                 )
             if self.members is not None:
                 finite = np.isfinite(np.asarray(m["loss"])) & np.isfinite(np.asarray(m["grad_norm"]))

@@ -1,0 +1,159 @@
+"""Induction heads, length extrapolation (papers.md section 8.4, Mamba section 4.1.2 and Table 11).
+
+    python experiments/induction_heads/run.py --size=tiny
+    python experiments/induction_heads/run.py --size=full     # the recorded run (H100), results/full.json
+    python experiments/induction_heads/run.py --size=full --report-only
+
+Train at 256 tokens (vocabulary 16, fresh examples every step, LM loss on every token as in safari), test the copied
+token after the final trigger at 256 ... 64K tokens. Models: Mamba, attention with RoPE, Samba (window 128) and Taipan
+(C = 0.3, SAL window = the training length). Each job is a population over learning rates x seeds; the learning rate
+is chosen per model by accuracy at the training length, and every length is reported at that learning rate.
+Evaluations that do not fit in device memory are reported as out of memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hybrid_jax.experiments import EvalSpec, Experiment, Job, best_over, chosen_at, line_panels, main, pivot_table
+from hybrid_jax.experiments.recall import recall_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = ("mamba", "attention_rope", "samba_w128", "taipan_c0.3")
+
+# Mamba Table 11 (test accuracy %, trained at 256): Mamba 100 at every length up to 2^20; MHA-RoPE 83.6 at 512 and
+# 31.3 at 1K (100 at the training length).
+PAPER = {
+    "mamba (Mamba Table 11)": [(256, 100.0), (512, 100.0), (1024, 100.0), (4096, 100.0), (65536, 100.0)],
+    "MHA-RoPE (Mamba Table 11)": [(256, 100.0), (512, 83.6), (1024, 31.3)],
+}
+
+SIZES = {
+    "tiny": dict(
+        vocab=8,
+        train_len=32,
+        test=((32, 128), (64, 64), (128, 32)),
+        width=32,
+        steps=80,
+        batch=32,
+        lrs=(1e-3, 1e-2),
+        eval_batch=32,
+        models=("mamba", "attention_rope"),
+    ),
+    "full": dict(
+        vocab=16,
+        train_len=256,
+        # (length, test examples): fewer examples at the longest lengths.
+        test=(
+            (256, 512),
+            (512, 512),
+            (1024, 256),
+            (2048, 256),
+            (4096, 128),
+            (8192, 64),
+            (16384, 32),
+            (32768, 16),
+            (65536, 16),
+        ),
+        width=64,
+        steps=2500,
+        batch=64,
+        lrs=(3e-4, 1e-3, 3e-3),
+        eval_batch=16,
+        models=MODELS,
+    ),
+}
+
+
+def source(vocab: int, length: int, *, num_eval: int, train: bool = False) -> str:
+    train_part = "&num_train=none" if train else ""
+    return f"induction_heads?vocab_size={vocab}&seq_len={length}{train_part}&num_eval={num_eval}&prepare=false"
+
+
+def build(args) -> list[Job]:
+    s = SIZES[args.size]
+    jobs = []
+    for name in args.models:
+        if name not in s["models"]:
+            continue
+        config = recall_config(
+            name,
+            s["width"],
+            s["train_len"] + 1,  # induction_len 1 after the random tokens
+            source=source(s["vocab"], s["train_len"], num_eval=s["test"][0][1], train=True),
+            steps=s["steps"],
+            batch_size=s["batch"],
+            learning_rates=s["lrs"],
+            seeds=args.seeds,
+            eval_batch_size=s["eval_batch"],
+            sal_window=s["train_len"],
+            progress=not args.no_progress,
+        )
+        evals = {
+            f"L={n}": EvalSpec(source(s["vocab"], n, num_eval=count), max_batches=0, tags={"length": n})
+            for n, count in s["test"]
+        }
+        jobs.append(
+            Job(key=f"{name}/d{s['width']}", config=config, evals=evals, tags={"model": name, "d_model": s["width"]})
+        )
+    return jobs
+
+
+def report(results, args) -> str:
+    rows = results["rows"]
+    if not rows:
+        return "no results yet"
+    train_len = SIZES[args.size]["train_len"]
+    chosen = chosen_at(rows, ("model",), "accuracy", lambda r: r.get("length") == train_len)
+    summary = best_over(chosen, ("model", "length"), "accuracy")
+    oom = {(r["model"], r["length"]) for r in chosen if r.get("oom")}
+
+    def cell(s):
+        if (s["model"], s["length"]) in oom:
+            return "OOM"
+        return f"{100 * s['mean']:.1f} ({'/'.join(f'{100 * v:.0f}' for v in s['seeds'])})"
+
+    lines = [
+        f"## Induction heads ({args.size}): accuracy (%) of the copied token vs test length (trained at {train_len};"
+        " learning rate chosen at the training length; mean over seeds, seeds in brackets)",
+        "",
+        pivot_table(summary, ("model",), "length", cell, column_label=lambda n: f"{n:,}"),
+    ]
+    params = {j["tags"]["model"]: j["num_params"] for j in results["jobs"].values() if j.get("status") == "done"}
+    lines += ["", "Parameters: " + ", ".join(f"{m}: {n:,}" for m, n in sorted(params.items()))]
+    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
+    if failed:
+        lines += [
+            "",
+            "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items()),
+        ]
+    series = {"ours": {}}
+    for s in summary:
+        if (s["model"], s["length"]) not in oom:
+            series["ours"].setdefault(s["model"], []).append((s["length"], 100 * s["mean"], 100 * s["std"]))
+    png = os.path.join(args.out, f"{args.size}_extrapolation.png")
+    line_panels(
+        series,
+        png,
+        xlabel=f"test length (trained at {train_len})",
+        ylabel="accuracy (%)",
+        logx=True,
+        ylim=(-2, 102),
+        title="Induction heads: length extrapolation",
+        reference={"ours": PAPER} if args.size == "full" else None,
+    )
+    lines += ["", f"Plot: {os.path.relpath(png, HERE)} (dashed: Mamba Table 11)"]
+    return "\n".join(lines)
+
+
+EXPERIMENT = Experiment(
+    name="induction_heads",
+    models=MODELS,
+    build=build,
+    report=report,
+    seeds={"tiny": (0,), "full": (0, 1)},
+    results_dir=os.path.join(HERE, "results"),
+)
+
+if __name__ == "__main__":
+    main(EXPERIMENT)
