@@ -5,12 +5,12 @@ to the same blocks whatever they do afterwards. The selection is computed in flo
 for bf16 inputs) with HIGHEST-precision products, so a bf16 call selects what the float32 reference selects on the
 same rounded inputs, up to float32 rounding of near-ties.
 
-Work and memory: every query scores every earlier block, ``b * t * hk * nb * e`` multiply-adds (``t^2 e / bs`` per
-kv head: a ``1 / (2 bs)`` fraction of dense causal attention's ``q k`` products, and the only part of the op that
-is not linear in t). The score matrix ``(b, t, hk, nb)`` is never formed whole: queries are processed in chunks of
-whole blocks, each scoring only the blocks that can be candidates of its queries (a chunk ending at block c scores
-blocks ``< c``), and keeping only the ``top_k`` winners per query. So memory is the chunk's scores plus
-``O(t * top_k)``, and about half of the rectangular scoring work is skipped.
+Work and memory: every query scores the earlier blocks, about ``t^2 e / (2 bs)`` multiply-adds per kv head (``1 / bs``
+of dense causal attention's ``q k`` products for one head; the only part of the op that is not linear in t). The
+score matrix ``(b, t, hk, nb)`` is never formed whole: queries are processed in chunks of whole blocks, each scoring
+only the blocks that can be candidates of its queries (a chunk ending at block c scores blocks ``< c``; so about
+half of the rectangular ``t x nb`` work, more with few chunks) and keeping only the ``top_k`` winners per query.
+Memory is one chunk's scores plus ``O(t * top_k)``.
 """
 
 from __future__ import annotations
