@@ -63,6 +63,8 @@ _NEG_INIT = -1e30
 DEFAULT_TILING = Tiling(rows=64, block_k=64, tiles_per_program=4, num_warps=4, num_stages=2)
 # Query rows per program of the two combine kernels.
 COMBINE_ROWS = 64
+# A key block of at most this many steps is unrolled in the forward kernel.
+_UNROLL_STEPS = 2
 
 
 def _pow2(n: int) -> int:
@@ -135,7 +137,13 @@ def _topk_attention_fwd_kernel(
             jnp.full((rows,), _NEG_INIT, jnp.float32),
             jnp.zeros((rows,), jnp.float32),
         )
-        acc, m, row_sum = lax.fori_loop(0, pr.sub_blocks, key_step, init)
+        if pr.sub_blocks <= _UNROLL_STEPS:  # unrolled: the tile loop stays innermost, so Triton pipelines its loads
+            state = init
+            for u in range(pr.sub_blocks):
+                state = key_step(u, state)
+            acc, m, row_sum = state
+        else:
+            acc, m, row_sum = lax.fori_loop(0, pr.sub_blocks, key_step, init)
         seen = row_sum > 0
         l_safe = jnp.where(seen, row_sum, 1.0)
         o_ref[slots, hh, :] = (acc / l_safe[:, None]).astype(o_ref.dtype)
