@@ -32,10 +32,10 @@ SIZES = {
     "tiny": dict(
         vocab=8,
         train_len=32,
-        test=((32, 128), (64, 64), (128, 32)),
+        test=((32, 64), (128, 32)),
         width=32,
-        steps=80,
-        batch=32,
+        steps=40,
+        batch=16,
         lrs=(1e-3, 1e-2),
         eval_batch=32,
         models=("mamba", "attention_rope"),

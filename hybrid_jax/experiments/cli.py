@@ -89,6 +89,22 @@ def parse_args(exp: Experiment, argv: Sequence[str] | None = None) -> argparse.N
     return args
 
 
+def check_jobs(jobs: Sequence[Job]) -> None:
+    """Every job's config and data sources are valid (ValueError naming the job otherwise), before any training."""
+    from hybrid_jax.data import parse_source
+    from hybrid_jax.training.config import validate
+
+    for job in jobs:
+        try:
+            validate(job.config)
+            parse_source(job.config.data.source)
+            for spec in job.evals.values():
+                if spec.source is not None:
+                    parse_source(spec.source)
+        except ValueError as e:
+            raise ValueError(f"job {job.key}: {e}") from None
+
+
 def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses arguments, runs the sweep (unless ``--report-only``), writes and prints the report.
 
@@ -104,6 +120,7 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         try:
             jobs = exp.build(args)
+            check_jobs(jobs)
         except ValueError as e:
             print(f"experiments/{exp.name}/run.py: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -118,4 +135,4 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["SIZES", "Experiment", "main", "parse_args"]
+__all__ = ["SIZES", "Experiment", "check_jobs", "main", "parse_args"]

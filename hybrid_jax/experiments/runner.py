@@ -71,6 +71,8 @@ class Job:
       tags: columns copied into every row of the job (model, width, ...).
       analyze: optional ``(trainer, params) -> dict`` called after training with the final parameters (inside the
         run's mesh); its JSON-ready result is stored with the job (e.g. which tokens a SAL selected).
+      keep_workdir: keep the job's checkpoints when it is done (a later job starts from them with
+        ``train.init_from=job_workdir(workdir, key)``).
     """
 
     key: str
@@ -78,6 +80,12 @@ class Job:
     evals: Mapping[str, EvalSpec] = dataclasses.field(default_factory=dict)
     tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     analyze: Callable[[Trainer, Any], dict[str, Any]] | None = None
+    keep_workdir: bool = False
+
+
+def job_workdir(workdir: str, key: str) -> str:
+    """The directory where :func:`run_sweep` (with work directory ``workdir``) trains the job ``key``."""
+    return os.path.join(workdir, key.replace("/", "__"))
 
 
 def machine_record() -> dict[str, Any]:
@@ -281,7 +289,7 @@ def run_sweep(
     with _compilation_cache(os.path.join(workdir, "jax_cache")):
         for job in todo:
             bar.set_postfix_str(job.key)
-            job_dir = os.path.join(workdir, job.key.replace("/", "__"))
+            job_dir = job_workdir(workdir, job.key)
             try:
                 out = run_job(job, job_dir)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
@@ -294,11 +302,20 @@ def run_sweep(
             data["rows"] = [r for r in data["rows"] if r["job"] != job.key] + out["rows"]
             data["jobs"][job.key] = out["record"]
             _write_json(results_path, data)
-            if out["record"]["status"] == "done" and not keep_workdirs:
+            if out["record"]["status"] == "done" and not (keep_workdirs or job.keep_workdir):
                 shutil.rmtree(job_dir, ignore_errors=True)
             bar.update(1)
     bar.close()
     return data
 
 
-__all__ = ["EvalSpec", "Job", "check_writable", "load_results", "machine_record", "run_job", "run_sweep"]
+__all__ = [
+    "EvalSpec",
+    "Job",
+    "check_writable",
+    "job_workdir",
+    "load_results",
+    "machine_record",
+    "run_job",
+    "run_sweep",
+]

@@ -1,0 +1,139 @@
+"""The recall experiments at --size=tiny (EXPERIMENTS.md: every experiment's tiny run is in the suite), the runner's
+resume and failure records, and one-line errors for bad arguments."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from hybrid_jax.experiments import EvalSpec, Job, load_results, run_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _experiment(name):
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", os.path.join(ROOT, "experiments", name, "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name, tmp_path, *extra):
+    module = _experiment(name)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--size=tiny", f"--out={out}", f"--workdir={work}", "--no-progress", *extra]
+    return module, module.main(module.EXPERIMENT, argv), out
+
+
+def _check_rows(results, models, evals_per_job):
+    done = {k: j for k, j in results["jobs"].items() if j["status"] == "done"}
+    assert sorted(j["tags"]["model"] for j in done.values()) == sorted(models)
+    for key, job in done.items():
+        rows = [r for r in results["rows"] if r["job"] == key]
+        assert len(rows) == len(job["members"]) * evals_per_job
+        for r in rows:
+            assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) and r["steps"] == job["steps"]
+            assert r["num_params"] == job["num_params"] > 0
+
+
+def test_mqar_tiny_learns_the_easiest_cell_and_resumes(tmp_path):
+    module, results, out = _run("mqar", tmp_path)
+    models = module.SIZES["tiny"]["models"]
+    _check_rows(results, models, evals_per_job=2)
+    chance = 1 / 32  # 32 values
+    attention = [r for r in results["rows"] if r["model"] == "attention" and r["K"] == 2]
+    assert max(r["accuracy"] for r in attention) > 4 * chance
+    taipan = results["jobs"]["taipan_c0.3/d32/L32"]["extra"]
+    assert set(taipan["by_role"][0][0]) == {"key", "value", "query", "filler", "overall"}
+    assert taipan["rate_curve"] and all(k.startswith(("step", "sal_selection_rate/")) for k in taipan["rate_curve"][0])
+    for name in ("tiny.json", "tiny.md", "tiny_accuracy.png", "tiny_selection_rate.png", "tiny_selection_roles.png"):
+        assert (out / name).stat().st_size > 0
+    # A rerun finds every job done and trains nothing: the rows are the same objects' values.
+    before = json.loads((out / "tiny.json").read_text())
+    _, again, _ = _run("mqar", tmp_path)
+    assert again["rows"] == before["rows"]
+
+
+@pytest.mark.parametrize(
+    "name,evals",
+    [("joint_recall", 1), ("selective_copying", 1), ("induction_heads", 3)],
+)
+def test_recall_experiment_tiny_runs(tmp_path, name, evals):
+    module, results, out = _run(name, tmp_path)
+    _check_rows(results, module.SIZES["tiny"]["models"], evals_per_job=evals)
+    assert (out / "tiny.md").read_text().count("|") > 10
+    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--models=mamba,transformerx"], "--models: unknown model(s) ['transformerx']"),
+        (["--seeds=0,0"], "--seeds=0,0: seeds must be distinct integers >= 0"),
+        (["--seeds=a"], "--seeds: 'a' is not a comma-separated list of int"),
+        (["--size=huge"], "--size: invalid choice: 'huge'"),
+        (["--out=/proc/no/such/dir"], "--out: output '/proc/no/such/dir/tiny.json' is not writable"),
+    ],
+)
+def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
+    module = _experiment("mqar")
+    with pytest.raises(SystemExit) as e:
+        module.main(module.EXPERIMENT, [f"--workdir={tmp_path}", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_an_impossible_grid_value_gives_one_line(tmp_path, capsys, monkeypatch):
+    module = _experiment("mqar")
+    monkeypatch.setitem(module.SIZES["tiny"], "grid", {32: (2, 40)})  # 40 pairs cannot fit in 32 tokens
+    with pytest.raises(SystemExit) as e:
+        module.main(module.EXPERIMENT, [f"--out={tmp_path}", f"--workdir={tmp_path}", "--no-progress"])
+    assert e.value.code == 2
+    assert "num_kv_pairs=40" in capsys.readouterr().err
+
+
+def _tiny_job(key, tmp_path, analyze=None, source="mqar?seq_len=16&num_kv_pairs=2&vocab_size=32&num_train=64"):
+    from hybrid_jax.experiments.recall import recall_config
+
+    config = recall_config(
+        "mamba2",
+        16,
+        16,
+        source=f"{source}&num_eval=16&prepare=false",
+        steps=2,
+        batch_size=8,
+        learning_rates=(1e-3,),
+        seeds=(0,),
+        eval_batch_size=8,
+        progress=False,
+    )
+    return Job(
+        key=key, config=config, evals={"K=2": EvalSpec(tags={"K": 2})}, tags={"model": "mamba2"}, analyze=analyze
+    )
+
+
+def test_runner_records_failures_and_retries_errors_only(tmp_path):
+    calls = []
+
+    def boom(trainer, params):
+        calls.append(1)
+        raise RuntimeError("analysis failed\nsecond line")
+
+    def oom(trainer, params):
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory")
+
+    path = str(tmp_path / "r.json")
+    jobs = [_tiny_job("ok", tmp_path), _tiny_job("err", tmp_path, boom), _tiny_job("oom", tmp_path, oom)]
+    data = run_sweep("t", jobs, path, workdir=str(tmp_path / "w"), progress=False)
+    assert {k: j["status"] for k, j in data["jobs"].items()} == {"ok": "done", "err": "error", "oom": "oom"}
+    assert data["jobs"]["err"]["error"] == "RuntimeError: analysis failed"
+    assert [r["job"] for r in data["rows"]] == ["ok"]
+    assert load_results(path)["jobs"] == data["jobs"]
+    # A rerun retries only the error (done and out-of-memory jobs are final).
+    run_sweep("t", jobs, path, workdir=str(tmp_path / "w"), progress=False)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match=r"duplicate job keys \['ok'\]"):
+        run_sweep("t", [jobs[0], jobs[0]], path, workdir=str(tmp_path / "w"), progress=False)
