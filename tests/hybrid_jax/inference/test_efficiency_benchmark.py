@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+@pytest.mark.slow  # ~30 s on 2 CPU cores (a subprocess compiling 7 programs)
 def test_smoke_run_writes_results(tmp_path):
     out = tmp_path / "eff"
     cmd = [sys.executable, "experiments/efficiency/run.py", "--smoke", f"--out={out}", "--models=samba", "--repeats=1"]
