@@ -324,3 +324,29 @@ def test_task_from_dict_round_trip_and_errors():
         synthetic.task_from_dict({"task": "nope"})
     with pytest.raises(ValueError, match=r"mqar has no parameter\(s\) \['length'\]"):
         synthetic.task_from_dict({"task": "mqar", "length": 3})
+
+
+def test_mixture_draws_each_component_and_pads_the_shorter_ones():
+    from hybrid_jax.data import parse_source
+
+    source = parse_source("mqar?seq_len=16,32&num_kv_pairs=2,4&vocab_size=64&num_train=100&prepare=false")
+    task = source.task
+    assert isinstance(task, synthetic.Mixture) and len(task.tasks) == 4
+    assert task.length == 32 and task.vocab_size == 64
+    assert synthetic.task_from_dict(task.to_dict()) == task
+    seen = set()
+    for i in range(64):
+        ex = synthetic.make_example(task, seed=3, split="train", index=i)
+        again = synthetic.make_example(task, seed=3, split="train", index=i)
+        for key in ("inputs", "targets", "mask"):
+            np.testing.assert_array_equal(ex[key], again[key])
+            assert ex[key].shape == (32,)
+        n, k = int(ex["num_tokens"]), int(ex["mask"].sum())
+        seen.add((n, k))
+        # A component's example, then padding that counts nowhere.
+        assert np.all(ex["mask"][n:] == 0) and np.all(ex["inputs"][n:] == task.pad_id)
+        queries = np.sort(ex["inputs"][ex["mask"] > 0])
+        np.testing.assert_array_equal(np.sort(ex["inputs"][: 2 * k : 2]), queries)  # the queries repeat the keys
+    assert seen == {(16, 2), (16, 4), (32, 2), (32, 4)}
+    with pytest.raises(ValueError, match="disagree on vocab_size"):
+        synthetic.Mixture((synthetic.MQAR(vocab_size=64), synthetic.MQAR(vocab_size=128)))
