@@ -7,11 +7,14 @@ Every field of every section is documented in hybrid_jax/training/config.py (pre
 """
 
 from hybrid_jax.training import parse_arg, preset_config
+from hybrid_jax.training.recipes import apply_recipe
 
 
 def get_config(arg=None):
     args = parse_arg(arg, size="tiny", d_state=0)
     config = preset_config("mamba2", args.size)
+    # The Mamba recipe (hybrid_jax/training/recipes.py); the peak learning rate is the size's (5x GPT-3's).
+    apply_recipe(config, "mamba")
     if args.d_state:
         config.model.mamba2.d_state = args.d_state
     return config

@@ -90,12 +90,12 @@ class LMSize:
 
 
 LM_SIZES: dict[str, LMSize] = {
-    # CPU smoke runs (train length 128, window 64): the structure of the full size at a few thousand parameters a
+    # CPU smoke runs (train length 64, window 32): the structure of the full size at a few thousand parameters a
     # layer; Taipan / Jamba have 2 Mamba-2 layers per attention layer instead of 6 so that they compile in seconds.
     "tiny": LMSize(
         d_model=64,
         heads=2,
-        window=64,
+        window=32,
         periods={
             "transformer": 2,
             "transformer_swa": 2,
@@ -284,9 +284,7 @@ def lm_config(
 def length_evals(lengths: Sequence[int], source: str = "stdlib", max_batches: int = 0) -> dict[str, EvalSpec]:
     """Bits per byte of the held-out split at each length (rows of that length; ``max_batches=0``: the whole split,
     so every length scores the same bytes)."""
-    return {
-        f"L={n}": EvalSpec(source=source, seq_len=n, max_batches=max_batches, tags={"length": n}) for n in lengths
-    }
+    return {f"L={n}": EvalSpec(source=source, seq_len=n, max_batches=max_batches, tags={"length": n}) for n in lengths}
 
 
 def count_params(config: ml_collections.ConfigDict, vocab_size: int = 259) -> int:
@@ -410,9 +408,7 @@ def length_table(
     rows = [r for r in results["rows"] if "length" in r and (models is None or r["model"] in models)]
     if not rows:
         return ["no results yet"]
-    chosen = chosen_at(
-        rows, ("model",), "bits_per_byte", lambda r: r["length"] == train_len, higher_is_better=False
-    )
+    chosen = chosen_at(rows, ("model",), "bits_per_byte", lambda r: r["length"] == train_len, higher_is_better=False)
     summary = best_over(chosen, ("model", "length"), "bits_per_byte", higher_is_better=False)
     oom = {(r["model"], r["length"]) for r in chosen if r.get("oom")}
     order = list(dict.fromkeys(r["model"] for r in rows))

@@ -101,4 +101,44 @@ class Checkpointer:
         self._manager.close()
 
 
-__all__ = ["CheckpointError", "Checkpointer"]
+def checkpoint_directory(path: str) -> str:
+    """The directory of a run's checkpoints: ``path`` itself, or ``path/checkpoints`` for a run's workdir."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def restore_params(path: str) -> tuple[Any, int]:
+    """The parameters of the newest checkpoint under ``path`` (a run's workdir or its ``checkpoints/``), on the
+    first local device, whatever the mesh that saved them.
+
+    Returns:
+      (params, step): the parameter tree (with a leading member axis if a population run saved it) and its step.
+
+    Raises:
+      CheckpointError: no checkpoint there, or it cannot be read (one line).
+    """
+    directory = checkpoint_directory(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"train.init_from={path!r}: no such directory")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"train.init_from={path!r}: no complete checkpoint in {directory}")
+        try:
+            tree = manager.item_metadata(step)["state"].tree
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as e:  # orbax / tensorstore raise many types for unreadable files
+            raise CheckpointError(
+                f"train.init_from={path!r}: step {step} in {directory} cannot be read ({_first_line(e)})"
+            ) from None
+    finally:
+        manager.close()
+    if "params" not in state:
+        raise CheckpointError(f"train.init_from={path!r}: step {step} in {directory} holds no parameters")
+    return state["params"], step
+
+
+__all__ = ["CheckpointError", "Checkpointer", "checkpoint_directory", "restore_params"]

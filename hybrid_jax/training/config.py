@@ -242,6 +242,11 @@ def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collec
     # Compute logits (loss, accuracy) only at the first n masked positions of each row: the recall tasks score a few
     # answers per row, and the LM head over all t positions would dominate a small model's step. 0: every position.
     tr.loss_positions = 0
+    # Fine-tuning: a checkpoint directory (a run's workdir or its checkpoints/) whose newest step's parameters start
+    # this run (fresh optimizer state, step 0, data from the start); a run that has its own checkpoints resumes from
+    # those instead. None: a fresh initialisation from train.seed.
+    tr.init_from = config_dict.placeholder(str)
+    tr.init_member = 0  # the member to take when init_from is a population run (every member here starts from it)
     tr.log_every = 10  # steps between metrics.jsonl / TensorBoard records
     tr.eval_every = t["every"]  # steps between evaluations (0: only at the end)
     tr.checkpoint_every = t["every"]  # steps between checkpoints (0: only at the end and on preemption)
@@ -319,6 +324,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _int(config, path, 0)
     if "loss_positions" in config.train:
         _int(config, "train.loss_positions", 0)
+    if "init_member" in config.train:
+        _int(config, "train.init_member", 0)
+    init_from = config.train.get("init_from")
+    if init_from is not None and (not isinstance(init_from, str) or not init_from):
+        _fail(f"train.init_from={init_from!r} must be a checkpoint directory or None")
     for path in ("data.seq_len", "data.batch_size", "data.vocab_multiple", "eval.batch_size"):
         _int(config, path, 1)
     _int(config, "data.num_threads", 0)

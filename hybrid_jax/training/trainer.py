@@ -57,7 +57,7 @@ from hybrid_jax.inference import generate
 from hybrid_jax.model import LanguageModel, ModelConfig
 from hybrid_jax.training import config as config_lib
 from hybrid_jax.training import flops as flops_lib
-from hybrid_jax.training.checkpoint import Checkpointer
+from hybrid_jax.training.checkpoint import Checkpointer, restore_params
 from hybrid_jax.training.metrics import MetricWriter
 from hybrid_jax.training.optimizer import make_optimizer
 
@@ -610,12 +610,53 @@ class Trainer:
     def _restore_or_init(self) -> tuple[TrainState, int]:
         latest = self.checkpointer.latest_step()
         if latest is None:
-            return self.init_state(), 0
+            state = self.init_state()
+            if self.config.train.get("init_from"):
+                state = state.replace(params=self._params_from(self.config.train.init_from))
+            return state, 0
         state, data_state, _ = self.checkpointer.restore(latest, self.abstract_state)
         if data_state:
             self.train_iter.set_state(data_state)
         log.info("Resumed from step %d of %s", latest, self.checkpointer.directory)
         return state, latest
+
+    def _params_from(self, path: str):
+        """The parameters of ``train.init_from`` (member ``train.init_member`` of a population), copied to every
+        member of this run and placed in its shardings.
+
+        Raises:
+          ValueError: the checkpoint's parameters are not this model's (one line naming the first difference).
+        """
+        source, step = restore_params(path)
+        target = self.abstract_state.params
+        n = None if self.members is None else len(self.members)
+        src = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+        dst = jax.tree_util.tree_flatten_with_path(target)[0]
+        missing = sorted({jax.tree_util.keystr(k) for k, _ in dst} ^ set(src))
+        if missing:
+            raise ValueError(f"config: train.init_from={path!r} has other parameters than this model ({missing[0]})")
+        first = src[jax.tree_util.keystr(dst[0][0])]
+        single_shape = dst[0][1].shape[1:] if n else dst[0][1].shape
+        population = first.ndim == len(single_shape) + 1
+        member = int(self.config.train.get("init_member", 0))
+        if population and member >= first.shape[0]:
+            raise ValueError(
+                f"config: train.init_member={member} but train.init_from={path!r} has {first.shape[0]} members"
+            )
+        leaves = []
+        for key, want in dst:
+            x = src[jax.tree_util.keystr(key)]
+            x = x[member] if population else x
+            shape = want.shape[1:] if n else want.shape
+            if x.shape != shape:
+                raise ValueError(
+                    f"config: train.init_from={path!r}: {jax.tree_util.keystr(key)} has shape {x.shape}, this model "
+                    f"{shape}"
+                )
+            x = x.astype(want.dtype)
+            leaves.append(jax.device_put(jnp.broadcast_to(x[None], want.shape) if n else x, want.sharding))
+        log.info("Initialised the parameters from step %d of %s", step, path)
+        return jax.tree.unflatten(jax.tree.structure(target), leaves)
 
     def _run(self) -> dict[str, Any]:
         c = self.config
