@@ -100,7 +100,9 @@ def machine_record() -> dict[str, Any]:
         "jax_version": jax.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "git_revision": _git_revision(),
+        # The device machines get a copy of the working tree whose .git may be older than it: the launcher names the
+        # commit it sent in HYBRID_JAX_COMMIT.
+        "git_revision": os.environ.get("HYBRID_JAX_COMMIT") or _git_revision(),
     }
 
 
