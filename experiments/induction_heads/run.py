@@ -15,7 +15,17 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, best_over, chosen_at, line_panels, main, pivot_table
+from hybrid_jax.experiments import (
+    EvalSpec,
+    Experiment,
+    Job,
+    best_over,
+    chosen_at,
+    line_panels,
+    main,
+    pivot_table,
+    unfinished,
+)
 from hybrid_jax.experiments.recall import recall_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,12 +131,7 @@ def report(results, args) -> str:
     ]
     params = {j["tags"]["model"]: j["num_params"] for j in results["jobs"].values() if j.get("status") == "done"}
     lines += ["", "Parameters: " + ", ".join(f"{m}: {n:,}" for m, n in sorted(params.items()))]
-    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
-    if failed:
-        lines += [
-            "",
-            "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items()),
-        ]
+    lines += unfinished(results)
     series = {"ours": {}}
     for s in summary:
         if (s["model"], s["length"]) not in oom:
@@ -151,7 +156,6 @@ EXPERIMENT = Experiment(
     models=MODELS,
     build=build,
     report=report,
-    seeds={"tiny": (0,), "full": (0, 1)},
     results_dir=os.path.join(HERE, "results"),
 )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from hybrid_jax.data.synthetic import JointRecall
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, bar_chart, best_over, main, markdown_table
+from hybrid_jax.experiments import EvalSpec, Experiment, Job, bar_chart, best_over, main, markdown_table, unfinished
 from hybrid_jax.experiments.recall import recall_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -135,12 +135,7 @@ def report(results, args) -> str:
             ["model", "d_model", "params", "lr", "accuracy %", "seeds", "exact match %", "HAX Table 3 %"], table
         )
     )
-    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
-    if failed:
-        lines += [
-            "",
-            "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items()),
-        ]
+    lines += unfinished(results)
     png = os.path.join(args.out, f"{args.size}_accuracy.png")
     bar_chart(
         {label(b["model"], b["d_model"], width): (100 * b["mean"], 100 * b["std"]) for b in best},
@@ -160,7 +155,6 @@ EXPERIMENT = Experiment(
     models=MODELS,
     build=build,
     report=report,
-    seeds={"tiny": (0,), "full": (0, 1)},
     results_dir=os.path.join(HERE, "results"),
 )
 

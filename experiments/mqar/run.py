@@ -17,7 +17,17 @@ import os
 
 import numpy as np
 
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, best_over, line_panels, main, markdown_table, pivot_table
+from hybrid_jax.experiments import (
+    EvalSpec,
+    Experiment,
+    Job,
+    best_over,
+    line_panels,
+    main,
+    markdown_table,
+    pivot_table,
+    unfinished,
+)
 from hybrid_jax.experiments.recall import mqar_roles, recall_config, selection_by_role
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,12 +154,7 @@ def report(results, args) -> str:
         if job.get("status") == "done":
             params[(job["tags"]["model"], job["tags"]["d_model"])] = job["num_params"]
     lines += ["", "Parameters: " + ", ".join(f"{m} d{d}: {n:,}" for (m, d), n in sorted(params.items()))]
-    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
-    if failed:
-        lines += [
-            "",
-            "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items()),
-        ]
+    lines += unfinished(results)
     lr_rows = [
         [s["model"], s["d_model"], s["L"], s["K"], s["learning_rate"], *(s["candidates"].values())] for s in best
     ]
@@ -255,7 +260,6 @@ EXPERIMENT = Experiment(
     models=MODELS,
     build=build,
     report=report,
-    seeds={"tiny": (0,), "full": (0, 1)},
     results_dir=os.path.join(HERE, "results"),
 )
 

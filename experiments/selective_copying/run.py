@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, bar_chart, best_over, main, markdown_table
+from hybrid_jax.experiments import EvalSpec, Experiment, Job, bar_chart, best_over, main, markdown_table, unfinished
 from hybrid_jax.experiments.recall import recall_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,12 +115,7 @@ def report(results, args) -> str:
         "",
         markdown_table(["model", "params", "lr", "accuracy %", "seeds", "exact match %", "Mamba Table 1 %"], table),
     ]
-    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
-    if failed:
-        lines += [
-            "",
-            "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items()),
-        ]
+    lines += unfinished(results)
     png = os.path.join(args.out, f"{args.size}_accuracy.png")
     bar_chart(
         {b["model"]: (100 * b["mean"], 100 * b["std"]) for b in best},
@@ -140,7 +135,6 @@ EXPERIMENT = Experiment(
     models=MODELS,
     build=build,
     report=report,
-    seeds={"tiny": (0,), "full": (0, 1)},
     results_dir=os.path.join(HERE, "results"),
 )
 

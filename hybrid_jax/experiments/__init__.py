@@ -7,7 +7,16 @@ rows into Zoology-style best-learning-rate tables and plots; :mod:`cli` is the c
 """
 
 from hybrid_jax.experiments.cli import Experiment, main
-from hybrid_jax.experiments.report import bar_chart, best_over, chosen_at, fmt, line_panels, markdown_table, pivot_table
+from hybrid_jax.experiments.report import (
+    bar_chart,
+    best_over,
+    chosen_at,
+    fmt,
+    line_panels,
+    markdown_table,
+    pivot_table,
+    unfinished,
+)
 from hybrid_jax.experiments.runner import EvalSpec, Job, load_results, machine_record, run_job, run_sweep
 
 __all__ = [
@@ -26,4 +35,5 @@ __all__ = [
     "pivot_table",
     "run_job",
     "run_sweep",
+    "unfinished",
 ]

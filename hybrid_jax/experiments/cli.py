@@ -33,16 +33,16 @@ class Experiment:
       models: the model names ``--models`` accepts (each job's ``tags["model"]`` is one of them).
       build: ``(args) -> jobs`` for ``args.size``, ``args.models`` and ``args.seeds`` (args also has ``extra``).
       report: ``(results, args) -> markdown``; may write plots into ``args.out`` (named ``<size>_*.png``).
-      seeds: default seeds per size.
       results_dir: default output directory (the experiment's ``results/``).
+      seeds: default seeds per size (one for tiny, two for full).
     """
 
     name: str
     models: Sequence[str]
     build: Callable[[argparse.Namespace], list[Job]]
     report: Callable[[dict[str, Any], argparse.Namespace], str]
-    seeds: dict[str, tuple[int, ...]]
     results_dir: str
+    seeds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=lambda: {"tiny": (0,), "full": (0, 1)})
 
 
 def _csv(kind: Callable[[str], Any]):

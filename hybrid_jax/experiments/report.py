@@ -94,6 +94,14 @@ def chosen_at(
     return [r for r in rows if picks.get(tuple(r.get(c) for c in group)) == r[over]]
 
 
+def unfinished(results: Mapping[str, Any]) -> list[str]:
+    """Report lines naming every job that is not done (status and first error line); empty when all are."""
+    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
+    if not failed:
+        return []
+    return ["", "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items())]
+
+
 def fmt(value, digits: int = 3) -> str:
     """A table cell: numbers with ``digits`` significant digits, non-finite as '-', others as text."""
     if isinstance(value, bool) or value is None:
@@ -229,4 +237,4 @@ def bar_chart(
     return path
 
 
-__all__ = ["bar_chart", "best_over", "chosen_at", "fmt", "line_panels", "markdown_table", "pivot_table"]
+__all__ = ["bar_chart", "best_over", "chosen_at", "unfinished", "fmt", "line_panels", "markdown_table", "pivot_table"]
