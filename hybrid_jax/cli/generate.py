@@ -191,6 +191,9 @@ class _TextPrinter:
 def main(argv: list[str], out=sys.stdout) -> int:
     """Parses ``argv`` (program name first), generates and streams; raises UsageError / ValueError on bad input."""
     FLAGS.unparse_flags()  # main() may run more than once in a process (tests): start from the defaults
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
+        out.write(f"{(__doc__ or '').strip()}\n\nflags:\n{FLAGS.module_help(__name__)}\n")
+        return 0
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
