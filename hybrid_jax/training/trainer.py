@@ -523,7 +523,7 @@ class Trainer:
         eb = c.eval.batch_size
         block, blocks = sharding_lib.process_batch_block(self.batch_sharding, eb)
         n = c.eval.max_batches if max_batches is None else max_batches
-        return make_eval_iterator(
+        batches = make_eval_iterator(
             source,
             seq_len=seq_len,
             batch_size=eb,
@@ -533,6 +533,10 @@ class Trainer:
             max_batches=n or None,
             num_threads=c.data.num_threads,
         )
+        # What :meth:`evaluate` reports follows these batches, not the run's data (a text model on passkey prompts
+        # gets exact match; a synthetic-task model on text would get bits per byte).
+        batches.is_text = isinstance(source, (TextFiles, TfdsText))
+        return batches
 
     def evaluate(self, params, batches=None) -> dict[str, float] | list[dict[str, float]]:
         """Loss, perplexity, token accuracy; bits per byte (text) or exact match (synthetic tasks).
@@ -551,17 +555,18 @@ class Trainer:
             sums = jax.device_get(self.eval_step(params, self.global_batch(local, eb)))
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+        text = getattr(batches, "is_text", self.is_text)
         if self.members is None:
-            return self._eval_metrics({k: float(v) for k, v in totals.items()})
-        return [self._eval_metrics({k: float(v[i]) for k, v in totals.items()}) for i in range(len(self.members))]
+            return self._eval_metrics({k: float(v) for k, v in totals.items()}, text)
+        return [self._eval_metrics({k: float(v[i]) for k, v in totals.items()}, text) for i in range(len(self.members))]
 
-    def _eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    def _eval_metrics(self, totals: dict[str, float], is_text: bool) -> dict[str, float]:
         tokens = max(totals.get("tokens", 0.0), 1.0)
         loss = totals.get("loss_sum", 0.0) / tokens
         out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": totals.get("correct", 0.0) / tokens}
-        if self.is_text and totals.get("bytes", 0.0) > 0:
+        if is_text and totals.get("bytes", 0.0) > 0:
             out["bits_per_byte"] = totals["loss_sum"] / (math.log(2.0) * totals["bytes"])
-        if not self.is_text:
+        if not is_text:
             out["exact_match"] = totals.get("exact_rows", 0.0) / max(totals.get("answer_rows", 0.0), 1.0)
         out["eval_tokens"] = totals.get("tokens", 0.0)
         if "answers_dropped" in totals:

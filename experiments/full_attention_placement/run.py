@@ -1,0 +1,103 @@
+"""One full-attention layer in Samba (papers.md 8.6; Samba Table 5): does it break length extrapolation?
+
+    python experiments/full_attention_placement/run.py --size=tiny     # < 60 s on a CPU (the test suite runs it)
+    python experiments/full_attention_placement/run.py --size=full     # the recorded run (H100), results/full.json
+    python experiments/full_attention_placement/run.py --size=full --report-only
+
+Samba (4 blocks of Mamba, SwiGLU, SWA, SwiGLU at full size) against the same stack with the Mamba layer of the first,
+middle or last block replaced by full attention with RoPE (hybrid_jax.experiments.lm, ``samba_full<position>``).
+Training and evaluation as in experiments/length_extrapolation (byte-level standard library, 512 tokens, Samba's
+recipe, bits per byte on the held-out files at 1x ... 32x; learning rate chosen at the training length).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hybrid_jax.experiments import Experiment, Job, main
+from hybrid_jax.experiments.lm import length_evals, length_table, lm_config, parameter_line, unfinished
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = ("samba", "samba_fulllast", "samba_fullmiddle", "samba_fullfirst")
+
+SIZES = {
+    "tiny": dict(
+        size="tiny",
+        train_len=64,
+        lengths=(64, 128, 256, 512),
+        steps=30,
+        batch=8,
+        lrs=(3e-3,),
+        source="stdlib?max_documents=1",
+        eval_batch=8,
+        models=("samba", "samba_fulllast"),
+    ),
+    "full": dict(
+        size="full",
+        train_len=512,
+        lengths=(512, 1024, 2048, 4096, 8192, 16384),
+        steps=500,
+        batch=32,
+        lrs=(1e-3, 2e-3),
+        source="stdlib",
+        eval_batch=4,
+        models=MODELS,
+    ),
+}
+
+
+def build(args) -> list[Job]:
+    s = SIZES[args.size]
+    jobs = []
+    for name in [m for m in MODELS if m in args.models and m in s["models"]]:
+        config = lm_config(
+            name,
+            s["size"],
+            seq_len=s["train_len"],
+            steps=s["steps"],
+            batch_size=s["batch"],
+            learning_rates=s["lrs"],
+            seeds=args.seeds,
+            recipe="samba",
+            eval_batch_size=s["eval_batch"],
+            progress=not args.no_progress,
+        )
+        jobs.append(
+            Job(
+                key=f"{name}/T{s['train_len']}",
+                config=config,
+                evals=length_evals(s["lengths"], s["source"]),
+                tags={"model": name, "train_len": s["train_len"]},
+            )
+        )
+    return jobs
+
+
+def report(results, args) -> str:
+    s = SIZES[args.size]
+    png = os.path.join(args.out, f"{args.size}_bpb_vs_length.png")
+    lines = [
+        f"## Full-attention placement ({args.size}): held-out bits per byte vs evaluation length (trained at "
+        f"{s['train_len']}; learning rate chosen at the training length)",
+        "",
+        *length_table(results, train_len=s["train_len"], png=png, title="Samba with one full-attention layer"),
+        "",
+        parameter_line(results),
+        *unfinished(results),
+        "",
+        f"Plot: {os.path.relpath(png, HERE)}",
+    ]
+    return "\n".join(lines)
+
+
+EXPERIMENT = Experiment(
+    name="full_attention_placement",
+    models=MODELS,
+    build=build,
+    report=report,
+    seeds={"tiny": (0,), "full": (0,)},
+    results_dir=os.path.join(HERE, "results"),
+)
+
+if __name__ == "__main__":
+    main(EXPERIMENT)
