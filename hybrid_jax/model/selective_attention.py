@@ -56,29 +56,26 @@ def straight_through_gumbel(key: jax.Array, logits: jax.Array, temperature: floa
 
 
 def with_key_bias(q, k, v, key_bias):
-    """Channels that add ``key_bias[j] * softmax_scale`` to every score against key j.
+    """One more channel that adds ``key_bias[j] * softmax_scale`` to every score against key j.
 
-    q gains a column of ones and k a column of ``key_bias``; all three are zero-padded to a multiple of 16
-    channels (what the Pallas kernels tile by). Call the attention with the original ``softmax_scale`` and keep
-    the output's first ``e`` channels.
+    q gains a channel of ones, k a channel of ``key_bias`` and v a channel of zeros (the kernels pad head dims to
+    what they tile by themselves). Call the attention with the original ``softmax_scale`` and keep the output's first
+    ``e`` channels.
 
     Args:
       q: ``(b, t, hq, e)``; k, v: ``(b, t, hk, e)``; key_bias: ``(b, t)`` (already divided by the softmax scale).
 
     Returns:
-      q, k, v with ``16 * ceil((e + 1) / 16)`` channels.
+      q, k, v with ``e + 1`` channels.
     """
-    b, t, hq, e = q.shape
+    b, t, hq, _ = q.shape
     hk = k.shape[2]
-    width = 16 * math.ceil((e + 1) / 16)
-
-    def widen(x, extra):
-        pad = jnp.zeros((*x.shape[:3], width - e - (0 if extra is None else 1)), x.dtype)
-        return jnp.concatenate([x, pad] if extra is None else [x, extra.astype(x.dtype), pad], axis=-1)
-
-    ones = jnp.ones((b, t, hq, 1), q.dtype)
-    bias = jnp.broadcast_to(key_bias[:, :, None, None], (b, t, hk, 1))
-    return widen(q, ones), widen(k, bias), widen(v, None)
+    bias = jnp.broadcast_to(key_bias[:, :, None, None], (b, t, hk, 1)).astype(k.dtype)
+    return (
+        jnp.concatenate([q, jnp.ones((b, t, hq, 1), q.dtype)], axis=-1),
+        jnp.concatenate([k, bias], axis=-1),
+        jnp.concatenate([v, jnp.zeros((b, t, hk, 1), v.dtype)], axis=-1),
+    )
 
 
 def selection_masks(model, params, tokens, segment_ids=None, positions=None) -> jax.Array:

@@ -1,5 +1,5 @@
-"""Model switches of the recall experiments: the SAL key-side gradient, the selection masks, Mamba's LTI ablation and
-the short conv of the attention baseline."""
+"""Model switches of the recall experiments: the SAL key-side gradient, the selection masks, Mamba's LTI ablation,
+the short conv of the attention baseline and the top-k attention bases' options."""
 
 import dataclasses
 
@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hybrid_jax.experiments.recall import parse_model, recall_config
 from hybrid_jax.model import LanguageModel, preset
 from hybrid_jax.model.config import AttentionConfig, MambaConfig
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer, selection_masks, with_key_bias
 from hybrid_jax.model.ssm import MambaMixer
+from hybrid_jax.training.config import model_config
 
 
 def _sal(key_gradient):
@@ -60,12 +62,12 @@ def test_with_key_bias_adds_the_bias_to_every_score():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 4, 16)) for i in range(3))
     bias = jax.random.normal(jax.random.PRNGKey(3), (2, 5))
     q2, k2, v2 = with_key_bias(q, k, v, bias)
-    assert q2.shape == k2.shape == v2.shape == (2, 5, 4, 32)
+    assert q2.shape == k2.shape == v2.shape == (2, 5, 4, 17)
     scores = jnp.einsum("bihe,bjhe->bhij", q2, k2)
     expected = jnp.einsum("bihe,bjhe->bhij", q, k) + bias[:, None, None, :]
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(v2[..., :16], v)
-    np.testing.assert_array_equal(v2[..., 16:], 0)
+    np.testing.assert_array_equal(v2[..., 16], 0)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -143,3 +145,29 @@ def test_attention_short_conv_is_causal_and_refuses_decoding():
         model.apply({"params": params}, tokens, 32, method="prefill")
     with pytest.raises(ValueError, match="attention.conv=-1 must be an integer >= 0"):
         preset("transformer", "tiny", attention=AttentionConfig(num_heads=4, conv=-1))
+
+
+@pytest.mark.parametrize(
+    "name, period, block_size, top_k",
+    [
+        ("mamba2topk", ("mamba2", "topk"), 16, 4),
+        ("sambatopk_b8_k2", ("mamba", "mlp", "topk", "mlp"), 8, 2),
+        ("mamba2topk_k0", ("mamba2", "topk"), 16, 0),
+    ],
+)
+def test_topk_recall_models_build_with_their_block_options(name, period, block_size, top_k):
+    config = recall_config(name, 64, 256, source="mqar", steps=10, batch_size=4, learning_rates=(1e-3,), seeds=(0,))
+    built = model_config(config, vocab_size=64)
+    assert tuple(b.value for b in built.period) == period and built.n_periods == 1
+    tk = built.topk
+    assert (tk.block_size, tk.top_k, tk.num_heads, tk.rope) == (block_size, top_k, 2, True)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [("samba_k4", r"_b and _k are options of mamba2topk and sambatopk"), ("mamba2topk_b0", r"block size _b0")],
+)
+def test_topk_recall_options_refuse_other_bases_in_one_line(name, match):
+    with pytest.raises(ValueError, match=match) as e:
+        parse_model(name)
+    assert "\n" not in str(e.value)
