@@ -13,8 +13,8 @@ Prompts of different lengths go in one batch, left-aligned: row b holds ``length
 Padding changes no cache, and each row continues at its own position, so a padded row decodes exactly as it would
 alone (greedy; a sampled row draws from a batch-wide key).
 
-Memory: SSM, SWA and SAL layers hold a fixed-size state; a full-attention layer holds ``max_len`` slots per row
-(default: longest prompt + max_new_tokens - 1, the positions fed through the model). A full-attention model cannot
+Memory: SSM, SWA and SAL layers hold a fixed-size state; a full-attention or top-k attention layer holds ``max_len``
+slots per row (default: longest prompt + max_new_tokens - 1, the positions fed through the model). Such a model cannot
 step past its cache, so ``generate`` refuses a ``max_len`` that is too short up front (``LanguageModel.step`` itself
 returns NaN logits for a row past its cache rather than dropping the write silently).
 """
@@ -145,9 +145,10 @@ def make_plan(
         raise ValueError(f"{where}: max_len={max_len!r} must be an integer >= 1")
     if longest > max_len:
         raise ValueError(f"{where}: the prompt ({longest} tokens) is longer than max_len={max_len}")
-    if BlockType.ATTENTION in c.period and need > max_len:
+    if {BlockType.ATTENTION, BlockType.TOPK} & set(c.period) and need > max_len:
+        kind = "full-attention" if BlockType.ATTENTION in c.period else "top-k attention"
         raise ValueError(
-            f"{where}: max_len={max_len} is too short for this full-attention model: the prompt ({longest} tokens) "
+            f"{where}: max_len={max_len} is too short for this {kind} model: the prompt ({longest} tokens) "
             f"+ max_new_tokens={max_new_tokens} - 1 needs {need} cache positions"
         )
     if prefill_chunk is None:

@@ -1,6 +1,6 @@
 """Model math: Flax Linen modules only (no ConfigDict, no I/O)."""
 
-from hybrid_jax.model.cache import DecodeCache, KVCache, SelectiveKVCache, SSMCache, WindowKVCache
+from hybrid_jax.model.cache import DecodeCache, KVCache, SelectiveKVCache, SSMCache, TopKKVCache, WindowKVCache
 from hybrid_jax.model.config import (
     PRESETS,
     SIZES,
@@ -11,6 +11,7 @@ from hybrid_jax.model.config import (
     MambaConfig,
     ModelConfig,
     SALConfig,
+    TopKConfig,
     preset,
 )
 from hybrid_jax.model.model import LanguageModel, init_cache, summarize_aux
@@ -30,6 +31,8 @@ __all__ = [
     "SALConfig",
     "SSMCache",
     "SelectiveKVCache",
+    "TopKConfig",
+    "TopKKVCache",
     "WindowKVCache",
     "init_cache",
     "preset",

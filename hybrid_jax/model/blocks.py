@@ -20,6 +20,7 @@ from hybrid_jax.model.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH, RMSNorm
 from hybrid_jax.model.mlp import SwiGLU
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
+from hybrid_jax.model.topk_attention import TopKAttentionMixer
 
 MODES = ("forward", "prefill")
 
@@ -49,6 +50,8 @@ class Block(nn.Module):
             self.mixer = AttentionMixer(c, sliding=k is BlockType.SWA, out_scale=scale)
         elif k is BlockType.SAL:
             self.mixer = SelectiveAttentionLayer(c, scale, deterministic=self.deterministic)
+        elif k is BlockType.TOPK:
+            self.mixer = TopKAttentionMixer(c, out_scale=scale)
         else:
             self.mixer = SwiGLU(c, scale)
 
@@ -71,7 +74,7 @@ class Block(nn.Module):
         if self.kind is BlockType.SAL:
             update, cache = self.mixer.prefill(hn, h, cache, positions, valid, history)
             return h + update, cache
-        if self.kind in (BlockType.ATTENTION, BlockType.SWA):
+        if self.kind in (BlockType.ATTENTION, BlockType.SWA, BlockType.TOPK):
             y, cache = self.mixer.prefill(hn, cache, positions, valid, history)
         else:
             y, cache = self.mixer.prefill(hn, cache, positions, valid)
@@ -100,6 +103,8 @@ def block_cache(config: ModelConfig, kind: BlockType, batch: int, max_len: int):
         return AttentionMixer.init_cache(config, batch, max_len, sliding=kind is BlockType.SWA)
     if kind is BlockType.SAL:
         return SelectiveAttentionLayer.init_cache(config, batch, max_len)
+    if kind is BlockType.TOPK:
+        return TopKAttentionMixer.init_cache(config, batch, max_len)
     return None
 
 

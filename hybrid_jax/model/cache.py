@@ -14,6 +14,10 @@ Shapes (b batch, w conv width, e channels, h heads, p head dim, n state, s slots
                      (static) is the per-row cap of ``sal.capacity_factor`` for a sequence of the cache's max_len
                      tokens: a selected token is kept only while ``count < limit``, as ``limit_selection`` does in
                      the forward pass over max_len tokens.
+  TopKKVCache:       k, v (b, n_blocks * block_size, h_kv, head_dim) written at the absolute position like KVCache
+                     (max_len rounded up to whole blocks), block_sum (b, n_blocks, h_kv, head_dim) fp32: the sum of the
+                     keys written so far in each key block, whose mean is the block's representative in the top-k
+                     selection (hybrid_jax/model/topk_attention.py).
 
 KV caches hold keys and values in the compute dtype. In the model's :class:`DecodeCache` every per-layer cache is
 stacked over periods (leading axis); a decode step writes one slot per row and layer in place (``.at[layer, rows,
@@ -56,6 +60,13 @@ class SelectiveKVCache:
     pos: jax.Array
     count: jax.Array
     limit: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
+@flax.struct.dataclass
+class TopKKVCache:
+    k: jax.Array
+    v: jax.Array
+    block_sum: jax.Array
 
 
 @flax.struct.dataclass

@@ -102,7 +102,7 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
     """The ``model`` section: every ModelConfig field (kernels excepted), values from ``cfg``, commented."""
     m = ml_collections.ConfigDict()
     m.name = cfg.name  # label recorded with the run
-    # The layer pattern: one period of residual layers (mamba, mamba2, attention, swa, sal, mlp), repeated.
+    # The layer pattern: one period of residual layers (mamba, mamba2, attention, swa, sal, topk, mlp), repeated.
     m.period = tuple(b.value for b in cfg.period)
     m.n_periods = cfg.n_periods  # repetitions of the period (nn.scan over them when scan_layers)
     m.d_model = cfg.d_model  # width of the residual stream
@@ -169,6 +169,16 @@ def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
     m.sal.kv_source = s.kv_source  # "selected": keys are selected tokens only; "all": every token in the window
     m.sal.capacity_factor = _optional(s.capacity_factor, float)  # static compaction size / (C t); None: t
     m.sal.key_gradient = s.key_gradient  # "none" | "bias": straight-through gradient to selected keys too
+
+    tk = cfg.topk
+    m.topk = ml_collections.ConfigDict()  # top-k block-sparse attention layers (TOPK), issue 22
+    m.topk.num_heads = tk.num_heads  # query heads
+    m.topk.num_kv_heads = _optional(tk.num_kv_heads, int)  # GQA key/value heads (each selects its blocks); None: MHA
+    m.topk.head_dim = _optional(tk.head_dim, int)  # None: d_model // num_heads
+    m.topk.rope = tk.rope  # rotary position embedding on q and k
+    m.topk.rope_base = tk.rope_base  # RoPE base
+    m.topk.block_size = tk.block_size  # keys per block; a block's mean key is what a query scores
+    m.topk.top_k = tk.top_k  # earlier blocks a query attends to besides its own (0: block-local attention)
     return m
 
 
@@ -183,6 +193,7 @@ def kernels_section(kernels: KernelConfig | None = None) -> ml_collections.Confi
     c.selective_attention = k.selective_attention  # SAL attention over selected tokens
     c.selective_state_update = k.selective_state_update  # one-token Mamba / Mamba-2 state update (decoding)
     c.decode_attention = k.decode_attention  # attention against a KV cache or ring (decoding, chunked prefill)
+    c.topk_attention = k.topk_attention  # TOPK layers: top-k block-sparse attention over a sequence
     return c
 
 
@@ -191,7 +202,7 @@ def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collec
 
     Args:
       name: a preset of :data:`hybrid_jax.model.PRESETS` (transformer, transformer_swa, mamba, mamba2, samba,
-        taipan, jamba).
+        taipan, jamba, mamba2_topk, samba_topk).
       size: one of :data:`hybrid_jax.model.SIZES` (tiny, small, 130m, 370m, 790m, 1.3b).
       **model_overrides: top-level ModelConfig fields to replace in the preset.
 

@@ -9,7 +9,10 @@ Training FLOPs per token = 3 x forward FLOPs (backward = 2 x forward), where the
   may see: ``(t + 1) / 2`` for causal full attention, the same with keys capped at the window for SWA; a SAL
   computes it only for its selected fraction C of queries, against selected keys only (another factor C) when
   ``kv_source="selected"``. Masked-out work that a kernel may still perform is not counted (PaLM counts causal
-  attention as full; we count what the causal mask needs, as MaxText does).
+  attention as full; we count what the causal mask needs, as MaxText does). A top-k attention layer (TOPK) sees
+  ``s`` = its own block causally plus ``min(top_k, c) * block_size`` keys for a query in block c, averaged over the
+  queries; its block selection adds ``2 * kv_heads * head_dim * c`` per query (scores against the ``c`` earlier
+  block means) to the forward pass only (the selection gets no gradient).
 * Mamba-1 scan: ``9 * e * n`` per token (dt*A, exp, dt*B*x, the state update and C.h).
 * Mamba-2 SSD (the chunked algorithm of arXiv:2405.21060 section 6, chunk length l): ``2 (l+1)/2 (g n + h p)`` for the
   causal intra-chunk products (C B^T and its product with x) plus ``4 h p n`` for the chunk states and their output.
@@ -26,6 +29,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hybrid_jax.model import BlockType, LanguageModel, ModelConfig
 
@@ -81,6 +85,14 @@ def _mean_keys(t: int, window: int | None) -> float:
     return (w * (w + 1) / 2 + (t - w) * w) / t
 
 
+def _topk_keys(t: int, block_size: int, top_k: int) -> tuple[float, float]:
+    """(mean keys attended, mean candidate blocks scored) over queries i < t of a top-k attention layer."""
+    i = np.arange(t)
+    c = i // block_size
+    keys = (i % block_size + 1) + np.minimum(top_k, c) * block_size
+    return float(keys.mean()), float(c.mean())
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward) of ``config`` at sequence length ``seq_len``.
 
@@ -100,6 +112,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
             hd = s.head_dim or c.d_model // s.num_heads
             keys = _mean_keys(seq_len, s.window) * (s.capacity if s.kv_source == "selected" else 1.0)
             attn += 4.0 * s.num_heads * hd * keys * s.capacity
+        elif kind is BlockType.TOPK:
+            tk = c.topk
+            hd = tk.head_dim or c.d_model // tk.num_heads
+            keys, candidates = _topk_keys(seq_len, tk.block_size, tk.top_k)
+            attn += 4.0 * tk.num_heads * hd * keys
+            # Forward-only selection work, divided by the 3 applied below to every entry.
+            attn += 2.0 * (tk.num_kv_heads or tk.num_heads) * hd * candidates / 3.0
         elif kind is BlockType.MAMBA:
             ssm += 9.0 * c.d_inner * c.mamba.d_state
             conv += 2.0 * c.mamba.d_conv * c.d_inner
