@@ -34,6 +34,10 @@ MODELS = (
     "taipan_c0.3",
     "taipan_c0.3_kbias",
     "attention",
+    # Issue 22: top-k block-sparse attention in place of the SWA (blocks of 16, top_k 4: 64 selected keys, the
+    # budget of the 64-token windows above).
+    "mamba2topk",
+    "sambatopk",
 )
 
 SIZES = {

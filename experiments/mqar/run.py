@@ -31,7 +31,19 @@ from hybrid_jax.experiments import (
 from hybrid_jax.experiments.recall import mqar_roles, recall_config, selection_by_role
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = ("attention", "mamba", "mamba2", "samba", "taipan_c0.15", "taipan_c0.3", "taipan_c0.5", "taipan_c0.3_kbias")
+MODELS = (
+    "attention",
+    "mamba",
+    "mamba2",
+    "samba",
+    "taipan_c0.15",
+    "taipan_c0.3",
+    "taipan_c0.5",
+    "taipan_c0.3_kbias",
+    # Issue 22: top-k block-sparse attention in place of Taipan's SAL / Samba's SWA (blocks of 16, top_k 4).
+    "mamba2topk",
+    "sambatopk",
+)
 
 SIZES = {
     # A CPU smoke run of the whole path: two models learn a short, small-vocabulary MQAR.

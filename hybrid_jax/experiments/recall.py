@@ -1,6 +1,7 @@
 """Small recall models and the analysis of Taipan's selection, shared by the recall experiments (papers.md 8.1-8.4).
 
-Model names (:func:`recall_model`): a base, then options, e.g. ``"taipan_c0.3_kbias"`` or ``"samba_w32"``.
+Model names (:func:`recall_model`): a base, then options, e.g. ``"taipan_c0.3_kbias"``, ``"samba_w32"`` or
+``"mamba2topk_b16_k4"``.
 
 ==============  ================================================================================================
 base            layers (``n`` mixers, 2 by default; MLP-free unless the paper's block has one)
@@ -13,10 +14,19 @@ mamba2          n x Mamba-2 (N = 64, head dim 16)
 mamba2swa       n/2 x (Mamba-2, sliding-window attention) (HAX's "Mamba-2 + SW")
 samba           n/2 x (Mamba, MLP, SWA, MLP) (Samba's block, RoPE in the SWA)
 taipan          n/2 x (Mamba-2, SAL, MLP) (Taipan's block; ``_c<C>`` the budget, ``_kbias`` the key-side gradient)
+mamba2topk      n/2 x (Mamba-2, top-k attention) (issue 22: HAX's "Mamba-2 + SW" with top-k attention for the SWA)
+sambatopk       n/2 x (Mamba, MLP, top-k attention, MLP) (Samba's block with top-k attention in place of SWA)
 ==============  ================================================================================================
 
 ``_w<W>`` sets the attention window of SWA layers (default: the experiment's); SAL windows always cover the sequence.
-Attention heads: one for ``attention`` (Zoology), ``d_model // 32`` for SWA and SAL layers.
+Attention heads: one for ``attention`` (Zoology), ``d_model // 32`` for SWA, SAL and top-k layers.
+
+Top-k attention (``_b<B>`` keys per block, ``_k<K>`` blocks selected besides a query's own; RoPE as in the SWA):
+blocks of 16 and top_k 4 by default, our choice: a query then sees 4 x 16 = 64 selected keys plus its own block, the
+key budget of the 64-token windows the SWA rows use in joint recall (twice MQAR's 32), so a top-k row differs from
+its SWA row in *which* keys it attends to rather than in how many; 16-token blocks (16 at L = 256, 32 at L = 512)
+are small enough that a block holds few key-value pairs of an MQAR context, and 4 winners of up to 31 candidates
+keep the selection meaningful.
 """
 
 from __future__ import annotations
@@ -30,13 +40,18 @@ import numpy as np
 
 from hybrid_jax.training import preset_config
 
-_NAME = re.compile(r"^(attention|mamba2swa|mamba2|mamba|samba|taipan)((?:_(?:c[0-9.]+|w\d+|kbias|lti|rope))*)$")
+_NAME = re.compile(
+    r"^(attention|mamba2topk|mamba2swa|mamba2|mamba|sambatopk|samba|taipan)"
+    r"((?:_(?:c[0-9.]+|w\d+|b\d+|k\d+|kbias|lti|rope))*)$"
+)
+TOPK_BLOCK_SIZE, TOPK_TOP_K = 16, 4  # defaults of the top-k bases (module docstring)
 
 ROLES = ("key", "value", "query", "filler")
 
 
 def parse_model(name: str) -> dict[str, Any]:
-    """``{"base", "capacity", "window", "key_gradient", "lti"}`` of a model name (see the module docstring).
+    """``{"base", "capacity", "window", "key_gradient", "lti", "rope", "block_size", "top_k"}`` of a model name (see
+    the module docstring).
 
     Raises:
       ValueError: a name that does not parse, or an option its base does not take.
@@ -44,8 +59,8 @@ def parse_model(name: str) -> dict[str, Any]:
     m = _NAME.match(name)
     if not m:
         raise ValueError(
-            f"model {name!r} is not <base>[_c<C>][_w<W>][_kbias][_lti] with base attention, mamba, mamba2, "
-            "mamba2swa, samba or taipan"
+            f"model {name!r} is not <base>[_c<C>][_w<W>][_b<B>][_k<K>][_kbias][_lti] with base attention, mamba, "
+            "mamba2, mamba2swa, mamba2topk, samba, sambatopk or taipan"
         )
     base, opts = m.group(1), [o for o in m.group(2).split("_") if o]
     spec: dict[str, Any] = {
@@ -55,6 +70,8 @@ def parse_model(name: str) -> dict[str, Any]:
         "key_gradient": "none",
         "lti": False,
         "rope": False,
+        "block_size": None,
+        "top_k": None,
     }
     for o in opts:
         if o.startswith("c"):
@@ -63,6 +80,10 @@ def parse_model(name: str) -> dict[str, Any]:
             spec["window"] = int(o[1:])
         elif o == "kbias":
             spec["key_gradient"] = "bias"
+        elif o.startswith("b"):
+            spec["block_size"] = int(o[1:])
+        elif o.startswith("k"):
+            spec["top_k"] = int(o[1:])
         elif o == "lti":
             spec["lti"] = True
         elif o == "rope":
@@ -75,6 +96,10 @@ def parse_model(name: str) -> dict[str, Any]:
         raise ValueError(f"model {name!r}: _rope is an option of attention")
     if spec["window"] is not None and base not in ("samba", "mamba2swa"):
         raise ValueError(f"model {name!r}: _w is an option of samba and mamba2swa")
+    if (spec["block_size"] is not None or spec["top_k"] is not None) and base not in ("mamba2topk", "sambatopk"):
+        raise ValueError(f"model {name!r}: _b and _k are options of mamba2topk and sambatopk")
+    if spec["block_size"] is not None and spec["block_size"] < 1:
+        raise ValueError(f"model {name!r}: the block size _b{spec['block_size']} must be >= 1")
     if spec["capacity"] is not None and not 0 < spec["capacity"] <= 1:
         raise ValueError(f"model {name!r}: the budget C={spec['capacity']} must be in (0, 1]")
     return spec
@@ -98,7 +123,7 @@ def recall_model(
     """
     spec = parse_model(name)
     base = spec["base"]
-    if base in ("samba", "mamba2swa", "taipan") and n_mixers % 2:
+    if base in ("samba", "mamba2swa", "taipan", "mamba2topk", "sambatopk") and n_mixers % 2:
         raise ValueError(f"model {name!r}: n_mixers={n_mixers} must be even (two mixers per block)")
     m = config.model
     m.name = name
@@ -116,6 +141,10 @@ def recall_model(
     m.attention.window = spec["window"] or window
     m.sal.num_heads = heads
     m.sal.window = max(seq_len, 1)
+    m.topk.num_heads = heads
+    m.topk.rope = True
+    m.topk.block_size = spec["block_size"] or TOPK_BLOCK_SIZE
+    m.topk.top_k = TOPK_TOP_K if spec["top_k"] is None else spec["top_k"]
     if base == "attention":
         m.period, m.n_periods = ("attention",), n_mixers
         if spec["rope"]:
@@ -128,6 +157,10 @@ def recall_model(
         m.period, m.n_periods = ("mamba2", "swa"), n_mixers // 2
     elif base == "samba":
         m.period, m.n_periods = ("mamba", "mlp", "swa", "mlp"), n_mixers // 2
+    elif base == "mamba2topk":
+        m.period, m.n_periods = ("mamba2", "topk"), n_mixers // 2
+    elif base == "sambatopk":
+        m.period, m.n_periods = ("mamba", "mlp", "topk", "mlp"), n_mixers // 2
     else:  # taipan
         m.period, m.n_periods = ("mamba2", "sal", "mlp"), n_mixers // 2
         m.sal.capacity = spec["capacity"] if spec["capacity"] is not None else 0.15
