@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main
-from hybrid_jax.experiments.lm import length_evals, length_table, lm_config, parameter_line, unfinished
+from hybrid_jax.experiments import Experiment, Job, main, unfinished
+from hybrid_jax.experiments.lm import length_evals, length_table, lm_config, parameter_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_fulllast", "samba_fullmiddle", "samba_fullfirst")
@@ -25,7 +25,7 @@ SIZES = {
         size="tiny",
         train_len=64,
         lengths=(64, 128, 256, 512),
-        steps=30,
+        steps=20,
         batch=8,
         lrs=(3e-3,),
         source="stdlib?max_documents=1",
@@ -36,7 +36,7 @@ SIZES = {
         size="full",
         train_len=512,
         lengths=(512, 1024, 2048, 4096, 8192, 16384),
-        steps=500,
+        steps=400,
         batch=32,
         lrs=(1e-3, 2e-3),
         source="stdlib",

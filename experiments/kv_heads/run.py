@@ -15,18 +15,18 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main
-from hybrid_jax.experiments.lm import LM_SIZES, length_evals, length_table, lm_config, parameter_line, unfinished
+from hybrid_jax.experiments import Experiment, Job, main, unfinished
+from hybrid_jax.experiments.lm import LM_SIZES, length_evals, length_table, lm_config, parameter_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_kv4", "samba_kv2", "samba_kv1")
 
 SIZES = {
     "tiny": dict(
-        size=dataclasses.replace(LM_SIZES["tiny"], heads=4),
+        size=LM_SIZES["tiny"],  # 2 query heads: KV 2 (all) or 1
         train_len=64,
         lengths=(64, 128, 256),
-        steps=30,
+        steps=20,
         batch=8,
         lrs=(3e-3,),
         source="stdlib?max_documents=1",
@@ -37,7 +37,7 @@ SIZES = {
         size=dataclasses.replace(LM_SIZES["full"], heads=12),
         train_len=512,
         lengths=(512, 1024, 2048, 4096),
-        steps=500,
+        steps=400,
         batch=32,
         lrs=(1e-3, 2e-3),
         source="stdlib",

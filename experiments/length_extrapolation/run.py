@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main
+from hybrid_jax.experiments import Experiment, Job, main, unfinished
 from hybrid_jax.experiments.lm import (
     MODELS,
     beyond_line,
@@ -24,7 +24,6 @@ from hybrid_jax.experiments.lm import (
     length_table,
     lm_config,
     parameter_line,
-    unfinished,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +37,7 @@ SIZES = {
         size="tiny",
         train_len=64,
         lengths=(64, 128, 256, 512, 1024),
-        steps=30,
+        steps=20,
         batch=8,
         lrs=(3e-3,),
         source="stdlib?max_documents=1",  # the first held-out file (9 KB), at every length
@@ -49,7 +48,7 @@ SIZES = {
         size="full",
         train_len=512,
         lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768),
-        steps=500,
+        steps=400,
         batch=32,
         lrs=(1e-3, 2e-3),
         source="stdlib",  # the whole held-out split at every length

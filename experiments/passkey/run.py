@@ -21,8 +21,18 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, best_over, chosen_at, line_panels, main, markdown_table
-from hybrid_jax.experiments.lm import LM_SIZES, length_evals, lm_config, parameter_line, unfinished
+from hybrid_jax.experiments import (
+    EvalSpec,
+    Experiment,
+    Job,
+    best_over,
+    chosen_at,
+    line_panels,
+    main,
+    markdown_table,
+    unfinished,
+)
+from hybrid_jax.experiments.lm import LM_SIZES, length_evals, lm_config, parameter_line
 from hybrid_jax.experiments.runner import job_workdir
 from hybrid_jax.training.recipes import get_recipe
 
@@ -43,7 +53,7 @@ SIZES = {
     ),
     "full": dict(
         size=LM_SIZES["full"],
-        pretrain=dict(steps=500, batch=32, lrs=(2e-3,)),
+        pretrain=dict(steps=400, batch=32, lrs=(2e-3,)),
         finetune=dict(steps=300, batch=32, lrs=(1e-4, 3e-4, 1e-3)),
         test_windows=(2, 4, 8, 16, 32),
         examples=64,

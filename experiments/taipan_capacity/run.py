@@ -21,7 +21,17 @@ import os
 
 import numpy as np
 
-from hybrid_jax.experiments import EvalSpec, Experiment, Job, best_over, line_panels, main, markdown_table
+from hybrid_jax.experiments import (
+    EvalSpec,
+    Experiment,
+    Job,
+    best_over,
+    chosen_at,
+    line_panels,
+    main,
+    markdown_table,
+    unfinished,
+)
 from hybrid_jax.experiments.lm import (
     eval_selection,
     length_evals,
@@ -29,7 +39,6 @@ from hybrid_jax.experiments.lm import (
     metric_records,
     selection_curve,
     step_seconds,
-    unfinished,
 )
 from hybrid_jax.experiments.recall import recall_config
 
@@ -48,7 +57,7 @@ SIZES = {
     ),
     "full": dict(
         capacities=CAPACITIES,
-        lm=dict(size="full", train_len=512, lengths=(512, 2048), steps=500, batch=32, lrs=(1e-3, 2e-3), eval_batch=4),
+        lm=dict(size="full", train_len=512, lengths=(512, 2048), steps=400, batch=32, lrs=(1e-3, 2e-3), eval_batch=4),
         lm_source="stdlib",
         mqar=dict(
             vocab=8192,
@@ -193,8 +202,6 @@ def report(results, args) -> str:
     lm_rows = [r for r in rows if r.get("task") == "lm"]
     if lm_rows:
         train_len = lm_rows[0]["train_len"]
-        from hybrid_jax.experiments import chosen_at
-
         chosen = chosen_at(lm_rows, ("C",), "bits_per_byte", lambda r: r["length"] == train_len, higher_is_better=False)
         lm_best = best_over(chosen, ("C", "length"), "bits_per_byte", higher_is_better=False)
         lengths = sorted({s["length"] for s in lm_best})

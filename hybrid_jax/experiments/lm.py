@@ -374,14 +374,6 @@ def beyond_training_length(trainer, source: str, lengths: Sequence[int], train_l
 # ------------------------------------------------------------------------------------------------------ reports
 
 
-def unfinished(results: Mapping[str, Any]) -> list[str]:
-    """Report lines naming the jobs that did not finish (error or out of memory), if any."""
-    failed = {k: j for k, j in results["jobs"].items() if j.get("status") != "done"}
-    if not failed:
-        return []
-    return ["", "Not finished: " + "; ".join(f"{k} ({j['status']}: {j.get('error', '')})" for k, j in failed.items())]
-
-
 def parameter_line(results: Mapping[str, Any]) -> str:
     """``Parameters: model: n, ...`` of the finished jobs."""
     params = {j["tags"]["model"]: j["num_params"] for j in results["jobs"].values() if j.get("status") == "done"}
@@ -470,5 +462,4 @@ __all__ = [
     "parse_lm_model",
     "selection_curve",
     "step_seconds",
-    "unfinished",
 ]
