@@ -43,14 +43,14 @@ MODELS = (
 SIZES = {
     "tiny": dict(
         task=dict(min_contexts=2, max_contexts=3, min_keys=2, max_keys=3, num_values=4, vocab_size=32),
-        widths={"mamba2": (32,), "taipan_c0.3": (32,), "taipan_c0.3_kbias": (32,)},
+        widths={},
         default_width=(32,),
         steps=40,
         batch=16,
         lrs=(3e-3, 1e-2),
         num_train=4000,
         num_eval=128,
-        models=("mamba2", "taipan_c0.3", "taipan_c0.3_kbias"),
+        models=("taipan_c0.3", "taipan_c0.3_kbias"),
     ),
     "full": dict(
         task=dict(min_contexts=3, max_contexts=8, min_keys=3, max_keys=8, num_values=16, vocab_size=100),

@@ -58,7 +58,7 @@ def test_mqar_tiny_learns_the_easiest_cell_and_resumes(tmp_path):
 
 @pytest.mark.parametrize(
     "name,evals",
-    [("joint_recall", 1), ("selective_copying", 1), ("induction_heads", 3)],
+    [("joint_recall", 1), ("selective_copying", 1), ("induction_heads", 2)],
 )
 def test_recall_experiment_tiny_runs(tmp_path, name, evals):
     module, results, out = _run(name, tmp_path)
