@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from hybrid_jax.experiments import Experiment, Job, main, unfinished
-from hybrid_jax.experiments.lm import length_evals, length_table, lm_config, parameter_line
+from hybrid_jax.experiments.lm import length_job, length_table, parameter_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_fulllast", "samba_fullmiddle", "samba_fullfirst")
@@ -48,29 +48,7 @@ SIZES = {
 
 def build(args) -> list[Job]:
     s = SIZES[args.size]
-    jobs = []
-    for name in [m for m in MODELS if m in args.models and m in s["models"]]:
-        config = lm_config(
-            name,
-            s["size"],
-            seq_len=s["train_len"],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            learning_rates=s["lrs"],
-            seeds=args.seeds,
-            recipe="samba",
-            eval_batch_size=s["eval_batch"],
-            progress=not args.no_progress,
-        )
-        jobs.append(
-            Job(
-                key=f"{name}/T{s['train_len']}",
-                config=config,
-                evals=length_evals(s["lengths"], s["source"]),
-                tags={"model": name, "train_len": s["train_len"]},
-            )
-        )
-    return jobs
+    return [length_job(name, s, args) for name in MODELS if name in args.models and name in s["models"]]
 
 
 def report(results, args) -> str:

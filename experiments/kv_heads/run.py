@@ -16,7 +16,7 @@ import dataclasses
 import os
 
 from hybrid_jax.experiments import Experiment, Job, main, unfinished
-from hybrid_jax.experiments.lm import LM_SIZES, length_evals, length_table, lm_config, parameter_line
+from hybrid_jax.experiments.lm import LM_SIZES, length_job, length_table, parameter_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_kv4", "samba_kv2", "samba_kv1")
@@ -49,30 +49,11 @@ SIZES = {
 
 def build(args) -> list[Job]:
     s = SIZES[args.size]
-    jobs = []
-    for name in [m for m in MODELS if m in args.models and m in s["models"]]:
-        config = lm_config(
-            name,
-            s["size"],
-            seq_len=s["train_len"],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            learning_rates=s["lrs"],
-            seeds=args.seeds,
-            recipe="samba",
-            eval_batch_size=s["eval_batch"],
-            progress=not args.no_progress,
-        )
-        kv = config.model.attention.num_kv_heads or config.model.attention.num_heads
-        jobs.append(
-            Job(
-                key=f"{name}/T{s['train_len']}",
-                config=config,
-                evals=length_evals(s["lengths"], s["source"]),
-                tags={"model": name, "train_len": s["train_len"], "kv_heads": kv},
-            )
-        )
-    return jobs
+
+    def kv_heads(config):
+        return {"kv_heads": config.model.attention.num_kv_heads or config.model.attention.num_heads}
+
+    return [length_job(name, s, args, tags=kv_heads) for name in MODELS if name in args.models and name in s["models"]]
 
 
 def report(results, args) -> str:

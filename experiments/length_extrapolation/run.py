@@ -20,9 +20,8 @@ from hybrid_jax.experiments.lm import (
     MODELS,
     beyond_line,
     beyond_training_length,
-    length_evals,
+    length_job,
     length_table,
-    lm_config,
     parameter_line,
 )
 
@@ -62,32 +61,12 @@ def build(args) -> list[Job]:
     s = SIZES[args.size]
     jobs = []
     for name in [m for m in ORDER if m in args.models and m in s["models"]]:
-        config = lm_config(
-            name,
-            s["size"],
-            seq_len=s["train_len"],
-            steps=s["steps"],
-            batch_size=s["batch"],
-            learning_rates=s["lrs"],
-            seeds=args.seeds,
-            recipe="samba",
-            eval_batch_size=s["eval_batch"],
-            progress=not args.no_progress,
-        )
         analyze = None
         if not jobs:  # one job records how much of each length lies past the training length
             analyze = lambda tr, p, s=s: {  # noqa: E731
                 "beyond_train": beyond_training_length(tr, s["source"], s["lengths"], s["train_len"])
             }
-        jobs.append(
-            Job(
-                key=f"{name}/T{s['train_len']}",
-                config=config,
-                evals=length_evals(s["lengths"], s["source"]),
-                tags={"model": name, "train_len": s["train_len"]},
-                analyze=analyze,
-            )
-        )
+        jobs.append(length_job(name, s, args, analyze=analyze))
     return jobs
 
 

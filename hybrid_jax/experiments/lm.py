@@ -40,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from hybrid_jax.experiments.runner import EvalSpec
+from hybrid_jax.experiments.runner import EvalSpec, Job
 from hybrid_jax.training import preset_config
 from hybrid_jax.training.recipes import apply_recipe
 
@@ -287,6 +287,38 @@ def length_evals(lengths: Sequence[int], source: str = "stdlib", max_batches: in
     return {f"L={n}": EvalSpec(source=source, seq_len=n, max_batches=max_batches, tags={"length": n}) for n in lengths}
 
 
+def length_job(name: str, sweep: Mapping[str, Any], args, *, recipe: str = "samba", tags=None, analyze=None) -> Job:
+    """A byte-LM job of the length sweeps: model ``name`` trained at ``sweep["train_len"]`` as ``sweep`` says
+    (size, steps, batch, lrs, eval_batch) and evaluated at every ``sweep["lengths"]`` on ``sweep["source"]``.
+
+    Args:
+      name: an LM model name (:func:`parse_lm_model`).
+      sweep: one size of an experiment's SIZES table.
+      args: the run.py arguments (``seeds``, ``no_progress``).
+      recipe: the training recipe (:mod:`hybrid_jax.training.recipes`).
+      tags: extra row columns; ``analyze``: as :class:`Job`'s (it may read the config through a closure).
+    """
+    config = lm_config(
+        name,
+        sweep["size"],
+        seq_len=sweep["train_len"],
+        steps=sweep["steps"],
+        batch_size=sweep["batch"],
+        learning_rates=sweep["lrs"],
+        seeds=args.seeds,
+        recipe=recipe,
+        eval_batch_size=sweep["eval_batch"],
+        progress=not args.no_progress,
+    )
+    return Job(
+        key=f"{name}/T{sweep['train_len']}",
+        config=config,
+        evals=length_evals(sweep["lengths"], sweep["source"]),
+        tags={"model": name, "train_len": sweep["train_len"], **(tags(config) if callable(tags) else tags or {})},
+        analyze=analyze,
+    )
+
+
 def count_params(config: ml_collections.ConfigDict, vocab_size: int = 259) -> int:
     """Parameters of a run config's model (shapes only; ``vocab_size`` padded as the trainer pads it)."""
     import flax.linen as nn
@@ -453,6 +485,7 @@ __all__ = [
     "count_params",
     "eval_selection",
     "length_evals",
+    "length_job",
     "lm_config",
     "lm_model",
     "metric_records",
