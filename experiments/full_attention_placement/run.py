@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main, unfinished
-from hybrid_jax.experiments.lm import length_job, length_table, parameter_line
+from hybrid_jax.experiments import Experiment, Job, main
+from hybrid_jax.experiments.lm import length_job, length_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_fulllast", "samba_fullmiddle", "samba_fullfirst")
@@ -53,19 +53,8 @@ def build(args) -> list[Job]:
 
 def report(results, args) -> str:
     s = SIZES[args.size]
-    png = os.path.join(args.out, f"{args.size}_bpb_vs_length.png")
-    lines = [
-        f"## Full-attention placement ({args.size}): held-out bits per byte vs evaluation length (trained at "
-        f"{s['train_len']}; learning rate chosen at the training length)",
-        "",
-        *length_table(results, train_len=s["train_len"], png=png, title="Samba with one full-attention layer"),
-        "",
-        parameter_line(results),
-        *unfinished(results),
-        "",
-        f"Plot: {os.path.relpath(png, HERE)}",
-    ]
-    return "\n".join(lines)
+    title = "Samba with one full-attention layer"
+    return length_report(results, args, s, heading="Full-attention placement", title=title, here=HERE)
 
 
 EXPERIMENT = Experiment(

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main, unfinished
-from hybrid_jax.experiments.lm import LM_SIZES, length_job, length_table, parameter_line
+from hybrid_jax.experiments import Experiment, Job, main
+from hybrid_jax.experiments.lm import LM_SIZES, length_job, length_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("samba", "samba_kv4", "samba_kv2", "samba_kv1")
@@ -58,20 +58,16 @@ def build(args) -> list[Job]:
 
 def report(results, args) -> str:
     s = SIZES[args.size]
-    png = os.path.join(args.out, f"{args.size}_bpb_vs_length.png")
     heads = s["size"].heads
-    lines = [
-        f"## KV heads ({args.size}): held-out bits per byte vs evaluation length, {heads} query heads (trained at "
-        f"{s['train_len']}; learning rate chosen at the training length)",
-        "",
-        *length_table(results, train_len=s["train_len"], png=png, title=f"Samba, {heads} query heads: KV heads"),
-        "",
-        parameter_line(results),
-        *unfinished(results),
-        "",
-        f"Plot: {os.path.relpath(png, HERE)}",
-    ]
-    return "\n".join(lines)
+    return length_report(
+        results,
+        args,
+        s,
+        heading="KV heads",
+        title=f"Samba, {heads} query heads: KV heads",
+        here=HERE,
+        detail=f", {heads} query heads",
+    )
 
 
 EXPERIMENT = Experiment(

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 
-from hybrid_jax.experiments import Experiment, Job, main, unfinished
+from hybrid_jax.experiments import Experiment, Job, main
 from hybrid_jax.experiments.lm import (
     MODELS,
     beyond_line,
     beyond_training_length,
     length_job,
-    length_table,
-    parameter_line,
+    length_report,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,20 +71,15 @@ def build(args) -> list[Job]:
 
 def report(results, args) -> str:
     s = SIZES[args.size]
-    png = os.path.join(args.out, f"{args.size}_bpb_vs_length.png")
-    lines = [
-        f"## Length extrapolation ({args.size}): held-out bits per byte vs evaluation length (trained at "
-        f"{s['train_len']}; learning rate chosen at the training length)",
-        "",
-        *length_table(results, train_len=s["train_len"], png=png, title="Byte-level LM: length extrapolation"),
-        "",
-        parameter_line(results),
-        *beyond_line(results),
-        *unfinished(results),
-        "",
-        f"Plot: {os.path.relpath(png, HERE)}",
-    ]
-    return "\n".join(lines)
+    return length_report(
+        results,
+        args,
+        s,
+        heading="Length extrapolation",
+        title="Byte-level LM: length extrapolation",
+        here=HERE,
+        extra=beyond_line(results),
+    )
 
 
 EXPERIMENT = Experiment(

@@ -40,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hybrid_jax.experiments.report import unfinished
 from hybrid_jax.experiments.runner import EvalSpec, Job
 from hybrid_jax.training import preset_config
 from hybrid_jax.training.recipes import apply_recipe
@@ -319,6 +320,35 @@ def length_job(name: str, sweep: Mapping[str, Any], args, *, recipe: str = "samb
     )
 
 
+def length_report(
+    results: Mapping[str, Any],
+    args,
+    sweep: Mapping[str, Any],
+    *,
+    heading: str,
+    title: str,
+    here: str,
+    detail: str = "",
+    extra: Sequence[str] = (),
+) -> str:
+    """The report of a length sweep: the bits-per-byte table and plot (:func:`length_table`), parameter counts,
+    ``extra`` lines, unfinished jobs and the plot's path relative to the experiment's folder ``here``."""
+    png = os.path.join(args.out, f"{args.size}_bpb_vs_length.png")
+    lines = [
+        f"## {heading} ({args.size}): held-out bits per byte vs evaluation length{detail} (trained at "
+        f"{sweep['train_len']}; learning rate chosen at the training length)",
+        "",
+        *length_table(results, train_len=sweep["train_len"], png=png, title=title),
+        "",
+        parameter_line(results),
+        *extra,
+        *unfinished(results),
+        "",
+        f"Plot: {os.path.relpath(png, here)}",
+    ]
+    return "\n".join(lines)
+
+
 def count_params(config: ml_collections.ConfigDict, vocab_size: int = 259) -> int:
     """Parameters of a run config's model (shapes only; ``vocab_size`` padded as the trainer pads it)."""
     import flax.linen as nn
@@ -486,6 +516,7 @@ __all__ = [
     "eval_selection",
     "length_evals",
     "length_job",
+    "length_report",
     "lm_config",
     "lm_model",
     "metric_records",
