@@ -186,6 +186,10 @@ def _as_list(metrics) -> list[dict[str, float]]:
     return metrics if isinstance(metrics, list) else [metrics]
 
 
+class Preempted(Exception):
+    """A job's trainer saved a checkpoint and stopped (SIGTERM or a preemption notice): the sweep stops too."""
+
+
 def run_job(job: Job, workdir: str) -> dict[str, Any]:
     """Trains one job (resuming from its checkpoints) and evaluates it; returns its job record and rows."""
     t0 = time.perf_counter()
@@ -193,7 +197,7 @@ def run_job(job: Job, workdir: str) -> dict[str, Any]:
     result = trainer.run()
     train_s = time.perf_counter() - t0
     if result["status"] != "completed":
-        raise RuntimeError(f"job {job.key} stopped early ({result['status']}); rerun the sweep to resume it")
+        raise Preempted(f"job {job.key} stopped early ({result['status']}) at step {result.get('step')}")
     members = _member_list(trainer)
     params = trainer.final_state.params
     evals: dict[str, tuple[EvalSpec, list[dict[str, float]]]] = {}
@@ -272,6 +276,9 @@ def run_sweep(
 
     Raises:
       ValueError: duplicate job keys or an unwritable results path (one line).
+
+    A job whose trainer is preempted (SIGTERM) is recorded as ``"preempted"`` and ends the sweep; its checkpoints stay
+    in ``workdir`` so a rerun resumes it.
     """
     keys = [j.key for j in jobs]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
@@ -294,6 +301,13 @@ def run_sweep(
             job_dir = job_workdir(workdir, job.key)
             try:
                 out = run_job(job, job_dir)
+            except Preempted as e:
+                # The process was asked to stop: record the job as unfinished (a rerun resumes it from its checkpoint)
+                # and run no further job, so that a SIGTERM ends the sweep instead of only the job it arrived in.
+                data["jobs"][job.key] = {"status": "preempted", "tags": dict(job.tags), "error": str(e), "machine": here}
+                _write_json(results_path, data)
+                bar.write(f"{name}: {e}; stopping the sweep, rerun the same command to resume")
+                break
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 status = "oom" if _is_oom(e) else "error"
                 out = {"record": {"status": status, "tags": dict(job.tags), "error": _first_line(e)}, "rows": []}
@@ -314,6 +328,7 @@ def run_sweep(
 __all__ = [
     "EvalSpec",
     "Job",
+    "Preempted",
     "check_writable",
     "job_workdir",
     "load_results",

@@ -137,3 +137,30 @@ def test_runner_records_failures_and_retries_errors_only(tmp_path):
     assert len(calls) == 2
     with pytest.raises(ValueError, match=r"duplicate job keys \['ok'\]"):
         run_sweep("t", [jobs[0], jobs[0]], path, workdir=str(tmp_path / "w"), progress=False)
+
+
+def test_a_preempted_job_stops_the_sweep_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM reaches the trainer of the running job, which saves and returns "preempted": the sweep must stop there
+    (before, it recorded an error and went on to the next job, so a timed-out sweep never ended)."""
+    from hybrid_jax.experiments import runner
+
+    real_run = runner.Trainer.run
+    started = []
+
+    def preempted_run(self):
+        started.append(self.workdir)
+        return {"status": "preempted", "step": 0, "eval": None, "sample": None}
+
+    path = str(tmp_path / "r.json")
+    jobs = [_tiny_job("first", tmp_path), _tiny_job("second", tmp_path)]
+    monkeypatch.setattr(runner.Trainer, "run", preempted_run)
+    data = run_sweep("t", jobs, path, workdir=str(tmp_path / "w"), progress=False)
+    assert len(started) == 1
+    assert {k: j["status"] for k, j in data["jobs"].items()} == {"first": "preempted"}
+    assert "stopped early (preempted) at step 0" in data["jobs"]["first"]["error"]
+    assert load_results(path)["jobs"] == data["jobs"]
+    # The rerun (no signal this time) runs both jobs to the end.
+    monkeypatch.setattr(runner.Trainer, "run", real_run)
+    data = run_sweep("t", jobs, path, workdir=str(tmp_path / "w"), progress=False)
+    assert {k: j["status"] for k, j in data["jobs"].items()} == {"first": "done", "second": "done"}
+    assert sorted({r["job"] for r in data["rows"]}) == ["first", "second"]
