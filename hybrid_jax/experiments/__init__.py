@@ -17,7 +17,16 @@ from hybrid_jax.experiments.report import (
     pivot_table,
     unfinished,
 )
-from hybrid_jax.experiments.runner import EvalSpec, Job, load_results, machine_record, run_job, run_sweep
+from hybrid_jax.experiments.runner import (
+    EvalSpec,
+    Job,
+    Preempted,
+    load_results,
+    machine_record,
+    merge_results,
+    run_job,
+    run_sweep,
+)
 
 __all__ = [
     "EvalSpec",
@@ -32,7 +41,9 @@ __all__ = [
     "machine_record",
     "main",
     "markdown_table",
+    "merge_results",
     "pivot_table",
+    "Preempted",
     "run_job",
     "run_sweep",
     "unfinished",

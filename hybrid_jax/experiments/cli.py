@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hybrid_jax.experiments.runner import Job, check_writable, load_results, run_sweep
+from hybrid_jax.experiments.runner import Job, check_writable, load_results, merge_results, run_sweep
 
 SIZES = ("tiny", "full")
 
@@ -67,6 +67,13 @@ def parse_args(exp: Experiment, argv: Sequence[str] | None = None) -> argparse.N
     p.add_argument("--seeds", type=_csv(int), default=None, help="seeds (default per size)")
     p.add_argument("--workdir", default=None, help="checkpoints of running jobs and the compilation cache")
     p.add_argument("--report-only", action="store_true", help="tables and plots from the results file only")
+    p.add_argument(
+        "--merge",
+        type=_csv(str),
+        default=None,
+        help="results files of parts of this sweep (e.g. --models subsets run side by side) to merge into "
+        "<out>/<size>.json, then report; trains nothing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     models = args.models or tuple(exp.models)
@@ -112,7 +119,13 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
       The results (``{"jobs", "rows", ...}``).
     """
     args = parse_args(exp, argv)
-    if args.report_only:
+    if args.merge:
+        try:
+            results = merge_results(args.results, args.merge)
+        except ValueError as e:
+            print(f"experiments/{exp.name}/run.py: error: --merge: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif args.report_only:
         if not os.path.exists(args.results):
             print(f"experiments/{exp.name}/run.py: error: --report-only: no results at {args.results}", file=sys.stderr)
             raise SystemExit(2)

@@ -117,6 +117,41 @@ def load_results(path: str) -> dict[str, Any]:
     return data
 
 
+_FINAL = ("done", "oom")
+
+
+def merge_results(path: str, sources: Sequence[str]) -> dict[str, Any]:
+    """Merges results files (e.g. parts of one sweep run as separate processes on one device) into ``path``.
+
+    A job is taken from a source when ``path`` does not hold it as final (done or out of memory) or the source does;
+    its rows come with it. The file at ``path`` is rewritten and returned.
+
+    Raises:
+      ValueError: a source is missing or of another experiment (one line).
+    """
+    data = load_results(path)
+    for source in sources:
+        if not os.path.exists(source):
+            raise ValueError(f"merge_results: no results file {source}")
+        other = load_results(source)
+        if data.get("experiment") not in (None, other.get("experiment")):
+            raise ValueError(
+                f"merge_results: {source} holds experiment {other.get('experiment')!r}, not {data['experiment']!r}"
+            )
+        data["experiment"] = other.get("experiment")
+        for key, record in other["jobs"].items():
+            mine = data["jobs"].get(key, {}).get("status")
+            if mine in _FINAL and record.get("status") not in _FINAL:
+                continue
+            data["jobs"][key] = record
+            data["rows"] = [r for r in data["rows"] if r["job"] != key] + [r for r in other["rows"] if r["job"] == key]
+        machines = data.setdefault("machines", [])
+        machines.extend(m for m in other.get("machines", []) if m not in machines)
+    check_writable(path)
+    _write_json(path, data)
+    return data
+
+
 def _write_json(path: str, data: Mapping[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -291,7 +326,7 @@ def run_sweep(
     here = machine_record()
     if here not in machines:
         machines.append(here)
-    todo = [j for j in jobs if data["jobs"].get(j.key, {}).get("status") not in ("done", "oom")]
+    todo = [j for j in jobs if data["jobs"].get(j.key, {}).get("status") not in _FINAL]
     bar = tqdm.tqdm(
         total=len(jobs), initial=len(jobs) - len(todo), desc=name, unit="job", disable=not progress, file=sys.stderr
     )
@@ -333,6 +368,7 @@ __all__ = [
     "job_workdir",
     "load_results",
     "machine_record",
+    "merge_results",
     "run_job",
     "run_sweep",
 ]
