@@ -164,3 +164,43 @@ def test_a_preempted_job_stops_the_sweep_and_resumes(tmp_path, monkeypatch):
     data = run_sweep("t", jobs, path, workdir=str(tmp_path / "w"), progress=False)
     assert {k: j["status"] for k, j in data["jobs"].items()} == {"first": "done", "second": "done"}
     assert sorted({r["job"] for r in data["rows"]}) == ["first", "second"]
+
+
+def test_merge_results_takes_final_jobs_with_their_rows(tmp_path):
+    from hybrid_jax.experiments import merge_results
+    from hybrid_jax.experiments.runner import RESULTS_VERSION
+
+    def results(name, jobs, machine):
+        data = {"version": RESULTS_VERSION, "experiment": "mqar", "machines": [machine], "jobs": {}, "rows": []}
+        for key, status in jobs.items():
+            data["jobs"][key] = {"status": status}
+            if status == "done":
+                data["rows"].append({"job": key, "accuracy": f"{name}-{key}"})
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    a = results("a", {"x": "done", "y": "preempted"}, {"host": "1"})
+    b = results("b", {"y": "done", "z": "error"}, {"host": "2"})
+    c = results("c", {"x": "preempted"}, {"host": "1"})  # an unfinished copy never replaces a finished job
+    target = str(tmp_path / "full.json")
+    data = merge_results(target, [a, b, c])
+    assert {k: j["status"] for k, j in data["jobs"].items()} == {"x": "done", "y": "done", "z": "error"}
+    assert sorted(r["accuracy"] for r in data["rows"]) == ["a-x", "b-y"]
+    assert data["machines"] == [{"host": "1"}, {"host": "2"}]
+    assert load_results(target) == data
+    with pytest.raises(ValueError, match="no results file"):
+        merge_results(target, [str(tmp_path / "missing.json")])
+    other = json.loads(open(a).read())
+    other["experiment"] = "joint_recall"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="holds experiment 'joint_recall', not 'mqar'"):
+        merge_results(target, [str(tmp_path / "other.json")])
+
+
+def test_cli_merge_reports_and_rejects_a_missing_part(tmp_path, capsys):
+    module = _experiment("mqar")
+    with pytest.raises(SystemExit):
+        module.main(module.EXPERIMENT, ["--size=tiny", f"--out={tmp_path}", f"--merge={tmp_path}/none.json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"experiments/mqar/run.py: error: --merge: merge_results: no results file {tmp_path}/none.json"]
