@@ -50,12 +50,15 @@ class EvalSpec:
         split (``data.source``).
       seq_len: row length (None: the source's own length for synthetic tasks, ``data.seq_len`` for text).
       max_batches: evaluation batches (None: the config's ``eval.max_batches``; 0: the whole split).
+      batch_size: rows per evaluation batch (None: the config's ``eval.batch_size``); long rows need fewer, since a
+        population evaluates every member at once.
       tags: extra columns of the rows of this evaluation (e.g. ``{"K": 16}``).
     """
 
     source: str | None = None
     seq_len: int | None = None
     max_batches: int | None = None
+    batch_size: int | None = None
     tags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -243,7 +246,7 @@ def run_job(job: Job, workdir: str) -> dict[str, Any]:
             batches = (
                 trainer.eval_batches
                 if spec.source is None
-                else trainer.eval_batches_for(spec.source, spec.seq_len, spec.max_batches)
+                else trainer.eval_batches_for(spec.source, spec.seq_len, spec.max_batches, spec.batch_size)
             )
             try:
                 evals[name] = (spec, _as_list(trainer.evaluate(params, batches)))

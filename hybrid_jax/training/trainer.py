@@ -508,19 +508,24 @@ class Trainer:
         os.replace(tmp, path)
 
     # ----- evaluation and sampling ------------------------------------------------------------------------------
-    def eval_batches_for(self, source, seq_len: int | None = None, max_batches: int | None = None):
+    def eval_batches_for(
+        self, source, seq_len: int | None = None, max_batches: int | None = None, batch_size: int | None = None
+    ):
         """Evaluation batches of another source (same vocabulary), e.g. longer text or another recall setting.
 
         Args:
           source: a source string or spec (see :func:`hybrid_jax.data.parse_source`).
           seq_len: row length (None: the source's own for synthetic tasks, else ``data.seq_len``).
           max_batches: batches to read (None: ``eval.max_batches``; 0: the whole split).
+          batch_size: rows per batch (None: ``eval.batch_size``), e.g. fewer rows at long lengths.
         """
         c = self.config
         source = parse_source(source) if isinstance(source, str) else source
         if seq_len is None and isinstance(source, (TextFiles, TfdsText)):
             seq_len = c.data.seq_len
-        eb = c.eval.batch_size
+        eb = c.eval.batch_size if batch_size is None else batch_size
+        if eb < 1:
+            raise ValueError(f"eval_batches_for: batch_size must be >= 1, got {eb}")
         block, blocks = sharding_lib.process_batch_block(self.batch_sharding, eb)
         n = c.eval.max_batches if max_batches is None else max_batches
         batches = make_eval_iterator(
@@ -536,6 +541,7 @@ class Trainer:
         # What :meth:`evaluate` reports follows these batches, not the run's data (a text model on passkey prompts
         # gets exact match; a synthetic-task model on text would get bits per byte).
         batches.is_text = isinstance(source, (TextFiles, TfdsText))
+        batches.batch_size = eb
         return batches
 
     def evaluate(self, params, batches=None) -> dict[str, float] | list[dict[str, float]]:
@@ -550,7 +556,7 @@ class Trainer:
         """
         batches = self.eval_batches if batches is None else batches
         totals: dict[str, Any] = {}
-        eb = self.config.eval.batch_size
+        eb = getattr(batches, "batch_size", self.config.eval.batch_size)
         for local in batches:
             sums = jax.device_get(self.eval_step(params, self.global_batch(local, eb)))
             for key, value in sums.items():

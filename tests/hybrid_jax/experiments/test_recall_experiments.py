@@ -204,3 +204,38 @@ def test_cli_merge_reports_and_rejects_a_missing_part(tmp_path, capsys):
         module.main(module.EXPERIMENT, ["--size=tiny", f"--out={tmp_path}", f"--merge={tmp_path}/none.json"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"experiments/mqar/run.py: error: --merge: merge_results: no results file {tmp_path}/none.json"]
+
+
+def test_an_evaluation_batch_size_changes_the_batches_not_the_metrics(tmp_path):
+    """EvalSpec.batch_size (fewer rows at long lengths): the same 16 test rows in batches of 8 or 2 give the same
+    loss and accuracy; a batch size below 1 is refused."""
+    from hybrid_jax.experiments.recall import recall_config
+    from hybrid_jax.training import Trainer
+
+    config = recall_config(
+        "mamba2",
+        16,
+        16,
+        source="mqar?seq_len=16&num_kv_pairs=2&vocab_size=32&num_train=64&num_eval=16&prepare=false",
+        steps=2,
+        batch_size=8,
+        learning_rates=(1e-3,),
+        seeds=(0,),
+        eval_batch_size=8,
+        progress=False,
+    )
+    trainer = Trainer(config, str(tmp_path / "w"))
+    trainer.run()
+    params = trainer.final_state.params
+    source = "mqar?seq_len=16&num_kv_pairs=2&vocab_size=32&num_eval=16&prepare=false"
+    with trainer.context():
+        by8 = trainer.evaluate(params, trainer.eval_batches_for(source, max_batches=0))
+        small = trainer.eval_batches_for(source, max_batches=0, batch_size=2)
+        assert [b["inputs"].shape[0] for b in small] == [2] * 8
+        by2 = trainer.evaluate(params, trainer.eval_batches_for(source, max_batches=0, batch_size=2))
+    (by8,), (by2,) = by8, by2  # a population of one member
+    assert by8["eval_tokens"] == by2["eval_tokens"] == 32
+    assert by2["loss"] == pytest.approx(by8["loss"], rel=1e-5)
+    assert by2["accuracy"] == by8["accuracy"]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        trainer.eval_batches_for(source, batch_size=0)
