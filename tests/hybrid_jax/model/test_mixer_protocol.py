@@ -92,4 +92,3 @@ def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
     parts = cls.flops(cfg, 16)
     assert set(parts) <= {"attention", "ssm", "conv"} and all(v > 0 for v in parts.values())
     assert bool(parts) == (kind is not BlockType.MLP)
-
