@@ -106,7 +106,8 @@ class AttentionMixer(Mixer):
         q, k, v = self.qkv(x)
         a = self.config.attention
         if a.rope:
-            q, k = apply_rope(q, positions, a.rope_base), apply_rope(k, positions, a.rope_base)
+            q = apply_rope(q, positions, a.rope_base, a.rope_fraction)
+            k = apply_rope(k, positions, a.rope_base, a.rope_fraction)
         return q, k, v
 
     def __call__(self, x, *, h=None, segment_ids=None, positions=None):

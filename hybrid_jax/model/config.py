@@ -83,6 +83,8 @@ class AttentionConfig:
     head_dim: int | None = None  # None: d_model // num_heads
     rope: bool = True  # rotary position embedding on q and k
     rope_base: float = 10000.0
+    # Partial rotary: only the first rope_fraction of each head's channels rotate (Bamba, GPT-NeoX: 0.5).
+    rope_fraction: float = 1.0
     window: int = 2048  # SWA layers only: a query sees the last `window` tokens (itself included)
     # Width of a causal depthwise conv (+ SiLU) on the layer input before the q/k/v projection, the short conv of
     # Zoology's attention baselines; 0: none. Training and evaluation only (decoding refuses it).
@@ -208,6 +210,13 @@ class ModelConfig:
                 and not isinstance(self.attention.conv, bool)
                 and self.attention.conv >= 0,
                 f"ModelConfig: attention.conv={self.attention.conv!r} must be an integer >= 0",
+            )
+            a = self.attention
+            rotary = (a.head_dim or self.d_model // a.num_heads) * a.rope_fraction
+            _check(
+                0.0 < a.rope_fraction <= 1.0 and rotary == int(rotary) and int(rotary) % 2 == 0,
+                f"ModelConfig: attention.rope_fraction={a.rope_fraction!r} must be in (0, 1] and rotate an even "
+                "number of channels of a head",
             )
             if BlockType.SWA in kinds:
                 _check(

@@ -128,7 +128,9 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
         CheckpointError, match=r"'backbone.layers.0.mixer.A_log' has shape \(64, 7\), expected \(64, 8\)"
     ):
         load_hf_checkpoint(write("wrong", wrong))
-    with pytest.raises(CheckpointError, match=r"model_type='llama' is not supported"):
+    with pytest.raises(
+        CheckpointError, match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba\)"
+    ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
         load_hf_checkpoint(os.path.join(tmp_path, "nope"))
@@ -167,3 +169,67 @@ def test_cli_writes_orbax_checkpoint_atomically(tmp_path):
     assert bad.returncode != 0 and "is not a directory" in bad.stderr.strip().splitlines()[-1]
     assert os.path.isfile(os.path.join(out, "model.json"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def _perturb(hf):
+    """Random (not init-default) norms and SSM parameters, so the test sees them all."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(("dt_bias", "A_log", ".D")):
+                p.add_(0.3 * torch.randn_like(p))
+
+
+def _decode_and_generate(hf, model, params, vocab, prompt_len=11, new=9):
+    """Prefill + token-by-token decode equals our forward pass; greedy generation equals transformers' generate."""
+    from hybrid_jax.inference import generate
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, vocab, (2, prompt_len + new))
+    full = np.asarray(model.apply({"params": params}, jnp.asarray(tokens.numpy())))
+    last, cache = model.apply(
+        {"params": params}, jnp.asarray(tokens[:, :prompt_len].numpy()), prompt_len + new, method="prefill"
+    )
+    np.testing.assert_allclose(np.asarray(last), full[:, prompt_len - 1], rtol=1e-4, atol=1e-4)
+    for i in range(prompt_len, prompt_len + new):
+        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, i].numpy()), cache, method="step")
+        np.testing.assert_allclose(np.asarray(logits), full[:, i], rtol=1e-4, atol=1e-4)
+    prompt = tokens[:, :prompt_len]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=0)
+    ours = np.asarray(generate(model, params, jnp.asarray(prompt.numpy()), new))
+    np.testing.assert_array_equal(ours, theirs[:, prompt_len:].numpy())
+
+
+@pytest.mark.parametrize("ngroups, attn", [(1, [1, 3]), (2, [2])])
+def test_bamba_parity_decode_and_generate(tmp_path, ngroups, attn):
+    """IBM Bamba: Mamba-2 and attention layers (GQA, partial rotary), SwiGLU MLPs; a repeating layer pattern becomes
+    a scanned period, a non-repeating one a single period; sharded safetensors."""
+    torch.manual_seed(0)
+    cfg = transformers.BambaConfig(
+        vocab_size=112,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_indices=attn,
+        mamba_n_heads=8,
+        mamba_d_state=16,
+        mamba_n_groups=ngroups,
+        mamba_chunk_size=16,
+    )
+    hf = transformers.BambaForCausalLM(cfg).eval()
+    _perturb(hf)
+    path = os.path.join(tmp_path, "bamba")
+    hf.save_pretrained(path, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    model, params = _compare(hf, path, 112, t=40)
+    c = model.config
+    assert c.attention.rope_fraction == 0.5 and c.attention.num_kv_heads == 2 and not c.tie_embeddings
+    if attn == [1, 3]:
+        assert [b.value for b in c.period] == ["mamba2", "mlp", "attention", "mlp"] and c.n_periods == 2
+    else:
+        assert c.n_periods == 1 and [b.value for b in c.period[::2]] == ["mamba2", "mamba2", "attention", "mamba2"]
+    _decode_and_generate(hf, model, params, 112)
