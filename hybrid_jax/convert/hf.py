@@ -10,7 +10,7 @@ Supported directories (``config.json`` plus weights):
     safetensors, the embedding named ``backbone.embedding.weight`` and the vocabulary padded to a multiple of
     ``pad_vocab_size_multiple`` (8). The model keeps the padded vocabulary; logits of padding ids are meaningless.
 
-Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``, e.g. ``bamba``) are read by
+Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``: ``bamba``, ``nemotron_h``) are read by
 :mod:`hybrid_jax.convert.hybrids`. Any other ``model_type`` gets one line naming the supported ones.
 
 Weights keep their dtype until the end and are cast to ``dtype``; A_log and D stay fp32. Every mismatch raises
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.convert.hybrids import HYBRID_TYPES, embedding_name, hybrid_config, hybrid_params
+from hybrid_jax.convert.hybrids import HYBRID_TYPES, embedding_names, hybrid_config, hybrid_params
 from hybrid_jax.convert.tensors import (
     CheckpointError,
     Tensors,
@@ -203,7 +203,7 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[LanguageModel, dic
         )
     tensors = read_tensors(path)
     hybrid = kind in HYBRID_TYPES
-    names = [embedding_name(cfg)] if hybrid else ["backbone.embeddings.weight", "backbone.embedding.weight"]
+    names = embedding_names(cfg) if hybrid else ["backbone.embeddings.weight", "backbone.embedding.weight"]
     emb = next((tensors[n] for n in names if n in tensors), None)
     if emb is None:
         alternatives = f" (or {names[1]!r})" if len(names) > 1 else ""

@@ -131,6 +131,15 @@ def swiglu(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def relu2_mlp(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
+    """A squared-ReLU MLP (``up_proj``, ``down_proj`` without bias; Nemotron-H) as our parameters."""
+    d, f = config.d_model, config.mlp_dim
+    return {
+        "up_proj": {"kernel": T.get(prefix + "up_proj.weight", (f, d)).T},
+        "down_proj": {"kernel": T.get(prefix + "down_proj.weight", (d, f)).T},
+    }
+
+
 __all__ = [
     "CheckpointError",
     "Tensors",
@@ -139,5 +148,6 @@ __all__ = [
     "mamba2_mixer",
     "read_config",
     "read_tensors",
+    "relu2_mlp",
     "swiglu",
 ]

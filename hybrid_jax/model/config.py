@@ -27,10 +27,11 @@ class BlockType(enum.Enum):
     SAL = "sal"  # Taipan Selective Attention Layer, arXiv:2410.18572
     TOPK = "topk"  # top-k block-sparse attention (own key block + the top_k best earlier blocks), issue 22
     MLP = "mlp"  # SwiGLU MLP
+    RELU2_MLP = "relu2_mlp"  # squared-ReLU MLP (Nemotron-H)
 
     @property
     def is_mixer(self) -> bool:
-        return self is not BlockType.MLP
+        return self not in (BlockType.MLP, BlockType.RELU2_MLP)
 
 
 def _check(cond: bool, message: str) -> None:

@@ -129,7 +129,7 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     ):
         load_hf_checkpoint(write("wrong", wrong))
     with pytest.raises(
-        CheckpointError, match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba\)"
+        CheckpointError, match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, nemotron_h\)"
     ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
@@ -181,8 +181,10 @@ def _perturb(hf):
                 p.add_(0.3 * torch.randn_like(p))
 
 
-def _decode_and_generate(hf, model, params, vocab, prompt_len=11, new=9):
-    """Prefill + token-by-token decode equals our forward pass; greedy generation equals transformers' generate."""
+def _decode_and_generate(hf, model, params, vocab, prompt_len=11, new=9, reference="generate"):
+    """Prefill + token-by-token decode equals our forward pass; greedy generation equals transformers' ``generate``
+    (``reference="generate"``) or the greedy continuation of transformers' forward pass, one full forward per token
+    (``"forward"``)."""
     from hybrid_jax.inference import generate
 
     torch.manual_seed(1)
@@ -197,7 +199,14 @@ def _decode_and_generate(hf, model, params, vocab, prompt_len=11, new=9):
         np.testing.assert_allclose(np.asarray(logits), full[:, i], rtol=1e-4, atol=1e-4)
     prompt = tokens[:, :prompt_len]
     with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=new, do_sample=False, min_new_tokens=new, pad_token_id=0)
+        if reference == "generate":
+            # An explicit mask: otherwise generate takes prompt tokens equal to pad_token_id for padding.
+            mask = torch.ones_like(prompt)
+            theirs = hf.generate(prompt, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        else:
+            theirs = prompt
+            for _ in range(new):
+                theirs = torch.cat([theirs, hf(theirs).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     ours = np.asarray(generate(model, params, jnp.asarray(prompt.numpy()), new))
     np.testing.assert_array_equal(ours, theirs[:, prompt_len:].numpy())
 
@@ -233,3 +242,42 @@ def test_bamba_parity_decode_and_generate(tmp_path, ngroups, attn):
     else:
         assert c.n_periods == 1 and [b.value for b in c.period[::2]] == ["mamba2", "mamba2", "attention", "mamba2"]
     _decode_and_generate(hf, model, params, 112)
+
+
+@pytest.mark.parametrize("pattern", ["M-*-", "M*-M-"])
+def test_nemotron_h_parity_decode_and_generate(tmp_path, pattern):
+    """NVIDIA Nemotron-H: one mixer per layer (Mamba-2 with groups, attention without positional embedding,
+    squared-ReLU MLP); the pattern given the old way (hybrid_override_pattern) in the saved config.json."""
+    torch.manual_seed(0)
+    names = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    cfg = transformers.NemotronHConfig(
+        vocab_size=96,
+        hidden_size=64,
+        layers_block_type=[names[c] for c in pattern],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=80,
+        ssm_state_size=16,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=2,
+        chunk_size=16,
+    )
+    hf = transformers.NemotronHForCausalLM(cfg).eval()
+    _perturb(hf)
+    path = _save(hf, tmp_path, "nemotron_h")
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    saved.pop("layers_block_type", None)
+    saved["hybrid_override_pattern"] = pattern
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(saved, f)
+    model, params = _compare(hf, path, 96, t=40)
+    kinds = [b.value for b in model.config.period] * model.config.n_periods
+    assert kinds == [{"M": "mamba2", "*": "attention", "-": "relu2_mlp"}[c] for c in pattern]
+    assert not model.config.attention.rope
+    # transformers' cached generate for Nemotron-H departs from its own forward pass on this model (at step 7 of
+    # pattern M-*- its greedy token differs where the forward pass's top-2 logits are 0.014 apart); ours follows the
+    # forward pass at every step.
+    _decode_and_generate(hf, model, params, 96, reference="forward")
