@@ -239,9 +239,9 @@ def test_bamba_parity_decode_and_generate(tmp_path, ngroups, attn):
     assert c.attention.rope_fraction == 0.5 and c.attention.num_kv_heads == 2 and not c.tie_embeddings
     if attn == [1, 3]:
         assert [b.value for b in c.period] == ["mamba2", "mlp", "attention", "mlp"] and c.n_periods == 2
+        _decode_and_generate(hf, model, params, 112)  # once per family (CI time): decoding is not per-pattern code
     else:
         assert c.n_periods == 1 and [b.value for b in c.period[::2]] == ["mamba2", "mamba2", "attention", "mamba2"]
-    _decode_and_generate(hf, model, params, 112)
 
 
 @pytest.mark.parametrize("pattern", ["M-*-", "M*-M-"])
@@ -279,5 +279,6 @@ def test_nemotron_h_parity_decode_and_generate(tmp_path, pattern):
     assert not model.config.attention.rope
     # transformers' cached generate for Nemotron-H departs from its own forward pass on this model (at step 7 of
     # pattern M-*- its greedy token differs where the forward pass's top-2 logits are 0.014 apart); ours follows the
-    # forward pass at every step.
-    _decode_and_generate(hf, model, params, 96, reference="forward")
+    # forward pass at every step. Once per family (CI time).
+    if pattern == "M-*-":
+        _decode_and_generate(hf, model, params, 96, reference="forward")
