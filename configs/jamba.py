@@ -3,7 +3,8 @@
     python -m hybrid_jax.train --config=configs/jamba.py:size=tiny --workdir=/tmp/jamba
 
 Knobs: ``size`` (tiny | small | 130m | 370m | 790m | 1.3b).
-Every field of every section is documented in hybrid_jax/training/config.py (preset_config).
+The model and kernels fields are documented on their dataclasses in hybrid_jax/model/config.py, the
+other sections in hybrid_jax/training/config.py (preset_config).
 """
 
 from hybrid_jax.training import parse_arg, preset_config

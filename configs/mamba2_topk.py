@@ -5,8 +5,8 @@ highest against it.
     python -m hybrid_jax.train --config=configs/mamba2_topk.py:size=tiny --workdir=/tmp/mamba2_topk
 
 Knobs: ``size`` (tiny | small | 130m | 370m | 790m | 1.3b), ``block_size`` (0: the size's default) and ``top_k``
-(-1: the size's default; 64 and 16 from 130m on). Every field of every section is documented in
-hybrid_jax/training/config.py (preset_config).
+(-1: the size's default; 64 and 16 from 130m on). Model and kernels fields are documented on their dataclasses in
+hybrid_jax/model/config.py, the other sections in hybrid_jax/training/config.py (preset_config).
 """
 
 from hybrid_jax.training import parse_arg, preset_config

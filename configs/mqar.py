@@ -6,7 +6,8 @@ Knobs: ``model`` (a preset: transformer, transformer_swa, mamba, mamba2, samba, 
 (L), ``kv`` (K key-value pairs), ``vocab`` (V), ``num_train`` (examples per epoch), ``steps``, ``lr``. The loss and
 the reported accuracy count only the answer positions (Zoology's protocol); ``exact_match`` is the fraction of test
 sequences with every answer right. Attention windows (SWA, SAL) are widened to L so that every model can reach every
-key. Every other field is documented in hybrid_jax/training/config.py (preset_config).
+key. Model and kernels fields are documented in hybrid_jax/model/config.py, the other sections in
+hybrid_jax/training/config.py (preset_config).
 """
 
 from hybrid_jax.training import parse_arg, preset_config

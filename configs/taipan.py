@@ -4,7 +4,8 @@
 
 Knobs: ``size`` (tiny | small | 130m | 370m | 790m | 1.3b), ``capacity`` (C, the fraction of tokens the SALs
 attend with), ``window`` (SAL attention window; 0: the size's default), ``constraint_weight`` (lambda of the budget
-loss). Every field of every section is documented in hybrid_jax/training/config.py (preset_config).
+loss). The model and kernels fields are documented on their dataclasses in hybrid_jax/model/config.py, the
+other sections in hybrid_jax/training/config.py (preset_config).
 """
 
 from hybrid_jax.training import parse_arg, preset_config

@@ -26,6 +26,7 @@ from hybrid_jax.experiments import (
     main,
     markdown_table,
     pivot_table,
+    pyplot,
     unfinished,
 )
 from hybrid_jax.experiments.recall import mqar_roles, recall_config, selection_by_role
@@ -244,10 +245,7 @@ def selection_report(results, args) -> list[str]:
 
 def plot_roles(jobs, path: str) -> None:
     """Bars: selection probability by role for each Taipan job (the best-loss member is not known here: member 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = sorted(jobs)
     roles = ("key", "value", "query", "filler")

@@ -1,4 +1,4 @@
-"""Import Mamba / Mamba-2 checkpoints: Hugging Face transformers layout and the original state-spaces layout.
+"""Import Mamba / Mamba-2 checkpoints (transformers and state-spaces layouts); hybrids through :mod:`hybrids`.
 
 Supported directories (``config.json`` plus weights):
   * transformers ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` written by ``save_pretrained``: ``model.safetensors``
@@ -10,13 +10,15 @@ Supported directories (``config.json`` plus weights):
     safetensors, the embedding named ``backbone.embedding.weight`` and the vocabulary padded to a multiple of
     ``pad_vocab_size_multiple`` (8). The model keeps the padded vocabulary; logits of padding ids are meaningless.
 
+Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``: ``bamba``, ``nemotron_h``) are read by
+:mod:`hybrid_jax.convert.hybrids`. Any other ``model_type`` gets one line naming the supported ones.
+
 Weights keep their dtype until the end and are cast to ``dtype``; A_log and D stay fp32. Every mismatch raises
 :class:`CheckpointError` naming the tensor, its expected and its found shape.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -26,53 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.convert.hybrids import HYBRID_TYPES, embedding_names, hybrid_config, hybrid_params
+from hybrid_jax.convert.tensors import (
+    CheckpointError,
+    Tensors,
+    json_float,
+    mamba2_mixer,
+    read_config,
+    read_tensors,
+)
 from hybrid_jax.model import BlockType, LanguageModel, Mamba2Config, MambaConfig, ModelConfig
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be imported; the message names the file or tensor."""
-
-
-# ----- reading ---------------------------------------------------------------------------------------------------
-
-
-def read_config(path: str) -> dict[str, Any]:
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        raise CheckpointError(f"load_hf_checkpoint: no config.json in path={path!r}")
-    with open(f) as fh:
-        return json.load(fh)
-
-
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory as numpy arrays (bf16 kept as ml_dtypes bfloat16)."""
-    from safetensors.numpy import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-        out: dict[str, np.ndarray] = {}
-        for f in files:
-            out.update(load_file(os.path.join(path, f)))
-        return out
-    if os.path.isfile(single):
-        return load_file(single)
-    binf = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(binf):
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError(
-                f"load_hf_checkpoint: {binf!r} is a torch pickle; install torch (the [hf] extra) to read it"
-            ) from None
-        state = torch.load(binf, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
-    raise CheckpointError(f"load_hf_checkpoint: no model.safetensors, index or pytorch_model.bin in path={path!r}")
-
-
 # ----- configs ---------------------------------------------------------------------------------------------------
+
+
+# Every transformers model_type that load_hf_checkpoint imports.
+SUPPORTED_TYPES = ("mamba", "mamba2", *HYBRID_TYPES)
 
 
 def model_config_from_hf(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig:
@@ -80,7 +51,9 @@ def model_config_from_hf(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig
     if "model_type" in cfg:
         kind = cfg["model_type"]
         if kind not in ("mamba", "mamba2"):
-            raise CheckpointError(f"load_hf_checkpoint: model_type={kind!r} is not supported (mamba, mamba2)")
+            raise CheckpointError(
+                f"load_hf_checkpoint: model_type={kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+            )
         if cfg.get("use_bias", False):
             raise CheckpointError("load_hf_checkpoint: use_bias=True (biased in/out projections) is not supported")
         d = int(cfg["hidden_size"])
@@ -107,7 +80,7 @@ def model_config_from_hf(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig
             raise CheckpointError(
                 f"load_hf_checkpoint: num_heads*head_dim={heads * headdim} != expand*hidden_size={expand * d}"
             )
-        limit = [_json_float(x) for x in cfg.get("time_step_limit", (0.0, float("inf")))]
+        limit = [json_float(x) for x in cfg.get("time_step_limit", (0.0, float("inf")))]
         mamba2 = Mamba2Config(
             d_state=int(cfg["state_size"]),
             d_conv=int(cfg.get("conv_kernel", 4)),
@@ -162,40 +135,12 @@ def model_config_from_hf(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig
     raise CheckpointError(f"load_hf_checkpoint: ssm_cfg.layer={layer!r} is not supported (Mamba1, Mamba2)")
 
 
-def _json_float(x) -> float:
-    """transformers writes inf as {"__float__": "Infinity"} in config.json."""
-    if isinstance(x, Mapping) and "__float__" in x:
-        return float(x["__float__"])
-    return float(x)
-
-
 # ----- tensors -> params -----------------------------------------------------------------------------------------
-
-
-class _Tensors:
-    """Named access to a state dict with shape checks and one-line errors."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self.t = dict(tensors)
-        self.used: set[str] = set()
-
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.t:
-            raise CheckpointError(f"load_hf_checkpoint: missing tensor {name!r} (expected shape {shape})")
-        x = self.t[name]
-        if tuple(x.shape) != tuple(shape):
-            raise CheckpointError(f"load_hf_checkpoint: tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
-        self.used.add(name)
-        return np.asarray(x, dtype=np.float32)
-
-
-def _stack(xs):
-    return np.stack(xs, axis=0)
 
 
 def params_from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Our (scanned) parameter tree from a checkpoint state dict; every tensor is shape-checked."""
-    T = _Tensors(tensors)
+    T = Tensors(tensors)
     kind = config.period[0]
     d, v, L = config.d_model, config.vocab_size, config.n_periods
     emb_name = "backbone.embeddings.weight" if "backbone.embeddings.weight" in T.t else "backbone.embedding.weight"
@@ -220,23 +165,10 @@ def params_from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) 
             if m.conv_bias:
                 mixer["conv1d"]["bias"] = T.get(mx + "conv1d.bias", (e,))
         else:
-            m = config.mamba2
-            e, h, g, n, w = config.d_inner2, config.mamba2_heads, m.ngroups, m.d_state, m.d_conv
-            conv_dim = e + 2 * g * n
-            mixer = {
-                "in_proj": {"kernel": T.get(mx + "in_proj.weight", (2 * e + 2 * g * n + h, d)).T},
-                "conv1d": {"kernel": T.get(mx + "conv1d.weight", (conv_dim, 1, w))[:, 0, :].T},
-                "dt_bias": T.get(mx + "dt_bias", (h,)),
-                "A_log": T.get(mx + "A_log", (h,)),
-                "D": T.get(mx + "D", (h,)),
-                "norm": {"scale": T.get(mx + "norm.weight", (e,))},
-                "out_proj": {"kernel": T.get(mx + "out_proj.weight", (d, e)).T},
-            }
-            if m.conv_bias:
-                mixer["conv1d"]["bias"] = T.get(mx + "conv1d.bias", (conv_dim,))
+            mixer = mamba2_mixer(T, mx, config)
         layers.append({"norm": {"scale": T.get(pre + "norm.weight", (d,))}, "mixer": mixer})
     block_name = f"{kind.value}_0"
-    params["periods"] = {block_name: jax.tree.map(lambda *xs: _stack(xs), *layers)}
+    params["periods"] = {block_name: jax.tree.map(lambda *xs: np.stack(xs), *layers)}
     params["norm_f"] = {"scale": T.get("backbone.norm_f.weight", (d,))}
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": T.get("lm_head.weight", (v, d)).T}
@@ -249,7 +181,7 @@ def params_from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) 
 
 
 def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[LanguageModel, dict[str, Any]]:
-    """Loads a Mamba / Mamba-2 checkpoint directory.
+    """Loads a Mamba / Mamba-2 or hybrid (``hybrids.HYBRID_TYPES``) checkpoint directory.
 
     Args:
       path: a directory with config.json and safetensors (or state-spaces pytorch_model.bin).
@@ -264,16 +196,23 @@ def load_hf_checkpoint(path: str, dtype=jnp.float32) -> tuple[LanguageModel, dic
     if not os.path.isdir(path):
         raise CheckpointError(f"load_hf_checkpoint: path={path!r} is not a directory")
     cfg = read_config(path)
-    tensors = read_tensors(path)
-    emb = tensors.get("backbone.embeddings.weight", tensors.get("backbone.embedding.weight"))
-    if emb is None:
+    kind = cfg.get("model_type")
+    if kind is not None and kind not in SUPPORTED_TYPES:
         raise CheckpointError(
-            "load_hf_checkpoint: missing tensor 'backbone.embeddings.weight' (or 'backbone.embedding.weight')"
+            f"load_hf_checkpoint: model_type={kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})"
         )
-    config = model_config_from_hf(cfg, vocab_rows=int(emb.shape[0]))
+    tensors = read_tensors(path)
+    hybrid = kind in HYBRID_TYPES
+    names = embedding_names(cfg) if hybrid else ["backbone.embeddings.weight", "backbone.embedding.weight"]
+    emb = next((tensors[n] for n in names if n in tensors), None)
+    if emb is None:
+        alternatives = f" (or {names[1]!r})" if len(names) > 1 else ""
+        raise CheckpointError(f"load_hf_checkpoint: missing tensor {names[0]!r}{alternatives}")
+    make_config = hybrid_config if hybrid else model_config_from_hf
+    config = make_config(cfg, vocab_rows=int(emb.shape[0]))
     dt_name = jnp.dtype(dtype).name
     config = config.replace(dtype=dt_name, param_dtype=dt_name)
-    params = params_from_tensors(config, tensors)
+    params = hybrid_params(config, cfg, tensors) if hybrid else params_from_tensors(config, tensors)
 
     def cast(path_, x):
         name = jax.tree_util.keystr(path_)

@@ -15,6 +15,7 @@ from hybrid_jax.experiments.report import (
     line_panels,
     markdown_table,
     pivot_table,
+    pyplot,
     unfinished,
 )
 from hybrid_jax.experiments.runner import (
@@ -44,6 +45,7 @@ __all__ = [
     "merge_results",
     "pivot_table",
     "Preempted",
+    "pyplot",
     "run_job",
     "run_sweep",
     "unfinished",

@@ -140,6 +140,24 @@ def pivot_table(
     return markdown_table(headers, body, digits)
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only).
+
+    Raises:
+      ImportError: matplotlib is missing (it is the ``experiments`` extra), with the install command.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "the experiment plots need matplotlib: pip install 'hybrid_jax[experiments]' (or matplotlib)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def line_panels(
     series: Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]],
     path: str,
@@ -164,10 +182,7 @@ def line_panels(
     Returns:
       ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = list(series)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, sharey=True)
@@ -209,10 +224,7 @@ def bar_chart(
     ylim: tuple[float, float] | None = None,
 ) -> str:
     """Saves a bar chart: label -> (value, error); ``reference`` values (e.g. a paper's) as black markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(values)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.8))
@@ -237,4 +249,14 @@ def bar_chart(
     return path
 
 
-__all__ = ["bar_chart", "best_over", "chosen_at", "unfinished", "fmt", "line_panels", "markdown_table", "pivot_table"]
+__all__ = [
+    "bar_chart",
+    "best_over",
+    "chosen_at",
+    "fmt",
+    "line_panels",
+    "markdown_table",
+    "pivot_table",
+    "pyplot",
+    "unfinished",
+]

@@ -342,7 +342,12 @@ def run_sweep(
             except Preempted as e:
                 # The process was asked to stop: record the job as unfinished (a rerun resumes it from its checkpoint)
                 # and run no further job, so that a SIGTERM ends the sweep instead of only the job it arrived in.
-                data["jobs"][job.key] = {"status": "preempted", "tags": dict(job.tags), "error": str(e), "machine": here}
+                data["jobs"][job.key] = {
+                    "status": "preempted",
+                    "tags": dict(job.tags),
+                    "error": str(e),
+                    "machine": here,
+                }
                 _write_json(results_path, data)
                 bar.write(f"{name}: {e}; stopping the sweep, rerun the same command to resume")
                 break

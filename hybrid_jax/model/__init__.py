@@ -1,5 +1,6 @@
 """Model math: Flax Linen modules only (no ConfigDict, no I/O)."""
 
+from hybrid_jax.model.blocks import MIXERS
 from hybrid_jax.model.cache import DecodeCache, KVCache, SelectiveKVCache, SSMCache, TopKKVCache, WindowKVCache
 from hybrid_jax.model.config import (
     PRESETS,
@@ -14,6 +15,7 @@ from hybrid_jax.model.config import (
     TopKConfig,
     preset,
 )
+from hybrid_jax.model.mixer import Mixer
 from hybrid_jax.model.model import LanguageModel, init_cache, summarize_aux
 
 __all__ = [
@@ -25,8 +27,10 @@ __all__ = [
     "KVCache",
     "KernelConfig",
     "LanguageModel",
+    "MIXERS",
     "Mamba2Config",
     "MambaConfig",
+    "Mixer",
     "ModelConfig",
     "SALConfig",
     "SSMCache",

@@ -16,6 +16,7 @@ from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_wri
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, KV_HEADS, Dense, apply_rope
+from hybrid_jax.model.mixer import Mixer, mean_causal_keys
 from hybrid_jax.model.ssm import DepthwiseConv
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
@@ -64,12 +65,10 @@ class QKVProjection(nn.Module):
         return q, k, v
 
 
-class AttentionMixer(nn.Module):
-    """Causal attention mixer ``(b, t, d) -> (b, t, d)``; ``sliding`` selects the SWA window of config.attention."""
+class AttentionMixer(Mixer):
+    """Causal full attention mixer ``(b, t, d) -> (b, t, d)`` (config.attention); the :class:`Mixer` protocol."""
 
-    config: ModelConfig
-    sliding: bool
-    out_scale: float = 1.0
+    sliding: bool = False  # the sliding window of config.attention (:class:`SlidingWindowAttentionMixer`)
 
     def setup(self):
         c, a = self.config, self.config.attention
@@ -107,11 +106,13 @@ class AttentionMixer(nn.Module):
         q, k, v = self.qkv(x)
         a = self.config.attention
         if a.rope:
-            q, k = apply_rope(q, positions, a.rope_base), apply_rope(k, positions, a.rope_base)
+            q = apply_rope(q, positions, a.rope_base, a.rope_fraction)
+            k = apply_rope(k, positions, a.rope_base, a.rope_fraction)
         return q, k, v
 
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x ``(b, t, d)`` -> (y, None); decoding goes through :meth:`prefill` and :meth:`step`."""
+    def __call__(self, x, *, h=None, segment_ids=None, positions=None):
+        """x ``(b, t, d)`` -> (update fp32, None); decoding goes through :meth:`prefill` and :meth:`step`."""
+        del h
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -127,12 +128,13 @@ class AttentionMixer(nn.Module):
             static=dict(window=self.window),
         )
         y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
-        return y, None
+        return y.astype(jnp.float32), None
 
-    def prefill(self, x, cache, positions, valid, history: bool):
+    def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
         """A prompt chunk x ``(b, t, d)`` at ``positions`` ``(b, t)`` continuing one layer's ``cache``; ``valid``
         marks each row's real tokens (a prefix). ``history`` (static): whether the cache may hold earlier tokens;
-        without it the chunk attends to itself through the sequence kernel. Returns (y, cache)."""
+        without it the chunk attends to itself through the sequence kernel. Returns (update fp32, cache)."""
+        del h
         self._no_conv("prefill")
         b, t = x.shape[:2]
         q, k, v = self._qkv(x, positions)
@@ -165,9 +167,9 @@ class AttentionMixer(nn.Module):
         else:
             kp = jnp.broadcast_to(jnp.arange(new.k.shape[1], dtype=jnp.int32), (b, new.k.shape[1]))
             o = attend_cache(self.config, q, new.k, new.v, positions, kp, None)
-        return self.o_proj(o.reshape(b, t, self.hq * self.hd)), new
+        return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32), new
 
-    def step(self, x, cache, position, layer):
+    def step(self, x, cache, position, layer, *, h=None):
         """One token: x ``(b, 1, d)``, position ``(b,)`` int32 (its absolute position); ``cache`` is stacked over
         periods and ``layer`` picks this layer's entry. The token's key and value are written into one slot per row
         in place, then the query attends to the layer's slots.
@@ -175,6 +177,7 @@ class AttentionMixer(nn.Module):
         A full-attention cache has ``max_len`` slots: a position at or past it has no slot, and the step returns
         NaN outputs for that row instead of silently dropping the write (``generate`` checks lengths up front).
         """
+        del h
         self._no_conv("step")
         b = x.shape[0]
         q, k, v = self._qkv(x, position[:, None])
@@ -193,10 +196,12 @@ class AttentionMixer(nn.Module):
         o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window)
         if not self.sliding:
             o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
-        return self.o_proj(o.reshape(b, 1, self.hq * self.hd)), new
+        return self.o_proj(o.reshape(b, 1, self.hq * self.hd)).astype(jnp.float32), new
 
-    @staticmethod
-    def init_cache(config: ModelConfig, batch: int, max_len: int, sliding: bool):
+    @classmethod
+    def init_cache(cls, config: ModelConfig, batch: int, max_len: int):
+        """Full attention: ``max_len`` key/value slots per row; sliding: a ring of ``min(window, max_len)``."""
+        sliding = cls.sliding
         a = config.attention
         _, hk, hd = head_dims(config, a.num_heads, a.num_kv_heads, a.head_dim)
         dt = jnp.dtype(config.dtype)
@@ -206,3 +211,21 @@ class AttentionMixer(nn.Module):
             return WindowKVCache(z, z, empty_slots(batch, slots))
         z = jnp.zeros((batch, max_len, hk, hd), dt)
         return KVCache(z, z)
+
+    @classmethod
+    def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
+        """``q k^T`` and ``p v``: ``4 * heads * head_dim`` per key a query may see (the causal mask's keys, capped
+        at the window when sliding), and the optional short conv."""
+        a = config.attention
+        hq, _, hd = head_dims(config, a.num_heads, a.num_kv_heads, a.head_dim)
+        keys = mean_causal_keys(seq_len, a.window if cls.sliding else None)
+        out = {"attention": 4.0 * hq * hd * keys}
+        if a.conv:
+            out["conv"] = 2.0 * a.conv * config.d_model
+        return out
+
+
+class SlidingWindowAttentionMixer(AttentionMixer):
+    """Causal sliding-window attention (window ``config.attention.window``): Samba's SWA, Mistral's."""
+
+    sliding: bool = True

@@ -1,7 +1,8 @@
 """Residual blocks and one period of the layer pattern.
 
-Every layer is pre-norm with an fp32 residual stream (mamba_ssm's ``residual_in_fp32``):
-``h <- h + layer(RMSNorm(h))``; a SAL returns its gated update ``m * alpha * (o - h)`` instead. A :class:`Period`
+Every layer is pre-norm with an fp32 residual stream (mamba_ssm's ``residual_in_fp32``): ``h <- h + update`` with
+the update of the layer's mixer (``MIXERS``, the protocol of :mod:`hybrid_jax.model.mixer`) on ``RMSNorm(h)``; for
+most mixers the update is their output, for a SAL the gated ``m * alpha * (o - h)``. A :class:`Period`
 runs one period of ``config.period`` and is what the language model scans over (``nn.scan``), in one of two modes:
 ``forward`` (training/eval) and ``prefill`` (a prompt chunk continuing the decode caches, which are scanned over as
 inputs and outputs). :class:`PeriodStep` is the one-token decode step: it carries the whole stacked cache through the
@@ -14,10 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.attention import AttentionMixer
+from hybrid_jax.model.attention import AttentionMixer, SlidingWindowAttentionMixer
 from hybrid_jax.model.config import BlockType, ModelConfig
 from hybrid_jax.model.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH, RMSNorm
-from hybrid_jax.model.mlp import SwiGLU
+from hybrid_jax.model.mixer import Mixer
+from hybrid_jax.model.mlp import SquaredReLUMLP, SwiGLU
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 from hybrid_jax.model.topk_attention import TopKAttentionMixer
@@ -30,8 +32,21 @@ def constrain(h: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
+# Block kind -> mixer (the protocol of hybrid_jax.model.mixer). Adding a mixer: its module and one line here.
+MIXERS: dict[BlockType, type[Mixer]] = {
+    BlockType.MAMBA: MambaMixer,
+    BlockType.MAMBA2: Mamba2Mixer,
+    BlockType.ATTENTION: AttentionMixer,
+    BlockType.SWA: SlidingWindowAttentionMixer,
+    BlockType.SAL: SelectiveAttentionLayer,
+    BlockType.TOPK: TopKAttentionMixer,
+    BlockType.MLP: SwiGLU,
+    BlockType.RELU2_MLP: SquaredReLUMLP,
+}
+
+
 class Block(nn.Module):
-    """One residual layer of kind ``kind``."""
+    """One residual layer of kind ``kind``: ``h + update`` with ``update`` from ``MIXERS[kind]`` on ``RMSNorm(h)``."""
 
     config: ModelConfig
     kind: BlockType
@@ -40,79 +55,36 @@ class Block(nn.Module):
     def setup(self):
         c = self.config
         self.norm = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        scale = residual_scale(c)
-        k = self.kind
-        if k is BlockType.MAMBA:
-            self.mixer = MambaMixer(c, scale)
-        elif k is BlockType.MAMBA2:
-            self.mixer = Mamba2Mixer(c, scale)
-        elif k in (BlockType.ATTENTION, BlockType.SWA):
-            self.mixer = AttentionMixer(c, sliding=k is BlockType.SWA, out_scale=scale)
-        elif k is BlockType.SAL:
-            self.mixer = SelectiveAttentionLayer(c, scale, deterministic=self.deterministic)
-        elif k is BlockType.TOPK:
-            self.mixer = TopKAttentionMixer(c, out_scale=scale)
-        else:
-            self.mixer = SwiGLU(c, scale)
+        self.mixer = MIXERS[self.kind](c, residual_scale(c), self.deterministic)
 
     def __call__(self, h, *, segment_ids=None, positions=None):
-        """h ``(b, t, d)`` fp32 -> (h, None, aux dict or None); caches come from :meth:`prefill`."""
-        hn = self.norm(h)
-        if self.kind is BlockType.MLP:
-            return h + self.mixer(hn).astype(jnp.float32), None, None
-        if self.kind is BlockType.SAL:
-            update, _, aux = self.mixer(hn, h, segment_ids=segment_ids, positions=positions)
-            return h + update, None, aux
-        y, _ = self.mixer(hn, segment_ids=segment_ids, positions=positions)
-        return h + y.astype(jnp.float32), None, None
+        """h ``(b, t, d)`` fp32 -> (h, aux or None); caches come from :meth:`prefill`."""
+        update, aux = self.mixer(self.norm(h), h=h, segment_ids=segment_ids, positions=positions)
+        return h + update, aux
 
     def prefill(self, h, cache, positions, valid, history: bool):
         """A prompt chunk h ``(b, t, d)`` fp32 at ``positions`` continuing this layer's cache -> (h, cache)."""
-        hn = self.norm(h)
-        if self.kind is BlockType.MLP:
-            return h + self.mixer(hn).astype(jnp.float32), None
-        if self.kind is BlockType.SAL:
-            update, cache = self.mixer.prefill(hn, h, cache, positions, valid, history)
-            return h + update, cache
-        if self.kind in (BlockType.ATTENTION, BlockType.SWA, BlockType.TOPK):
-            y, cache = self.mixer.prefill(hn, cache, positions, valid, history)
-        else:
-            y, cache = self.mixer.prefill(hn, cache, positions, valid)
-        return h + y.astype(jnp.float32), cache
+        update, cache = self.mixer.prefill(self.norm(h), cache, positions, valid, history, h=h)
+        return h + update, cache
 
     def step(self, h, cache, position, layer):
         """h ``(b, 1, d)`` fp32, position ``(b,)``; ``cache`` stacked over periods, ``layer`` this period -> (h,
         cache)."""
-        hn = self.norm(h)
-        if self.kind is BlockType.MLP:
-            return h + self.mixer(hn).astype(jnp.float32), cache
-        if self.kind is BlockType.SAL:
-            update, cache = self.mixer.step(hn, h, cache, position, layer)
-            return h + update, cache
-        y, cache = self.mixer.step(hn, cache, position, layer)
-        return h + y.astype(jnp.float32), cache
+        update, cache = self.mixer.step(self.norm(h), cache, position, layer, h=h)
+        return h + update, cache
 
 
 def block_cache(config: ModelConfig, kind: BlockType, batch: int, max_len: int):
-    """An empty decode cache for one layer of ``kind`` (None for MLPs)."""
-    if kind is BlockType.MAMBA:
-        return MambaMixer.init_cache(config, batch, max_len)
-    if kind is BlockType.MAMBA2:
-        return Mamba2Mixer.init_cache(config, batch, max_len)
-    if kind in (BlockType.ATTENTION, BlockType.SWA):
-        return AttentionMixer.init_cache(config, batch, max_len, sliding=kind is BlockType.SWA)
-    if kind is BlockType.SAL:
-        return SelectiveAttentionLayer.init_cache(config, batch, max_len)
-    if kind is BlockType.TOPK:
-        return TopKAttentionMixer.init_cache(config, batch, max_len)
-    return None
+    """An empty decode cache for one layer of ``kind`` (None for mixers without one, e.g. MLPs)."""
+    return MIXERS[kind].init_cache(config, batch, max_len)
 
 
 class Period(nn.Module):
     """One period of the pattern; the unit that ``nn.scan`` repeats.
 
     ``__call__(h, caches, segment_ids, positions, valid) -> (h, (caches, aux))``. In ``forward`` mode ``caches``
-    and ``valid`` are None and ``aux`` is the tuple of SAL aux dicts; in ``prefill`` mode ``caches`` is the tuple of
+    and ``valid`` are None and ``aux`` maps a block kind's name to the tuple of its mixers' aux outputs (in period
+    order); in ``prefill`` mode ``caches`` is the tuple of
     this period's per-layer caches (None for MLPs), ``valid`` ``(b, t)`` marks real tokens and the new caches are
     returned (``aux`` empty).
     """
@@ -124,18 +96,18 @@ class Period(nn.Module):
 
     @nn.compact
     def __call__(self, h, caches, segment_ids, positions, valid):
-        new_caches, aux = [], []
+        new_caches, aux = [], {}
         for i, kind in enumerate(self.config.period):
             block = Block(self.config, kind, self.deterministic, name=f"{kind.value}_{i}")
             if self.mode == "prefill":
                 h, cache = block.prefill(h, caches[i], positions, valid, self.history)
                 new_caches.append(cache)
             else:
-                h, _, a = block(h, segment_ids=segment_ids, positions=positions)
+                h, a = block(h, segment_ids=segment_ids, positions=positions)
                 if a is not None:
-                    aux.append(a)
+                    aux.setdefault(kind.value, []).append(a)
             h = constrain(h)
-        return h, (tuple(new_caches), tuple(aux))
+        return h, (tuple(new_caches), {kind: tuple(a) for kind, a in aux.items()})
 
 
 class PeriodStep(nn.Module):

@@ -27,10 +27,11 @@ class BlockType(enum.Enum):
     SAL = "sal"  # Taipan Selective Attention Layer, arXiv:2410.18572
     TOPK = "topk"  # top-k block-sparse attention (own key block + the top_k best earlier blocks), issue 22
     MLP = "mlp"  # SwiGLU MLP
+    RELU2_MLP = "relu2_mlp"  # squared-ReLU MLP (Nemotron-H)
 
     @property
     def is_mixer(self) -> bool:
-        return self is not BlockType.MLP
+        return self not in (BlockType.MLP, BlockType.RELU2_MLP)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -40,50 +41,52 @@ def _check(cond: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MambaConfig:
-    """Mamba-1 mixer (mamba_ssm ``Mamba`` defaults)."""
+    """Mamba-1 (S6) mixer, arXiv:2312.00752 (mamba_ssm ``Mamba`` defaults)."""
 
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | None = None  # None: ceil(d_model / 16)
-    dt_min: float = 1e-3
+    d_state: int = 16  # N, state size per channel
+    d_conv: int = 4  # causal depthwise conv width
+    expand: int = 2  # E = expand * d_model inner channels
+    dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
+    dt_min: float = 1e-3  # dt initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 1e-1
-    dt_init_floor: float = 1e-4
-    dt_scale: float = 1.0
-    conv_bias: bool = True
+    dt_init_floor: float = 1e-4  # lower clamp of the initial dt
+    dt_scale: float = 1.0  # scale of the dt projection init
+    conv_bias: bool = True  # bias in the causal conv
     # LTI ablation (Mamba section 4.1.1): delta, B and C become learned constants instead of projections of the input.
     lti: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
-    """Mamba-2 mixer (mamba_ssm ``Mamba2`` defaults)."""
+    """Mamba-2 (SSD) mixer, arXiv:2405.21060 (mamba_ssm ``Mamba2`` defaults)."""
 
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    chunk_size: int = 256
-    A_init_range: tuple[float, float] = (1.0, 16.0)
-    dt_min: float = 1e-3
+    d_state: int = 128  # N, state size per head
+    d_conv: int = 4  # causal depthwise conv width
+    expand: int = 2  # inner width = expand * d_model
+    headdim: int = 64  # P, channels per SSM head
+    ngroups: int = 1  # G, groups sharing B and C
+    chunk_size: int = 256  # L of the chunked SSD algorithm
+    A_init_range: tuple[float, float] = (1.0, 16.0)  # A = -U(range) per head at init
+    dt_min: float = 1e-3  # dt initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 1e-1
-    dt_init_floor: float = 1e-4
-    dt_limit: tuple[float, float] = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias); default: none
-    conv_bias: bool = True
-    norm_eps: float = 1e-5
+    dt_init_floor: float = 1e-4  # lower clamp of the initial dt
+    dt_limit: tuple[float, float] = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias); (0, inf): none
+    conv_bias: bool = True  # bias in the causal conv
+    norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Full and sliding-window attention (ATTENTION and SWA layers)."""
 
-    num_heads: int = 12
-    num_kv_heads: int | None = None  # None: num_heads (MHA)
+    num_heads: int = 12  # query heads
+    num_kv_heads: int | None = None  # GQA key/value heads; None: num_heads (MHA)
     head_dim: int | None = None  # None: d_model // num_heads
-    rope: bool = True
+    rope: bool = True  # rotary position embedding on q and k
     rope_base: float = 10000.0
-    window: int = 2048  # SWA layers only
+    # Partial rotary: only the first rope_fraction of each head's channels rotate (Bamba, GPT-NeoX: 0.5).
+    rope_fraction: float = 1.0
+    window: int = 2048  # SWA layers only: a query sees the last `window` tokens (itself included)
     # Width of a causal depthwise conv (+ SiLU) on the layer input before the q/k/v projection, the short conv of
     # Zoology's attention baselines; 0: none. Training and evaluation only (decoding refuses it).
     conv: int = 0
@@ -93,12 +96,12 @@ class AttentionConfig:
 class SALConfig:
     """Taipan's Selective Attention Layer (papers.md 4.2-4.7; unconfirmed choices are marked)."""
 
-    num_heads: int = 12
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    window: int = 2048
-    capacity: float = 0.15  # C: the attention budget (fraction of tokens)
-    constraint_weight: float = 1.0  # lambda (unconfirmed in the paper)
+    num_heads: int = 12  # query heads
+    num_kv_heads: int | None = None  # None: num_heads
+    head_dim: int | None = None  # None: d_model // num_heads
+    window: int = 2048  # attention window of a selected token
+    capacity: float = 0.15  # C: the attention budget (target fraction of tokens selected)
+    constraint_weight: float = 1.0  # lambda of the budget loss lambda * sum_SAL (C - rate)^2 (unconfirmed)
     temperature: float = 1.0  # Gumbel-softmax tau (unconfirmed; 1 is the usual default)
     rope: bool = False  # Taipan ships SALs without positional embedding; True for the Fig. 6 ablation
     rope_base: float = 10000.0
@@ -115,10 +118,10 @@ class TopKConfig:
     """Top-k block-sparse attention layers (TOPK): each query attends causally to its own key block and to the
     ``top_k`` earlier blocks whose mean key scores highest against it (MoBA-style, arXiv:2502.13189)."""
 
-    num_heads: int = 12
+    num_heads: int = 12  # query heads
     num_kv_heads: int | None = None  # None: num_heads (MHA); the query heads of a kv head share its selection
     head_dim: int | None = None  # None: d_model // num_heads
-    rope: bool = True
+    rope: bool = True  # rotary position embedding on q and k
     rope_base: float = 10000.0
     block_size: int = 64  # keys per block (the unit of selection)
     top_k: int = 16  # earlier blocks selected per query besides its own (0: block-local attention)
@@ -128,11 +131,11 @@ class TopKConfig:
 class KernelConfig:
     """``implementation=`` for every pallas_kernels op (``auto | reference | xla | pallas_gpu | pallas_tpu``)."""
 
-    selective_scan: str = "auto"
-    ssd: str = "auto"
-    causal_conv1d: str = "auto"
-    sliding_window_attention: str = "auto"
-    selective_attention: str = "auto"
+    selective_scan: str = "auto"  # Mamba-1 recurrence
+    ssd: str = "auto"  # Mamba-2 chunked SSD
+    causal_conv1d: str = "auto"  # depthwise causal conv of both Mamba mixers (and attention's short conv)
+    sliding_window_attention: str = "auto"  # ATTENTION / SWA layers (and SAL with kv_source="all")
+    selective_attention: str = "auto"  # SAL attention over selected tokens
     selective_state_update: str = "auto"  # decode step of both Mamba mixers
     decode_attention: str = "auto"  # decode step of attention / SWA / SAL / TOPK layers, chunked-prefill attention
     topk_attention: str = "auto"  # TOPK layers (training, evaluation and the first prefill chunk)
@@ -152,25 +155,26 @@ _SECTIONS = {
 class ModelConfig:
     """A language model: embeddings, ``n_periods`` x ``period`` residual layers, final norm, LM head."""
 
+    # The layer pattern: one period of residual layers (mamba, mamba2, attention, swa, sal, topk, mlp), repeated.
     period: tuple[BlockType, ...]
-    n_periods: int
-    d_model: int
-    vocab_size: int = 256
-    mlp_hidden: int | None = None  # None: 8/3 d_model rounded up to mlp_multiple_of
-    mlp_multiple_of: int = 128
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    n_periods: int  # repetitions of the period (nn.scan over them when scan_layers)
+    d_model: int  # width of the residual stream
+    vocab_size: int = 256  # in a run config: None means the data's vocabulary, padded to data.vocab_multiple
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None: 8/3 d_model rounded up to mlp_multiple_of
+    mlp_multiple_of: int = 128  # rounding of the default SwiGLU width
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head = embedding matrix (mamba_ssm default)
     dtype: str = "float32"  # compute dtype of activations and matmuls ("bfloat16" for training)
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # master parameters (and optimizer state) stay float32
     scan_layers: bool = True  # nn.scan over periods; False unrolls (debugging)
-    remat_policy: str = "none"  # "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
+    remat_policy: str = "none"  # per period: "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
     mamba: MambaConfig = MambaConfig()
     mamba2: Mamba2Config = Mamba2Config()
     attention: AttentionConfig = AttentionConfig()
     sal: SALConfig = SALConfig()
     topk: TopKConfig = TopKConfig()
-    kernels: KernelConfig = KernelConfig()
-    name: str = "custom"
+    kernels: KernelConfig = KernelConfig()  # its own section of a run config
+    name: str = "custom"  # label recorded with the run
 
     def __post_init__(self):
         period = tuple(_block(b) for b in self.period)
@@ -207,6 +211,13 @@ class ModelConfig:
                 and not isinstance(self.attention.conv, bool)
                 and self.attention.conv >= 0,
                 f"ModelConfig: attention.conv={self.attention.conv!r} must be an integer >= 0",
+            )
+            a = self.attention
+            rotary = (a.head_dim or self.d_model // a.num_heads) * a.rope_fraction
+            _check(
+                0.0 < a.rope_fraction <= 1.0 and rotary == int(rotary) and int(rotary) % 2 == 0,
+                f"ModelConfig: attention.rope_fraction={a.rope_fraction!r} must be in (0, 1] and rotate an even "
+                "number of channels of a head",
             )
             if BlockType.SWA in kinds:
                 _check(

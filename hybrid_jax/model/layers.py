@@ -140,17 +140,22 @@ def rope_frequencies(head_dim: int, base: float) -> jax.Array:
     return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, base: float, fraction: float = 1.0) -> jax.Array:
     """Rotary position embedding (RoFormer, arXiv:2104.09864), rotate-half layout as Llama / Samba.
 
     Args:
       x: ``(b, t, h, e)`` queries or keys, e even.
       positions: ``(b, t)`` integer positions.
       base: the rotary base (10000 in every model here).
+      fraction: partial rotary: only the first ``fraction * e`` channels rotate (with frequencies of that width),
+        the rest pass through (Bamba, GPT-NeoX).
 
     Returns:
       ``x`` rotated, in x's dtype; the rotation itself is computed in fp32.
     """
+    if fraction != 1.0:
+        r = int(x.shape[-1] * fraction)
+        return jnp.concatenate([apply_rope(x[..., :r], positions, base), x[..., r:]], axis=-1)
     e = x.shape[-1]
     angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(e, base)  # (b, t, e/2)
     cos = jnp.cos(angles)[:, :, None, :]

@@ -1,4 +1,6 @@
-"""SwiGLU MLP (Shazeer 2020, arXiv:2002.05202) as in Llama / mamba_ssm GatedMLP: ``down(silu(gate(x)) * up(x))``."""
+"""Token-wise MLP mixers: SwiGLU (Shazeer 2020, arXiv:2002.05202) as in Llama / mamba_ssm GatedMLP,
+``down(silu(gate(x)) * up(x))``; and Nemotron-H's squared-ReLU MLP (So et al. 2021, Primer), ``down(relu(up(x))^2)``.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +8,58 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.layers import EMBED, MLP_AXIS, Dense
+from hybrid_jax.model.mixer import Mixer
 
 
-class SwiGLU(nn.Module):
-    """``(b, t, d) -> (b, t, d)`` with hidden width ``config.mlp_dim``; no biases.
-
-    Attributes:
-      config: the model config.
-      out_scale: init scale of the down projection (1/sqrt(residual layers), see layers.py).
-    """
-
-    config: ModelConfig
-    out_scale: float = 1.0
+class SwiGLU(Mixer):
+    """``(b, t, d) -> (b, t, d)`` with hidden width ``config.mlp_dim``; no biases. A token-wise :class:`Mixer`: no
+    cache, and prefill and decode steps are the same map."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, h=None, segment_ids=None, positions=None):
+        """x ``(..., d)`` -> (update fp32, None)."""
+        del h, segment_ids, positions
         c = self.config
         dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         gate = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="gate_proj")(x)
         up = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="up_proj")(x)
         h = jax.nn.silu(gate) * up
-        return Dense(
-            c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj"
-        )(h)
+        y = Dense(c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj")(
+            h
+        )
+        return y.astype(jnp.float32), None
+
+    def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
+        del positions, valid, history
+        return self(x, h=h)[0], cache
+
+    def step(self, x, cache, position, layer, *, h=None):
+        del position, layer
+        return self(x, h=h)[0], cache
+
+
+class SquaredReLUMLP(Mixer):
+    """``(b, t, d) -> (b, t, d)``: ``down(relu(up(x))^2)`` with hidden width ``config.mlp_dim``; no biases
+    (Nemotron-H's MLP layers). Token-wise, as :class:`SwiGLU`."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, h=None, segment_ids=None, positions=None):
+        """x ``(..., d)`` -> (update fp32, None)."""
+        del h, segment_ids, positions
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        up = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="up_proj")(x)
+        hidden = jnp.square(jax.nn.relu(up))
+        y = Dense(c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj")(
+            hidden
+        )
+        return y.astype(jnp.float32), None
+
+    def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
+        del positions, valid, history
+        return self(x, h=h)[0], cache
+
+    def step(self, x, cache, position, layer, *, h=None):
+        del position, layer
+        return self(x, h=h)[0], cache

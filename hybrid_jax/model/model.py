@@ -1,7 +1,8 @@
 """The language model: embeddings -> n_periods x period (scanned) -> final RMSNorm -> (tied) LM head.
 
 Functional Flax Linen: ``variables = model.init(key, tokens)``; ``model.apply(variables, tokens)`` returns logits
-``(b, t, vocab)`` in fp32; ``return_aux=True`` adds the SAL statistics (per-SAL selection rate, budget constraint).
+``(b, t, vocab)`` in fp32; ``return_aux=True`` adds the mixers' auxiliary losses and metrics (e.g. a SAL's budget
+constraint and selection rate), under names ``<block kind>_<name>``.
 Decoding (``hybrid_jax.inference`` drives these): ``model.apply(variables, prompt, max_len, method="prefill")``
 returns the logits of each row's last prompt token ``(b, vocab)`` and a :class:`DecodeCache`; passing a cache instead
 of ``max_len`` continues it with the next chunk of a long prompt (same result as one pass, bounded memory), and
@@ -73,7 +74,7 @@ class LanguageModel(nn.Module):
         h = constrain(embed(tokens).astype(jnp.float32))
         if mode == "step":
             h, new_caches = self._step_periods(h, caches, positions)
-            aux = ()
+            aux = {}
         else:
             period_kw = dict(mode=mode, deterministic=deterministic, history=history)
             period_cls = Period
@@ -156,8 +157,10 @@ class LanguageModel(nn.Module):
             positions, as in the recall tasks).
 
         Returns:
-          logits ``(b, t, vocab)`` fp32, or ``(logits, aux)`` where aux has ``sal_selection_rate`` ``(n_sal,)``,
-          ``sal_constraint`` (sum over SALs of (C - rate)^2), ``sal_dropped`` and ``sal_alpha`` ``(n_sal,)``.
+          logits ``(b, t, vocab)`` fp32, or ``(logits, aux)`` with aux ``{"losses": {name: scalar}, "metrics":
+          {name: (n_layers,)}}`` from :func:`summarize_aux` (for Taipan: ``losses["sal_constraint"]``, the weighted
+          budget constraint summed over SALs, and ``metrics["sal_selection_rate"]``, ``"sal_dropped"``,
+          ``"sal_alpha"``, one entry per SAL).
         """
         _check_tokens(tokens, self.config)
         logits, _, aux = self._run(
@@ -222,22 +225,24 @@ class LanguageModel(nn.Module):
         return init_cache(self.config, batch, max_len)
 
 
-def summarize_aux(aux) -> dict[str, jax.Array]:
-    """Flattens the per-period SAL aux tuples into per-SAL vectors (in layer order) and the total constraint."""
-    if not aux:
-        z = jnp.zeros((0,), jnp.float32)
-        return {"sal_selection_rate": z, "sal_constraint": jnp.zeros((), jnp.float32), "sal_dropped": z, "sal_alpha": z}
+def summarize_aux(aux) -> dict[str, dict[str, jax.Array]]:
+    """The mixers' aux outputs of a forward pass, by name ``<block kind>_<name>`` (e.g. ``sal_selection_rate``).
 
-    def flat(key):
-        # aux[j][key] has shape (n_periods,) (stacked by scan): order by period, then by position in the period.
-        return jnp.stack([a[key] for a in aux], axis=-1).reshape(-1)
+    Args:
+      aux: ``{kind: (aux of the kind's j-th layer in the period, ...)}`` with every value stacked over periods
+        ``(n_periods,)`` (see :class:`Period`).
 
-    return {
-        "sal_selection_rate": flat("selection_rate"),
-        "sal_constraint": jnp.sum(flat("constraint")),
-        "sal_dropped": flat("dropped"),
-        "sal_alpha": flat("alpha"),
-    }
+    Returns:
+      ``{"losses": {name: scalar}, "metrics": {name: (n_layers,)}}``: a loss summed over the layers that return it
+      (each already weighted by its mixer), a metric per layer in layer order (period, then position in the period).
+    """
+    losses, metrics = {}, {}
+    for kind, layers in aux.items():
+        for name in layers[0].get("losses", {}):
+            losses[f"{kind}_{name}"] = sum(jnp.sum(a["losses"][name]) for a in layers)
+        for name in layers[0].get("metrics", {}):
+            metrics[f"{kind}_{name}"] = jnp.stack([a["metrics"][name] for a in layers], axis=-1).reshape(-1)
+    return {"losses": losses, "metrics": metrics}
 
 
 def _check_tokens(tokens, config: ModelConfig) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,14 +29,13 @@ from hybrid_jax.model.cache import (
     WindowKVCache,
     empty_slots,
     keep_within_limit,
-    ring_from_sequence,
     ring_write,
-    selective_ring_from_sequence,
     selective_ring_write,
 )
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
+from hybrid_jax.model.mixer import Mixer, mean_causal_keys
 from pallas_kernels.selective_attention import limit_selection, selective_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
@@ -112,12 +110,10 @@ def selection_masks(model, params, tokens, segment_ids=None, positions=None) -> 
     return jnp.stack([mask for _, mask in found])
 
 
-class SelectiveAttentionLayer(nn.Module):
-    """SAL mixer. ``__call__`` returns the residual update ``m * alpha * (o - h)`` so the block adds it to ``h``."""
-
-    config: ModelConfig
-    out_scale: float = 1.0
-    deterministic: bool = True
+class SelectiveAttentionLayer(Mixer):
+    """SAL mixer (the :class:`Mixer` protocol): its update is ``m * alpha * (o - h)``, so the block's output is
+    ``h + update``; ``aux`` holds the budget constraint (a loss weighted by ``sal.constraint_weight``) and the
+    selection statistics."""
 
     def setup(self):
         c, s = self.config, self.config.sal
@@ -145,17 +141,23 @@ class SelectiveAttentionLayer(nn.Module):
         f = self.config.sal.capacity_factor
         return None if f is None else max(1, min(t, math.ceil(f * self.config.sal.capacity * t)))
 
-    def __call__(self, hn, h, *, segment_ids=None, positions=None, cache_len=None):
-        """Args: hn ``(b, t, d)`` the normalised stream (gate, q, k, v input); h ``(b, t, d)`` the residual stream."""
+    def __call__(self, hn, *, h, segment_ids=None, positions=None):
+        """Args: hn ``(b, t, d)`` the normalised stream (gate, q, k, v input); h ``(b, t, d)`` the residual stream.
+
+        Returns:
+          (update ``(b, t, d)`` fp32, aux): ``aux["losses"]["constraint"]`` is ``constraint_weight * (C - rate)^2``
+          with the straight-through selection rate (mean over rows); ``aux["metrics"]``: ``selection_rate`` (after
+          the capacity cap), ``dropped`` (selected but cut by the cap), ``alpha`` (mean over kept tokens).
+        """
         s = self.gate(hn.astype(jnp.float32))
         if self.deterministic:
             hard = s[..., 1] > s[..., 0]
             m_st = hard.astype(jnp.float32)
         else:
             hard, m_st = straight_through_gumbel(self.make_rng("gumbel"), s, self.config.sal.temperature)
-        return self.mix(hn, h, s, hard, m_st, segment_ids=segment_ids, positions=positions, cache_len=cache_len)
+        return self.mix(hn, h, s, hard, m_st, segment_ids=segment_ids, positions=positions)
 
-    def mix(self, hn, h, s, hard, m_st, *, segment_ids=None, positions=None, cache_len=None):
+    def mix(self, hn, h, s, hard, m_st, *, segment_ids=None, positions=None):
         """The layer given its gate: logits s ``(b, t, 2)``, the selection ``hard`` ``(b, t)`` bool and its
         straight-through value ``m_st`` ``(b, t)`` (equal to ``hard``; its gradient is the relaxed one).
 
@@ -204,22 +206,14 @@ class SelectiveAttentionLayer(nn.Module):
         n_tok = jnp.maximum(weights.sum(axis=1), 1.0)
         rate_st = (m * weights).sum(axis=1) / n_tok  # differentiable (straight-through)
         aux = {
-            "selection_rate": jnp.mean((eff * weights).sum(axis=1) / n_tok),
-            "constraint": jnp.mean((cfg.capacity - rate_st) ** 2),
-            "dropped": jnp.mean(((hard & ~eff) * weights).sum(axis=1) / n_tok),
-            "alpha": jnp.sum(alpha * eff * weights) / jnp.maximum(jnp.sum(eff * weights), 1.0),
+            "losses": {"constraint": cfg.constraint_weight * jnp.mean((cfg.capacity - rate_st) ** 2)},
+            "metrics": {
+                "selection_rate": jnp.mean((eff * weights).sum(axis=1) / n_tok),
+                "dropped": jnp.mean(((hard & ~eff) * weights).sum(axis=1) / n_tok),
+                "alpha": jnp.sum(alpha * eff * weights) / jnp.maximum(jnp.sum(eff * weights), 1.0),
+            },
         }
-        cache = None
-        if cache_len is not None:
-            if t > cache_len:
-                raise ValueError(f"prefill: prompt length t={t} exceeds max_len={cache_len}")
-            slots = min(cfg.window, cache_len)
-            cache = (
-                selective_ring_from_sequence(k, v, eff, slots)
-                if cfg.kv_source == "selected"
-                else ring_from_sequence(k, v, slots)
-            )
-        return update, cache, aux
+        return update, aux
 
     def _gated_update(self, o, h, kept, alpha):
         """``kept * alpha * (o_proj(o) - h)`` in fp32, o ``(b, t, hq, e)``."""
@@ -227,7 +221,7 @@ class SelectiveAttentionLayer(nn.Module):
         o = self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)
         return (kept.astype(jnp.float32) * alpha)[..., None] * (o - h.astype(jnp.float32))
 
-    def prefill(self, hn, h, cache, positions, valid, history: bool):
+    def prefill(self, hn, cache, positions, valid, history: bool, *, h):
         """A prompt chunk (hn, h ``(b, t, d)`` at ``positions``) continuing one layer's ``cache``; ``valid`` marks
         each row's real tokens. Selection is deterministic (``s_1 > s_0``), padding is never selected, and the
         capacity cap of ``sal.capacity_factor`` is the cache's ``limit`` (the cap of a ``max_len``-token sequence),
@@ -272,7 +266,7 @@ class SelectiveAttentionLayer(nn.Module):
         o = jnp.where(kept[..., None, None], o, 0)
         return self._gated_update(o, h, kept, alpha), new
 
-    def step(self, hn, h, cache, position, layer):
+    def step(self, hn, cache, position, layer, *, h):
         """One token: hn, h ``(b, 1, d)``; position ``(b,)``; ``cache`` stacked over periods, ``layer`` picks this
         layer's entry. A selected token (within the cache's ``limit``) is written into one slot of its row's ring in
         place. Returns (update ``(b, 1, d)`` fp32, cache)."""
@@ -303,8 +297,10 @@ class SelectiveAttentionLayer(nn.Module):
         o = jnp.where(kept[:, None, None, None], o, 0)
         return self._gated_update(o, h, kept[:, None], alpha[:, None]), new
 
-    @staticmethod
-    def init_cache(config: ModelConfig, batch: int, max_len: int):
+    @classmethod
+    def init_cache(cls, config: ModelConfig, batch: int, max_len: int):
+        """A ring of ``min(window, max_len)`` slots for the selected tokens' keys and values (or every token's with
+        ``kv_source="all"``), with their positions and, under a capacity cap, the count kept so far."""
         s = config.sal
         _, hk, hd = head_dims(config, s.num_heads, s.num_kv_heads, s.head_dim)
         slots = min(s.window, max_len)
@@ -319,3 +315,12 @@ class SelectiveAttentionLayer(nn.Module):
             limit = None if f is None else max(1, min(max_len, math.ceil(f * s.capacity * max_len)))
             return SelectiveKVCache(z, z, empty_slots(batch, slots), jnp.zeros((batch,), jnp.int32), limit)
         return WindowKVCache(z, z, empty_slots(batch, slots))
+
+    @classmethod
+    def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
+        """Attention for the selected fraction C of queries, against the window's keys (of which another factor C
+        when ``kv_source="selected"``)."""
+        s = config.sal
+        hq, _, hd = head_dims(config, s.num_heads, s.num_kv_heads, s.head_dim)
+        keys = mean_causal_keys(seq_len, s.window) * (s.capacity if s.kv_source == "selected" else 1.0)
+        return {"attention": 4.0 * hq * hd * keys * s.capacity}

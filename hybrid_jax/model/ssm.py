@@ -31,6 +31,7 @@ from hybrid_jax.model.layers import (
     conv_kernel_init,
     dt_bias_init,
 )
+from hybrid_jax.model.mixer import Mixer
 from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_state_update import selective_state_update
@@ -127,15 +128,12 @@ def _write_layer(cache: SSMCache, layer, conv_state, ssm_state) -> SSMCache:
     return SSMCache(cache.conv_state.at[layer].set(conv_state), cache.ssm_state.at[layer].set(ssm_state))
 
 
-class MambaMixer(nn.Module):
-    """Mamba-1 mixer: ``(b, t, d) -> (b, t, d)``.
+class MambaMixer(Mixer):
+    """Mamba-1 mixer: ``(b, t, d) -> (b, t, d)``; the :class:`Mixer` protocol.
 
     in_proj -> (x, z); x -> causal conv + SiLU -> x_proj -> (dt_low, B, C); dt = dt_proj(dt_low) (its bias is applied
     inside the scan, before softplus); y = selective_scan(x, dt, -exp(A_log), B, C, D, z); out_proj(y).
     """
-
-    config: ModelConfig
-    out_scale: float = 1.0
 
     def setup(self):
         c = self.config
@@ -194,27 +192,28 @@ class MambaMixer(nn.Module):
         dt = jnp.einsum("...r,re->...e", dt_low, self.dt_proj_kernel.astype(x.dtype))
         return dt, B, C
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache_len=None):
-        del positions  # order is carried by the recurrence
+    def __call__(self, x, *, h=None, segment_ids=None, positions=None):
+        """x ``(b, t, d)`` -> (update fp32, None)."""
+        del h, positions  # order is carried by the recurrence
         xz = self.in_proj(x)
         xs, z = jnp.split(xz, 2, axis=-1)
-        xs, conv_state = self.conv1d(xs, segment_ids=segment_ids, return_state=cache_len is not None)
+        xs, _ = self.conv1d(xs, segment_ids=segment_ids)
         dt, B, C = self._project(xs)
-        y, ssm_state = call_kernel(
+        y = call_kernel(
             "selective_scan",
             selective_scan,
             self.config.kernels.selective_scan,
             batched=dict(u=xs, delta=dt, B=B, C=C, z=z, segment_ids=segment_ids),
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, delta_bias=self.dt_bias),
-            static=dict(delta_softplus=True, return_final_state=True),
+            static=dict(delta_softplus=True),
         )
-        cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
-        return self.out_proj(y), cache
+        return self.out_proj(y).astype(jnp.float32), None
 
-    def prefill(self, x, cache: SSMCache, positions, valid):
+    def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
         """A prompt chunk ``(b, t, d)`` continuing ``cache`` (one layer's); ``valid`` ``(b, t)`` marks the real
-        tokens (a prefix of each row). Returns (y, cache after each row's last real token)."""
-        del positions  # order is carried by the recurrence
+        tokens (a prefix of each row); an empty cache is a zero state, so ``history`` changes nothing. Returns
+        (update fp32, cache after each row's last real token)."""
+        del positions, history, h  # order is carried by the recurrence
         xs_in, z = jnp.split(self.in_proj(x), 2, axis=-1)
         xs = self.conv1d.prefill(xs_in, cache.conv_state)
         dt, B, C = self._project(xs)
@@ -228,12 +227,12 @@ class MambaMixer(nn.Module):
             static=dict(delta_softplus=True, return_final_state=True),
         )
         conv_state = conv_state_after(cache.conv_state, xs_in, valid.sum(axis=1))
-        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+        return self.out_proj(y).astype(jnp.float32), SSMCache(conv_state, ssm_state)
 
-    def step(self, x, cache: SSMCache, position, layer):
+    def step(self, x, cache: SSMCache, position, layer, *, h=None):
         """One token x ``(b, 1, d)``; ``cache`` is stacked over periods and ``layer`` picks this layer's entry,
-        which is updated in place. Returns (y ``(b, 1, d)``, cache)."""
-        del position
+        which is updated in place. Returns (update ``(b, 1, d)`` fp32, cache)."""
+        del position, h
         mine = layer_of(cache, layer)
         xs, z = jnp.split(self.in_proj(x[:, 0]), 2, axis=-1)
         xs, conv_state = self.conv1d.step(xs, mine.conv_state)
@@ -250,24 +249,29 @@ class MambaMixer(nn.Module):
             static=dict(dt_softplus=True),
         )
         y = self.out_proj(y[:, 0])[:, None]
-        return y, _write_layer(cache, layer, conv_state, ssm_state[:, 0])
+        return y.astype(jnp.float32), _write_layer(cache, layer, conv_state, ssm_state[:, 0])
 
-    @staticmethod
-    def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+    @classmethod
+    def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+        """The conv's last ``d_conv - 1`` inputs and the ``(d_inner, d_state)`` scan state, fp32, per row."""
         del max_len
         e, n, w = config.d_inner, config.mamba.d_state, config.mamba.d_conv
         return SSMCache(jnp.zeros((batch, w - 1, e), jnp.float32), jnp.zeros((batch, e, n), jnp.float32))
 
+    @classmethod
+    def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
+        """The scan, ``9 * d_inner * d_state`` (dt*A, exp, dt*B*x, the state update and C.h), and the conv."""
+        del seq_len
+        m = config.mamba
+        return {"ssm": 9.0 * config.d_inner * m.d_state, "conv": 2.0 * m.d_conv * config.d_inner}
 
-class Mamba2Mixer(nn.Module):
-    """Mamba-2 mixer: ``(b, t, d) -> (b, t, d)``.
+
+class Mamba2Mixer(Mixer):
+    """Mamba-2 mixer: ``(b, t, d) -> (b, t, d)``; the :class:`Mixer` protocol.
 
     in_proj -> [z (e), xBC (e + 2gn), dt (h)]; xBC -> causal conv + SiLU -> x (h, p), B (g, n), C (g, n);
     y = ssd(x, dt, -exp(A_log), B, C, D, dt_bias, softplus); y = RMSNorm(y * silu(z)) per group; out_proj(y).
     """
-
-    config: ModelConfig
-    out_scale: float = 1.0
 
     def setup(self):
         c = self.config
@@ -309,30 +313,28 @@ class Mamba2Mixer(nn.Module):
         lead = xs.shape[:-1]
         return xs.reshape(*lead, h, p), B.reshape(*lead, g, n), C.reshape(*lead, g, n)
 
-    def __call__(self, x, *, segment_ids=None, positions=None, cache_len=None):
-        del positions
+    def __call__(self, x, *, h=None, segment_ids=None, positions=None):
+        """x ``(b, t, d)`` -> (update fp32, None)."""
+        del h, positions
         c = self.config
         z, xBC, dt = self._split(self.in_proj(x))
-        xBC, conv_state = self.conv1d(xBC, segment_ids=segment_ids, return_state=cache_len is not None)
+        xBC, _ = self.conv1d(xBC, segment_ids=segment_ids)
         xs, B, C = self._heads(xBC)
-        y, ssm_state = call_kernel(
+        y = call_kernel(
             "ssd",
             ssd,
             c.kernels.ssd,
             batched=dict(x=xs, dt=dt, B=B, C=C, segment_ids=segment_ids),
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
-            static=dict(
-                chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit, return_final_state=True
-            ),
+            static=dict(chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit),
         )
         y = self.norm(y.reshape(*y.shape[:2], -1), z)
-        cache = SSMCache(conv_state, ssm_state) if cache_len is not None else None
-        return self.out_proj(y), cache
+        return self.out_proj(y).astype(jnp.float32), None
 
-    def prefill(self, x, cache: SSMCache, positions, valid):
+    def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
         """As :meth:`MambaMixer.prefill`. Padding is passed through with dt = 0, which needs
         ``mamba2.dt_limit[0] == 0`` (the default); the engine refuses ragged batches otherwise."""
-        del positions
+        del positions, history, h
         c = self.config
         z, xBC_in, dt = self._split(self.in_proj(x))
         xBC = self.conv1d.prefill(xBC_in, cache.conv_state)
@@ -350,11 +352,11 @@ class Mamba2Mixer(nn.Module):
         )
         y = self.norm(y.reshape(*y.shape[:2], -1), z)
         conv_state = conv_state_after(cache.conv_state, xBC_in, valid.sum(axis=1))
-        return self.out_proj(y), SSMCache(conv_state, ssm_state)
+        return self.out_proj(y).astype(jnp.float32), SSMCache(conv_state, ssm_state)
 
-    def step(self, x, cache: SSMCache, position, layer):
+    def step(self, x, cache: SSMCache, position, layer, *, h=None):
         """As :meth:`MambaMixer.step`."""
-        del position
+        del position, h
         mine = layer_of(cache, layer)
         z, xBC, dt = self._split(self.in_proj(x[:, 0]))
         xBC, conv_state = self.conv1d.step(xBC, mine.conv_state)
@@ -368,10 +370,11 @@ class Mamba2Mixer(nn.Module):
             static=dict(dt_softplus=True, dt_limit=self.config.mamba2.dt_limit),
         )
         y = self.norm(y.reshape(y.shape[0], -1), z)
-        return self.out_proj(y)[:, None], _write_layer(cache, layer, conv_state, ssm_state)
+        return self.out_proj(y)[:, None].astype(jnp.float32), _write_layer(cache, layer, conv_state, ssm_state)
 
-    @staticmethod
-    def init_cache(config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+    @classmethod
+    def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> SSMCache:
+        """The conv's last ``d_conv - 1`` inputs (x, B, C) and the ``(heads, headdim, d_state)`` state, fp32."""
         del max_len
         m = config.mamba2
         conv_dim = config.d_inner2 + 2 * m.ngroups * m.d_state
@@ -379,6 +382,19 @@ class Mamba2Mixer(nn.Module):
             jnp.zeros((batch, m.d_conv - 1, conv_dim), jnp.float32),
             jnp.zeros((batch, config.mamba2_heads, m.headdim, m.d_state), jnp.float32),
         )
+
+    @classmethod
+    def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
+        """The chunked SSD of arXiv:2405.21060 section 6 with chunk length l: ``2 (l+1)/2 (g n + h p)`` for the
+        causal intra-chunk products (C B^T and its product with x), ``4 h p n`` for the chunk states and their
+        output; and the conv over x, B and C."""
+        m = config.mamba2
+        h, p, g, n = config.mamba2_heads, m.headdim, m.ngroups, m.d_state
+        lc = min(m.chunk_size, seq_len)
+        return {
+            "ssm": 2.0 * (lc + 1) / 2 * (g * n + h * p) + 4.0 * h * p * n,
+            "conv": 2.0 * m.d_conv * (config.d_inner2 + 2 * g * n),
+        }
 
 
 def residual_scale(config: ModelConfig) -> float:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hybrid_jax.model.attention import QKVProjection, attend_cache, head_dims
@@ -34,6 +34,7 @@ from hybrid_jax.model.cache import TopKKVCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
+from hybrid_jax.model.mixer import Mixer
 from pallas_kernels.topk_attention import topk_attention
 from pallas_kernels.topk_attention.reference import group_query_sums, num_blocks
 
@@ -155,11 +156,8 @@ def attend_cached_blocks(config: ModelConfig, q, q_positions, cache: TopKKVCache
     return out.swapaxes(0, 1).reshape(b, m * chunk, hq, e)[:, :tq]
 
 
-class TopKAttentionMixer(nn.Module):
-    """Top-k block-sparse attention mixer ``(b, t, d) -> (b, t, d)`` (config.topk)."""
-
-    config: ModelConfig
-    out_scale: float = 1.0
+class TopKAttentionMixer(Mixer):
+    """Top-k block-sparse attention mixer ``(b, t, d) -> (b, t, d)`` (config.topk); the :class:`Mixer` protocol."""
 
     def setup(self):
         c, tk = self.config, self.config.topk
@@ -192,20 +190,22 @@ class TopKAttentionMixer(nn.Module):
             static=dict(block_size=tk.block_size, top_k=tk.top_k),
         )
 
-    def __call__(self, x, *, segment_ids=None, positions=None):
-        """x ``(b, t, d)`` -> (y, None); blocks are counted from each row's first token (``positions`` only rotate
-        q and k); decoding goes through :meth:`prefill` and :meth:`step`."""
+    def __call__(self, x, *, h=None, segment_ids=None, positions=None):
+        """x ``(b, t, d)`` -> (update fp32, None); blocks are counted from each row's first token (``positions``
+        only rotate q and k); decoding goes through :meth:`prefill` and :meth:`step`."""
+        del h
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         q, k, v = self._qkv(x, positions)
         o = self._sequence(q, k, v, segment_ids)
-        return self.o_proj(o.reshape(b, t, self.hq * self.hd)), None
+        return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32), None
 
-    def prefill(self, x, cache: TopKKVCache, positions, valid, history: bool):
+    def prefill(self, x, cache: TopKKVCache, positions, valid, history: bool, *, h=None):
         """A prompt chunk x ``(b, t, d)`` at ``positions`` ``(b, t)`` continuing one layer's ``cache``; ``valid``
         marks each row's real tokens (a prefix). ``history`` (static): whether the cache may hold earlier tokens;
-        without it the chunk starts at position 0 and goes through the sequence op. Returns (y, cache)."""
+        without it the chunk starts at position 0 and goes through the sequence op. Returns (update fp32, cache)."""
+        del h
         b, t = x.shape[:2]
         q, k, v = self._qkv(x, positions)
         k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
@@ -222,15 +222,16 @@ class TopKAttentionMixer(nn.Module):
         else:
             # Padding keys lie after every real query of their row and in no block a real query can select.
             o = self._sequence(q, k, v)
-        return self.o_proj(o.reshape(b, t, self.hq * self.hd)), new
+        return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32), new
 
-    def step(self, x, cache: TopKKVCache, position, layer):
+    def step(self, x, cache: TopKKVCache, position, layer, *, h=None):
         """One token: x ``(b, 1, d)``, position ``(b,)`` int32; ``cache`` is stacked over periods and ``layer``
         picks this layer's entry. The token's key and value are written into its slot and its key added to its
         block's sum in place; then the query scores the layer's block means and attends to ``top_k + 1`` blocks.
 
         A position at or past the cache's slots has none: that row's output is NaN (as full attention's).
         """
+        del h
         b = x.shape[0]
         q, k, v = self._qkv(x, position[:, None])
         rows = jnp.arange(b)
@@ -243,12 +244,26 @@ class TopKAttentionMixer(nn.Module):
         )
         o = attend_cached_blocks(self.config, q, position[:, None], new, layer)
         o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
-        return self.o_proj(o.reshape(b, 1, self.hq * self.hd)), new
+        return self.o_proj(o.reshape(b, 1, self.hq * self.hd)).astype(jnp.float32), new
 
-    @staticmethod
-    def init_cache(config: ModelConfig, batch: int, max_len: int) -> TopKKVCache:
+    @classmethod
+    def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> TopKKVCache:
+        """Every key and value up to ``max_len`` (rounded up to whole blocks) and the fp32 sum of each block's keys."""
         tk = config.topk
         _, hk, hd = head_dims(config, tk.num_heads, tk.num_kv_heads, tk.head_dim)
         nb = cache_blocks(config, max_len)
         z = jnp.zeros((batch, nb * tk.block_size, hk, hd), jnp.dtype(config.dtype))
         return TopKKVCache(z, z, jnp.zeros((batch, nb, hk, hd), jnp.float32))
+
+    @classmethod
+    def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
+        """Attention over ``s`` keys per query (its own block causally plus ``min(top_k, c) * block_size`` for a
+        query in block c, averaged over queries), and the block selection: ``2 * kv_heads * head_dim * c`` per query
+        (scores against the ``c`` earlier block means), reported divided by 3 because the selection runs in the
+        forward pass only (no gradient) and training FLOPs are counted as 3x the forward."""
+        tk = config.topk
+        hq, hk, hd = head_dims(config, tk.num_heads, tk.num_kv_heads, tk.head_dim)
+        i = np.arange(seq_len)
+        c = i // tk.block_size
+        keys = float(((i % tk.block_size + 1) + np.minimum(tk.top_k, c) * tk.block_size).mean())
+        return {"attention": 4.0 * hq * hd * keys + 2.0 * hk * hd * float(c.mean()) / 3.0}

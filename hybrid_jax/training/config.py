@@ -2,9 +2,11 @@
 
 A run config has eight sections (STYLE.md section 5): ``model`` (every field of :class:`hybrid_jax.model.ModelConfig`
 except the kernels), ``kernels`` (the ``implementation=`` of every pallas_kernels op), ``data``, ``optim``, ``train``,
-``mesh``, ``eval`` and ``logging``. :func:`preset_config` builds the whole thing for a model preset and size, so that a
-file in ``configs/`` only states what its experiment changes; :func:`parse_arg` reads the ``:size=tiny,capacity=0.15``
-part of ``--config=configs/taipan.py:size=tiny,capacity=0.15``.
+``mesh``, ``eval`` and ``logging``. The first two are derived from the frozen dataclasses of
+:mod:`hybrid_jax.model.config`, the one place their fields, defaults and meanings are written. :func:`preset_config`
+builds the whole thing for a model preset and size, so that a file in ``configs/`` only states what its experiment
+changes; :func:`parse_arg` reads the ``:size=tiny,capacity=0.15`` part of
+``--config=configs/taipan.py:size=tiny,capacity=0.15``.
 
 ConfigDict stops at the trainer: :func:`model_config` turns the ``model`` + ``kernels`` sections into the frozen
 ModelConfig, and :func:`validate` checks every training field once, up front, with one-line messages.
@@ -13,7 +15,9 @@ ModelConfig, and :func:`validate` checks every training field once, up front, wi
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,103 +102,48 @@ def _optional(value, kind: type):
     return config_dict.placeholder(kind) if value is None else value
 
 
+def _optional_type(hint) -> type:
+    """``int | None`` -> int."""
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)]
+    if len(kinds) != 1:
+        raise TypeError(f"config field annotation {hint!r}: expected X | None")
+    return kinds[0]
+
+
+def _section(obj) -> ml_collections.ConfigDict:
+    """A frozen config dataclass as a ConfigDict: nested dataclasses become sections, a None value becomes a typed
+    placeholder (so ``--config.x=5`` on it is parsed and type-checked), enums in tuples their values."""
+    out = ml_collections.ConfigDict()
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _section(value)
+        elif value is None:
+            out[f.name] = config_dict.placeholder(_optional_type(hints[f.name]))
+        elif isinstance(value, tuple):
+            out[f.name] = tuple(v.value if isinstance(v, enum.Enum) else v for v in value)
+        else:
+            out[f.name] = value
+    return out
+
+
 def model_section(cfg: ModelConfig) -> ml_collections.ConfigDict:
-    """The ``model`` section: every ModelConfig field (kernels excepted), values from ``cfg``, commented."""
-    m = ml_collections.ConfigDict()
-    m.name = cfg.name  # label recorded with the run
-    # The layer pattern: one period of residual layers (mamba, mamba2, attention, swa, sal, topk, mlp), repeated.
-    m.period = tuple(b.value for b in cfg.period)
-    m.n_periods = cfg.n_periods  # repetitions of the period (nn.scan over them when scan_layers)
-    m.d_model = cfg.d_model  # width of the residual stream
-    m.vocab_size = config_dict.placeholder(int)  # None: the data's vocabulary, padded to data.vocab_multiple
-    m.mlp_hidden = _optional(cfg.mlp_hidden, int)  # SwiGLU hidden width; None: 8/3 d_model rounded up
-    m.mlp_multiple_of = cfg.mlp_multiple_of  # rounding of the default SwiGLU width
-    m.norm_eps = cfg.norm_eps  # RMSNorm epsilon
-    m.tie_embeddings = cfg.tie_embeddings  # LM head = embedding matrix (mamba_ssm default)
-    m.dtype = cfg.dtype  # compute dtype of matmuls and activations (bfloat16 on accelerators)
-    m.param_dtype = cfg.param_dtype  # master parameters (and optimizer state) stay float32
-    m.scan_layers = cfg.scan_layers  # nn.scan over periods (fast compile); False unrolls for debugging
-    m.remat_policy = cfg.remat_policy  # rematerialisation per period: none | full | dots | dots_no_batch
+    """The ``model`` section: every :class:`ModelConfig` field but the kernels, values from ``cfg``.
 
-    mb = cfg.mamba
-    m.mamba = ml_collections.ConfigDict()  # Mamba-1 (S6) mixers, arXiv:2312.00752
-    m.mamba.d_state = mb.d_state  # N, state size per channel
-    m.mamba.d_conv = mb.d_conv  # causal depthwise conv width
-    m.mamba.expand = mb.expand  # E = expand * d_model inner channels
-    m.mamba.dt_rank = _optional(mb.dt_rank, int)  # rank of the dt projection; None: ceil(d_model / 16)
-    m.mamba.dt_min = mb.dt_min  # dt initialised log-uniform in [dt_min, dt_max]
-    m.mamba.dt_max = mb.dt_max
-    m.mamba.dt_init_floor = mb.dt_init_floor  # lower clamp of the initial dt
-    m.mamba.dt_scale = mb.dt_scale  # scale of the dt projection init
-    m.mamba.conv_bias = mb.conv_bias  # bias in the causal conv
-    m.mamba.lti = mb.lti  # LTI ablation: delta, B, C learned constants instead of input projections
-
-    m2 = cfg.mamba2
-    m.mamba2 = ml_collections.ConfigDict()  # Mamba-2 (SSD) mixers, arXiv:2405.21060
-    m.mamba2.d_state = m2.d_state  # N, state size per head
-    m.mamba2.d_conv = m2.d_conv  # causal depthwise conv width
-    m.mamba2.expand = m2.expand  # inner width = expand * d_model
-    m.mamba2.headdim = m2.headdim  # P, channels per SSM head
-    m.mamba2.ngroups = m2.ngroups  # G, groups sharing B and C
-    m.mamba2.chunk_size = m2.chunk_size  # L of the chunked SSD algorithm
-    m.mamba2.A_init_range = tuple(m2.A_init_range)  # A = -U(range) per head at init
-    m.mamba2.dt_min = m2.dt_min  # dt initialised log-uniform in [dt_min, dt_max]
-    m.mamba2.dt_max = m2.dt_max
-    m.mamba2.dt_init_floor = m2.dt_init_floor  # lower clamp of the initial dt
-    m.mamba2.dt_limit = tuple(m2.dt_limit)  # clamp of softplus(dt + dt_bias); (0, inf): none
-    m.mamba2.conv_bias = m2.conv_bias  # bias in the causal conv
-    m.mamba2.norm_eps = m2.norm_eps  # epsilon of the gated RMSNorm
-
-    a = cfg.attention
-    m.attention = ml_collections.ConfigDict()  # full (ATTENTION) and sliding-window (SWA) attention layers
-    m.attention.num_heads = a.num_heads  # query heads
-    m.attention.num_kv_heads = _optional(a.num_kv_heads, int)  # GQA key/value heads; None: num_heads
-    m.attention.head_dim = _optional(a.head_dim, int)  # None: d_model // num_heads
-    m.attention.rope = a.rope  # rotary position embedding on q and k
-    m.attention.rope_base = a.rope_base  # RoPE base
-    m.attention.window = a.window  # SWA layers: a query sees the last `window` tokens (itself included)
-    m.attention.conv = a.conv  # short causal conv before q/k/v (Zoology's attention baselines); 0: none
-
-    s = cfg.sal
-    m.sal = ml_collections.ConfigDict()  # Taipan's Selective Attention Layers, arXiv:2410.18572
-    m.sal.num_heads = s.num_heads  # query heads
-    m.sal.num_kv_heads = _optional(s.num_kv_heads, int)  # None: num_heads
-    m.sal.head_dim = _optional(s.head_dim, int)  # None: d_model // num_heads
-    m.sal.window = s.window  # attention window of a selected token
-    m.sal.capacity = s.capacity  # C: target fraction of tokens selected for attention
-    m.sal.constraint_weight = s.constraint_weight  # lambda of the budget loss lambda * sum_SAL (C - rate)^2
-    m.sal.temperature = s.temperature  # Gumbel-softmax temperature of the gate
-    m.sal.rope = s.rope  # RoPE in SALs (off in Taipan)
-    m.sal.rope_base = s.rope_base  # RoPE base when rope is on
-    m.sal.kv_source = s.kv_source  # "selected": keys are selected tokens only; "all": every token in the window
-    m.sal.capacity_factor = _optional(s.capacity_factor, float)  # static compaction size / (C t); None: t
-    m.sal.key_gradient = s.key_gradient  # "none" | "bias": straight-through gradient to selected keys too
-
-    tk = cfg.topk
-    m.topk = ml_collections.ConfigDict()  # top-k block-sparse attention layers (TOPK), issue 22
-    m.topk.num_heads = tk.num_heads  # query heads
-    m.topk.num_kv_heads = _optional(tk.num_kv_heads, int)  # GQA key/value heads (each selects its blocks); None: MHA
-    m.topk.head_dim = _optional(tk.head_dim, int)  # None: d_model // num_heads
-    m.topk.rope = tk.rope  # rotary position embedding on q and k
-    m.topk.rope_base = tk.rope_base  # RoPE base
-    m.topk.block_size = tk.block_size  # keys per block; a block's mean key is what a query scores
-    m.topk.top_k = tk.top_k  # earlier blocks a query attends to besides its own (0: block-local attention)
+    Derived from the dataclasses of :mod:`hybrid_jax.model.config`, where every field's default and meaning are
+    written; ``vocab_size`` is None here (the data's vocabulary, padded to ``data.vocab_multiple``).
+    """
+    m = _section(cfg)
+    del m["kernels"]
+    m.vocab_size = config_dict.placeholder(int)
     return m
 
 
 def kernels_section(kernels: KernelConfig | None = None) -> ml_collections.ConfigDict:
-    """The ``kernels`` section: ``auto | reference | xla | pallas_gpu | pallas_tpu`` for every op."""
-    k = kernels or KernelConfig()
-    c = ml_collections.ConfigDict()
-    c.selective_scan = k.selective_scan  # Mamba-1 recurrence
-    c.ssd = k.ssd  # Mamba-2 chunked SSD
-    c.causal_conv1d = k.causal_conv1d  # depthwise causal conv of both Mamba mixers
-    c.sliding_window_attention = k.sliding_window_attention  # ATTENTION / SWA layers (and SAL with kv_source=all)
-    c.selective_attention = k.selective_attention  # SAL attention over selected tokens
-    c.selective_state_update = k.selective_state_update  # one-token Mamba / Mamba-2 state update (decoding)
-    c.decode_attention = k.decode_attention  # attention against a KV cache or ring (decoding, chunked prefill)
-    c.topk_attention = k.topk_attention  # TOPK layers: top-k block-sparse attention over a sequence
-    return c
+    """The ``kernels`` section: ``auto | reference | xla | pallas_gpu | pallas_tpu`` for every op (fields of
+    :class:`KernelConfig`)."""
+    return _section(kernels or KernelConfig())
 
 
 def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """Model FLOPs per token and device peaks, for the model FLOPs utilisation (MFU) that the trainer logs.
 
-Training FLOPs per token = 3 x forward FLOPs (backward = 2 x forward), where the forward pass counts:
+Training FLOPs per token = 3 x forward FLOPs (backward = 2 x forward), where the forward pass counts (the parts
+besides the parameter matmuls come from each mixer's ``flops``, see :mod:`hybrid_jax.model.mixer`):
 
 * matmuls with parameters: ``2 * N_matmul``, N_matmul = every projection kernel (q/k/v/o, MLP, SSM in/out/x/dt
   projections) plus the LM head (``vocab * d_model``, tied or not); embedding lookups, norms, biases and the SSM's
@@ -16,7 +17,7 @@ Training FLOPs per token = 3 x forward FLOPs (backward = 2 x forward), where the
 * Mamba-1 scan: ``9 * e * n`` per token (dt*A, exp, dt*B*x, the state update and C.h).
 * Mamba-2 SSD (the chunked algorithm of arXiv:2405.21060 section 6, chunk length l): ``2 (l+1)/2 (g n + h p)`` for the
   causal intra-chunk products (C B^T and its product with x) plus ``4 h p n`` for the chunk states and their output.
-* depthwise causal conv: ``2 * width * channels``.
+* depthwise causal conv: ``2 * width * channels`` (the SSMs', and an attention layer's optional short conv).
 
 MFU = training FLOPs per token x tokens per second / (devices x peak FLOP/s of one device), with the peak taken from
 :data:`PEAK_FLOPS` by device kind (dense bf16 spec sheets; ``None``, hence no MFU, for unknown devices and CPUs).
@@ -29,9 +30,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hybrid_jax.model import BlockType, LanguageModel, ModelConfig
+from hybrid_jax.model import LanguageModel, ModelConfig
+from hybrid_jax.model.blocks import MIXERS
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets), matched by substring of jax's device_kind (lower-case),
 # first match wins: more specific names come first.
@@ -77,22 +78,6 @@ def matmul_params(config: ModelConfig) -> int:
     return total + config.vocab_size * config.d_model * int(config.tie_embeddings)
 
 
-def _mean_keys(t: int, window: int | None) -> float:
-    """Mean over queries i < t of the number of keys j <= i with i - j < window."""
-    if window is None or window >= t:
-        return (t + 1) / 2
-    w = window
-    return (w * (w + 1) / 2 + (t - w) * w) / t
-
-
-def _topk_keys(t: int, block_size: int, top_k: int) -> tuple[float, float]:
-    """(mean keys attended, mean candidate blocks scored) over queries i < t of a top-k attention layer."""
-    i = np.arange(t)
-    c = i // block_size
-    keys = (i % block_size + 1) + np.minimum(top_k, c) * block_size
-    return float(keys.mean()), float(c.mean())
-
-
 def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward) of ``config`` at sequence length ``seq_len``.
 
@@ -101,33 +86,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     """
     c = config
     fwd_matmul = 2.0 * matmul_params(c)
-    attn = ssm = conv = 0.0
-    a, s = c.attention, c.sal
+    parts = {"attention": 0.0, "ssm": 0.0, "conv": 0.0}
     for kind in c.period:
-        if kind in (BlockType.ATTENTION, BlockType.SWA):
-            hd = a.head_dim or c.d_model // a.num_heads
-            keys = _mean_keys(seq_len, a.window if kind is BlockType.SWA else None)
-            attn += 4.0 * a.num_heads * hd * keys
-        elif kind is BlockType.SAL:
-            hd = s.head_dim or c.d_model // s.num_heads
-            keys = _mean_keys(seq_len, s.window) * (s.capacity if s.kv_source == "selected" else 1.0)
-            attn += 4.0 * s.num_heads * hd * keys * s.capacity
-        elif kind is BlockType.TOPK:
-            tk = c.topk
-            hd = tk.head_dim or c.d_model // tk.num_heads
-            keys, candidates = _topk_keys(seq_len, tk.block_size, tk.top_k)
-            attn += 4.0 * tk.num_heads * hd * keys
-            # Forward-only selection work, divided by the 3 applied below to every entry.
-            attn += 2.0 * (tk.num_kv_heads or tk.num_heads) * hd * candidates / 3.0
-        elif kind is BlockType.MAMBA:
-            ssm += 9.0 * c.d_inner * c.mamba.d_state
-            conv += 2.0 * c.mamba.d_conv * c.d_inner
-        elif kind is BlockType.MAMBA2:
-            m = c.mamba2
-            h, p, g, n = c.mamba2_heads, m.headdim, m.ngroups, m.d_state
-            lc = min(m.chunk_size, seq_len)
-            ssm += 2.0 * (lc + 1) / 2 * (g * n + h * p) + 4.0 * h * p * n
-            conv += 2.0 * m.d_conv * (c.d_inner2 + 2 * g * n)
+        for part, value in MIXERS[kind].flops(c, seq_len).items():
+            parts[part] += value
+    attn, ssm, conv = parts["attention"], parts["ssm"], parts["conv"]
     per_period = c.n_periods
     out = {
         "matmul": 3.0 * fwd_matmul,

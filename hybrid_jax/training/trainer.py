@@ -129,14 +129,14 @@ def make_train_step(
     (:func:`masked_positions`); masked positions beyond them would not count, which the metric ``answers_dropped``
     reports.
     """
-    lam = model.config.sal.constraint_weight
 
     def micro_objective(params, micro, key, total_tokens):
         (logits, aux), micro = _logits_and_targets(
             model, params, micro, loss_positions, deterministic=False, return_aux=True, rngs={"gumbel": key}
         )
         ce_sum, _ = _cross_entropy(logits, micro)
-        objective = ce_sum / total_tokens + lam * aux["sal_constraint"] / accum_steps
+        # The mixers' auxiliary losses (already weighted, e.g. a SAL's budget constraint) join the objective.
+        objective = ce_sum / total_tokens + sum(aux["losses"].values(), jnp.zeros((), jnp.float32)) / accum_steps
         return objective, (ce_sum, aux)
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -173,10 +173,8 @@ def make_train_step(
         metrics = {
             "loss": ce_sum / total_tokens,
             "objective": objective,
-            "sal_constraint": aux["sal_constraint"],
-            "sal_selection_rate": aux["sal_selection_rate"],
-            "sal_dropped": aux["sal_dropped"],
-            "sal_alpha": aux["sal_alpha"],
+            "aux_losses": aux["losses"],
+            "aux_metrics": aux["metrics"],
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step) * (1.0 if lr_scale is None else lr_scale),
             "tokens": total_tokens,
@@ -837,22 +835,19 @@ class Trainer:
             "grad_norm": float(m["grad_norm"]),
             "tokens": float(m["tokens"]),
         }
-        rates = np.asarray(m["sal_selection_rate"])
-        if rates.size:
-            record["sal_constraint"] = float(m["sal_constraint"])
-            for i, r in enumerate(rates):
-                record[f"sal_selection_rate/{i}"] = float(r)
-            for i, r in enumerate(np.asarray(m["sal_dropped"])):
-                record[f"sal_dropped/{i}"] = float(r)
-            for i, r in enumerate(np.asarray(m["sal_alpha"])):
-                record[f"sal_alpha/{i}"] = float(r)
+        for name, value in m["aux_losses"].items():
+            record[name] = float(value)
+        for name, values in m["aux_metrics"].items():
+            for i, v in enumerate(np.asarray(values).ravel()):
+                record[f"{name}/{i}"] = float(v)
         if compile_s is not None:
             record["compile_time_s"] = compile_s
         return record
 
     def _population_record(self, m, tokens_per_sec: float, compile_s: float | None) -> dict[str, Any]:
         """A population's log record: ``loss`` is the best finite member's, ``<metric>/member<i>`` every member's
-        (SAL metrics as ``sal_selection_rate/<sal>/member<i>``); throughput counts every member's tokens."""
+        (the mixers' per-layer metrics as ``<name>/<layer>/member<i>``, e.g. ``sal_selection_rate/0/member1``);
+        throughput counts every member's tokens."""
         n = len(self.members)
         tps = tokens_per_sec * n
         mfu = flops_lib.mfu(self.flops_per_token["total"], tps, jax.device_count(), self.peak_flops)
@@ -867,11 +862,14 @@ class Trainer:
         for key in ("loss", "objective", "grad_norm", "learning_rate"):
             for i, v in enumerate(np.asarray(m[key]).reshape(n)):
                 record[f"{key}/member{i}"] = float(v)
-        for key in ("sal_selection_rate", "sal_dropped", "sal_alpha"):
-            values = np.asarray(m[key]).reshape(n, -1)
+        for name, value in m["aux_losses"].items():
+            for i, v in enumerate(np.asarray(value).reshape(n)):
+                record[f"{name}/member{i}"] = float(v)
+        for name, values in m["aux_metrics"].items():
+            values = np.asarray(values).reshape(n, -1)
             for i in range(n):
                 for j, v in enumerate(values[i]):
-                    record[f"{key}/{j}/member{i}"] = float(v)
+                    record[f"{name}/{j}/member{i}"] = float(v)
         if compile_s is not None:
             record["compile_time_s"] = compile_s
         return record

@@ -64,7 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ssd.block_sizes import GpuTiling, pow2_at_least
-from pallas_kernels.ssd.vjp import Grads, Plan, Vectors, tiles_below_left
+from pallas_kernels.ssd.plan import Grads, Plan, Vectors, tiles_below_left
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T

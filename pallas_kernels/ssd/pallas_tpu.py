@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd.vjp import Grads, Plan, Vectors
+from pallas_kernels.ssd.plan import Grads, Plan, Vectors
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T

@@ -783,14 +783,25 @@ def mosaic_case_marks(interpret: bool):
     return [pytest.mark.gpu]
 
 
-@pytest.mark.parametrize(
-    "interpret",
-    [
-        pytest.param(True, id="interpret", marks=mosaic_case_marks(True)),
-        pytest.param(False, id="compiled", marks=mosaic_case_marks(False)),
-    ],
-)
-@pytest.mark.parametrize(MOSAIC_NAMES, MOSAIC)
+# In the CPU suite (interpret mode, 13-40 s a shape) one shape runs by default, the others with --runslow; the
+# compiled GPU runs take every shape.
+MOSAIC_CPU_DEFAULT = "t384-mqa-window1-1cta"
+MOSAIC_CASES = [
+    pytest.param(
+        *case.values,
+        interpret,
+        id=f"{case.id}-{'interpret' if interpret else 'compiled'}",
+        marks=[
+            *mosaic_case_marks(interpret),
+            *([pytest.mark.slow] if interpret and case.id != MOSAIC_CPU_DEFAULT else []),
+        ],
+    )
+    for case in MOSAIC
+    for interpret in (True, False)
+]
+
+
+@pytest.mark.parametrize(f"{MOSAIC_NAMES}, interpret", MOSAIC_CASES)
 def test_mosaic_forward_matches_float64_oracle(interpret, b, t, hq, hk, window, ctas):
     """Output and saved log-sum-exp of the Mosaic GPU forward against the float64 numpy loop, bf16 and fp16.
 

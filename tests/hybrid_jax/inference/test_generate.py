@@ -76,7 +76,7 @@ def test_sal_capacity_cap_decodes_as_the_forward_pass():
     _, aux = model.apply(
         {"params": params}, jnp.concatenate([jnp.asarray(tokens), jnp.asarray(out[:, :-1])], 1), return_aux=True
     )
-    assert float(aux["sal_dropped"][0]) > 0.1, "the cap must bind for this test to mean something"
+    assert float(aux["metrics"]["sal_dropped"][0]) > 0.1, "the cap must bind for this test to mean something"
     _assert_greedy_argmax(model, params, tokens, lengths, out)
 
 

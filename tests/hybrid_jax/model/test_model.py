@@ -94,7 +94,7 @@ def test_decode_matches_forward_and_gradients_finite(name):
             {"params": p}, tokens, deterministic=False, return_aux=True, rngs={"gumbel": jax.random.PRNGKey(5)}
         )
         ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
-        return ce + aux["sal_constraint"], aux
+        return ce + sum(aux["losses"].values(), 0.0), aux
 
     grads, aux = jax.jit(jax.grad(loss, has_aux=True))(params)
     leaves = jax.tree_util.tree_leaves_with_path(grads)
@@ -104,7 +104,7 @@ def test_decode_matches_forward_and_gradients_finite(name):
     assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
     if BlockType.SAL in cfg.period:
         # Only meaningful if the SAL selected some but not all tokens.
-        rate = float(aux["sal_selection_rate"][0])
+        rate = float(aux["metrics"]["sal_selection_rate"][0])
         assert 0.1 < rate < 0.9, rate
 
 
@@ -153,8 +153,8 @@ def test_sal_all_selected_alpha_one_equals_swa_mixer():
     gate = p["mixer"]["gate"]
     gate["kernel"] = jnp.zeros_like(gate["kernel"])
     gate["bias"] = jnp.array([-60.0, 60.0])  # s1 - s0 = 120: selected, alpha = 1 - exp(-120) == 1 in fp32
-    out, _, aux = sal_block.apply({"params": p}, h)
-    assert float(aux["selection_rate"]) == 1.0
+    out, aux = sal_block.apply({"params": p}, h)
+    assert float(aux["metrics"]["selection_rate"]) == 1.0
 
     swa_cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, window=cfg.sal.window, rope=False))
     mixer = AttentionMixer(swa_cfg, sliding=True)
@@ -171,10 +171,10 @@ def test_sal_none_selected_is_identity():
     p = nn.unbox(blk.init(jax.random.PRNGKey(1), h)["params"])
     p["mixer"]["gate"]["kernel"] = jnp.zeros_like(p["mixer"]["gate"]["kernel"])
     p["mixer"]["gate"]["bias"] = jnp.array([5.0, -5.0])
-    out, _, aux = blk.apply({"params": p}, h)
+    out, aux = blk.apply({"params": p}, h)
     np.testing.assert_array_equal(out, h)
-    assert float(aux["selection_rate"]) == 0.0
-    assert abs(float(aux["constraint"]) - cfg.sal.capacity**2) < 1e-7
+    assert float(aux["metrics"]["selection_rate"]) == 0.0
+    assert abs(float(aux["losses"]["constraint"]) - cfg.sal.constraint_weight * cfg.sal.capacity**2) < 1e-7
 
 
 def test_sal_aux_matches_independent_gate_count():
@@ -182,7 +182,7 @@ def test_sal_aux_matches_independent_gate_count():
     model, params, tokens = _init(cfg)
     params = _spread_sal_gate(params, cfg)
     _, aux = model.apply({"params": params}, tokens, return_aux=True)
-    rate = float(aux["sal_selection_rate"][0])
+    rate = float(aux["metrics"]["sal_selection_rate"][0])
     # Recompute the gate decisions independently from the captured gate logits.
     _, state = model.apply(
         {"params": params}, tokens, capture_intermediates=lambda mdl, name: name == "__call__" and "gate" in mdl.path
@@ -192,7 +192,7 @@ def test_sal_aux_matches_independent_gate_count():
     assert abs(rate - selected.mean()) < 1e-6
     c = cfg.sal.capacity
     expected = np.mean((c - selected.mean(axis=1)) ** 2)  # per sequence, then averaged over the batch
-    assert abs(float(aux["sal_constraint"]) - expected) < 1e-6
+    assert abs(float(aux["losses"]["sal_constraint"]) - expected) < 1e-6
 
 
 def test_capacity_truncation_keeps_first_tokens_and_reports_drops():
@@ -203,8 +203,8 @@ def test_capacity_truncation_keeps_first_tokens_and_reports_drops():
     logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, return_aux=True))(params, tokens)
     assert np.all(np.isfinite(logits))
     cap = int(np.ceil(0.1 * T))
-    assert float(aux["sal_selection_rate"][0]) <= cap / T + 1e-6
-    assert float(aux["sal_dropped"][0]) > 0
+    assert float(aux["metrics"]["sal_selection_rate"][0]) <= cap / T + 1e-6
+    assert float(aux["metrics"]["sal_dropped"][0]) > 0
     # Causality of truncation: changing the last token does not change earlier logits.
     tokens2 = tokens.at[:, -1].set((tokens[:, -1] + 1) % cfg.vocab_size)
     logits2 = _jitted(cfg)[2](params, tokens2)

@@ -27,7 +27,7 @@ def _mix_update(layer, variables, hn, h, s, query):
     soft = jax.nn.softmax(s, axis=-1)[..., 1]
     hard = soft > 0.5
     m_st = hard.astype(jnp.float32) - jax.lax.stop_gradient(soft) + soft
-    update, _, _ = layer.apply(variables, hn, h, s, hard, m_st, method=SelectiveAttentionLayer.mix)
+    update, _ = layer.apply(variables, hn, h, s, hard, m_st, method=SelectiveAttentionLayer.mix)
     return update, update[:, query]
 
 

@@ -120,3 +120,39 @@ def test_trainer_rejects_a_kernel_this_platform_cannot_run(tmp_path):
     with pytest.raises(ValueError, match=r"config: kernels.ssd: ssd: implementation='pallas_gpu' needs a GPU"):
         Trainer(config, str(tmp_path))
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_the_run_config_model_section_is_derived_from_the_dataclasses():
+    """Every dataclass field appears in the ``model`` / ``kernels`` sections with its preset value (None fields as
+    typed placeholders), and the sections round-trip to the same ModelConfig."""
+    import dataclasses
+
+    from hybrid_jax.model import preset
+    from hybrid_jax.training.config import kernels_section, model_config, model_section
+
+    cfg = preset("taipan", "tiny", vocab_size=64)
+    m, k = model_section(cfg), kernels_section(cfg.kernels)
+
+    def check(section, obj, where):
+        for f in dataclasses.fields(obj):
+            if where == "model" and f.name == "kernels":
+                assert "kernels" not in section
+                continue
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                check(section[f.name], value, f"{where}.{f.name}")
+            elif where == "model" and f.name == "vocab_size":
+                assert section.vocab_size is None
+            elif value is None:
+                ref = section.get_ref(f.name)
+                assert ref.get() is None and ref.get_type() in (int, float), f"{where}.{f.name}"
+            elif f.name == "period":
+                assert section.period == tuple(b.value for b in value)
+            else:
+                assert section[f.name] == value, f"{where}.{f.name}"
+
+    check(m, cfg, "model")
+    check(k, cfg.kernels, "kernels")
+    assert model_config({"model": m, "kernels": k}, vocab_size=64) == cfg
+    m.sal.capacity_factor = 2.0  # a typed placeholder takes a value of its type
+    assert model_config({"model": m, "kernels": k}, vocab_size=64).sal.capacity_factor == 2.0

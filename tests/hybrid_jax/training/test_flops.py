@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hybrid_jax.model import BlockType, preset
-from hybrid_jax.training.flops import _mean_keys, flops_per_token, matmul_params, mfu, peak_flops
+from hybrid_jax.model.mixer import mean_causal_keys
+from hybrid_jax.training.flops import flops_per_token, matmul_params, mfu, peak_flops
 
 
 def test_transformer_matmul_params_closed_form():
@@ -21,7 +22,7 @@ def test_mean_keys_counts_the_causal_window(t, w):
     i = np.arange(t)[:, None]
     j = np.arange(t)[None, :]
     visible = (j <= i) & ((i - j < w) if w is not None else True)
-    assert _mean_keys(t, w) == pytest.approx(visible.sum() / t)
+    assert mean_causal_keys(t, w) == pytest.approx(visible.sum() / t)
 
 
 def test_transformer_flops_per_token_closed_form():
@@ -41,7 +42,7 @@ def test_taipan_counts_ssd_and_selective_attention():
     t = 4096
     got = flops_per_token(cfg, t)
     s, c = cfg.sal, cfg.sal.capacity
-    sal = cfg.n_periods * 4 * s.num_heads * (cfg.d_model // s.num_heads) * _mean_keys(t, s.window) * c * c
+    sal = cfg.n_periods * 4 * s.num_heads * (cfg.d_model // s.num_heads) * mean_causal_keys(t, s.window) * c * c
     assert got["attention"] == pytest.approx(3 * sal)  # C of the queries, each against C of the window's keys
     m = cfg.mamba2
     h, p, n, lc = cfg.mamba2_heads, m.headdim, m.d_state, m.chunk_size

@@ -56,15 +56,21 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 
 def test_taipan_objective_adds_the_weighted_budget_loss():
-    cfg = preset("taipan", "tiny", vocab_size=64, period=("sal", "mlp"), n_periods=2)
-    cfg = cfg.replace(sal=type(cfg.sal)(**{**cfg.sal.__dict__, "constraint_weight": 3.0, "capacity": 0.5}))
-    model = LanguageModel(cfg)
-    tx, sched = make_optimizer(OPTIM, 10)
-    _, m = jax.jit(make_train_step(model, tx, sched, 1))(state_for(model, tx), batch())
-    rates = np.asarray(m["sal_selection_rate"])
+    base = preset("taipan", "tiny", vocab_size=64, period=("sal", "mlp"), n_periods=2)
+
+    def step_metrics(weight):
+        cfg = base.replace(sal=type(base.sal)(**{**base.sal.__dict__, "constraint_weight": weight, "capacity": 0.5}))
+        model = LanguageModel(cfg)
+        tx, sched = make_optimizer(OPTIM, 10)
+        return jax.jit(make_train_step(model, tx, sched, 1))(state_for(model, tx), batch())[1]
+
+    m, unweighted = step_metrics(3.0), step_metrics(1.0)
+    rates = np.asarray(m["aux_metrics"]["sal_selection_rate"])
     assert rates.shape == (2,) and np.all((rates >= 0) & (rates <= 1))
-    assert float(m["sal_constraint"]) > 0
-    assert float(m["objective"]) == pytest.approx(float(m["loss"]) + 3.0 * float(m["sal_constraint"]), rel=1e-6)
+    raw = float(unweighted["aux_losses"]["sal_constraint"])  # sum over the two SALs of (C - rate)^2
+    assert raw > 0
+    assert float(m["aux_losses"]["sal_constraint"]) == pytest.approx(3.0 * raw, rel=1e-6)
+    assert float(m["objective"]) == pytest.approx(float(m["loss"]) + 3.0 * raw, rel=1e-6)
 
 
 def test_eval_sums_match_numpy():

@@ -1,0 +1,319 @@
+"""Import of hybrid SSM + attention checkpoints written by transformers' ``save_pretrained``.
+
+Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H,
+``NemotronHForCausalLM``, without MoE layers).
+
+A checkpoint's layers become our pre-norm blocks in order (a :class:`Family` lists, per block, its kind, its norm's
+tensor and its mixer's tensor prefix). Our model repeats one period of blocks ``n_periods`` times (scanned), so the
+shortest period that repeats the checkpoint's block pattern is used (the whole stack as one period when the pattern
+does not repeat).
+
+Bamba (transformers ``modeling_bamba.py``, read for the mapping): Mamba-2 mixers as in mamba_ssm (gated RMSNorm over
+``intermediate / n_groups`` channels), Llama attention with GQA and partial rotary embeddings (the first half of each
+head's channels), SwiGLU MLPs, RMSNorm everywhere with ``rms_norm_eps``, an untied LM head by default. Each
+decoder layer is a mixer block (behind ``input_layernorm``) and an MLP block (behind ``pre_ff_layernorm``).
+
+Nemotron-H (``modeling_nemotron_h.py``): every layer is one block, ``norm`` then a mixer: Mamba-2
+(``linear_attention``, gated RMSNorm over ``intermediate / n_groups``), attention without positional embedding
+(``full_attention``, GQA) or a squared-ReLU MLP (``mlp``); old configs give the pattern as
+``hybrid_override_pattern`` (M, *, -). MoE layers (``moe``, E) are not supported yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hybrid_jax.convert.tensors import (
+    CheckpointError,
+    Tensors,
+    attention_mixer,
+    json_float,
+    mamba2_mixer,
+    relu2_mlp,
+    swiglu,
+)
+from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, ModelConfig
+
+HYBRID_TYPES = ("bamba", "nemotron_h")
+
+Block = tuple[BlockType, str, str]  # (kind, norm weight name, mixer tensor prefix)
+
+
+def shortest_period(kinds: Sequence[Any]) -> int:
+    """The length p of the shortest prefix that repeats to ``kinds`` (``len(kinds)`` when none shorter does)."""
+    n = len(kinds)
+    for p in range(1, n + 1):
+        if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
+            return p
+    return n
+
+
+def _rope(cfg: Mapping[str, Any]) -> tuple[float, float]:
+    """(rope base, partial rotary fraction) from ``rope_parameters`` (transformers 5) or the older flat keys."""
+    rp = cfg.get("rope_parameters") or {}
+    base = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    fraction = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    return base, fraction
+
+
+def _check_off(cfg: Mapping[str, Any], kind: str, *keys: str) -> None:
+    for key in keys:
+        if cfg.get(key):
+            raise CheckpointError(f"load_hf_checkpoint: {kind} with {key}={cfg[key]!r} is not supported")
+
+
+def _check_act(cfg: Mapping[str, Any], kind: str, key: str, want: str) -> None:
+    if cfg.get(key, want) != want:
+        raise CheckpointError(f"load_hf_checkpoint: {kind} with {key}={cfg[key]!r} is not supported ({want})")
+
+
+def _mamba2(cfg: Mapping[str, Any], family: str, eps: float) -> Mamba2Config:
+    """Mamba2Config from a hybrid config.json, whose key names differ by family (:data:`_MAMBA_KEYS`)."""
+    d = int(cfg["hidden_size"])
+    names = _MAMBA_KEYS[family]
+    heads, expand = int(cfg[names["heads"]]), int(cfg.get(names["expand"], 2))
+    head_dim = cfg.get(names["head_dim"], "auto")
+    head_dim = expand * d // heads if head_dim in (None, "auto") else int(head_dim)
+    if heads * head_dim != expand * d:
+        raise CheckpointError(
+            f"load_hf_checkpoint: {names['heads']}*{names['head_dim']}={heads * head_dim} != "
+            f"{names['expand']}*hidden_size={expand * d}"
+        )
+    limit = [json_float(x) for x in (cfg.get("time_step_limit") or (0.0, float("inf")))]
+    return Mamba2Config(
+        d_state=int(cfg[names["d_state"]]),
+        d_conv=int(cfg.get(names["d_conv"], 4)),
+        expand=expand,
+        headdim=head_dim,
+        ngroups=int(cfg.get(names["groups"], 1)),
+        chunk_size=int(cfg.get(names["chunk"], 256)),
+        dt_limit=(float(limit[0]), float(limit[1])),
+        conv_bias=bool(cfg.get(names["conv_bias"], True)),
+        norm_eps=eps,
+    )
+
+
+_MAMBA_KEYS = {
+    "bamba": dict(
+        heads="mamba_n_heads",
+        expand="mamba_expand",
+        head_dim="mamba_d_head",
+        d_state="mamba_d_state",
+        d_conv="mamba_d_conv",
+        groups="mamba_n_groups",
+        chunk="mamba_chunk_size",
+        conv_bias="mamba_conv_bias",
+    ),
+    "nemotron_h": dict(
+        heads="mamba_num_heads",
+        expand="expand",
+        head_dim="mamba_head_dim",
+        d_state="ssm_state_size",
+        d_conv="conv_kernel",
+        groups="n_groups",
+        chunk="chunk_size",
+        conv_bias="use_conv_bias",
+    ),
+}
+
+
+def _attention(cfg: Mapping[str, Any], rope: bool) -> AttentionConfig:
+    d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    base, fraction = _rope(cfg)
+    return AttentionConfig(
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or d // heads),
+        rope=rope,
+        rope_base=base,
+        rope_fraction=fraction if rope else 1.0,
+    )
+
+
+# ----- Bamba -----------------------------------------------------------------------------------------------------
+
+
+def _bamba_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    attn = set(cfg.get("attn_layer_indices") or ())
+    out: list[Block] = []
+    for i in range(int(cfg["num_hidden_layers"])):
+        pre = f"{prefix}layers.{i}."
+        if i in attn:
+            out.append((BlockType.ATTENTION, pre + "input_layernorm.weight", pre + "self_attn."))
+        else:
+            out.append((BlockType.MAMBA2, pre + "input_layernorm.weight", pre + "mamba."))
+        out.append((BlockType.MLP, pre + "pre_ff_layernorm.weight", pre + "feed_forward."))
+    return out
+
+
+def _bamba_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "bamba"
+    _check_off(cfg, kind, "mamba_proj_bias", "attention_bias", "mlp_bias")
+    _check_act(cfg, kind, "hidden_act", "silu")
+    eps = float(cfg.get("rms_norm_eps", 1e-5))
+    return dict(
+        mlp_hidden=int(cfg["intermediate_size"]),
+        norm_eps=eps,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mamba2=_mamba2(cfg, kind, eps),
+        attention=_attention(cfg, rope=True),
+    )
+
+
+# ----- Nemotron-H ------------------------------------------------------------------------------------------------
+
+_NEMOTRON_KINDS = {
+    "linear_attention": BlockType.MAMBA2,
+    "mamba": BlockType.MAMBA2,
+    "M": BlockType.MAMBA2,
+    "full_attention": BlockType.ATTENTION,
+    "attention": BlockType.ATTENTION,
+    "*": BlockType.ATTENTION,
+    "mlp": BlockType.RELU2_MLP,
+    "-": BlockType.RELU2_MLP,
+}
+
+
+def _nemotron_types(cfg: Mapping[str, Any]) -> list[str]:
+    types = cfg.get("layers_block_type") or cfg.get("layer_types") or list(cfg.get("hybrid_override_pattern") or "")
+    if not types:
+        raise CheckpointError("load_hf_checkpoint: nemotron_h config.json has no layers_block_type")
+    bad = sorted({t for t in types if t not in _NEMOTRON_KINDS})
+    if bad:
+        raise CheckpointError(
+            f"load_hf_checkpoint: nemotron_h layer type(s) {bad} are not supported (MoE layers are not yet)"
+        )
+    return list(types)
+
+
+def _nemotron_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    return [
+        (_NEMOTRON_KINDS[t], f"{prefix}layers.{i}.norm.weight", f"{prefix}layers.{i}.mixer.")
+        for i, t in enumerate(_nemotron_types(cfg))
+    ]
+
+
+def _nemotron_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "nemotron_h"
+    _check_off(cfg, kind, "mamba_proj_bias", "use_bias", "attention_bias", "mlp_bias", "sliding_window")
+    _check_act(cfg, kind, "mlp_hidden_act", "relu2")
+    _check_act(cfg, kind, "mamba_hidden_act", "silu")
+    eps = float(cfg.get("layer_norm_epsilon", 1e-5))
+    return dict(
+        mlp_hidden=int(cfg["intermediate_size"]),
+        norm_eps=eps,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mamba2=_mamba2(cfg, kind, eps),
+        attention=_attention(cfg, rope=False),
+    )
+
+
+# ----- the families ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one ``model_type`` maps onto our model.
+
+    Attributes:
+      blocks: ``(config.json, tensor prefix) -> [(kind, norm weight, mixer prefix)]``, our blocks in order.
+      fields: ``config.json -> ModelConfig`` keyword arguments besides the layer pattern and sizes.
+      embedding, final_norm: tensor names after the prefix.
+      prefixes: where the checkpoint may keep its model (the first with an embedding is used).
+    """
+
+    blocks: Callable[[Mapping[str, Any], str], list[Block]]
+    fields: Callable[[Mapping[str, Any]], dict[str, Any]]
+    embedding: str
+    final_norm: str
+    prefixes: tuple[str, ...] = ("model.",)
+
+
+FAMILIES: dict[str, Family] = {
+    "bamba": Family(_bamba_blocks, _bamba_config, "embed_tokens.weight", "final_layernorm.weight"),
+    # NVIDIA's own checkpoints name the model "backbone", transformers' native class "model".
+    "nemotron_h": Family(
+        _nemotron_blocks, _nemotron_config, "embeddings.weight", "norm_f.weight", prefixes=("model.", "backbone.")
+    ),
+}
+
+# One function per block kind: (tensors, mixer prefix, config) -> our mixer parameters.
+MIXER_PARAMS = {
+    BlockType.MAMBA2: mamba2_mixer,
+    BlockType.ATTENTION: attention_mixer,
+    BlockType.MLP: swiglu,
+    BlockType.RELU2_MLP: relu2_mlp,
+}
+
+
+def _family(cfg: Mapping[str, Any]) -> Family:
+    kind = cfg.get("model_type")
+    if kind not in FAMILIES:
+        raise CheckpointError(f"load_hf_checkpoint: model_type={kind!r} is not a supported hybrid {HYBRID_TYPES}")
+    return FAMILIES[kind]
+
+
+def embedding_names(cfg: Mapping[str, Any]) -> list[str]:
+    """Where the checkpoint may keep its input embedding (its rows are the vocabulary), in order of preference."""
+    f = _family(cfg)
+    return [p + f.embedding for p in f.prefixes]
+
+
+def _prefix(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
+    f = _family(cfg)
+    return next((p for p in f.prefixes if p + f.embedding in tensors), f.prefixes[0])
+
+
+def hybrid_config(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig:
+    """The ModelConfig of a hybrid checkpoint's ``config.json`` (``model_type`` in :data:`HYBRID_TYPES`)."""
+    f = _family(cfg)
+    kinds = [k for k, _, _ in f.blocks(cfg, "")]
+    p = shortest_period(kinds)
+    return ModelConfig(
+        period=tuple(kinds[:p]),
+        n_periods=len(kinds) // p,
+        d_model=int(cfg["hidden_size"]),
+        vocab_size=vocab_rows,
+        name=f"hf-{cfg['model_type']}",
+        **f.fields(cfg),
+    )
+
+
+def hybrid_params(config: ModelConfig, cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Our (scanned) parameter tree from a hybrid checkpoint's state dict; every tensor is shape-checked and every
+    tensor must be used."""
+    f = _family(cfg)
+    prefix = _prefix(cfg, tensors)
+    T = Tensors(tensors)
+    d, v = config.d_model, config.vocab_size
+    per_period: list[list[dict[str, Any]]] = [[] for _ in config.period]
+    for n, (kind, norm, mixer) in enumerate(f.blocks(cfg, prefix)):
+        block = {"norm": {"scale": T.get(norm, (d,))}, "mixer": MIXER_PARAMS[kind](T, mixer, config)}
+        per_period[n % len(config.period)].append(block)
+    params: dict[str, Any] = {
+        "embed": {"embedding": T.get(prefix + f.embedding, (v, d))},
+        "periods": {f"{kind.value}_{j}": _stack(per_period[j]) for j, kind in enumerate(config.period)},
+        "norm_f": {"scale": T.get(prefix + f.final_norm, (d,))},
+    }
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": T.get("lm_head.weight", (v, d)).T}
+    elif "lm_head.weight" in T.t:
+        T.used.add("lm_head.weight")
+    unused = sorted(set(T.t) - T.used)
+    if unused:
+        raise CheckpointError(f"load_hf_checkpoint: {len(unused)} unexpected tensor(s), e.g. {unused[:3]}")
+    return params
+
+
+def _stack(trees: list[Any]) -> Any:
+    """Stacks equal-structure nested dicts of arrays along a new leading (period) axis."""
+    if isinstance(trees[0], dict):
+        return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+    return np.stack(trees, axis=0)
+
+
+__all__ = ["FAMILIES", "HYBRID_TYPES", "Family", "embedding_names", "hybrid_config", "hybrid_params", "shortest_period"]

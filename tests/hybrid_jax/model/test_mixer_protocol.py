@@ -1,0 +1,95 @@
+"""The mixer protocol: a mixer written only against ``hybrid_jax.model.mixer`` and entered in ``MIXERS`` (one line)
+trains, prefills, decodes, reports aux outputs and FLOPs through the model with no other change; and every table entry
+implements the protocol."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.model import MIXERS, BlockType, LanguageModel, Mixer, preset
+from hybrid_jax.model import blocks as blocks_lib
+from hybrid_jax.training.flops import flops_per_token
+
+
+class RunningMean(Mixer):
+    """A test-only causal mixer with a decode cache: ``update_i = W mean(hn_0 .. hn_i)``."""
+
+    def setup(self):
+        self.proj = nn.Dense(self.config.d_model, use_bias=False)
+
+    def __call__(self, hn, *, h=None, segment_ids=None, positions=None):
+        t = hn.shape[1]
+        mean = jnp.cumsum(hn.astype(jnp.float32), axis=1) / jnp.arange(1, t + 1)[None, :, None]
+        return self.proj(mean), {"losses": {"size": 1e-3 * jnp.mean(mean**2)}, "metrics": {"abs": jnp.mean(abs(mean))}}
+
+    def prefill(self, hn, cache, positions, valid, history, *, h=None):
+        total, count = cache
+        x = jnp.where(valid[..., None], hn.astype(jnp.float32), 0.0)
+        sums = total[:, None] + jnp.cumsum(x, axis=1)
+        counts = count[:, None] + jnp.cumsum(valid, axis=1)
+        mean = sums / jnp.maximum(counts, 1)[..., None]
+        last = valid.sum(axis=1) - 1
+        rows = jnp.arange(hn.shape[0])
+        return self.proj(mean), (sums[rows, last], counts[rows, last])
+
+    def step(self, hn, cache, position, layer, *, h=None):
+        total, count = cache
+        s = total[layer] + hn[:, 0].astype(jnp.float32)
+        n = count[layer] + 1
+        return self.proj(s / n[:, None])[:, None], (total.at[layer].set(s), count.at[layer].set(n))
+
+    @classmethod
+    def init_cache(cls, config, batch, max_len):
+        return jnp.zeros((batch, config.d_model), jnp.float32), jnp.zeros((batch,), jnp.int32)
+
+    @classmethod
+    def flops(cls, config, seq_len):
+        return {"attention": 7.0 * config.d_model}
+
+
+@pytest.fixture
+def running_mean_for_mlp(monkeypatch):
+    """The one table line: MLP layers become RunningMean layers."""
+    monkeypatch.setitem(blocks_lib.MIXERS, BlockType.MLP, RunningMean)
+
+
+def test_a_new_mixer_is_one_table_line(running_mean_for_mlp):
+    cfg = preset("samba", "tiny", vocab_size=64).replace(period=(BlockType.MAMBA, BlockType.MLP), n_periods=2)
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 64)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    assert "proj" in params["periods"]["mlp_1"]["mixer"]  # the new mixer's own parameters
+    logits, aux = model.apply({"params": params}, tokens, return_aux=True)
+
+    # Its aux outputs arrive under the block kind's prefix: a loss summed over layers, a metric per layer.
+    assert set(aux["losses"]) == {"mlp_size"} and aux["metrics"]["mlp_abs"].shape == (2,)
+    assert float(aux["losses"]["mlp_size"]) > 0
+
+    # Decoding: prefill 5 tokens, then step; equal to the forward pass.
+    prefill = jax.jit(lambda p, x: model.apply({"params": p}, x, 12, method="prefill"))
+    step = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method="step"))
+    last, cache = prefill(params, tokens[:, :5])
+    np.testing.assert_allclose(last, logits[:, 4], rtol=1e-4, atol=1e-4)
+    for i in range(5, 12):
+        out, cache = step(params, tokens[:, i], cache)
+        np.testing.assert_allclose(out, logits[:, i], rtol=1e-4, atol=1e-4)
+    assert cache.layers[1][1].tolist() == [[12, 12], [12, 12]]  # (period, row) counts of the new cache
+
+    # FLOPs: the mixer's own count, per layer, x3 for training.
+    base = flops_per_token(cfg.replace(period=(BlockType.MAMBA,)), 12)["attention"]
+    assert flops_per_token(cfg, 12)["attention"] == pytest.approx(base + 3 * 2 * 7.0 * cfg.d_model)
+
+
+@pytest.mark.parametrize("kind", list(BlockType))
+def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
+    cls = MIXERS[kind]
+    assert issubclass(cls, Mixer)
+    cfg = preset("taipan", "tiny", vocab_size=64)
+    cache = cls.init_cache(cfg, 2, 16)
+    token_wise = kind in (BlockType.MLP, BlockType.RELU2_MLP)
+    assert (cache is None) == token_wise
+    parts = cls.flops(cfg, 16)
+    assert set(parts) <= {"attention", "ssm", "conv"} and all(v > 0 for v in parts.values())
+    assert bool(parts) == (not token_wise)
