@@ -1,4 +1,4 @@
-"""Checkpoint import: Hugging Face transformers and state-spaces Mamba / Mamba-2."""
+"""Checkpoint import: Hugging Face transformers (Mamba, Mamba-2, Bamba, Nemotron-H) and state-spaces Mamba / Mamba-2."""
 
 from hybrid_jax.convert.hf import CheckpointError, load_hf_checkpoint
 

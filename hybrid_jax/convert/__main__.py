@@ -1,4 +1,4 @@
-"""Convert a Mamba / Mamba-2 checkpoint directory to an orbax checkpoint of hybrid_jax parameters.
+"""Convert a Mamba / Mamba-2 / Bamba / Nemotron-H checkpoint directory to an orbax checkpoint of hybrid_jax parameters.
 
 Usage:
   python -m hybrid_jax.convert --checkpoint=/path/to/hf_dir --out=/path/to/out [--dtype=bfloat16] [--overwrite]
