@@ -12,23 +12,8 @@ from hybrid_jax.model.layers import EMBED, MLP_AXIS, Dense
 from hybrid_jax.model.mixer import Mixer
 
 
-class SwiGLU(Mixer):
-    """``(b, t, d) -> (b, t, d)`` with hidden width ``config.mlp_dim``; no biases. A token-wise :class:`Mixer`: no
-    cache, and prefill and decode steps are the same map."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, h=None, segment_ids=None, positions=None):
-        """x ``(..., d)`` -> (update fp32, None)."""
-        del h, segment_ids, positions
-        c = self.config
-        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        gate = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="gate_proj")(x)
-        up = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="up_proj")(x)
-        h = jax.nn.silu(gate) * up
-        y = Dense(c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj")(
-            h
-        )
-        return y.astype(jnp.float32), None
+class TokenwiseMixer(Mixer):
+    """A mixer that maps each token alone: no cache, and a prompt chunk or a decode step is the forward map."""
 
     def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
         del positions, valid, history
@@ -39,9 +24,27 @@ class SwiGLU(Mixer):
         return self(x, h=h)[0], cache
 
 
-class SquaredReLUMLP(Mixer):
+class SwiGLU(TokenwiseMixer):
+    """``(b, t, d) -> (b, t, d)`` with hidden width ``config.mlp_dim``; no biases."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, h=None, segment_ids=None, positions=None):
+        """x ``(..., d)`` -> (update fp32, None)."""
+        del h, segment_ids, positions
+        c = self.config
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        gate = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="gate_proj")(x)
+        up = Dense(c.mlp_dim, (EMBED, MLP_AXIS), dtype=dt, param_dtype=pdt, name="up_proj")(x)
+        hidden = jax.nn.silu(gate) * up
+        y = Dense(c.d_model, (MLP_AXIS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt, name="down_proj")(
+            hidden
+        )
+        return y.astype(jnp.float32), None
+
+
+class SquaredReLUMLP(TokenwiseMixer):
     """``(b, t, d) -> (b, t, d)``: ``down(relu(up(x))^2)`` with hidden width ``config.mlp_dim``; no biases
-    (Nemotron-H's MLP layers). Token-wise, as :class:`SwiGLU`."""
+    (Nemotron-H's MLP layers)."""
 
     @nn.compact
     def __call__(self, x: jax.Array, *, h=None, segment_ids=None, positions=None):
@@ -55,11 +58,3 @@ class SquaredReLUMLP(Mixer):
             hidden
         )
         return y.astype(jnp.float32), None
-
-    def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
-        del positions, valid, history
-        return self(x, h=h)[0], cache
-
-    def step(self, x, cache, position, layer, *, h=None):
-        del position, layer
-        return self(x, h=h)[0], cache

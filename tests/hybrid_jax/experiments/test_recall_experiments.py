@@ -209,21 +209,9 @@ def test_cli_merge_reports_and_rejects_a_missing_part(tmp_path, capsys):
 def test_an_evaluation_batch_size_changes_the_batches_not_the_metrics(tmp_path):
     """EvalSpec.batch_size (fewer rows at long lengths): the same 16 test rows in batches of 8 or 2 give the same
     loss and accuracy; a batch size below 1 is refused."""
-    from hybrid_jax.experiments.recall import recall_config
     from hybrid_jax.training import Trainer
 
-    config = recall_config(
-        "mamba2",
-        16,
-        16,
-        source="mqar?seq_len=16&num_kv_pairs=2&vocab_size=32&num_train=64&num_eval=16&prepare=false",
-        steps=2,
-        batch_size=8,
-        learning_rates=(1e-3,),
-        seeds=(0,),
-        eval_batch_size=8,
-        progress=False,
-    )
+    config = _tiny_job("eval", tmp_path).config
     trainer = Trainer(config, str(tmp_path / "w"))
     trainer.run()
     params = trainer.final_state.params
