@@ -4,6 +4,7 @@ load_hf_checkpoint, give the same logits (fp32, 1e-4) as transformers' own forwa
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -194,8 +195,9 @@ def _decode_and_generate(hf, model, params, vocab, prompt_len=11, new=9, referen
         {"params": params}, jnp.asarray(tokens[:, :prompt_len].numpy()), prompt_len + new, method="prefill"
     )
     np.testing.assert_allclose(np.asarray(last), full[:, prompt_len - 1], rtol=1e-4, atol=1e-4)
+    step = jax.jit(lambda p, token, c: model.apply({"params": p}, token, c, method="step"))
     for i in range(prompt_len, prompt_len + new):
-        logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, i].numpy()), cache, method="step")
+        logits, cache = step(params, jnp.asarray(tokens[:, i].numpy()), cache)
         np.testing.assert_allclose(np.asarray(logits), full[:, i], rtol=1e-4, atol=1e-4)
     prompt = tokens[:, :prompt_len]
     with torch.no_grad():
