@@ -40,6 +40,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("embed", "fsdp"),
     ("vocab", "tensor"),
+    # Experts before "mlp": an expert weight (expert, embed, mlp) splits its experts over "tensor" (expert
+    # parallelism; a mesh axis shards one dimension of an array, the first rule that claims it wins).
+    ("expert", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -20,6 +20,7 @@ from hybrid_jax.model.config import BlockType, ModelConfig
 from hybrid_jax.model.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH, RMSNorm
 from hybrid_jax.model.mixer import Mixer
 from hybrid_jax.model.mlp import SquaredReLUMLP, SwiGLU
+from hybrid_jax.model.moe import MoESwiGLU
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 from hybrid_jax.model.topk_attention import TopKAttentionMixer
@@ -42,6 +43,7 @@ MIXERS: dict[BlockType, type[Mixer]] = {
     BlockType.TOPK: TopKAttentionMixer,
     BlockType.MLP: SwiGLU,
     BlockType.RELU2_MLP: SquaredReLUMLP,
+    BlockType.MOE: MoESwiGLU,
 }
 
 

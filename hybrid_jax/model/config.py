@@ -28,10 +28,11 @@ class BlockType(enum.Enum):
     TOPK = "topk"  # top-k block-sparse attention (own key block + the top_k best earlier blocks), issue 22
     MLP = "mlp"  # SwiGLU MLP
     RELU2_MLP = "relu2_mlp"  # squared-ReLU MLP (Nemotron-H)
+    MOE = "moe"  # mixture of SwiGLU experts, top-k routing (Jamba, Granite-4.0-H, Mixtral)
 
     @property
     def is_mixer(self) -> bool:
-        return self not in (BlockType.MLP, BlockType.RELU2_MLP)
+        return self not in (BlockType.MLP, BlockType.RELU2_MLP, BlockType.MOE)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -128,6 +129,17 @@ class TopKConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts SwiGLU layers (MOE), token choice with top-k routing (hybrid_jax/model/moe.py)."""
+
+    num_experts: int = 8  # E
+    top_k: int = 2  # experts per token
+    expert_hidden: int | None = None  # hidden width of each expert; None: the model's mlp_dim
+    normalize_top_k: bool = True  # renormalise the chosen experts' probabilities to sum to 1 (Mixtral; Jamba: False)
+    load_balance_weight: float = 0.01  # weight of the Switch load-balancing loss E * sum_e f_e P_e
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """``implementation=`` for every pallas_kernels op (``auto | reference | xla | pallas_gpu | pallas_tpu``)."""
 
@@ -147,6 +159,7 @@ _SECTIONS = {
     "attention": AttentionConfig,
     "sal": SALConfig,
     "topk": TopKConfig,
+    "moe": MoEConfig,
     "kernels": KernelConfig,
 }
 
@@ -173,6 +186,7 @@ class ModelConfig:
     attention: AttentionConfig = AttentionConfig()
     sal: SALConfig = SALConfig()
     topk: TopKConfig = TopKConfig()
+    moe: MoEConfig = MoEConfig()
     kernels: KernelConfig = KernelConfig()  # its own section of a run config
     name: str = "custom"  # label recorded with the run
 
@@ -247,6 +261,9 @@ class ModelConfig:
                 f"ModelConfig: sal.key_gradient={s.key_gradient!r} needs sal.kv_source='selected' (keys are selected)",
             )
 
+        if BlockType.MOE in kinds:
+            self._check_moe()
+
         if BlockType.TOPK in kinds:
             tk = self.topk
             self._check_heads("topk", tk.num_heads, tk.num_kv_heads, tk.head_dim)
@@ -255,6 +272,19 @@ class ModelConfig:
                 isinstance(tk.top_k, int) and not isinstance(tk.top_k, bool) and tk.top_k >= 0,
                 f"ModelConfig: topk.top_k={tk.top_k!r} must be an integer >= 0",
             )
+
+    def _check_moe(self) -> None:
+        m = self.moe
+        _check(_pos_int(m.num_experts), f"ModelConfig: moe.num_experts={m.num_experts!r} must be an integer >= 1")
+        _check(
+            _pos_int(m.top_k) and m.top_k <= m.num_experts,
+            f"ModelConfig: moe.top_k={m.top_k!r} must be an integer in [1, num_experts={m.num_experts}]",
+        )
+        _check(
+            m.expert_hidden is None or _pos_int(m.expert_hidden),
+            f"ModelConfig: moe.expert_hidden={m.expert_hidden!r} must be None or an integer >= 1",
+        )
+        _check(m.load_balance_weight >= 0, f"ModelConfig: moe.load_balance_weight={m.load_balance_weight!r} < 0")
 
     def _check_heads(self, section: str, heads: int, kv_heads: int | None, head_dim: int | None) -> None:
         _check(_pos_int(heads), f"ModelConfig: {section}.num_heads={heads!r} must be an integer >= 1")

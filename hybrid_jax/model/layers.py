@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 # Logical axis names of parameters (mapped to mesh axes by rules in hybrid_jax.sharding).
 EMBED, VOCAB, MLP_AXIS = "embed", "vocab", "mlp"
+EXPERT = "expert"  # the experts of a mixture-of-experts layer
 HEADS, KV_HEADS, HEAD_DIM = "heads", "kv_heads", "head_dim"
 SSM_INNER, SSM_STATE, SSM_HEADS, CONV_WIDTH, DT_RANK = "ssm_inner", "ssm_state", "ssm_heads", "conv_width", "dt_rank"
 NORM = "norm"

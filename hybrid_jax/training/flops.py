@@ -82,22 +82,16 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward) of ``config`` at sequence length ``seq_len``.
 
     Returns:
-      ``{"total", "matmul", "attention", "ssm", "conv"}``, each a training FLOP count per token (3 x forward).
+      ``{"total", "matmul", "attention", "ssm", "conv"}`` and any part a mixer adds (MoE layers: ``"experts"``), each
+      a training FLOP count per token (3 x forward).
     """
     c = config
     fwd_matmul = 2.0 * matmul_params(c)
-    parts = {"attention": 0.0, "ssm": 0.0, "conv": 0.0}
+    parts = {"attention": 0.0, "ssm": 0.0, "conv": 0.0}  # always reported; a mixer may add its own (e.g. "experts")
     for kind in c.period:
         for part, value in MIXERS[kind].flops(c, seq_len).items():
-            parts[part] += value
-    attn, ssm, conv = parts["attention"], parts["ssm"], parts["conv"]
-    per_period = c.n_periods
-    out = {
-        "matmul": 3.0 * fwd_matmul,
-        "attention": 3.0 * attn * per_period,
-        "ssm": 3.0 * ssm * per_period,
-        "conv": 3.0 * conv * per_period,
-    }
+            parts[part] = parts.get(part, 0.0) + value
+    out = {"matmul": 3.0 * fwd_matmul, **{part: 3.0 * value * c.n_periods for part, value in parts.items()}}
     out["total"] = sum(out.values())
     return out
 

@@ -88,8 +88,8 @@ def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
     assert issubclass(cls, Mixer)
     cfg = preset("taipan", "tiny", vocab_size=64)
     cache = cls.init_cache(cfg, 2, 16)
-    token_wise = kind in (BlockType.MLP, BlockType.RELU2_MLP)
+    token_wise = kind in (BlockType.MLP, BlockType.RELU2_MLP, BlockType.MOE)
     assert (cache is None) == token_wise
     parts = cls.flops(cfg, 16)
-    assert set(parts) <= {"attention", "ssm", "conv"} and all(v > 0 for v in parts.values())
-    assert bool(parts) == (not token_wise)
+    assert set(parts) <= {"attention", "ssm", "conv", "experts"} and all(v > 0 for v in parts.values())
+    assert bool(parts) == (not token_wise or kind is BlockType.MOE)
