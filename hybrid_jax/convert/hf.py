@@ -10,7 +10,7 @@ Supported directories (``config.json`` plus weights):
     safetensors, the embedding named ``backbone.embedding.weight`` and the vocabulary padded to a multiple of
     ``pad_vocab_size_multiple`` (8). The model keeps the padded vocabulary; logits of padding ids are meaningless.
 
-Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``: ``bamba``, ``nemotron_h``) are read by
+Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``: ``bamba``, ``jamba``, ``nemotron_h``) are read by
 :mod:`hybrid_jax.convert.hybrids`. Any other ``model_type`` gets one line naming the supported ones.
 
 Weights keep their dtype until the end and are cast to ``dtype``; A_log and D stay fp32. Every mismatch raises
@@ -34,6 +34,7 @@ from hybrid_jax.convert.tensors import (
     Tensors,
     json_float,
     mamba2_mixer,
+    mamba_mixer,
     read_config,
     read_tensors,
 )
@@ -150,20 +151,7 @@ def params_from_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray]) 
         pre = f"backbone.layers.{i}."
         mx = pre + "mixer."
         if kind is BlockType.MAMBA:
-            m = config.mamba
-            e, n, r, w = config.d_inner, m.d_state, config.dt_rank, m.d_conv
-            mixer = {
-                "in_proj": {"kernel": T.get(mx + "in_proj.weight", (2 * e, d)).T},
-                "conv1d": {"kernel": T.get(mx + "conv1d.weight", (e, 1, w))[:, 0, :].T},
-                "x_proj": {"kernel": T.get(mx + "x_proj.weight", (r + 2 * n, e)).T},
-                "dt_proj_kernel": T.get(mx + "dt_proj.weight", (e, r)).T,
-                "dt_bias": T.get(mx + "dt_proj.bias", (e,)),
-                "A_log": T.get(mx + "A_log", (e, n)),
-                "D": T.get(mx + "D", (e,)),
-                "out_proj": {"kernel": T.get(mx + "out_proj.weight", (d, e)).T},
-            }
-            if m.conv_bias:
-                mixer["conv1d"]["bias"] = T.get(mx + "conv1d.bias", (e,))
+            mixer = mamba_mixer(T, mx, config)
         else:
             mixer = mamba2_mixer(T, mx, config)
         layers.append({"norm": {"scale": T.get(pre + "norm.weight", (d,))}, "mixer": mixer})

@@ -1,7 +1,7 @@
 """Import of hybrid SSM + attention checkpoints written by transformers' ``save_pretrained``.
 
-Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H,
-``NemotronHForCausalLM``, without MoE layers).
+Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``jamba`` (AI21 Jamba,
+``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H, ``NemotronHForCausalLM``, without MoE layers).
 
 A checkpoint's layers become our pre-norm blocks in order (a :class:`Family` lists, per block, its kind, its norm's
 tensor and its mixer's tensor prefix). Our model repeats one period of blocks ``n_periods`` times (scanned), so the
@@ -13,6 +13,11 @@ Bamba (transformers ``modeling_bamba.py``, read for the mapping): Mamba-2 mixers
 head's channels), SwiGLU MLPs, RMSNorm everywhere with ``rms_norm_eps``, an untied LM head by default. Each
 decoder layer is a mixer block (behind ``input_layernorm``) and an MLP block (behind ``pre_ff_layernorm``).
 
+Jamba (``modeling_jamba.py``): each decoder layer is a mixer block (Mamba-1 with RMSNorms on dt, B and C, or
+attention without positional embedding, every ``attn_layer_period`` layers from ``attn_layer_offset``) and a
+feed-forward block (a mixture of SwiGLU experts every ``expert_layer_period`` layers from ``expert_layer_offset``,
+routed by the top-k of a softmax without renormalisation; a SwiGLU MLP elsewhere).
+
 Nemotron-H (``modeling_nemotron_h.py``): every layer is one block, ``norm`` then a mixer: Mamba-2
 (``linear_attention``, gated RMSNorm over ``intermediate / n_groups``), attention without positional embedding
 (``full_attention``, GQA) or a squared-ReLU MLP (``mlp``); old configs give the pattern as
@@ -22,6 +27,7 @@ Nemotron-H (``modeling_nemotron_h.py``): every layer is one block, ``norm`` then
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,12 +39,14 @@ from hybrid_jax.convert.tensors import (
     attention_mixer,
     json_float,
     mamba2_mixer,
+    mamba_mixer,
+    moe_swiglu,
     relu2_mlp,
     swiglu,
 )
-from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, ModelConfig
+from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, MambaConfig, ModelConfig, MoEConfig
 
-HYBRID_TYPES = ("bamba", "nemotron_h")
+HYBRID_TYPES = ("bamba", "jamba", "nemotron_h")
 
 Block = tuple[BlockType, str, str]  # (kind, norm weight name, mixer tensor prefix)
 
@@ -164,6 +172,55 @@ def _bamba_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+# ----- Jamba -----------------------------------------------------------------------------------------------------
+
+
+def _jamba_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    attn_period, attn_offset = int(cfg.get("attn_layer_period", 8)), int(cfg.get("attn_layer_offset", 4))
+    moe_period, moe_offset = int(cfg.get("expert_layer_period", 2)), int(cfg.get("expert_layer_offset", 1))
+    moe = int(cfg.get("num_experts", 16)) > 1
+    out: list[Block] = []
+    for i in range(int(cfg["num_hidden_layers"])):
+        pre = f"{prefix}layers.{i}."
+        if i % attn_period == attn_offset:
+            out.append((BlockType.ATTENTION, pre + "input_layernorm.weight", pre + "self_attn."))
+        else:
+            out.append((BlockType.MAMBA, pre + "input_layernorm.weight", pre + "mamba."))
+        ffn = BlockType.MOE if moe and i % moe_period == moe_offset else BlockType.MLP
+        out.append((ffn, pre + "pre_ff_layernorm.weight", pre + "feed_forward."))
+    return out
+
+
+def _jamba_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "jamba"
+    _check_off(cfg, kind, "mamba_proj_bias", "attention_bias", "mlp_bias", "sliding_window")
+    _check_act(cfg, kind, "hidden_act", "silu")
+    d = int(cfg["hidden_size"])
+    rank = cfg.get("mamba_dt_rank", "auto")
+    f = int(cfg["intermediate_size"])
+    return dict(
+        mlp_hidden=f,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mamba=MambaConfig(
+            d_state=int(cfg.get("mamba_d_state", 16)),
+            d_conv=int(cfg.get("mamba_d_conv", 4)),
+            expand=int(cfg.get("mamba_expand", 2)),
+            dt_rank=math.ceil(d / 16) if rank in (None, "auto") else int(rank),
+            conv_bias=bool(cfg.get("mamba_conv_bias", True)),
+            inner_norms=True,
+        ),
+        attention=_attention(cfg, rope=False),  # Jamba's attention has no positional embedding
+        moe=MoEConfig(
+            num_experts=int(cfg.get("num_experts", 16)),
+            top_k=int(cfg.get("num_experts_per_tok", 2)),
+            expert_hidden=f,
+            normalize_top_k=False,  # Jamba keeps the chosen experts' softmax probabilities as they are
+            load_balance_weight=float(cfg.get("router_aux_loss_coef", 0.001)),
+        ),
+    )
+
+
 # ----- Nemotron-H ------------------------------------------------------------------------------------------------
 
 _NEMOTRON_KINDS = {
@@ -235,6 +292,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "bamba": Family(_bamba_blocks, _bamba_config, "embed_tokens.weight", "final_layernorm.weight"),
+    "jamba": Family(_jamba_blocks, _jamba_config, "embed_tokens.weight", "final_layernorm.weight"),
     # NVIDIA's own checkpoints name the model "backbone", transformers' native class "model".
     "nemotron_h": Family(
         _nemotron_blocks, _nemotron_config, "embeddings.weight", "norm_f.weight", prefixes=("model.", "backbone.")
@@ -243,7 +301,9 @@ FAMILIES: dict[str, Family] = {
 
 # One function per block kind: (tensors, mixer prefix, config) -> our mixer parameters.
 MIXER_PARAMS = {
+    BlockType.MAMBA: mamba_mixer,
     BlockType.MAMBA2: mamba2_mixer,
+    BlockType.MOE: moe_swiglu,
     BlockType.ATTENTION: attention_mixer,
     BlockType.MLP: swiglu,
     BlockType.RELU2_MLP: relu2_mlp,

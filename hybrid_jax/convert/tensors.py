@@ -87,6 +87,54 @@ def json_float(x) -> float:
     return float(x)
 
 
+def mamba_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
+    """A Mamba-1 mixer (mamba_ssm / transformers ``MambaMixer`` names under ``prefix``; with ``mamba.inner_norms``
+    Jamba's ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``) as our parameters."""
+    m, d = config.mamba, config.d_model
+    e, n, r, w = config.d_inner, m.d_state, config.dt_rank, m.d_conv
+    mixer = {
+        "in_proj": {"kernel": T.get(prefix + "in_proj.weight", (2 * e, d)).T},
+        "conv1d": {"kernel": T.get(prefix + "conv1d.weight", (e, 1, w))[:, 0, :].T},
+        "x_proj": {"kernel": T.get(prefix + "x_proj.weight", (r + 2 * n, e)).T},
+        "dt_proj_kernel": T.get(prefix + "dt_proj.weight", (e, r)).T,
+        "dt_bias": T.get(prefix + "dt_proj.bias", (e,)),
+        "A_log": T.get(prefix + "A_log", (e, n)),
+        "D": T.get(prefix + "D", (e,)),
+        "out_proj": {"kernel": T.get(prefix + "out_proj.weight", (d, e)).T},
+    }
+    if m.conv_bias:
+        mixer["conv1d"]["bias"] = T.get(prefix + "conv1d.bias", (e,))
+    if m.inner_norms:
+        mixer["dt_norm"] = {"scale": T.get(prefix + "dt_layernorm.weight", (r,))}
+        mixer["b_norm"] = {"scale": T.get(prefix + "b_layernorm.weight", (n,))}
+        mixer["c_norm"] = {"scale": T.get(prefix + "c_layernorm.weight", (n,))}
+    return mixer
+
+
+def moe_swiglu(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
+    """Mixture-of-experts SwiGLU: ``router.weight`` (E, d) and the experts either per expert
+    (``experts.{i}.gate_proj.weight`` / ``up_proj`` (f, d), ``down_proj`` (d, f): what ``save_pretrained`` writes and
+    the hub holds) or fused (``experts.gate_up_proj`` (E, 2f, d) with the gate first, ``experts.down_proj``
+    (E, d, f): transformers' in-memory layout); as our parameters."""
+    m, d = config.moe, config.d_model
+    e, f = m.num_experts, m.expert_hidden or config.mlp_dim
+    x = prefix + "experts."
+    if x + "gate_up_proj" in T.t:
+        gate_up = T.get(x + "gate_up_proj", (e, 2 * f, d))
+        gate, up = gate_up[:, :f], gate_up[:, f:]
+        down = T.get(x + "down_proj", (e, d, f))
+    else:
+        gate = np.stack([T.get(f"{x}{i}.gate_proj.weight", (f, d)) for i in range(e)])
+        up = np.stack([T.get(f"{x}{i}.up_proj.weight", (f, d)) for i in range(e)])
+        down = np.stack([T.get(f"{x}{i}.down_proj.weight", (d, f)) for i in range(e)])
+    return {
+        "router": {"kernel": T.get(prefix + "router.weight", (e, d)).T},
+        "gate_kernel": gate.transpose(0, 2, 1),
+        "up_kernel": up.transpose(0, 2, 1),
+        "down_kernel": down.transpose(0, 2, 1),
+    }
+
+
 def mamba2_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
     """A Mamba-2 mixer (mamba_ssm / transformers ``Mamba2Mixer`` names under ``prefix``) as our parameters."""
     m, d = config.mamba2, config.d_model
@@ -146,6 +194,8 @@ __all__ = [
     "attention_mixer",
     "json_float",
     "mamba2_mixer",
+    "mamba_mixer",
+    "moe_swiglu",
     "read_config",
     "read_tensors",
     "relu2_mlp",

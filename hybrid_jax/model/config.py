@@ -55,6 +55,8 @@ class MambaConfig:
     conv_bias: bool = True  # bias in the causal conv
     # LTI ablation (Mamba section 4.1.1): delta, B and C become learned constants instead of projections of the input.
     lti: bool = False
+    # RMSNorms (eps norm_eps) on the low-rank dt, on B and on C after x_proj (Jamba's Mamba layers).
+    inner_norms: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +265,11 @@ class ModelConfig:
 
         if BlockType.MOE in kinds:
             self._check_moe()
+        if BlockType.MAMBA in kinds:
+            _check(
+                not (self.mamba.lti and self.mamba.inner_norms),
+                "ModelConfig: mamba.inner_norms=True needs mamba.lti=False (the LTI ablation has no dt, B, C to norm)",
+            )
 
         if BlockType.TOPK in kinds:
             tk = self.topk

@@ -28,6 +28,7 @@ from hybrid_jax.model.layers import (
     SSM_STATE,
     Dense,
     GatedRMSNorm,
+    RMSNorm,
     conv_kernel_init,
     dt_bias_init,
 )
@@ -149,6 +150,10 @@ class MambaMixer(Mixer):
             self.C_lti = self.param("C_lti", nn.with_logical_partitioning(init, (SSM_STATE,)), (n,), pdt)
         else:
             self.x_proj = Dense(r + 2 * n, (SSM_INNER, DT_RANK), dtype=dt, param_dtype=pdt)
+            if m.inner_norms:
+                self.dt_norm = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt)
+                self.b_norm = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt)
+                self.c_norm = RMSNorm(c.norm_eps, dtype=dt, param_dtype=pdt)
             dt_std = m.dt_scale * r**-0.5
             self.dt_proj_kernel = self.param(
                 "dt_proj_kernel",
@@ -189,6 +194,8 @@ class MambaMixer(Mixer):
             )
         x_dbl = self.x_proj(x)
         dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+        if self.config.mamba.inner_norms:
+            dt_low, B, C = self.dt_norm(dt_low), self.b_norm(B), self.c_norm(C)
         dt = jnp.einsum("...r,re->...e", dt_low, self.dt_proj_kernel.astype(x.dtype))
         return dt, B, C
 

@@ -130,7 +130,8 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     ):
         load_hf_checkpoint(write("wrong", wrong))
     with pytest.raises(
-        CheckpointError, match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, nemotron_h\)"
+        CheckpointError,
+        match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, jamba, nemotron_h\)",
     ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
@@ -284,3 +285,37 @@ def test_nemotron_h_parity_decode_and_generate(tmp_path, pattern):
     # forward pass at every step. Once per family (CI time).
     if pattern == "M-*-":
         _decode_and_generate(hf, model, params, 96, reference="forward")
+
+
+def test_jamba_parity_decode_and_generate(tmp_path):
+    """AI21 Jamba: Mamba-1 layers with RMSNorms on dt, B and C, attention without positional embedding every 4th
+    layer, mixture-of-experts SwiGLUs every 2nd (top-2 of a softmax, not renormalised), SwiGLU MLPs elsewhere."""
+    torch.manual_seed(0)
+    cfg = transformers.JambaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=4,
+        attn_layer_offset=2,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
+    )
+    hf = transformers.JambaForCausalLM(cfg).eval()
+    _perturb(hf)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("dt_proj.bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    path = _save(hf, tmp_path, "jamba")
+    model, params = _compare(hf, path, 96, t=30)
+    c = model.config
+    assert [b.value for b in c.period] == ["mamba", "mlp", "mamba", "moe", "attention", "mlp", "mamba", "moe"]
+    assert c.mamba.inner_norms and not c.attention.rope and not c.moe.normalize_top_k
+    _decode_and_generate(hf, model, params, 96)
