@@ -1,7 +1,8 @@
 """Import of hybrid SSM + attention checkpoints written by transformers' ``save_pretrained``.
 
-Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``jamba`` (AI21 Jamba,
-``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H, ``NemotronHForCausalLM``, without MoE layers).
+Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``granitemoehybrid`` (IBM Granite-4.0-H,
+``GraniteMoeHybridForCausalLM``), ``jamba`` (AI21 Jamba, ``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H,
+``NemotronHForCausalLM``, without MoE layers).
 
 A checkpoint's layers become our pre-norm blocks in order (a :class:`Family` lists, per block, its kind, its norm's
 tensor and its mixer's tensor prefix). Our model repeats one period of blocks ``n_periods`` times (scanned), so the
@@ -17,6 +18,11 @@ Jamba (``modeling_jamba.py``): each decoder layer is a mixer block (Mamba-1 with
 attention without positional embedding, every ``attn_layer_period`` layers from ``attn_layer_offset``) and a
 feed-forward block (a mixture of SwiGLU experts every ``expert_layer_period`` layers from ``expert_layer_offset``,
 routed by the top-k of a softmax without renormalisation; a SwiGLU MLP elsewhere).
+
+Granite-4.0-H (``modeling_granitemoehybrid.py``): each layer is a mixer block (Mamba-2, or attention with RoPE only
+when ``position_embedding_type == "rope"`` and q.k scaled by ``attention_multiplier``) and a feed-forward block (a
+mixture of SwiGLU experts, top-k softmax, plus a shared SwiGLU; the shared SwiGLU alone without experts); muP-style
+multipliers on the embeddings, every residual update and the logits (``1 / logits_scaling``).
 
 Nemotron-H (``modeling_nemotron_h.py``): every layer is one block, ``norm`` then a mixer: Mamba-2
 (``linear_attention``, gated RMSNorm over ``intermediate / n_groups``), attention without positional embedding
@@ -46,7 +52,7 @@ from hybrid_jax.convert.tensors import (
 )
 from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, MambaConfig, ModelConfig, MoEConfig
 
-HYBRID_TYPES = ("bamba", "jamba", "nemotron_h")
+HYBRID_TYPES = ("bamba", "granitemoehybrid", "jamba", "nemotron_h")
 
 Block = tuple[BlockType, str, str]  # (kind, norm weight name, mixer tensor prefix)
 
@@ -116,6 +122,16 @@ _MAMBA_KEYS = {
         chunk="mamba_chunk_size",
         conv_bias="mamba_conv_bias",
     ),
+    "granitemoehybrid": dict(
+        heads="mamba_n_heads",
+        expand="mamba_expand",
+        head_dim="mamba_d_head",
+        d_state="mamba_d_state",
+        d_conv="mamba_d_conv",
+        groups="mamba_n_groups",
+        chunk="mamba_chunk_size",
+        conv_bias="mamba_conv_bias",
+    ),
     "nemotron_h": dict(
         heads="mamba_num_heads",
         expand="expand",
@@ -170,6 +186,88 @@ def _bamba_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         mamba2=_mamba2(cfg, kind, eps),
         attention=_attention(cfg, rope=True),
     )
+
+
+# ----- Granite-4.0-H ---------------------------------------------------------------------------------------------
+
+
+_GRANITE_KINDS = {
+    "mamba": (BlockType.MAMBA2, "mamba."),
+    "linear_attention": (BlockType.MAMBA2, "mamba."),
+    "attention": (BlockType.ATTENTION, "self_attn."),
+    "full_attention": (BlockType.ATTENTION, "self_attn."),
+}
+
+
+def _granite_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    types = cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"] * int(cfg["num_hidden_layers"])
+    bad = sorted({t for t in types if t not in _GRANITE_KINDS})
+    if bad:
+        raise CheckpointError(f"load_hf_checkpoint: granitemoehybrid layer type(s) {bad} are not supported")
+    ffn = BlockType.MOE if int(cfg.get("num_local_experts") or 0) > 0 else BlockType.MLP
+    out: list[Block] = []
+    for i, t in enumerate(types):
+        pre = f"{prefix}layers.{i}."
+        kind, mixer = _GRANITE_KINDS[t]
+        out.append((kind, pre + "input_layernorm.weight", pre + mixer))
+        out.append((ffn, pre + "post_attention_layernorm.weight", pre))
+    return out
+
+
+def _granite_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "granitemoehybrid"
+    _check_off(cfg, kind, "mamba_proj_bias", "attention_bias")
+    _check_act(cfg, kind, "hidden_act", "silu")
+    eps = float(cfg.get("rms_norm_eps", 1e-6))
+    rope = cfg.get("position_embedding_type") == "rope"
+    shared = int(cfg.get("shared_intermediate_size") or 0)
+    experts = int(cfg.get("num_local_experts") or 0)
+    attention = dataclasses.replace(
+        _attention(cfg, rope=rope), softmax_scale=float(cfg.get("attention_multiplier", 1.0))
+    )
+    return dict(
+        mlp_hidden=shared if experts == 0 else int(cfg["intermediate_size"]),
+        norm_eps=eps,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+        logits_multiplier=1.0 / float(cfg.get("logits_scaling", 1.0)),
+        mamba2=_mamba2(cfg, kind, eps),
+        attention=attention,
+        moe=MoEConfig(
+            num_experts=max(experts, 1),
+            top_k=int(cfg.get("num_experts_per_tok", 2)) if experts else 1,
+            expert_hidden=int(cfg["intermediate_size"]),
+            shared_expert_hidden=shared,
+            normalize_top_k=True,  # a softmax over the top-k logits
+            load_balance_weight=float(cfg.get("router_aux_loss_coef", 0.001)),
+        ),
+    )
+
+
+def granite_ffn(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
+    """Granite's feed-forward: ``block_sparse_moe`` (router and fused experts) plus ``shared_mlp`` (one fused
+    gate/up ``input_linear``, gate first, and ``output_linear``); the shared MLP alone when there are no experts."""
+    d, fs = config.d_model, config.moe.shared_expert_hidden
+    gate_up = T.get(prefix + "shared_mlp.input_linear.weight", (2 * fs, d))
+    down = T.get(prefix + "shared_mlp.output_linear.weight", (d, fs)).T
+    names = ("gate_proj", "up_proj", "down_proj")
+    shared = dict(zip(names, ({"kernel": gate_up[:fs].T}, {"kernel": gate_up[fs:].T}, {"kernel": down})))
+    if BlockType.MOE not in config.period:
+        return shared
+    # The routed experts as the hub and save_pretrained store them: router.layer (E, d), input_linear (E, 2f, d) with
+    # the gate first, output_linear (E, d, f).
+    e, f = config.moe.num_experts, config.moe.expert_hidden or config.mlp_dim
+    moe = prefix + "block_sparse_moe."
+    gate_up = T.get(moe + "input_linear.weight", (e, 2 * f, d))
+    out = {
+        "router": {"kernel": T.get(moe + "router.layer.weight", (e, d)).T},
+        "gate_kernel": gate_up[:, :f].transpose(0, 2, 1),
+        "up_kernel": gate_up[:, f:].transpose(0, 2, 1),
+        "down_kernel": T.get(moe + "output_linear.weight", (e, d, f)).transpose(0, 2, 1),
+    }
+    out.update({f"shared_{k}": v for k, v in shared.items()})
+    return out
 
 
 # ----- Jamba -----------------------------------------------------------------------------------------------------
@@ -288,11 +386,16 @@ class Family:
     embedding: str
     final_norm: str
     prefixes: tuple[str, ...] = ("model.",)
+    # Parameters of the family's MLP / MOE blocks when they differ from the shared mappings (Granite's shared MLP).
+    ffn_params: Callable[[Tensors, str, ModelConfig], dict[str, Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
     "bamba": Family(_bamba_blocks, _bamba_config, "embed_tokens.weight", "final_layernorm.weight"),
     "jamba": Family(_jamba_blocks, _jamba_config, "embed_tokens.weight", "final_layernorm.weight"),
+    "granitemoehybrid": Family(
+        _granite_blocks, _granite_config, "embed_tokens.weight", "norm.weight", ffn_params=granite_ffn
+    ),
     # NVIDIA's own checkpoints name the model "backbone", transformers' native class "model".
     "nemotron_h": Family(
         _nemotron_blocks, _nemotron_config, "embeddings.weight", "norm_f.weight", prefixes=("model.", "backbone.")
@@ -352,7 +455,8 @@ def hybrid_params(config: ModelConfig, cfg: Mapping[str, Any], tensors: Mapping[
     d, v = config.d_model, config.vocab_size
     per_period: list[list[dict[str, Any]]] = [[] for _ in config.period]
     for n, (kind, norm, mixer) in enumerate(f.blocks(cfg, prefix)):
-        block = {"norm": {"scale": T.get(norm, (d,))}, "mixer": MIXER_PARAMS[kind](T, mixer, config)}
+        ffn = f.ffn_params if f.ffn_params is not None and kind in (BlockType.MLP, BlockType.MOE) else None
+        block = {"norm": {"scale": T.get(norm, (d,))}, "mixer": (ffn or MIXER_PARAMS[kind])(T, mixer, config)}
         per_period[n % len(config.period)].append(block)
     params: dict[str, Any] = {
         "embed": {"embedding": T.get(prefix + f.embedding, (v, d))},

@@ -29,16 +29,17 @@ def head_dims(
     return num_heads, num_kv_heads or num_heads, head_dim or config.d_model // num_heads
 
 
-def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window):
+def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window, softmax_scale=None):
     """Queries ``(b, tq, hq, e)`` at ``q_positions`` against cached keys at ``k_positions`` (negative: empty), through
-    ``pallas_kernels.decode_attention`` with the implementation of ``config.kernels``."""
+    ``pallas_kernels.decode_attention`` with the implementation of ``config.kernels`` (``softmax_scale`` None:
+    ``e ** -0.5``)."""
     return call_kernel(
         "decode_attention",
         decode_attention,
         config.kernels.decode_attention,
         batched=dict(q=q, k=k, v=v, q_positions=q_positions, k_positions=k_positions),
         shared={},
-        static=dict(window=window),
+        static=dict(window=window, softmax_scale=softmax_scale),
     )
 
 
@@ -125,7 +126,7 @@ class AttentionMixer(Mixer):
             self.config.kernels.sliding_window_attention,
             batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
             shared={},
-            static=dict(window=self.window),
+            static=dict(window=self.window, softmax_scale=self.config.attention.softmax_scale),
         )
         y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
         return y.astype(jnp.float32), None
@@ -156,17 +157,17 @@ class AttentionMixer(Mixer):
                 self.config.kernels.sliding_window_attention,
                 batched=dict(q=q, k=k, v=v),
                 shared={},
-                static=dict(window=self.window),
+                static=dict(window=self.window, softmax_scale=self.config.attention.softmax_scale),
             )
         elif self.sliding:
             # The ring before the chunk (the window behind its first token) plus the chunk itself.
             kk = jnp.concatenate([cache.k, k], axis=1)
             vv = jnp.concatenate([cache.v, v], axis=1)
             kp = jnp.concatenate([cache.pos, jnp.where(valid, positions, -1)], axis=1)
-            o = attend_cache(self.config, q, kk, vv, positions, kp, self.window)
+            o = attend_cache(self.config, q, kk, vv, positions, kp, self.window, self.config.attention.softmax_scale)
         else:
             kp = jnp.broadcast_to(jnp.arange(new.k.shape[1], dtype=jnp.int32), (b, new.k.shape[1]))
-            o = attend_cache(self.config, q, new.k, new.v, positions, kp, None)
+            o = attend_cache(self.config, q, new.k, new.v, positions, kp, None, self.config.attention.softmax_scale)
         return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32), new
 
     def step(self, x, cache, position, layer, *, h=None):
@@ -193,7 +194,8 @@ class AttentionMixer(Mixer):
         else:
             new = KVCache(kc, vc)
             k_pos = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
-        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window)
+        scale = self.config.attention.softmax_scale
+        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window, scale)
         if not self.sliding:
             o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
         return self.o_proj(o.reshape(b, 1, self.hq * self.hd)).astype(jnp.float32), new

@@ -48,7 +48,8 @@ MIXERS: dict[BlockType, type[Mixer]] = {
 
 
 class Block(nn.Module):
-    """One residual layer of kind ``kind``: ``h + update`` with ``update`` from ``MIXERS[kind]`` on ``RMSNorm(h)``."""
+    """One residual layer of kind ``kind``: ``h + residual_multiplier * update`` with ``update`` from
+    ``MIXERS[kind]`` on ``RMSNorm(h)``."""
 
     config: ModelConfig
     kind: BlockType
@@ -62,18 +63,22 @@ class Block(nn.Module):
     def __call__(self, h, *, segment_ids=None, positions=None):
         """h ``(b, t, d)`` fp32 -> (h, aux or None); caches come from :meth:`prefill`."""
         update, aux = self.mixer(self.norm(h), h=h, segment_ids=segment_ids, positions=positions)
-        return h + update, aux
+        return h + self._scaled(update), aux
+
+    def _scaled(self, update):
+        m = self.config.residual_multiplier
+        return update if m == 1.0 else update * m
 
     def prefill(self, h, cache, positions, valid, history: bool):
         """A prompt chunk h ``(b, t, d)`` fp32 at ``positions`` continuing this layer's cache -> (h, cache)."""
         update, cache = self.mixer.prefill(self.norm(h), cache, positions, valid, history, h=h)
-        return h + update, cache
+        return h + self._scaled(update), cache
 
     def step(self, h, cache, position, layer):
         """h ``(b, 1, d)`` fp32, position ``(b,)``; ``cache`` stacked over periods, ``layer`` this period -> (h,
         cache)."""
         update, cache = self.mixer.step(self.norm(h), cache, position, layer, h=h)
-        return h + update, cache
+        return h + self._scaled(update), cache
 
 
 def block_cache(config: ModelConfig, kind: BlockType, batch: int, max_len: int):

@@ -89,6 +89,7 @@ class AttentionConfig:
     rope_base: float = 10000.0
     # Partial rotary: only the first rope_fraction of each head's channels rotate (Bamba, GPT-NeoX: 0.5).
     rope_fraction: float = 1.0
+    softmax_scale: float | None = None  # scale of q.k; None: head_dim ** -0.5 (Granite: attention_multiplier)
     window: int = 2048  # SWA layers only: a query sees the last `window` tokens (itself included)
     # Width of a causal depthwise conv (+ SiLU) on the layer input before the q/k/v projection, the short conv of
     # Zoology's attention baselines; 0: none. Training and evaluation only (decoding refuses it).
@@ -137,6 +138,7 @@ class MoEConfig:
     num_experts: int = 8  # E
     top_k: int = 2  # experts per token
     expert_hidden: int | None = None  # hidden width of each expert; None: the model's mlp_dim
+    shared_expert_hidden: int = 0  # a SwiGLU every token goes through besides its experts (Granite); 0: none
     normalize_top_k: bool = True  # renormalise the chosen experts' probabilities to sum to 1 (Mixtral; Jamba: False)
     load_balance_weight: float = 0.01  # weight of the Switch load-balancing loss E * sum_e f_e P_e
 
@@ -183,6 +185,11 @@ class ModelConfig:
     param_dtype: str = "float32"  # master parameters (and optimizer state) stay float32
     scan_layers: bool = True  # nn.scan over periods; False unrolls (debugging)
     remat_policy: str = "none"  # per period: "none" | "full" | "dots" (save matmul outputs) | "dots_no_batch"
+    # muP-style multipliers (Granite-4.0-H): embeddings x embedding_multiplier, each residual update x
+    # residual_multiplier, logits x logits_multiplier (Granite's 1 / logits_scaling).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_multiplier: float = 1.0
     mamba: MambaConfig = MambaConfig()
     mamba2: Mamba2Config = Mamba2Config()
     attention: AttentionConfig = AttentionConfig()
@@ -292,6 +299,10 @@ class ModelConfig:
             f"ModelConfig: moe.expert_hidden={m.expert_hidden!r} must be None or an integer >= 1",
         )
         _check(m.load_balance_weight >= 0, f"ModelConfig: moe.load_balance_weight={m.load_balance_weight!r} < 0")
+        _check(
+            isinstance(m.shared_expert_hidden, int) and m.shared_expert_hidden >= 0,
+            f"ModelConfig: moe.shared_expert_hidden={m.shared_expert_hidden!r} must be an integer >= 0",
+        )
 
     def _check_heads(self, section: str, heads: int, kv_heads: int | None, head_dim: int | None) -> None:
         _check(_pos_int(heads), f"ModelConfig: {section}.num_heads={heads!r} must be an integer >= 1")

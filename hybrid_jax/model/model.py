@@ -71,7 +71,7 @@ class LanguageModel(nn.Module):
             param_dtype=jnp.dtype(c.param_dtype),
             name="embed",
         )
-        h = constrain(embed(tokens).astype(jnp.float32))
+        h = constrain(embed(tokens).astype(jnp.float32) * c.embedding_multiplier)
         if mode == "step":
             h, new_caches = self._step_periods(h, caches, positions)
             aux = {}
@@ -113,7 +113,7 @@ class LanguageModel(nn.Module):
                 param_dtype=jnp.dtype(c.param_dtype),
                 name="lm_head",
             )(h)
-        return logits.astype(jnp.float32), new_caches, aux
+        return logits.astype(jnp.float32) * c.logits_multiplier, new_caches, aux
 
     def _step_periods(self, h, caches, position):
         """The periods for one token, the stacked caches carried through (each layer updates its own entry)."""

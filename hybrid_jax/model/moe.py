@@ -3,7 +3,8 @@
 For a token x ``(d,)``: router logits ``r = x W_r`` ``(E,)`` in float32, probabilities ``p = softmax(r)``; the
 token goes to the ``top_k`` experts with the largest ``p`` (ties: the lower index), with weights ``p_e`` renormalised
 over the chosen experts when ``moe.normalize_top_k`` (Mixtral, Granite) or as they are (Jamba). The output is
-``sum_e w_e SwiGLU_e(x)``, each expert a SwiGLU of hidden width ``moe.expert_hidden``.
+``sum_e w_e SwiGLU_e(x)``, each expert a SwiGLU of hidden width ``moe.expert_hidden``, plus a shared SwiGLU that
+every token goes through when ``moe.shared_expert_hidden`` > 0 (Granite-4.0-H, DeepSeek-MoE).
 
 Load balancing (Switch Transformer, arXiv:2101.03961, eq. 4, with top-k counts as in Mixtral): ``E * sum_e f_e P_e``
 where ``f_e`` is the fraction of the routed (token, slot) pairs that went to expert e and ``P_e`` the mean router
@@ -77,6 +78,14 @@ class MoESwiGLU(TokenwiseMixer):
             "...d,edf->...ef", xc, up.astype(dt)
         )
         y = jnp.einsum("...ef,efd,...e->...d", hidden, down.astype(dt), weights.astype(dt))
+        if m.shared_expert_hidden:
+            fs = m.shared_expert_hidden
+            dense = lambda n, axes, **kw: Dense(n, axes, dtype=dt, param_dtype=pdt, **kw)  # noqa: E731
+            gate_s = dense(fs, (EMBED, MLP_AXIS), name="shared_gate_proj")(xc)
+            up_s = dense(fs, (EMBED, MLP_AXIS), name="shared_up_proj")(xc)
+            y = y + dense(d, (MLP_AXIS, EMBED), init_scale=self.out_scale, name="shared_down_proj")(
+                jax.nn.silu(gate_s) * up_s
+            )
         valid = None if segment_ids is None else segment_ids != 0
         chosen = (weights > 0).astype(jnp.float32)
         share = jnp.sum(chosen, axis=tuple(range(chosen.ndim - 1))) / jnp.maximum(jnp.sum(chosen), 1.0)
@@ -89,8 +98,8 @@ class MoESwiGLU(TokenwiseMixer):
     @classmethod
     def flops(cls, config: ModelConfig, seq_len: int) -> dict[str, float]:
         """The routed experts' matmuls as a dispatching implementation does them: ``top_k`` SwiGLUs per token
-        (``2 * 3 * d * f`` each). The router's matmul is counted with the parameter matmuls; the expert weights are
-        not (only ``top_k`` of them touch a token)."""
+        (``2 * 3 * d * f`` each). The router's and a shared expert's matmuls are counted with the parameter matmuls;
+        the expert weights are not (only ``top_k`` of them touch a token)."""
         del seq_len
         m = config.moe
         return {"experts": 6.0 * m.top_k * config.d_model * (m.expert_hidden or config.mlp_dim)}

@@ -131,7 +131,8 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
         load_hf_checkpoint(write("wrong", wrong))
     with pytest.raises(
         CheckpointError,
-        match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, jamba, nemotron_h\)",
+        match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, granitemoehybrid, jamba, "
+        r"nemotron_h\)",
     ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
@@ -319,3 +320,49 @@ def test_jamba_parity_decode_and_generate(tmp_path):
     assert [b.value for b in c.period] == ["mamba", "mlp", "mamba", "moe", "attention", "mlp", "mamba", "moe"]
     assert c.mamba.inner_norms and not c.attention.rope and not c.moe.normalize_top_k
     _decode_and_generate(hf, model, params, 96)
+
+
+@pytest.mark.parametrize("experts, position", [(4, "rope"), (0, None)])
+def test_granite_4_h_parity_decode_and_generate(tmp_path, experts, position):
+    """IBM Granite-4.0-H: Mamba-2 and attention layers, each followed by a mixture of SwiGLU experts plus a shared
+    SwiGLU (the shared one alone without experts); attention with or without RoPE and a q.k multiplier; muP-style
+    embedding, residual and logit multipliers."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        shared_intermediate_size=48,
+        layer_types=["mamba", "attention", "mamba", "attention"],
+        mamba_n_heads=8,
+        mamba_d_state=16,
+        mamba_d_head=16,
+        mamba_chunk_size=16,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.1,
+        logits_scaling=3.0,
+        position_embedding_type=position,
+    )
+    hf = transformers.GraniteMoeHybridForCausalLM(cfg).eval()
+    _perturb(hf)
+    path = _save(hf, tmp_path, "granite")
+    model, params = _compare(hf, path, 96, t=30)
+    c = model.config
+    assert (
+        c.embedding_multiplier == 2.0 and c.residual_multiplier == 0.5 and c.logits_multiplier == pytest.approx(1 / 3)
+    )
+    assert c.attention.softmax_scale == 0.1 and c.attention.rope == (position == "rope")
+    assert [b.value for b in c.period] == [
+        "mamba2",
+        "moe" if experts else "mlp",
+        "attention",
+        "moe" if experts else "mlp",
+    ]
+    if experts:
+        _decode_and_generate(hf, model, params, 96)
