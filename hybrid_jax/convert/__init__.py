@@ -1,4 +1,4 @@
-"""Checkpoint import: Hugging Face transformers (Mamba, Mamba-2, Bamba, Nemotron-H) and state-spaces Mamba / Mamba-2."""
+"""Checkpoint import: transformers (Mamba, Mamba-2, Bamba, Granite-4.0-H, Jamba, Nemotron-H) and state-spaces."""
 
 from hybrid_jax.convert.hf import CheckpointError, load_hf_checkpoint
 

@@ -1,4 +1,4 @@
-"""Convert a Mamba / Mamba-2 / Bamba / Nemotron-H checkpoint directory to an orbax checkpoint of hybrid_jax parameters.
+"""Convert a Mamba, Mamba-2 or hybrid (Bamba, Granite-4.0-H, Jamba, Nemotron-H) checkpoint to an orbax checkpoint.
 
 Usage:
   python -m hybrid_jax.convert --checkpoint=/path/to/hf_dir --out=/path/to/out [--dtype=bfloat16] [--overwrite]
