@@ -122,16 +122,6 @@ _MAMBA_KEYS = {
         chunk="mamba_chunk_size",
         conv_bias="mamba_conv_bias",
     ),
-    "granitemoehybrid": dict(
-        heads="mamba_n_heads",
-        expand="mamba_expand",
-        head_dim="mamba_d_head",
-        d_state="mamba_d_state",
-        d_conv="mamba_d_conv",
-        groups="mamba_n_groups",
-        chunk="mamba_chunk_size",
-        conv_bias="mamba_conv_bias",
-    ),
     "nemotron_h": dict(
         heads="mamba_num_heads",
         expand="expand",
@@ -143,6 +133,9 @@ _MAMBA_KEYS = {
         conv_bias="use_conv_bias",
     ),
 }
+
+
+_MAMBA_KEYS["granitemoehybrid"] = _MAMBA_KEYS["bamba"]  # IBM's two families name them alike
 
 
 def _attention(cfg: Mapping[str, Any], rope: bool) -> AttentionConfig:

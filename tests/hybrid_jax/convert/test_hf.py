@@ -174,6 +174,10 @@ def test_cli_writes_orbax_checkpoint_atomically(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+# Sizes every tiny hybrid test model shares (GQA: 4 query heads, 2 kv heads; 4 layers).
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+
+
 def _perturb(hf):
     """Random (not init-default) norms and SSM parameters, so the test sees them all."""
     with torch.no_grad():
@@ -222,11 +226,8 @@ def test_bamba_parity_decode_and_generate(tmp_path, ngroups, attn):
     torch.manual_seed(0)
     cfg = transformers.BambaConfig(
         vocab_size=112,
-        hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         attn_layer_indices=attn,
         mamba_n_heads=8,
         mamba_d_state=16,
@@ -256,10 +257,8 @@ def test_nemotron_h_parity_decode_and_generate(tmp_path, pattern):
     names = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
     cfg = transformers.NemotronHConfig(
         vocab_size=96,
-        hidden_size=64,
+        **{k: v for k, v in TINY.items() if k != "num_hidden_layers"},
         layers_block_type=[names[c] for c in pattern],
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         intermediate_size=80,
         ssm_state_size=16,
@@ -294,11 +293,8 @@ def test_jamba_parity_decode_and_generate(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.JambaConfig(
         vocab_size=96,
-        hidden_size=64,
         intermediate_size=80,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         num_experts=4,
         num_experts_per_tok=2,
         expert_layer_period=2,
@@ -330,11 +326,8 @@ def test_granite_4_h_parity_decode_and_generate(tmp_path, experts, position):
     torch.manual_seed(0)
     cfg = transformers.GraniteMoeHybridConfig(
         vocab_size=96,
-        hidden_size=64,
         intermediate_size=80,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY,
         num_local_experts=experts,
         num_experts_per_tok=2,
         shared_intermediate_size=48,
