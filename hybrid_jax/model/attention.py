@@ -9,6 +9,8 @@ cache through ``pallas_kernels.decode_attention`` (position-masked, split along 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -66,14 +68,18 @@ class QKVProjection(nn.Module):
         return q, k, v
 
 
-class AttentionMixer(Mixer):
-    """Causal full attention mixer ``(b, t, d) -> (b, t, d)`` (config.attention); the :class:`Mixer` protocol."""
+class HeadsMixer(Mixer):
+    """A mixer with q/k/v projections, RoPE when its config section asks for it, and an output projection.
 
-    sliding: bool = False  # the sliding window of config.attention (:class:`SlidingWindowAttentionMixer`)
+    ``SECTION`` names the config section with ``num_heads``, ``num_kv_heads``, ``head_dim``, ``rope``, ``rope_base``
+    (and optionally ``rope_fraction``): ``attention``, ``sal`` or ``topk``. Subclasses extend :meth:`setup`.
+    """
+
+    SECTION: ClassVar[str] = "attention"
 
     def setup(self):
-        c, a = self.config, self.config.attention
-        self.hq, self.hk, self.hd = head_dims(c, a.num_heads, a.num_kv_heads, a.head_dim)
+        c, s = self.config, getattr(self.config, self.SECTION)
+        self.hq, self.hk, self.hd = head_dims(c, s.num_heads, s.num_kv_heads, s.head_dim)
         self.qkv = QKVProjection(c, self.hq, self.hk, self.hd)
         self.o_proj = Dense(
             c.d_model,
@@ -82,6 +88,25 @@ class AttentionMixer(Mixer):
             dtype=jnp.dtype(c.dtype),
             param_dtype=jnp.dtype(c.param_dtype),
         )
+
+    def _qkv(self, x, positions):
+        """x ``(b, t, d)`` at ``positions`` ``(b, t)`` -> q ``(b, t, hq, e)``, k, v ``(b, t, hk, e)``, rotated."""
+        q, k, v = self.qkv(x)
+        s = getattr(self.config, self.SECTION)
+        if s.rope:
+            fraction = getattr(s, "rope_fraction", 1.0)
+            q, k = apply_rope(q, positions, s.rope_base, fraction), apply_rope(k, positions, s.rope_base, fraction)
+        return q, k, v
+
+
+class AttentionMixer(HeadsMixer):
+    """Causal full attention mixer ``(b, t, d) -> (b, t, d)`` (config.attention); the :class:`Mixer` protocol."""
+
+    sliding: bool = False  # the sliding window of config.attention (:class:`SlidingWindowAttentionMixer`)
+
+    def setup(self):
+        super().setup()
+        c, a = self.config, self.config.attention
         if a.conv:
             self.conv1d = DepthwiseConv(
                 c.d_model,
@@ -102,14 +127,6 @@ class AttentionMixer(Mixer):
     @property
     def window(self) -> int | None:
         return self.config.attention.window if self.sliding else None
-
-    def _qkv(self, x, positions):
-        q, k, v = self.qkv(x)
-        a = self.config.attention
-        if a.rope:
-            q = apply_rope(q, positions, a.rope_base, a.rope_fraction)
-            k = apply_rope(k, positions, a.rope_base, a.rope_fraction)
-        return q, k, v
 
     def __call__(self, x, *, h=None, segment_ids=None, positions=None):
         """x ``(b, t, d)`` -> (update fp32, None); decoding goes through :meth:`prefill` and :meth:`step`."""

@@ -19,11 +19,12 @@ the capacity are dropped in time order, which keeps the selection causal; the dr
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.attention import QKVProjection, attend_cache, head_dims
+from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims
 from hybrid_jax.model.cache import (
     SelectiveKVCache,
     WindowKVCache,
@@ -34,8 +35,8 @@ from hybrid_jax.model.cache import (
 )
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
-from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
-from hybrid_jax.model.mixer import Mixer, mean_causal_keys
+from hybrid_jax.model.layers import EMBED, Dense
+from hybrid_jax.model.mixer import mean_causal_keys
 from pallas_kernels.selective_attention import limit_selection, selective_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
@@ -110,31 +111,24 @@ def selection_masks(model, params, tokens, segment_ids=None, positions=None) -> 
     return jnp.stack([mask for _, mask in found])
 
 
-class SelectiveAttentionLayer(Mixer):
+class SelectiveAttentionLayer(HeadsMixer):
     """SAL mixer (the :class:`Mixer` protocol): its update is ``m * alpha * (o - h)``, so the block's output is
     ``h + update``; ``aux`` holds the budget constraint (a loss weighted by ``sal.constraint_weight``) and the
     selection statistics."""
 
+    SECTION: ClassVar[str] = "sal"
+
     def setup(self):
-        c, s = self.config, self.config.sal
-        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.hq, self.hk, self.hd = head_dims(c, s.num_heads, s.num_kv_heads, s.head_dim)
+        super().setup()
         # G_theta: the paper calls it lightweight and gives no form; a single Linear(d, 2) is the minimal choice.
-        self.gate = Dense(2, (EMBED, None), use_bias=True, dtype=jnp.float32, param_dtype=pdt)
-        self.qkv = QKVProjection(c, self.hq, self.hk, self.hd)
-        self.o_proj = Dense(c.d_model, (HEADS, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt)
+        self.gate = Dense(
+            2, (EMBED, None), use_bias=True, dtype=jnp.float32, param_dtype=jnp.dtype(self.config.param_dtype)
+        )
 
     def _scores(self, hn):
         s = self.gate(hn.astype(jnp.float32))
         alpha = jax.nn.softmax(s, axis=-1)[..., 1]
         return s, alpha
-
-    def _qkv(self, hn, positions):
-        q, k, v = self.qkv(hn)
-        if self.config.sal.rope:
-            base = self.config.sal.rope_base
-            q, k = apply_rope(q, positions, base), apply_rope(k, positions, base)
-        return q, k, v
 
     def capacity(self, t: int) -> int | None:
         """Static compaction capacity for sequences of length t (None: no truncation)."""

@@ -23,18 +23,17 @@ after the first (chunked prefill) does the same for each of its queries, in quer
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hybrid_jax.model.attention import QKVProjection, attend_cache, head_dims
+from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims
 from hybrid_jax.model.cache import TopKKVCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
-from hybrid_jax.model.layers import EMBED, HEADS, Dense, apply_rope
-from hybrid_jax.model.mixer import Mixer
 from pallas_kernels.topk_attention import topk_attention
 from pallas_kernels.topk_attention.reference import group_query_sums, num_blocks
 
@@ -156,27 +155,10 @@ def attend_cached_blocks(config: ModelConfig, q, q_positions, cache: TopKKVCache
     return out.swapaxes(0, 1).reshape(b, m * chunk, hq, e)[:, :tq]
 
 
-class TopKAttentionMixer(Mixer):
+class TopKAttentionMixer(HeadsMixer):
     """Top-k block-sparse attention mixer ``(b, t, d) -> (b, t, d)`` (config.topk); the :class:`Mixer` protocol."""
 
-    def setup(self):
-        c, tk = self.config, self.config.topk
-        self.hq, self.hk, self.hd = head_dims(c, tk.num_heads, tk.num_kv_heads, tk.head_dim)
-        self.qkv = QKVProjection(c, self.hq, self.hk, self.hd)
-        self.o_proj = Dense(
-            c.d_model,
-            (HEADS, EMBED),
-            init_scale=self.out_scale,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-        )
-
-    def _qkv(self, x, positions):
-        q, k, v = self.qkv(x)
-        tk = self.config.topk
-        if tk.rope:
-            q, k = apply_rope(q, positions, tk.rope_base), apply_rope(k, positions, tk.rope_base)
-        return q, k, v
+    SECTION: ClassVar[str] = "topk"
 
     def _sequence(self, q, k, v, segment_ids=None):
         """The op on a whole sequence (blocks start at its first token)."""
