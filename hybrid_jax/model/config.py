@@ -30,10 +30,6 @@ class BlockType(enum.Enum):
     RELU2_MLP = "relu2_mlp"  # squared-ReLU MLP (Nemotron-H)
     MOE = "moe"  # mixture of SwiGLU experts, top-k routing (Jamba, Granite-4.0-H, Mixtral)
 
-    @property
-    def is_mixer(self) -> bool:
-        return self not in (BlockType.MLP, BlockType.RELU2_MLP, BlockType.MOE)
-
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
