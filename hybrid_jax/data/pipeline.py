@@ -108,12 +108,28 @@ class _InMemoryExamples:
     other caches and memory-mapped on later runs (~0.1 s).
     """
 
-    def __init__(self, examples, cache: pathlib.Path, chunk: int = 4096):
+    def __init__(self, examples, cache: pathlib.Path, chunk: int = 4096, check=None):
+        """``check``: an indexable source of the same examples made on demand; a cache that disagrees with it at a
+        few indices (a generator changed since the cache was written) is rebuilt."""
         if not all((cache / f"{k}.npy").exists() for k in _EXAMPLE_KEYS):
             self._decode(examples, cache, chunk)
         self.arrays = {k: np.load(cache / f"{k}.npy", mmap_mode="r") for k in _EXAMPLE_KEYS}
+        if check is not None and not self._agrees(check):
+            shutil.rmtree(cache, ignore_errors=True)
+            self._decode(examples, cache, chunk)
+            self.arrays = {k: np.load(cache / f"{k}.npy", mmap_mode="r") for k in _EXAMPLE_KEYS}
         if len(self.arrays["inputs"]) != len(examples):
             raise ValueError(f"data: cached examples in {cache} do not match the dataset; delete it")
+
+    def _agrees(self, source, samples: int = 4) -> bool:
+        n = len(self.arrays["inputs"])
+        if n != len(source):
+            return False
+        for i in {0, n - 1, *np.random.default_rng(n).integers(0, n, samples - 2).tolist()}:
+            ex = source[i]
+            if not all(np.array_equal(self.arrays[k][i], np.asarray(ex[k])) for k in _EXAMPLE_KEYS):
+                return False
+        return True
 
     @staticmethod
     def _decode(examples, cache: pathlib.Path, chunk: int) -> None:
@@ -389,6 +405,11 @@ def _synthetic_rows(source: Synthetic, split: str, seq_len: int, shuffle_seed, d
         count = source.num_train if split == "train" else source.num_eval
         examples = _GeneratedExamples(task, source.seed, tfds_split, count)
         identity = f"generated:{json.dumps(task.to_dict(), sort_keys=True)}:{source.seed}:{count}"
+        if count * task.length * 12 <= _IN_MEMORY_BYTES:
+            # Made once and cached: generating a batch of 64 MQAR rows row by row took 7-21 ms, more than a small
+            # model's training step on the GPU (the data pipeline was the bottleneck of the recall sweeps).
+            key = hashlib.sha1(f"{identity}|{tfds_split}".encode()).hexdigest()[:16]
+            examples = _InMemoryExamples(examples, _cache_dir(data_dir) / f"generated-{key}", check=examples)
     tokenizer = ByteTokenizer() if isinstance(task, (synthetic_lib.Passkey, synthetic_lib.Phonebook)) else None
     rows = _ExampleRows(examples, seq_len, task.pad_id, shuffle_seed)
     return rows, tokenizer, f"{identity}[{tfds_split}]"

@@ -236,6 +236,24 @@ def test_prepared_and_generated_synthetic_data_agree(mqar, data_dir):
     assert_same_batches(batches(True), generated)  # again, from the cached arrays
 
 
+def test_generated_examples_are_cached_and_a_stale_cache_is_rebuilt(mqar, tmp_path):
+    source = Synthetic(mqar, num_train=24, num_eval=8, prepare=False)
+
+    def batches():
+        return take(pipeline.make_train_iterator(source, batch_size=4, seed=1, data_dir=str(tmp_path)), 6)
+
+    first = batches()
+    caches = sorted(tmp_path.glob("hybrid_jax_cache/generated-*"))
+    assert len(caches) == 1
+    inputs = np.load(caches[0] / "inputs.npy")
+    want = np.stack([synthetic.make_example(mqar, seed=source.seed, split="train", index=i)["inputs"] for i in range(24)])
+    np.testing.assert_array_equal(inputs, want)  # the cache holds the on-demand examples, index for index
+    # A cache written by another version of the generator: every example changed.
+    np.save(caches[0] / "inputs.npy", (inputs + 1) % mqar.vocab_size)
+    assert_same_batches(batches(), first)
+    np.testing.assert_array_equal(np.load(caches[0] / "inputs.npy"), want)  # rebuilt
+
+
 def test_synthetic_rows_pad_to_longer_seq_len(data_dir):
     task = synthetic.JointRecall(min_contexts=2, max_contexts=3, min_keys=2, max_keys=2)
     source = Synthetic(task, num_train=8, num_eval=4, prepare=False)
