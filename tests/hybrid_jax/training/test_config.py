@@ -4,6 +4,8 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +13,7 @@ from hybrid_jax.model import PRESETS, KernelConfig, ModelConfig, preset
 from hybrid_jax.training import config as config_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs")
-CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not os.path.basename(f).startswith("_"))
 
 
 def load(path):
@@ -156,3 +158,21 @@ def test_the_run_config_model_section_is_derived_from_the_dataclasses():
     assert model_config({"model": m, "kernels": k}, vocab_size=64) == cfg
     m.sal.capacity_factor = 2.0  # a typed placeholder takes a value of its type
     assert model_config({"model": m, "kernels": k}, vocab_size=64).sal.capacity_factor == 2.0
+
+
+def test_configs_import_from_the_installed_package_outside_a_checkout(tmp_path):
+    """Notebooks and scripts outside the repository get the same configs through ``import configs``."""
+    code = (
+        "import configs, os; c = configs.get('taipan', 'size=tiny,capacity=0.3'); "
+        "print(c.model.sal.capacity, os.path.basename(os.path.dirname(configs.__file__)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0.3", "configs"]
+    names = {os.path.basename(f)[:-3] for f in CONFIG_FILES}
+    import configs
+
+    assert set(configs.NAMES) == names
+    with pytest.raises(ValueError, match="configs.get: name='nope' is not one of"):
+        configs.get("nope")
