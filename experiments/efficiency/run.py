@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.inference.generate import DecodeState, Plan, _advance, cache_bytes
-from hybrid_jax.model import BlockType, LanguageModel, init_cache, preset
+from hybrid_jax.model import LanguageModel, init_cache, preset
 
 MODELS = {"transformer": "Transformer++", "mamba": "Mamba", "mamba2": "Mamba-2", "samba": "Samba", "taipan": "Taipan"}
 K = 1024
@@ -134,8 +134,20 @@ def build(name: str, args, kernels: str):
     return cfg, model, params
 
 
+def growing_layers(cfg) -> tuple[bool, ...]:
+    """Per layer of the period: does its decode cache grow with the context? Asked of the mixers themselves
+    (``init_cache`` shapes at two lengths past every window), so a new mixer needs no entry here."""
+
+    def sizes(max_len):
+        cache = jax.eval_shape(lambda: init_cache(cfg, 1, max_len))
+        return [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layer)) for layer in cache.layers]
+
+    return tuple(a != b for a, b in zip(sizes(1 << 20), sizes(1 << 21)))
+
+
 def linear_time(cfg) -> bool:
-    return BlockType.ATTENTION not in cfg.period
+    """No layer's cache grows with the context (the model prefills and decodes in time linear in the length)."""
+    return not any(growing_layers(cfg))
 
 
 # ------------------------------------------------------------------------------------------------- cells
@@ -205,11 +217,12 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
 
 
 def _bytes_read(cfg, cache, context: int, slots: int) -> int:
-    """Cache bytes a step reads: all of it, except that a full-attention KV cache counts only its filled slots."""
+    """Cache bytes a step reads: all of it, except that a cache that grows with the context (full attention's KV
+    cache) counts only its filled slots."""
     total = 0
-    for kind, layer in zip(cfg.period, cache.layers):
+    for grows, layer in zip(growing_layers(cfg), cache.layers):
         b = cache_bytes(layer) if layer is not None else 0
-        total += b * context // slots if kind is BlockType.ATTENTION else b
+        total += b * context // slots if grows else b
     return total
 
 
