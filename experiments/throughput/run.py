@@ -44,6 +44,7 @@ def build_config(name: str, args, remat: str):
         op, impl = item.split("=")
         config.kernels[op] = impl
     config.data.seq_len = args.seq_len
+    config.train.loss_chunk = getattr(args, "loss_chunk", 0)
     config.data.batch_size = args.batch * jax.device_count()
     config.data.num_threads = 0
     config.train.steps = args.warmup + args.steps
@@ -97,6 +98,7 @@ def measure(name: str, args, remat: str) -> dict:
         "seq_len": args.seq_len,
         "global_batch": B,
         "remat": remat,
+        "loss_chunk": config.train.loss_chunk,
         "dtype": args.dtype,
         "kernels": kernel_choices(trainer.model_config),
         "step_ms": 1e3 * seconds / args.steps,
@@ -124,6 +126,9 @@ def main() -> int:
     parser.add_argument("--kernels", default="auto", help="implementation of every op: auto | xla | pallas_gpu ...")
     parser.add_argument("--kernel", default="", help="per-op overrides after --kernels, e.g. ssd=pallas_gpu")
     parser.add_argument("--remat", default="none,dots_no_batch,full", help="policies to try in order (on OOM)")
+    parser.add_argument(
+        "--loss_chunk", type=int, default=0, help="train.loss_chunk: logits this many positions at a time (0: all)"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json here)")
     args = parser.parse_args()
     device = jax.devices()[0].device_kind

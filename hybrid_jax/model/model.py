@@ -21,7 +21,8 @@ import numpy as np
 from hybrid_jax.model.blocks import Period, PeriodStep, block_cache, constrain
 from hybrid_jax.model.cache import DecodeCache
 from hybrid_jax.model.config import ModelConfig
-from hybrid_jax.model.layers import EMBED, VOCAB, Dense, RMSNorm
+from hybrid_jax.model.head import LMHead, tied_projection, token_cross_entropy
+from hybrid_jax.model.layers import EMBED, VOCAB, RMSNorm
 
 _REMAT_POLICIES = {
     "full": None,
@@ -60,9 +61,12 @@ class LanguageModel(nn.Module):
         history=False,
         last_index=None,
         logits_at=None,
+        targets=None,
+        loss_chunk=0,
     ):
         """mode "forward" / "prefill" (caches scanned as inputs and outputs) / "step" (caches carried, see
-        :class:`PeriodStep`); ``last_index`` ``(b,)`` keeps only that position's hidden state before the head."""
+        :class:`PeriodStep`); ``last_index`` ``(b,)`` keeps only that position's hidden state before the head; with
+        ``targets`` the head returns ``(ce, correct)`` (:func:`token_cross_entropy`) instead of logits."""
         c = self.config
         embed = nn.Embed(
             c.vocab_size,
@@ -104,16 +108,18 @@ class LanguageModel(nn.Module):
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="norm_f")(h)
         if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", h, embed.embedding.astype(h.dtype), preferred_element_type=jnp.float32)
+            project = tied_projection(embed.embedding, c.logits_multiplier)
+            out = project(h) if targets is None else token_cross_entropy(project, h, targets, loss_chunk)
         else:
-            logits = Dense(
+            head = LMHead(
                 c.vocab_size,
-                (EMBED, VOCAB),
+                c.logits_multiplier,
                 dtype=jnp.dtype(c.dtype),
                 param_dtype=jnp.dtype(c.param_dtype),
                 name="lm_head",
-            )(h)
-        return logits.astype(jnp.float32) * c.logits_multiplier, new_caches, aux
+            )
+            out = head(h) if targets is None else head(h, targets, loss_chunk)
+        return out, new_caches, aux
 
     def _step_periods(self, h, caches, position):
         """The periods for one token, the stacked caches carried through (each layer updates its own entry)."""
@@ -143,8 +149,10 @@ class LanguageModel(nn.Module):
         deterministic: bool = True,
         return_aux: bool = False,
         logits_at=None,
+        targets=None,
+        loss_chunk: int = 0,
     ):
-        """Logits for a batch of sequences.
+        """Logits for a batch of sequences, or the cross-entropy of given targets.
 
         Args:
           tokens: ``(b, t)`` int token ids.
@@ -155,12 +163,17 @@ class LanguageModel(nn.Module):
           logits_at: optional ``(b, n)`` int positions: the logits of these positions only, ``(b, n, vocab)`` (the
             LM head, ``t * vocab`` work per row, is often most of a small model's step when the loss covers few
             positions, as in the recall tasks).
+          targets: optional ``(b, t)`` int target ids (``(b, n)`` with ``logits_at``): return the per-token
+            cross-entropy ``(b, t)`` fp32 and ``argmax == target`` ``(b, t)`` bool instead of the logits.
+          loss_chunk: with ``targets``, compute the logits this many positions at a time, rematerialised in the
+            backward pass (:func:`hybrid_jax.model.head.token_cross_entropy`: the full ``(b, t, vocab)`` logits are
+            never held); 0: all at once.
 
         Returns:
-          logits ``(b, t, vocab)`` fp32, or ``(logits, aux)`` with aux ``{"losses": {name: scalar}, "metrics":
-          {name: (n_layers,)}}`` from :func:`summarize_aux` (for Taipan: ``losses["sal_constraint"]``, the weighted
-          budget constraint summed over SALs, and ``metrics["sal_selection_rate"]``, ``"sal_dropped"``,
-          ``"sal_alpha"``, one entry per SAL).
+          logits ``(b, t, vocab)`` fp32 (with ``targets``: ``(ce, correct)``), or ``(logits, aux)`` with aux
+          ``{"losses": {name: scalar}, "metrics": {name: (n_layers,)}}`` from :func:`summarize_aux` (for Taipan:
+          ``losses["sal_constraint"]``, the weighted budget constraint summed over SALs, and
+          ``metrics["sal_selection_rate"]``, ``"sal_dropped"``, ``"sal_alpha"``, one entry per SAL).
         """
         _check_tokens(tokens, self.config)
         logits, _, aux = self._run(
@@ -170,6 +183,8 @@ class LanguageModel(nn.Module):
             positions=positions,
             deterministic=deterministic,
             logits_at=logits_at,
+            targets=targets,
+            loss_chunk=loss_chunk,
         )
         if not return_aux:
             return logits

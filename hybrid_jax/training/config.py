@@ -202,6 +202,9 @@ def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collec
     # Compute logits (loss, accuracy) only at the first n masked positions of each row: the recall tasks score a few
     # answers per row, and the LM head over all t positions would dominate a small model's step. 0: every position.
     tr.loss_positions = 0
+    # Logits this many positions at a time, rematerialised in the backward pass, so the (b, t, vocab) fp32 logits
+    # and their gradient are never held (hybrid_jax.model.head.token_cross_entropy); same loss. 0: all at once.
+    tr.loss_chunk = 0
     # Fine-tuning: a checkpoint directory (a run's workdir or its checkpoints/) whose newest step's parameters start
     # this run (fresh optimizer state, step 0, data from the start); a run that has its own checkpoints resumes from
     # those instead. None: a fresh initialisation from train.seed.
@@ -282,8 +285,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _int(config, path, 1)
     for path in ("train.eval_every", "train.checkpoint_every", "train.seed", "eval.max_batches", "eval.sample_tokens"):
         _int(config, path, 0)
-    if "loss_positions" in config.train:
-        _int(config, "train.loss_positions", 0)
+    for path in ("train.loss_positions", "train.loss_chunk"):
+        if path.split(".")[1] in config.train:
+            _int(config, path, 0)
     if "init_member" in config.train:
         _int(config, "train.init_member", 0)
     init_from = config.train.get("init_from")

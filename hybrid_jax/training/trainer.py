@@ -81,12 +81,6 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------- loss and steps
 
 
-def _cross_entropy(logits, batch):
-    """Sum of masked token cross-entropies and the mask's sum."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(ce * batch["mask"]), jnp.sum(batch["mask"])
-
-
 def masked_positions(batch, n: int):
     """``(positions (b, n), targets (b, n), mask (b, n))`` of the first ``n`` masked positions of each row (padded
     with unmasked ones), for a head that computes only the logits the loss needs (``train.loss_positions``)."""
@@ -95,14 +89,17 @@ def masked_positions(batch, n: int):
     return idx, take(batch["targets"]), take(batch["mask"])
 
 
-def _logits_and_targets(model, params, batch, n: int, **kwargs):
-    """The model's logits and the batch restricted to the positions they cover (every position when n == 0)."""
+def _token_losses(model, params, batch, n: int, chunk: int, **kwargs):
+    """``((ce, correct), batch')``: the model's per-token cross-entropy and ``argmax == target`` of the batch's targets,
+    at every position, or at the first ``n`` masked positions of each row when n > 0 (``batch'`` is the batch
+    restricted to the positions they cover); logits ``chunk`` positions at a time (0: all at once). With
+    ``return_aux=True`` in kwargs the first element is ``((ce, correct), aux)``."""
+    if n:
+        idx, targets, mask = masked_positions(batch, n)
+        kwargs["logits_at"] = idx
+        batch = {**batch, "targets": targets, "mask": mask}
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
-    if not n:
-        return model.apply({"params": params}, *args, **kwargs), batch
-    idx, targets, mask = masked_positions(batch, n)
-    out = model.apply({"params": params}, *args, logits_at=idx, **kwargs)
-    return out, {**batch, "targets": targets, "mask": mask}
+    return model.apply({"params": params}, *args, targets=batch["targets"], loss_chunk=chunk, **kwargs), batch
 
 
 def make_train_step(
@@ -112,6 +109,7 @@ def make_train_step(
     accum_steps: int,
     lr_scales: tuple[float, ...] | None = None,
     loss_positions: int = 0,
+    loss_chunk: int = 0,
 ):
     """The (un-jitted) step ``(state, batch) -> (state, metrics)``.
 
@@ -127,14 +125,22 @@ def make_train_step(
 
     With ``loss_positions`` = n > 0 the head computes logits only at the first n masked positions of each row
     (:func:`masked_positions`); masked positions beyond them would not count, which the metric ``answers_dropped``
-    reports.
+    reports. With ``loss_chunk`` > 0 the logits are computed that many positions at a time and rematerialised in the
+    backward pass (``train.loss_chunk``: same loss, bounded memory).
     """
 
     def micro_objective(params, micro, key, total_tokens):
-        (logits, aux), micro = _logits_and_targets(
-            model, params, micro, loss_positions, deterministic=False, return_aux=True, rngs={"gumbel": key}
+        ((ce, _), aux), micro = _token_losses(
+            model,
+            params,
+            micro,
+            loss_positions,
+            loss_chunk,
+            deterministic=False,
+            return_aux=True,
+            rngs={"gumbel": key},
         )
-        ce_sum, _ = _cross_entropy(logits, micro)
+        ce_sum = jnp.sum(ce * micro["mask"])
         # The mixers' auxiliary losses (already weighted, e.g. a SAL's budget constraint) join the objective.
         objective = ce_sum / total_tokens + sum(aux["losses"].values(), jnp.zeros((), jnp.float32)) / accum_steps
         return objective, (ce_sum, aux)
@@ -191,20 +197,24 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: LanguageModel, byte_lengths: np.ndarray | None, population: bool = False, loss_positions: int = 0
+    model: LanguageModel,
+    byte_lengths: np.ndarray | None,
+    population: bool = False,
+    loss_positions: int = 0,
+    loss_chunk: int = 0,
 ):
     """``(params, batch) -> sums``: masked loss, tokens, correct tokens, exact rows, rows with answers, bytes.
 
-    With ``population`` the params have a leading member axis and every sum gains it; ``loss_positions`` as in
-    :func:`make_train_step`.
+    With ``population`` the params have a leading member axis and every sum gains it; ``loss_positions`` and
+    ``loss_chunk`` as in :func:`make_train_step`.
     """
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
 
     def eval_step(params, full):
-        logits, batch = _logits_and_targets(model, params, full, loss_positions)
-        ce_sum, tokens = _cross_entropy(logits, batch)
+        (ce, hit), batch = _token_losses(model, params, full, loss_positions, loss_chunk)
         mask = batch["mask"]
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32) * mask
+        ce_sum, tokens = jnp.sum(ce * mask), jnp.sum(mask)
+        correct = hit.astype(jnp.float32) * mask
         has_answer = jnp.sum(mask, axis=1) > 0
         exact = has_answer & (jnp.sum(correct, axis=1) == jnp.sum(mask, axis=1))
         out = {
@@ -365,15 +375,16 @@ class Trainer:
         self.members = config_lib.population_members(config)
         lr_scales = None if self.members is None else tuple(lr / config.optim.learning_rate for lr, _ in self.members)
         self.loss_positions = int(config.train.get("loss_positions", 0))
+        loss_chunk = int(config.train.get("loss_chunk", 0))
         self._build_state_shardings()
         self.train_step = jax.jit(
-            make_train_step(self.model, self.tx, self.schedule, k, lr_scales, self.loss_positions),
+            make_train_step(self.model, self.tx, self.schedule, k, lr_scales, self.loss_positions, loss_chunk),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
             donate_argnums=(0,),
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.model, self.byte_lengths, self.members is not None, self.loss_positions),
+            make_eval_step(self.model, self.byte_lengths, self.members is not None, self.loss_positions, loss_chunk),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=NamedSharding(self.mesh, P()),
         )

@@ -111,3 +111,16 @@ def test_too_few_loss_positions_stop_the_run_with_one_line(tmp_path):
     trainer = Trainer(_config(train__loss_positions=2), str(tmp_path))
     with pytest.raises(ValueError, match=r"train.loss_positions=2 is smaller than the answers of some rows"):
         trainer.run()
+
+
+def test_a_chunked_loss_gives_the_same_losses_gradients_and_evaluation(tmp_path):
+    full_losses, full_eval, full_state = _losses(_config(), tmp_path / "full")
+    # 5 does not divide the 32 positions: the last chunk is padded.
+    chunk_losses, chunk_eval, chunk_state = _losses(_config(train__loss_chunk=5), tmp_path / "chunk")
+    np.testing.assert_allclose(chunk_losses, full_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(chunk_state.params), jax.tree.leaves(full_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    assert chunk_eval["accuracy"] == pytest.approx(full_eval["accuracy"], abs=1e-9)
+    assert chunk_eval["loss"] == pytest.approx(full_eval["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="train.loss_chunk"):
+        validate(_config(train__loss_chunk=-1))

@@ -1,0 +1,53 @@
+"""The LM head's per-token cross-entropy, whole or a chunk of positions at a time, against numpy and the logits."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.model import LanguageModel, preset
+from hybrid_jax.model.head import token_cross_entropy
+
+
+def _numpy_ce(logits, targets):
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    return lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0], logits.argmax(-1) == targets
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 5, 7, 64])
+def test_token_cross_entropy_matches_numpy_and_its_gradient_does_not_depend_on_the_chunk(chunk):
+    kh, kw, kt = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(kh, (2, 20, 8))
+    w = jax.random.normal(kw, (8, 11))
+    targets = jax.random.randint(kt, (2, 20), 0, 11)
+
+    def ce(h, w, chunk):
+        return token_cross_entropy(lambda x: x @ w * 0.5, h, targets, chunk)
+
+    got, correct = ce(h, w, chunk)
+    want, want_correct = _numpy_ce(np.asarray(h) @ np.asarray(w) * 0.5, np.asarray(targets))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(correct, want_correct)
+    weights = jax.random.uniform(jax.random.key(1), (2, 20))
+    grad = jax.grad(lambda h, w, c: jnp.sum(ce(h, w, c)[0] * weights), argnums=(0, 1))
+    for a, b in zip(grad(h, w, chunk), grad(h, w, 0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_models_loss_path_equals_the_cross_entropy_of_its_logits(tie):
+    config = preset("mamba2", "tiny", tie_embeddings=tie, logits_multiplier=0.7)
+    model = LanguageModel(config)
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, config.vocab_size)
+    targets = jnp.roll(tokens, -1, axis=1)
+    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+    assert ("lm_head" in params) == (not tie)  # the untied head keeps its parameter name (checkpoints, HF import)
+    logits = model.apply({"params": params}, tokens)
+    want, want_correct = _numpy_ce(logits, np.asarray(targets))
+    for chunk in (0, 10):
+        ce, correct = model.apply({"params": params}, tokens, targets=targets, loss_chunk=chunk)
+        np.testing.assert_allclose(ce, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(correct, want_correct)
