@@ -8,6 +8,8 @@ and returns that learning rate's per-seed values, so every seed stays visible.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -141,7 +143,8 @@ def pivot_table(
 
 
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (files only).
+    """``matplotlib.pyplot``, on the Agg backend (files only) unless a backend was chosen already (a notebook's inline
+    backend, through ``MPLBACKEND`` or an earlier pyplot import, is kept).
 
     Raises:
       ImportError: matplotlib is missing (it is the ``experiments`` extra), with the install command.
@@ -152,7 +155,8 @@ def pyplot():
         raise ImportError(
             "the experiment plots need matplotlib: pip install 'hybrid_jax[experiments]' (or matplotlib)"
         ) from None
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
