@@ -31,7 +31,8 @@ class Experiment:
     Attributes:
       name: the experiment's folder name.
       models: the model names ``--models`` accepts (each job's ``tags["model"]`` is one of them).
-      build: ``(args) -> jobs`` for ``args.size``, ``args.models`` and ``args.seeds`` (args also has ``extra``).
+      build: ``(args) -> jobs`` for ``args.size``, ``args.models``, ``args.seeds``, ``args.no_progress``,
+        ``args.out`` and ``args.workdir`` (the parsed command line).
       report: ``(results, args) -> markdown``; may write plots into ``args.out`` (named ``<size>_*.png``).
       results_dir: default output directory (the experiment's ``results/``).
       seeds: default seeds per size (one for tiny, two for full).
