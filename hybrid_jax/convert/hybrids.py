@@ -1,8 +1,8 @@
 """Import of hybrid SSM + attention checkpoints written by transformers' ``save_pretrained``.
 
-Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``granitemoehybrid`` (IBM Granite-4.0-H,
-``GraniteMoeHybridForCausalLM``), ``jamba`` (AI21 Jamba, ``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H,
-``NemotronHForCausalLM``, without MoE layers).
+Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``falcon_h1`` (TII Falcon-H1,
+``FalconH1ForCausalLM``), ``granitemoehybrid`` (IBM Granite-4.0-H, ``GraniteMoeHybridForCausalLM``), ``jamba`` (AI21
+Jamba, ``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H, ``NemotronHForCausalLM``, without MoE layers).
 
 A checkpoint's layers become our pre-norm blocks in order (a :class:`Family` lists, per block, its kind, its norm's
 tensor and its mixer's tensor prefix). Our model repeats one period of blocks ``n_periods`` times (scanned), so the
@@ -28,6 +28,15 @@ Nemotron-H (``modeling_nemotron_h.py``): every layer is one block, ``norm`` then
 (``linear_attention``, gated RMSNorm over ``intermediate / n_groups``), attention without positional embedding
 (``full_attention``, GQA) or a squared-ReLU MLP (``mlp``); old configs give the pattern as
 ``hybrid_override_pattern`` (M, *, -). MoE layers (``moe``, E) are not supported yet.
+
+Falcon-H1 (``modeling_falcon_h1.py``, arXiv:2507.22448): each decoder layer runs attention (Llama's, GQA, RoPE) and
+Mamba-2 side by side on the same normed input and adds both to the residual (our ``attention_mamba2`` block, behind
+``input_layernorm``), then a SwiGLU MLP (behind ``pre_ff_layernorm``). The Mamba-2 mixer may be narrower or wider than
+``mamba_expand * hidden_size`` (``mamba_d_ssm``), and gates its output with or without the RMSNorm
+(``mamba_rms_norm``), normalising before or after the gate (``mamba_norm_before_gate``). Its many muP multipliers are
+folded into the imported weights (:func:`falcon_fold` says which and why that is exact); only a tied embedding keeps
+the embedding and LM-head multipliers at run time. Folded weights compute the same function, but training them
+further is not muP training with the original multipliers (their gradients scale differently).
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ from hybrid_jax.convert.tensors import (
 )
 from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, MambaConfig, ModelConfig, MoEConfig
 
-HYBRID_TYPES = ("bamba", "granitemoehybrid", "jamba", "nemotron_h")
+HYBRID_TYPES = ("bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h")
 
 Block = tuple[BlockType, str, str]  # (kind, norm weight name, mixer tensor prefix)
 
@@ -90,18 +99,21 @@ def _mamba2(cfg: Mapping[str, Any], family: str, eps: float) -> Mamba2Config:
     d = int(cfg["hidden_size"])
     names = _MAMBA_KEYS[family]
     heads, expand = int(cfg[names["heads"]]), int(cfg.get(names["expand"], 2))
+    d_inner = cfg.get(names["d_inner"]) if "d_inner" in names else None  # an inner width apart from expand * d
+    width = expand * d if d_inner is None else int(d_inner)
+    width_name = f"{names['expand']}*hidden_size" if d_inner is None else names["d_inner"]
     head_dim = cfg.get(names["head_dim"], "auto")
-    head_dim = expand * d // heads if head_dim in (None, "auto") else int(head_dim)
-    if heads * head_dim != expand * d:
+    head_dim = width // heads if head_dim in (None, "auto") else int(head_dim)
+    if heads * head_dim != width:
         raise CheckpointError(
-            f"load_hf_checkpoint: {names['heads']}*{names['head_dim']}={heads * head_dim} != "
-            f"{names['expand']}*hidden_size={expand * d}"
+            f"load_hf_checkpoint: {names['heads']}*{names['head_dim']}={heads * head_dim} != {width_name}={width}"
         )
     limit = [json_float(x) for x in (cfg.get("time_step_limit") or (0.0, float("inf")))]
     return Mamba2Config(
         d_state=int(cfg[names["d_state"]]),
         d_conv=int(cfg.get(names["d_conv"], 4)),
         expand=expand,
+        d_inner=None if d_inner is None else width,
         headdim=head_dim,
         ngroups=int(cfg.get(names["groups"], 1)),
         chunk_size=int(cfg.get(names["chunk"], 256)),
@@ -136,6 +148,7 @@ _MAMBA_KEYS = {
 
 
 _MAMBA_KEYS["granitemoehybrid"] = _MAMBA_KEYS["bamba"]  # IBM's two families name them alike
+_MAMBA_KEYS["falcon_h1"] = dict(_MAMBA_KEYS["bamba"], d_inner="mamba_d_ssm")  # Falcon-H1 took Bamba's names
 
 
 def _attention(cfg: Mapping[str, Any], rope: bool) -> AttentionConfig:
@@ -360,6 +373,102 @@ def _nemotron_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+# ----- Falcon-H1 -------------------------------------------------------------------------------------------------
+
+
+def _falcon_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    out: list[Block] = []
+    for i in range(int(cfg["num_hidden_layers"])):
+        pre = f"{prefix}layers.{i}."
+        out.append((BlockType.ATTENTION_MAMBA2, pre + "input_layernorm.weight", pre))
+        out.append((BlockType.MLP, pre + "pre_ff_layernorm.weight", pre + "feed_forward."))
+    return out
+
+
+def _falcon_multiplier(cfg: Mapping[str, Any], key: str) -> float:
+    return float(1.0 if cfg.get(key) is None else cfg[key])
+
+
+def _falcon_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "falcon_h1"
+    _check_off(cfg, kind, "mamba_proj_bias", "projectors_bias", "attention_bias", "mlp_bias")
+    _check_act(cfg, kind, "hidden_act", "silu")
+    eps = float(cfg.get("rms_norm_eps", 1e-5))
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    mamba2 = dataclasses.replace(
+        _mamba2(cfg, kind, eps),
+        gated_norm=bool(cfg.get("mamba_rms_norm", False)),
+        norm_before_gate=bool(cfg.get("mamba_norm_before_gate", True)),
+    )
+    return dict(
+        mlp_hidden=int(cfg["intermediate_size"]),
+        norm_eps=eps,
+        tie_embeddings=tied,
+        # One tied table cannot carry both multipliers; untied, falcon_fold folds them into the tables (1 here).
+        embedding_multiplier=_falcon_multiplier(cfg, "embedding_multiplier") if tied else 1.0,
+        logits_multiplier=_falcon_multiplier(cfg, "lm_head_multiplier") if tied else 1.0,
+        mamba2=mamba2,
+        attention=_attention(cfg, rope=True),
+    )
+
+
+def parallel_attention_mamba2(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
+    """A parallel attention + Mamba-2 layer with transformers' Falcon-H1 names: ``self_attn.*`` and ``mamba.*`` under
+    ``prefix``. A stored ``mamba.mup_vector`` is skipped: transformers keeps it out of its state dict (a
+    non-persistent buffer recomputed from ``ssm_multipliers``), so does :func:`falcon_fold`."""
+    if prefix + "mamba.mup_vector" in T.t:
+        T.used.add(prefix + "mamba.mup_vector")
+    return {
+        "attention": attention_mixer(T, prefix + "self_attn.", config),
+        "mamba2": mamba2_mixer(T, prefix + "mamba.", config),
+    }
+
+
+def falcon_fold(params: dict[str, Any], cfg: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """Falcon-H1's muP multipliers folded into the (scanned) parameters they scale.
+
+    Each multiplier scales the input or the output of one linear map without bias (biases are refused), so scaling
+    that map's kernel, whole or per output channel, computes the same function (up to float rounding):
+
+    * ``attention_in_multiplier`` (the attention branch's input) -> ``q_proj``, ``k_proj``, ``v_proj``;
+      ``key_multiplier`` (the keys, before RoPE, which is linear) -> ``k_proj``; ``attention_out_multiplier`` ->
+      ``o_proj``;
+    * ``ssm_in_multiplier`` (the Mamba-2 branch's input) and the ``mup_vector`` (per output channel of ``in_proj``:
+      ``ssm_multipliers`` for z, x, B, C and dt, each before any non-linearity or the conv) -> ``in_proj``;
+      ``ssm_out_multiplier`` -> ``out_proj``;
+    * ``mlp_multipliers`` (gate, down) -> ``gate_proj`` (its output, before the SiLU), ``down_proj``;
+    * ``embedding_multiplier``, ``lm_head_multiplier`` -> the embedding table and ``lm_head`` when they are untied
+      (tied, they stay run-time multipliers: :func:`_falcon_config`).
+    """
+    mult = lambda key: _falcon_multiplier(cfg, key)  # noqa: E731
+    e, g, n, h = config.d_inner2, config.mamba2.ngroups, config.mamba2.d_state, config.mamba2_heads
+    ssm = [float(x) for x in cfg.get("ssm_multipliers") or (1.0,) * 5]
+    gate, down = [float(x) for x in cfg.get("mlp_multipliers") or (1.0, 1.0)]
+    mup = np.concatenate([np.full(size, m, np.float32) for size, m in zip((e, e, g * n, g * n, h), ssm)])
+    attn_in = mult("attention_in_multiplier")
+    scale = {  # (block kind, path below the block's mixer) -> multiplier of the kernel
+        (BlockType.ATTENTION_MAMBA2, ("attention", "qkv", "q_proj")): attn_in,
+        (BlockType.ATTENTION_MAMBA2, ("attention", "qkv", "k_proj")): attn_in * mult("key_multiplier"),
+        (BlockType.ATTENTION_MAMBA2, ("attention", "qkv", "v_proj")): attn_in,
+        (BlockType.ATTENTION_MAMBA2, ("attention", "o_proj")): mult("attention_out_multiplier"),
+        (BlockType.ATTENTION_MAMBA2, ("mamba2", "in_proj")): mup * mult("ssm_in_multiplier"),
+        (BlockType.ATTENTION_MAMBA2, ("mamba2", "out_proj")): mult("ssm_out_multiplier"),
+        (BlockType.MLP, ("gate_proj",)): gate,
+        (BlockType.MLP, ("down_proj",)): down,
+    }
+    for j, kind in enumerate(config.period):
+        for (k, path), m in scale.items():
+            if k is kind:
+                node = params["periods"][f"{kind.value}_{j}"]["mixer"]
+                for key in path:
+                    node = node[key]
+                node["kernel"] = node["kernel"] * m  # (periods, in, out) * scalar or per output channel
+    if not config.tie_embeddings:
+        params["embed"]["embedding"] = params["embed"]["embedding"] * mult("embedding_multiplier")
+        params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * mult("lm_head_multiplier")
+    return params
+
+
 # ----- the families ----------------------------------------------------------------------------------------------
 
 
@@ -381,6 +490,8 @@ class Family:
     prefixes: tuple[str, ...] = ("model.",)
     # Parameters of the family's MLP / MOE blocks when they differ from the shared mappings (Granite's shared MLP).
     ffn_params: Callable[[Tensors, str, ModelConfig], dict[str, Any]] | None = None
+    # (params, config.json, config) -> params with the checkpoint's constant multipliers folded into the weights.
+    fold: Callable[[dict[str, Any], Mapping[str, Any], ModelConfig], dict[str, Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -393,6 +504,9 @@ FAMILIES: dict[str, Family] = {
     "nemotron_h": Family(
         _nemotron_blocks, _nemotron_config, "embeddings.weight", "norm_f.weight", prefixes=("model.", "backbone.")
     ),
+    "falcon_h1": Family(
+        _falcon_blocks, _falcon_config, "embed_tokens.weight", "final_layernorm.weight", fold=falcon_fold
+    ),
 }
 
 # One function per block kind: (tensors, mixer prefix, config) -> our mixer parameters.
@@ -403,6 +517,7 @@ MIXER_PARAMS = {
     BlockType.ATTENTION: attention_mixer,
     BlockType.MLP: swiglu,
     BlockType.RELU2_MLP: relu2_mlp,
+    BlockType.ATTENTION_MAMBA2: parallel_attention_mamba2,
 }
 
 
@@ -460,6 +575,8 @@ def hybrid_params(config: ModelConfig, cfg: Mapping[str, Any], tensors: Mapping[
         params["lm_head"] = {"kernel": T.get("lm_head.weight", (v, d)).T}
     elif "lm_head.weight" in T.t:
         T.used.add("lm_head.weight")
+    if f.fold is not None:
+        params = f.fold(params, cfg, config)
     unused = sorted(set(T.t) - T.used)
     if unused:
         raise CheckpointError(f"load_hf_checkpoint: {len(unused)} unexpected tensor(s), e.g. {unused[:3]}")

@@ -136,7 +136,8 @@ def moe_swiglu(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
 
 
 def mamba2_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
-    """A Mamba-2 mixer (mamba_ssm / transformers ``Mamba2Mixer`` names under ``prefix``) as our parameters."""
+    """A Mamba-2 mixer (mamba_ssm / transformers ``Mamba2Mixer`` names under ``prefix``) as our parameters; no
+    ``norm.weight`` without ``mamba2.gated_norm``."""
     m, d = config.mamba2, config.d_model
     e, h, g, n, w = config.d_inner2, config.mamba2_heads, m.ngroups, m.d_state, m.d_conv
     conv_dim = e + 2 * g * n
@@ -146,9 +147,10 @@ def mamba2_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]
         "dt_bias": T.get(prefix + "dt_bias", (h,)),
         "A_log": T.get(prefix + "A_log", (h,)),
         "D": T.get(prefix + "D", (h,)),
-        "norm": {"scale": T.get(prefix + "norm.weight", (e,))},
         "out_proj": {"kernel": T.get(prefix + "out_proj.weight", (d, e)).T},
     }
+    if m.gated_norm:
+        mixer["norm"] = {"scale": T.get(prefix + "norm.weight", (e,))}
     if m.conv_bias:
         mixer["conv1d"]["bias"] = T.get(prefix + "conv1d.bias", (conv_dim,))
     return mixer

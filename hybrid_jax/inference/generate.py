@@ -145,8 +145,8 @@ def make_plan(
         raise ValueError(f"{where}: max_len={max_len!r} must be an integer >= 1")
     if longest > max_len:
         raise ValueError(f"{where}: the prompt ({longest} tokens) is longer than max_len={max_len}")
-    if {BlockType.ATTENTION, BlockType.TOPK} & set(c.period) and need > max_len:
-        kind = "full-attention" if BlockType.ATTENTION in c.period else "top-k attention"
+    if {BlockType.ATTENTION, BlockType.TOPK} & c.kinds and need > max_len:
+        kind = "full-attention" if BlockType.ATTENTION in c.kinds else "top-k attention"
         raise ValueError(
             f"{where}: max_len={max_len} is too short for this {kind} model: the prompt ({longest} tokens) "
             f"+ max_new_tokens={max_new_tokens} - 1 needs {need} cache positions"
@@ -159,7 +159,7 @@ def make_plan(
     for s in stops:
         if not 0 <= s < c.vocab_size:
             raise ValueError(f"{where}: stop token {s} is outside the vocabulary [0, {c.vocab_size})")
-    if ragged and BlockType.MAMBA2 in c.period and c.mamba2.dt_limit[0] > 0:
+    if ragged and BlockType.MAMBA2 in c.kinds and c.mamba2.dt_limit[0] > 0:
         raise ValueError(
             f"{where}: prompts of different lengths need mamba2.dt_limit[0] == 0 (got {c.mamba2.dt_limit}): "
             "padding is passed through the SSM with dt = 0"

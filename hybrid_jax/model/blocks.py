@@ -21,6 +21,7 @@ from hybrid_jax.model.layers import ACT_BATCH, ACT_EMBED, ACT_LENGTH, RMSNorm
 from hybrid_jax.model.mixer import Mixer
 from hybrid_jax.model.mlp import SquaredReLUMLP, SwiGLU
 from hybrid_jax.model.moe import MoESwiGLU
+from hybrid_jax.model.parallel import AttentionMamba2Mixer
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 from hybrid_jax.model.topk_attention import TopKAttentionMixer
@@ -44,6 +45,7 @@ MIXERS: dict[BlockType, type[Mixer]] = {
     BlockType.MLP: SwiGLU,
     BlockType.RELU2_MLP: SquaredReLUMLP,
     BlockType.MOE: MoESwiGLU,
+    BlockType.ATTENTION_MAMBA2: AttentionMamba2Mixer,
 }
 
 

@@ -29,6 +29,15 @@ class BlockType(enum.Enum):
     MLP = "mlp"  # SwiGLU MLP
     RELU2_MLP = "relu2_mlp"  # squared-ReLU MLP (Nemotron-H)
     MOE = "moe"  # mixture of SwiGLU experts, top-k routing (Jamba, Granite-4.0-H, Mixtral)
+    # Attention and Mamba-2 side by side on the same normalised input, their updates summed (Falcon-H1's hybrid
+    # heads, arXiv:2507.22448); uses the attention and mamba2 sections.
+    ATTENTION_MAMBA2 = "attention_mamba2"
+
+
+# Composite kinds: the kinds a layer runs in parallel (config validation and decoding see each part).
+PARTS: dict[BlockType, tuple[BlockType, ...]] = {
+    BlockType.ATTENTION_MAMBA2: (BlockType.ATTENTION, BlockType.MAMBA2),
+}
 
 
 def _check(cond: bool, message: str) -> None:
@@ -62,6 +71,7 @@ class Mamba2Config:
     d_state: int = 128  # N, state size per head
     d_conv: int = 4  # causal depthwise conv width
     expand: int = 2  # inner width = expand * d_model
+    d_inner: int | None = None  # inner width when it is not expand * d_model (Falcon-H1's mamba_d_ssm); None: expand
     headdim: int = 64  # P, channels per SSM head
     ngroups: int = 1  # G, groups sharing B and C
     chunk_size: int = 256  # L of the chunked SSD algorithm
@@ -72,6 +82,11 @@ class Mamba2Config:
     dt_limit: tuple[float, float] = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias); (0, inf): none
     conv_bias: bool = True  # bias in the causal conv
     norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
+    # The gated RMSNorm before out_proj; False: the output is y * silu(z), unnormalised (Falcon-H1's mamba_rms_norm).
+    gated_norm: bool = True
+    # With gated_norm: RMSNorm(y) * silu(z) (Falcon-H1's mamba_norm_before_gate) instead of mamba_ssm's
+    # RMSNorm(y * silu(z)).
+    norm_before_gate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,12 +224,17 @@ class ModelConfig:
             self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
             f"ModelConfig: remat_policy={self.remat_policy!r} must be one of none, full, dots, dots_no_batch",
         )
-        kinds = set(period)
+        kinds = self.kinds
         if BlockType.MAMBA2 in kinds:
             m = self.mamba2
             _check(
+                m.d_inner is None or _pos_int(m.d_inner),
+                f"ModelConfig: mamba2.d_inner={m.d_inner!r} must be None or an integer >= 1",
+            )
+            _check(
                 self.d_inner2 % m.headdim == 0,
-                f"ModelConfig: mamba2.headdim={m.headdim} must divide d_inner={self.d_inner2} (expand * d_model)",
+                f"ModelConfig: mamba2.headdim={m.headdim} must divide d_inner={self.d_inner2} (mamba2.d_inner, else "
+                "expand * d_model)",
             )
             _check(
                 self.mamba2_heads % m.ngroups == 0,
@@ -329,7 +349,7 @@ class ModelConfig:
 
     @property
     def d_inner2(self) -> int:
-        return self.mamba2.expand * self.d_model
+        return self.mamba2.d_inner or self.mamba2.expand * self.d_model
 
     @property
     def mamba2_heads(self) -> int:
@@ -341,6 +361,11 @@ class ModelConfig:
             return self.mlp_hidden
         m = self.mlp_multiple_of
         return m * math.ceil(8 * self.d_model / 3 / m)
+
+    @property
+    def kinds(self) -> frozenset[BlockType]:
+        """Every kind of layer the stack runs, a composite kind (:data:`PARTS`) with its parts."""
+        return frozenset(self.period).union(*(PARTS.get(k, ()) for k in self.period))
 
     def count(self, kind: BlockType) -> int:
         """How many layers of ``kind`` the stack has."""

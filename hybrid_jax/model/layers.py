@@ -111,7 +111,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Mamba-2's gated RMSNorm with norm_before_gate=False: ``RMSNorm(x * silu(z)) * scale``.
+    """Mamba-2's gated RMSNorm: ``RMSNorm(x * silu(z)) * scale`` (mamba_ssm's norm_before_gate=False), or with
+    ``norm_before_gate`` ``RMSNorm(x) * scale * silu(z)`` (Falcon-H1's default).
 
     Normalised per group of ``group_size`` channels as mamba_ssm's ``RMSNormGated`` (whole width when ngroups = 1).
     The backward recomputes the fp32 gate and statistics from ``x`` and ``z`` (``recomputed_in_backward``): kept,
@@ -120,6 +121,7 @@ class GatedRMSNorm(nn.Module):
 
     group_size: int
     eps: float = 1e-5
+    norm_before_gate: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -130,8 +132,10 @@ class GatedRMSNorm(nn.Module):
         )
 
         def gate_and_normalize(x, z, w):
-            gated = x.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-            return rms_normalize(gated, w, self.eps, self.group_size).astype(self.dtype)
+            gate = jax.nn.silu(z.astype(jnp.float32))
+            if self.norm_before_gate:
+                return (rms_normalize(x, w, self.eps, self.group_size) * gate).astype(self.dtype)
+            return rms_normalize(x.astype(jnp.float32) * gate, w, self.eps, self.group_size).astype(self.dtype)
 
         return recomputed_in_backward(gate_and_normalize)(x, z, w)
 

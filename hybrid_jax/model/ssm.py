@@ -278,6 +278,7 @@ class Mamba2Mixer(Mixer):
 
     in_proj -> [z (e), xBC (e + 2gn), dt (h)]; xBC -> causal conv + SiLU -> x (h, p), B (g, n), C (g, n);
     y = ssd(x, dt, -exp(A_log), B, C, D, dt_bias, softplus); y = RMSNorm(y * silu(z)) per group; out_proj(y).
+    ``mamba2.norm_before_gate`` gives RMSNorm(y) * silu(z), ``mamba2.gated_norm=False`` y * silu(z) (Falcon-H1).
     """
 
     def setup(self):
@@ -305,8 +306,17 @@ class Mamba2Mixer(Mixer):
             jnp.float32,
         )
         self.D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, (SSM_HEADS,)), (h,), jnp.float32)
-        self.norm = GatedRMSNorm(group_size=e // g, eps=m.norm_eps, dtype=dt, param_dtype=pdt)
+        if m.gated_norm:
+            self.norm = GatedRMSNorm(
+                group_size=e // g, eps=m.norm_eps, norm_before_gate=m.norm_before_gate, dtype=dt, param_dtype=pdt
+            )
         self.out_proj = Dense(c.d_model, (SSM_INNER, EMBED), init_scale=self.out_scale, dtype=dt, param_dtype=pdt)
+
+    def _gate(self, y, z):
+        """The SSM output ``(..., e)`` gated by ``silu(z)``: through the gated RMSNorm, or alone without it."""
+        if self.config.mamba2.gated_norm:
+            return self.norm(y, z)
+        return (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(jnp.dtype(self.config.dtype))
 
     def _split(self, zxbcdt):
         c = self.config
@@ -335,7 +345,7 @@ class Mamba2Mixer(Mixer):
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
             static=dict(chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit),
         )
-        y = self.norm(y.reshape(*y.shape[:2], -1), z)
+        y = self._gate(y.reshape(*y.shape[:2], -1), z)
         return self.out_proj(y).astype(jnp.float32), None
 
     def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
@@ -357,7 +367,7 @@ class Mamba2Mixer(Mixer):
                 chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit, return_final_state=True
             ),
         )
-        y = self.norm(y.reshape(*y.shape[:2], -1), z)
+        y = self._gate(y.reshape(*y.shape[:2], -1), z)
         conv_state = conv_state_after(cache.conv_state, xBC_in, valid.sum(axis=1))
         return self.out_proj(y).astype(jnp.float32), SSMCache(conv_state, ssm_state)
 
@@ -376,7 +386,7 @@ class Mamba2Mixer(Mixer):
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
             static=dict(dt_softplus=True, dt_limit=self.config.mamba2.dt_limit),
         )
-        y = self.norm(y.reshape(y.shape[0], -1), z)
+        y = self._gate(y.reshape(y.shape[0], -1), z)
         return self.out_proj(y)[:, None].astype(jnp.float32), _write_layer(cache, layer, conv_state, ssm_state)
 
     @classmethod

@@ -131,8 +131,8 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
         load_hf_checkpoint(write("wrong", wrong))
     with pytest.raises(
         CheckpointError,
-        match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, granitemoehybrid, jamba, "
-        r"nemotron_h\)",
+        match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, falcon_h1, granitemoehybrid, "
+        r"jamba, nemotron_h\)",
     ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
@@ -359,3 +359,51 @@ def test_granite_4_h_parity_decode_and_generate(tmp_path, experts, position):
     ]
     if experts:
         _decode_and_generate(hf, model, params, 96)
+
+
+@pytest.mark.parametrize(
+    "tied, rms_norm, norm_before_gate", [(False, True, True), (True, False, True), (True, True, False)]
+)
+def test_falcon_h1_parity_decode_and_generate(tmp_path, tied, rms_norm, norm_before_gate):
+    """TII Falcon-H1: attention (GQA, RoPE) and Mamba-2 in parallel in every layer, then a SwiGLU MLP; a Mamba-2 inner
+    width apart from expand * hidden_size (mamba_d_ssm), with or without the gated RMSNorm (normalising before or after
+    the gate); every muP multiplier away from 1 (folded into the weights, or kept at run time for a tied embedding)."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconH1Config(
+        vocab_size=96,
+        intermediate_size=80,
+        **{k: v for k, v in TINY.items() if k != "num_hidden_layers"},
+        num_hidden_layers=2,
+        head_dim=16,
+        mamba_d_ssm=96,
+        mamba_n_heads=6,
+        mamba_d_state=16,
+        mamba_n_groups=2,
+        mamba_chunk_size=16,
+        mamba_rms_norm=rms_norm,
+        mamba_norm_before_gate=norm_before_gate,
+        tie_word_embeddings=tied,
+        embedding_multiplier=2.0,
+        lm_head_multiplier=0.5,
+        key_multiplier=3.0,
+        attention_in_multiplier=1.2,
+        attention_out_multiplier=0.6,
+        ssm_in_multiplier=1.1,
+        ssm_out_multiplier=0.7,
+        ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.3],
+        mlp_multipliers=[1.5, 0.7],
+        eos_token_id=None,  # greedy generation runs its full length (a generated eos would stop transformers' rows)
+    )
+    hf = transformers.FalconH1ForCausalLM(cfg).eval()
+    _perturb(hf)
+    path = _save(hf, tmp_path, "falcon_h1")
+    model, params = _compare(hf, path, 96, t=40)
+    c = model.config
+    assert [b.value for b in c.period] == ["attention_mamba2", "mlp"] and c.n_periods == 2
+    assert c.d_inner2 == 96 and c.mamba2.headdim == 16
+    assert (c.mamba2.gated_norm, c.mamba2.norm_before_gate) == (rms_norm, norm_before_gate)
+    assert c.tie_embeddings == tied and c.attention.rope and c.attention.num_kv_heads == 2
+    # Untied, every multiplier is folded into the weights; tied, the embedding and the head keep theirs.
+    assert (c.embedding_multiplier, c.logits_multiplier) == ((2.0, 0.5) if tied else (1.0, 1.0))
+    if not tied:
+        _decode_and_generate(hf, model, params, 96)  # once per family (CI time)

@@ -1,6 +1,6 @@
 """The mixer protocol: a mixer written only against ``hybrid_jax.model.mixer`` and entered in ``MIXERS`` (one line)
-trains, prefills, decodes, reports aux outputs and FLOPs through the model with no other change; and every table entry
-implements the protocol."""
+trains, prefills, decodes, reports aux outputs and FLOPs through the model with no other change; every table entry
+implements the protocol; and mixers compose in parallel."""
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,9 @@ import pytest
 
 from hybrid_jax.model import MIXERS, BlockType, LanguageModel, Mixer, preset
 from hybrid_jax.model import blocks as blocks_lib
+from hybrid_jax.model.config import PARTS
+from hybrid_jax.model.mlp import SwiGLU
+from hybrid_jax.model.parallel import ParallelMixer
 from hybrid_jax.training.flops import flops_per_token
 
 
@@ -93,3 +96,42 @@ def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
     parts = cls.flops(cfg, 16)
     assert set(parts) <= {"attention", "ssm", "conv", "experts"} and all(v > 0 for v in parts.values())
     assert bool(parts) == (not token_wise or kind is BlockType.MOE)
+
+
+class MeanAndMLP(ParallelMixer):
+    """A test-only parallel mixer: a part with a cache and aux outputs beside one with neither."""
+
+    PARTS = (("mean", RunningMean), ("mlp", SwiGLU))
+
+
+def test_a_parallel_mixer_is_the_sum_of_its_parts():
+    cfg = preset("samba", "tiny", vocab_size=64)
+    hn = jax.random.normal(jax.random.PRNGKey(0), (2, 6, cfg.d_model))
+    mixer = MeanAndMLP(cfg)
+    params = nn.unbox(mixer.init(jax.random.PRNGKey(1), hn)["params"])
+    update, aux = mixer.apply({"params": params}, hn)
+    mean, mean_aux = RunningMean(cfg).apply({"params": params["mean"]}, hn)
+    mlp, _ = SwiGLU(cfg).apply({"params": params["mlp"]}, hn)
+    np.testing.assert_allclose(update, mean + mlp, rtol=1e-6, atol=1e-6)
+    assert aux == {
+        "losses": {"mean_size": mean_aux["losses"]["size"]},
+        "metrics": {"mean_abs": mean_aux["metrics"]["abs"]},
+    }
+
+    # The cache is the parts' caches in order (None for the MLP); prefill then one step equals the forward pass.
+    cache = MeanAndMLP.init_cache(cfg, 2, 6)
+    assert cache[1] is None
+    valid = jnp.ones((2, 5), bool)
+    first, cache = mixer.apply({"params": params}, hn[:, :5], cache, None, valid, False, method="prefill")
+    np.testing.assert_allclose(first, update[:, :5], rtol=1e-5, atol=1e-5)
+    stacked = jax.tree.map(lambda x: x[None], cache)
+    last, _ = mixer.apply({"params": params}, hn[:, 5:], stacked, jnp.full((2,), 5), 0, method="step")
+    np.testing.assert_allclose(last, update[:, 5:], rtol=1e-5, atol=1e-5)
+    assert MeanAndMLP.flops(cfg, 6) == {"attention": 7.0 * cfg.d_model}
+
+
+@pytest.mark.parametrize("kind", list(PARTS))
+def test_a_composite_kind_runs_the_mixers_of_its_parts(kind):
+    """Config validation and decoding read a composite kind's parts from config.PARTS; its mixer runs those."""
+    assert [cls for _, cls in MIXERS[kind].PARTS] == [MIXERS[part] for part in PARTS[kind]]
+    assert set(PARTS[kind]) <= preset("jamba", "tiny").replace(period=(kind,)).kinds
