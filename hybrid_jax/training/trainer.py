@@ -343,7 +343,9 @@ class Trainer:
     """Builds everything of a run from its config (see the module docstring); :meth:`run` trains.
 
     Attributes (for tests and tools): ``mesh``, ``rules``, ``model``, ``model_config``, ``state_shardings``,
-    ``batch_sharding``, ``train_step`` (jitted, with in/out shardings), ``train_iter``, ``flops_per_token``.
+    ``batch_sharding``, ``train_step`` (jitted, with in/out shardings), ``train_iter``, ``flops_per_token``,
+    ``members`` (a population's ``(learning rate, seed)`` pairs, or None), and after a completed :meth:`run`
+    ``final_state`` (the last :class:`TrainState`; parameters with a leading member axis for a population).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
