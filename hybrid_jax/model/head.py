@@ -84,8 +84,7 @@ def tied_projection(embedding: jax.Array, multiplier: float) -> Callable[[jax.Ar
     """The tied head: hidden states ``(b, c, d)`` -> fp32 logits through the ``(vocab, d)`` embedding matrix."""
 
     def project(x):
-        y = jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
-        return y.astype(jnp.float32) * multiplier
+        return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32) * multiplier
 
     return project
 

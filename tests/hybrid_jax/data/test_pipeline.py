@@ -246,7 +246,9 @@ def test_generated_examples_are_cached_and_a_stale_cache_is_rebuilt(mqar, tmp_pa
     caches = sorted(tmp_path.glob("hybrid_jax_cache/generated-*"))
     assert len(caches) == 1
     inputs = np.load(caches[0] / "inputs.npy")
-    want = np.stack([synthetic.make_example(mqar, seed=source.seed, split="train", index=i)["inputs"] for i in range(24)])
+    want = np.stack(
+        [synthetic.make_example(mqar, seed=source.seed, split="train", index=i)["inputs"] for i in range(24)]
+    )
     np.testing.assert_array_equal(inputs, want)  # the cache holds the on-demand examples, index for index
     # A cache written by another version of the generator: every example changed.
     np.save(caches[0] / "inputs.npy", (inputs + 1) % mqar.vocab_size)
