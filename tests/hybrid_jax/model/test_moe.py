@@ -1,6 +1,6 @@
 """The mixture-of-experts SwiGLU layer against a numpy loop over tokens and their chosen experts; the load-balancing
-loss against its formula; decode equals forward in a model with MoE layers; experts shard over the tensor axis and a
-sharded forward on 8 CPU devices equals the unsharded one."""
+loss against its formula; decode equals forward in a model with MoE layers; experts shard over the tensor axis, and a
+sharded forward and four training steps on 8 CPU devices equal the unsharded ones."""
 
 import os
 import subprocess
@@ -116,8 +116,9 @@ def test_experts_shard_over_the_tensor_axis():
     assert moe["router"]["kernel"] == P(None, "fsdp")
 
 
-def test_a_sharded_forward_on_8_devices_equals_one_device(tmp_path):
-    """Experts over "tensor" (2) and the batch over "data" (4): same logits and load-balancing loss."""
+def test_a_sharded_forward_and_training_on_8_devices_equal_one_device(tmp_path):
+    """Experts over "tensor" (2) and the batch over "data" (4): same logits and load-balancing loss, and four SGD steps
+    on cross-entropy + load-balancing loss give the same losses as on one device."""
     script = textwrap.dedent(
         """
         import sys, numpy as np, jax, jax.numpy as jnp, flax.linen as nn
@@ -138,7 +139,31 @@ def test_a_sharded_forward_on_8_devices_equals_one_device(tmp_path):
         spec = shardings["periods"]["moe_1"]["mixer"]["gate_kernel"].spec
         err = float(np.max(np.abs(np.asarray(got) - np.asarray(ref))))
         aux_err = abs(float(got_aux["losses"]["moe_load_balance"]) - float(ref_aux["losses"]["moe_load_balance"]))
-        print(len(jax.devices()), spec, err, aux_err, sep="|")
+
+        def loss(p, t):
+            logits, aux = model.apply({"params": p}, t[:, :-1], return_aux=True)
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            ce = -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], -1))
+            return ce + sum(aux["losses"].values())
+
+        @jax.jit
+        def sgd(p, t):
+            value, grads = jax.value_and_grad(loss)(p, t)
+            return jax.tree.map(lambda w, g: w - 0.5 * g, p, grads), value
+
+        def train(p):
+            values = []
+            for _ in range(4):
+                p, value = sgd(p, tokens)
+                values.append(float(value))
+            return values
+
+        one = train(params)
+        with mesh:
+            many = train(jax.device_put(params, shardings))
+        assert one[-1] < one[0] - 1e-3, one  # the steps change the model, so equal losses mean something
+        train_err = max(abs(a - b) for a, b in zip(one, many))
+        print(len(jax.devices()), spec, err, aux_err, train_err, sep="|")
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -151,6 +176,6 @@ def test_a_sharded_forward_on_8_devices_equals_one_device(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    devices, spec, err, aux_err = r.stdout.strip().splitlines()[-1].split("|")
+    devices, spec, err, aux_err, train_err = r.stdout.strip().splitlines()[-1].split("|")
     assert devices == "8" and spec == str(P(None, "tensor"))  # (layers, expert, embed, mlp): 6 experts over 2
-    assert float(err) < 1e-5 and float(aux_err) < 1e-6, r.stdout
+    assert float(err) < 1e-5 and float(aux_err) < 1e-6 and float(train_err) < 1e-5, r.stdout
