@@ -69,6 +69,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
     p.add_argument("--prefill-chunk", type=int, default=0, help="prefill in chunks of this many tokens (0: one pass)")
     p.add_argument("--budget-s", type=float, default=3300.0, help="start no new cell after this many seconds")
+    p.add_argument("--prefill-lengths", default="", help="comma-separated prompt lengths (default: 1K..128K, 512K)")
+    p.add_argument("--decode-contexts", default="", help="comma-separated decode contexts (default: 1K..64K)")
+    p.add_argument("--batches", default="", help="comma-separated decode batch sizes (default: 16,1)")
     p.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU, seconds)")
     p.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run in --out")
     args = p.parse_args(argv)
@@ -77,6 +80,15 @@ def parse_args(argv):
         p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     if args.decode_steps < 1 or args.repeats < 1:
         p.error("--decode-steps and --repeats must be >= 1")
+    for flag in ("prefill_lengths", "decode_contexts", "batches"):
+        text = getattr(args, flag)
+        try:
+            values = [int(v) for v in text.split(",")] if text else None
+        except ValueError:
+            values = [0]
+        if values is not None and min(values) < 1:
+            p.error(f"--{flag.replace('_', '-')}={text!r}: expected comma-separated positive integers")
+        setattr(args, flag, values)
     return args
 
 
@@ -277,13 +289,14 @@ def run_sweep(args) -> Results:
             tag = f"{name}|{kernels}"
             lengths = SMOKE["prefill_linear" if linear_time(cfg) else "prefill"] if args.smoke else None
             if lengths is None:
-                lengths = PREFILL_LENGTHS_LINEAR if linear_time(cfg) else PREFILL_LENGTHS
+                lengths = args.prefill_lengths or (PREFILL_LENGTHS_LINEAR if linear_time(cfg) else PREFILL_LENGTHS)
             cells = []
             if args.only in ("all", "prefill") and kernels == kernel_choices[0]:
                 cells += [("prefill", 1, n) for n in lengths]
             if args.only in ("all", "decode"):
-                for batch in SMOKE["batches"] if args.smoke else DECODE_BATCHES:
-                    cells += [("decode", batch, n) for n in (SMOKE["decode"] if args.smoke else DECODE_CONTEXTS)]
+                contexts = SMOKE["decode"] if args.smoke else args.decode_contexts or DECODE_CONTEXTS
+                for batch in SMOKE["batches"] if args.smoke else args.batches or DECODE_BATCHES:
+                    cells += [("decode", batch, n) for n in contexts]
             oom_from: dict[tuple, int] = {}
             for kind, batch, n in cells:
                 key = f"{tag}|{kind}|b{batch}|{n}"
