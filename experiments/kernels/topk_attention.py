@@ -11,8 +11,11 @@ Every contender is first checked against its fp32 dense reference at a small siz
 warm-up on every input set, then the median of ``--runs`` synchronised calls rotating over 3 input sets, on the host
 clock and on the device clock (``bench_common.device_time_ms``: the span of a call's kernels in a profiler trace).
 fwd+bwd is one program computing the output and the VJP of a random cotangent. Also timed, forward only: top-k's
-XLA preamble alone (the block selection, and selection + pair layout), and at the target T the device time of every
-kernel of top-k's fwd+bwd (profiler trace), to show where the time goes.
+preamble alone, in the same run: the block selection as XLA computes it (``select_blocks``: einsums + ``lax.top_k``,
+what the op used before), as the fused Triton kernel the op now uses (``selection_gpu``: scores and a running top-k
+in registers), and the fused selection + pair layout; at every T, the share of (query, kv head) rows where the two
+selections differ (float32 near-ties only: both use exact float32 products); and at the target T the device time of
+every kernel of top-k's fwd+bwd (profiler trace), to show where the time goes.
 
 Acceptance targets (issue 22, H100): at T 32K, top-k fwd+bwd <= 0.7 x sliding window 2048 and >= 5x faster than
 cuDNN full causal; times linear in T from 8K to 128K. The script prints these ratios.
@@ -20,6 +23,7 @@ cuDNN full causal; times linear in T from 8K to 128K. The script prints these ra
     python experiments/kernels/topk_attention.py --out DIR                 # on a GPU (~5-8 min on an H100)
     python experiments/kernels/topk_attention.py --out DIR --budget-s 300  # stop timing after 300 s
     python experiments/kernels/topk_attention.py --out DIR --sweep         # also alternative pair tilings at T 32K
+    python experiments/kernels/topk_attention.py --out DIR --select-sweep  # also fused-selection tilings at T 32K
     python experiments/kernels/topk_attention.py --out DIR --smoke         # tiny sizes, Pallas in interpret mode, CPU
 
 Writes DIR/topk_attention.json (every number, the device, versions and the correctness table) and
@@ -65,9 +69,20 @@ from bench_common import (  # noqa: E402
 from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
 from pallas_kernels.topk_attention import pairs, topk_attention  # noqa: E402
 from pallas_kernels.topk_attention.selection import query_blocks, select_blocks  # noqa: E402
+from pallas_kernels.topk_attention.selection_gpu import (  # noqa: E402
+    DEFAULT_SELECT_TILING,
+    SelectTiling,
+    select_blocks_pallas_gpu,
+)
 
 DTYPE = jnp.bfloat16
 CONTENDERS = ("topk", "swa", "cudnn")  # timed in this order at every T
+# Top-k's preamble timed alone (forward only): row name -> (selection, with the pair layout).
+PARTS = {
+    "selection_xla": ("xla", False),
+    "selection_fused": ("fused", False),
+    "selection_fused+layout": ("fused", True),
+}
 
 
 @dataclasses.dataclass
@@ -90,7 +105,7 @@ class Config:
     interpret: bool = False
     budget_s: float = 480.0
     impls: tuple[str, ...] = CONTENDERS
-    parts: bool = True  # also time the selection and the pair layout alone (forward only)
+    parts: bool = True  # also time the selections and the pair layout alone (forward only)
 
 
 def smoke_config() -> Config:
@@ -157,21 +172,42 @@ def contender_fn(name: str, cfg: Config, *, block_size=None, top_k=None, window=
     raise ValueError(f"unknown contender {name!r}")
 
 
-def selection_fn(cfg: Config, layout: bool):
-    """Top-k's XLA preamble alone: ``select_blocks`` (and with ``layout`` the pair layout of the default tiling)."""
-    from pallas_kernels.topk_attention.pallas_gpu import DEFAULT_TILING as tiling
+def select_fn(cfg: Config, which: str, tiling: SelectTiling | None = None):
+    """``(q, k) -> (b, t, hk, K)`` block indices: ``select_blocks`` ("xla") or the fused kernel ("fused")."""
+    if which == "xla":
+        return lambda q, k: select_blocks(q, k, block_size=cfg.block_size, top_k=cfg.top_k)
+    return lambda q, k: select_blocks_pallas_gpu(
+        q, k, block_size=cfg.block_size, top_k=cfg.top_k, interpret=cfg.interpret, tiling=tiling
+    )
+
+
+def selection_fn(cfg: Config, which: str, layout: bool, tiling: SelectTiling | None = None):
+    """Top-k's preamble alone: a selection (``select_fn``), and with ``layout`` the pair layout of the default pair
+    tiling (what the op runs before its kernels)."""
+    from pallas_kernels.topk_attention.pallas_gpu import DEFAULT_TILING as pair_tiling
+
+    select = select_fn(cfg, which, tiling)
 
     def run(q, k, v):
-        selected = select_blocks(q, k, block_size=cfg.block_size, top_k=cfg.top_k)
+        selected = select(q, k)
         if not layout:
             return selected
         blocks = query_blocks(selected, cfg.block_size)
         b, t, hk, p = blocks.shape
         nb = -(-t // cfg.block_size)
-        tiles = pairs.max_tiles(b * hk, t, p, nb, tiling.rows, tiling.tiles_per_program)
-        return pairs.build_layout(blocks, num_blocks=nb, rows=tiling.rows, tiles=tiles)
+        tiles = pairs.max_tiles(b * hk, t, p, nb, pair_tiling.rows, pair_tiling.tiles_per_program)
+        return pairs.build_layout(blocks, num_blocks=nb, rows=pair_tiling.rows, tiles=tiles)
 
     return run
+
+
+def selection_disagreement(cfg: Config, q, k) -> dict:
+    """Rows ``(b, t, hk)`` where the fused and the XLA selections differ (in any entry or order), as a count and a
+    share: float32 near-ties resolved apart by the different accumulation orders of the two dots."""
+    fused, xla = select_fn(cfg, "fused"), select_fn(cfg, "xla")
+    count = jax.jit(lambda q, k: jnp.sum(jnp.any(fused(q, k) != xla(q, k), axis=-1)))(q, k)
+    rows = q.shape[0] * q.shape[1] * k.shape[2]
+    return {"rows_differing": int(count), "rows": rows, "share": int(count) / rows}
 
 
 def make_inputs(key, cfg: Config, t: int):
@@ -228,7 +264,7 @@ def cudnn_available(cfg: Config) -> bool:
         return False
 
 
-def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
+def run(cfg: Config, out_dir: Path, sweep: bool, select_sweep: bool = False) -> dict:
     budget = Budget(cfg.budget_s)
     on_gpu = gpu_or_interpret(cfg.interpret)
     contenders = ["topk", "swa"] + (["cudnn"] if cudnn_available(cfg) else [])
@@ -262,11 +298,27 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
                 row.update(measure_fwd_fwdbwd(contender_fn(impl, cfg), fwd_sets, sets, cfg.runs, device=on_gpu))
             add_row(report, rows, row, out_dir, "topk_attention", f"T{t:<7d} {impl:6s} {_row_text(row)}")
         if cfg.parts and "topk" in ok and not budget.spent():
-            for name, layout in (("selection", False), ("selection+layout", True)):
-                ms, status, _, *device_ms = measure(selection_fn(cfg, layout), fwd_sets, cfg.runs, device=on_gpu)
+            for name, (which, layout) in PARTS.items():
+                fn = selection_fn(cfg, which, layout)
+                ms, status, _, *device_ms = measure(fn, fwd_sets, cfg.runs, device=on_gpu)
                 row = {"T": t, "impl": name, "fwd_ms": ms, "fwd_status": status}
                 row["fwd_device_ms"] = device_ms[0] if device_ms else None
-                add_row(report, rows, row, out_dir, "topk_attention", f"T{t:<7d} {name} fwd {fmt(ms)} ms ({status})")
+                text = f"T{t:<7d} {name} fwd {fmt(ms)} ms"
+                if device_ms and device_ms[0] is not None:
+                    text += f" (device {fmt(device_ms[0])})"
+                add_row(report, rows, row, out_dir, "topk_attention", f"{text} ({status})")
+            try:
+                agree = selection_disagreement(cfg, *sets[0][:2])
+            except Exception as err:
+                agree = {"status": classify(err)}
+            add_row(
+                report,
+                rows,
+                {"T": t, "impl": "selection_agreement", **agree},
+                out_dir,
+                "topk_attention",
+                f"T{t:<7d} fused vs xla selection: {agree}",
+            )
         del sets, fwd_sets
     report["rows"] = rows
     report["ratios"] = ratios(rows, cfg)
@@ -274,6 +326,8 @@ def run(cfg: Config, out_dir: Path, sweep: bool) -> dict:
         report["breakdown"] = kernel_breakdown(cfg)
     if sweep:
         report["sweep"] = tiling_sweep(cfg)
+    if select_sweep:
+        report["select_sweep"] = select_tiling_sweep(cfg)
     report["meta"]["wall_s"] = round(budget.elapsed_s(), 1)
     print_tables(report, cfg)
     write_report(report, out_dir, "topk_attention", functools.partial(plot, report, cfg))
@@ -349,15 +403,25 @@ def print_tables(report, cfg: Config) -> None:
                 for m in ("fwd", "fwdbwd")
             ]
             print(f"| {t} | " + " | ".join(cells + rat) + " |")
-    parts = [x for x in rows if x["impl"] in ("selection", "selection+layout")]
-    if parts:
-        print("\ntop-k's XLA preamble alone (forward), ms: | T | selection (host / device) | selection + layout |")
+    if any(x["impl"] in PARTS for x in rows):
+        print(
+            "\ntop-k's preamble alone (forward), ms, host / device clock; 'xla / fused': the XLA selection's time over"
+        )
+        print("the fused kernel's (device clock); 'differing rows': (b, t, hk) rows where the two selections differ")
+        print("| T | XLA selection | fused selection | xla / fused | fused selection + layout | differing rows |")
+        print("|---|---|---|---|---|---|")
         for t in cfg.lengths:
             cells = [
                 f"{fmt(lookup(rows, 'fwd_ms', T=t, impl=n))} / {fmt(lookup(rows, 'fwd_device_ms', T=t, impl=n))}"
-                for n in ("selection", "selection+layout")
+                for n in PARTS
             ]
-            print(f"| {t} | " + " | ".join(cells) + " |")
+            speedup = ratio(
+                lookup(rows, "fwd_device_ms", T=t, impl="selection_xla"),
+                lookup(rows, "fwd_device_ms", T=t, impl="selection_fused"),
+            )
+            agree = next((x for x in rows if x["impl"] == "selection_agreement" and x["T"] == t), {})
+            differ = f"{agree['rows_differing']} of {agree['rows']}" if "rows" in agree else agree.get("status", "-")
+            print(f"| {t} | {cells[0]} | {cells[1]} | {fmt(speedup, 1)} | {cells[2]} | {differ} |")
     print(f"\ntime per token relative to T={cfg.lengths[0]} (1.00 = linear in T), device clock when measured:")
     for impl in CONTENDERS:
         key = "fwdbwd_device_ms" if any(x.get("fwdbwd_device_ms") for x in rows) else "fwdbwd_ms"
@@ -380,6 +444,10 @@ def print_tables(report, cfg: Config) -> None:
         print(f"\npair tiling sweep (pallas_gpu top-k, T{cfg.target_length}), ms")
         for s in report["sweep"]:
             print(f"  {s['tiling']}: fwd {fmt(s.get('fwd_ms'))} fwd+bwd {fmt(s.get('fwdbwd_ms'))}")
+    if "select_sweep" in report:
+        print(f"\nfused selection tiling sweep (T{cfg.target_length}), ms, host / device clock")
+        for s in report["select_sweep"]:
+            print(f"  {s['tiling']}: {fmt(s.get('fwd_ms'))} / {fmt(s.get('fwd_device_ms'))} ({s.get('fwd_status')})")
 
 
 def plot(report, cfg: Config, path: Path) -> None:
@@ -396,7 +464,7 @@ def plot(report, cfg: Config, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         if mode == "fwd":
-            for impl in ("selection", "selection+layout"):
+            for impl in PARTS:
                 pts = [(x["T"], x.get("fwd" + suffix)) for x in rows if x["impl"] == impl and x.get("fwd" + suffix)]
                 if pts:
                     ax.plot(*zip(*pts), linestyle=":", marker=".", label=impl)
@@ -427,6 +495,32 @@ def sweep_tilings() -> list:
     )
 
 
+def select_tiling_sweep(cfg: Config) -> list[dict]:
+    """The fused selection alone at ``target_length`` for the default and alternative ``SelectTiling``s."""
+    t = cfg.target_length
+    sets = [make_inputs(jax.random.key(50 + i), cfg, t)[:3] for i in range(cfg.input_sets)]
+    base = DEFAULT_SELECT_TILING
+    candidates = sweep_candidates(
+        base,
+        dataclasses.replace(base, rows=32),
+        dataclasses.replace(base, rows=128, num_warps=8),
+        dataclasses.replace(base, blocks=32),
+        dataclasses.replace(base, blocks=128, num_warps=8),
+        dataclasses.replace(base, num_warps=8),
+        dataclasses.replace(base, num_stages=1),
+    )
+    out = []
+    for tl in candidates:
+        ms, status, _, *device_ms = measure(
+            selection_fn(cfg, "fused", False, tl), sets, cfg.runs, device=gpu_or_interpret(cfg.interpret)
+        )
+        row = {"tiling": dataclasses.asdict(tl), "fwd_ms": ms, "fwd_status": status}
+        row["fwd_device_ms"] = device_ms[0] if device_ms else None
+        out.append(row)
+        print(f"  select {row['tiling']}: {fmt(ms)} ms / device {fmt(row['fwd_device_ms'])} ({status})", flush=True)
+    return out
+
+
 def tiling_sweep(cfg: Config) -> list[dict]:
     t = cfg.target_length
     sets = [make_inputs(jax.random.key(30 + i), cfg, t) for i in range(cfg.input_sets)]
@@ -447,7 +541,8 @@ def main(argv=None):
     parser.add_argument("--lengths", default=None, help="T values, e.g. 32768 (default 8K..128K)")
     parser.add_argument("--impls", default=None, help="contenders to time, e.g. topk,swa (default topk,swa,cudnn)")
     parser.add_argument("--kv-heads", type=int, default=None, help="kv heads (default: as many as query heads)")
-    parser.add_argument("--no-parts", action="store_true", help="do not time the selection and layout alone")
+    parser.add_argument("--no-parts", action="store_true", help="do not time the selections and layout alone")
+    parser.add_argument("--select-sweep", action="store_true", help="also time fused-selection tilings at the target T")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, Config, smoke_config)
     if args.lengths:
@@ -459,7 +554,7 @@ def main(argv=None):
         cfg.kv_heads = args.kv_heads
     if args.no_parts:
         cfg.parts = False
-    run(cfg, args.out, args.sweep)
+    run(cfg, args.out, args.sweep, args.select_sweep)
 
 
 if __name__ == "__main__":

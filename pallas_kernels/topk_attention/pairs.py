@@ -154,6 +154,8 @@ class Backend:
       combine: ``(o_pair, lse_pair, layout, problem) -> (out (b, t, hq, e), lse (R * t, g))``; default
         :func:`combine` (XLA gathers).
       combine_dq: ``(dq_pair, layout, problem) -> dq (b, t, hq, e)``; default :func:`combine_dq`.
+      select: ``(q, k, *, block_size, top_k, interpret) -> (b, t, hk, K)`` int32, the contract of
+        ``selection.select_blocks`` (the default, XLA).
     """
 
     fwd: Callable
@@ -162,6 +164,12 @@ class Backend:
     key_tile: Callable[[int, Tiling], tuple[int, int]]
     combine: Callable | None = None
     combine_dq: Callable | None = None
+    select: Callable | None = None
+
+
+def _select_xla(q, k, *, block_size: int, top_k: int, interpret):
+    del interpret
+    return select_blocks(q, k, block_size=block_size, top_k=top_k)
 
 
 def max_tiles(kv_rows: int, length: int, pairs: int, blocks: int, rows: int, multiple: int) -> int:
@@ -348,7 +356,7 @@ def pair_attention(
     """
     b, t, hq, e = q.shape
     hk = k.shape[2]
-    selected = select_blocks(q, k, block_size=block_size, top_k=top_k)
+    selected = (backend.select or _select_xla)(q, k, block_size=block_size, top_k=top_k, interpret=interpret)
     blocks = query_blocks(selected, block_size)
     nb, p = num_blocks(t, block_size), blocks.shape[-1]
     block_k, sub_blocks = backend.key_tile(block_size, tiling)

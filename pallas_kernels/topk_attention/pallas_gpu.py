@@ -1,8 +1,9 @@
 """Top-k block-sparse attention on GPUs, Pallas Triton lowering (per-token block selection, MoBA-style).
 
-Selection, pair layout and ``custom_vjp``: ``selection.py`` and ``pairs.py`` (XLA); this module holds four kernels:
-two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge each query's pairs. A pair tile is
-``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries are gathered from HBM by index
+Selection: the fused Triton kernel of ``selection_gpu.py`` (``selection="xla"``: ``selection.select_blocks``, the
+same blocks up to float32 near-ties). Pair layout and ``custom_vjp``: ``pairs.py`` (XLA). This module holds four
+kernels: two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge each query's pairs. A pair
+tile is ``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries are gathered from HBM by index
 (Triton loads take pointer tensors), so the (query tile x key block) products stay dense whatever each query
 selected.
 
@@ -40,6 +41,7 @@ benchmark ``experiments/kernels/topk_attention.py --sweep`` times alternatives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math as pymath
 
@@ -52,6 +54,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._triton_math import LOG2E, TritonMath
 from pallas_kernels.topk_attention import pairs
 from pallas_kernels.topk_attention.pairs import Problem, Tiling
+from pallas_kernels.topk_attention.selection_gpu import select_blocks_pallas_gpu
 
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
@@ -394,9 +397,21 @@ def _combine_dq(dq_pair, layout: pairs.PairLayout, pr: Problem):
     return dq.reshape(pr.batch, pr.length, pr.q_heads, e)
 
 
+def _select(q, k, *, block_size, top_k, interpret):
+    return select_blocks_pallas_gpu(q, k, block_size=block_size, top_k=top_k, interpret=interpret)
+
+
 BACKEND = pairs.Backend(
-    fwd=_fwd, bwd=_bwd, head_dim=_head_dim, key_tile=_key_tile, combine=_combine, combine_dq=_combine_dq
+    fwd=_fwd,
+    bwd=_bwd,
+    head_dim=_head_dim,
+    key_tile=_key_tile,
+    combine=_combine,
+    combine_dq=_combine_dq,
+    select=_select,
 )
+# Selections: the fused kernel (default) or XLA's ``select_blocks`` (benchmarks, A/B).
+SELECTIONS = ("pallas", "xla")
 
 
 def check_tiling(tiling: Tiling) -> None:
@@ -420,6 +435,7 @@ def topk_attention_pallas_gpu(
     softmax_scale: float,
     interpret: bool = False,
     tiling: Tiling | None = None,
+    selection: str = "pallas",
 ):
     """Top-k block-sparse attention with Triton kernels over key-block-grouped pairs (see module docstring).
 
@@ -433,12 +449,16 @@ def topk_attention_pallas_gpu(
       softmax_scale: score multiplier.
       interpret: run the kernels in Pallas interpret mode (any platform).
       tiling: tile sizes and launch knobs (benchmarks, tests); None: ``DEFAULT_TILING``. Never changes results.
+      selection: "pallas" (the fused kernel of ``selection_gpu.py``) or "xla" (``selection.select_blocks``); they
+        select the same blocks except at float32 near-ties.
 
     Returns:
       ``(b, t, hq, e)`` in ``q.dtype``.
     """
     tiling = tiling or DEFAULT_TILING
     check_tiling(tiling)
+    if selection not in SELECTIONS:
+        raise ValueError(f"topk_attention: selection={selection!r} must be one of {SELECTIONS}")
     return _topk_attention_pallas_gpu(
         q,
         k,
@@ -449,11 +469,14 @@ def topk_attention_pallas_gpu(
         softmax_scale=softmax_scale,
         tiling=tiling,
         interpret=interpret,
+        selection=selection,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "top_k", "softmax_scale", "tiling", "interpret"))
-def _topk_attention_pallas_gpu(q, k, v, segment_ids, *, block_size, top_k, softmax_scale, tiling, interpret):
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "top_k", "softmax_scale", "tiling", "interpret", "selection")
+)
+def _topk_attention_pallas_gpu(q, k, v, segment_ids, *, block_size, top_k, softmax_scale, tiling, interpret, selection):
     return pairs.pair_attention(
         q,
         k,
@@ -462,7 +485,7 @@ def _topk_attention_pallas_gpu(q, k, v, segment_ids, *, block_size, top_k, softm
         block_size=block_size,
         top_k=top_k,
         scale=softmax_scale,
-        backend=BACKEND,
+        backend=BACKEND if selection == "pallas" else dataclasses.replace(BACKEND, select=None),
         tiling=tiling,
         interpret=interpret,
     )

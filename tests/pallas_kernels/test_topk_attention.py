@@ -561,8 +561,9 @@ def _grad_program(fn, t, hq, hk, e, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_pallas_gpu_lowers_to_triton(dtype):
-    """The pair kernels and the combines, forward and backward, lower through Pallas' Triton lowering (gathers,
-    power-of-two tiles, two key steps per block); Triton's own compilation happens only on a GPU (``gpu`` tests)."""
+    """The fused selection, the pair kernels and the combines, forward and backward, lower through Pallas' Triton
+    lowering (gathers, power-of-two tiles, two key steps per block); Triton's own compilation happens only on a GPU
+    (``gpu`` tests)."""
     fn, args = _grad_program(
         lambda q, k, v, seg: pallas_gpu.topk_attention_pallas_gpu(
             q, k, v, block_size=100, top_k=4, segment_ids=seg, softmax_scale=0.125
@@ -574,9 +575,10 @@ def test_pallas_gpu_lowers_to_triton(dtype):
         dtype,
     )
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    for name in ("topk_attention_fwd", "topk_attention_combine", "topk_attention_bwd", "topk_attention_combine_dq"):
-        assert f'name = "{name}"' in text
-    assert text.count("xla.gpu.triton") == 4
+    names = ("select", "fwd", "combine", "bwd", "combine_dq")
+    for name in names:
+        assert f'name = "topk_attention_{name}"' in text
+    assert text.count("xla.gpu.triton") == len(names)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -656,6 +658,21 @@ def test_bad_tiling_raises():
         pallas_tpu.topk_attention_pallas_tpu(
             x, x, x, block_size=4, top_k=1, softmax_scale=0.25, tiling=pairs.Tiling(rows=12)
         )
+
+
+def test_pallas_gpu_selections_agree():
+    """``selection="pallas"`` (the fused kernel, the default) and ``"xla"`` (``select_blocks``) give the same forward
+    and VJP (interpret mode); an unknown selection is a one-line error."""
+    q, k, v, ct, seg = make_inputs(12, 2, 45, 4, 2, 8, segments=True)
+    kw = dict(block_size=6, top_k=3, segment_ids=seg, softmax_scale=0.3, interpret=True)
+    fused, g_fused = value_and_grads(lambda q, k, v: pallas_gpu.topk_attention_pallas_gpu(q, k, v, **kw), q, k, v, ct)
+    xla, g_xla = value_and_grads(
+        lambda q, k, v: pallas_gpu.topk_attention_pallas_gpu(q, k, v, selection="xla", **kw), q, k, v, ct
+    )
+    assert_rel_close(fused, xla, 1e-6, "forward")
+    assert_grads_close(g_fused, g_xla, 1e-6)
+    with pytest.raises(ValueError, match=r"selection='bogus' must be one of \('pallas', 'xla'\)"):
+        pallas_gpu.topk_attention_pallas_gpu(q, k, v, selection="bogus", **kw)
 
 
 def test_auto_choice_per_platform(monkeypatch):
