@@ -62,15 +62,23 @@ class SelectTiling:
       rows: queries per program; a power of two >= 16.
       blocks: candidate blocks scored per step; a power of two >= 16.
       num_warps, num_stages: Triton launch knobs.
+      dot: how the float32 scores are computed, both with exact products: "ieee" (``precision=HIGHEST``: FFMA, one
+        product at a time) or "bf16x9" (each operand split exactly into three bf16 pieces, the nine piece products
+        on tensor cores, accumulated in float32 by the tensor cores: the last bits of a score may differ from
+        "ieee", so may the selection at float32 near-ties).
     """
 
     rows: int = 64
     blocks: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    dot: str = "ieee"
 
 
 DEFAULT_SELECT_TILING = SelectTiling()
+
+
+DOTS = ("ieee", "bf16x9")
 
 
 def _pow2(n: int) -> int:
@@ -89,6 +97,27 @@ def _worst(vals, idx, live):
     return wv, wi
 
 
+def _split3(x):
+    """float32 -> three bfloat16 ``(hi, mid, lo)`` with ``hi + mid + lo == x`` exactly (8 + 8 + 8 significant bits,
+    each remainder exact in float32)."""
+    hi = x.astype(jnp.bfloat16)
+    r = x - hi.astype(jnp.float32)
+    mid = r.astype(jnp.bfloat16)
+    return hi, mid, (r - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _scores(q, means, dot: str):
+    """``(rows, e) x (blocks, e) -> (rows, blocks)`` float32 with exact products (see ``SelectTiling.dot``)."""
+    if dot == "ieee":
+        return lax.dot_general(q, means, _NT, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    acc = None
+    # Smallest terms first (as Pallas' own BF16_BF16_F32_X9 lowering), so they are not lost behind the large ones.
+    for a, b in ((2, 2), (2, 1), (1, 2), (2, 0), (0, 2), (1, 1), (1, 0), (0, 1), (0, 0)):
+        part = lax.dot_general(q[a], means[b], _NT, preferred_element_type=jnp.float32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
 def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: int, top_k: int, tiles: int, tl):
     rows, n = tl.rows, tl.blocks
     kp = out_ref.shape[-1]
@@ -98,6 +127,8 @@ def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: 
     c = jnp.where(i < length, lax.div(i, block_size), 0)
     steps = lax.div(jnp.max(c) + (n - 1), n)
     q = qs_ref[...]
+    if tl.dot == "bf16x9":
+        q = _split3(q)
     col = jnp.arange(kp, dtype=jnp.int32)[None, :]
     live = col < top_k
 
@@ -105,9 +136,8 @@ def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: 
         vals, idx, wv, wi = state
         j0 = pl.multiple_of(u * n, n)
         blk = j0 + jnp.arange(n, dtype=jnp.int32)[None, :]
-        s = lax.dot_general(
-            q, means_ref[pl.ds(j0, n), :], _NT, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-        )
+        means = means_ref[pl.ds(j0, n), :]
+        s = _scores(q, _split3(means) if tl.dot == "bf16x9" else means, tl.dot)
         s = jnp.where(blk < c[:, None], s, -jnp.inf)
 
         def more(st):
@@ -150,6 +180,8 @@ def check_select_tiling(tiling: SelectTiling) -> None:
         n = getattr(tiling, name)
         if n < 16 or n & (n - 1):
             raise ValueError(f"topk_attention: select tiling.{name}={n} must be a power of two >= 16")
+    if tiling.dot not in DOTS:
+        raise ValueError(f"topk_attention: select tiling.dot={tiling.dot!r} must be one of {DOTS}")
 
 
 def select_blocks_pallas_gpu(q, k, *, block_size: int, top_k: int, interpret: bool = False, tiling=None):

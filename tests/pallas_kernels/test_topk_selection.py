@@ -38,6 +38,7 @@ SHAPES = [
     pytest.param(1, 12, 2, 1, 8, 16, 3, SMALL, id="one-block-only"),
     pytest.param(2, 1, 2, 1, 8, 4, 3, SMALL, id="t1"),
     pytest.param(1, 77, 1, 1, 200, 9, 4, SMALL, id="heads1-e200"),
+    pytest.param(2, 150, 4, 2, 8, 5, 7, SelectTiling(16, 32, dot="bf16x9"), id="bf16x9-gqa"),
 ]
 
 
@@ -110,13 +111,14 @@ def test_matches_select_blocks_on_random_problems(b, t, block_size, top_k, heads
     np.testing.assert_array_equal(got, xla(q, k, block_size, top_k))
 
 
-def test_exact_ties_go_to_lower_blocks_in_order():
+@pytest.mark.parametrize("dot", selection_gpu.DOTS)
+def test_exact_ties_go_to_lower_blocks_in_order(dot):
     """Every block mean equal: all scores tie exactly, so each query lists its lowest candidates in increasing order
     (``lax.top_k``'s order), across candidate steps (16 blocks per step, 25 candidates)."""
     t, bs, top_k = 104, 4, 20
     q, _, _, _, _ = make_inputs(5, 2, t, 4, 2, 8)
     k = tied_keys(5, 2, t, 2, 8, bs)
-    got = fused(q, k, bs, top_k, SMALL)
+    got = fused(q, k, bs, top_k, SelectTiling(16, 16, dot=dot))
     np.testing.assert_array_equal(got, xla(q, k, bs, top_k))
     c = np.arange(t) // bs
     want = np.where(np.arange(top_k)[None, :] < c[:, None], np.arange(top_k)[None, :], -1)
@@ -170,19 +172,38 @@ def test_bad_tiling_raises():
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(blocks=24))
     with pytest.raises(ValueError, match=r"select tiling.rows=8 must be a power of two >= 16"):
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(rows=8))
+    with pytest.raises(ValueError, match=r"select tiling.dot='tf32' must be one of \('ieee', 'bf16x9'\)"):
+        select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(dot="tf32"))
+
+
+def test_bf16_split_is_exact():
+    """``bf16x9``'s three pieces add up to the float32 value exactly, over 60 binades."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(50_000) * np.exp2(rng.uniform(-30, 30, 50_000)), jnp.float32)
+    hi, mid, lo = (np.asarray(p, np.float64) for p in selection_gpu._split3(x))
+    np.testing.assert_array_equal(hi + mid + lo, np.asarray(x, np.float64))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_lowers_to_triton_with_ieee_dot(dtype):
-    """The kernel lowers through Pallas' Triton lowering (a while loop inside a loop over steps), and its score dot is
-    an IEEE float32 dot (exact products), not TF32: what ``precision=HIGHEST`` maps to in jax 0.10 and 0.11."""
+@pytest.mark.parametrize("dot", selection_gpu.DOTS)
+def test_lowers_to_triton(dtype, dot):
+    """The kernel lowers through Pallas' Triton lowering (a while loop inside a loop over steps); with "ieee" its
+    score dot is a float32 dot at ``precision=HIGHEST``, which Pallas' Triton lowering emits as an IEEE dot (exact
+    products) in jax 0.10 and 0.11 (DEFAULT would be TF32), with "bf16x9" nine bfloat16 dots."""
     q = jax.ShapeDtypeStruct((2, 1000, 4, 64), dtype)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 64), dtype)
-    fn = jax.jit(lambda q, k: select_blocks_pallas_gpu(q, k, block_size=50, top_k=5))
-    text = fn.trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
+
+    def fn(q, k):
+        return select_blocks_pallas_gpu(q, k, block_size=50, top_k=5, tiling=SelectTiling(dot=dot))
+
+    text = jax.jit(fn).trace(q, k).lower(lowering_platforms=("cuda",)).as_text()
     assert 'name = "topk_attention_select"' in text and text.count("xla.gpu.triton") == 1
-    jaxpr = str(jax.make_jaxpr(lambda q, k: select_blocks_pallas_gpu(q, k, block_size=50, top_k=5))(q, k))
-    assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in jaxpr or "precision=HIGHEST" in jaxpr
+    jaxpr = str(jax.make_jaxpr(fn)(q, k))
+    dots = jaxpr.count("dot_general[")
+    if dot == "ieee":  # explicit, whatever jax_default_matmul_precision says (tests/conftest.py sets "highest")
+        assert dots == 1 and jaxpr.count("Precision.HIGHEST, Precision.HIGHEST") == 1
+    else:
+        assert dots == 9 and "bf16[64,64]" in jaxpr
 
 
 def test_list_width():
@@ -217,7 +238,10 @@ def test_compiled_matches_select_blocks(b, t, hq, hk, e, block_size, top_k, dtyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, blocks=64, num_warps=8)])
+@pytest.mark.parametrize(
+    "tiling",
+    [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, blocks=64, num_warps=8), SelectTiling(dot="bf16x9")],
+)
 def test_compiled_tilings_agree(tiling):
     """Other tilings select what the default one selects (up to near-ties, should the dot's order change)."""
     q, k, _, _, _ = make_inputs(22, 1, 3000, 4, 2, 64)
