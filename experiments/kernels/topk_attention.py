@@ -508,8 +508,8 @@ def select_tiling_sweep(cfg: Config) -> list[dict]:
         dataclasses.replace(base, blocks=128, num_warps=8),
         dataclasses.replace(base, num_warps=8),
         dataclasses.replace(base, num_stages=1),
-        dataclasses.replace(base, dot="bf16x9"),
-        dataclasses.replace(base, dot="bf16x9", rows=128, num_warps=8),
+        dataclasses.replace(base, dot="bf16_split"),
+        dataclasses.replace(base, dot="bf16_split", rows=128, num_warps=8),
     )
     out = []
     for tl in candidates:

@@ -63,9 +63,10 @@ class SelectTiling:
       blocks: candidate blocks scored per step; a power of two >= 16.
       num_warps, num_stages: Triton launch knobs.
       dot: how the float32 scores are computed, both with exact products: "ieee" (``precision=HIGHEST``: FFMA, one
-        product at a time) or "bf16x9" (each operand split exactly into three bf16 pieces, the nine piece products
-        on tensor cores, accumulated in float32 by the tensor cores: the last bits of a score may differ from
-        "ieee", so may the selection at float32 near-ties).
+        product at a time) or "bf16_split" (each operand split exactly into bfloat16 pieces: three for a float32
+        value, one for query sums that are bfloat16 already (bfloat16 inputs, one query head per kv head); every
+        piece product on tensor cores, 9 or 3 dots, accumulated in float32 by the tensor cores: the last bits of a
+        score may differ from "ieee", so may the selection at float32 near-ties).
     """
 
     rows: int = 64
@@ -78,7 +79,7 @@ class SelectTiling:
 DEFAULT_SELECT_TILING = SelectTiling()
 
 
-DOTS = ("ieee", "bf16x9")
+DOTS = ("ieee", "bf16_split")
 
 
 def _pow2(n: int) -> int:
@@ -107,18 +108,22 @@ def _split3(x):
 
 
 def _scores(q, means, dot: str):
-    """``(rows, e) x (blocks, e) -> (rows, blocks)`` float32 with exact products (see ``SelectTiling.dot``)."""
+    """``(rows, e) x (blocks, e) -> (rows, blocks)`` float32 with exact products (see ``SelectTiling.dot``); for
+    "bf16_split", ``q`` and ``means`` are tuples of bfloat16 pieces, largest first."""
     if dot == "ieee":
         return lax.dot_general(q, means, _NT, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    acc = None
     # Smallest terms first (as Pallas' own BF16_BF16_F32_X9 lowering), so they are not lost behind the large ones.
-    for a, b in ((2, 2), (2, 1), (1, 2), (2, 0), (0, 2), (1, 1), (1, 0), (0, 1), (0, 0)):
+    terms = sorted(((a, b) for a in range(len(q)) for b in range(len(means))), key=lambda ab: -(ab[0] + ab[1]))
+    acc = None
+    for a, b in terms:
         part = lax.dot_general(q[a], means[b], _NT, preferred_element_type=jnp.float32)
         acc = part if acc is None else acc + part
     return acc
 
 
-def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: int, top_k: int, tiles: int, tl):
+def _topk_select_kernel(
+    qs_ref, means_ref, out_ref, *, length: int, block_size: int, top_k: int, tiles: int, tl, q_bf16: bool
+):
     rows, n = tl.rows, tl.blocks
     kp = out_ref.shape[-1]
     tile = tiles - 1 - pl.program_id(2)
@@ -127,8 +132,8 @@ def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: 
     c = jnp.where(i < length, lax.div(i, block_size), 0)
     steps = lax.div(jnp.max(c) + (n - 1), n)
     q = qs_ref[...]
-    if tl.dot == "bf16x9":
-        q = _split3(q)
+    if tl.dot == "bf16_split":
+        q = (q.astype(jnp.bfloat16),) if q_bf16 else _split3(q)
     col = jnp.arange(kp, dtype=jnp.int32)[None, :]
     live = col < top_k
 
@@ -137,7 +142,7 @@ def _topk_select_kernel(qs_ref, means_ref, out_ref, *, length: int, block_size: 
         j0 = pl.multiple_of(u * n, n)
         blk = j0 + jnp.arange(n, dtype=jnp.int32)[None, :]
         means = means_ref[pl.ds(j0, n), :]
-        s = _scores(q, _split3(means) if tl.dot == "bf16x9" else means, tl.dot)
+        s = _scores(q, _split3(means) if tl.dot == "bf16_split" else means, tl.dot)
         s = jnp.where(blk < c[:, None], s, -jnp.inf)
 
         def more(st):
@@ -221,7 +226,15 @@ def _select_blocks_pallas_gpu(q, k, *, block_size: int, top_k: int, interpret: b
     qs = jnp.pad(group_query_sums(q, hk), ((0, 0), (0, tiles * rows - t), (0, 0), (0, e_pad - e)))
     means = jnp.pad(block_means(k, block_size), ((0, 0), (0, -(-nb // n) * n - nb), (0, 0), (0, e_pad - e)))
     out = pl.pallas_call(
-        functools.partial(_topk_select_kernel, length=t, block_size=block_size, top_k=kk, tiles=tiles, tl=tiling),
+        functools.partial(
+            _topk_select_kernel,
+            length=t,
+            block_size=block_size,
+            top_k=kk,
+            tiles=tiles,
+            tl=tiling,
+            q_bf16=q.dtype == jnp.bfloat16 and q.shape[2] == hk,  # the query sums are the bf16 queries themselves
+        ),
         grid=(hk, b, tiles),
         in_specs=[
             pl.BlockSpec((None, rows, None, e_pad), lambda g, bi, p: (bi, tiles - 1 - p, g, 0)),

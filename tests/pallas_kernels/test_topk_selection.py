@@ -38,7 +38,7 @@ SHAPES = [
     pytest.param(1, 12, 2, 1, 8, 16, 3, SMALL, id="one-block-only"),
     pytest.param(2, 1, 2, 1, 8, 4, 3, SMALL, id="t1"),
     pytest.param(1, 77, 1, 1, 200, 9, 4, SMALL, id="heads1-e200"),
-    pytest.param(2, 150, 4, 2, 8, 5, 7, SelectTiling(16, 32, dot="bf16x9"), id="bf16x9-gqa"),
+    pytest.param(2, 150, 4, 2, 8, 5, 7, SelectTiling(16, 32, dot="bf16_split"), id="bf16-split-gqa"),
 ]
 
 
@@ -147,10 +147,13 @@ def test_duplicated_blocks_tie_in_block_order():
     assert pairs_kept > 0
 
 
-def test_bf16_inputs_match_select_blocks():
-    q, k, _, _, _ = make_inputs(8, 2, 90, 4, 2, 16)
+@pytest.mark.parametrize("hq", [4, 2])
+@pytest.mark.parametrize("dot", selection_gpu.DOTS)
+def test_bf16_inputs_match_select_blocks(hq, dot):
+    """bf16 inputs, GQA and one query head per kv head (where "bf16_split" keeps the queries in one piece)."""
+    q, k, _, _, _ = make_inputs(8, 2, 90, hq, 2, 16)
     q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-    np.testing.assert_array_equal(fused(q, k, 6, 5, SMALL), xla(q, k, 6, 5))
+    np.testing.assert_array_equal(fused(q, k, 6, 5, SelectTiling(16, 16, dot=dot)), xla(q, k, 6, 5))
 
 
 def test_no_gradient_and_jit():
@@ -172,12 +175,12 @@ def test_bad_tiling_raises():
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(blocks=24))
     with pytest.raises(ValueError, match=r"select tiling.rows=8 must be a power of two >= 16"):
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(rows=8))
-    with pytest.raises(ValueError, match=r"select tiling.dot='tf32' must be one of \('ieee', 'bf16x9'\)"):
+    with pytest.raises(ValueError, match=r"select tiling.dot='tf32' must be one of \('ieee', 'bf16_split'\)"):
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(dot="tf32"))
 
 
 def test_bf16_split_is_exact():
-    """``bf16x9``'s three pieces add up to the float32 value exactly, over 60 binades."""
+    """``bf16_split``'s three pieces add up to the float32 value exactly, over 60 binades."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(50_000) * np.exp2(rng.uniform(-30, 30, 50_000)), jnp.float32)
     hi, mid, lo = (np.asarray(p, np.float64) for p in selection_gpu._split3(x))
@@ -189,9 +192,11 @@ def test_bf16_split_is_exact():
 def test_lowers_to_triton(dtype, dot):
     """The kernel lowers through Pallas' Triton lowering (a while loop inside a loop over steps); with "ieee" its
     score dot is a float32 dot at ``precision=HIGHEST``, which Pallas' Triton lowering emits as an IEEE dot (exact
-    products) in jax 0.10 and 0.11 (DEFAULT would be TF32), with "bf16x9" nine bfloat16 dots."""
+    products) in jax 0.10 and 0.11 (DEFAULT would be TF32); "bf16_split" has nine bfloat16 dots, three where the
+    queries are bfloat16 with one query head per kv head."""
     q = jax.ShapeDtypeStruct((2, 1000, 4, 64), dtype)
     k = jax.ShapeDtypeStruct((2, 1000, 2, 64), dtype)
+    mha = jax.ShapeDtypeStruct((2, 1000, 2, 64), dtype)
 
     def fn(q, k):
         return select_blocks_pallas_gpu(q, k, block_size=50, top_k=5, tiling=SelectTiling(dot=dot))
@@ -204,6 +209,7 @@ def test_lowers_to_triton(dtype, dot):
         assert dots == 1 and jaxpr.count("Precision.HIGHEST, Precision.HIGHEST") == 1
     else:
         assert dots == 9 and "bf16[64,64]" in jaxpr
+        assert str(jax.make_jaxpr(fn)(mha, k)).count("dot_general[") == (3 if dtype == jnp.bfloat16 else 9)
 
 
 def test_list_width():
@@ -240,7 +246,7 @@ def test_compiled_matches_select_blocks(b, t, hq, hk, e, block_size, top_k, dtyp
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "tiling",
-    [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, blocks=64, num_warps=8), SelectTiling(dot="bf16x9")],
+    [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, blocks=64, num_warps=8), SelectTiling(dot="bf16_split")],
 )
 def test_compiled_tilings_agree(tiling):
     """Other tilings select what the default one selects (up to near-ties, should the dot's order change)."""
