@@ -48,7 +48,7 @@ def call_kernel(
     """Calls ``fn(**batched, **shared, **static, implementation=...)``, under shard_map when needed.
 
     Args:
-      op: the pallas_kernels op name (for resolving ``implementation``).
+      op: the pallas_kernels op name (its registry entry resolves ``implementation``).
       fn: the public op function.
       implementation: as in the model's KernelConfig.
       batched: array arguments whose axis 0 is the batch (or None); sharded over the batch mesh axes.
@@ -60,8 +60,9 @@ def call_kernel(
     """
     mesh = jax.sharding.get_abstract_mesh()
     dtype = next((x.dtype for x in batched.values() if x is not None), None)
+    # Resolved once, here: the op receives the name (so "auto" is not resolved a second time inside it).
     resolved = pallas_kernels.resolve_implementation(op, implementation, dtype)
-    call = lambda b, s: fn(**b, **s, **static, implementation=implementation)  # noqa: E731
+    call = lambda b, s: fn(**b, **s, **static, implementation=resolved)  # noqa: E731
     if mesh.empty or not resolved.startswith("pallas"):
         return call(dict(batched), dict(shared))
     batch = next(x.shape[0] for x in batched.values() if x is not None)

@@ -26,7 +26,7 @@ from ml_collections import config_dict
 
 from hybrid_jax.model import SIZES, KernelConfig, ModelConfig, preset
 from hybrid_jax.sharding import DEFAULT_RULES, normalize_rules
-from pallas_kernels._platform import IMPLEMENTATIONS
+from pallas_kernels import IMPLEMENTATIONS
 
 # Training defaults per size: (seq_len, global batch, steps, peak lr, warm-up steps, compute dtype, remat policy).
 # tiny/small are for CPUs and smoke tests; 130m..1.3b follow the Mamba / Mamba-2 recipe (peak lr 5x GPT-3's, AdamW

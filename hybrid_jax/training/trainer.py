@@ -11,8 +11,9 @@ What a run does, in order:
    ``mesh.rules`` (:mod:`hybrid_jax.sharding`). ``train_step`` is compiled ahead of time with those in/out
    shardings (the state is donated).
 3. Restores the newest checkpoint of ``<workdir>/checkpoints`` (state and data position) or initialises the state
-   with a jitted init whose out_shardings place every leaf where it belongs, then writes ``config.json``.
-4. Steps. Each step computes the masked cross-entropy (+ Taipan's budget loss ``lambda * sum_SAL (C - rate)^2``),
+   with a jitted init whose out_shardings place every leaf where it belongs, then writes ``config.json``. Compiling
+   ``train_step`` adds ``kernels_ran`` to it: what every pallas_kernels op dispatched to while the step was traced.
+4. Steps. Each step computes the masked cross-entropy (+ the auxiliary losses the mixers report, already weighted),
    optionally over ``train.grad_accum_steps`` micro-batches, in the model's compute dtype with fp32 master
    parameters. Metrics stay on the device between log steps; at every log, evaluation and checkpoint step they are
    fetched and checked: a non-finite loss or gradient stops the run with :class:`NonFiniteLossError` before that
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -51,6 +51,7 @@ import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from hybrid_jax import sharding as sharding_lib
 from hybrid_jax.data import ByteTokenizer, TextFiles, TfdsText, make_eval_iterator, make_train_iterator, parse_source
 from hybrid_jax.inference import generate
@@ -113,8 +114,8 @@ def make_train_step(
 ):
     """The (un-jitted) step ``(state, batch) -> (state, metrics)``.
 
-    The objective is ``sum(ce * mask) / sum(mask)`` over the whole global batch plus ``constraint_weight`` times the
-    SAL budget constraint (averaged over micro-batches). With ``accum_steps > 1`` the batch is split into strided
+    The objective is ``sum(ce * mask) / sum(mask)`` over the whole global batch plus the auxiliary losses the mixers
+    report, already weighted (averaged over micro-batches). With ``accum_steps > 1`` the batch is split into strided
     micro-batches (rows ``j, j + k, j + 2k, ...``, so each device keeps its own rows) and their gradients are summed
     in fp32 by a ``lax.scan``.
 
@@ -141,7 +142,7 @@ def make_train_step(
             rngs={"gumbel": key},
         )
         ce_sum = jnp.sum(ce * micro["mask"])
-        # The mixers' auxiliary losses (already weighted, e.g. a SAL's budget constraint) join the objective.
+        # The mixers' auxiliary losses (already weighted, e.g. a selection budget) join the objective.
         objective = ce_sum / total_tokens + sum(aux["losses"].values(), jnp.zeros((), jnp.float32)) / accum_steps
         return objective, (ce_sum, aux)
 
@@ -274,24 +275,31 @@ def _git_revision() -> str | None:
 
 
 def kernel_choices(model_config: ModelConfig) -> dict[str, str]:
-    """The implementation every op runs: the configured one, or what "auto" resolves to on this platform."""
-    from pallas_kernels import _platform  # what "auto" resolves to on this platform
-
-    chosen = _platform.chosen(model_config.dtype)
+    """The implementation every op is configured to run: the configured one, or what "auto" resolves to on this
+    platform for the model's compute dtype (the run record's ``kernels_chosen``; ``kernels_ran`` is what the compiled
+    step actually dispatched to)."""
     requested = dataclasses.asdict(model_config.kernels)
-    return {op: (chosen.get(op, "?") if impl == "auto" else impl) for op, impl in requested.items()}
+    return {
+        op: (pallas_kernels.resolve_implementation(op, "auto", model_config.dtype) if impl == "auto" else impl)
+        for op, impl in requested.items()
+    }
 
 
 def _check_kernels(kernels) -> None:
     """An explicit implementation that cannot run on this platform fails now, in one line, not inside a trace."""
-    from pallas_kernels import _platform
-
     for op, impl in kernels.items():
-        available = importlib.import_module(f"pallas_kernels.{op}.api").AVAILABLE
         try:
-            _platform.resolve(op, impl, available=available)
+            pallas_kernels.resolve_implementation(op, impl)
         except (NotImplementedError, RuntimeError) as e:
             raise ValueError(f"config: kernels.{op}: {e}") from None
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    """Writes ``record`` to ``path`` atomically (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _maybe_initialize_distributed(mesh_cfg) -> None:
@@ -344,7 +352,8 @@ class Trainer:
 
     Attributes (for tests and tools): ``mesh``, ``rules``, ``model``, ``model_config``, ``state_shardings``,
     ``batch_sharding``, ``train_step`` (jitted, with in/out shardings), ``train_iter``, ``flops_per_token``,
-    ``members`` (a population's ``(learning rate, seed)`` pairs, or None), and after a completed :meth:`run`
+    ``members`` (a population's ``(learning rate, seed)`` pairs, or None), once the step is compiled ``kernels_ran``
+    (op -> the implementation it dispatched to, as in ``config.json``), and after a completed :meth:`run`
     ``final_state`` (the last :class:`TrainState`; parameters with a leading member axis for a population).
     """
 
@@ -395,6 +404,7 @@ class Trainer:
         self.peak_flops = config.train.peak_flops_per_device or flops_lib.peak_flops(self.device_kind)
         self.checkpointer: Checkpointer | None = None
         self.diverged: dict[int, int] = {}  # population member -> first step with a non-finite loss
+        self.kernels_ran: dict[str, str] | None = None  # set when train_step is compiled
 
     # ----- construction -------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -485,6 +495,18 @@ class Trainer:
         return sharding_lib.to_global(local, self.batch_sharding, global_size)
 
     # ----- records --------------------------------------------------------------------------------------------
+    def _record_kernels_ran(self, ran: dict[str, str]) -> None:
+        """Adds ``kernels_ran`` (op -> what the traced train step dispatched to) to ``config.json`` and the log."""
+        self.kernels_ran = ran
+        if not self.is_main:
+            return
+        log.info("kernels: %s", ", ".join(f"{op}={impl}" for op, impl in sorted(ran.items())) or "none")
+        path = os.path.join(self.workdir, "config.json")
+        with open(path) as f:
+            record = json.load(f)
+        record["kernels_ran"] = ran
+        _write_json(path, record)
+
     def _write_config_json(self) -> None:
         if not self.is_main:
             return
@@ -512,11 +534,7 @@ class Trainer:
             "jax_version": jax.__version__,
             "command": " ".join(sys.argv),
         }
-        path = os.path.join(self.workdir, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2, default=str)
-        os.replace(tmp, path)
+        _write_json(os.path.join(self.workdir, "config.json"), record)
 
     # ----- evaluation and sampling ------------------------------------------------------------------------------
     def eval_batches_for(
@@ -714,8 +732,11 @@ class Trainer:
                 steps,
             )
         t0 = time.perf_counter()
-        compiled = self.train_step.lower(self.abstract_state, self.abstract_batch(B)).compile()
+        with pallas_kernels.recording() as dispatched:
+            lowered = self.train_step.lower(self.abstract_state, self.abstract_batch(B))
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+        self._record_kernels_ran(pallas_kernels.describe(dispatched))
         bar = tqdm.tqdm(
             total=steps,
             initial=start,

@@ -3,8 +3,8 @@
 ``causal_conv1d`` runs a whole sequence, ``causal_conv1d_step`` one decode token. Layout is
 channels-last and the weight is ``(w, c)`` with ``weight[k, c] == torch_conv1d.weight[c, 0, k]``
 (HF / mamba_ssm checkpoints convert by a transpose). Both functions validate every argument with
-one-line ``ValueError``s; ``causal_conv1d`` dispatches on ``implementation=`` ("auto" resolves per
-platform in ``pallas_kernels._platform``).
+one-line ``ValueError``s; ``causal_conv1d`` dispatches on ``implementation=`` through the op's registry entry
+``OP`` ("auto" resolves per platform there).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from pallas_kernels.causal_conv1d.reference import (
 )
 from pallas_kernels.causal_conv1d.xla import causal_conv1d_xla
 
-AVAILABLE = ("reference", "xla")
+OP = _platform.register(
+    _platform.Op(
+        name="causal_conv1d",
+        implementations={"reference": causal_conv1d_reference, "xla": causal_conv1d_xla},
+        auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    )
+)
+AVAILABLE = OP.available
 ACTIVATIONS = (None, "silu")
 
 _OP = "causal_conv1d"
@@ -96,9 +103,8 @@ def causal_conv1d(
         if a is not None:
             _checks.floating(_OP, name, a)
 
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE)
-    fn = causal_conv1d_reference if impl == "reference" else causal_conv1d_xla
-    return fn(
+    return OP.run(
+        OP.resolve(implementation, dtype=x.dtype),
         x,
         weight,
         bias,

@@ -19,8 +19,23 @@ from pallas_kernels.sliding_window_attention.api import check_interpret, resolve
 
 _OP = "decode_attention"
 
+
+def _reference(q, k, v, q_positions, k_positions, *, window, softmax_scale, block_k):
+    del block_k  # a tuning knob of the blocked xla path only
+    return decode_attention_reference(q, k, v, q_positions, k_positions, window=window, softmax_scale=softmax_scale)
+
+
 # The Pallas kernels (pallas_gpu.py / pallas_tpu.py) are not written yet: asking for them raises NotImplementedError.
-AVAILABLE = ("reference", "xla")
+# "auto" takes xla everywhere until they are timed against it on a GPU (experiments/efficiency/run.py
+# --decode_kernels=pallas_gpu measures both in one run).
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={"reference": _reference, "xla": decode_attention_xla},
+        auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    )
+)
+AVAILABLE = OP.available
 
 
 def visible(q_positions, k_positions, window: int | None = None):
@@ -94,8 +109,6 @@ def decode_attention(
     _checks.positive_int(_OP, "block_k", block_k, allow_none=True)
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret is not False)
+    impl = OP.resolve(implementation, interpret=interpret is not False, dtype=q.dtype)
     qp, kp = q_positions.astype(jnp.int32), k_positions.astype(jnp.int32)
-    if impl == "reference":
-        return decode_attention_reference(q, k, v, qp, kp, window=window, softmax_scale=scale)
-    return decode_attention_xla(q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k)
+    return OP.run(impl, q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k)

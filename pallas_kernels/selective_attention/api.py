@@ -22,8 +22,34 @@ from pallas_kernels.sliding_window_attention.api import check_attention_inputs, 
 
 _OP = "selective_attention"
 
-# Implementations this op has.
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+def _reference(q, k, v, selected, *, block_size, interpret, **kw):
+    del block_size, interpret  # a dense mask: no blocks, no kernels
+    return selective_attention_reference(q, k, v, selected, **kw)
+
+
+def _xla(q, k, v, selected, *, interpret, **kw):
+    del interpret
+    return selective_attention_xla(q, k, v, selected, **kw)
+
+
+def _pallas_gpu(q, k, v, selected, *, interpret, **kw):
+    return selective_attention_pallas_gpu(q, k, v, selected, interpret=bool(interpret), **kw)
+
+
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": _pallas_gpu,
+            "pallas_tpu": selective_attention_pallas_tpu,
+        },
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+    )
+)
+AVAILABLE = OP.available
 
 
 def _check_selected(op: str, selected, batch_time: tuple[int, int]) -> None:
@@ -105,21 +131,6 @@ def selective_attention(
     _checks.positive_int(_OP, "block_size", block_size, allow_none=True)
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
-    if impl == "reference":
-        return selective_attention_reference(
-            q,
-            k,
-            v,
-            selected,
-            window=window,
-            segment_ids=segment_ids,
-            softmax_scale=scale,
-            capacity=capacity,
-        )
+    impl = OP.resolve(implementation, interpret=interpret, dtype=q.dtype)
     kw = dict(window=window, segment_ids=segment_ids, softmax_scale=scale, capacity=capacity, block_size=block_size)
-    if impl == "pallas_gpu":
-        return selective_attention_pallas_gpu(q, k, v, selected, interpret=bool(interpret), **kw)
-    if impl == "pallas_tpu":
-        return selective_attention_pallas_tpu(q, k, v, selected, interpret=interpret, **kw)
-    return selective_attention_xla(q, k, v, selected, **kw)
+    return OP.run(impl, q, k, v, selected, interpret=interpret, **kw)

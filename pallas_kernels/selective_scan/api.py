@@ -2,7 +2,7 @@
 
 ``selective_scan`` runs a whole sequence, ``selective_scan_step`` one decode token. Both validate
 every argument (one-line ``ValueError``s), and ``selective_scan`` dispatches to an implementation
-chosen by ``implementation=`` ("auto" resolves per platform in ``pallas_kernels._platform``). The
+chosen by ``implementation=`` through the op's registry entry ``OP`` ("auto" resolves per platform there). The
 semantics are mamba_ssm's ``selective_scan_fn`` (float32 math, output in ``u.dtype``, float32 state)
 plus packed-sequence support through ``segment_ids``. Layout is channels-last: time before channels.
 """
@@ -21,10 +21,35 @@ from pallas_kernels.selective_scan.reference import (
 )
 from pallas_kernels.selective_scan.xla import selective_scan_xla
 
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-
 _OP = "selective_scan"
 _STEP = "selective_scan_step"
+
+
+def _reference(*args, chunk_size, interpret, **kw):
+    del chunk_size, interpret  # the sequential scan has no chunks and no kernels
+    return selective_scan_reference(*args, **kw)
+
+
+def _xla(*args, interpret, **kw):
+    del interpret
+    return selective_scan_xla(*args, **kw)
+
+
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": selective_scan_pallas_gpu,
+            "pallas_tpu": selective_scan_pallas_tpu,
+        },
+        # CPU: the sequential scan beats the associative scan for the Mamba-1 recurrence on 2 CPU cores (0.44 s vs
+        # 0.75 s at B2 T4096 D512 N16, see the shared environment notes), so "reference" is preferred there.
+        auto={"cpu": ("reference",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+    )
+)
+AVAILABLE = OP.available
 
 
 def _optional(x):
@@ -150,21 +175,24 @@ def selective_scan(
     if not isinstance(interpret, bool):
         raise ValueError(f"{_OP}: interpret={interpret!r} must be a bool")
 
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
-    kwargs = dict(
+    impl = OP.resolve(implementation, interpret=interpret, dtype=u.dtype)
+    return OP.run(
+        impl,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
         delta_softplus=bool(delta_softplus),
         initial_state=initial_state,
         return_final_state=bool(return_final_state),
         segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        interpret=interpret,
     )
-    args = (u, delta, A, B, C, D, z, delta_bias)
-    if impl == "reference":
-        return selective_scan_reference(*args, **kwargs)
-    if impl == "xla":
-        return selective_scan_xla(*args, chunk_size=chunk_size, **kwargs)
-    if impl == "pallas_gpu":
-        return selective_scan_pallas_gpu(*args, chunk_size=chunk_size, interpret=interpret, **kwargs)
-    return selective_scan_pallas_tpu(*args, chunk_size=chunk_size, interpret=interpret, **kwargs)
 
 
 def selective_scan_step(

@@ -26,7 +26,16 @@ from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 _OP = "selective_state_update"
 
 # The Pallas kernels (pallas_gpu.py / pallas_tpu.py) are not written yet: asking for them raises NotImplementedError.
-AVAILABLE = ("reference", "xla")
+# "auto" takes xla everywhere until they are timed against it on a GPU (experiments/efficiency/run.py
+# --decode_kernels=pallas_gpu measures both in one run).
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={"reference": selective_state_update_reference, "xla": selective_state_update_xla},
+        auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    )
+)
+AVAILABLE = OP.available
 
 
 def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
@@ -109,9 +118,6 @@ def selective_state_update(
     _check(state, x, dt, A, B, C, D, z, dt_bias)
     dt_limit = _check_dt_limit(_OP, dt_limit)
     check_interpret(_OP, interpret)
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret is not False)
+    impl = OP.resolve(implementation, interpret=interpret is not False, dtype=x.dtype)
     args = (state.astype(jnp.float32), x, dt, A, B, C, D, z, dt_bias)
-    kw = dict(dt_softplus=bool(dt_softplus), dt_limit=dt_limit)
-    if impl == "reference":
-        return selective_state_update_reference(*args, **kw)
-    return selective_state_update_xla(*args, **kw)
+    return OP.run(impl, *args, dt_softplus=bool(dt_softplus), dt_limit=dt_limit)

@@ -13,15 +13,50 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _checks, _platform
-from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
+from pallas_kernels.sliding_window_attention import pallas_gpu
 from pallas_kernels.sliding_window_attention.pallas_tpu import sliding_window_attention_pallas_tpu
 from pallas_kernels.sliding_window_attention.reference import sliding_window_attention_reference
 from pallas_kernels.sliding_window_attention.xla import sliding_window_attention_xla
 
 _OP = "sliding_window_attention"
 
-# Implementations this op has.
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+def _reference(q, k, v, *, window, segment_ids, softmax_scale, block_size, interpret):
+    del block_size, interpret  # no blocks, no kernels
+    return sliding_window_attention_reference(
+        q, k, v, window=window, segment_ids=segment_ids, softmax_scale=softmax_scale
+    )
+
+
+def _xla(q, k, v, *, interpret, **kw):
+    del interpret
+    return sliding_window_attention_xla(q, k, v, **kw)
+
+
+def _pallas_gpu(q, k, v, *, interpret, **kw):
+    return pallas_gpu.sliding_window_attention_pallas_gpu(q, k, v, interpret=bool(interpret), **kw)
+
+
+def _pallas_gpu_forward(q, k, v, *, segment_ids, block_size, interpret, **kw) -> dict[str, str]:
+    """Which forward kernel ``_pallas_gpu`` runs: ``{"forward": "mosaic" | "triton"}``."""
+    tiling = pallas_gpu.tiling_for(q.shape[1], block_size)
+    return {"forward": pallas_gpu.planned_forward(q, k, segment_ids, tiling=tiling, interpret=bool(interpret))}
+
+
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": _pallas_gpu,
+            "pallas_tpu": sliding_window_attention_pallas_tpu,
+        },
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+        details={"pallas_gpu": _pallas_gpu_forward},
+    )
+)
+AVAILABLE = OP.available
 
 
 def check_attention_inputs(op: str, q, k, v, segment_ids) -> None:
@@ -91,7 +126,7 @@ def sliding_window_attention(
         block size, rounded up to a power of two >= 16, TPU compiled: to a multiple of 128); None picks a
         default. It never changes results.
       implementation: "auto", "reference", "xla", "pallas_gpu" (Triton; on Hopper the forward is Mosaic GPU where
-        it applies, see ``pallas_gpu.forward_choice``) or "pallas_tpu" (Mosaic TPU).
+        it applies, see ``pallas_gpu.forward_choice``; dispatch records report which) or "pallas_tpu" (Mosaic TPU).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform
         ("pallas_gpu": Pallas' interpreter, "pallas_tpu": ``pltpu.InterpretParams()``, or pass an
         ``InterpretParams`` to choose its options). Ignored by "reference" and "xla".
@@ -109,12 +144,6 @@ def sliding_window_attention(
     _checks.positive_int(_OP, "block_size", block_size, allow_none=True)
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
-    if impl == "reference":
-        return sliding_window_attention_reference(q, k, v, window=window, segment_ids=segment_ids, softmax_scale=scale)
+    impl = OP.resolve(implementation, interpret=interpret, dtype=q.dtype)
     kw = dict(window=window, segment_ids=segment_ids, softmax_scale=scale, block_size=block_size)
-    if impl == "pallas_gpu":
-        return sliding_window_attention_pallas_gpu(q, k, v, interpret=bool(interpret), **kw)
-    if impl == "pallas_tpu":
-        return sliding_window_attention_pallas_tpu(q, k, v, interpret=interpret, **kw)
-    return sliding_window_attention_xla(q, k, v, **kw)
+    return OP.run(impl, q, k, v, interpret=interpret, **kw)

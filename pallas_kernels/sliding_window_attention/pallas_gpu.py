@@ -56,6 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._padding import round_up
 from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
 from pallas_kernels.sliding_window_attention import mosaic_gpu
@@ -423,6 +424,19 @@ def forward_choice(q, k, segment_ids, *, forward: str, length: int | None, inter
     return "mosaic"
 
 
+def planned_forward(q, k, segment_ids, *, tiling: fw.Tiling, interpret, forward: str = "auto") -> str:
+    """``forward_choice`` for the unpadded inputs of ``sliding_window_attention_pallas_gpu``.
+
+    Evaluated on the shapes ``_flash_window.window_attention`` pads them to for ``tiling``: time to a multiple of
+    ``tiling.largest``, the head dim to ``_head_dim``; ``length`` is the unpadded time.
+    """
+    b, t, _, e = q.shape
+    s, e_pad = round_up(t, tiling.largest), _head_dim(e)
+    padded = lambda x: jax.ShapeDtypeStruct((b, s, x.shape[2], e_pad), x.dtype)  # noqa: E731
+    seg = None if segment_ids is None else jax.ShapeDtypeStruct((b, s), jnp.int32)
+    return forward_choice(padded(q), padded(k), seg, forward=forward, length=t, interpret=interpret)
+
+
 def _fwd_auto(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem, forward: str = "auto"):
     """The backend's forward: the Mosaic GPU kernel where ``forward_choice`` picks it, else the Triton one."""
     if forward_choice(q, k, seg, forward=forward, length=pr.arange_length, interpret=pr.interpret) == "triton":
@@ -491,6 +505,10 @@ def sliding_window_attention_pallas_gpu(
     t = q.shape[1]
     # Every window >= t is full causal attention: one compiled program for all of them.
     window = t if window is None else min(window, t)
+    tiling = tiling_for(t, block_size, tiling)
+    # "auto" becomes "triton" or "mosaic" here, outside the jit, so the forward that runs is known before tracing
+    # (the op's dispatch record reports it); inside, the named forward is checked again on the padded inputs.
+    forward = planned_forward(q, k, segment_ids, tiling=tiling, interpret=interpret, forward=forward)
     return _sliding_window_attention_pallas_gpu(
         q,
         k,
@@ -498,7 +516,7 @@ def sliding_window_attention_pallas_gpu(
         segment_ids,
         window=window,
         softmax_scale=softmax_scale,
-        tiling=tiling_for(t, block_size, tiling),
+        tiling=tiling,
         interpret=interpret,
         forward=forward,
     )

@@ -21,8 +21,6 @@ from pallas_kernels import _checks, _platform
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT, ssd_reference, ssd_step_reference
 from pallas_kernels.ssd.xla import ssd_chunked
 
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-
 _OP = "ssd"
 
 
@@ -44,6 +42,41 @@ def _chunked_backend(implementation: str, interpret):
                 interpret = pltpu.InterpretParams()
         return functools.partial(vjp.ssd_pallas, backend=backend, interpret=interpret, tiling=tiling)
     raise NotImplementedError(f"{_OP}: implementation={implementation!r} has no backend")
+
+
+def _reference(x, dt, A, B, C, *, chunk_size, interpret, **kw):
+    del chunk_size, interpret  # the sequential scan has no chunks and no kernels
+    return ssd_reference(x, dt, A, B, C, **kw)
+
+
+def _xla(x, dt, A, B, C, *, interpret, **kw):
+    del interpret
+    return ssd_chunked(x, dt, A, B, C, **kw)
+
+
+def _pallas_gpu(x, dt, A, B, C, *, interpret, **kw):
+    return _chunked_backend("pallas_gpu", interpret)(x, dt, A, B, C, **kw)
+
+
+def _pallas_tpu(x, dt, A, B, C, *, interpret, **kw):
+    return _chunked_backend("pallas_tpu", interpret)(x, dt, A, B, C, **kw)
+
+
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        # GPU (H100, jax 0.11.2, bf16): the Pallas SSD beats xla (fwd 1.08 vs 2.93 ms, fwd+bwd 4.63 vs 10.2 ms at B8
+        # T4096 H24 P64 N128), and inside the 130m Mamba-2 / Taipan training step at seq 4096 the xla path runs out of
+        # memory without remat and crashes XLA's GPU compiler with remat ("Failed to translate module to LLVM IR").
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+        # float32 on GPUs: the Pallas kernels run float32 dots exactly (precision HIGHEST, no tensor cores) while XLA's
+        # default float32 dot on the H100 uses TF32: 8.1 vs 0.44 ms forward at B1 T2048 H24 P64 N128 float32
+        # (experiments/kernels/README.md), so float32 SSD stays on xla; 16-bit inputs take the Pallas kernels.
+        auto_float32={"gpu": ("xla", "pallas_gpu")},
+    )
+)
+AVAILABLE = OP.available
 
 
 def _check_interpret(op: str, interpret) -> None:
@@ -167,8 +200,15 @@ def ssd(
     dt_limit = _check_dt_limit(op, dt_limit)
     _check_interpret(op, interpret)
 
-    impl = _platform.resolve(op, implementation, available=AVAILABLE, interpret=interpret is not False, dtype=x.dtype)
-    kwargs = dict(
+    impl = OP.resolve(implementation, interpret=interpret is not False, dtype=x.dtype)
+    y, final_state = OP.run(
+        impl,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
         D=D,
         z=z,
         dt_bias=dt_bias,
@@ -176,11 +216,8 @@ def ssd(
         dt_limit=dt_limit,
         initial_state=initial_state,
         segment_ids=segment_ids,
+        interpret=interpret,
     )
-    if impl == "reference":
-        y, final_state = ssd_reference(x, dt, A, B, C, **kwargs)
-    else:
-        y, final_state = _chunked_backend(impl, interpret)(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)
     return (y, final_state) if return_final_state else y
 
 

@@ -18,8 +18,34 @@ from pallas_kernels.topk_attention.xla import topk_attention_xla
 
 _OP = "topk_attention"
 
-# Implementations this op has.
-AVAILABLE = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+def _reference(q, k, v, *, interpret, **kw):
+    del interpret
+    return topk_attention_reference(q, k, v, **kw)
+
+
+def _xla(q, k, v, *, interpret, **kw):
+    del interpret
+    return topk_attention_xla(q, k, v, **kw)
+
+
+def _pallas_gpu(q, k, v, *, interpret, **kw):
+    return topk_attention_pallas_gpu(q, k, v, interpret=bool(interpret), **kw)
+
+
+OP = _platform.register(
+    _platform.Op(
+        name=_OP,
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": _pallas_gpu,
+            "pallas_tpu": topk_attention_pallas_tpu,
+        },
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
+    )
+)
+AVAILABLE = OP.available
 
 
 def check_top_k(op: str, top_k) -> None:
@@ -77,14 +103,8 @@ def topk_attention(
     check_top_k(_OP, top_k)
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
-    impl = _platform.resolve(_OP, implementation, available=AVAILABLE, interpret=interpret)
+    impl = OP.resolve(implementation, interpret=interpret, dtype=q.dtype)
     # Every top_k past the last query's nb - 1 candidates selects the same blocks: one compiled program for all.
     top_k = effective_top_k(q.shape[1], block_size, top_k)
     kw = dict(block_size=block_size, top_k=top_k, segment_ids=segment_ids, softmax_scale=scale)
-    if impl == "reference":
-        return topk_attention_reference(q, k, v, **kw)
-    if impl == "pallas_gpu":
-        return topk_attention_pallas_gpu(q, k, v, interpret=bool(interpret), **kw)
-    if impl == "pallas_tpu":
-        return topk_attention_pallas_tpu(q, k, v, interpret=interpret, **kw)
-    return topk_attention_xla(q, k, v, **kw)
+    return OP.run(impl, q, k, v, interpret=interpret, **kw)
