@@ -13,6 +13,7 @@ from hybrid_jax.model.config import (
     ModelConfig,
     MoEConfig,
     SALConfig,
+    SharedBlockConfig,
     TopKConfig,
     preset,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "SALConfig",
     "SSMCache",
     "SelectiveKVCache",
+    "SharedBlockConfig",
     "TopKConfig",
     "TopKKVCache",
     "WindowKVCache",

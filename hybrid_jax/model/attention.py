@@ -89,9 +89,13 @@ class HeadsMixer(Mixer):
             param_dtype=jnp.dtype(c.param_dtype),
         )
 
+    def _project(self, x):
+        """x ``(b, t, d)`` -> q ``(b, t, hq, e)``, k, v ``(b, t, hk, e)`` before RoPE (a subclass may add to them)."""
+        return self.qkv(x)
+
     def _qkv(self, x, positions):
         """x ``(b, t, d)`` at ``positions`` ``(b, t)`` -> q ``(b, t, hq, e)``, k, v ``(b, t, hk, e)``, rotated."""
-        q, k, v = self.qkv(x)
+        q, k, v = self._project(x)
         s = getattr(self.config, self.SECTION)
         if s.rope:
             fraction = getattr(s, "rope_fraction", 1.0)
@@ -128,6 +132,11 @@ class AttentionMixer(HeadsMixer):
     def window(self) -> int | None:
         return self.config.attention.window if self.sliding else None
 
+    def _output(self, o):
+        """The heads' outputs ``(b, t, hq, e)`` -> the update ``(b, t, d)`` fp32 (a subclass may continue it)."""
+        b, t = o.shape[:2]
+        return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)
+
     def __call__(self, x, *, h=None, segment_ids=None, positions=None):
         """x ``(b, t, d)`` -> (update fp32, None); decoding goes through :meth:`prefill` and :meth:`step`."""
         del h
@@ -145,8 +154,7 @@ class AttentionMixer(HeadsMixer):
             shared={},
             static=dict(window=self.window, softmax_scale=self.config.attention.softmax_scale),
         )
-        y = self.o_proj(o.reshape(b, t, self.hq * self.hd))
-        return y.astype(jnp.float32), None
+        return self._output(o), None
 
     def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
         """A prompt chunk x ``(b, t, d)`` at ``positions`` ``(b, t)`` continuing one layer's ``cache``; ``valid``
@@ -185,7 +193,7 @@ class AttentionMixer(HeadsMixer):
         else:
             kp = jnp.broadcast_to(jnp.arange(new.k.shape[1], dtype=jnp.int32), (b, new.k.shape[1]))
             o = attend_cache(self.config, q, new.k, new.v, positions, kp, None, self.config.attention.softmax_scale)
-        return self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32), new
+        return self._output(o), new
 
     def step(self, x, cache, position, layer, *, h=None):
         """One token: x ``(b, 1, d)``, position ``(b,)`` int32 (its absolute position); ``cache`` is stacked over
@@ -215,7 +223,7 @@ class AttentionMixer(HeadsMixer):
         o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window, scale)
         if not self.sliding:
             o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
-        return self.o_proj(o.reshape(b, 1, self.hq * self.hd)).astype(jnp.float32), new
+        return self._output(o), new
 
     @classmethod
     def init_cache(cls, config: ModelConfig, batch: int, max_len: int):

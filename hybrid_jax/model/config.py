@@ -32,11 +32,16 @@ class BlockType(enum.Enum):
     # Attention and Mamba-2 side by side on the same normalised input, their updates summed (Falcon-H1's hybrid
     # heads, arXiv:2507.22448); uses the attention and mamba2 sections.
     ATTENTION_MAMBA2 = "attention_mamba2"
+    # Zamba2's hybrid layer (arXiv:2411.15242): a transformer block whose weights are shared across depths (attention
+    # and MLP on [h, embedding], per-layer LoRA adapters) feeds, through a per-layer projection, a Mamba-2 layer's
+    # input; uses the shared_block, attention and mamba2 sections.
+    SHARED_ATTENTION_MAMBA2 = "shared_attention_mamba2"
 
 
-# Composite kinds: the kinds a layer runs in parallel (config validation and decoding see each part).
+# Composite kinds: the kinds a layer is made of (config validation and decoding see each part).
 PARTS: dict[BlockType, tuple[BlockType, ...]] = {
     BlockType.ATTENTION_MAMBA2: (BlockType.ATTENTION, BlockType.MAMBA2),
+    BlockType.SHARED_ATTENTION_MAMBA2: (BlockType.ATTENTION, BlockType.MAMBA2),
 }
 
 
@@ -155,6 +160,22 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SharedBlockConfig:
+    """Zamba2's shared transformer blocks (SHARED_ATTENTION_MAMBA2 layers, arXiv:2411.15242; transformers' ``Zamba2``).
+
+    The blocks' attention is ``config.attention`` over the concatenation of the residual stream and the embedding
+    output (2 * d_model channels in, d_model out); their MLP is gated, ``down(act(gate(x)) * up(x))``, with hidden
+    width ``config.mlp_dim``. Each layer that uses a block adds its own low-rank adapters.
+    """
+
+    num_blocks: int = 1  # distinct shared blocks; the layers of the kind use them in turn (Zamba2's num_mem_blocks)
+    adapter_rank: int = 128  # rank of every per-layer adapter
+    attention_adapters: bool = True  # per-layer LoRA on the q, k and v projections (use_shared_attention_adapter)
+    mlp_adapters: bool = True  # per-layer LoRA on the MLP's gate and up projections (always on in Zamba2)
+    mlp_activation: str = "gelu"  # of the MLP's gate: "gelu" (exact, erf) or "silu"
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """``implementation=`` for every pallas_kernels op (``auto | reference | xla | pallas_gpu | pallas_tpu``)."""
 
@@ -175,6 +196,7 @@ _SECTIONS = {
     "sal": SALConfig,
     "topk": TopKConfig,
     "moe": MoEConfig,
+    "shared_block": SharedBlockConfig,
     "kernels": KernelConfig,
 }
 
@@ -207,6 +229,7 @@ class ModelConfig:
     sal: SALConfig = SALConfig()
     topk: TopKConfig = TopKConfig()
     moe: MoEConfig = MoEConfig()
+    shared_block: SharedBlockConfig = SharedBlockConfig()
     kernels: KernelConfig = KernelConfig()  # its own section of a run config
     name: str = "custom"  # label recorded with the run
 
@@ -294,6 +317,9 @@ class ModelConfig:
                 "ModelConfig: mamba.inner_norms=True needs mamba.lti=False (the LTI ablation has no dt, B, C to norm)",
             )
 
+        if BlockType.SHARED_ATTENTION_MAMBA2 in kinds:
+            self._check_shared_block()
+
         if BlockType.TOPK in kinds:
             tk = self.topk
             self._check_heads("topk", tk.num_heads, tk.num_kv_heads, tk.head_dim)
@@ -318,6 +344,32 @@ class ModelConfig:
         _check(
             isinstance(m.shared_expert_hidden, int) and m.shared_expert_hidden >= 0,
             f"ModelConfig: moe.shared_expert_hidden={m.shared_expert_hidden!r} must be an integer >= 0",
+        )
+
+    def _check_shared_block(self) -> None:
+        s, kind = self.shared_block, BlockType.SHARED_ATTENTION_MAMBA2
+        uses = self.period.count(kind)
+        _check(
+            _pos_int(s.num_blocks) and s.num_blocks <= uses * self.n_periods,
+            f"ModelConfig: shared_block.num_blocks={s.num_blocks!r} must be an integer in [1, the "
+            f"{uses * self.n_periods} {kind.value} layers]",
+        )
+        # Layer j uses block j % num_blocks; that is the same block in every period only if a period's uses are a
+        # multiple of num_blocks (the scan over periods needs a block fixed per position).
+        _check(
+            self.n_periods == 1 or uses % s.num_blocks == 0,
+            f"ModelConfig: shared_block.num_blocks={s.num_blocks} must divide the {uses} {kind.value} layers of a "
+            "period (or n_periods == 1)",
+        )
+        _check(_pos_int(s.adapter_rank), f"ModelConfig: shared_block.adapter_rank={s.adapter_rank!r} must be >= 1")
+        _check(
+            self.attention.conv == 0,
+            f"ModelConfig: attention.conv={self.attention.conv} must be 0 with {kind.value} layers (the shared "
+            "blocks' attention has no short conv)",
+        )
+        _check(
+            s.mlp_activation in ("gelu", "silu"),
+            f"ModelConfig: shared_block.mlp_activation={s.mlp_activation!r} must be 'gelu' or 'silu'",
         )
 
     def _check_heads(self, section: str, heads: int, kv_heads: int | None, head_dim: int | None) -> None:

@@ -21,6 +21,7 @@ EXPERT = "expert"  # the experts of a mixture-of-experts layer
 HEADS, KV_HEADS, HEAD_DIM = "heads", "kv_heads", "head_dim"
 SSM_INNER, SSM_STATE, SSM_HEADS, CONV_WIDTH, DT_RANK = "ssm_inner", "ssm_state", "ssm_heads", "conv_width", "dt_rank"
 NORM = "norm"
+ADAPTER = "adapter"  # the rank of a low-rank adapter (small: replicated unless a rule says otherwise)
 # Logical axis names of activations at block boundaries.
 ACT_BATCH, ACT_LENGTH, ACT_EMBED = "activation_batch", "activation_length", "activation_embed"
 

@@ -19,11 +19,23 @@ the fields of :class:`Mixer` and these methods:
 * ``init_cache(config, batch, max_len)`` (class method): an empty decode cache of one layer, or None.
 * ``flops(config, seq_len)`` (class method): forward FLOPs per token besides the matmuls with parameters (those are
   counted from the parameter shapes), as ``{"attention", "ssm", "conv"}``; see ``hybrid_jax.training.flops``.
+
+Optional, for mixers that need more than their own layer (Zamba2's shared blocks, :mod:`hybrid_jax.model.shared_block`):
+
+* ``INPUTS`` (class attribute): the model-level inputs the mixer reads, passed as keywords to ``__call__``,
+  ``prefill`` and ``step``: ``"h0"``, the residual stream's input (the embedding output, fp32, over the same tokens
+  as ``hn``), and ``"shared"``, the parameters that all layers of the mixer's kind share. Those are made once per
+  model by the class method ``init_shared(config, key)`` and live at the top of the parameter tree (``shared/<kind>``),
+  outside the scan over periods, so that each is one array that training updates once.
+* ``NORM`` (class attribute, default True): False when the mixer normalises its own input; the block then passes the
+  residual stream itself as ``hn`` and has no norm of its own.
+* ``index`` (field): the layer's position among the period's layers of its kind, e.g. to pick one of several shared
+  parameter sets.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 
@@ -47,11 +59,22 @@ class Mixer(nn.Module):
       config: the model config.
       out_scale: init scale of the output projection (1/sqrt(residual layers), see ``ssm.residual_scale``).
       deterministic: no sampling noise (a SAL's Gumbel gate samples only when False, in training).
+      index: the layer's position among the period's layers of its kind.
     """
+
+    INPUTS: ClassVar[tuple[str, ...]] = ()  # model-level inputs read: "h0" and/or "shared"
+    NORM: ClassVar[bool] = True  # the block normalises the mixer's input
 
     config: ModelConfig
     out_scale: float = 1.0
     deterministic: bool = True
+    index: int = 0
+
+    @classmethod
+    def init_shared(cls, config: ModelConfig, key: Any) -> Any:
+        """The parameters every layer of this kind shares (with ``"shared"`` in ``INPUTS``); a pytree whose leaves
+        may be ``nn.LogicallyPartitioned``."""
+        raise NotImplementedError(f"{cls.__name__} shares no parameters")
 
     @classmethod
     def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> Any:

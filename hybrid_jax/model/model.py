@@ -1,5 +1,9 @@
 """The language model: embeddings -> n_periods x period (scanned) -> final RMSNorm -> (tied) LM head.
 
+Parameters that several layers share (Zamba2's shared transformer blocks) are one ``shared`` entry at the top of the
+tree, made by the mixers' ``init_shared`` and passed into the scan over periods as an input (a parameter inside the
+scan would be stacked, one copy per period); the layers also get the embedding output ``h0`` if they ask for it.
+
 Functional Flax Linen: ``variables = model.init(key, tokens)``; ``model.apply(variables, tokens)`` returns logits
 ``(b, t, vocab)`` in fp32; ``return_aux=True`` adds the mixers' auxiliary losses and metrics (e.g. a SAL's budget
 constraint and selection rate), under names ``<block kind>_<name>``.
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.model.blocks import Period, PeriodStep, block_cache, constrain
+from hybrid_jax.model.blocks import Period, PeriodStep, block_cache, constrain, init_shared, shared_kinds
 from hybrid_jax.model.cache import DecodeCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.head import LMHead, tied_projection, token_cross_entropy
@@ -76,21 +80,23 @@ class LanguageModel(nn.Module):
             name="embed",
         )
         h = constrain(embed(tokens).astype(jnp.float32) * c.embedding_multiplier)
+        h0 = h  # the embedding output, for layers that read it besides the stream
+        shared = self.param("shared", init_shared, c) if shared_kinds(c) else None
         if mode == "step":
-            h, new_caches = self._step_periods(h, caches, positions)
+            h, new_caches = self._step_periods(h, caches, positions, h0, shared)
             aux = {}
         else:
             period_kw = dict(mode=mode, deterministic=deterministic, history=history)
             period_cls = Period
             if c.remat_policy != "none" and mode == "forward":
                 period_cls = nn.remat(Period, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
-            args = (caches, segment_ids, positions, valid)
+            args = (caches, segment_ids, positions, valid, h0, shared)
             if c.scan_layers:
                 scanned = nn.scan(
                     period_cls,
                     variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "gumbel": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0,) + (nn.broadcast,) * 5,
                     length=c.n_periods,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
@@ -121,7 +127,7 @@ class LanguageModel(nn.Module):
             out = head(h) if targets is None else head(h, targets, loss_chunk)
         return out, new_caches, aux
 
-    def _step_periods(self, h, caches, position):
+    def _step_periods(self, h, caches, position, h0, shared):
         """The periods for one token, the stacked caches carried through (each layer updates its own entry)."""
         c = self.config
         carry = (h, caches, jnp.zeros((), jnp.int32))
@@ -130,14 +136,14 @@ class LanguageModel(nn.Module):
                 PeriodStep,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,),
+                in_axes=(nn.broadcast,) * 3,
                 length=c.n_periods,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            (h, caches, _), _ = scanned(c, name="periods")(carry, position)
+            (h, caches, _), _ = scanned(c, name="periods")(carry, position, h0, shared)
         else:
             for i in range(c.n_periods):
-                (h, caches, _), _ = PeriodStep(c, name=f"period_{i}")((h, caches, i), position)
+                (h, caches, _), _ = PeriodStep(c, name=f"period_{i}")((h, caches, i), position, h0, shared)
         return h, caches
 
     def __call__(

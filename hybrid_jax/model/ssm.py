@@ -120,9 +120,10 @@ def conv_state_after(state, x, n):
     return full[jnp.arange(x.shape[0])[:, None], idx]
 
 
-def _pad_masked(valid, x, dt):
-    """Zero inputs and ``PAD_DT`` step sizes at padding, so padding leaves the SSM state as it was."""
-    return jnp.where(valid[..., None], x, 0), jnp.where(valid[..., None], dt, PAD_DT)
+def _pad_masked(valid, x, dt, pad_dt=PAD_DT):
+    """Zero inputs and ``pad_dt`` step sizes at padding (raw ``PAD_DT``, or 0 for processed ones), so padding leaves
+    the SSM state as it was."""
+    return jnp.where(valid[..., None], x, 0), jnp.where(valid[..., None], dt, pad_dt)
 
 
 def _write_layer(cache: SSMCache, layer, conv_state, ssm_state) -> SSMCache:
@@ -349,23 +350,26 @@ class Mamba2Mixer(Mixer):
         return self.out_proj(y).astype(jnp.float32), None
 
     def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
-        """As :meth:`MambaMixer.prefill`. Padding is passed through with dt = 0, which needs
-        ``mamba2.dt_limit[0] == 0`` (the default); the engine refuses ragged batches otherwise."""
+        """As :meth:`MambaMixer.prefill`. Padding is passed through with dt = 0."""
         del positions, history, h
         c = self.config
         z, xBC_in, dt = self._split(self.in_proj(x))
         xBC = self.conv1d.prefill(xBC_in, cache.conv_state)
         xs, B, C = self._heads(xBC)
-        xs, dt = _pad_masked(valid[..., None], xs, dt[..., None])
+        dt_bias, softplus, limit, pad_dt = self.dt_bias, True, c.mamba2.dt_limit, PAD_DT
+        if limit[0] > 0:
+            # A step-size floor (Zamba2's time_step_min) would lift padding's dt of 0 to the floor and decay the state:
+            # the step sizes are processed here as the kernel would (float32), and padding's set to 0 after the clamp.
+            dt = jnp.clip(jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias.astype(jnp.float32)), *limit)
+            dt_bias, softplus, limit, pad_dt = None, False, (0.0, float("inf")), 0.0
+        xs, dt = _pad_masked(valid[..., None], xs, dt[..., None], pad_dt)
         y, ssm_state = call_kernel(
             "ssd",
             ssd,
             c.kernels.ssd,
             batched=dict(x=xs, dt=dt[..., 0], B=B, C=C, initial_state=cache.ssm_state),
-            shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
-            static=dict(
-                chunk_size=c.mamba2.chunk_size, dt_softplus=True, dt_limit=c.mamba2.dt_limit, return_final_state=True
-            ),
+            shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=dt_bias),
+            static=dict(chunk_size=c.mamba2.chunk_size, dt_softplus=softplus, dt_limit=limit, return_final_state=True),
         )
         y = self._gate(y.reshape(*y.shape[:2], -1), z)
         conv_state = conv_state_after(cache.conv_state, xBC_in, valid.sum(axis=1))

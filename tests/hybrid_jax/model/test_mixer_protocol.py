@@ -85,6 +85,56 @@ def test_a_new_mixer_is_one_table_line(running_mean_for_mlp):
     assert flops_per_token(cfg, 12)["attention"] == pytest.approx(base + 3 * 2 * 7.0 * cfg.d_model)
 
 
+class EmbeddingGate(Mixer):
+    """A test-only token-wise mixer reading the model-level inputs and normalising nothing:
+    ``update = 0.1 (h0 S_i) * W h``, with ``S`` shared by every layer of the kind and ``i`` the layer's index."""
+
+    INPUTS = ("h0", "shared")
+    NORM = False
+
+    def setup(self):
+        self.proj = nn.Dense(self.config.d_model, use_bias=False)
+
+    def __call__(self, hn, *, h, h0, shared, segment_ids=None, positions=None):
+        assert hn is h  # NORM = False: the block passes the stream itself
+        return 0.1 * (h0 @ shared["s"][self.index]) * self.proj(hn), None
+
+    def prefill(self, hn, cache, positions, valid, history, *, h, h0, shared):
+        return self(hn, h=h, h0=h0, shared=shared)[0], cache
+
+    def step(self, hn, cache, position, layer, *, h, h0, shared):
+        return self(hn, h=h, h0=h0, shared=shared)[0], cache
+
+    @classmethod
+    def init_shared(cls, config, key):
+        return {"s": jax.random.normal(key, (2, config.d_model, config.d_model)) * config.d_model**-0.5}
+
+
+def test_a_mixer_can_read_the_embedding_and_shared_parameters(monkeypatch):
+    """INPUTS / NORM / init_shared: one shared array at the top of the tree (not one copy per period), used by every
+    layer of the kind through the scan, in training, prefill and decoding; no block norm for a NORM = False mixer."""
+    monkeypatch.setitem(blocks_lib.MIXERS, BlockType.MLP, EmbeddingGate)
+    cfg = preset("samba", "tiny", vocab_size=64).replace(period=(BlockType.MLP, BlockType.MLP), n_periods=2)
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 64)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    assert params["shared"]["mlp"]["s"].shape == (2, cfg.d_model, cfg.d_model)
+    assert set(params["periods"]["mlp_1"]) == {"mixer"}
+    logits = model.apply({"params": params}, tokens)
+
+    last, cache = model.apply({"params": params}, tokens[:, :4], 9, method="prefill")
+    np.testing.assert_allclose(last, logits[:, 3], rtol=1e-4, atol=1e-4)
+    step = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method="step"))
+    for i in range(4, 9):
+        out, cache = step(params, tokens[:, i], cache)
+        np.testing.assert_allclose(out, logits[:, i], rtol=1e-4, atol=1e-4)
+
+    # Both layers of a period reach the shared array, each through its own index; every period adds to one gradient.
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2))(params)
+    g = grads["shared"]["mlp"]["s"]
+    assert g.shape == (2, cfg.d_model, cfg.d_model) and float(jnp.min(jnp.abs(g).sum(axis=(1, 2)))) > 0
+
+
 @pytest.mark.parametrize("kind", list(BlockType))
 def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
     cls = MIXERS[kind]
@@ -94,7 +144,7 @@ def test_every_table_entry_is_a_mixer_with_a_cache_and_flops(kind):
     token_wise = kind in (BlockType.MLP, BlockType.RELU2_MLP, BlockType.MOE)
     assert (cache is None) == token_wise
     parts = cls.flops(cfg, 16)
-    assert set(parts) <= {"attention", "ssm", "conv", "experts"} and all(v > 0 for v in parts.values())
+    assert set(parts) <= {"attention", "ssm", "conv", "experts", "shared"} and all(v > 0 for v in parts.values())
     assert bool(parts) == (not token_wise or kind is BlockType.MOE)
 
 
@@ -132,6 +182,8 @@ def test_a_parallel_mixer_is_the_sum_of_its_parts():
 
 @pytest.mark.parametrize("kind", list(PARTS))
 def test_a_composite_kind_runs_the_mixers_of_its_parts(kind):
-    """Config validation and decoding read a composite kind's parts from config.PARTS; its mixer runs those."""
-    assert [cls for _, cls in MIXERS[kind].PARTS] == [MIXERS[part] for part in PARTS[kind]]
+    """Config validation and decoding read a composite kind's parts from config.PARTS; its mixer runs those (or
+    specialisations of them: Zamba2's shared attention is an AttentionMixer with norms, adapters and an MLP)."""
+    parts = [cls for _, cls in MIXERS[kind].PARTS]
+    assert len(parts) == len(PARTS[kind]) and all(issubclass(c, MIXERS[p]) for c, p in zip(parts, PARTS[kind]))
     assert set(PARTS[kind]) <= preset("jamba", "tiny").replace(period=(kind,)).kinds
