@@ -1,4 +1,5 @@
-"""Convert a Mamba, Mamba-2 or hybrid (Bamba, Granite-4.0-H, Jamba, Nemotron-H) checkpoint to an orbax checkpoint.
+"""Convert a Mamba, Mamba-2 or hybrid (Bamba, Falcon-H1, Granite-4.0-H, Jamba, Nemotron-H, Zamba2) checkpoint to an
+orbax checkpoint.
 
 Usage:
   python -m hybrid_jax.convert --checkpoint=/path/to/hf_dir --out=/path/to/out [--dtype=bfloat16] [--overwrite]

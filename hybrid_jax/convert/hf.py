@@ -11,8 +11,8 @@ Supported directories (``config.json`` plus weights):
     ``pad_vocab_size_multiple`` (8). The model keeps the padded vocabulary; logits of padding ids are meaningless.
 
 Hybrid checkpoints (``model_type`` in ``hybrids.HYBRID_TYPES``: ``bamba``, ``falcon_h1``, ``granitemoehybrid``,
-``jamba``, ``nemotron_h``) are read by :mod:`hybrid_jax.convert.hybrids`. Any other ``model_type`` gets one line naming
-the supported ones.
+``jamba``, ``nemotron_h``, ``zamba2``) are read by :mod:`hybrid_jax.convert.hybrids`. Any other ``model_type`` gets one
+line naming the supported ones.
 
 Weights keep their dtype until the end and are cast to ``dtype``; A_log and D stay fp32. Every mismatch raises
 :class:`CheckpointError` naming the tensor, its expected and its found shape.

@@ -2,7 +2,8 @@
 
 Supported ``model_type``: ``bamba`` (IBM Bamba, ``BambaForCausalLM``), ``falcon_h1`` (TII Falcon-H1,
 ``FalconH1ForCausalLM``), ``granitemoehybrid`` (IBM Granite-4.0-H, ``GraniteMoeHybridForCausalLM``), ``jamba`` (AI21
-Jamba, ``JambaForCausalLM``) and ``nemotron_h`` (NVIDIA Nemotron-H, ``NemotronHForCausalLM``, without MoE layers).
+Jamba, ``JambaForCausalLM``), ``nemotron_h`` (NVIDIA Nemotron-H, ``NemotronHForCausalLM``, without MoE layers) and
+``zamba2`` (Zyphra Zamba2, ``Zamba2ForCausalLM``).
 
 A checkpoint's layers become our pre-norm blocks in order (a :class:`Family` lists, per block, its kind, its norm's
 tensor and its mixer's tensor prefix). Our model repeats one period of blocks ``n_periods`` times (scanned), so the
@@ -37,12 +38,25 @@ Mamba-2 side by side on the same normed input and adds both to the residual (our
 folded into the imported weights (:func:`falcon_fold` says which and why that is exact); only a tied embedding keeps
 the embedding and LM-head multipliers at run time. Folded weights compute the same function, but training them
 further is not muP training with the original multipliers (their gradients scale differently).
+
+Zamba2 (``modeling_zamba2.py``, arXiv:2411.15242): ``linear_attention`` layers are Mamba-2 blocks (``input_layernorm``,
+``mamba.*``; the step size clamped below at ``time_step_min``, the gated RMSNorm's epsilon fixed at 1e-5 and the conv
+always biased, as transformers builds them); ``hybrid`` layers are our ``shared_attention_mamba2`` blocks
+(:mod:`hybrid_jax.model.shared_block`): the j-th uses shared transformer block ``j mod num_mem_blocks`` (attention with
+head_dim ``2 * hidden / heads``, q.k scaled by ``(head_dim / 2) ** -0.5``, RoPE when ``use_mem_rope``; a GELU-gated
+MLP) on ``[h, embeddings]`` with its own adapters (``linear_{q,k,v}_adapter_list.j`` when
+``use_shared_attention_adapter``, ``gate_up_proj_adapter_list.j`` always), then its ``linear`` and its Mamba-2 layer
+(``mamba_decoder.*``). transformers ties the blocks' weights (adapters included) across the layers that use them and
+saves them under each block's first layer; the shared blocks become ``shared/shared_attention_mamba2/block_i`` and the
+adapters move to the layers that use them. Tied copies saved under later layers are accepted when equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,11 +73,22 @@ from hybrid_jax.convert.tensors import (
     relu2_mlp,
     swiglu,
 )
-from hybrid_jax.model import AttentionConfig, BlockType, Mamba2Config, MambaConfig, ModelConfig, MoEConfig
+from hybrid_jax.model import (
+    AttentionConfig,
+    BlockType,
+    Mamba2Config,
+    MambaConfig,
+    ModelConfig,
+    MoEConfig,
+    SharedBlockConfig,
+)
 
-HYBRID_TYPES = ("bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h")
+HYBRID_TYPES = ("bamba", "falcon_h1", "granitemoehybrid", "jamba", "nemotron_h", "zamba2")
 
-Block = tuple[BlockType, str, str]  # (kind, norm weight name, mixer tensor prefix)
+# How a block's mixer parameters are read: its tensor prefix (read by MIXER_PARAMS[kind]), or a reader of its own.
+MixerSource = str | Callable[[Tensors, ModelConfig], dict[str, Any]]
+# (kind, norm weight name or None for a mixer that normalises its own input, mixer source)
+Block = tuple[BlockType, str | None, MixerSource]
 
 
 def shortest_period(kinds: Sequence[Any]) -> int:
@@ -469,6 +494,165 @@ def falcon_fold(params: dict[str, Any], cfg: Mapping[str, Any], config: ModelCon
     return params
 
 
+# ----- Zamba2 -----------------------------------------------------------------------------------------------------
+
+_ZAMBA2_KINDS = {
+    "linear_attention": BlockType.MAMBA2,
+    "mamba": BlockType.MAMBA2,
+    "hybrid": BlockType.SHARED_ATTENTION_MAMBA2,
+}
+
+
+def _zamba2_types(cfg: Mapping[str, Any]) -> list[str]:
+    types = cfg.get("layers_block_type") or cfg.get("layer_types")
+    if not types:
+        raise CheckpointError("load_hf_checkpoint: zamba2 config.json has no layers_block_type")
+    bad = sorted({t for t in types if t not in _ZAMBA2_KINDS})
+    if bad:
+        raise CheckpointError(f"load_hf_checkpoint: zamba2 layer type(s) {bad} are not supported")
+    return list(types)
+
+
+def _zamba2_sharing(cfg: Mapping[str, Any]) -> tuple[list[int], int]:
+    """(the hybrid layers' indices, the number of distinct shared blocks): transformers makes one block per hybrid
+    layer until it has ``num_mem_blocks``, then cycles through them."""
+    hybrid = [i for i, t in enumerate(_zamba2_types(cfg)) if _ZAMBA2_KINDS[t] is BlockType.SHARED_ATTENTION_MAMBA2]
+    return hybrid, max(1, min(int(cfg.get("num_mem_blocks", 1)), len(hybrid)))
+
+
+def _zamba2_blocks(cfg: Mapping[str, Any], prefix: str) -> list[Block]:
+    hybrid, n = _zamba2_sharing(cfg)
+    out: list[Block] = []
+    for i, t in enumerate(_zamba2_types(cfg)):
+        pre = f"{prefix}layers.{i}."
+        if _ZAMBA2_KINDS[t] is BlockType.MAMBA2:
+            out.append((BlockType.MAMBA2, pre + "input_layernorm.weight", pre + "mamba."))
+        else:
+            j = hybrid.index(i)
+            home = f"{prefix}layers.{hybrid[j % n]}.shared_transformer."
+            reader = functools.partial(zamba2_hybrid_layer, layer=pre, home=home, use=j)
+            out.append((BlockType.SHARED_ATTENTION_MAMBA2, None, reader))
+    return out
+
+
+def _zamba2_period_keys(cfg: Mapping[str, Any]) -> list[Any]:
+    """The layer kinds with each hybrid layer's shared block: a period must repeat both (the scan gives a period's
+    layer one block)."""
+    hybrid, n = _zamba2_sharing(cfg)
+    return [(_ZAMBA2_KINDS[t], hybrid.index(i) % n if i in hybrid else None) for i, t in enumerate(_zamba2_types(cfg))]
+
+
+def _zamba2_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    kind = "zamba2"
+    _check_off(cfg, kind, "add_bias_linear")
+    act = cfg.get("hidden_act", "gelu")
+    if act not in ("gelu", "silu"):
+        raise CheckpointError(f"load_hf_checkpoint: zamba2 with hidden_act={act!r} is not supported (gelu, silu)")
+    rope = bool(cfg.get("use_mem_rope", False))
+    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope and rope_type != "default":
+        raise CheckpointError(f"load_hf_checkpoint: zamba2 with rope_type={rope_type!r} is not supported (default)")
+    d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    head_dim = 2 * d // heads  # the attention reads [h, embeddings], 2 * hidden_size wide
+    m_heads, width = int(cfg.get("n_mamba_heads", 8)), int(float(cfg.get("mamba_expand", 2)) * d)
+    if width % m_heads:
+        raise CheckpointError(
+            f"load_hf_checkpoint: n_mamba_heads={m_heads} must divide mamba_expand*hidden_size={width}"
+        )
+    _, n_blocks = _zamba2_sharing(cfg)
+    return dict(
+        mlp_hidden=int(cfg.get("intermediate_size") or 4 * d),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        mamba2=Mamba2Config(
+            d_state=int(cfg.get("mamba_d_state", 64)),
+            d_conv=int(cfg.get("mamba_d_conv", 4)),
+            d_inner=width,
+            headdim=width // m_heads,
+            ngroups=int(cfg.get("mamba_ngroups", 1)),
+            chunk_size=int(cfg.get("chunk_size", 256)),
+            dt_limit=(float(cfg.get("time_step_min", 1e-3)), float("inf")),
+            conv_bias=True,  # transformers' Zamba2 conv always has a bias, whatever use_conv_bias says
+            norm_eps=1e-5,  # fixed in transformers' Zamba2RMSNormGated
+        ),
+        attention=AttentionConfig(
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rope=rope,
+            rope_base=_rope(cfg)[0],
+            softmax_scale=(head_dim / 2) ** -0.5,
+        ),
+        shared_block=SharedBlockConfig(
+            num_blocks=n_blocks,
+            adapter_rank=int(cfg.get("adapter_rank", 128)),
+            attention_adapters=bool(cfg.get("use_shared_attention_adapter", False)),
+            mlp_adapters=True,  # transformers' Zamba2MLP always has them
+            mlp_activation=act,
+        ),
+    )
+
+
+def _lora(T: Tensors, name: str, rank: int, d_in: int, d_out: int) -> dict[str, Any]:
+    """A transformers adapter ``Sequential(Linear(d_in, rank), Linear(rank, d_out))`` saved under ``name`` (``.0``,
+    ``.1``) as our :class:`LowRank` factors."""
+    return {
+        "down": T.get(name + ".0.weight", (rank, d_in)).T,
+        "up": T.get(name + ".1.weight", (d_out, rank)).T,
+    }
+
+
+def zamba2_hybrid_layer(T: Tensors, config: ModelConfig, *, layer: str, home: str, use: int) -> dict[str, Any]:
+    """The per-layer parameters of Zamba2 hybrid layer ``layer`` (the ``use``-th): its ``linear``, its Mamba-2 layer
+    and norm (``mamba_decoder.*``) and its adapters, which transformers keeps in the shared block under ``home``
+    (entry ``use`` of each adapter list)."""
+    a, s, d = config.attention, config.shared_block, config.d_model
+    hq, hk = a.num_heads, a.num_kv_heads or a.num_heads
+    hd, r = a.head_dim, s.adapter_rank
+    mixer: dict[str, Any] = {
+        "shared_proj": {"kernel": T.get(layer + "linear.weight", (d, d)).T},
+        "norm": {"scale": T.get(layer + "mamba_decoder.input_layernorm.weight", (d,))},
+        "mamba2": mamba2_mixer(T, layer + "mamba_decoder.mamba.", config),
+    }
+    if s.attention_adapters:
+        for x, width in (("q", hq * hd), ("k", hk * hd), ("v", hk * hd)):
+            mixer[f"{x}_adapter"] = _lora(T, f"{home}self_attn.linear_{x}_adapter_list.{use}", r, 2 * d, width)
+    if s.mlp_adapters:
+        mixer["mlp_adapter"] = _lora(T, f"{home}feed_forward.gate_up_proj_adapter_list.{use}", r, d, 2 * config.mlp_dim)
+    return mixer
+
+
+def zamba2_shared(T: Tensors, cfg: Mapping[str, Any], config: ModelConfig, prefix: str) -> dict[str, Any]:
+    """The shared blocks, each from its first hybrid layer's ``shared_transformer.*``, as ``{kind: {block_i: ...}}``;
+    tied copies under later layers must equal them."""
+    d, f = config.d_model, config.mlp_dim
+    hybrid, n = _zamba2_sharing(cfg)
+    blocks = {}
+    for i in range(n):
+        home = f"{prefix}layers.{hybrid[i]}.shared_transformer."
+        gate_up = T.get(home + "feed_forward.gate_up_proj.weight", (2 * f, d))  # gate first (torch.chunk)
+        blocks[f"block_{i}"] = {
+            "input_norm": {"scale": T.get(home + "input_layernorm.weight", (2 * d,))},
+            **attention_mixer(T, home + "self_attn.", config, d_in=2 * d),
+            "ff_norm": {"scale": T.get(home + "pre_ff_layernorm.weight", (d,))},
+            "gate_proj": {"kernel": gate_up[:f].T},
+            "up_proj": {"kernel": gate_up[f:].T},
+            "down_proj": {"kernel": T.get(home + "feed_forward.down_proj.weight", (d, f)).T},
+        }
+    pattern = re.compile(re.escape(prefix) + r"layers\.(\d+)\.shared_transformer\.(.*)")
+    for name in sorted(set(T.t) - T.used):
+        match = pattern.fullmatch(name)
+        if match is None or int(match[1]) not in hybrid:
+            continue
+        j = hybrid.index(int(match[1]))
+        original = f"{prefix}layers.{hybrid[j % n]}.shared_transformer.{match[2]}"
+        if original in T.used:
+            if not np.array_equal(T.t[name], T.t[original]):
+                raise CheckpointError(f"load_hf_checkpoint: tied tensor {name!r} differs from {original!r}")
+            T.used.add(name)
+    return {BlockType.SHARED_ATTENTION_MAMBA2.value: blocks}
+
+
 # ----- the families ----------------------------------------------------------------------------------------------
 
 
@@ -492,6 +676,10 @@ class Family:
     ffn_params: Callable[[Tensors, str, ModelConfig], dict[str, Any]] | None = None
     # (params, config.json, config) -> params with the checkpoint's constant multipliers folded into the weights.
     fold: Callable[[dict[str, Any], Mapping[str, Any], ModelConfig], dict[str, Any]] | None = None
+    # (tensors, config.json, config, prefix) -> the model's ``shared`` parameters (Zamba2's shared blocks).
+    shared: Callable[[Tensors, Mapping[str, Any], ModelConfig, str], dict[str, Any]] | None = None
+    # config.json -> one key per block whose shortest repeating period is our period (default: the block kinds).
+    period_keys: Callable[[Mapping[str, Any]], list[Any]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -506,6 +694,14 @@ FAMILIES: dict[str, Family] = {
     ),
     "falcon_h1": Family(
         _falcon_blocks, _falcon_config, "embed_tokens.weight", "final_layernorm.weight", fold=falcon_fold
+    ),
+    "zamba2": Family(
+        _zamba2_blocks,
+        _zamba2_config,
+        "embed_tokens.weight",
+        "final_layernorm.weight",
+        shared=zamba2_shared,
+        period_keys=_zamba2_period_keys,
     ),
 }
 
@@ -543,7 +739,7 @@ def hybrid_config(cfg: Mapping[str, Any], vocab_rows: int) -> ModelConfig:
     """The ModelConfig of a hybrid checkpoint's ``config.json`` (``model_type`` in :data:`HYBRID_TYPES`)."""
     f = _family(cfg)
     kinds = [k for k, _, _ in f.blocks(cfg, "")]
-    p = shortest_period(kinds)
+    p = shortest_period(f.period_keys(cfg) if f.period_keys is not None else kinds)
     return ModelConfig(
         period=tuple(kinds[:p]),
         n_periods=len(kinds) // p,
@@ -564,13 +760,17 @@ def hybrid_params(config: ModelConfig, cfg: Mapping[str, Any], tensors: Mapping[
     per_period: list[list[dict[str, Any]]] = [[] for _ in config.period]
     for n, (kind, norm, mixer) in enumerate(f.blocks(cfg, prefix)):
         ffn = f.ffn_params if f.ffn_params is not None and kind in (BlockType.MLP, BlockType.MOE) else None
-        block = {"norm": {"scale": T.get(norm, (d,))}, "mixer": (ffn or MIXER_PARAMS[kind])(T, mixer, config)}
+        block = {"mixer": mixer(T, config) if callable(mixer) else (ffn or MIXER_PARAMS[kind])(T, mixer, config)}
+        if norm is not None:
+            block["norm"] = {"scale": T.get(norm, (d,))}
         per_period[n % len(config.period)].append(block)
     params: dict[str, Any] = {
         "embed": {"embedding": T.get(prefix + f.embedding, (v, d))},
         "periods": {f"{kind.value}_{j}": _stack(per_period[j]) for j, kind in enumerate(config.period)},
         "norm_f": {"scale": T.get(prefix + f.final_norm, (d,))},
     }
+    if f.shared is not None:
+        params["shared"] = f.shared(T, cfg, config, prefix)
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": T.get("lm_head.weight", (v, d)).T}
     elif "lm_head.weight" in T.t:

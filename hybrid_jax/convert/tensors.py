@@ -156,16 +156,18 @@ def mamba2_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]
     return mixer
 
 
-def attention_mixer(T: Tensors, prefix: str, config: ModelConfig) -> dict[str, Any]:
-    """A Llama-style attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` without bias) as our parameters."""
+def attention_mixer(T: Tensors, prefix: str, config: ModelConfig, d_in: int | None = None) -> dict[str, Any]:
+    """A Llama-style attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` without bias) as our parameters; q, k
+    and v read ``d_in`` channels (None: d_model; Zamba2's shared attention reads 2 * d_model)."""
     a, d = config.attention, config.d_model
     hq, hk = a.num_heads, a.num_kv_heads or a.num_heads
     hd = a.head_dim or d // hq
+    d_in = d_in or d
     return {
         "qkv": {
-            "q_proj": {"kernel": T.get(prefix + "q_proj.weight", (hq * hd, d)).T},
-            "k_proj": {"kernel": T.get(prefix + "k_proj.weight", (hk * hd, d)).T},
-            "v_proj": {"kernel": T.get(prefix + "v_proj.weight", (hk * hd, d)).T},
+            "q_proj": {"kernel": T.get(prefix + "q_proj.weight", (hq * hd, d_in)).T},
+            "k_proj": {"kernel": T.get(prefix + "k_proj.weight", (hk * hd, d_in)).T},
+            "v_proj": {"kernel": T.get(prefix + "v_proj.weight", (hk * hd, d_in)).T},
         },
         "o_proj": {"kernel": T.get(prefix + "o_proj.weight", (d, hq * hd)).T},
     }

@@ -132,7 +132,7 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     with pytest.raises(
         CheckpointError,
         match=r"model_type=.llama. is not supported \(supported: mamba, mamba2, bamba, falcon_h1, granitemoehybrid, "
-        r"jamba, nemotron_h\)",
+        r"jamba, nemotron_h, zamba2\)",
     ):
         load_hf_checkpoint(write("llama", base, {"model_type": "llama", "hidden_size": 32}))
     with pytest.raises(CheckpointError, match=r"is not a directory"):
@@ -407,3 +407,112 @@ def test_falcon_h1_parity_decode_and_generate(tmp_path, tied, rms_norm, norm_bef
     assert (c.embedding_multiplier, c.logits_multiplier) == ((2.0, 0.5) if tied else (1.0, 1.0))
     if not tied:
         _decode_and_generate(hf, model, params, 96)  # once per family (CI time)
+
+
+@pytest.mark.parametrize(
+    "adapters, mem_blocks, kv_heads, rope, pattern",
+    [(True, 1, 4, True, "MHMHMHMH"), (True, 2, 4, True, "MHMHMHMH"), (False, 2, 2, False, "MHMMHHM")],
+)
+def test_zamba2_parity_decode_and_generate(tmp_path, adapters, mem_blocks, kv_heads, rope, pattern):
+    """Zyphra Zamba2: Mamba-2 layers (groups, a step-size floor) and hybrid layers, where a transformer block shared
+    across depths (attention on [h, embeddings] with RoPE or without, GQA where transformers allows it, i.e. without
+    attention adapters; a GELU-gated MLP) with per-layer LoRA adapters feeds each layer's Mamba-2 input through a
+    per-layer projection; one or two shared blocks taken in turn. A repeating pattern is scanned with the shared blocks
+    as single parameters; the irregular one is a single period."""
+    torch.manual_seed(0)
+    cfg = transformers.Zamba2Config(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=len(pattern),
+        layers_block_type=["hybrid" if c == "H" else "linear_attention" for c in pattern],
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        intermediate_size=80,
+        mamba_d_state=16,
+        n_mamba_heads=8,
+        mamba_ngroups=2,
+        chunk_size=16,
+        num_mem_blocks=mem_blocks,
+        use_shared_attention_adapter=adapters,
+        adapter_rank=8,
+        use_mem_rope=rope,
+        eos_token_id=None,  # greedy generation runs its full length (a generated eos would stop transformers' rows)
+    )
+    hf = transformers.Zamba2ForCausalLM(cfg).eval()
+    _perturb(hf)
+    path = _save(hf, tmp_path, "zamba2")
+    model, params = _compare(hf, path, 96, t=40)
+    c = model.config
+    kinds = ["mamba2" if k == "M" else "shared_attention_mamba2" for k in pattern]
+    assert [b.value for b in c.period] * c.n_periods == kinds
+    assert c.n_periods == {"MHMHMHMH": 4 // mem_blocks}.get(pattern, 1)
+    assert c.shared_block.num_blocks == mem_blocks and c.shared_block.attention_adapters == adapters
+    assert c.attention.rope == rope and c.attention.num_kv_heads == kv_heads and c.mamba2.dt_limit[0] == 1e-3
+    # Each shared weight is one array (not one per period or per layer); the adapters belong to the layers.
+    blocks = params["shared"]["shared_attention_mamba2"]
+    assert sorted(blocks) == [f"block_{i}" for i in range(mem_blocks)]
+    assert blocks["block_0"]["qkv"]["q_proj"]["kernel"].shape == (128, 128)
+    layer = params["periods"]["shared_attention_mamba2_1"]["mixer"]
+    assert ("q_adapter" in layer) == adapters and layer["mlp_adapter"]["up"].shape == (c.n_periods, 8, 160)
+    _decode_and_generate(hf, model, params, 96)
+    if not adapters:  # once: the convert CLI writes the same model (shared parameters included)
+        _convert_with_cli(hf, path, tmp_path, 96)
+
+
+def _convert_with_cli(hf, path, tmp_path, vocab):
+    import subprocess
+    import sys
+
+    from hybrid_jax.convert.orbax_io import load_converted
+
+    out = os.path.join(tmp_path, "converted")
+    r = subprocess.run(
+        [sys.executable, "-m", "hybrid_jax.convert", f"--checkpoint={path}", f"--out={out}"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    model, params = load_converted(out)
+    tokens = torch.randint(0, vocab, (1, 9))
+    with torch.no_grad():
+        expected = hf(tokens).logits.numpy()
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens.numpy())))
+    assert float(np.max(np.abs(got - expected))) < 1e-4
+
+
+def test_zamba2_tied_copies_must_be_equal(tmp_path):
+    """A state dict with transformers' tied shared-block weights saved under every layer that uses them (as torch's
+    own state_dict has them) imports when the copies are equal, and names the first copy that differs."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = transformers.Zamba2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        layers_block_type=["linear_attention", "hybrid", "hybrid", "hybrid"],
+        num_attention_heads=4,
+        intermediate_size=48,
+        mamba_d_state=8,
+        n_mamba_heads=4,
+        num_mem_blocks=2,
+        use_shared_attention_adapter=True,
+        adapter_rank=4,
+    )
+    hf = transformers.Zamba2ForCausalLM(cfg).eval()
+    state = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+    copy = "model.layers.3.shared_transformer.self_attn.linear_q_adapter_list.2.0.weight"  # use 2's, in block 0
+    assert copy in state
+
+    def write(name):
+        path = os.path.join(tmp_path, name)
+        os.makedirs(path)
+        save_file(state, os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f)
+        return path
+
+    _compare(hf, write("tied"), 64, t=12)
+    state[copy] = state[copy] + 1.0
+    with pytest.raises(CheckpointError, match=rf"tied tensor '{copy}' differs from 'model.layers.1.shared_transformer"):
+        load_hf_checkpoint(write("untied"))
