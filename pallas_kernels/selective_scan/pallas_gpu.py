@@ -35,7 +35,8 @@ Chunk parallelism is what fills the GPU: ``c`` is the largest count with ``(d / 
 one-warp programs that one wave of the forward kernel holds (B4 T4096 D1536: 16 chunks of 256 tokens; B1 T65536
 D1536: 66 chunks of 996; B8 T2048 D2048: 6 of 344; shorter chunks switch to narrower programs, below).
 
-Backward (custom_vjp; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}`` with ``gy = dy * silu(z)``):
+Backward (the custom_vjp of ``vjp.py``, shared with the TPU backend; ``mu_t = dL/dh_t = gy_t C_t + a_{t+1} mu_{t+1}``
+with ``gy = dy * silu(z)``):
   1. ``_chunk_adjoint_kernel`` on chunks ``1 .. c-1``: each chunk backwards from a zero adjoint (needs no forward
      state), giving the adjoint its own outputs send into its incoming state, and its decay ``P``.
   2. ``_chunk_carry_kernel`` in reverse: the adjoint entering every chunk from its right end, from the final state's
@@ -107,6 +108,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._padding import round_up
 from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
+from pallas_kernels.selective_scan import vjp
 from pallas_kernels.selective_scan.reference import segment_starts
 
 _F32 = jnp.float32
@@ -749,12 +751,6 @@ def _call(kernel, plan: _Plan, specs: _Specs, in_specs, out_specs, out_shape, na
     )(*args)
 
 
-def _present(*pairs):
-    """Drops the (spec, array) pairs whose array is None."""
-    kept = [(s, a) for s, a in pairs if a is not None]
-    return [s for s, _ in kept], [a for _, a in kept]
-
-
 def _carry(plan: _Plan, x0, p, s, *, reverse: bool, name: str):
     """The state at every chunk boundary of ``x <- P x + S``: ``(b, c, npow, dp)`` from ``(b, c - 1, npow, dp)``."""
     bdc = plan.bd
@@ -784,7 +780,7 @@ def _forward(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
     sp = _Specs(plan, plan.bd)
     if plan.chunks > 1:
         sc = _Specs(plan, plan.bd, chunks=plan.chunks - 1)
-        in_specs, args = _present(
+        in_specs, args = vjp.present(
             (sc.rows, u), (sc.rows, dl), (sc.bc, bm), (sc.a, at), (sc.param, bias), (sc.keep, keep)
         )
         s, p = _call(
@@ -800,7 +796,7 @@ def _forward(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
         h_in = _carry(plan, h0, p, s, reverse=False, name="selective_scan_chunk_carry")
     else:
         h_in = h0[:, None]
-    in_specs, args = _present(
+    in_specs, args = vjp.present(
         (sp.rows, u),
         (sp.rows, dl),
         (sp.rows, z),
@@ -830,7 +826,7 @@ def _backward(plan: _Plan, res, dy, dh_final):
     dy = dy.astype(u.dtype) if dy.dtype != u.dtype else dy
     if plan.chunks > 1:
         sa = _Specs(plan, plan.bd, first_chunk=1, chunks=plan.chunks - 1)
-        in_specs, args = _present(
+        in_specs, args = vjp.present(
             (sa.rows, dl), (sa.rows, z), (sa.bc, cm), (sa.rows, dy), (sa.a, at), (sa.param, bias), (sa.keep, keep)
         )
         lam_local, p = _call(
@@ -847,7 +843,7 @@ def _backward(plan: _Plan, res, dy, dh_final):
     else:
         lam = dh_final[:, None]
     sb = _Specs(plan, plan.bdb)
-    in_specs, args = _present(
+    in_specs, args = vjp.present(
         (sb.rows, u),
         (sb.rows, dl),
         (sb.rows, z),
@@ -902,51 +898,11 @@ def _backward(plan: _Plan, res, dy, dh_final):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan: _Plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
-    y, h_final, _ = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
-    return y, h_final
-
-
-def _scan_fwd(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep):
-    y, h_final, h_in = _forward(plan, u, dl, z, bm, cm, at, dskip, bias, h0, keep)
-    return (y, h_final), (u, dl, z, bm, cm, at, dskip, bias, keep, h_in)
-
-
-def _scan_bwd(plan, res, cotangents):
-    dy, dh_final = cotangents
-    return _backward(plan, res, dy, dh_final.astype(_F32))
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+# The Triton backend of the shared custom_vjp (``vjp.scan``).
+BACKEND = vjp.Backend(forward=_forward, backward=_backward)
 
 
 # --- public entry point (arguments validated by api.selective_scan)
-
-
-def _pad_channels(x, plan: _Plan, axis: int):
-    """Pads the channel axis per group from ``d / g`` to ``dgp`` channels (zeros), or returns ``x``."""
-    dg = plan.d // plan.g
-    if plan.dgp == dg:
-        return x
-    axis = axis % x.ndim
-    shape = x.shape
-    x = x.reshape(shape[:axis] + (plan.g, dg) + shape[axis + 1 :])
-    widths = [(0, 0)] * x.ndim
-    widths[axis + 1] = (0, plan.dgp - dg)
-    x = jnp.pad(x, widths)
-    return x.reshape(shape[:axis] + (plan.dp,) + shape[axis + 1 :])
-
-
-def _unpad_channels(x, plan: _Plan, axis: int):
-    dg = plan.d // plan.g
-    if plan.dgp == dg:
-        return x
-    axis = axis % x.ndim
-    shape = x.shape
-    x = x.reshape(shape[:axis] + (plan.g, plan.dgp) + shape[axis + 1 :])
-    x = lax.slice_in_dim(x, 0, dg, axis=axis + 1)
-    return x.reshape(shape[:axis] + (plan.d,) + shape[axis + 1 :])
 
 
 def _pad_state(x, plan: _Plan):
@@ -1014,7 +970,7 @@ def selective_scan_pallas_gpu(
         has_keep=segment_ids is not None,
         interpret=interpret,
     )
-    pad_rows = lambda x: _pad_channels(x, plan, axis=-1)
+    pad_rows = lambda x: vjp.pad_channels(x, plan, axis=-1)
     zeros_d = jnp.zeros((d,), _F32)
     dskip = pad_rows(zeros_d if D is None else D.astype(_F32))
     bias = pad_rows(zeros_d if delta_bias is None else delta_bias.astype(_F32))
@@ -1025,7 +981,8 @@ def selective_scan_pallas_gpu(
     h0 = _pad_state(h0, plan)
     h0 = pad_rows(jnp.swapaxes(h0, 1, 2))  # (b, npow, dp)
     keep = None if segment_ids is None else (~segment_starts(segment_ids)).astype(_F32)
-    y, h_final = _scan(
+    y, h_final = vjp.scan(
+        BACKEND,
         plan,
         pad_rows(u),
         pad_rows(delta),
@@ -1040,8 +997,8 @@ def selective_scan_pallas_gpu(
         h0,
         keep,
     )
-    y = _unpad_channels(y, plan, axis=-1)
+    y = vjp.unpad_channels(y, plan, axis=-1)
     if not return_final_state:
         return y
-    h_final = _unpad_channels(h_final, plan, axis=-1)[:, :n]
+    h_final = vjp.unpad_channels(h_final, plan, axis=-1)[:, :n]
     return y, jnp.swapaxes(h_final, 1, 2)

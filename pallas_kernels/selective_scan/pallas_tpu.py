@@ -16,12 +16,13 @@ pre-tiled as ``(b, g, t / 16, n, 16)`` (time on lanes inside a tile): one tile i
 step takes a static lane slice of it. Channels are zero-padded per group to a multiple of 128 (the lane width), time
 to a multiple of the chunk (padded steps get ``delta = 0`` after softplus, an identity step).
 
-Backward (custom_vjp): the same grid with the chunk axis reversed in every index map. The adjoint state lives in the
-resident block of d(initial_state); at each grid step the chunk's forward states are recomputed from its incoming
-state (a forward residual, ``(b, c, n, d)``) into a VMEM scratch of ``(l + 1, n, bd)`` float32 (1 MiB at l 128,
-bd 128, n 16: a TPU's VMEM holds a whole chunk, so no recompute-from-checkpoints as on GPU), then the adjoint walks
-back through them. dA, dD and d(bias) accumulate in resident output blocks; dB and dC (sums over channels) leave as
-per-channel-block ``(n, 16)`` tiles and are summed by XLA.
+Backward (the custom_vjp of ``vjp.py``, shared with the GPU backend): the same grid with the chunk axis reversed in
+every index map. The adjoint state lives in the resident block of d(initial_state); at each grid step the chunk's
+forward states are recomputed from its incoming state (a forward residual, ``(b, c, n, d)``) into a VMEM scratch of
+``(l + 1, n, bd)`` float32 (1 MiB at l 128, bd 128, n 16: a TPU's VMEM holds a whole chunk, so no
+recompute-from-checkpoints as on GPU), then the adjoint walks back through them. dA, dD and d(bias) accumulate in
+resident output blocks; dB and dC (sums over channels) leave as per-channel-block ``(n, 16)`` tiles and are summed by
+XLA.
 
 All recurrences, exps and sums are float32 whatever the input dtype (see the GPU module for why). Default block sizes
 are UNTUNED (no TPU is available to this project): ``bd = 256``, ``l = 128``.
@@ -39,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._padding import pad_to_multiple, round_up
+from pallas_kernels.selective_scan import vjp
 from pallas_kernels.selective_scan.reference import segment_starts
 
 _F32 = jnp.float32
@@ -305,11 +307,6 @@ class _Specs:
         self.grid = (plan.b, plan.dp // bd, plan.chunks)
 
 
-def _present(*pairs):
-    kept = [(s, a) for s, a in pairs if a is not None]
-    return [s for s, _ in kept], [a for _, a in kept]
-
-
 def _call(kernel, plan: _Plan, specs: _Specs, in_specs, out_specs, out_shape, name, args, scratch_shapes=()):
     return pl.pallas_call(
         functools.partial(kernel, plan=plan),
@@ -329,7 +326,7 @@ def _call(kernel, plan: _Plan, specs: _Specs, in_specs, out_specs, out_shape, na
 
 def _forward(plan: _Plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep):
     sp = _Specs(plan)
-    in_specs, args = _present(
+    in_specs, args = vjp.present(
         (sp.rows, u),
         (sp.rows, dl),
         (sp.rows, z),
@@ -362,7 +359,7 @@ def _forward(plan: _Plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep):
 def _backward(plan: _Plan, res, dy, dh_final):
     u, dl, z, bt, ct, at, dskip, bias, keep, h_start = res
     sp = _Specs(plan, reverse=True)
-    in_specs, args = _present(
+    in_specs, args = vjp.present(
         (sp.rows, u),
         (sp.rows, dl),
         (sp.rows, z),
@@ -421,48 +418,11 @@ def _backward(plan: _Plan, res, dy, dh_final):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan: _Plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep):
-    y, h_final, _ = _forward(plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep)
-    return y, h_final
-
-
-def _scan_fwd(plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep):
-    y, h_final, h_start = _forward(plan, u, dl, z, bt, ct, at, dskip, bias, h0, keep)
-    return (y, h_final), (u, dl, z, bt, ct, at, dskip, bias, keep, h_start)
-
-
-def _scan_bwd(plan, res, cotangents):
-    dy, dh_final = cotangents
-    return _backward(plan, res, dy, dh_final.astype(_F32))
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+# The Mosaic TPU backend of the shared custom_vjp (``vjp.scan``).
+BACKEND = vjp.Backend(forward=_forward, backward=_backward)
 
 
 # --- public entry point (arguments validated by api.selective_scan)
-
-
-def _pad_channels(x, plan: _Plan, axis: int):
-    dg = plan.d // plan.g
-    if plan.dgp == dg:
-        return x
-    axis = axis % x.ndim
-    shape = x.shape
-    x = x.reshape(shape[:axis] + (plan.g, dg) + shape[axis + 1 :])
-    widths = [(0, 0)] * x.ndim
-    widths[axis + 1] = (0, plan.dgp - dg)
-    return jnp.pad(x, widths).reshape(shape[:axis] + (plan.dp,) + shape[axis + 1 :])
-
-
-def _unpad_channels(x, plan: _Plan, axis: int):
-    dg = plan.d // plan.g
-    if plan.dgp == dg:
-        return x
-    axis = axis % x.ndim
-    shape = x.shape
-    x = x.reshape(shape[:axis] + (plan.g, plan.dgp) + shape[axis + 1 :])
-    return lax.slice_in_dim(x, 0, dg, axis=axis + 1).reshape(shape[:axis] + (plan.d,) + shape[axis + 1 :])
 
 
 def _tiled_columns(x, plan: _Plan):
@@ -532,15 +492,16 @@ def selective_scan_pallas_tpu(
         has_keep=segment_ids is not None,
         interpret=pltpu.InterpretParams() if interpret else False,
     )
-    rows = lambda x: pad_to_multiple(_pad_channels(x, plan, axis=-1), plan.chunk, axis=1)
-    params = lambda x: _pad_channels(jnp.zeros((d,), _F32) if x is None else x.astype(_F32), plan, axis=-1)[None]
-    at = jnp.pad(_pad_channels(A.astype(_F32).T, plan, axis=-1), [(0, plan.npad - n), (0, 0)])
+    rows = lambda x: pad_to_multiple(vjp.pad_channels(x, plan, axis=-1), plan.chunk, axis=1)
+    params = lambda x: vjp.pad_channels(jnp.zeros((d,), _F32) if x is None else x.astype(_F32), plan, axis=-1)[None]
+    at = jnp.pad(vjp.pad_channels(A.astype(_F32).T, plan, axis=-1), [(0, plan.npad - n), (0, 0)])
     h0 = jnp.zeros((b, d, n), _F32) if initial_state is None else initial_state.astype(_F32)
-    h0 = jnp.pad(_pad_channels(jnp.swapaxes(h0, 1, 2), plan, axis=-1), [(0, 0), (0, plan.npad - n), (0, 0)])
+    h0 = jnp.pad(vjp.pad_channels(jnp.swapaxes(h0, 1, 2), plan, axis=-1), [(0, 0), (0, plan.npad - n), (0, 0)])
     keep = None
     if segment_ids is not None:
         keep = pad_to_multiple((~segment_starts(segment_ids)).astype(_F32), plan.chunk, axis=1, value=1.0)[..., None]
-    y, h_final = _scan(
+    y, h_final = vjp.scan(
+        BACKEND,
         plan,
         rows(u),
         rows(delta),
@@ -553,8 +514,8 @@ def selective_scan_pallas_tpu(
         h0,
         keep,
     )
-    y = _unpad_channels(y[:, :t], plan, axis=-1)
+    y = vjp.unpad_channels(y[:, :t], plan, axis=-1)
     if not return_final_state:
         return y
-    h_final = _unpad_channels(h_final, plan, axis=-1)[:, :n]
+    h_final = vjp.unpad_channels(h_final, plan, axis=-1)[:, :n]
     return y, jnp.swapaxes(h_final, 1, 2)

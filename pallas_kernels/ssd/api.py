@@ -12,36 +12,17 @@ assume well-formed inputs.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.ssd.pallas_gpu import ssd_pallas_gpu
+from pallas_kernels.ssd.pallas_tpu import ssd_pallas_tpu
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT, ssd_reference, ssd_step_reference
 from pallas_kernels.ssd.xla import ssd_chunked
 
 _OP = "ssd"
-
-
-def _chunked_backend(implementation: str, interpret):
-    """The chunked backend called ``implementation``; Pallas modules get imported lazily here."""
-    if implementation == "xla":
-        return ssd_chunked
-    if implementation in ("pallas_gpu", "pallas_tpu"):
-        from pallas_kernels.ssd import block_sizes, vjp
-
-        if implementation == "pallas_gpu":
-            backend, tiling = "gpu", block_sizes.DEFAULT_GPU
-            interpret = bool(interpret)
-        else:
-            backend, tiling = "tpu", block_sizes.DEFAULT_TPU
-            if interpret is True:
-                from jax.experimental.pallas import tpu as pltpu
-
-                interpret = pltpu.InterpretParams()
-        return functools.partial(vjp.ssd_pallas, backend=backend, interpret=interpret, tiling=tiling)
-    raise NotImplementedError(f"{_OP}: implementation={implementation!r} has no backend")
 
 
 def _reference(x, dt, A, B, C, *, chunk_size, interpret, **kw):
@@ -54,18 +35,15 @@ def _xla(x, dt, A, B, C, *, interpret, **kw):
     return ssd_chunked(x, dt, A, B, C, **kw)
 
 
-def _pallas_gpu(x, dt, A, B, C, *, interpret, **kw):
-    return _chunked_backend("pallas_gpu", interpret)(x, dt, A, B, C, **kw)
-
-
-def _pallas_tpu(x, dt, A, B, C, *, interpret, **kw):
-    return _chunked_backend("pallas_tpu", interpret)(x, dt, A, B, C, **kw)
-
-
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": ssd_pallas_gpu,
+            "pallas_tpu": ssd_pallas_tpu,
+        },
         # GPU (H100, jax 0.11.2, bf16): the Pallas SSD beats xla (fwd 1.08 vs 2.93 ms, fwd+bwd 4.63 vs 10.2 ms at B8
         # T4096 H24 P64 N128), and inside the 130m Mamba-2 / Taipan training step at seq 4096 the xla path runs out of
         # memory without remat and crashes XLA's GPU compiler with remat ("Failed to translate module to LLVM IR").

@@ -63,8 +63,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ssd.block_sizes import GpuTiling, pow2_at_least
-from pallas_kernels.ssd.plan import Grads, Plan, Vectors, tiles_below_left
+from pallas_kernels.ssd import vjp
+from pallas_kernels.ssd.block_sizes import DEFAULT_GPU, GpuTiling, pow2_at_least
+from pallas_kernels.ssd.plan import Backend, Grads, Plan, Vectors, register_backend, tiles_below_left
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -681,3 +682,22 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         dexit=dexit,
         dtotal=q.sum(axis=-1),
     )
+
+
+# --- the backend of the shared custom_vjp (vjp.py) and the public entry point
+
+BACKEND = register_backend(Backend(name="gpu", feature_sizes=feature_sizes, forward=forward, backward=backward))
+
+
+def ssd_pallas_gpu(x, dt, A, B, C, *, interpret: bool = False, tiling: GpuTiling = DEFAULT_GPU, **kwargs):
+    """SSD with the Triton kernels of this module under the shared ``custom_vjp`` (``vjp.ssd_pallas``).
+
+    Arguments are those of ``api.ssd`` (validated there): ``x (b, t, h, p)``, ``dt (b, t, h)``, ``A (h,)``, ``B, C
+    (b, t, g, n)``, and as keywords ``chunk_size``, ``D``, ``z``, ``dt_bias``, ``dt_softplus``, ``dt_limit``,
+    ``initial_state``, ``segment_ids``; ``interpret`` runs the kernels in Pallas interpret mode; ``tiling`` their
+    static block sizes.
+
+    Returns:
+      ``(y, final_state)``: y ``(b, t, h, p)`` in x.dtype, final_state ``(b, h, p, n)`` float32.
+    """
+    return vjp.ssd_pallas(x, dt, A, B, C, backend=BACKEND, interpret=bool(interpret), tiling=tiling, **kwargs)

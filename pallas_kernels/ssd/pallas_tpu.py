@@ -45,7 +45,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ssd.plan import Grads, Plan, Vectors
+from pallas_kernels.ssd import vjp
+from pallas_kernels.ssd.block_sizes import DEFAULT_TPU, TpuTiling
+from pallas_kernels.ssd.plan import Backend, Grads, Plan, Vectors, register_backend
 
 f32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -477,3 +479,23 @@ def backward(plan: Plan, x, B, C, D, z, vec: Vectors, states, dy, dfinal) -> Gra
         dexit=dcol[..., 2],
         dtotal=drow[:, :, :, 1, 0],
     )
+
+
+# --- the backend of the shared custom_vjp (vjp.py) and the public entry point
+
+BACKEND = register_backend(Backend(name="tpu", feature_sizes=feature_sizes, forward=forward, backward=backward))
+
+
+def ssd_pallas_tpu(x, dt, A, B, C, *, interpret=False, tiling: TpuTiling = DEFAULT_TPU, **kwargs):
+    """SSD with the Mosaic TPU kernels of this module under the shared ``custom_vjp`` (``vjp.ssd_pallas``).
+
+    Arguments are those of ``api.ssd`` (validated there): ``x (b, t, h, p)``, ``dt (b, t, h)``, ``A (h,)``, ``B, C
+    (b, t, g, n)``, and as keywords ``chunk_size``, ``D``, ``z``, ``dt_bias``, ``dt_softplus``, ``dt_limit``,
+    ``initial_state``, ``segment_ids``; ``interpret``: False, True (``pltpu.InterpretParams()``) or an
+    ``InterpretParams``; ``tiling`` the kernels' static block sizes.
+
+    Returns:
+      ``(y, final_state)``: y ``(b, t, h, p)`` in x.dtype, final_state ``(b, h, p, n)`` float32.
+    """
+    interpret = pltpu.InterpretParams() if interpret is True else interpret
+    return vjp.ssd_pallas(x, dt, A, B, C, backend=BACKEND, interpret=interpret, tiling=tiling, **kwargs)

@@ -1,13 +1,16 @@
 """The static plan and the arrays that pass between the SSD Pallas shell (``vjp.py``) and its backends.
 
-``vjp.py`` builds a :class:`Plan` and the per-token :class:`Vectors` and calls a backend's ``forward`` / ``backward``
-(``pallas_gpu.py`` or ``pallas_tpu.py``, imported lazily by name); a backward returns :class:`Grads`. The backends
-import only this module, so the shell and its backends form no import cycle.
+``vjp.py`` builds a :class:`Plan` holding the injected :class:`Backend` (``pallas_gpu.BACKEND`` or
+``pallas_tpu.BACKEND``) and the per-token :class:`Vectors`, and calls the backend's ``forward`` / ``backward``; a
+backward returns :class:`Grads`. The shell never imports a backend, and the backends import this module (and
+``vjp.py`` for their public entry points), so there is no import cycle. Each backend module registers its
+``BACKEND`` under its name (:func:`register_backend`) for callers that name it (``vjp.ssd_pallas(backend="gpu")``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -15,10 +18,45 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything static about one call: shapes of the aligned problem, options and the backend's tiling."""
+class Backend:
+    """One Pallas backend of the SSD shell.
 
-    backend: str  # "gpu" or "tpu"
+    Attributes:
+      name: ``"gpu"`` or ``"tpu"``.
+      feature_sizes: ``(p, n) -> (pp, nn)``, the head dim and state size the kernels run at (the shell zero-pads).
+      forward: ``(plan, x, B, C, D, z, init, vec, *, save_states) -> (y, final, states)`` on aligned shapes; states
+        (the chunk-entry states, the backward's residual) only with ``save_states``.
+      backward: ``(plan, x, B, C, D, z, vec, states, dy, dfinal) -> Grads``.
+    """
+
+    name: str
+    feature_sizes: Callable[[int, int], tuple[int, int]]
+    forward: Callable
+    backward: Callable
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Makes ``backend`` known by its name (called by each backend module when it is imported)."""
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_named(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"ssd: no Pallas backend {name!r} (registered: {tuple(_BACKENDS)})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: shapes of the aligned problem, options, the backend and its tiling."""
+
+    backend: Backend
     chunk: int  # l, a power of two
     block: int  # s, divides l
     heads_per_group: int  # r = h / g

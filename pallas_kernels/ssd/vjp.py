@@ -1,6 +1,8 @@
 """The differentiable shell around the SSD Pallas kernels (Mamba-2 state space duality, arXiv:2405.21060).
 
-Both Pallas backends (``pallas_gpu``, ``pallas_tpu``) share everything here; only the kernels differ.
+Both Pallas backends (``pallas_gpu``, ``pallas_tpu``) share everything here; only the kernels differ, and they are
+injected: the caller passes a backend's ``BACKEND`` (a ``plan.Backend``), which the static :class:`Plan` carries into
+the ``custom_vjp``. This module imports no backend.
 
 Split of the work (per token, all float32):
 
@@ -50,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._padding import pad_to_multiple, round_up
-from pallas_kernels.ssd.plan import Grads, Plan, Vectors, prefix_sums_before
+from pallas_kernels.ssd.plan import Backend, Grads, Plan, Vectors, backend_named, prefix_sums_before
 from pallas_kernels.ssd.reference import process_dt, segment_starts
 
 f32 = jnp.float32
@@ -111,24 +113,9 @@ def prepare_vectors(dt, A, starts, chunk: int, block: int) -> Vectors:
     )
 
 
-def _backend(plan: Plan):
-    return _module(plan.backend)
-
-
-def _module(backend: str):
-    # Imported lazily so that importing the op never imports a Pallas lowering it will not use.
-    if backend == "gpu":
-        from pallas_kernels.ssd import pallas_gpu
-
-        return pallas_gpu
-    from pallas_kernels.ssd import pallas_tpu
-
-    return pallas_tpu
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(plan: Plan, x, dt, A, B, C, D, z, init, starts):
-    y, final, _ = _backend(plan).forward(
+    y, final, _ = plan.backend.forward(
         plan, x, B, C, D, z, init, prepare_vectors(dt, A, starts, plan.chunk, plan.block), save_states=False
     )
     return y, final
@@ -136,7 +123,7 @@ def _core(plan: Plan, x, dt, A, B, C, D, z, init, starts):
 
 def _core_fwd(plan, x, dt, A, B, C, D, z, init, starts):
     vec = prepare_vectors(dt, A, starts, plan.chunk, plan.block)
-    y, final, states = _backend(plan).forward(plan, x, B, C, D, z, init, vec, save_states=True)
+    y, final, states = plan.backend.forward(plan, x, B, C, D, z, init, vec, save_states=True)
     return (y, final), (x, dt, A, B, C, D, z, starts, states)
 
 
@@ -167,7 +154,7 @@ def _core_bwd(plan, residuals, cotangents):
     x, dt, A, B, C, D, z, starts, states = residuals
     dy, dfinal = cotangents
     vec = prepare_vectors(dt, A, starts, plan.chunk, plan.block)
-    g = _backend(plan).backward(plan, x, B, C, D, z, vec, states, dy, dfinal.astype(f32))
+    g = plan.backend.backward(plan, x, B, C, D, z, vec, states, dy, dfinal.astype(f32))
     dla = _dla(plan, g)
     ddt = g.ddt + dla * A[None, :, None]
     dA = jnp.sum(dla * vec.dt, axis=(0, 2))
@@ -199,7 +186,7 @@ def ssd_pallas(
     B,
     C,
     *,
-    backend: str,
+    backend: Backend | str,
     chunk_size: int,
     D,
     z,
@@ -218,7 +205,7 @@ def ssd_pallas(
       dt: ``(b, t, h)`` raw step sizes.
       A: ``(h,)``.
       B, C: ``(b, t, g, n)``.
-      backend: ``"gpu"`` or ``"tpu"``.
+      backend: the kernels, ``pallas_gpu.BACKEND`` or ``pallas_tpu.BACKEND`` (or their names, ``"gpu"`` / ``"tpu"``).
       chunk_size: requested chunk; see ``chunk_length``.
       D: ``(h,)``, ``(h, p)`` or None.
       z: ``(b, t, h, p)`` or None.
@@ -234,11 +221,11 @@ def ssd_pallas(
     """
     b, t, h, p = x.shape
     g, n = B.shape[-2:]
-    mod = _module(backend)
+    backend = backend_named(backend) if isinstance(backend, str) else backend
     chunk = chunk_length(chunk_size, t)
     block = min(tiling.block, chunk)
     T = round_up(t, chunk)
-    pp, nn = mod.feature_sizes(p, n)
+    pp, nn = backend.feature_sizes(p, n)
 
     # Low-precision matmul operands only when x, B and C agree on a 16-bit type; anything mixed runs in float32.
     dot_dtype = x.dtype if (x.dtype == B.dtype == C.dtype and jnp.dtype(x.dtype).itemsize == 2) else f32
