@@ -51,7 +51,7 @@ with ``gy = dy * silu(z)``):
      channel blocks by XLA. The adjoint left at a chunk's start is d(initial_state) for chunk 0. The scratch holds
      ``n / bwd_unroll`` float32 values per (b, t, d) element: with the default sub-chunk of 2, 32 bytes at N16 (16x a
      bf16 input, half of a float32 ``(b, t, d, n)``): 0.8 GB written and read once at B4 T4096 D1536, freed when the
-     kernel's outputs are consumed. ``bwd_unroll = 4`` halves it for 1.35x the backward time (below).
+     kernel's outputs are consumed. ``bwd_unroll = 4`` would halve it, at the price of register spills (below).
 
 What stays float32: the state, the adjoint, every exp/softplus/sigmoid, all accumulations and partial sums, B and C,
 whatever the input dtype (bf16 rows are converted on load and results cast on store): a bf16 state would lose the
@@ -61,35 +61,29 @@ relative accuracy of a long product of decays, and bf16 sums of thousands of ter
 Arithmetic (``_Math``, on ``pallas_kernels._triton_math.TritonMath``): compiled kernels use inline PTX ``fma.rn.f32``
 and ``ex2.approx.ftz.f32``, because XLA's Triton pipeline emits neither (no FFMA at all, and a range-fixed ``ex2``: 10
 instructions per state element where 5 do); softplus is ``ex2`` plus a degree-8 polynomial for ``log1p`` instead of
-libdevice's ``expf`` / ``log1pf`` (~45 instructions per channel and token). Measured on the H100 (profiler trace, B4
-T4096 D1536, same run): chunk_state 200 -> 154 us, chunk_adjoint 216 -> 183 us; the forward kernel only 376 -> 362 us,
-as it waits on memory (Nsight Compute PC sampling: 45% long-scoreboard stalls on the u / delta / z rows and the B / C
-scalars), which ``_run_forward`` now fetches one unrolled block ahead.
+libdevice's ``expf`` / ``log1pf`` (~45 instructions per channel and token). The forward kernel waits on memory more
+than on arithmetic (the u / delta / z rows and the B / C scalars), so ``_run_forward`` fetches one unrolled block
+ahead.
 
 Index arithmetic: kernels index refs only per dimension (row < l, state < n, sub-chunk < l / bwd_unroll); Pallas
 forms block offsets per dimension from grid indices (int32, each far below 2**31) and flat offsets in 64 bits whenever
 an array exceeds 2**32 bytes, so b * t * d > 2**31 is addressed correctly (the tests lower the kernels at B16 T131072
 D2048 N16 and check the 64-bit offsets).
 
-Default block sizes, first chosen from the compiled code, then measured on the H100 (B4 T4096 D1536 N16 bf16, device
-time from a profiler trace, interleaved A/B runs of module copies):
+Default block sizes, chosen from the compiled code and tuned on the H100 (B4 T4096 D1536 N16 bf16, device time,
+interleaved A/B runs; the measurements are in experiments/kernels/README.md, "History moved from the kernel
+docstrings"):
 * forward, two regimes (``choose_config``): where ``DEFAULT_CONFIG`` (``block_d = 64``: two channels per thread,
-  one warp; ``unroll = 4``; ``wave_programs = 12 * 132``) cuts chunks of at most 256 tokens, ``SHORT_CHUNK_CONFIG``
-  (``block_d = 32``, ``unroll = 8``, ``wave_programs = 24 * 132``): twice the programs at the same chunk count, 128
-  registers for the forward kernel (168 before; offline Triton 3.6 / ptxas), 72 for the chunk-state kernel. Device
-  time of the forward, same runs: B4 T4096 D1536 (16 chunks of 256) 0.531 -> 0.473 ms; but B1 T65536 D1536 (66
-  chunks of ~1000) 1.780 -> 1.956 and B8 T2048 D2048 (6 of 344) got slower, 0.495 (previous session's benchmark)
-  -> 0.727 (this one's), hence the rule. Also
-  measured at B4 T4096: ``wave_programs = 16 * 132`` with the narrow blocks 0.643, ``32 * 132`` 0.501; at B1 T65536:
-  narrow blocks with ``unroll = 4`` 1.879, with ``12 * 132`` programs 3.526. Not understood: why the narrow
-  programs win at 256-token chunks and lose at 344 (Nsight Compute of both would tell).
-  ``wave_programs = 12 * 132``: XLA's Triton gives the wide forward kernel 130 registers, so an H100 SM keeps 12 of
-  its one-warp programs resident; the earlier rule (at least 16 * 132 programs) ran 1.33 waves, its last third on a
-  quarter-full GPU (1.05 -> 0.79 ms for the whole forward then).
-* backward: ``bwd_block_d = 32`` (one warp: the per-token channel sums stay within it), ``bwd_unroll = 2``. Sub-chunks
-  of 4 made XLA's Triton spill (Nsight Compute: 47.6 M local-memory requests, 2.83 ms for the backward kernel alone);
-  2 took the whole fwd+bwd from 4.11 to 3.03 ms. The dB / dC channel sums use ``TritonMath.lane_sums`` (``n - 1``
-  shuffles per sum instead of ``5 n``): backward kernel 1.84 -> 1.33 ms, fwd+bwd 2.616 -> 2.140 ms (same run).
+  one warp; ``unroll = 4``; ``wave_programs = 12 * 132``) cuts chunks of at most ``SHORT_CHUNK_TOKENS = 256`` tokens,
+  ``SHORT_CHUNK_CONFIG`` (``block_d = 32``, ``unroll = 8``, ``wave_programs = 24 * 132``) runs twice the programs at
+  the same chunk count, with 128 registers for the forward kernel and 72 for the chunk-state kernel (offline Triton
+  3.6 / ptxas). The narrow programs are faster at 256-token chunks and slower at longer ones (B1 T65536 D1536,
+  B8 T2048 D2048), hence the rule; why they lose at 344-token chunks is not understood (Nsight Compute of both would
+  tell). ``wave_programs = 12 * 132``: XLA's Triton gives the wide forward kernel 130 registers, so an H100 SM keeps
+  12 of its one-warp programs resident and the grid is about one full wave.
+* backward: ``bwd_block_d = 32`` (one warp: the per-token channel sums stay within it), ``bwd_unroll = 2`` (sub-chunks
+  of 4 make XLA's Triton spill registers to local memory). The dB / dC channel sums use ``TritonMath.lane_sums``
+  (``n - 1`` shuffles per sum instead of ``5 n``).
 ``experiments/kernels/ssm_selective_scan.py --sweep`` times alternatives.
 """
 

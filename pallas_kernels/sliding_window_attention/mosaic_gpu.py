@@ -1,8 +1,8 @@
 """Sliding-window attention forward for Hopper GPUs, Pallas Mosaic GPU lowering (Samba SWA, arXiv:2406.07522).
 
 Why a second GPU forward: the Triton forward (``pallas_gpu.py``) ties cuDNN on the H100 but cannot pass it; both
-are latency-bound, and cuDNN hides the latency with a persistent warp-specialised kernel (experiments/kernels/NOTES.md,
-sixth session). This kernel is warp-specialised the way FlashAttention-3 (Shah et al., arXiv:2407.08608) describes,
+are latency-bound, and cuDNN hides the latency with a persistent warp-specialised kernel (experiments/kernels/NOTES.md).
+This kernel is warp-specialised the way FlashAttention-3 (Shah et al., arXiv:2407.08608) describes,
 and persistent:
 
 * work items are ``(head, batch row, query tile of 2 * block_q rows)``; ``ctas`` CTAs (one per SM by default) take
@@ -22,10 +22,8 @@ and persistent:
   its rows do not see whole (the far edge and the diagonal, typically one each); a block that one warpgroup does not
   see at all costs its matmuls but changes nothing (scores ``-inf``, running max from a finite ``-1e30``).
 
-Measured on the H100 (B2 H16 E64, window 2048, bf16, T32768, device time, interleaved with cuDNN and the Triton
-forward; experiments/kernels/NOTES.md, eighth session): one CTA per item 1.45-1.47 ms (its prologue and epilogue
-are exposed in each of 8192 short CTAs), persistent 1.26-1.29 ms, Triton 1.36-1.39, cuDNN 1.38-1.40; without the
-ping-pong the persistent kernel takes 1.38 ms.
+Persistence and the ping-pong both pay on the H100 (a CTA per item exposes its prologue and epilogue in every one of
+thousands of short CTAs); timings against cuDNN and the Triton forward are in experiments/kernels/README.md.
 
 Scores and the softmax state are float32; ``P`` is cast to the input dtype for the ``P V`` wgmma, as in every
 FlashAttention. The running max is kept in the base-2 scaled domain (``m = max(s) * scale * log2 e``), so each

@@ -1,9 +1,10 @@
 """Sliding-window flash attention for GPUs, Pallas Triton lowering (Samba SWA, arXiv:2406.07522).
 
 Which forward runs: on Hopper GPUs, inputs the warp-specialised Mosaic GPU forward takes (``mosaic_gpu.py``:
-16-bit, head dim 64, no segment ids, no padding) use it (``forward_choice``); it is 7-10% faster than cuDNN at the
-benchmark shape, where the Triton forward below ties cuDNN. Everything else, selective attention's compacted buffers
-and every backward use the Triton kernels of this module.
+16-bit, head dim 64, no segment ids, no padding) use it (``forward_choice``, applied before the jit by
+``planned_forward``, so the op's dispatch record names it); at the benchmark shape it is faster than the Triton forward
+below (experiments/kernels/README.md). Everything else, selective attention's compacted buffers and every backward use
+the Triton kernels of this module.
 
 Three kernels on the position-based problem of ``pallas_kernels._flash_window`` (slot i sees slot j iff
 ``0 <= pos[i] - pos[j] < window`` and equal segment ids), which selective attention reuses on its compacted buffer:
@@ -16,7 +17,7 @@ Three kernels on the position-based problem of ``pallas_kernels._flash_window`` 
   sees whole, so only ~2 boundary blocks per query block pay for the mask, and a block outside its ``[start, end)``
   comes out all ``-inf`` and changes nothing. Why 2 x 64 rows and not one 128-row block: the window's two staircase
   edges (far edge and diagonal) then cover 64 keys each instead of 128, so less masked work is wasted, while K/V loads
-  are still shared by 128 rows: 1.53 -> 1.42 ms at the benchmark shape (cuDNN 1.39; ``DEFAULT_TILING``). K/V
+  are still shared by 128 rows (``DEFAULT_TILING``). K/V
   BlockSpecs cover the whole sequence of key head ``h // (hq // hk)`` (Triton blocks are pointers, nothing is copied),
   so GQA never repeats K/V in HBM. Writes O and the base-2 log-sum-exp.
 * dq, grid ``(nq, b, hq)``: one query block, loops over masked boundary blocks ``[start, lo)``, interior blocks
@@ -35,8 +36,7 @@ not TF32). Masked scores are ``-inf`` and the running max starts at a finite ``-
 give zeros, never NaN.
 
 Arithmetic: the softmax's ``s * c - m * c`` is one explicit fma and ``exp2`` the one-instruction ``ex2.approx.ftz``
-(``pallas_kernels._triton_math.TritonMath``; XLA's Triton emits neither): forward 1.611 -> 1.528 ms, fwd+bwd 6.197
--> 5.752 ms on the H100 at B2 T32768 H16 E64 window 2048 (device time, same run).
+(``pallas_kernels._triton_math.TritonMath``; XLA's Triton emits neither).
 
 Triton rules kept: every tile is a power of two >= 16 on each dot dimension (the head dim is zero-padded to one),
 loops are ``fori_loop``s, no register tensor is indexed dynamically (only refs are). Default block sizes: the
@@ -71,11 +71,9 @@ _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 
 # Forward: two 64-row query blocks per program (128 rows, 64-key blocks); backward: 128x32 (dq) / 32x128 (dk/dv),
-# the FlashAttention-2 Triton tutorial's for head dim 64. 4 warps, 3 pipeline stages. Measured on the H100 at B2 T32768
-# H16 E64 window 2048 (device time, interleaved A/B runs; experiments/kernels/NOTES.md, sixth session): one 128-row
-# query block per program 1.519-1.530 ms, two 64-row ones 1.422-1.436 ms, cuDNN 1.387-1.390 in the same runs. Earlier
-# sweeps (``attention.py --sweep-only``, ``results/ab_session5/swa_tiles.log``): two stages instead of three cost 10%;
-# 64x64 forward tiles, larger dq / dk/dv tiles, 16-row dk/dv query blocks and 4 stages were no better.
+# the FlashAttention-2 Triton tutorial's for head dim 64. 4 warps, 3 pipeline stages. Tuned on the H100 at B2 T32768
+# H16 E64 window 2048 (device time, interleaved A/B runs and ``attention.py --sweep-only``; the alternatives tried and
+# their times are in experiments/kernels/README.md).
 DEFAULT_TILING = fw.Tiling(
     block_q=64,
     block_k=64,
@@ -302,8 +300,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
     # Launch order: the GPU starts programs with grid axis 0 fastest. Heads first and query blocks last to first, so
     # the heavy programs of every head start early and the light ones (the first window's rows see fewer keys; all
     # rows of full causal attention) come last and fill the launch's tail. With query blocks fastest (head-major), the
-    # tail was a mostly idle last wave: B2 T32768 H16 window 2048 has 8192 programs for 264 resident slots (2 per SM),
-    # and the forward took 1.416 -> 1.382 ms device time with this order (cuDNN 1.369; experiments/kernels/NOTES.md).
+    # tail would be a mostly idle last wave (B2 T32768 H16 window 2048: 8192 programs for 264 resident slots, 2 per SM).
     rev = lambda i: programs - 1 - i  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, nq, 4), lambda h, bi, i: (bi, 0, 0)),

@@ -4,8 +4,7 @@ Every field is static (part of the jit cache key). The GPU defaults were tuned o
 N128 G1, chunk 256) with ``experiments/kernels/kernel_breakdown.py --op ssd --sweep``
 (``results/breakdown/ssd_h100.*``): fwd 0.87 ms, fwd+bwd 4.47 ms. Knobs with cliffs there: ``num_warps_bwd=2``
 (52 ms; ptxas: 67 KB of register spills in the dC kernel, ``inspect_triton.py``), ``heads_per_program`` 2 or 4
-(7-8 ms), whole-chunk operands in the state passes (31 ms, fixed by walking chunks in sub-blocks). The TPU default
-is untuned (no TPU here).
+(7-8 ms). The TPU default is untuned (no TPU here).
 """
 
 from __future__ import annotations

@@ -153,11 +153,10 @@ def _masked_exp(exponent, mask):
 def _over_sub_blocks(lc: int, s: int, first, contribution, acc):
     """``acc + sum of contribution(span)`` over the ``lc / s`` spans of s tokens starting at ``first``.
 
-    The state kernels walk a chunk in sub-blocks so that only ``(s, bp)`` / ``(s, bn)`` operands are live at once.
-    With whole ``(l, bp)`` fp32 tiles (plus their bf16 hi / lo parts) the reverse state pass sat at the 255-register
-    cap (24 bytes spilled, ``experiments/kernels/inspect_triton.py``) and ran 50x slower than its forward at
-    l = 256, bp = 32 on the H100 (25.6 vs 0.5 ms, ``kernel_breakdown.py``); with sub-blocks it takes 0.74 ms. Why
-    the whole-chunk version was that slow was not pinned down.
+    The state kernels walk a chunk in sub-blocks so that only ``(s, bp)`` / ``(s, bn)`` operands are live at once:
+    whole ``(l, bp)`` fp32 tiles (plus their bf16 hi / lo parts) put the reverse state pass at the 255-register cap,
+    spilling (``experiments/kernels/inspect_triton.py``), and made it many times slower than its forward
+    (experiments/kernels/README.md).
     """
     return lax.fori_loop(0, lc // s, lambda k, a: a + contribution(pl.ds(first + k * s, s)), acc)
 

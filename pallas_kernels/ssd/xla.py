@@ -22,17 +22,14 @@ Memory: ``O(b h t l)`` for the decay matrices plus ``O(b c h p n)`` for chunk st
 run in float32 at ``Precision.HIGHEST``; the Pallas kernels are the fast path on accelerators.
 
 Under autodiff ``ssd_chunked`` is one ``jax.checkpoint`` that saves nothing but its inputs: the
-backward recomputes the (l x l) intermediates instead of keeping them from the forward. Saved, they
-were ~1.05 GiB per layer (float32 ``seg``, ``exp(seg)``, ``scores * exp(seg)``, the segsum's
-``cross``, each ``(b, c, g, r, l, l)``, plus masks and per-token copies) at b 4, t 2048, h 24,
-p 64, n 128, l 256; with the checkpoint ~0.08 GiB (the inputs themselves). XLA's plan (CPU) for the
-130m Mamba-2 training step at seq 2048, batch 4, no remat, every op on xla: 40.4 -> 25.3 GiB of
-temporaries; Taipan 56.6 -> 41.3 GiB. That is with the layers in a ``lax.scan`` (the model's
-default): with them unrolled (``scan_layers=False``) the CPU plan is 37.0 GiB either way, as XLA's
-CPU pipeline drops the rematerialisation's CSE barriers before scheduling and is free to move the
-recomputation. The backward's own working set is unchanged (~5.3 such arrays for one layer at a
-time) and so are the forward values (bitwise); the recompute cost no time on 2 CPU cores (fwd+bwd
-359 -> 346 ms at b 1, t 2048, h 24, p 64, n 128).
+backward recomputes the (l x l) intermediates (float32 ``seg``, ``exp(seg)``, ``scores * exp(seg)``,
+the segsum's ``cross``, each ``(b, c, g, r, l, l)``, plus masks and per-token copies: about 1 GiB per
+layer at b 4, t 2048, h 24, p 64, n 128, l 256) instead of keeping them from the forward. The
+backward's own working set (~5.3 such arrays, for one layer at a time) and the forward values are
+those of the plain function. The saving shows with the layers in a ``lax.scan`` (the model's
+default); with them unrolled (``scan_layers=False``) XLA's CPU pipeline drops the
+rematerialisation's CSE barriers before scheduling and is free to move the recomputation. Measured
+memory plans and times: experiments/kernels/README.md.
 """
 
 from __future__ import annotations
