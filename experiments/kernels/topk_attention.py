@@ -447,7 +447,10 @@ def print_tables(report, cfg: Config) -> None:
     if "select_sweep" in report:
         print(f"\nfused selection tiling sweep (T{cfg.target_length}), ms, host / device clock")
         for s in report["select_sweep"]:
-            print(f"  {s['tiling']}: {fmt(s.get('fwd_ms'))} / {fmt(s.get('fwd_device_ms'))} ({s.get('fwd_status')})")
+            print(
+                f"  {s['tiling']}: {fmt(s.get('fwd_ms'))} / {fmt(s.get('fwd_device_ms'))} ({s.get('fwd_status')}), "
+                f"rows differing from select_blocks {s.get('rows_differing', '-')}"
+            )
 
 
 def plot(report, cfg: Config, path: Path) -> None:
@@ -496,7 +499,8 @@ def sweep_tilings() -> list:
 
 
 def select_tiling_sweep(cfg: Config) -> list[dict]:
-    """The fused selection alone at ``target_length`` for the default and alternative ``SelectTiling``s."""
+    """The fused selection alone at ``target_length`` for the default and alternative ``SelectTiling``s (both score
+    dots), each with its count of (b, t, hk) rows that differ from ``select_blocks``."""
     t = cfg.target_length
     sets = [make_inputs(jax.random.key(50 + i), cfg, t)[:3] for i in range(cfg.input_sets)]
     base = DEFAULT_SELECT_TILING
@@ -505,21 +509,25 @@ def select_tiling_sweep(cfg: Config) -> list[dict]:
         dataclasses.replace(base, rows=32),
         dataclasses.replace(base, rows=128, num_warps=8),
         dataclasses.replace(base, blocks=32),
-        dataclasses.replace(base, blocks=128, num_warps=8),
-        dataclasses.replace(base, num_warps=8),
-        dataclasses.replace(base, num_stages=1),
-        dataclasses.replace(base, dot="bf16_split"),
-        dataclasses.replace(base, dot="bf16_split", rows=128, num_warps=8),
+        dataclasses.replace(base, dot="ieee", num_warps=8),
+        dataclasses.replace(base, dot="ieee", rows=32),
     )
+    q, k = sets[0][:2]
+    want = jax.jit(select_fn(cfg, "xla"))(q, k)
     out = []
     for tl in candidates:
-        ms, status, _, *device_ms = measure(
-            selection_fn(cfg, "fused", False, tl), sets, cfg.runs, device=gpu_or_interpret(cfg.interpret)
-        )
+        fn = selection_fn(cfg, "fused", False, tl)
+        ms, status, _, *device_ms = measure(fn, sets, cfg.runs, device=gpu_or_interpret(cfg.interpret))
         row = {"tiling": dataclasses.asdict(tl), "fwd_ms": ms, "fwd_status": status}
         row["fwd_device_ms"] = device_ms[0] if device_ms else None
+        if ms is not None:
+            row["rows_differing"] = int(jnp.sum(jnp.any(jax.jit(fn)(q, k, None) != want, axis=-1)))
         out.append(row)
-        print(f"  select {row['tiling']}: {fmt(ms)} ms / device {fmt(row['fwd_device_ms'])} ({status})", flush=True)
+        print(
+            f"  select {row['tiling']}: {fmt(ms)} ms / device {fmt(row['fwd_device_ms'])} ({status}), rows differing "
+            f"from select_blocks: {row.get('rows_differing', '-')} of {want[..., 0].size}",
+            flush=True,
+        )
     return out
 
 

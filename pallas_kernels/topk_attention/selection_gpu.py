@@ -13,11 +13,15 @@ group sums ``(rows, e_pad)`` (BlockSpec ``(None, rows, None, e_pad)`` of ``(b, t
 are the blocks ``j < i // block_size``; the program loops over candidate steps of ``blocks`` blocks up to the largest
 candidate count among its rows:
 
-1. scores ``(rows, blocks)``: a float32 ``dot_general`` with ``precision=HIGHEST``, which Pallas' Triton lowering
-   (jax 0.10.2 through 0.11.x: ``_dot_general_lowering``) emits as ``tt.dot`` with ``inputPrecision = ieee``: FFMA,
-   not tensor cores, so every product is exact and only the float32 accumulation order can differ from the XLA
-   einsum of ``select_blocks`` (DEFAULT or HIGH would be TF32: 10-bit mantissas, different selections). Non-candidates
-   are ``-inf``.
+1. scores ``(rows, blocks)`` in float32 with every product exact, so only the float32 accumulation order can differ
+   from the XLA einsum of ``select_blocks`` (selections then differ only at float32 near-ties). Two ways
+   (``SelectTiling.dot``): "bf16_split" (default) splits each float32 operand exactly into three bfloat16 pieces
+   (8 + 8 + 8 significant bits; queries that are bf16 already, bf16 inputs with one query head per kv head, stay
+   one piece) and sums the 9 (or 3) piece products from tensor-core dots (wgmma) with float32 accumulation, smallest
+   terms first; "ieee" is one float32 ``dot_general`` at ``precision=HIGHEST``, which Pallas' Triton lowering (jax
+   0.10.2 through 0.11.x, ``_dot_general_lowering``) emits as ``tt.dot`` with ``inputPrecision = ieee``: FFMA, one
+   exact product at a time (DEFAULT or HIGH would be TF32: 10-bit mantissas, other selections). Non-candidates are
+   ``-inf``.
 2. merge into the running list (``K`` values and block indices per row, unsorted, with its worst entry: the lowest
    value, and among equal values the highest block, the one ``lax.top_k`` ranks last): while some row has a score
    above its worst entry, every such row moves its best score (the lowest block attaining the row max) into the
@@ -28,10 +32,17 @@ candidate count among its rows:
 At the end ``K`` rounds of "row max, then the lowest block attaining it" write the list best first (``-1`` for
 entries that stayed empty), the ``(rows, K_pad)`` output block of ``(b, t_pad, hk, K_pad)``.
 
-Work: the ``t^2 e / (2 bs)`` score multiply-adds per (batch, kv head) as FFMA (rounded up to whole steps of
-``blocks``), plus ~6 operations per score and merge round; memory: the query sums once, the block means once per
-program (from L2), the winners once. Defaults (64 queries, 64 blocks per step, 4 warps) are UNTUNED guesses; the
-benchmark ``experiments/kernels/topk_attention.py`` times the kernel alone next to ``select_blocks``.
+Work: the ``t^2 e / (2 bs)`` score multiply-adds per (batch, kv head) (rounded up to whole steps of ``blocks``), and
+per candidate step the merge rounds (the most scores any row takes in that step: ~16 in a program's first step,
+~6-12 on average at T 8K-128K with random inputs); memory: the query sums once, the block means once per program
+(from L2), the winners once. The merge dominates, and its cost is set by the score tile's register layout, which
+Triton derives from the dot: compiled offline for sm_90 (Triton 3.6, ptxas; not yet timed), a merge round costs
+~380 issue slots per thread for 32 scores in the wgmma layout ("bf16_split", 64 x 64 tiles, 4 warps: 167 registers,
+rows over 4 lanes, 2 shuffle levels) but ~480 for 16 scores in the FFMA dot's blocked layout ("ieee", 8 warps: 128
+registers, rows over 16 lanes, 4 shuffle levels), whose dot also costs 1024 FFMA per thread and step; "ieee" at 4
+warps spills (255 registers), and at head dim 128 spills even at 8 warps. Hence the default: "bf16_split", 64
+queries x 64 blocks, 4 warps (UNTUNED on hardware); ``experiments/kernels/topk_attention.py --select-sweep`` times
+alternatives and counts their disagreements with ``select_blocks``.
 """
 
 from __future__ import annotations
@@ -62,24 +73,24 @@ class SelectTiling:
       rows: queries per program; a power of two >= 16.
       blocks: candidate blocks scored per step; a power of two >= 16.
       num_warps, num_stages: Triton launch knobs.
-      dot: how the float32 scores are computed, both with exact products: "ieee" (``precision=HIGHEST``: FFMA, one
-        product at a time) or "bf16_split" (each operand split exactly into bfloat16 pieces: three for a float32
-        value, one for query sums that are bfloat16 already (bfloat16 inputs, one query head per kv head); every
-        piece product on tensor cores, 9 or 3 dots, accumulated in float32 by the tensor cores: the last bits of a
-        score may differ from "ieee", so may the selection at float32 near-ties).
+      dot: how the float32 scores are computed, both with exact products: "bf16_split" (each operand split exactly
+        into bfloat16 pieces: three for a float32 value, one for query sums that are bfloat16 already (bfloat16
+        inputs, one query head per kv head); every piece product on tensor cores, 9 or 3 dots, accumulated in
+        float32) or "ieee" (``precision=HIGHEST``: FFMA, one product at a time; use 8 warps at 64 x 64 tiles). The
+        two may order the last bits of a score differently, and so select differently at float32 near-ties.
     """
 
     rows: int = 64
     blocks: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    dot: str = "ieee"
+    dot: str = "bf16_split"
 
 
 DEFAULT_SELECT_TILING = SelectTiling()
 
 
-DOTS = ("ieee", "bf16_split")
+DOTS = ("bf16_split", "ieee")
 
 
 def _pow2(n: int) -> int:

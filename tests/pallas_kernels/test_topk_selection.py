@@ -10,6 +10,8 @@ differ only where two scores are float32 near-ties (checked in float64).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,7 @@ SHAPES = [
     pytest.param(1, 12, 2, 1, 8, 16, 3, SMALL, id="one-block-only"),
     pytest.param(2, 1, 2, 1, 8, 4, 3, SMALL, id="t1"),
     pytest.param(1, 77, 1, 1, 200, 9, 4, SMALL, id="heads1-e200"),
-    pytest.param(2, 150, 4, 2, 8, 5, 7, SelectTiling(16, 32, dot="bf16_split"), id="bf16-split-gqa"),
+    pytest.param(2, 150, 4, 2, 8, 5, 7, SelectTiling(16, 32), id="bs5-k7-gqa-32-block-steps"),
 ]
 
 
@@ -81,11 +83,14 @@ def assert_same_up_to_near_ties(got, want, q, k, block_size, rtol=1e-5):
     return rows[0].size
 
 
+@pytest.mark.parametrize("dot", selection_gpu.DOTS)
 @pytest.mark.parametrize(NAMES, SHAPES)
-def test_matches_select_blocks_exactly(b, t, hq, hk, e, block_size, top_k, tiling):
+def test_matches_select_blocks_exactly(b, t, hq, hk, e, block_size, top_k, tiling, dot):
     """Interpret mode: the same indices, order and -1 entries as ``select_blocks`` (GQA, short last blocks, query
-    tiles straddling blocks, several candidate steps, top_k 0 / >= blocks, one block, t = 1, a padded head dim)."""
+    tiles straddling blocks, several candidate steps, top_k 0 / >= blocks, one block, t = 1, a padded head dim),
+    with either score dot."""
     q, k, _, _, _ = make_inputs(11, b, t, hq, hk, e)
+    tiling = dataclasses.replace(tiling or selection_gpu.DEFAULT_SELECT_TILING, dot=dot)
     got, want = fused(q, k, block_size, top_k, tiling), xla(q, k, block_size, top_k)
     assert got.shape == want.shape == (b, t, hk, min(top_k, -(-t // block_size) - 1))
     np.testing.assert_array_equal(got, want)
@@ -102,12 +107,13 @@ def test_matches_select_blocks_exactly(b, t, hq, hk, e, block_size, top_k, tilin
     top_k=st.integers(0, 12),
     heads=st.sampled_from([(1, 1), (4, 2), (3, 1)]),
     rows=st.sampled_from([16, 32]),
+    dot=st.sampled_from(selection_gpu.DOTS),
     seed=st.integers(0, 2**16),
 )
-def test_matches_select_blocks_on_random_problems(b, t, block_size, top_k, heads, rows, seed):
+def test_matches_select_blocks_on_random_problems(b, t, block_size, top_k, heads, rows, dot, seed):
     hq, hk = heads
     q, k, _, _, _ = make_inputs(seed, b, t, hq, hk, 4)
-    got = fused(q, k, block_size, top_k, SelectTiling(rows=rows, blocks=16))
+    got = fused(q, k, block_size, top_k, SelectTiling(rows=rows, blocks=16, dot=dot))
     np.testing.assert_array_equal(got, xla(q, k, block_size, top_k))
 
 
@@ -175,7 +181,7 @@ def test_bad_tiling_raises():
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(blocks=24))
     with pytest.raises(ValueError, match=r"select tiling.rows=8 must be a power of two >= 16"):
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(rows=8))
-    with pytest.raises(ValueError, match=r"select tiling.dot='tf32' must be one of \('ieee', 'bf16_split'\)"):
+    with pytest.raises(ValueError, match=r"select tiling.dot='tf32' must be one of \('bf16_split', 'ieee'\)"):
         select_blocks_pallas_gpu(x, x, block_size=4, top_k=1, tiling=SelectTiling(dot="tf32"))
 
 
@@ -220,33 +226,37 @@ def test_list_width():
 # Compiled on a GPU
 
 
+IEEE = SelectTiling(dot="ieee", num_warps=8)
 GPU_CASES = [
-    pytest.param(2, 4096, 8, 2, 64, 64, 16, jnp.float32, id="t4096-bs64-k16-gqa-fp32"),
-    pytest.param(1, 4100, 4, 4, 64, 64, 16, jnp.bfloat16, id="t4100-bs64-k16-bf16-short-last"),
-    pytest.param(1, 1000, 2, 1, 40, 50, 5, jnp.float32, id="t1000-bs50-e40-mqa"),
-    pytest.param(2, 777, 2, 2, 128, 7, 33, jnp.bfloat16, id="t777-bs7-k33-e128"),
-    pytest.param(1, 300, 2, 1, 16, 64, 10, jnp.float32, id="topk-ge-blocks"),
+    pytest.param(2, 4096, 8, 2, 64, 64, 16, jnp.float32, None, id="t4096-bs64-k16-gqa-fp32"),
+    pytest.param(2, 4096, 8, 2, 64, 64, 16, jnp.float32, IEEE, id="t4096-bs64-k16-gqa-fp32-ieee"),
+    pytest.param(1, 4100, 4, 4, 64, 64, 16, jnp.bfloat16, None, id="t4100-bs64-k16-bf16-short-last"),
+    pytest.param(1, 4100, 4, 4, 64, 64, 16, jnp.bfloat16, IEEE, id="t4100-bs64-k16-bf16-short-last-ieee"),
+    pytest.param(1, 1000, 2, 1, 40, 50, 5, jnp.float32, None, id="t1000-bs50-e40-mqa"),
+    pytest.param(2, 777, 2, 2, 128, 7, 33, jnp.bfloat16, None, id="t777-bs7-k33-e128"),
+    pytest.param(1, 300, 2, 1, 16, 64, 10, jnp.float32, None, id="topk-ge-blocks"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b, t, hq, hk, e, block_size, top_k, dtype", GPU_CASES)
-def test_compiled_matches_select_blocks(b, t, hq, hk, e, block_size, top_k, dtype):
-    """The compiled kernel at its default tiling against ``select_blocks`` on the GPU: equal up to float32
-    near-ties (accumulation order of the FFMA dot vs XLA's einsum); ties (duplicated keys) exactly in order."""
+@pytest.mark.parametrize("b, t, hq, hk, e, block_size, top_k, dtype, tiling", GPU_CASES)
+def test_compiled_matches_select_blocks(b, t, hq, hk, e, block_size, top_k, dtype, tiling):
+    """The compiled kernel (default tiling, or "ieee" scores) against ``select_blocks`` on the GPU: equal up to
+    float32 near-ties (the accumulation orders of the dots differ); exact ties (duplicated keys) exactly in order."""
     q, k, _, _, _ = make_inputs(21, b, t, hq, hk, e)
     q, k = q.astype(dtype), k.astype(dtype)
-    got = fused(q, k, block_size, top_k, interpret=False)
+    got = fused(q, k, block_size, top_k, tiling, interpret=False)
     n = assert_same_up_to_near_ties(got, xla(q, k, block_size, top_k), q, k, block_size)
     print(f"rows resolving a near-tie differently: {n} of {got[..., 0].size}")
     tied = tied_keys(3, b, t, hk, e, block_size).astype(dtype)
-    np.testing.assert_array_equal(fused(q, tied, block_size, top_k, interpret=False), xla(q, tied, block_size, top_k))
+    want = xla(q, tied, block_size, top_k)
+    np.testing.assert_array_equal(fused(q, tied, block_size, top_k, tiling, interpret=False), want)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "tiling",
-    [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, blocks=64, num_warps=8), SelectTiling(dot="bf16_split")],
+    [SelectTiling(rows=32, blocks=32), SelectTiling(rows=128, num_warps=8), IEEE],
 )
 def test_compiled_tilings_agree(tiling):
     """Other tilings select what the default one selects (up to near-ties, should the dot's order change)."""
