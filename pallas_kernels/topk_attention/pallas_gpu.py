@@ -1,11 +1,12 @@
 """Top-k block-sparse attention on GPUs, Pallas Triton lowering (per-token block selection, MoBA-style).
 
-Selection: the fused Triton kernel of ``selection_gpu.py`` (``selection="xla"``: ``selection.select_blocks``, the
-same blocks up to float32 near-ties). Pair layout and ``custom_vjp``: ``pairs.py`` (XLA). This module holds four
-kernels: two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge each query's pairs. A pair
-tile is ``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries are gathered from HBM by index
-(Triton loads take pointer tensors), so the (query tile x key block) products stay dense whatever each query
-selected.
+Selection: ``selection.select_blocks`` in XLA by default; ``selection="pallas"`` takes the fused Triton kernel of
+``selection_gpu.py`` (the same blocks up to float32 near-ties), which becomes the default once its compiled GPU tests
+have run (it is verified in interpret mode and by lowering only). Pair layout and ``custom_vjp``: ``pairs.py`` (XLA).
+This module holds four kernels: two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge
+each query's pairs. A pair tile is ``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries
+are gathered from HBM by index (Triton loads take pointer tensors), so the (query tile x key block) products stay
+dense whatever each query selected.
 
 * forward ``topk_attention_fwd``, 1-D grid over groups of ``tiles_per_program`` consecutive tiles (tiles are in
   (row, block) order, so consecutive ones usually share K/V in L2): one flat ``fori_loop`` over (tile, query head of
@@ -410,7 +411,7 @@ BACKEND = pairs.Backend(
     combine_dq=_combine_dq,
     select=_select,
 )
-# Selections: the fused kernel (default) or XLA's ``select_blocks`` (benchmarks, A/B).
+# Selections: XLA's ``select_blocks`` (default) or the fused kernel (not yet run compiled on a GPU).
 SELECTIONS = ("pallas", "xla")
 
 
@@ -435,7 +436,7 @@ def topk_attention_pallas_gpu(
     softmax_scale: float,
     interpret: bool = False,
     tiling: Tiling | None = None,
-    selection: str = "pallas",
+    selection: str = "xla",
 ):
     """Top-k block-sparse attention with Triton kernels over key-block-grouped pairs (see module docstring).
 
@@ -449,7 +450,7 @@ def topk_attention_pallas_gpu(
       softmax_scale: score multiplier.
       interpret: run the kernels in Pallas interpret mode (any platform).
       tiling: tile sizes and launch knobs (benchmarks, tests); None: ``DEFAULT_TILING``. Never changes results.
-      selection: "pallas" (the fused kernel of ``selection_gpu.py``) or "xla" (``selection.select_blocks``); they
+      selection: "xla" (``selection.select_blocks``) or "pallas" (the fused kernel of ``selection_gpu.py``); they
         select the same blocks except at float32 near-ties.
 
     Returns:

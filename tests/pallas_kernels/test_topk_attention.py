@@ -566,7 +566,7 @@ def test_pallas_gpu_lowers_to_triton(dtype):
     (``gpu`` tests)."""
     fn, args = _grad_program(
         lambda q, k, v, seg: pallas_gpu.topk_attention_pallas_gpu(
-            q, k, v, block_size=100, top_k=4, segment_ids=seg, softmax_scale=0.125
+            q, k, v, block_size=100, top_k=4, segment_ids=seg, softmax_scale=0.125, selection="pallas"
         ),
         1000,
         4,
@@ -661,11 +661,13 @@ def test_bad_tiling_raises():
 
 
 def test_pallas_gpu_selections_agree():
-    """``selection="pallas"`` (the fused kernel, the default) and ``"xla"`` (``select_blocks``) give the same forward
+    """``selection="pallas"`` (the fused kernel) and ``"xla"`` (``select_blocks``, the default) give the same forward
     and VJP (interpret mode); an unknown selection is a one-line error."""
     q, k, v, ct, seg = make_inputs(12, 2, 45, 4, 2, 8, segments=True)
     kw = dict(block_size=6, top_k=3, segment_ids=seg, softmax_scale=0.3, interpret=True)
-    fused, g_fused = value_and_grads(lambda q, k, v: pallas_gpu.topk_attention_pallas_gpu(q, k, v, **kw), q, k, v, ct)
+    fused, g_fused = value_and_grads(
+        lambda q, k, v: pallas_gpu.topk_attention_pallas_gpu(q, k, v, selection="pallas", **kw), q, k, v, ct
+    )
     xla, g_xla = value_and_grads(
         lambda q, k, v: pallas_gpu.topk_attention_pallas_gpu(q, k, v, selection="xla", **kw), q, k, v, ct
     )
