@@ -454,6 +454,8 @@ def test_zamba2_parity_decode_and_generate(tmp_path, adapters, mem_blocks, kv_he
     assert blocks["block_0"]["qkv"]["q_proj"]["kernel"].shape == (128, 128)
     layer = params["periods"]["shared_attention_mamba2_1"]["mixer"]
     assert ("q_adapter" in layer) == adapters and layer["mlp_adapter"]["up"].shape == (c.n_periods, 8, 160)
+    if mem_blocks == 1:
+        return  # decoding runs the same code for one block as for two (CI time)
     _decode_and_generate(hf, model, params, 96)
     if not adapters:  # once: the convert CLI writes the same model (shared parameters included)
         _convert_with_cli(hf, path, tmp_path, 96)
