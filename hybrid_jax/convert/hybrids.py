@@ -100,9 +100,17 @@ def shortest_period(kinds: Sequence[Any]) -> int:
     return n
 
 
-def _rope(cfg: Mapping[str, Any]) -> tuple[float, float]:
-    """(rope base, partial rotary fraction) from ``rope_parameters`` (transformers 5) or the older flat keys."""
+def _rope(cfg: Mapping[str, Any], kind: str) -> tuple[float, float]:
+    """(rope base, partial rotary fraction) from ``rope_parameters`` (transformers 5) or the older flat keys.
+
+    Only plain RoPE is implemented: a scaled variant (``rope_type`` linear, dynamic, yarn, llama3, longrope, ...;
+    ``rope_scaling`` in older configs) changes the frequencies, so it is refused rather than imported wrong.
+    """
     rp = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise CheckpointError(f"load_hf_checkpoint: {kind} with rope_type={rope_type!r} is not supported (default)")
     base = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     fraction = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     return base, fraction
@@ -178,7 +186,7 @@ _MAMBA_KEYS["falcon_h1"] = dict(_MAMBA_KEYS["bamba"], d_inner="mamba_d_ssm")  # 
 
 def _attention(cfg: Mapping[str, Any], rope: bool) -> AttentionConfig:
     d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    base, fraction = _rope(cfg)
+    base, fraction = _rope(cfg, str(cfg.get("model_type", "checkpoint"))) if rope else (10000.0, 1.0)
     return AttentionConfig(
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -549,9 +557,6 @@ def _zamba2_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if act not in ("gelu", "silu"):
         raise CheckpointError(f"load_hf_checkpoint: zamba2 with hidden_act={act!r} is not supported (gelu, silu)")
     rope = bool(cfg.get("use_mem_rope", False))
-    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope and rope_type != "default":
-        raise CheckpointError(f"load_hf_checkpoint: zamba2 with rope_type={rope_type!r} is not supported (default)")
     d, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     head_dim = 2 * d // heads  # the attention reads [h, embeddings], 2 * hidden_size wide
     m_heads, width = int(cfg.get("n_mamba_heads", 8)), int(float(cfg.get("mamba_expand", 2)) * d)
@@ -580,7 +585,7 @@ def _zamba2_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             rope=rope,
-            rope_base=_rope(cfg)[0],
+            rope_base=_rope(cfg, kind)[0] if rope else 10000.0,
             softmax_scale=(head_dim / 2) ** -0.5,
         ),
         shared_block=SharedBlockConfig(

@@ -129,7 +129,6 @@ def make_plan(
     top_k: int | None,
     top_p: float | None,
     stop_tokens: Sequence[int] | None,
-    ragged: bool,
     where: str = "generate",
 ) -> Plan:
     """Checks the generation arguments against the model and returns the static plan (one-line ValueErrors)."""
@@ -159,11 +158,6 @@ def make_plan(
     for s in stops:
         if not 0 <= s < c.vocab_size:
             raise ValueError(f"{where}: stop token {s} is outside the vocabulary [0, {c.vocab_size})")
-    if ragged and BlockType.MAMBA2 in c.kinds and c.mamba2.dt_limit[0] > 0:
-        raise ValueError(
-            f"{where}: prompts of different lengths need mamba2.dt_limit[0] == 0 (got {c.mamba2.dt_limit}): "
-            "padding is passed through the SSM with dt = 0"
-        )
     return Plan(
         max_new_tokens=max_new_tokens,
         max_len=max_len,
@@ -258,8 +252,7 @@ _advance_jit = jax.jit(_advance, static_argnames=("model", "plan", "n"), donate_
 
 def _setup(model, prompt, lengths, max_new_tokens, key, kw, where):
     tokens, lengths = prepare_prompts(prompt, lengths, vocab_size=model.config.vocab_size, where=where)
-    ragged = bool(np.any(lengths != lengths.max()))
-    plan = make_plan(model, lengths, max_new_tokens, ragged=ragged, where=where, **kw)
+    plan = make_plan(model, lengths, max_new_tokens, where=where, **kw)
     if key is None:
         if plan.temperature > 0:
             raise ValueError(f"{where}: temperature > 0 samples and needs key=jax.random.PRNGKey(...)")

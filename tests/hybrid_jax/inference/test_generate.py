@@ -67,6 +67,17 @@ def test_greedy_matches_forward_argmax_ragged_chunked(name):
     _assert_greedy_argmax(model, params, tokens, lengths, out)
 
 
+def test_ragged_prompts_with_a_step_size_floor():
+    """Mamba-2 with ``dt_limit[0] > 0`` (Zamba2's ``time_step_min``): padding past a short prompt must not decay its
+    state (it is passed with dt = 0 after the clamp), so ragged generation still equals the forward pass."""
+    cfg = preset("mamba2", "tiny")
+    cfg = cfg.replace(mamba2=dataclasses.replace(cfg.mamba2, dt_limit=(0.05, float("inf"))))
+    model, params = _model(cfg)
+    tokens, lengths = _prompts(cfg, [11, 3, 6], seed=4)
+    out = np.asarray(generate(model, params, tokens, 5, lengths=lengths, prefill_chunk=4))
+    _assert_greedy_argmax(model, params, tokens, lengths, out)
+
+
 def test_sal_capacity_cap_decodes_as_the_forward_pass():
     """With sal.capacity_factor the cap of a max_len-token sequence applies in prefill and decode alike."""
     cfg = _tiny("taipan", capacity=0.2, capacity_factor=1.0)
