@@ -52,8 +52,8 @@ class Op:
       name: the op's name, also its sub-package (``pallas_kernels.<name>``) and its ``KernelConfig`` field.
       implementations: name (one of ``IMPLEMENTATIONS`` but ``"auto"``) -> callable; every callable of an op takes the
         same (already validated) arguments, so the public function dispatches by lookup.
-      auto: platform -> preference order for ``"auto"``; the first name the op has wins. Platforms without an entry
-        take ``"xla"``.
+      auto: platform -> preference order for ``"auto"`` (every name registered; the first is chosen, the rest say
+        what would come next). Platforms without an entry take ``"xla"``.
       auto_float32: overrides of ``auto`` for float32 inputs, per platform.
       details: implementation name -> function of the implementation's arguments returning ``{choice: value}``, the
         sub-choices it makes by itself (recorded with each dispatch; e.g. which forward kernel runs).
