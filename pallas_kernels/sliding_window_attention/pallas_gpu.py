@@ -31,9 +31,9 @@ Three kernels on the position-based problem of ``pallas_kernels._flash_window`` 
 BlockSpecs keep the caller's ``(b, s, h, e)`` layout. Scores, the running max/sum, accumulators and the
 log-sum-exp are fp32 (``preferred_element_type=float32``) whatever the input dtype: exp of bf16 scores and bf16
 sums over thousands of keys would lose the 1e-2 accuracy the bf16 rule asks for. Probabilities are cast to the
-input dtype only as matmul operands, as FlashAttention does. fp32 inputs use ``precision=HIGHEST`` (IEEE fp32 dots,
-not TF32). Masked scores are ``-inf`` and the running max starts at a finite ``-1e30``, so fully masked rows (padding)
-give zeros, never NaN.
+input dtype only as matmul operands, as FlashAttention does. fp32 inputs use 3xTF32 dots when compiled (IEEE fp32
+in interpret mode; ``TritonMath.dot``). Masked scores are ``-inf`` and the running max starts at a finite ``-1e30``,
+so fully masked rows (padding) give zeros, never NaN.
 
 Arithmetic: the softmax's ``s * c - m * c`` is one explicit fma and ``exp2`` the one-instruction ``ex2.approx.ftz``
 (``pallas_kernels._triton_math.TritonMath``; XLA's Triton emits neither).
@@ -91,14 +91,6 @@ def _head_dim(e: int) -> int:
     return max(16, 1 << (e - 1).bit_length())
 
 
-def _precision(dtype):
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
-
-
 def _visible(q_pos, k_pos, window: int, q_seg, k_seg):
     """Bool mask from broadcastable position / segment tiles."""
     d = q_pos - k_pos
@@ -142,7 +134,7 @@ def _sliding_window_attention_fwd_kernel(
         ``[lo, hi)``."""
         q, q_pos, q_seg, (_, lo, hi, _) = block
         acc, m, row_sum = carry
-        s = _dot(q, k, _NT)
+        s = math.dot(q, k, _NT)
 
         def mask(s):
             k_seg = None if seg_ref is None else seg_ref[ks][None, :]
@@ -158,7 +150,7 @@ def _sliding_window_attention_fwd_kernel(
         # of ~1e22, whose exp2 is inf (and 0 * inf = NaN in padded rows). Masked scores: fma(-inf, c, .) = -inf.
         alpha = math.exp2((m - m_new) * c)
         p = math.exp2(math.fma(s, c, -(m_new * c)[:, None]))
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+        acc = acc * alpha[:, None] + math.dot(p.astype(v.dtype), v, _NN)
         return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
 
     def every_block(j, carry):
@@ -209,13 +201,13 @@ def _sliding_window_attention_bwd_dq_kernel(
     def body(j, dq, masked):
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[ks, :]
-        s = math.fma(_dot(q, k, _NT), scale * _LOG2E, -lse)  # log2 of P
+        s = math.fma(math.dot(q, k, _NT), scale * _LOG2E, -lse)  # log2 of P
         if masked:
             k_seg = None if seg_ref is None else seg_ref[ks][None, :]
             s = jnp.where(_visible(q_pos, kpos_ref[ks][None, :], window, q_seg, k_seg), s, -jnp.inf)
         p = math.exp2(s)
-        ds = p * (_dot(do, v_ref[ks, :], _NT) - delta)
-        return dq + _dot(ds.astype(k.dtype), k, _NN)
+        ds = p * (math.dot(do, v_ref[ks, :], _NT) - delta)
+        return dq + math.dot(ds.astype(k.dtype), k, _NN)
 
     dq = _masked_loops([ranges_ref[i, c] for c in range(4)], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -254,14 +246,14 @@ def _sliding_window_attention_bwd_dkv_kernel(
             qs = pl.ds(pl.multiple_of((first + lax.rem(r, count)) * block_q, block_q), block_q)
             q, do = q_ref[qs, head, :], do_ref[qs, head, :]
             # Transposed scores (keys x queries): dk and dv are then plain A @ B products.
-            s = math.fma(_dot(k, q, _NT), scale * _LOG2E, -lse_ref[head, qs][None, :])  # log2 of P^T
+            s = math.fma(math.dot(k, q, _NT), scale * _LOG2E, -lse_ref[head, qs][None, :])  # log2 of P^T
             if masked:
                 q_seg = None if seg_ref is None else seg_ref[qs][None, :]
                 s = jnp.where(_visible(qpos_ref[qs][None, :], k_pos, window, q_seg, k_seg), s, -jnp.inf)
             p = math.exp2(s)
-            dv = dv + _dot(p.astype(do.dtype), do, _NN)
-            ds = p * (_dot(v, do, _NT) - delta_ref[head, qs][None, :])
-            return dk + _dot(ds.astype(q.dtype), q, _NN), dv
+            dv = dv + math.dot(p.astype(do.dtype), do, _NN)
+            ds = p * (math.dot(v, do, _NT) - delta_ref[head, qs][None, :])
+            return dk + math.dot(ds.astype(q.dtype), q, _NN), dv
 
         return lax.fori_loop(0, groups * count, body, carry)
 

@@ -30,8 +30,9 @@ dense whatever each query selected.
 Masks: own-block pairs are causal (key position <= query position); every pair masks keys past ``block_size`` in
 the padded block and, with segment ids, other segments; padding slots gather query 0 and see nothing of blocks > 0
 (and are never read back). Scores, softmax statistics and accumulators are float32 (``preferred_element_type``),
-probabilities are cast to the input dtype only as matmul operands; float32 inputs use ``precision=HIGHEST``. The
-softmax runs in base 2 with ``TritonMath``'s single-instruction fma / ex2 (as ``sliding_window_attention``).
+probabilities are cast to the input dtype only as matmul operands; float32 inputs use 3xTF32 dots when compiled
+(``TritonMath.dot``). The softmax runs in base 2 with ``TritonMath``'s single-instruction fma / ex2 (as
+``sliding_window_attention``).
 
 Triton rules kept: every loaded tile is a power of two >= 16 on each dimension (the head dim is zero-padded, key
 steps are ``min(block_k, next_power_of_2(block_size))`` keys, pair tiles ``rows``), loops are ``fori_loop``s, only
@@ -85,14 +86,6 @@ def _key_tile(block_size: int, tiling: Tiling) -> tuple[int, int]:
     return block_k, -(-block_size // block_k)
 
 
-def _precision(dtype):
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=_precision(a.dtype))
-
-
 def _split_segments(refs, has_segments: bool):
     """``(query id ref, key id ref, output refs)``; the id refs are None without segments."""
     return (refs[0], refs[1], refs[2:]) if has_segments else (None, None, refs)
@@ -128,12 +121,12 @@ def _topk_attention_fwd_kernel(
             if q_seg is not None:
                 k_seg = kseg_ref[pl.ds(pl.multiple_of((bi * nb + j) * kr + u * bk, bk), bk)]
                 visible = visible & (k_seg[None, :] == q_seg)
-            s = jnp.where(visible, _dot(q, k, _NT), -jnp.inf)
+            s = jnp.where(visible, math.dot(q, k, _NT), -jnp.inf)
             # The running max is kept on raw scores (c > 0 keeps the order): exp2(s * c - m * c), one fma per score.
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             alpha = math.exp2((m - m_new) * c)
             p = math.exp2(math.fma(s, c, -(m_new * c)[:, None]))
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN)
+            acc = acc * alpha[:, None] + math.dot(p.astype(v.dtype), v, _NN)
             return acc, m_new, row_sum * alpha + jnp.sum(p, axis=1)
 
         init = (
@@ -206,11 +199,11 @@ def _topk_attention_bwd_kernel(
         if k_seg is not None:
             visible = visible & (qseg_ref[bi * pr.length + i][:, None] == k_seg)
         # Final log-sum-exp: these are the exact probabilities of the pairs, not per-block ones.
-        p = math.exp2(jnp.where(visible, math.fma(_dot(q, k, _NT), c, -lse2[:, None]), -jnp.inf))
-        dv = dv + _dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_dot(do, v, _NT) - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, _TN)
-        dq_ref[u, slots, hh, :] = (_dot(ds.astype(k.dtype), k, _NN) * pr.scale).astype(dq_ref.dtype)
+        p = math.exp2(jnp.where(visible, math.fma(math.dot(q, k, _NT), c, -lse2[:, None]), -jnp.inf))
+        dv = dv + math.dot(p.astype(do.dtype), do, _TN)
+        ds = p * (math.dot(do, v, _NT) - delta[:, None])
+        dk = dk + math.dot(ds.astype(q.dtype), q, _TN)
+        dq_ref[u, slots, hh, :] = (math.dot(ds.astype(k.dtype), k, _NN) * pr.scale).astype(dq_ref.dtype)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)

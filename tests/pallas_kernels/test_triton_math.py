@@ -135,3 +135,24 @@ def test_lane_sums_match_float64(compiled, m):
 def test_lane_sums_rejects_bad_input(shapes):
     with pytest.raises(ValueError, match=r"lane_sums: values must be .* got \["):
         TritonMath(ptx=False).lane_sums([jnp.zeros(s, jnp.float32) for s in shapes])
+
+
+@pytest.mark.parametrize("compiled", _MODES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dot_matches_float64(compiled, dtype):
+    # A (64, 64) x (64, 64)^T tile product, as the attention kernels form scores. float32 operands: IEEE in interpret
+    # mode, 3xTF32 compiled; both within 2**-19 of the float64 product relative to sum |a| |b| (one TF32 pass, 2**-11,
+    # fails this by far). bf16 operands: the products are exact in float32, so only the float32 accumulation errs.
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    a, b = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64) for x in (a, b))
+    math = TritonMath(ptx=compiled)
+
+    def kernel(a_ref, b_ref, o_ref):
+        o_ref[...] = math.dot(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())))
+
+    call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32), interpret=not compiled)
+    got = np.asarray(jax.jit(call)(jnp.asarray(a, dtype), jnp.asarray(b, dtype)), np.float64)
+    want, scale = a @ b.T, np.abs(a) @ np.abs(b).T
+    bound = scale * (2.0**-19 if dtype == jnp.float32 else 64 * 2.0**-24)
+    assert (np.abs(got - want) <= bound).all(), np.max(np.abs(got - want) / scale)
