@@ -7,7 +7,8 @@ Measures, for Transformer++, Mamba, Mamba-2, Samba and Taipan at the 1.3B preset
   (c) memory: the compiled program's device memory (arguments + temporaries + outputs) and the cache bytes per cell,
       and the device's peak bytes in use where the backend reports it.
 
-Each decode row carries its memory floor: (weight bytes + cache bytes read per step) / the device copy bandwidth
+Each decode row carries its memory floor: (weight bytes + cache bytes moved per step: key/value slots read, recurrent
+states read and written) / the device copy bandwidth
 measured at the start of the same run (a jitted copy of a 1 GiB buffer; bandwidth = bytes read + written / the
 copy kernel's time on the device clock, from a profiler trace),
 and the ratio of the measured step time to it. The decode cells time ``--decode-steps`` steps of
@@ -220,9 +221,8 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
     t, times = timed(call, args.repeats)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     kv = cache_bytes(holder["state"].cache)
-    # Bytes a step must move at least: every weight once, the caches once (a full-attention cache: the context's
-    # slots only, which is what grows), states written back once (small).
-    per_step = weights + _bytes_read(model.config, holder["state"].cache, context, context + steps)
+    # Bytes a step must move at least: every weight read once, the caches as _bytes_moved counts them.
+    per_step = weights + _bytes_moved(model.config, holder["state"].cache, context, context + steps)
     floor = per_step / bandwidth
     per_token = t / steps
     return {
@@ -239,13 +239,28 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
     }
 
 
-def _bytes_read(cfg, cache, context: int, slots: int) -> int:
-    """Cache bytes a step reads: all of it, except that a cache that grows with the context (full attention's KV
-    cache) counts only its filled slots."""
+def _bytes_moved(cfg, cache, context: int, slots: int) -> int:
+    """Cache bytes a decode step must move at least.
+
+    A leaf with a slot axis (its size changes with ``max_len``: key/value caches, rings) is read where filled and
+    written one slot (negligible): a cache that grows with the context (full attention) counts its ``context`` filled
+    slots of ``slots``, a ring all of it. A leaf without one (a recurrent or conv state) is read and written whole.
+    Asked of the mixers' ``init_cache`` shapes, so a new mixer needs no entry here.
+    """
+
+    def leaf_sizes(max_len):
+        layers = jax.eval_shape(lambda: init_cache(cfg, 1, max_len)).layers
+        return [[x.size for x in jax.tree.leaves(layer)] for layer in layers]
+
+    has_slots = [[a != b for a, b in zip(x, y)] for x, y in zip(leaf_sizes(1), leaf_sizes(2))]
     total = 0
-    for grows, layer in zip(growing_layers(cfg), cache.layers):
-        b = cache_bytes(layer) if layer is not None else 0
-        total += b * context // slots if grows else b
+    for grows, slotted, layer in zip(growing_layers(cfg), has_slots, cache.layers):
+        for slot_axis, leaf in zip(slotted, jax.tree.leaves(layer)):
+            nbytes = leaf.size * leaf.dtype.itemsize
+            if not slot_axis:
+                total += 2 * nbytes
+            else:
+                total += nbytes * context // slots if grows else nbytes
     return total
 
 
@@ -394,7 +409,7 @@ def tables(res: Results) -> str:
         grid(f"(b) decode, batch {b}: ms per step", "decode", b, lambda c: f"{c['ms_per_step']:.2f}")
         grid(f"(b) decode, batch {b}: tokens/s", "decode", b, lambda c: f"{c['tokens_per_s']:.4g}")
         grid(
-            f"(b) decode, batch {b}: memory floor ms per step (weights + cache read / copy bandwidth) and x floor",
+            f"(b) decode, batch {b}: memory floor ms per step (weights + cache bytes moved / bandwidth) and x floor",
             "decode",
             b,
             lambda c: f"{c['floor_ms_per_step']:.2f} (x{c['x_floor']:.1f})",
