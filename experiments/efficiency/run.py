@@ -36,6 +36,7 @@ Commands (from the repository root):
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -77,6 +78,7 @@ def parse_args(argv):
     p.add_argument("--prefill-lengths", default="", help="comma-separated prompt lengths (default: 1K..128K, 512K)")
     p.add_argument("--decode-contexts", default="", help="comma-separated decode contexts (default: 1K..64K)")
     p.add_argument("--batches", default="", help="comma-separated decode batch sizes (default: 16,1)")
+    p.add_argument("--profile", action="store_true", help="decode cells: also trace 2 calls and list the GPU kernels")
     p.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU, seconds)")
     p.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run in --out")
     args = p.parse_args(argv)
@@ -219,6 +221,7 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
         return out
 
     t, times = timed(call, args.repeats)
+    profile = decode_profile(call, steps) if args.profile else {}
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     kv = cache_bytes(holder["state"].cache)
     # Bytes a step must move at least: every weight read once, the caches as _bytes_moved counts them.
@@ -236,6 +239,30 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
         "x_floor": per_token / floor,
         "program_bytes": compiled_bytes(compiled),
         **device_memory(),
+        **profile,
+    }
+
+
+def decode_profile(call, steps: int, runs: int = 2, top: int = 30) -> dict:
+    """Where a decode step's GPU time goes: kernels by name from a profiler trace of ``runs`` calls of ``steps``
+    steps each, as ms and launches per step, and the GPU's busy time per step (the sum of its kernels' durations;
+    the step time minus it is time the GPU waits: launches, host work, syncs). Empty where no GPU kernel ran."""
+    trace = bench_common.profile_calls(call, [()], runs)
+    events = trace.gpu_stream_events() if trace is not None else []
+    if not events:
+        return {}
+    per = steps * runs
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        totals[e["name"]] += e["dur"]
+        counts[e["name"]] += 1
+    return {
+        "gpu_busy_ms_per_step": sum(totals.values()) / 1e3 / per,
+        "kernels_per_step": len(events) / per,
+        "kernels_top": [
+            {"name": name[:160], "ms_per_step": us / 1e3 / per, "calls_per_step": counts[name] / per}
+            for name, us in totals.most_common(top)
+        ],
     }
 
 
@@ -367,7 +394,15 @@ def _line(c: dict) -> str:
         return f"{head}  {c['status']}: {c.get('note', '')}"
     if c["kind"] == "prefill":
         return f"{head}  {c['seconds']:.4f} s  {c['tokens_per_s']:.4g} tok/s"
-    return f"{head}  {c['ms_per_step']:.3f} ms/step (floor {c['floor_ms_per_step']:.3f}, x{c['x_floor']:.2f})"
+    line = f"{head}  {c['ms_per_step']:.3f} ms/step (floor {c['floor_ms_per_step']:.3f}, x{c['x_floor']:.2f})"
+    if "kernels_top" in c:
+        line += (
+            f"\n    GPU busy {c['gpu_busy_ms_per_step']:.3f} ms/step, {c['kernels_per_step']:.0f} kernels/step:"
+        )
+        line += "".join(
+            f"\n    {k['ms_per_step']:8.4f} ms x{k['calls_per_step']:<5.0f} {k['name']}" for k in c["kernels_top"][:15]
+        )
+    return line
 
 
 # ------------------------------------------------------------------------------------------------- report
