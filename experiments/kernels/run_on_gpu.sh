@@ -4,9 +4,9 @@
 #   bash experiments/kernels/run_on_gpu.sh STEP [STEP ...]     from the repository root, with $OUT set
 #
 # Steps: tests (compiled `gpu` kernel tests), slow-tests (the `gpu` + `slow` ones: index offsets past 2**31,
-# t = 131072), attention, sscan, ssd (the benchmarks, each with a time budget), profile-OP (Nsight Compute on one
-# op: profile-swa, profile-selective_scan, profile-ssd). Wheels the GPU image lacks (ml_collections, tfds, grain,
-# ...) are installed from ./.whl when that folder exists (carry it to the machine).
+# t = 131072), attention, sscan, ssd, ssu (the benchmarks, each with a time budget or a fixed size), profile-OP
+# (Nsight Compute on one op: profile-swa, profile-selective_scan, profile-ssd). Wheels the GPU image lacks
+# (ml_collections, tfds, grain, ...) are installed from ./.whl when that folder exists (carry it to the machine).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -41,6 +41,11 @@ for step in "$@"; do
     ssd)
       python3 experiments/kernels/ssm_ssd.py --out "$OUT/ssd" --budget-s 300 2>&1 | quiet \
         | tee "$OUT/ssd.log" | tail -25 ;;
+    ssu)
+      # Default tiles at batch 1, 16, 64, then the block_p x num_warps sweep at batch 16 only (a few minutes).
+      (python3 experiments/kernels/ssm_state_update.py --out "$OUT/ssu" \
+        && python3 experiments/kernels/ssm_state_update.py --out "$OUT/ssu_sweep" --sweep --batches 16) 2>&1 | quiet \
+        | tee "$OUT/ssu.log" | tail -60 ;;
     profile-*)
       op=${step#profile-}
       (cd experiments/kernels && ncu --clock-control none --kernel-name "regex:${op/swa/sliding_window}" \

@@ -8,8 +8,9 @@ The semantics are mamba_ssm's ``selective_state_update`` (all math in float32, s
 
 in one of two layouts: Mamba-2 (one ``dt`` and ``A`` per head: ``dt (b, h)``, ``A (h,)``) or per channel
 (``dt (b, h, p)``, ``A (h, p, n)``; Mamba-1 is h = 1, p = d with its d channels as the head dim). On a GPU the step is
-bound by reading and writing the state (Pallas kernels that update it in place with ``input_output_aliases`` are
-the planned next step; only "reference" and "xla" exist today).
+bound by reading and writing the state: "pallas_gpu" (``pallas_gpu.py``, Triton) reads and writes every state element
+once and writes the new state into the old one's buffer (``input_output_aliases``; in place when the caller donates
+the state). There is no TPU kernel yet.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.selective_state_update.pallas_gpu import selective_state_update_pallas_gpu
 from pallas_kernels.selective_state_update.reference import selective_state_update_reference
 from pallas_kernels.selective_state_update.xla import selective_state_update_xla
 from pallas_kernels.sliding_window_attention.api import check_interpret
@@ -25,14 +27,30 @@ from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 
 _OP = "selective_state_update"
 
-# The Pallas kernels (pallas_gpu.py / pallas_tpu.py) are not written yet: asking for them raises NotImplementedError.
-# "auto" takes xla everywhere until they are timed against it on a GPU (experiments/efficiency/run.py
-# --decode_kernels=pallas_gpu measures both in one run).
+
+def _reference(*args, interpret, **kw):
+    del interpret  # no kernels
+    return selective_state_update_reference(*args, **kw)
+
+
+def _xla(*args, interpret, **kw):
+    del interpret
+    return selective_state_update_xla(*args, **kw)
+
+
+def _pallas_gpu(*args, interpret, **kw):
+    # A pltpu.InterpretParams (the TPU interpreter's options) means "interpret" to a GPU-style kernel too.
+    return selective_state_update_pallas_gpu(*args, interpret=interpret is not False, **kw)
+
+
+# "auto" takes xla on every platform: nobody has timed the pallas_gpu kernel against it on a GPU yet
+# (experiments/efficiency/run.py --decode-kernels=xla,pallas_gpu measures both in one run). There is no pallas_tpu:
+# asking for it raises NotImplementedError.
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": selective_state_update_reference, "xla": selective_state_update_xla},
-        auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu},
+        auto={"cpu": ("xla",), "gpu": ("xla", "pallas_gpu"), "tpu": ("xla",)},
     )
 )
 AVAILABLE = OP.available
@@ -101,9 +119,9 @@ def selective_state_update(
       dt_bias: shaped like ``dt`` without the batch axis, or None.
       dt_softplus: apply softplus to ``dt + dt_bias``.
       dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
-      implementation: "auto", "reference" or "xla" (the Pallas GPU / TPU kernels are not written yet).
-      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
-        ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
+      implementation: "auto" (xla everywhere for now), "reference", "xla" or "pallas_gpu" (no TPU kernel yet).
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform (a
+        ``pltpu.InterpretParams`` is accepted and means True for "pallas_gpu"). Ignored by "reference" and "xla".
 
     Returns:
       ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32.
@@ -120,4 +138,4 @@ def selective_state_update(
     check_interpret(_OP, interpret)
     impl = OP.resolve(implementation, interpret=interpret is not False, dtype=x.dtype)
     args = (state.astype(jnp.float32), x, dt, A, B, C, D, z, dt_bias)
-    return OP.run(impl, *args, dt_softplus=bool(dt_softplus), dt_limit=dt_limit)
+    return OP.run(impl, *args, dt_softplus=bool(dt_softplus), dt_limit=dt_limit, interpret=interpret)

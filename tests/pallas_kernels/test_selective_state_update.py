@@ -1,35 +1,40 @@
-"""Tests of pallas_kernels.selective_state_update: the xla path equals the reference (the decode-step oracles of the
-sequence ops) in both layouts, fp32 and under the bf16 rule; stepping it through a sequence equals the sequential
-scans of SSD and of the selective scan. The Pallas kernels are not written yet: asking for them raises."""
+"""Tests of pallas_kernels.selective_state_update: the xla path and the pallas_gpu kernel (interpret mode on CPU,
+compiled on a GPU) equal the reference (the decode-step oracles of the sequence ops) in both layouts, fp32 and under
+the bf16 rule; stepping it through a sequence equals the sequential scans of SSD and of the selective scan. There is
+no TPU kernel: asking for it raises."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.selective_scan.reference import selective_scan_reference
+from pallas_kernels.selective_state_update import pallas_gpu as ssu_gpu
 from pallas_kernels.selective_state_update import selective_state_update
 from pallas_kernels.ssd.reference import ssd_reference
 from pallas_kernels.testing import assert_bf16_rule, assert_rel_close
 
 
-def make_inputs(seed, b=2, h=4, p=3, n=5, g=2, per_channel=False, dtype=jnp.float32, full=True):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 10)
+def make_inputs(seed, b=2, h=4, p=3, n=5, g=2, per_channel=False, dtype=jnp.float32, full=True, d_per_head=None):
+    """Normal inputs of one decode step (numpy's generator: jax.random would compile a program per shape)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda shape, dt=jnp.float32: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
     dt_shape = (b, h, p) if per_channel else (b, h)
     args = dict(
-        state=jax.random.normal(ks[0], (b, h, p, n), jnp.float32),
-        x=jax.random.normal(ks[1], (b, h, p), dtype),
-        dt=jax.random.normal(ks[2], dt_shape, dtype),
-        A=-jnp.exp(jax.random.normal(ks[3], (h, p, n) if per_channel else (h,), jnp.float32)),
-        B=jax.random.normal(ks[4], (b, g, n), dtype),
-        C=jax.random.normal(ks[5], (b, g, n), dtype),
+        state=normal((b, h, p, n)),
+        x=normal((b, h, p), dtype),
+        dt=normal(dt_shape, dtype),
+        A=-jnp.asarray(np.exp(rng.standard_normal((h, p, n) if per_channel else (h,), np.float32))),
+        B=normal((b, g, n), dtype),
+        C=normal((b, g, n), dtype),
     )
     if full:
         args |= dict(
-            D=jax.random.normal(ks[6], (h, p) if per_channel else (h,), jnp.float32),
-            z=jax.random.normal(ks[7], (b, h, p), dtype),
-            dt_bias=jax.random.normal(ks[8], dt_shape[1:], jnp.float32),
+            D=normal((h,) if (not per_channel if d_per_head is None else d_per_head) else (h, p)),
+            z=normal((b, h, p), dtype),
+            dt_bias=normal(dt_shape[1:]),
             dt_softplus=True,
         )
     return args
@@ -123,3 +128,99 @@ def test_bad_arguments_give_one_line_errors(change, match):
     with pytest.raises((ValueError, NotImplementedError), match=match) as e:
         selective_state_update(**args)
     assert "\n" not in str(e.value)
+
+
+# --- the pallas_gpu kernel: interpret mode here, compiled where a GPU is (the `gpu` marker skips it elsewhere)
+
+KERNELS = ["pallas_gpu:interpret", pytest.param("pallas_gpu", marks=pytest.mark.gpu)]
+
+
+def _kernel(kernel: str, args: dict, **kw):
+    name, _, mode = kernel.partition(":")
+    return selective_state_update(**args, **kw, implementation=name, interpret=mode == "interpret")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(
+    "shape, extra",
+    [
+        (dict(), dict()),  # D, z, dt_bias, softplus; 2 groups of 2 heads; p 3 and n 5 padded to 4 and 8
+        (dict(h=1, g=1, p=7), dict(dt_limit=(0.05, 2.0))),  # Mamba-1: one head
+        (dict(b=1, h=6, g=3, p=2, n=1), dict(dt_limit=(0.0, 0.5))),
+        (dict(), dict(full=False)),  # no D, z, dt_bias or softplus
+        (dict(b=1, h=2, g=1, p=40, n=20), dict(d_per_head=True)),  # three 16-row blocks, the last overhangs
+    ],
+)
+def test_pallas_gpu_matches_reference(kernel, per_channel, shape, extra):
+    dt_limit = extra.get("dt_limit", (0.0, float("inf")))
+    args = make_inputs(5, per_channel=per_channel, full=extra.get("full", True), **shape)
+    if "d_per_head" in extra:  # the other D layout than make_inputs' default for this dt layout
+        args = make_inputs(5, per_channel=per_channel, d_per_head=not per_channel, **shape)
+    ref = selective_state_update(**args, dt_limit=dt_limit, implementation="reference")
+    got = _kernel(kernel, args, dt_limit=dt_limit)
+    assert got[0].dtype == args["x"].dtype and got[1].dtype == jnp.float32
+    assert got[1].shape == args["state"].shape
+    assert_rel_close(got[0], ref[0], "fp32", "y")
+    assert_rel_close(got[1], ref[1], "fp32", "state")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_pallas_gpu_bf16_rule(kernel, per_channel):
+    """bf16 x, dt, B, C, z with the float32 state: as accurate as the xla path at bf16, y in bf16."""
+    args = make_inputs(6, h=2, g=1, p=5, n=6, per_channel=per_channel, dtype=jnp.bfloat16)
+    f32 = {k: v.astype(jnp.float32) if hasattr(v, "astype") else v for k, v in args.items()}
+    ref = selective_state_update(**f32, implementation="reference")
+    xla16 = selective_state_update(**args, implementation="xla")
+    got = _kernel(kernel, args)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    assert_bf16_rule(got[0], xla16[0], ref[0], "y")
+    assert_bf16_rule(got[1], xla16[1], ref[1], "state")
+
+
+@pytest.mark.parametrize("block_p, p", [(4, 7), (1, 3), (8, 8)])
+def test_pallas_gpu_block_size_invariance(block_p, p):
+    """Any power-of-two tile height gives the reference's result (overhanging and exact blocks, one-row tiles)."""
+    args = make_inputs(7, b=1, h=2, g=1, p=p, n=3, per_channel=True)
+    ref = selective_state_update(**args, implementation="reference")
+    order = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    got = ssu_gpu.selective_state_update_pallas_gpu(
+        *(args[k] for k in order),
+        dt_softplus=True,
+        dt_limit=(0.0, float("inf")),
+        config=ssu_gpu.GpuConfig(block_p=block_p, num_warps=1),
+        interpret=True,
+    )
+    assert_rel_close(got[0], ref[0], "fp32", "y")
+    assert_rel_close(got[1], ref[1], "fp32", "state")
+
+
+def test_pallas_gpu_default_tiles():
+    """Power-of-two tiles of at most TILE_ELEMENTS, smaller when the grid would not fill the GPU."""
+    mamba2 = ssu_gpu.choose_config(16, 64, 64, 128)  # Mamba-2 1.3B at batch 16: 2048 programs of 32 x 128
+    assert mamba2.block_p == 32
+    assert ssu_gpu.choose_config(1, 1, 1536, 16).block_p == 16  # Mamba-1, one row: 96 programs
+    assert ssu_gpu.choose_config(64, 1, 1536, 16).block_p == 128  # 768 programs of 128 x 16
+    for shape in [(2, 4, 3, 5), (1, 1, 7, 1), (16, 64, 64, 128), (4, 1, 5000, 300)]:
+        c = ssu_gpu.choose_config(*shape)
+        assert c.block_p & (c.block_p - 1) == 0 and c.block_p * ssu_gpu.next_power_of_2(shape[3]) <= 4096
+    with pytest.raises(ValueError, match="block_p=3 must be a power of two"):
+        ssu_gpu.GpuConfig(block_p=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_channel, shape", [(False, (4, 16, 64, 128, 2)), (True, (4, 1, 1536, 16, 1))])
+def test_pallas_gpu_realistic_shapes_update_in_place(per_channel, shape):
+    """Mamba-2 (p 64, n 128, 2 groups) and Mamba-1 (d 1536, n 16) shapes compiled; with the state donated, the new
+    state takes the old one's buffer (XLA reports the alias)."""
+    b, h, p, n, g = shape
+    args = make_inputs(8, b=b, h=h, p=p, n=n, g=g, per_channel=per_channel, dtype=jnp.bfloat16)
+    ref = selective_state_update(**args, implementation="xla")
+    rest = {k: v for k, v in args.items() if k != "state"}
+    step = jax.jit(lambda s: selective_state_update(s, **rest, implementation="pallas_gpu"), donate_argnums=0)
+    compiled = step.lower(args["state"]).compile()
+    assert compiled.memory_analysis().alias_size_in_bytes >= args["state"].size * 4
+    got = step(jnp.array(args["state"]))
+    assert_rel_close(got[1], ref[1], "fp32", "state")
+    assert_rel_close(got[0].astype(jnp.float32), ref[0].astype(jnp.float32), 1e-2, "y (bf16)")
