@@ -25,7 +25,7 @@ SIZES = {
     "tiny": dict(
         size=LM_SIZES["tiny"],  # 2 query heads: KV 2 (all) or 1
         train_len=64,
-        lengths=(64, 128, 256),
+        lengths=(64, 256),  # the tiny Samba's lengths in length_extrapolation and full_attention_placement
         steps=20,
         batch=8,
         lrs=(3e-3,),

@@ -39,21 +39,6 @@ def data_dir(tmp_path_factory):
         os.environ["HYBRID_JAX_DATA_DIR"] = previous
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the module: the tiny Samba of the length, placement and KV-head runs is
-    the same program in all three (the runner keeps a cache that is already set)."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
-    previous = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in previous.items():
-        jax.config.update(k, v)
-
-
 def _load(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)

@@ -1,8 +1,8 @@
 """The command line end to end: a falling loss, bitwise resume after SIGKILL, clean SIGTERM, one-line errors.
 
 Every run here is ``python -m hybrid_jax.train --config=configs/taipan.py:size=tiny`` in a subprocess with a smaller
-layer pattern (one SAL and its SwiGLU: the stochastic gate makes the resume test meaningful) and short rows, sharing a
-persistent compilation cache so that identical programs compile once per session.
+layer pattern (one SAL and its SwiGLU: the stochastic gate makes the resume test meaningful) and short rows; the
+subprocesses share the suite's persistent compilation cache (tests/conftest.py), so identical programs compile once.
 """
 
 import hashlib
@@ -33,20 +33,8 @@ def cli_args(workdir, data_dir, *extra):
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent jax compilation cache for the subprocesses of this module."""
-    global _CACHE
-    _CACHE = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    _CACHE = None
-
-
-_CACHE = None
-
-
 def start(args):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE or "")
+    env = dict(os.environ)  # with the suite's compilation cache (tests/conftest.py)
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
