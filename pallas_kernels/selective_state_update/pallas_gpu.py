@@ -26,8 +26,9 @@ when compiled, plain jnp in interpret mode), as in the other GPU kernels; per-he
 
 Block sizes (``choose_config``): tiles of ``TILE_ELEMENTS`` = 4096 float32 (16 KB; 32 values per thread at 4 warps),
 halved (down to 16 rows) while the grid has fewer than ``MIN_PROGRAMS`` programs, so that small batches still spread
-over every SM. Mamba-2 (p 64, n 128) gets 32 x 128 tiles, Mamba-1 (p = d_inner, n 16) 256 x 16 tiles. These are
-first guesses, NOT tuned on a GPU yet: ``GpuConfig`` lets a benchmark sweep them.
+over every SM. At batch 16, Mamba-2 1.3B (p 64, n 128) gets 32 x 128 tiles (2048 programs) and Mamba-1 1.4B
+(p = d_inner = 4096, n 16) 64 x 16 tiles (1024 programs; 256 x 16 from batch 64). These are first guesses, NOT
+tuned on a GPU yet: ``GpuConfig`` lets a benchmark sweep them.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _selective_state_update_fwd_kernel(*refs, names, p, n, per_channel, dt_softp
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
     def rows_of(name):  # a (block_p,) block, zeros past p
-        return plgpu.load(ins[name], mask=row_ok, other=0).astype(_F32)
+        return plgpu.load(ins[name], mask=row_ok, other=0.0).astype(_F32)
 
     def scalar(name):  # a per-head value
         return ins[name][...].astype(_F32)
@@ -113,8 +114,8 @@ def _selective_state_update_fwd_kernel(*refs, names, p, n, per_channel, dt_softp
 
     state = plgpu.load(ins["state"], mask=tile_ok, other=0.0)
     x = rows_of("x")
-    B = plgpu.load(ins["B"], mask=col_ok, other=0).astype(_F32)
-    C = plgpu.load(ins["C"], mask=col_ok, other=0).astype(_F32)
+    B = plgpu.load(ins["B"], mask=col_ok, other=0.0).astype(_F32)
+    C = plgpu.load(ins["C"], mask=col_ok, other=0.0).astype(_F32)
     if per_channel:
         A = plgpu.load(ins["A"], mask=tile_ok, other=0.0).astype(_F32)
         decay = math.exp(dt[:, None] * A)
