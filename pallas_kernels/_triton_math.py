@@ -10,13 +10,14 @@ tail is 0 to float32 accuracy anyway), emitted with ``plgpu.elementwise_inline_a
 (interpret mode, any platform) the same formulas run as plain jnp, so the CPU tests check the algebra and the
 compiled GPU tests the instructions (``tests/pallas_kernels/test_triton_math.py``).
 
-``TritonMath.dot`` is the kernels' matmul: bf16/fp16 operands are one tensor-core pass with a float32 accumulator;
-float32 operands use 3xTF32 when compiled (``lax.DotAlgorithmPreset.TF32_TF32_F32_X3``: Triton splits each operand
-into a TF32 high part and a TF32 remainder and adds three tensor-core products, dropping only the low x low term, so
-about 2**-22 relative error per product against 2**-24 for IEEE float32) and IEEE float32 (``Precision.HIGHEST``) in
-interpret mode, where XLA:CPU has no TF32 algorithm. IEEE float32 dots in a compiled Triton kernel run one FFMA per
-product on the CUDA cores: measured on the H100, the fp32 attention kernels of a recall model took 13.6 of its
-17.9 ms training step that way (experiments/mqar/README.md).
+``TritonMath.dot`` is the kernels' matmul: bf16/fp16 operands are one tensor-core pass with a float32 accumulator.
+Float32 operands are IEEE float32 (``Precision.HIGHEST``: one FFMA per product on the CUDA cores) unless the kernel
+asks for ``fp32_dots="tf32x3"``, which when compiled is ``lax.DotAlgorithmPreset.TF32_TF32_F32_X3`` (Triton splits
+each operand into a TF32 high part and a TF32 remainder and adds three tensor-core products, dropping only the low x
+low term: about 2**-22 relative error per product against 2**-24) and in interpret mode IEEE (XLA:CPU has no TF32
+algorithm). Measured on the H100 (experiments/mqar/README.md): a recall model's fp32 training step with the
+sliding-window kernels at head dim 64 took 17.9 ms with IEEE dots and 5.9 ms with 3xTF32; at head dim 128 the
+default tiles with 3xTF32 asked for 384 KiB of shared memory (227 KiB exist) and did not compile, so kernels choose.
 
 Works on scalars and on tensors of any shape (inline asm is elementwise with ``pack=1``); scalars always take the
 jnp path (they are uniform values Triton keeps in scalar registers).
@@ -51,16 +52,20 @@ _LOG1P_OVER_X = (
 
 
 class TritonMath:
-    """Inline PTX when ``ptx`` (compiled kernels), plain jnp otherwise (interpret mode)."""
+    """Inline PTX when ``ptx`` (compiled kernels), plain jnp otherwise (interpret mode); ``fp32_dots``: "ieee" or
+    "tf32x3", the algorithm of compiled float32 ``dot``s (module docstring)."""
 
-    def __init__(self, ptx: bool):
+    def __init__(self, ptx: bool, fp32_dots: str = "ieee"):
+        if fp32_dots not in ("ieee", "tf32x3"):
+            raise ValueError(f"TritonMath: fp32_dots={fp32_dots!r} must be 'ieee' or 'tf32x3'")
         self.ptx = ptx
+        self.fp32_dots = fp32_dots
 
     def dot(self, a, b, dims):
         """``lax.dot_general(a, b, dims)`` accumulated in float32; the algorithm by dtype and mode (see above)."""
         if a.dtype != jnp.float32:
             precision = lax.Precision.DEFAULT
-        elif self.ptx:
+        elif self.ptx and self.fp32_dots == "tf32x3":
             precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         else:
             precision = lax.Precision.HIGHEST

@@ -28,12 +28,12 @@ Three kernels on the position-based problem of ``pallas_kernels._flash_window`` 
   accumulate in registers without a per-query-head copy in HBM. Scores are formed transposed (``K Q^T``) so no tile
   needs a transpose.
 
-BlockSpecs keep the caller's ``(b, s, h, e)`` layout. Scores, the running max/sum, accumulators and the
-log-sum-exp are fp32 (``preferred_element_type=float32``) whatever the input dtype: exp of bf16 scores and bf16
-sums over thousands of keys would lose the 1e-2 accuracy the bf16 rule asks for. Probabilities are cast to the
-input dtype only as matmul operands, as FlashAttention does. fp32 inputs use 3xTF32 dots when compiled (IEEE fp32
-in interpret mode; ``TritonMath.dot``). Masked scores are ``-inf`` and the running max starts at a finite ``-1e30``,
-so fully masked rows (padding) give zeros, never NaN.
+BlockSpecs keep the caller's ``(b, s, h, e)`` layout. Scores, the running max/sum, accumulators and the log-sum-exp are
+fp32 (``preferred_element_type=float32``) whatever the input dtype: exp of bf16 scores and bf16 sums over thousands of
+keys would lose the 1e-2 accuracy the bf16 rule asks for. Probabilities are cast to the input dtype only as matmul
+operands, as FlashAttention does. fp32 inputs use 3xTF32 dots when compiled at head dims up to 64 and IEEE fp32 dots
+otherwise and in interpret mode (``TritonMath.dot``). Masked scores are ``-inf`` and the running max starts at a finite
+``-1e30``, so fully masked rows (padding) give zeros, never NaN.
 
 Arithmetic: the softmax's ``s * c - m * c`` is one explicit fma and ``exp2`` the one-instruction ``ex2.approx.ftz``
 (``pallas_kernels._triton_math.TritonMath``; XLA's Triton emits neither).
@@ -89,6 +89,15 @@ DEFAULT_TILING = fw.Tiling(
 
 def _head_dim(e: int) -> int:
     return max(16, 1 << (e - 1).bit_length())
+
+
+# Float32 dots of head dims up to this (after padding) use 3xTF32 on the tensor cores; larger ones IEEE: at 128 the
+# default tiles with 3xTF32 need more shared memory than an H100 has (_triton_math's docstring has the numbers).
+TF32X3_MAX_HEAD_DIM = 64
+
+
+def _math(pr: fw.Problem, e: int) -> TritonMath:
+    return TritonMath(ptx=not pr.interpret, fp32_dots="tf32x3" if e <= TF32X3_MAX_HEAD_DIM else "ieee")
 
 
 def _visible(q_pos, k_pos, window: int, q_seg, k_seg):
@@ -287,7 +296,7 @@ def _fwd(q, k, v, q_pos, k_pos, seg, ranges, pr: fw.Problem):
         nq=nq,
         subs=subs,
         has_segments=has_seg,
-        math=TritonMath(ptx=not pr.interpret),
+        math=_math(pr, e),
     )
     # Launch order: the GPU starts programs with grid axis 0 fastest. Heads first and query blocks last to first, so
     # the heavy programs of every head start early and the light ones (the first window's rows see fewer keys; all
@@ -342,7 +351,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             block_k=tl.block_k_dq,
             nq=nq,
             has_segments=has_seg,
-            math=TritonMath(ptx=not pr.interpret),
+            math=_math(pr, e),
         ),
         grid=(nq, b, hq),
         in_specs=[per_row, q_tile, full_kv, full_kv, q_tile, row_tile, row_tile]
@@ -370,7 +379,7 @@ def _bwd(q, k, v, q_pos, k_pos, seg, o, lse, do, dq_ranges, dkv_ranges, pr: fw.P
             block_q=tl.block_q_dkv,
             groups=g,
             has_segments=has_seg,
-            math=TritonMath(ptx=not pr.interpret),
+            math=_math(pr, e),
         ),
         grid=(nk, b, hk),
         in_specs=[per_row, group_q, kv_tile, kv_tile, group_q, group_rows, group_rows]

@@ -27,12 +27,12 @@ dense whatever each query selected.
   reads), ``dq`` the float32 sum of the pair rows; both are written straight into ``(b, t, hq, e)``. (The XLA
   versions in ``pairs.py``, which the TPU path uses, compute the same.)
 
-Masks: own-block pairs are causal (key position <= query position); every pair masks keys past ``block_size`` in
-the padded block and, with segment ids, other segments; padding slots gather query 0 and see nothing of blocks > 0
-(and are never read back). Scores, softmax statistics and accumulators are float32 (``preferred_element_type``),
-probabilities are cast to the input dtype only as matmul operands; float32 inputs use 3xTF32 dots when compiled
-(``TritonMath.dot``). The softmax runs in base 2 with ``TritonMath``'s single-instruction fma / ex2 (as
-``sliding_window_attention``).
+Masks: own-block pairs are causal (key position <= query position); every pair masks keys past ``block_size`` in the
+padded block and, with segment ids, other segments; padding slots gather query 0 and see nothing of blocks > 0 (and are
+never read back). Scores, softmax statistics and accumulators are float32 (``preferred_element_type``), probabilities
+are cast to the input dtype only as matmul operands; float32 inputs use IEEE float32 dots (``TritonMath.dot``; 3xTF32 as
+in the sliding-window kernels is not yet compiled and timed here). The softmax runs in base 2 with ``TritonMath``'s
+single-instruction fma / ex2 (as ``sliding_window_attention``).
 
 Triton rules kept: every loaded tile is a power of two >= 16 on each dimension (the head dim is zero-padded, key
 steps are ``min(block_k, next_power_of_2(block_size))`` keys, pair tiles ``rows``), loops are ``fori_loop``s, only

@@ -138,15 +138,17 @@ def test_lane_sums_rejects_bad_input(shapes):
 
 
 @pytest.mark.parametrize("compiled", _MODES)
+@pytest.mark.parametrize("fp32_dots", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dot_matches_float64(compiled, dtype):
-    # A (64, 64) x (64, 64)^T tile product, as the attention kernels form scores. float32 operands: IEEE in interpret
-    # mode, 3xTF32 compiled; both within 2**-19 of the float64 product relative to sum |a| |b| (one TF32 pass, 2**-11,
-    # fails this by far). bf16 operands: the products are exact in float32, so only the float32 accumulation errs.
+def test_dot_matches_float64(compiled, fp32_dots, dtype):
+    # A (64, 64) x (64, 64)^T tile product, as the attention kernels form scores. float32 operands: IEEE, or 3xTF32
+    # when compiled with fp32_dots="tf32x3"; both within 2**-19 of the float64 product relative to sum |a| |b| (one
+    # TF32 pass, 2**-11, fails this by far). bf16 operands: the products are exact in float32, so only the float32
+    # accumulation errs.
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
     a, b = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64) for x in (a, b))
-    math = TritonMath(ptx=compiled)
+    math = TritonMath(ptx=compiled, fp32_dots=fp32_dots)
 
     def kernel(a_ref, b_ref, o_ref):
         o_ref[...] = math.dot(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())))
@@ -156,3 +158,8 @@ def test_dot_matches_float64(compiled, dtype):
     want, scale = a @ b.T, np.abs(a) @ np.abs(b).T
     bound = scale * (2.0**-19 if dtype == jnp.float32 else 64 * 2.0**-24)
     assert (np.abs(got - want) <= bound).all(), np.max(np.abs(got - want) / scale)
+
+
+def test_fp32_dots_must_be_named():
+    with pytest.raises(ValueError, match=r"fp32_dots='tf32' must be 'ieee' or 'tf32x3'"):
+        TritonMath(ptx=False, fp32_dots="tf32")
