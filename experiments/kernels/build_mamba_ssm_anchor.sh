@@ -19,17 +19,8 @@ B=${2:-/tmp/mamba_ssm_anchor}
 mkdir -p "$B"
 B=$(cd "$B" && pwd)
 CUDA=${CUDA_HOME:-/usr/local/cuda}
-INC=$(python3 - <<'PY'
-import sysconfig
-from torch.utils import cpp_extension as ce
-try:
-    paths = ce.include_paths(device_type="cuda")
-except TypeError:  # older torch
-    paths = ce.include_paths(cuda=True)
-print(" ".join("-I" + p for p in paths + [sysconfig.get_paths()["include"]]))
-PY
-)
-ABI=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")"/torch_cuda_flags.sh
 DEFS="-DTORCH_EXTENSION_NAME=selective_scan_cuda -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=$ABI"
 # The flags of mamba_ssm's setup.py, for sm_90 only.
 NV="-O3 -std=c++17 --expt-relaxed-constexpr --expt-extended-lambda --use_fast_math -lineinfo -Xcompiler -fPIC

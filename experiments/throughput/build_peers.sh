@@ -45,17 +45,8 @@ t0=$(date +%s)
 bash "$HERE/../kernels/build_mamba_ssm_anchor.sh" "$SRC/mamba" "$B/mamba" >"$B/mamba.log" 2>&1 &
 anchor=$!
 
-INC=$(python3 - <<'PY'
-import sysconfig
-from torch.utils import cpp_extension as ce
-try:
-    paths = ce.include_paths(device_type="cuda")
-except TypeError:  # older torch
-    paths = ce.include_paths(cuda=True)
-print(" ".join("-I" + p for p in paths + [sysconfig.get_paths()["include"]]))
-PY
-) || { echo "build_peers.sh: no CUDA include paths from torch (a CUDA build of torch is needed)" >&2; exit 2; }
-ABI=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+# shellcheck source=/dev/null
+source "$HERE/../kernels"/torch_cuda_flags.sh
 CC="$SRC/causal-conv1d/csrc"
 DEFS="-DTORCH_EXTENSION_NAME=causal_conv1d_cuda -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=$ABI -I$CC"
 NV="-O3 -std=c++17 --expt-relaxed-constexpr --expt-extended-lambda --use_fast_math -lineinfo -Xcompiler -fPIC
