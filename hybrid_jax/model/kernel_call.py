@@ -7,6 +7,10 @@ rows of the batch. The batch axis is mapped to mesh axes with the same logical r
 (``activation_batch``, from ``nn.logical_axis_rules``); parameters and every non-batch axis are replicated across
 the other mesh axes (tensor-parallel devices of one batch shard compute the same rows). The pure-JAX paths
 ("reference", "xla") are left to XLA's partitioner, which handles them like any other array program.
+
+The batch is axis 0 of an argument or output unless ``batch_axes`` / ``out_batch_axes`` say otherwise: a decode
+cache stacked over layers ``(L, b, ...)`` has it at axis 1 (``selective_state_update`` with ``layer=``), and its
+shard_map spec is ``P(None, axes)``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def _batch_axes(batch: int, mesh) -> tuple[str, ...] | None:
     return axes
 
 
+def _batch_spec(axes: tuple[str, ...], axis: int) -> P:
+    """The shard_map spec of an array whose batch is ``axis``: sharded over ``axes`` there, replicated elsewhere."""
+    return P(*(None,) * axis, axes)
+
+
 def call_kernel(
     op: str,
     fn: Callable[..., Any],
@@ -44,6 +53,8 @@ def call_kernel(
     batched: Mapping[str, Any],
     shared: Mapping[str, Any],
     static: Mapping[str, Any],
+    batch_axes: Mapping[str, int] | None = None,
+    out_batch_axes: Any = 0,
 ):
     """Calls ``fn(**batched, **shared, **static, implementation=...)``, under shard_map when needed.
 
@@ -51,13 +62,17 @@ def call_kernel(
       op: the pallas_kernels op name (its registry entry resolves ``implementation``).
       fn: the public op function.
       implementation: as in the model's KernelConfig.
-      batched: array arguments whose axis 0 is the batch (or None); sharded over the batch mesh axes.
-      shared: array arguments without a batch axis (parameters; or None); replicated.
+      batched: array arguments with a batch axis (or None); sharded over the batch mesh axes.
+      shared: array arguments without a batch axis (parameters, a traced layer index; or None); replicated.
       static: Python values (flags, sizes).
+      batch_axes: the batch axis of the ``batched`` arguments where it is not 0 (by name).
+      out_batch_axes: the batch axis of every output: an int for all, or a tree of ints that is a prefix of the
+        output tree (e.g. ``(0, 1)`` for a y and a stacked state).
 
     Returns:
-      What ``fn`` returns; every output array must have the batch as axis 0.
+      What ``fn`` returns.
     """
+    batch_axes = dict(batch_axes or {})
     mesh = jax.sharding.get_abstract_mesh()
     dtype = next((x.dtype for x in batched.values() if x is not None), None)
     # Resolved once, here: the op receives the name (so "auto" is not resolved a second time inside it).
@@ -65,13 +80,13 @@ def call_kernel(
     call = lambda b, s: fn(**b, **s, **static, implementation=resolved)  # noqa: E731
     if mesh.empty or not resolved.startswith("pallas"):
         return call(dict(batched), dict(shared))
-    batch = next(x.shape[0] for x in batched.values() if x is not None)
+    batch = next(x.shape[batch_axes.get(k, 0)] for k, x in batched.items() if x is not None)
     axes = _batch_axes(batch, mesh)
     if axes is None:
         return call(dict(batched), dict(shared))
-    b_spec = {k: (None if v is None else P(axes)) for k, v in batched.items()}
+    b_spec = {k: (None if v is None else _batch_spec(axes, batch_axes.get(k, 0))) for k, v in batched.items()}
     s_spec = {k: (None if v is None else P()) for k, v in shared.items()}
-    # One spec as a prefix of the whole output tree: every output has the batch as axis 0.
-    return jax.shard_map(call, mesh=mesh, in_specs=(b_spec, s_spec), out_specs=P(axes), check_vma=False)(
+    out_spec = jax.tree.map(lambda axis: _batch_spec(axes, axis), out_batch_axes)  # a prefix of the output tree
+    return jax.shard_map(call, mesh=mesh, in_specs=(b_spec, s_spec), out_specs=out_spec, check_vma=False)(
         dict(batched), dict(shared)
     )

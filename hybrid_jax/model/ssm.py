@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.cache import SSMCache, layer_of
+from hybrid_jax.model.cache import SSMCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import (
@@ -126,8 +126,23 @@ def _pad_masked(valid, x, dt, pad_dt=PAD_DT):
     return jnp.where(valid[..., None], x, 0), jnp.where(valid[..., None], dt, pad_dt)
 
 
-def _write_layer(cache: SSMCache, layer, conv_state, ssm_state) -> SSMCache:
-    return SSMCache(cache.conv_state.at[layer].set(conv_state), cache.ssm_state.at[layer].set(ssm_state))
+def _state_update(config: ModelConfig, cache: SSMCache, layer, batched, shared, static):
+    """``selective_state_update`` of entry ``layer`` of the cache's stacked ``(L, b, h, p, n)`` state, in place (the
+    op takes and returns the whole stack: no layer-sized state is sliced out or set back around it).
+
+    Returns:
+      ``(y, ssm_state stack)``.
+    """
+    return call_kernel(
+        "selective_state_update",
+        selective_state_update,
+        config.kernels.selective_state_update,
+        batched=dict(state=cache.ssm_state, **batched),
+        shared=dict(shared, layer=jnp.asarray(layer, jnp.int32)),
+        static=static,
+        batch_axes=dict(state=1),
+        out_batch_axes=(0, 1),
+    )
 
 
 class MambaMixer(Mixer):
@@ -241,23 +256,22 @@ class MambaMixer(Mixer):
         """One token x ``(b, 1, d)``; ``cache`` is stacked over periods and ``layer`` picks this layer's entry,
         which is updated in place. Returns (update ``(b, 1, d)`` fp32, cache)."""
         del position, h
-        mine = layer_of(cache, layer)
         xs, z = jnp.split(self.in_proj(x[:, 0]), 2, axis=-1)
-        xs, conv_state = self.conv1d.step(xs, mine.conv_state)
+        xs, conv_state = self.conv1d.step(xs, cache.conv_state[layer])
         dt, B, C = self._project(xs)
-        # Mamba-1 in the per-channel layout of selective_state_update: one head (h = 1) of p = d channels.
-        y, ssm_state = call_kernel(
-            "selective_state_update",
-            selective_state_update,
-            self.config.kernels.selective_state_update,
-            batched=dict(
-                state=mine.ssm_state[:, None], x=xs[:, None], dt=dt[:, None], B=B[:, None], C=C[:, None], z=z[:, None]
-            ),
+        # Mamba-1 in the per-channel layout of selective_state_update: one head (h = 1) of p = d channels, so the
+        # (L, b, d, n) stack is viewed as (L, b, 1, d, n) (a reshape: no copy).
+        stacked = cache.replace(ssm_state=cache.ssm_state[:, :, None])
+        y, ssm_state = _state_update(
+            self.config,
+            stacked,
+            layer,
+            batched=dict(x=xs[:, None], dt=dt[:, None], B=B[:, None], C=C[:, None], z=z[:, None]),
             shared=dict(A=-jnp.exp(self.A_log)[None], D=self.D[None], dt_bias=self.dt_bias[None]),
             static=dict(dt_softplus=True),
         )
         y = self.out_proj(y[:, 0])[:, None]
-        return y.astype(jnp.float32), _write_layer(cache, layer, conv_state, ssm_state[:, 0])
+        return y.astype(jnp.float32), SSMCache(cache.conv_state.at[layer].set(conv_state), ssm_state[:, :, 0])
 
     @classmethod
     def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> SSMCache:
@@ -378,20 +392,20 @@ class Mamba2Mixer(Mixer):
     def step(self, x, cache: SSMCache, position, layer, *, h=None):
         """As :meth:`MambaMixer.step`."""
         del position, h
-        mine = layer_of(cache, layer)
         z, xBC, dt = self._split(self.in_proj(x[:, 0]))
-        xBC, conv_state = self.conv1d.step(xBC, mine.conv_state)
+        xBC, conv_state = self.conv1d.step(xBC, cache.conv_state[layer])
         xs, B, C = self._heads(xBC)
-        y, ssm_state = call_kernel(
-            "selective_state_update",
-            selective_state_update,
-            self.config.kernels.selective_state_update,
-            batched=dict(state=mine.ssm_state, x=xs, dt=dt, B=B, C=C),
+        y, ssm_state = _state_update(
+            self.config,
+            cache,
+            layer,
+            batched=dict(x=xs, dt=dt, B=B, C=C),
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
             static=dict(dt_softplus=True, dt_limit=self.config.mamba2.dt_limit),
         )
         y = self._gate(y.reshape(y.shape[0], -1), z)
-        return self.out_proj(y)[:, None].astype(jnp.float32), _write_layer(cache, layer, conv_state, ssm_state)
+        new = SSMCache(cache.conv_state.at[layer].set(conv_state), ssm_state)
+        return self.out_proj(y)[:, None].astype(jnp.float32), new
 
     @classmethod
     def init_cache(cls, config: ModelConfig, batch: int, max_len: int) -> SSMCache:

@@ -11,10 +11,17 @@ in one of two layouts: Mamba-2 (one ``dt`` and ``A`` per head: ``dt (b, h)``, ``
 bound by reading and writing the state: "pallas_gpu" (``pallas_gpu.py``, Triton) reads and writes every state element
 once and writes the new state into the old one's buffer (``input_output_aliases``; in place when the caller donates
 the state). There is no TPU kernel yet.
+
+Decode caches keep the state of every layer in one stack ``(L, b, h, p, n)``. With ``layer=`` the op takes that stack
+and updates only ``state[layer]`` (an int or a traced int32 scalar, e.g. the layer index of a ``lax.scan``), returning
+the whole stack: "xla" reads the layer with a dynamic slice and writes it back with one ``dynamic_update_slice`` (in
+place when the stack is a loop carry), "pallas_gpu" indexes the stack inside the kernel and aliases it to the output,
+so no layer-sized copy of the state is sliced out and written back around the update.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
@@ -54,6 +61,17 @@ OP = _platform.register(
     )
 )
 AVAILABLE = OP.available
+
+
+def _check_layer(state, layer) -> None:
+    """``layer`` picks an entry of a ``(L, b, h, p, n)`` stack: an integer scalar, in range when it is static."""
+    _checks.rank(_OP, "state", state, 5)
+    if isinstance(layer, int):
+        if not 0 <= layer < state.shape[0]:
+            raise ValueError(f"{_OP}: layer={layer} is out of range for state.shape={tuple(state.shape)}")
+        return
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"{_OP}: layer (shape {jnp.shape(layer)}, {jnp.result_type(layer)}) must be an integer scalar")
 
 
 def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
@@ -103,13 +121,14 @@ def selective_state_update(
     dt_bias=None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = DEFAULT_DT_LIMIT,
+    layer=None,
     implementation: str = "auto",
     interpret=False,
 ):
     """One decode token of a selective SSM: returns the output and the updated state.
 
     Args:
-      state: ``(b, h, p, n)`` float32 state before the token.
+      state: ``(b, h, p, n)`` float32 state before the token; with ``layer``, a stack ``(L, b, h, p, n)`` of them.
       x: ``(b, h, p)`` input of the token.
       dt: ``(b, h)`` (with ``A (h,)``) or ``(b, h, p)`` (with ``A (h, p, n)``) raw step sizes.
       A: ``(h,)`` per-head or ``(h, p, n)`` per-channel decay rates (negative in practice).
@@ -119,12 +138,15 @@ def selective_state_update(
       dt_bias: shaped like ``dt`` without the batch axis, or None.
       dt_softplus: apply softplus to ``dt + dt_bias``.
       dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
+      layer: None, or the entry of the stacked ``state`` to update (an int, or an integer scalar that may be traced);
+        the other entries are returned unchanged.
       implementation: "auto" (xla everywhere for now), "reference", "xla" or "pallas_gpu" (no TPU kernel yet).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform (a
         ``pltpu.InterpretParams`` is accepted and means True for "pallas_gpu"). Ignored by "reference" and "xla".
 
     Returns:
-      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32.
+      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32 (with ``layer``: the
+      whole ``(L, b, h, p, n)`` stack, entry ``layer`` updated).
 
     Raises:
       ValueError: bad shapes, dtypes or arguments (one line naming the argument).
@@ -133,9 +155,14 @@ def selective_state_update(
     """
     state, x, dt, A, B, C = (jnp.asarray(v) for v in (state, x, dt, A, B, C))
     D, z, dt_bias = (None if v is None else jnp.asarray(v) for v in (D, z, dt_bias))
-    _check(state, x, dt, A, B, C, D, z, dt_bias)
+    if layer is not None:
+        _check_layer(state, layer)
+        layer = jnp.asarray(layer, jnp.int32)
+    one = state if layer is None else jax.ShapeDtypeStruct(state.shape[1:], state.dtype)  # one layer's state
+    _check(one, x, dt, A, B, C, D, z, dt_bias)
     dt_limit = _check_dt_limit(_OP, dt_limit)
     check_interpret(_OP, interpret)
     impl = OP.resolve(implementation, interpret=interpret is not False, dtype=x.dtype)
     args = (state.astype(jnp.float32), x, dt, A, B, C, D, z, dt_bias)
-    return OP.run(impl, *args, dt_softplus=bool(dt_softplus), dt_limit=dt_limit, interpret=interpret)
+    kw = dict(dt_softplus=bool(dt_softplus), dt_limit=dt_limit, interpret=interpret)
+    return OP.run(impl, *args, **kw) if layer is None else OP.run(impl, *args, layer=layer, **kw)

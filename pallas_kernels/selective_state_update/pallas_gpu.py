@@ -24,6 +24,14 @@ the state is the product of thousands of decays and must not be rounded to 16 bi
 ``npow`` terms. ``exp``, the FMA and softplus are ``pallas_kernels._triton_math.TritonMath`` (single PTX instructions
 when compiled, plain jnp in interpret mode), as in the other GPU kernels; per-head decays are a scalar ``exp``.
 
+A stack of states. With ``layer``, ``state`` is the whole ``(L, b, h, p, n)`` stack of a decode cache and only entry
+``layer`` is updated, in place: the stack goes in with no BlockSpec (the kernel gets a ref of the whole array), the
+layer index as a one-element int32 array (Triton has no scalar prefetch, so it cannot reach an index map), and each
+program loads and stores its tile at ``state_ref.at[layer, bi, hi, rows, :]`` (masked as above). The stack's output
+aliases its input, so the entries no program visits keep their values and nothing state-sized is copied: the
+slice-update-write of the caller (a dynamic slice of the layer, the kernel, a ``dynamic_update_slice`` back) becomes
+one read and one write of the layer's state.
+
 Block sizes (``choose_config``): tiles of ``TILE_ELEMENTS`` = 4096 float32 (16 KB; 32 values per thread at 4 warps),
 halved (down to 16 rows) while the grid has fewer than ``MIN_PROGRAMS`` programs, so that small batches still spread
 over every SM. At batch 16, Mamba-2 1.3B (p 64, n 128) gets 32 x 128 tiles (2048 programs) and Mamba-1 1.4B
@@ -87,11 +95,19 @@ def choose_config(b: int, h: int, p: int, n: int) -> GpuConfig:
     return GpuConfig(block_p=block_p, num_warps=num_warps)
 
 
-def _selective_state_update_fwd_kernel(*refs, names, p, n, per_channel, dt_softplus, dt_limit, math: TritonMath):
-    """One ``(block_p, npow)`` state tile of one head of one batch row; ``names`` lists the input refs present."""
+def _selective_state_update_fwd_kernel(
+    *refs, names, p, n, block_p, npow, per_channel, dt_softplus, dt_limit, math: TritonMath
+):
+    """One ``(block_p, npow)`` state tile of one head of one batch row; ``names`` lists the input refs present.
+
+    With a ``layer`` input the state refs are the whole ``(L, b, h, p, n)`` stack: the tile is indexed here."""
     ins = dict(zip(names, refs))
     y_ref, new_ref = refs[len(names) :]
-    block_p, npow = new_ref.shape
+    state_ref = ins["state"]
+    if "layer" in ins:
+        tile_at = (ins["layer"][0], pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * block_p, block_p))
+        tile_at = tile_at + (pl.ds(0, npow),)
+        state_ref, new_ref = state_ref.at[tile_at], new_ref.at[tile_at]
     rows = pl.program_id(2) * block_p + lax.broadcasted_iota(jnp.int32, (block_p,), 0)
     row_ok = rows < p
     col_ok = lax.broadcasted_iota(jnp.int32, (npow,), 0) < n
@@ -112,7 +128,7 @@ def _selective_state_update_fwd_kernel(*refs, names, p, n, per_channel, dt_softp
     if tuple(dt_limit) != DEFAULT_DT_LIMIT:
         dt = jnp.clip(dt, dt_limit[0], dt_limit[1])
 
-    state = plgpu.load(ins["state"], mask=tile_ok, other=0.0)
+    state = plgpu.load(state_ref, mask=tile_ok, other=0.0)
     x = rows_of("x")
     B = plgpu.load(ins["B"], mask=col_ok, other=0.0).astype(_F32)
     C = plgpu.load(ins["C"], mask=col_ok, other=0.0).astype(_F32)
@@ -150,11 +166,13 @@ def selective_state_update_pallas_gpu(
     dt_limit: tuple[float, float],
     config: GpuConfig | None = None,
     interpret: bool = False,
+    layer=None,
 ):
     """The decode step with the Triton kernel above. Arguments are validated by ``api.selective_state_update``.
 
     Args:
-      state: ``(b, h, p, n)`` float32 (the output aliases it: donate it to update in place).
+      state: ``(b, h, p, n)`` float32 (the output aliases it: donate it to update in place); with ``layer``, the
+        ``(L, b, h, p, n)`` stack (aliased to the output as a whole).
       x: ``(b, h, p)``.
       dt: ``(b, h)`` with ``A (h,)``, or ``(b, h, p)`` with ``A (h, p, n)``.
       A: ``(h,)`` or ``(h, p, n)``.
@@ -166,11 +184,12 @@ def selective_state_update_pallas_gpu(
       dt_limit: ``(lo, hi)`` clamp of the processed dt (skipped when ``(0, inf)``).
       config: block sizes (static), or None for ``choose_config`` of the shape.
       interpret: run the kernel in Pallas interpret mode (any platform).
+      layer: None, or the int32 scalar index of the stack entry to update (may be traced).
 
     Returns:
-      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32.
+      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state shaped like ``state``, float32.
     """
-    b, h, p, n = state.shape
+    b, h, p, n = state.shape[-4:]
     g = B.shape[1]
     per_channel = A.ndim == 3
     config = choose_config(b, h, p, n) if config is None else config
@@ -185,6 +204,8 @@ def selective_state_update_pallas_gpu(
     head_rows = pl.BlockSpec((None, bp), lambda bi, hi, k: (hi, k))
     head_tile = pl.BlockSpec((None, bp, npow), lambda bi, hi, k: (hi, k, 0))
 
+    if layer is not None:
+        tile = pl.no_block_spec  # the whole stack: the kernel indexes its tile at [layer, bi, hi, rows, :]
     inputs = [
         ("state", state.astype(_F32), tile),
         ("x", x, rows),
@@ -195,6 +216,7 @@ def selective_state_update_pallas_gpu(
         ("D", D, None if D is None else (head_rows if D.ndim == 2 else head_scalar)),
         ("z", z, rows),
         ("dt_bias", dt_bias, head_rows if per_channel else head_scalar),
+        ("layer", None if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32), pl.no_block_spec),
     ]
     inputs = [(name, v, spec) for name, v, spec in inputs if v is not None]
     names = tuple(name for name, _, _ in inputs)
@@ -203,6 +225,8 @@ def selective_state_update_pallas_gpu(
         names=names,
         p=p,
         n=n,
+        block_p=bp,
+        npow=npow,
         per_channel=per_channel,
         dt_softplus=bool(dt_softplus),
         dt_limit=tuple(float(v) for v in dt_limit),
@@ -214,7 +238,8 @@ def selective_state_update_pallas_gpu(
         in_specs=[spec for _, _, spec in inputs],
         out_specs=[rows, tile],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(state.shape, _F32)],
-        input_output_aliases={0: 1},  # the new state reuses the state's buffer
+        # The new state reuses the state's buffer; a stack is aliased whole, so unvisited entries keep their values.
+        input_output_aliases={0: 1},
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
         name="selective_state_update_fwd",

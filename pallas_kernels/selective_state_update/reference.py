@@ -3,7 +3,8 @@
 A per-head-scalar layout (``A (h,)``, ``dt (b, h)``: Mamba-2) goes to ``ssd_step_reference``; a per-channel layout
 (``A (h, p, n)``, ``dt (b, h, p)``: Mamba-1 with h = 1, p = d) is flattened to channels and goes to
 ``selective_scan_step_reference``. Both are the bodies of the sequential scans the sequence ops are tested against,
-so this op inherits their semantics rather than restating them.
+so this op inherits their semantics rather than restating them. A stacked state with ``layer`` is sliced, updated
+and set back (``.at[layer].set``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from pallas_kernels.selective_scan.reference import selective_scan_step_referenc
 from pallas_kernels.ssd.reference import process_dt, ssd_step_reference
 
 
-def selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit):
+def selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit, layer=None):
     """Args and result as ``api.selective_state_update`` (arguments unchecked)."""
+    if layer is not None:  # a stack: the update of one entry, set back into the stack
+        y, new = selective_state_update_reference(
+            state[layer], x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit
+        )
+        return y, state.at[layer].set(new)
     if A.ndim == 1:
         return ssd_step_reference(
             state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit
