@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._compaction import Compaction
-from pallas_kernels._padding import FAR_POSITION, pad_to_multiple
+from pallas_kernels._padding import FAR_POSITION, next_power_of_2, pad_to_multiple
 
 # Key position of padded / empty slots: later than any real query; what ``_compaction.compact_selection`` writes into
 # unused buffer slots.
@@ -377,19 +377,15 @@ def fit_tiling(tiling: Tiling, s: int, block_size: int | None, *, minimum: int =
     ``block_size`` (the public tuning knob), when given, replaces every block size (rounded up to a power of two
     ``>= minimum``). Blocks never exceed ``next_power_of_2(max(s, minimum))``, so short sequences pad little.
     """
-    cap = max(minimum, _next_pow2(s))
+    cap = max(minimum, next_power_of_2(s))
     if block_size is not None:
-        size = min(cap, max(minimum, _next_pow2(block_size)))
+        size = min(cap, max(minimum, next_power_of_2(block_size)))
         tiling = tiling.map_blocks(lambda _: size)
     else:
         tiling = tiling.map_blocks(lambda n: min(n, cap))
     # A forward program never spans more rows than the capped sequence.
     per_program = max(1, min(tiling.q_blocks_per_program, cap // tiling.block_q))
     return dataclasses.replace(tiling, q_blocks_per_program=per_program)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 __all__ = [

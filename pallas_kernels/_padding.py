@@ -16,6 +16,11 @@ import jax.numpy as jnp
 FAR_POSITION = 1 << 30
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton tile sizes and padded head dims."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``n`` (Python ints, ``multiple >= 1``)."""
     if multiple < 1:

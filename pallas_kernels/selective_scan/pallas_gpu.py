@@ -99,7 +99,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._padding import round_up
+from pallas_kernels._padding import next_power_of_2, round_up
 from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
 from pallas_kernels.selective_scan import vjp
@@ -149,10 +149,6 @@ def choose_config(b: int, t: int, d: int, g: int) -> GpuConfig:
     ~1000)."""
     plan = make_plan(b, t, d, 16, g, config=DEFAULT_CONFIG)  # the chunking does not depend on n
     return SHORT_CHUNK_CONFIG if plan.chunks > 1 and plan.chunk <= SHORT_CHUNK_TOKENS else DEFAULT_CONFIG
-
-
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -243,7 +239,7 @@ def make_plan(
       The plan; ``chunk`` is a multiple of both unroll factors, which divide it.
     """
     dg = d // g
-    bd = min(config.block_d, _pow2_at_least(dg))
+    bd = min(config.block_d, next_power_of_2(dg))
     bdb = min(config.bwd_block_d, bd)
     dgp = round_up(dg, bd)
     blocks = g * dgp // bd
@@ -266,7 +262,7 @@ def make_plan(
         bd=bd,
         bdb=bdb,
         dgp=dgp,
-        npow=_pow2_at_least(n),
+        npow=next_power_of_2(n),
         chunk=chunk,
         chunks=-(-t // chunk),
         unroll=unroll,

@@ -164,5 +164,4 @@ def selective_state_update(
     check_interpret(_OP, interpret)
     impl = OP.resolve(implementation, interpret=interpret is not False, dtype=x.dtype)
     args = (state.astype(jnp.float32), x, dt, A, B, C, D, z, dt_bias)
-    kw = dict(dt_softplus=bool(dt_softplus), dt_limit=dt_limit, interpret=interpret)
-    return OP.run(impl, *args, **kw) if layer is None else OP.run(impl, *args, layer=layer, **kw)
+    return OP.run(impl, *args, dt_softplus=bool(dt_softplus), dt_limit=dt_limit, interpret=interpret, layer=layer)

@@ -50,6 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._padding import next_power_of_2
 from pallas_kernels._triton_math import TritonMath
 from pallas_kernels.ssd.reference import DEFAULT_DT_LIMIT
 
@@ -59,10 +60,6 @@ _OP = "selective_state_update"
 TILE_ELEMENTS = 4096  # state elements per program (16 KB of float32)
 MIN_PROGRAMS = 4 * 132  # about four programs per SM of an H100 before tiles are made smaller
 MIN_BLOCK_P = 16
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_window as fw
-from pallas_kernels._padding import round_up
+from pallas_kernels._padding import next_power_of_2, round_up
 from pallas_kernels._triton_math import LOG2E as _LOG2E
 from pallas_kernels._triton_math import TritonMath
 from pallas_kernels.sliding_window_attention import mosaic_gpu
@@ -88,7 +88,7 @@ DEFAULT_TILING = fw.Tiling(
 
 
 def _head_dim(e: int) -> int:
-    return max(16, 1 << (e - 1).bit_length())
+    return max(16, next_power_of_2(e))
 
 
 # Float32 dots of head dims up to this (after padding) use 3xTF32 on the tensor cores; larger ones IEEE: at 128 the

@@ -53,6 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._padding import next_power_of_2
 from pallas_kernels._triton_math import LOG2E, TritonMath
 from pallas_kernels.topk_attention import pairs
 from pallas_kernels.topk_attention.pairs import Problem, Tiling
@@ -72,17 +73,13 @@ COMBINE_ROWS = 64
 _UNROLL_STEPS = 2
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _head_dim(e: int) -> int:
-    return max(16, _pow2(e))
+    return max(16, next_power_of_2(e))
 
 
 def _key_tile(block_size: int, tiling: Tiling) -> tuple[int, int]:
     """``(block_k, sub_blocks)``: key steps of a power of two >= 16 keys, at most ``tiling.block_k``."""
-    block_k = min(tiling.block_k, max(16, _pow2(block_size)))
+    block_k = min(tiling.block_k, max(16, next_power_of_2(block_size)))
     return block_k, -(-block_size // block_k)
 
 

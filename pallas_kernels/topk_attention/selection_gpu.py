@@ -56,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._padding import next_power_of_2
 from pallas_kernels.topk_attention.reference import block_means, group_query_sums, num_blocks
 from pallas_kernels.topk_attention.selection import effective_top_k
 
@@ -93,13 +94,9 @@ DEFAULT_SELECT_TILING = SelectTiling()
 DOTS = ("bf16_split", "ieee")
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def list_width(top_k: int) -> int:
     """Columns of the running list and of the output block: ``top_k`` rounded up to a power of two >= 16."""
-    return max(16, _pow2(top_k))
+    return max(16, next_power_of_2(top_k))
 
 
 def _worst(vals, idx, live):
@@ -231,7 +228,7 @@ def _select_blocks_pallas_gpu(q, k, *, block_size: int, top_k: int, interpret: b
     rows, n = tiling.rows, tiling.blocks
     nb = num_blocks(t, block_size)
     tiles = -(-t // rows)
-    e_pad = max(16, _pow2(e))
+    e_pad = max(16, next_power_of_2(e))
     kp = list_width(kk)
     # Zero padding of the head dim adds exact zeros to every score; padded queries and blocks are never candidates.
     qs = jnp.pad(group_query_sums(q, hk), ((0, 0), (0, tiles * rows - t), (0, 0), (0, e_pad - e)))
