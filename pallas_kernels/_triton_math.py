@@ -15,9 +15,9 @@ Float32 operands are IEEE float32 (``Precision.HIGHEST``: one FFMA per product o
 asks for ``fp32_dots="tf32x3"``, which when compiled is ``lax.DotAlgorithmPreset.TF32_TF32_F32_X3`` (Triton splits
 each operand into a TF32 high part and a TF32 remainder and adds three tensor-core products, dropping only the low x
 low term: about 2**-22 relative error per product against 2**-24) and in interpret mode IEEE (XLA:CPU has no TF32
-algorithm). Measured on the H100 (experiments/mqar/README.md): a recall model's fp32 training step with the
-sliding-window kernels at head dim 64 took 17.9 ms with IEEE dots and 5.9 ms with 3xTF32; at head dim 128 the
-default tiles with 3xTF32 asked for 384 KiB of shared memory (227 KiB exist) and did not compile, so kernels choose.
+algorithm). 3xTF32 runs on the tensor cores and is several times faster (measurements in
+experiments/mqar/README.md), but its operand tiles take more shared memory: the sliding-window kernels' default tiles
+at head dim 128 do not fit in an H100's, so each kernel chooses.
 
 Works on scalars and on tensors of any shape (inline asm is elementwise with ``pack=1``); scalars always take the
 jnp path (they are uniform values Triton keeps in scalar registers).

@@ -8,10 +8,9 @@ Measures, for Transformer++, Mamba, Mamba-2, Samba and Taipan at the 1.3B preset
       and the device's peak bytes in use where the backend reports it.
 
 Each decode row carries its memory floor: (weight bytes + cache bytes moved per step: key/value slots read, recurrent
-states read and written) / the device copy bandwidth
-measured at the start of the same run (a jitted copy of a 1 GiB buffer; bandwidth = bytes read + written / the
-copy kernel's time on the device clock, from a profiler trace),
-and the ratio of the measured step time to it. The decode cells time ``--decode-steps`` steps of
+states read and written) / the device copy bandwidth measured at the start of the same run (a jitted copy of a 1 GiB
+buffer; bandwidth = bytes read + written / the copy kernel's time on the device clock, from a profiler trace), and
+the ratio of the measured step time to it. The decode cells time ``--decode-steps`` steps of
 ``hybrid_jax.inference``'s one-jit loop (``lax.while_loop`` over ``LanguageModel.step`` with the donated state), from
 a cache whose position is set to the context (the cache contents do not change the work of a step; a full-attention
 cache holds context + steps slots and every step reads all of them). Prefill cells time ``LanguageModel.prefill``
@@ -123,8 +122,7 @@ def copy_bandwidths(smoke: bool) -> dict:
 
     ``device``: from the copy kernel's span in a profiler trace (CUPTI timestamps; None where the trace holds no GPU
     kernel, e.g. on a CPU); ``host``: from a host clock around each synchronised call, which also counts JAX's
-    dispatch and wake-up. The floor uses ``device`` when there is one: session 12's host-clock figure on the H100
-    (1.92 TB/s) was well below the 2.81 TB/s recorded in the environment notes.
+    dispatch and wake-up, and reads low on a GPU. The floor uses ``device`` when there is one.
     """
     n = (16 if smoke else 1024) * 2**20 // 4
     x = jnp.arange(n, dtype=jnp.float32)
@@ -396,9 +394,7 @@ def _line(c: dict) -> str:
         return f"{head}  {c['seconds']:.4f} s  {c['tokens_per_s']:.4g} tok/s"
     line = f"{head}  {c['ms_per_step']:.3f} ms/step (floor {c['floor_ms_per_step']:.3f}, x{c['x_floor']:.2f})"
     if "kernels_top" in c:
-        line += (
-            f"\n    GPU busy {c['gpu_busy_ms_per_step']:.3f} ms/step, {c['kernels_per_step']:.0f} kernels/step:"
-        )
+        line += f"\n    GPU busy {c['gpu_busy_ms_per_step']:.3f} ms/step, {c['kernels_per_step']:.0f} kernels/step:"
         line += "".join(
             f"\n    {k['ms_per_step']:8.4f} ms x{k['calls_per_step']:<5.0f} {k['name']}" for k in c["kernels_top"][:15]
         )
