@@ -126,8 +126,8 @@ def _pad_masked(valid, x, dt, pad_dt=PAD_DT):
     return jnp.where(valid[..., None], x, 0), jnp.where(valid[..., None], dt, pad_dt)
 
 
-def _state_update(config: ModelConfig, cache: SSMCache, layer, batched, shared, static):
-    """``selective_state_update`` of entry ``layer`` of the cache's stacked ``(L, b, h, p, n)`` state, in place (the
+def _state_update(config: ModelConfig, state, layer, batched, shared, static):
+    """``selective_state_update`` of entry ``layer`` of a cache's stacked ``(L, b, h, p, n)`` state, in place (the
     op takes and returns the whole stack: no layer-sized state is sliced out or set back around it).
 
     Returns:
@@ -137,7 +137,7 @@ def _state_update(config: ModelConfig, cache: SSMCache, layer, batched, shared, 
         "selective_state_update",
         selective_state_update,
         config.kernels.selective_state_update,
-        batched=dict(state=cache.ssm_state, **batched),
+        batched=dict(state=state, **batched),
         shared=dict(shared, layer=jnp.asarray(layer, jnp.int32)),
         static=static,
         batch_axes=dict(state=1),
@@ -261,10 +261,9 @@ class MambaMixer(Mixer):
         dt, B, C = self._project(xs)
         # Mamba-1 in the per-channel layout of selective_state_update: one head (h = 1) of p = d channels, so the
         # (L, b, d, n) stack is viewed as (L, b, 1, d, n) (a reshape: no copy).
-        stacked = cache.replace(ssm_state=cache.ssm_state[:, :, None])
         y, ssm_state = _state_update(
             self.config,
-            stacked,
+            cache.ssm_state[:, :, None],
             layer,
             batched=dict(x=xs[:, None], dt=dt[:, None], B=B[:, None], C=C[:, None], z=z[:, None]),
             shared=dict(A=-jnp.exp(self.A_log)[None], D=self.D[None], dt_bias=self.dt_bias[None]),
@@ -397,7 +396,7 @@ class Mamba2Mixer(Mixer):
         xs, B, C = self._heads(xBC)
         y, ssm_state = _state_update(
             self.config,
-            cache,
+            cache.ssm_state,
             layer,
             batched=dict(x=xs, dt=dt, B=B, C=C),
             shared=dict(A=-jnp.exp(self.A_log), D=self.D, dt_bias=self.dt_bias),
