@@ -20,6 +20,13 @@ the larger contexts of that model and batch are not tried. Results are written t
 every cell (a rerun skips finished cells; ``--fresh`` starts over), then markdown tables (printed and
 ``results.md``) and PNG plots.
 
+``--anchor_build DIR`` (the BUILD_DIR of experiments/throughput/build_peers.sh) adds issue 17's same-run anchor: after
+the decode cells, ``mamba_ssm_decode.py`` (its docstring says what it times) runs in a subprocess at the same batches,
+contexts, steps and repeats on mamba_ssm's Mamba-2 (our mamba2 preset's config), its rows go to
+``results.json["anchor"]`` (or the reason it failed, and the sweep's results are kept), and the tables add the anchor's
+ms per step and our tokens/s over its tokens/s (> 1: ours is faster) for each Mamba-2 decode cell. The subprocess runs
+with ``JAX_PLATFORMS=cpu`` while this process's JAX idles; JAX keeps the device memory its allocator has taken.
+
 Commands (from the repository root):
 
     # The recorded run on one H100 (about 35-50 minutes; --budget-s stops starting new cells after that many
@@ -28,6 +35,10 @@ Commands (from the repository root):
     # Pallas decode kernels against the xla path in the same run (adds a decode sweep per kernel choice):
     python experiments/efficiency/run.py --out=experiments/efficiency/results_kernels --only=decode \
         --decode-kernels=xla,pallas_gpu --budget-s=2400
+    # Mamba-2 against mamba_ssm's CUDA-graph decode in the same run (build the anchor once per machine):
+    bash experiments/throughput/build_peers.sh .work/peers_src .work/peers_build
+    python experiments/efficiency/run.py --out=DIR --only=decode --models=mamba2 --batches=16,1 \
+        --decode-contexts=4096 --anchor_build .work/peers_build
     # Smoke test: tiny sizes on CPU in seconds (the test suite runs this):
     python experiments/efficiency/run.py --smoke --out=/tmp/efficiency_smoke
 """
@@ -40,7 +51,9 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import flax.linen as nn
@@ -48,10 +61,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
+import mamba_ssm_decode  # noqa: E402  (the anchor: its pure-Python helpers; torch is imported in its own process)
 
 from hybrid_jax.inference.generate import DecodeState, Plan, _advance, cache_bytes
 from hybrid_jax.model import LanguageModel, init_cache, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = {"transformer": "Transformer++", "mamba": "Mamba", "mamba2": "Mamba-2", "samba": "Samba", "taipan": "Taipan"}
 K = 1024
@@ -80,6 +97,10 @@ def parse_args(argv):
     p.add_argument("--profile", action="store_true", help="decode cells: also trace 2 calls and list the GPU kernels")
     p.add_argument("--smoke", action="store_true", help="tiny models and lengths (CPU, seconds)")
     p.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run in --out")
+    p.add_argument("--anchor-build", "--anchor_build", dest="anchor_build", default="",
+                   help="build_peers.sh BUILD_DIR: after the decode cells, time mamba_ssm's CUDA-graph decode of "
+                        "Mamba-2 at the same batches and contexts (default: no anchor)")  # fmt: skip
+    p.add_argument("--anchor-timeout-s", type=float, default=1200.0, help="stop the anchor after this many seconds")
     args = p.parse_args(argv)
     bad = [m for m in args.models.split(",") if m not in MODELS]
     if bad:
@@ -95,6 +116,12 @@ def parse_args(argv):
         if values is not None and min(values) < 1:
             p.error(f"--{flag.replace('_', '-')}={text!r}: expected comma-separated positive integers")
         setattr(args, flag, values)
+    if args.anchor_build:
+        if "mamba2" not in args.models.split(",") or args.only == "prefill":
+            p.error("--anchor_build: the anchor is Mamba-2 decode; it needs mamba2 in --models and --only=all|decode")
+        reason = mamba_ssm_decode.check_build(args.anchor_build)
+        if reason:
+            p.error(f"--anchor_build: {reason}")
     return args
 
 
@@ -300,7 +327,10 @@ class Results:
         self.data = {"meta": meta, "cells": {}}
         if not fresh and os.path.exists(self.path):
             with open(self.path) as f:
-                self.data["cells"] = json.load(f).get("cells", {})
+                old = json.load(f)
+            self.data["cells"] = old.get("cells", {})
+            if "anchor" in old:  # kept like the cells until an --anchor_build run replaces it
+                self.data["anchor"] = old["anchor"]
 
     def done(self, key: str) -> dict | None:
         cell = self.data["cells"].get(key)
@@ -308,6 +338,13 @@ class Results:
 
     def put(self, key: str, cell: dict) -> None:
         self.data["cells"][key] = cell
+        self.write()
+
+    def put_anchor(self, record: dict) -> None:
+        self.data["anchor"] = record
+        self.write()
+
+    def write(self) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)
@@ -383,7 +420,147 @@ def run_sweep(args) -> Results:
                 res.put(key, cell)
                 print(_line(cell), flush=True)
             del params
+    if args.anchor_build:
+        run_anchor(args, res)
     return res
+
+
+# ------------------------------------------------------------------------------------------------- the anchor
+
+
+def run_anchor(args, res: Results, runner=None) -> dict:
+    """Runs mamba_ssm_decode.py at the decode cells' batches, contexts, steps and repeats and stores its record (rows,
+    or the reason there are none) as ``results.json["anchor"]``. ``runner(cmd, timeout_s, log_path) -> {"rc",
+    "timed_out", "tail"}`` (default: a subprocess whose output is echoed and logged to ``--out``)."""
+    batches = SMOKE["batches"] if args.smoke else args.batches or DECODE_BATCHES
+    contexts = SMOKE["decode"] if args.smoke else args.decode_contexts or DECODE_CONTEXTS
+    out = os.path.join(args.out, "anchor_mamba_ssm.json")
+    if os.path.exists(out):
+        os.remove(out)  # no rows of an earlier run may pass for this one's
+    cmd = [sys.executable, mamba_ssm_decode.__file__, "--peers_build", args.anchor_build, "--size", args.size]
+    cmd += ["--batches", ",".join(map(str, batches)), "--contexts", ",".join(map(str, contexts))]
+    cmd += ["--steps", str(args.decode_steps), "--repeats", str(args.repeats), "--out", out]
+    print(f"anchor: {' '.join(cmd)}", flush=True)
+    record = {"command": cmd, "jax_memory_at_start": device_memory(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.time()
+    try:
+        result = (runner or _run_logged)(cmd, args.anchor_timeout_s, out.replace(".json", ".log"))
+    except Exception as e:  # the anchor must not cost the sweep its results
+        result = {"rc": None, "timed_out": False, "tail": f"{type(e).__name__}: {e}"[:300]}
+    record.update(rc=result["rc"], seconds=time.time() - t0)
+    try:
+        with open(out) as f:
+            measured = json.load(f)
+    except (OSError, ValueError):
+        measured = {}
+    rows = measured.pop("rows", [])
+    record.update(measured=measured, rows=rows)
+    if result["rc"] == 0:
+        record["status"] = "ok"
+    else:
+        record["status"] = "partial" if any(r["status"] == "ok" for r in rows) else "failed"
+        failed = [f"b{r['batch']} {r['context']}: {r.get('note')}" for r in rows if r["status"] != "ok"]
+        if result["timed_out"]:
+            record["reason"] = f"timed out after {args.anchor_timeout_s:.0f} s"
+        else:
+            record["reason"] = "; ".join(failed) or result["tail"] or f"exit status {result['rc']}, no output"
+        print(f"anchor {record['status']}: {record['reason']}", flush=True)
+    res.put_anchor(record)
+    return record
+
+
+def _run_logged(cmd, timeout_s: float, log_path: str) -> dict:
+    """Runs ``cmd`` with its output echoed (prefixed) and written to ``log_path``; kills it after ``timeout_s``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the anchor's process reads our preset on the CPU only
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    killed = threading.Event()
+    timer = threading.Timer(timeout_s, lambda: (killed.set(), proc.kill()))
+    timer.start()
+    last = ""
+    try:
+        with open(log_path, "w") as log:
+            for line in proc.stdout:
+                log.write(line)
+                print(f"  [anchor] {line}", end="", flush=True)
+                last = line.strip() or last
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    return {"rc": rc, "timed_out": killed.is_set(), "tail": last[:300]}
+
+
+def anchor_comparison(data: dict) -> list[dict]:
+    """Our Mamba-2 decode cells beside the anchor's at the same batch and context.
+
+    ``ratio`` = our tokens/s / the anchor's generate tokens/s (the same batch: its ms per step / ours; > 1: ours is
+    faster), ``ratio_graph`` the same against its graph replay alone. ``anchor_floor_ms_per_step`` is the anchor's
+    own memory floor by our rule (weights + its states read and written) at the run's copy bandwidth.
+    """
+    anchor = data.get("anchor") or {}
+    by = {(r["batch"], r["context"]): r for r in anchor.get("rows", [])}
+    bandwidth = data["meta"].get("copy_bandwidth_bytes_per_s")
+    rows = []
+    for c in data["cells"].values():
+        a = by.get((c["batch"], c["length"]))
+        if c["model"] != "mamba2" or c["kind"] != "decode" or a is None:
+            continue
+        row = {"batch": c["batch"], "context": c["length"], "kernels": c["kernels"]}
+        row.update(ours_status=c["status"], anchor_status=a["status"], anchor_note=a.get("note"))
+        if c["status"] == "ok":
+            row.update(ours_ms_per_step=c["ms_per_step"], ours_x_floor=c.get("x_floor"))
+        if a["status"] == "ok":
+            row.update(anchor_ms_per_step=a["ms_per_step"], anchor_ms_per_step_graph=a.get("ms_per_step_graph"))
+            if bandwidth and a.get("weight_bytes") and a.get("state_bytes"):
+                row["anchor_floor_ms_per_step"] = 1e3 * (a["weight_bytes"] + 2 * a["state_bytes"]) / bandwidth
+        if c["status"] == "ok" and a["status"] == "ok":
+            row["ratio"] = a["ms_per_step"] / c["ms_per_step"]
+            graph = a.get("ms_per_step_graph")
+            row["ratio_graph"] = None if graph is None else graph / c["ms_per_step"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: (-r["batch"], r["context"], r["kernels"]))
+
+
+def anchor_table(data: dict) -> str:
+    anchor = data.get("anchor")
+    if not anchor:
+        return ""
+    m, rows = anchor.get("measured", {}), anchor_comparison(data)
+    out = ["\n### (b) Mamba-2 decode against mamba_ssm's CUDA-graph decode (same run)\n"]
+    if anchor.get("status") != "ok":
+        out.append(f"mamba_ssm anchor {anchor.get('status')}: {anchor.get('reason')}\n")
+    if not rows:
+        return "\n".join(out)
+    out += [
+        f"mamba_ssm {m.get('mamba_ssm')} at {m.get('mamba_ssm_commit')}, torch {m.get('torch')}, triton "
+        f"{m.get('triton')}, {m.get('device')}; its state in {_state_dtype(anchor)}. Ratio: our tokens/s / "
+        "mamba_ssm's (> 1: ours is faster), against its generate and against its graph replay alone.\n",
+        "| batch | context | ours (kernels) ms/step | ours x floor | mamba_ssm generate ms/step | mamba_ssm graph "
+        "ms/step | mamba_ssm x its floor | ratio (generate) | ratio (graph) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        ours = num(r.get("ours_ms_per_step"), ".3f") if r["ours_status"] == "ok" else r["ours_status"].upper()
+        if r["anchor_status"] == "ok":
+            gen, graph = num(r["anchor_ms_per_step"], ".3f"), num(r["anchor_ms_per_step_graph"], ".3f")
+        else:
+            gen, graph = f"{r['anchor_status'].upper()} ({r['anchor_note']})", "-"
+        floor = r.get("anchor_floor_ms_per_step")
+        x_anchor = "-" if floor is None else f"x{r['anchor_ms_per_step'] / floor:.2f}"
+        x_ours = "-" if r.get("ours_x_floor") is None else f"x{r['ours_x_floor']:.2f}"
+        out.append(
+            f"| {r['batch']} | {_len(r['context'])} | {ours} ({r['kernels']}) | {x_ours} | {gen} | {graph} | "
+            f"{x_anchor} | {num(r.get('ratio'), '.2f')} | {num(r.get('ratio_graph'), '.2f')} |"
+        )
+    return "\n".join(out)
+
+
+def _state_dtype(anchor: dict) -> str:
+    return next((r["state_dtype"] for r in anchor.get("rows", []) if r.get("state_dtype")), "?")
 
 
 def _line(c: dict) -> str:
@@ -447,6 +624,8 @@ def tables(res: Results) -> str:
         )
         grid(f"(c) decode, batch {b}: cache GiB / program GiB", "decode", b,
              lambda c: f"{_fmt_bytes(c['cache_bytes'])} / {_fmt_bytes(c['program_bytes'])}")  # fmt: skip
+    if "anchor" in res.data:
+        out.append(anchor_table(res.data))
     return "\n".join(out)
 
 

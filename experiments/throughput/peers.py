@@ -155,6 +155,29 @@ def add_build_to_path(build: str | None) -> str | None:
     return build
 
 
+def mamba_ssm_fused_path(key: str) -> dict:
+    """``{check: bool}`` of mamba_ssm's fused training path for ``key`` (mamba or mamba2); raises PeerUnavailable
+    when mamba_ssm or its model classes do not import. Also used by experiments/efficiency/mamba_ssm_decode.py."""
+    try:
+        import mamba_ssm.modules.mamba_simple as mamba_simple
+        import mamba_ssm.ops.selective_scan_interface as ssi
+        import mamba_ssm.ops.triton.ssd_combined as ssd_combined
+        from mamba_ssm.models.config_mamba import MambaConfig  # noqa: F401
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: F401
+    except Exception as e:
+        raise PeerUnavailable(
+            f"mamba_ssm import failed ({type(e).__name__}: {_first_line(e)}); build it with build_peers.sh and "
+            "pass --peers_build"
+        ) from None
+    if key == "mamba":
+        return {
+            "causal_conv1d_fn": mamba_simple.causal_conv1d_fn is not None,
+            "causal_conv1d_cuda": ssi.causal_conv1d_fwd_function is not None,
+            "selective_scan_cuda": ssi.selective_scan_cuda is not None,
+        }
+    return {"causal_conv1d_cuda": ssd_combined.causal_conv1d_fwd_function is not None}
+
+
 def build_model(key: str, cfg: dict, allow_unfused: bool):
     """``(model on the GPU in fp32, {check: bool} of the fused path)``; raises PeerUnavailable."""
     import torch
@@ -167,25 +190,10 @@ def build_model(key: str, cfg: dict, allow_unfused: bool):
         model = LlamaForCausalLM._from_config(LlamaConfig(**cfg), attn_implementation="sdpa", dtype=torch.float32)
         fused = {"attn_implementation_sdpa": model.config._attn_implementation == "sdpa"}
     else:
-        try:
-            import mamba_ssm.modules.mamba_simple as mamba_simple
-            import mamba_ssm.ops.selective_scan_interface as ssi
-            import mamba_ssm.ops.triton.ssd_combined as ssd_combined
-            from mamba_ssm.models.config_mamba import MambaConfig
-            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-        except Exception as e:
-            raise PeerUnavailable(
-                f"mamba_ssm import failed ({type(e).__name__}: {_first_line(e)}); build it with build_peers.sh and "
-                "pass --peers_build"
-            ) from None
-        if key == "mamba":
-            fused = {
-                "causal_conv1d_fn": mamba_simple.causal_conv1d_fn is not None,
-                "causal_conv1d_cuda": ssi.causal_conv1d_fwd_function is not None,
-                "selective_scan_cuda": ssi.selective_scan_cuda is not None,
-            }
-        else:
-            fused = {"causal_conv1d_cuda": ssd_combined.causal_conv1d_fwd_function is not None}
+        fused = mamba_ssm_fused_path(key)
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
         if not all(fused.values()) and not allow_unfused:
             missing = ", ".join(k for k, v in fused.items() if not v)
             raise PeerUnavailable(f"fused path unavailable ({missing} missing); --allow_unfused measures the fallback")
