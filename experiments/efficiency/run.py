@@ -67,6 +67,7 @@ import mamba_ssm_decode  # noqa: E402  (the anchor: its pure-Python helpers; tor
 
 from hybrid_jax.inference.generate import DecodeState, Plan, _advance, cache_bytes
 from hybrid_jax.model import LanguageModel, init_cache, preset
+from pallas_kernels import decode_attention, selective_state_update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,6 +108,10 @@ def parse_args(argv):
         p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     if args.decode_steps < 1 or args.repeats < 1:
         p.error("--decode-steps and --repeats must be >= 1")
+    known = {"auto"}.union(*DECODE_OPS.values())
+    unknown = [k for k in args.decode_kernels.split(",") if k not in known]
+    if unknown:
+        p.error(f"--decode-kernels: unknown {unknown}; choose from {sorted(known)}")
     for flag in ("prefill_lengths", "decode_contexts", "batches"):
         text = getattr(args, flag)
         try:
@@ -172,14 +177,19 @@ def compiled_bytes(compiled) -> int | None:
         return None
 
 
+# The decode-step ops that ``--decode-kernels`` switches, with the implementations each has. A choice applies to the
+# ops that have it (``pallas_gpu`` is the state update's kernel; decode attention has none and stays on ``auto``).
+DECODE_OPS = {
+    "selective_state_update": selective_state_update.AVAILABLE,
+    "decode_attention": decode_attention.AVAILABLE,
+}
+
+
 def build(name: str, args, kernels: str):
     cfg = preset(name, args.size, dtype=args.dtype, param_dtype=args.dtype)
+    chosen = {op: kernels for op, available in DECODE_OPS.items() if kernels in available}
     if kernels != "auto":
-        cfg = cfg.replace(
-            kernels=cfg.kernels.__class__(
-                **{**cfg.kernels.__dict__, "selective_state_update": kernels, "decode_attention": kernels}
-            )
-        )
+        cfg = cfg.replace(kernels=cfg.kernels.__class__(**{**cfg.kernels.__dict__, **chosen}))
     model = LanguageModel(cfg)
     params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
     return cfg, model, params

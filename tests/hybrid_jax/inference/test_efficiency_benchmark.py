@@ -1,5 +1,6 @@
 """experiments/efficiency/run.py --smoke: tiny models on CPU; results JSON, tables and plots are written."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,3 +24,29 @@ def test_smoke_run_writes_results(tmp_path):
     assert all(c["ms_per_step"] > 0 and c["floor_ms_per_step"] > 0 and c["cache_bytes"] > 0 for c in decode)
     assert "(b) decode, batch 2: ms per step" in proc.stdout
     assert (out / "results.md").exists() and (out / "prefill.png").exists()
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("efficiency_run", os.path.join(REPO, "experiments/efficiency/run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_decode_kernel_choice_applies_only_to_the_ops_that_have_it():
+    # pallas_gpu is the state update's kernel; decode attention has none, so a hybrid keeps its default there.
+    eff = _run_module()
+    args = eff.parse_args(["--smoke", "--size=tiny", "--models=samba"])
+    default = eff.preset("samba", "tiny").kernels
+    cfg, _, _ = eff.build("samba", args, "pallas_gpu")
+    assert cfg.kernels.selective_state_update == "pallas_gpu"
+    assert cfg.kernels.decode_attention == default.decode_attention
+    cfg, _, _ = eff.build("samba", args, "xla")
+    assert (cfg.kernels.selective_state_update, cfg.kernels.decode_attention) == ("xla", "xla")
+
+
+def test_an_unknown_decode_kernel_is_refused_by_name(capsys):
+    eff = _run_module()
+    with pytest.raises(SystemExit):
+        eff.parse_args(["--decode-kernels=xla,triton"])
+    assert "--decode-kernels: unknown ['triton']" in capsys.readouterr().err
