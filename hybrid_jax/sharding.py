@@ -1,12 +1,16 @@
 """Sharding: the device mesh, logical axis names -> mesh axes, and the shardings of parameters and batches.
 
-The mesh has three named axes (MaxText / the Flax lm1b example): ``data`` (pure data parallelism), ``fsdp``
-(data parallelism with parameters and optimizer state sharded over it, ZeRO-3 style) and ``tensor`` (Megatron-style
-tensor parallelism over MLP hidden units, heads and SSM channels). Model code never names mesh axes: parameters are
+The mesh has four named axes (MaxText / the Flax lm1b example): ``data`` (pure data parallelism), ``fsdp``
+(data parallelism with parameters and optimizer state sharded over it, ZeRO-3 style), ``tensor`` (Megatron-style
+tensor parallelism over MLP hidden units, heads and SSM channels) and ``sequence`` (sequence / context parallelism:
+every device of a row's group holds one contiguous chunk of its tokens; the SSM mixers pass their state across the
+chunk boundaries, :mod:`hybrid_jax.model.sequence_parallel`). A mesh shape of three sizes means ``sequence=1`` (the
+configs written before the sequence axis); size-1 axes shard nothing. Model code never names mesh axes: parameters are
 created with logical axis names (``hybrid_jax.model.layers``: embed, vocab, mlp, heads, ssm_inner, ...; ``layers`` for
 the scanned period axis) and activations are constrained with ``activation_*`` names. A table of rules, kept in the
 run's config, maps each logical name to mesh axes; :data:`DEFAULT_RULES` shards the batch over (data, fsdp), the
-model width over fsdp and the "wide" axes over tensor.
+model width over fsdp, the "wide" axes over tensor and the
+tokens of every row (``activation_length``, and ``length`` of a ``(b, t)`` batch) over sequence.
 
 A dimension whose size is not divisible by the product of its mesh axes is left unsharded (the mapping drops those
 axes for that array only; ``jit`` cannot place uneven shards), so odd sizes such as a SAL gate's two logits or a
@@ -28,15 +32,26 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Named mesh shapes for config.mesh.shape (data, fsdp, tensor, sequence); -1 takes the remaining devices.
+MESH_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "data": (-1, 1, 1, 1),  # pure data parallelism
+    "fsdp": (1, -1, 1, 1),  # ZeRO-3: parameters and optimizer state sharded over every device
+    "tensor": (1, 1, -1, 1),  # tensor parallelism only
+    "sequence": (1, 1, 1, -1),  # sequence parallelism only (one long row over every device)
+    "fsdp_tensor2": (1, -1, 2, 1),  # fsdp x 2-way tensor parallelism
+    "fsdp_sequence2": (1, -1, 1, 2),  # fsdp x 2-way sequence parallelism
+}
 
 # Logical name -> mesh axis (or axes, or None: replicated). Order matters only for names listed twice (first wins).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # activations (hybrid_jax.model.blocks.constrain) and batches
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "sequence"),
     ("activation_embed", None),
     ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
     # parameters
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -63,7 +78,7 @@ def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
     """Rules as a tuple of ``(logical name, None | mesh axis | tuple of mesh axes)``, validated.
 
     Raises:
-      ValueError: a rule is not a pair, or names a mesh axis other than data / fsdp / tensor.
+      ValueError: a rule is not a pair, or names a mesh axis other than data / fsdp / tensor / sequence.
     """
     if rules is None:
         return DEFAULT_RULES
@@ -83,15 +98,26 @@ def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Fills a single ``-1`` entry of ``shape`` so that the product is ``num_devices``.
+def resolve_mesh_shape(shape: Sequence[int] | str, num_devices: int) -> tuple[int, ...]:
+    """The four sizes of (data, fsdp, tensor, sequence): a preset name resolved, three sizes extended with
+    ``sequence=1``, a single ``-1`` entry filled so that the product is ``num_devices``.
 
     Raises:
-      ValueError: wrong rank, non-positive entries, more than one -1, or a product other than ``num_devices``.
+      ValueError: an unknown preset, wrong rank, non-positive entries, more than one -1, or a product other than
+        ``num_devices``.
     """
+    if isinstance(shape, str):
+        if shape not in MESH_PRESETS:
+            raise ValueError(f"mesh.shape={shape!r} is not a preset; the presets are {sorted(MESH_PRESETS)}")
+        shape = MESH_PRESETS[shape]
     shape = tuple(shape)
-    if len(shape) != len(MESH_AXES) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
-        raise ValueError(f"mesh.shape={shape!r} must be {len(MESH_AXES)} integers for the axes {MESH_AXES}")
+    ints = all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    if len(shape) not in (len(MESH_AXES) - 1, len(MESH_AXES)) or not ints:
+        raise ValueError(
+            f"mesh.shape={shape!r} must be {len(MESH_AXES)} integers for the axes {MESH_AXES} (or the first 3, "
+            "sequence=1), or a preset name"
+        )
+    shape = shape + (1,) * (len(MESH_AXES) - len(shape))
     if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
         raise ValueError(f"mesh.shape={shape!r} must hold positive sizes and at most one -1 (the remaining devices)")
     known = math.prod(s for s in shape if s != -1)
@@ -110,10 +136,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of every process) with Auto axis types.
+    """A (data, fsdp, tensor, sequence) mesh over all devices (of every process) with Auto axis types.
 
     Args:
-      shape: sizes of (data, fsdp, tensor); one entry may be -1 (all remaining devices).
+      shape: sizes of (data, fsdp, tensor, sequence), or of the first three (sequence=1), or a preset name of
+        :data:`MESH_PRESETS`; one entry may be -1 (all remaining devices).
       devices: the devices (default ``jax.devices()``).
 
     Raises:
@@ -126,10 +153,11 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
+    """Devices along ``axes``; an axis the mesh lacks counts as size 1 (a mesh may omit any axis)."""
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
@@ -149,10 +177,10 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
             axes = None  # uneven shards are not allowed as jit in/out shardings
         # Size-1 mesh axes shard nothing; dropping them keeps specs readable and comparable across meshes.
         if isinstance(axes, tuple):
-            axes = tuple(a for a in axes if mesh.shape[a] > 1) or None
+            axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1) or None
             if axes is not None and len(axes) == 1:
                 axes = axes[0]
-        elif axes is not None and mesh.shape[axes] == 1:
+        elif axes is not None and mesh.shape.get(axes, 1) == 1:
             axes = None
         fixed.append(axes)
     while fixed and fixed[-1] is None:
@@ -197,9 +225,17 @@ def shardings_like(tree: Any, reference_treedef, reference_shardings: Any, mesh:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-    """Sharding of a ``(b, t, ...)`` batch array: the batch dim over the rule for ``batch``, the rest replicated."""
-    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), tuple(rules))
+    """Sharding of a ``(b, t, ...)`` batch array: the batch dim over the rule for ``batch``, the tokens over the rule
+    for ``length`` (the sequence axis), the rest replicated."""
+    names = ("batch",) + (("length",) if ndim > 1 else ()) + (None,) * (ndim - 2)
+    spec = nn.logical_to_mesh_axes(names, tuple(rules))
     return NamedSharding(mesh, spec)
+
+
+def length_shards(mesh: Mesh, rules: Rules) -> int:
+    """Number of chunks the token dimension of a batch is split into (every sequence length must be a multiple)."""
+    spec = nn.logical_to_mesh_axes(("length",), tuple(rules))
+    return _axis_size(mesh, spec[0] if len(spec) else None)
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:
@@ -219,7 +255,9 @@ def process_batch_block(sharding: NamedSharding, global_batch: int) -> tuple[int
       ValueError: the process's rows are not one contiguous block (a mesh whose device order interleaves
         processes along the batch axis).
     """
-    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    # Only the batch dimension matters here (a sequence-sharded token dimension splits rows, not processes' rows).
+    rows_only = NamedSharding(sharding.mesh, P(*sharding.spec[:1]))
+    index_map = rows_only.addressable_devices_indices_map((global_batch, 1))
     rows = set()
     for idx in index_map.values():
         s = idx[0]
@@ -258,9 +296,11 @@ def describe_shardings(shardings: Any, abstract: Any | None = None) -> dict[str,
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
+    "MESH_PRESETS",
     "batch_shards",
     "batch_sharding",
     "describe_shardings",
+    "length_shards",
     "logical_to_spec",
     "make_mesh",
     "normalize_rules",

@@ -24,6 +24,7 @@ from hybrid_jax.model.mlp import SquaredReLUMLP, SwiGLU
 from hybrid_jax.model.moe import MoESwiGLU
 from hybrid_jax.model.parallel import AttentionMamba2Mixer
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
+from hybrid_jax.model.sequence_parallel import sequence_axes
 from hybrid_jax.model.shared_block import SharedAttentionMamba2Mixer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 from hybrid_jax.model.topk_attention import TopKAttentionMixer
@@ -93,6 +94,11 @@ class Block(nn.Module):
 
     def __call__(self, h, *, segment_ids=None, positions=None, h0=None, shared=None):
         """h ``(b, t, d)`` fp32 -> (h, aux or None); caches come from :meth:`prefill`."""
+        if self.mixer.SEQUENCE_PARALLEL == "unsupported" and (axes := sequence_axes()):
+            raise NotImplementedError(
+                f"{type(self.mixer).__name__} ({self.kind.value}) does not run with the tokens split over the mesh's "
+                f"sequence axes {axes}; use a mesh with sequence=1"
+            )
         hn, extra = self._inputs(h, h0, shared)
         update, aux = self.mixer(hn, h=h, segment_ids=segment_ids, positions=positions, **extra)
         return h + self._scaled(update), aux

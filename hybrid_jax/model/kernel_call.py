@@ -8,6 +8,10 @@ rows of the batch. The batch axis is mapped to mesh axes with the same logical r
 the other mesh axes (tensor-parallel devices of one batch shard compute the same rows). The pure-JAX paths
 ("reference", "xla") are left to XLA's partitioner, which handles them like any other array program.
 
+Mixers that split their sequence core over the batch, sequence and tensor axes themselves (the SSM mixers, see
+:mod:`hybrid_jax.model.sequence_parallel`) call ops inside their own ``shard_map``; there the mesh axes are manual and
+``call_kernel`` runs the op directly.
+
 The batch is axis 0 of an argument or output unless ``batch_axes`` / ``out_batch_axes`` say otherwise: a decode
 cache stacked over layers ``(L, b, ...)`` has it at axis 1 (``selective_state_update`` with ``layer=``), and its
 shard_map spec is ``P(None, axes)``.
@@ -25,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from hybrid_jax.model.layers import ACT_BATCH
+from hybrid_jax.model.sequence_parallel import manual_axes
 
 
 def _batch_axes(batch: int, mesh) -> tuple[str, ...] | None:
@@ -78,7 +83,9 @@ def call_kernel(
     # Resolved once, here: the op receives the name (so "auto" is not resolved a second time inside it).
     resolved = pallas_kernels.resolve_implementation(op, implementation, dtype)
     call = lambda b, s: fn(**b, **s, **static, implementation=resolved)  # noqa: E731
-    if mesh.empty or not resolved.startswith("pallas"):
+    # Inside a shard_map body (a mixer's sequence-parallel core, hybrid_jax.model.sequence_parallel) the arrays are
+    # already local blocks: wrapping again would be wrong, so the op runs as it is.
+    if mesh.empty or not resolved.startswith("pallas") or manual_axes():
         return call(dict(batched), dict(shared))
     batch = next(x.shape[batch_axes.get(k, 0)] for k, x in batched.items() if x is not None)
     axes = _batch_axes(batch, mesh)

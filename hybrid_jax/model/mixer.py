@@ -31,6 +31,16 @@ Optional, for mixers that need more than their own layer (Zamba2's shared blocks
   residual stream itself as ``hn`` and has no norm of its own.
 * ``index`` (field): the layer's position among the period's layers of its kind, e.g. to pick one of several shared
   parameter sets.
+
+How the mixer runs when the mesh has a sequence axis (rule ``activation_length``, :mod:`hybrid_jax.sharding`):
+
+* ``SEQUENCE_PARALLEL`` (class attribute): ``"native"``: the mixer splits its sequence work over the sequence axis
+  itself, passing only boundary data between devices (the SSM mixers, :mod:`hybrid_jax.model.sequence_parallel`;
+  pointwise mixers such as MLPs, whose tokens are independent); ``"gather"`` (the default): correct but not memory
+  scalable: its pure-JAX ops are partitioned by XLA and its Pallas ops are entered through ``call_kernel``, whose
+  ``shard_map`` replicates the time axis (every device gathers the whole sequence of its rows); ``"unsupported"``:
+  the block raises ``NotImplementedError`` naming the mixer and the axis. A mixer that gains a sequence-parallel
+  path (halo exchange, ring attention) sets ``"native"``.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ class Mixer(nn.Module):
 
     INPUTS: ClassVar[tuple[str, ...]] = ()  # model-level inputs read: "h0" and/or "shared"
     NORM: ClassVar[bool] = True  # the block normalises the mixer's input
+    SEQUENCE_PARALLEL: ClassVar[str] = "gather"  # "native" | "gather" | "unsupported" (module docstring)
 
     config: ModelConfig
     out_scale: float = 1.0

@@ -15,6 +15,8 @@ from hybrid_jax.model.mixer import Mixer
 class TokenwiseMixer(Mixer):
     """A mixer that maps each token alone: no cache, and a prompt chunk or a decode step is the forward map."""
 
+    SEQUENCE_PARALLEL = "native"  # tokens are independent: a chunk of them per device needs nothing from the others
+
     def prefill(self, x, cache, positions, valid, history: bool, *, h=None):
         del positions, valid, history
         return self(x, h=h)[0], cache

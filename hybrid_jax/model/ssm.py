@@ -6,6 +6,20 @@ functions and a typed :class:`SSMCache`; a one-token step never enters a chunked
 
 Parameter names follow the official modules (in_proj, conv1d, x_proj, dt_proj, A_log, D, dt_bias, norm, out_proj)
 so that checkpoint conversion is a matter of transposes (see hybrid_jax.convert).
+
+Under a mesh, the training forward splits each mixer's sequence core (conv, scan) over the batch, sequence and tensor
+axes in one ``shard_map`` (:mod:`hybrid_jax.model.sequence_parallel`); the projections stay with XLA's partitioner.
+Across the sequence axis:
+
+* the causal conv takes the previous device's last ``w - 1`` inputs as its ``initial_state`` (one ``ppermute``);
+* Mamba-1 (``selective_scan``) runs two passes: a first from a zero state for each device's final state, the fold of
+  the final states and total decays ``exp(A sum_t delta_t)`` across devices for the state entering each chunk, and
+  a second pass from that state. The exact correction term of the second pass (``C_t . exp(A cumsum delta) h_in``)
+  needs a ``(b, t, d, n)`` tensor, which the fused kernels exist to avoid; the second pass costs one more scan;
+* Mamba-2 (``ssd``) runs one pass from a zero state and adds the exact correction
+  ``y_t += exp(cumsum_{s<=t} dt_s A_h) C_t . h_in`` (per head, ``O(t h p n)`` like one chunk-state product of the
+  chunked SSD, with ``O(t h)`` for the decays): the incoming state reaches the outputs only through that term.
+  The correction is added in fp32 to the op's output (in the compute dtype: one more rounding in bf16).
 """
 
 from __future__ import annotations
@@ -33,10 +47,13 @@ from hybrid_jax.model.layers import (
     dt_bias_init,
 )
 from hybrid_jax.model.mixer import Mixer
+from hybrid_jax.model.sequence_parallel import conv_halo, device_index, incoming_states, layout, run_core, segment_flags
+from pallas_kernels import resolve_implementation
 from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.selective_state_update import selective_state_update
 from pallas_kernels.ssd import ssd
+from pallas_kernels.ssd.reference import process_dt
 
 # Raw step size of padding tokens in a ragged prefill: softplus(-1e30 + bias) is exactly 0, so exp(dt A) = 1 and
 # dt x B = 0: the state passes through the padding after a row's prompt unchanged.
@@ -87,6 +104,17 @@ class DepthwiseConv(nn.Module):
             static=dict(activation="silu", return_final_state=return_state),
         )
         return out if return_state else (out, None)
+
+    def local(self, x, weight, bias, segment_ids, lay):
+        """The conv of one device's block inside a sequence-parallel core (``lay``, sequence_parallel.Layout): the
+        previous device's last ``w - 1`` inputs are its initial state. ``weight`` / ``bias`` are the local columns."""
+        halo = None
+        if lay.sequence:
+            halo = conv_halo(x, self.width, segment_ids, lay.sequence, lay.sequence_size)
+        impl = resolve_implementation("causal_conv1d", self.implementation, x.dtype)
+        return causal_conv1d(
+            x, weight, bias, initial_state=halo, segment_ids=segment_ids, activation="silu", implementation=impl
+        )
 
     def prefill(self, x, state):
         """A chunk continuing from ``state`` ``(b, w - 1, c)`` (the previous inputs); returns y only (the state
@@ -151,6 +179,8 @@ class MambaMixer(Mixer):
     in_proj -> (x, z); x -> causal conv + SiLU -> x_proj -> (dt_low, B, C); dt = dt_proj(dt_low) (its bias is applied
     inside the scan, before softplus); y = selective_scan(x, dt, -exp(A_log), B, C, D, z); out_proj(y).
     """
+
+    SEQUENCE_PARALLEL = "native"
 
     def setup(self):
         c = self.config
@@ -220,6 +250,9 @@ class MambaMixer(Mixer):
         del h, positions  # order is carried by the recurrence
         xz = self.in_proj(x)
         xs, z = jnp.split(xz, 2, axis=-1)
+        lay = layout(x.shape[0], x.shape[1], self.config.d_inner, min_chunk=self.config.mamba.d_conv - 1)
+        if lay.sharded:
+            return self._sharded(xs, z, segment_ids, lay), None
         xs, _ = self.conv1d(xs, segment_ids=segment_ids)
         dt, B, C = self._project(xs)
         y = call_kernel(
@@ -231,6 +264,47 @@ class MambaMixer(Mixer):
             static=dict(delta_softplus=True),
         )
         return self.out_proj(y).astype(jnp.float32), None
+
+    def _sharded(self, xs, z, segment_ids, lay):
+        """The forward under a mesh: the conv and the scan each in a shard_map over (batch, sequence, channels);
+        x_proj / dt_proj between them contract over the channels, so they stay with XLA (see the module docstring
+        for the two-pass scan across the sequence axis)."""
+        w, bias = self.conv1d._weights()
+        xs = run_core(
+            lambda x, weight, bias, segment_ids: self.conv1d.local(x, weight, bias, segment_ids, lay),
+            lay,
+            dict(x=xs, weight=w, bias=bias, segment_ids=segment_ids),
+            dict(x="btc", weight=".c", bias="c", segment_ids="bt"),
+            "btc",
+        )
+        dt, B, C = self._project(xs)
+        impl = resolve_implementation("selective_scan", self.config.kernels.selective_scan, xs.dtype)
+
+        def body(u, delta, B, C, z, A, D, delta_bias, segment_ids):
+            kw = dict(D=D, delta_bias=delta_bias, delta_softplus=True, segment_ids=segment_ids, implementation=impl)
+            if not lay.sequence:
+                return selective_scan(u, delta, A, B, C, z=z, **kw)
+            # Pass 1 (no gate: only the final state is used), the fold across devices, pass 2 from the entering state.
+            _, final = selective_scan(u, delta, A, B, C, return_final_state=True, **kw)
+            steps = jax.nn.softplus(delta.astype(jnp.float32) + delta_bias.astype(jnp.float32))  # (b, t, d)
+            decay = jnp.exp(A[None] * jnp.sum(steps, axis=1)[..., None])  # (b, d, n)
+            keep, inside, _ = segment_flags(segment_ids, lay.sequence, lay.sequence_size)
+            if keep is not None:
+                decay = decay * (keep * ~inside)[:, None, None]
+            entering = incoming_states(final, decay, lay.sequence, lay.sequence_size)
+            if keep is not None:
+                entering = entering * keep[:, None, None]
+            return selective_scan(u, delta, A, B, C, z=z, initial_state=entering, **kw)
+
+        y = run_core(
+            body,
+            lay,
+            dict(u=xs, delta=dt, B=B, C=C, z=z, A=-jnp.exp(self.A_log), D=self.D, delta_bias=self.dt_bias,
+                 segment_ids=segment_ids),
+            dict(u="btc", delta="btc", B="bt", C="bt", z="btc", A="c", D="c", delta_bias="c", segment_ids="bt"),
+            "btc",
+        )  # fmt: skip
+        return self.out_proj(y).astype(jnp.float32)
 
     def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
         """A prompt chunk ``(b, t, d)`` continuing ``cache`` (one layer's); ``valid`` ``(b, t)`` marks the real
@@ -295,6 +369,8 @@ class Mamba2Mixer(Mixer):
     ``mamba2.norm_before_gate`` gives RMSNorm(y) * silu(z), ``mamba2.gated_norm=False`` y * silu(z) (Falcon-H1).
     """
 
+    SEQUENCE_PARALLEL = "native"
+
     def setup(self):
         c = self.config
         m = c.mamba2
@@ -349,6 +425,11 @@ class Mamba2Mixer(Mixer):
         del h, positions
         c = self.config
         z, xBC, dt = self._split(self.in_proj(x))
+        lay = layout(x.shape[0], x.shape[1], c.mamba2_heads, min_chunk=c.mamba2.d_conv - 1)
+        if lay.sharded:
+            y = self._sharded(xBC, dt, segment_ids, lay)
+            y = self._gate(y.reshape(*y.shape[:2], -1), z)
+            return self.out_proj(y).astype(jnp.float32), None
         xBC, _ = self.conv1d(xBC, segment_ids=segment_ids)
         xs, B, C = self._heads(xBC)
         y = call_kernel(
@@ -361,6 +442,69 @@ class Mamba2Mixer(Mixer):
         )
         y = self._gate(y.reshape(*y.shape[:2], -1), z)
         return self.out_proj(y).astype(jnp.float32), None
+
+    def _sharded(self, xBC, dt, segment_ids, lay):
+        """conv + SSD of the forward under a mesh, in one shard_map over (batch, sequence, heads) -> y ``(b, t, h, p)``.
+
+        The conv runs as three depthwise convs (x, B, C: a depthwise conv is per channel, so this is the same conv):
+        x's channels split over the tensor axes with their heads, B / C's with their groups when the groups divide
+        evenly, else B / C are replicated over the tensor axes and each device picks the groups of its own heads. The
+        conv kernel is one parameter over all ``e + 2 g n`` channels (sharded in contiguous blocks), so its columns
+        are resharded on entry (one small collective per layer). Across the sequence axes: the conv halo and the SSD
+        correction term (module docstring).
+        """
+        c = self.config
+        m = c.mamba2
+        e, h, g, n = c.d_inner2, c.mamba2_heads, m.ngroups, m.d_state
+        groups_split = g % lay.tensor_size == 0
+        gc = "btc" if groups_split else "bt"
+        cuts = [e, e + g * n]
+        xr, Br, Cr = jnp.split(xBC, cuts, axis=-1)
+        w, bias = self.conv1d._weights()
+        wx, wB, wC = jnp.split(w, cuts, axis=-1)
+        bx, bB, bC = (None, None, None) if bias is None else jnp.split(bias, cuts)
+        impl = resolve_implementation("ssd", c.kernels.ssd, xBC.dtype)
+
+        def body(xr, Br, Cr, wx, wB, wC, bx, bB, bC, dt, A, D, dt_bias, segment_ids):
+            conv = lambda v, wv, bv: self.conv1d.local(v, wv, bv, segment_ids, lay)  # noqa: E731
+            b, t, hl = dt.shape
+            xs = conv(xr, wx, bx).reshape(b, t, hl, -1)
+            B = conv(Br, wB, bB).reshape(b, t, -1, n)
+            C = conv(Cr, wC, bC).reshape(b, t, -1, n)
+            if not groups_split and lay.tensor and g > 1:
+                # Replicated groups: each local head takes its own group (heads i uses group i // (h / g)).
+                heads = device_index(lay.tensor) * hl + jnp.arange(hl)
+                B, C = B[:, :, heads // (h // g)], C[:, :, heads // (h // g)]
+            kw = dict(chunk_size=m.chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=m.dt_limit,
+                      segment_ids=segment_ids, implementation=impl)  # fmt: skip
+            if not lay.sequence:
+                return ssd(xs, dt, A, B, C, **kw)
+            y, final = ssd(xs, dt, A, B, C, return_final_state=True, **kw)
+            cum = jnp.cumsum(process_dt(dt, dt_bias, True, m.dt_limit) * A, axis=1)  # (b, t, h), as the op decays
+            decay = jnp.exp(cum[:, -1])
+            keep, inside, first_run = segment_flags(segment_ids, lay.sequence, lay.sequence_size)
+            if keep is not None:
+                decay = decay * (keep * ~inside)[:, None]
+            entering = incoming_states(final, decay[..., None, None], lay.sequence, lay.sequence_size)
+            if keep is not None:
+                entering = entering * keep[:, None, None, None]
+            Ch = jnp.repeat(C.astype(jnp.float32), hl // C.shape[2], axis=2)  # (b, t, h, n)
+            reach = jnp.exp(cum)
+            if first_run is not None:
+                reach = reach * first_run[..., None]  # the state stops at the chunk's first boundary
+            corr = jnp.einsum("bthn,bhpn->bthp", Ch, entering, precision="highest") * reach[..., None]
+            return (y.astype(jnp.float32) + corr).astype(y.dtype)
+
+        bias_role = lambda r: None if bias is None else r  # noqa: E731
+        return run_core(
+            body,
+            lay,
+            dict(xr=xr, Br=Br, Cr=Cr, wx=wx, wB=wB, wC=wC, bx=bx, bB=bB, bC=bC, dt=dt, A=-jnp.exp(self.A_log),
+                 D=self.D, dt_bias=self.dt_bias, segment_ids=segment_ids),
+            dict(xr="btc", Br=gc, Cr=gc, wx=".c", wB="." + gc[2:], wC="." + gc[2:], bx=bias_role("c"),
+                 bB=bias_role(gc[2:]), bC=bias_role(gc[2:]), dt="btc", A="c", D="c", dt_bias="c", segment_ids="bt"),
+            "btc",
+        )  # fmt: skip
 
     def prefill(self, x, cache: SSMCache, positions, valid, history: bool = True, *, h=None):
         """As :meth:`MambaMixer.prefill`. Padding is passed through with dt = 0."""

@@ -217,7 +217,9 @@ def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collec
     tr.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None: from the device kind table
 
     config.mesh = ms = ml_collections.ConfigDict()
-    ms.shape = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) axes; -1: all remaining devices
+    # Sizes of the (data, fsdp, tensor, sequence) axes (three sizes: sequence=1), or a preset name of
+    # hybrid_jax.sharding.MESH_PRESETS; -1: all remaining devices.
+    ms.shape = (-1, 1, 1, 1)
     # Logical axis name -> mesh axes (MaxText style); see hybrid_jax.sharding.DEFAULT_RULES.
     ms.rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
     ms.initialize_distributed = False  # call jax.distributed.initialize() (TPU pods, multi-GPU hosts, SLURM, ...)

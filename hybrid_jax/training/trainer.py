@@ -3,8 +3,8 @@
 What a run does, in order:
 
 1. Validates the config (one-line errors, before anything is created), calls ``jax.distributed.initialize()`` when
-   ``mesh.initialize_distributed``, builds the (data, fsdp, tensor) mesh and the data pipelines. Each process reads
-   only the rows of the global batch that its devices hold and the global batch is assembled with
+   ``mesh.initialize_distributed``, builds the (data, fsdp, tensor, sequence) mesh and the data pipelines. Each
+   process reads only the rows of the global batch that its devices hold and the global batch is assembled with
    ``jax.make_array_from_process_local_data``.
 2. Builds the model from the ``model`` + ``kernels`` sections (vocabulary from the data unless set), AdamW
    (:mod:`optimizer`), and the shardings of every parameter and optimizer-state leaf from the logical axis names and
@@ -373,6 +373,13 @@ class Trainer:
                 f"config: data.batch_size={B} must be a multiple of the {shards} batch shards of mesh.shape="
                 f"{tuple(self.mesh.shape.values())} times train.grad_accum_steps={k}"
             )
+        chunks = sharding_lib.length_shards(self.mesh, self.rules)
+        for name, length in (("data.seq_len", config.data.seq_len), ("eval.seq_len", config.eval.seq_len)):
+            if length is not None and length % chunks:
+                raise ValueError(
+                    f"config: {name}={length} must be a multiple of the {chunks} sequence shards of mesh.shape="
+                    f"{tuple(self.mesh.shape.values())}"
+                )
         if config.eval.batch_size % shards:
             raise ValueError(
                 f"config: eval.batch_size={config.eval.batch_size} must be a multiple of the {shards} batch shards of "
