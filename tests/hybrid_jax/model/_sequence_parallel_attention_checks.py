@@ -1,0 +1,138 @@
+"""Run by test_sequence_parallel_attention.py in a process with 8 CPU devices: every sequence-parallel attention
+function under sequence = 2, 4, 8 against the single-device op on the whole sequence, forward and the VJP w.r.t.
+q, k, v with a random cotangent. Prints one JSON object ``{case: [max forward error, max gradient error, scale]}``.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from hybrid_jax.model import sequence_parallel_attention as spa
+from pallas_kernels.selective_attention import selective_attention
+from pallas_kernels.sliding_window_attention import sliding_window_attention
+from pallas_kernels.topk_attention import topk_attention
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+B, T, HQ, HK, E = 2, 48, 4, 2, 8
+AXIS = "sequence"
+
+
+def inputs(seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, HQ, E), jnp.float32)
+    k = jax.random.normal(ks[1], (B, T, HK, E), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, HK, E), jnp.float32)
+    # Segments of uneven lengths that cross every device boundary at sequence = 8 (chunks of 6) somewhere.
+    bounds = np.array([[0, 5, 13, 27, 40], [0, 9, 22, 23, 35]])
+    seg = np.zeros((B, T), np.int32)
+    for r in range(B):
+        for i, s in enumerate(bounds[r]):
+            seg[r, s:] = i + 1
+    selected = jax.random.bernoulli(ks[3], 0.6, (B, T))
+    ct = jax.random.normal(ks[4], (B, T, HQ, E), jnp.float32)
+    return q, k, v, jnp.asarray(seg), selected, ct
+
+
+def compare(n, sharded, single, q, k, v, extra, ct):
+    """sharded(q, k, v, *extra) inside shard_map over ``n`` devices vs single(q, k, v, *extra)."""
+    mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
+    spec = P(None, AXIS)
+    in_specs = (spec, spec, spec) + tuple(None if x is None else spec for x in extra)
+    body = jax.shard_map(sharded, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+
+    def forward_and_vjp(fn):
+        # One program per side: the output and its VJP with the cotangent.
+        @jax.jit
+        def run(q, k, v):
+            out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, *extra), q, k, v)
+            return out, pull(ct)
+
+        return run(q, k, v)
+
+    oa, ga = forward_and_vjp(body)
+    ob, gb = forward_and_vjp(single)
+    fwd = float(jnp.max(jnp.abs(oa - ob)))
+    grad = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ga, gb))
+    scale = max(float(jnp.max(jnp.abs(ob))), max(float(jnp.max(jnp.abs(g))) for g in gb))
+    return [fwd, grad, scale]
+
+
+def main():
+    q, k, v, seg, selected, ct = inputs()
+    results = {}
+
+    def ring(n, segments, scale=None):
+        results[f"ring{'-segments' if segments else ''}-n{n}"] = compare(
+            n,
+            lambda q, k, v, *s: spa.ring_attention(
+                q, k, v, axis_name=AXIS, segment_ids=s[0] if s else None, softmax_scale=scale
+            ),
+            lambda q, k, v, *s: sliding_window_attention(
+                q, k, v, segment_ids=s[0] if s else None, softmax_scale=scale, implementation="reference"
+            ),
+            q, k, v, (seg,) if segments else (), ct,
+        )  # fmt: skip
+
+    def swa(n, w, segments):
+        results[f"swa-w{w}{'-segments' if segments else ''}-n{n}"] = compare(
+            n,
+            lambda q, k, v, *s: spa.sliding_window_attention(
+                q, k, v, window=w, axis_name=AXIS, segment_ids=s[0] if s else None, implementation="xla"
+            ),
+            lambda q, k, v, *s: sliding_window_attention(
+                q, k, v, window=w, segment_ids=s[0] if s else None, implementation="reference"
+            ),
+            q, k, v, (seg,) if segments else (), ct,
+        )  # fmt: skip
+
+    def sal(n, w, cap):
+        results[f"sal-w{w}-cap{cap}-n{n}"] = compare(
+            n,
+            lambda q, k, v, sel, s: spa.selective_attention(
+                q, k, v, sel, window=w, axis_name=AXIS, segment_ids=s, capacity=cap, implementation="xla"
+            ),
+            lambda q, k, v, sel, s: selective_attention(
+                q, k, v, sel, window=w, segment_ids=s, capacity=cap, implementation="reference"
+            ),
+            q, k, v, (selected, seg), ct,
+        )  # fmt: skip
+
+    def topk(n, bs, top):
+        results[f"topk-bs{bs}-k{top}-n{n}"] = compare(
+            n,
+            lambda q, k, v, s: spa.topk_attention(q, k, v, block_size=bs, top_k=top, axis_name=AXIS, segment_ids=s),
+            lambda q, k, v, s: topk_attention(
+                q, k, v, block_size=bs, top_k=top, segment_ids=s, implementation="reference"
+            ),
+            q, k, v, (seg,), ct,
+        )  # fmt: skip
+
+    # T = 48: chunks of 24, 12 and 6 tokens. Every function at every sequence size, the features spread over them:
+    # GQA (4 query heads over 2 kv heads) everywhere; segments that cross device boundaries; windows within a chunk,
+    # spanning 2 or 3 chunks, and longer than the sequence; a capacity that cuts the selection; top-k blocks that
+    # straddle device boundaries (block 5).
+    ring(2, False, scale=0.3)
+    ring(4, True)
+    ring(8, True)
+    swa(2, 3, False)
+    swa(4, 14, True)
+    swa(8, 14, False)
+    swa(8, 60, True)
+    sal(2, 4, None)
+    sal(4, 13, 17)
+    sal(8, 13, 17)
+    sal(8, None, 20)
+    topk(2, 4, 2)
+    topk(4, 5, 3)
+    topk(8, 5, 3)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
