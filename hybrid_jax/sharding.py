@@ -117,19 +117,20 @@ def resolve_mesh_shape(shape: Sequence[int] | str, num_devices: int) -> tuple[in
             f"mesh.shape={shape!r} must be {len(MESH_AXES)} integers for the axes {MESH_AXES} (or the first 3, "
             "sequence=1), or a preset name"
         )
+    given = shape  # errors name the value as written
     shape = shape + (1,) * (len(MESH_AXES) - len(shape))
     if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape={shape!r} must hold positive sizes and at most one -1 (the remaining devices)")
+        raise ValueError(f"mesh.shape={given!r} must hold positive sizes and at most one -1 (the remaining devices)")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
             raise ValueError(
-                f"mesh.shape={shape!r}: the fixed axes ({known} devices) do not divide the {num_devices} devices"
+                f"mesh.shape={given!r}: the fixed axes ({known} devices) do not divide the {num_devices} devices"
             )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
         raise ValueError(
-            f"mesh.shape={shape!r} needs {math.prod(shape)} devices but there are {num_devices} "
+            f"mesh.shape={given!r} needs {math.prod(shape)} devices but there are {num_devices} "
             f"(jax.device_count()); make the product {num_devices} or use -1 for one axis"
         )
     return shape
