@@ -5,6 +5,10 @@ Full sequences go through ``pallas_kernels.sliding_window_attention``; decoding 
 ``max_len`` entries (full attention) or a :class:`WindowKVCache` ring of ``min(window, max_len)`` entries (SWA), so an
 SWA layer's memory is constant in the generated length. Decode steps and prompt chunks after the first attend to the
 cache through ``pallas_kernels.decode_attention`` (position-masked, split along the keys).
+
+Under a mesh the training forward runs the attention in one ``shard_map`` over the batch, sequence and kv-head axes
+(:func:`sharded_attention`): full attention goes around the ring and sliding-window attention fetches a halo of
+``window - 1`` keys (:mod:`hybrid_jax.model.sequence_parallel_attention`); the projections stay with XLA.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hybrid_jax.model import sequence_parallel_attention as spa
 from hybrid_jax.model.cache import KVCache, WindowKVCache, empty_slots, ring_write
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, HEADS, KV_HEADS, Dense, apply_rope
 from hybrid_jax.model.mixer import Mixer, mean_causal_keys
+from hybrid_jax.model.sequence_parallel import layout, run_core
 from hybrid_jax.model.ssm import DepthwiseConv
+from pallas_kernels import resolve_implementation
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
@@ -43,6 +50,34 @@ def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window,
         shared={},
         static=dict(window=window, softmax_scale=softmax_scale),
     )
+
+
+def sharded_attention(attend, q, k, v, segment_ids=None, extra=None):
+    """``attend`` on each device's block, in one ``shard_map`` over the batch, sequence and kv-head axes of the
+    current mesh (:func:`hybrid_jax.model.sequence_parallel.layout`); None when there is nothing to split.
+
+    Args:
+      attend: ``attend(q, k, v, segment_ids, axis_name, **extra) -> o``, run on local blocks: ``(b, tl, hq, e)``
+        queries, ``(b, tl, hk, e)`` keys / values of the device's heads and chunk; ``axis_name`` are the sequence
+        mesh axes (None when the sequence is whole).
+      q: ``(b, t, hq, e)``; k, v: ``(b, t, hk, e)``; segment_ids: ``(b, t)`` or None.
+      extra: more ``(b, t)`` arrays by name (e.g. SAL's selection), split like segment_ids.
+
+    Returns:
+      ``(b, t, hq, e)``, or None without a mesh or with nothing to split (the caller runs the op as usual).
+    """
+    b, t, hk = k.shape[0], k.shape[1], k.shape[2]
+    lay = layout(b, t, hk)
+    if not lay.sharded:
+        return None
+    extra = dict(extra or {})
+
+    def body(q, k, v, segment_ids, **kw):
+        return attend(q, k, v, segment_ids, lay.sequence, **kw)
+
+    args = dict(q=q, k=k, v=v, segment_ids=segment_ids, **extra)
+    roles = dict(q="btc", k="btc", v="btc", segment_ids="bt", **{name: "bt" for name in extra})
+    return run_core(body, lay, args, roles, "btc")
 
 
 class QKVProjection(nn.Module):
@@ -106,6 +141,10 @@ class HeadsMixer(Mixer):
 class AttentionMixer(HeadsMixer):
     """Causal full attention mixer ``(b, t, d) -> (b, t, d)`` (config.attention); the :class:`Mixer` protocol."""
 
+    # Ring attention (full) or a halo (sliding) over the sequence axis; attention.conv's short conv, when present,
+    # is partitioned by XLA (its Pallas kernel entered through call_kernel gathers the sequence).
+    SEQUENCE_PARALLEL = "native"
+
     sliding: bool = False  # the sliding window of config.attention (:class:`SlidingWindowAttentionMixer`)
 
     def setup(self):
@@ -146,14 +185,24 @@ class AttentionMixer(HeadsMixer):
         if self.config.attention.conv:
             x, _ = self.conv1d(x, segment_ids=segment_ids)
         q, k, v = self._qkv(x, positions)
-        o = call_kernel(
-            "sliding_window_attention",
-            sliding_window_attention,
-            self.config.kernels.sliding_window_attention,
-            batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
-            shared={},
-            static=dict(window=self.window, softmax_scale=self.config.attention.softmax_scale),
-        )
+        window, scale = self.window, self.config.attention.softmax_scale
+        impl = resolve_implementation("sliding_window_attention", self.config.kernels.sliding_window_attention, q.dtype)
+        # Under a mesh: full attention around the ring, sliding windows with a halo (None: no mesh to split over).
+        o = sharded_attention(
+            lambda q, k, v, seg, axes: spa.sliding_window_attention(
+                q, k, v, window=window, axis_name=axes, segment_ids=seg, softmax_scale=scale, implementation=impl
+            ),
+            q, k, v, segment_ids,
+        )  # fmt: skip
+        if o is None:
+            o = call_kernel(
+                "sliding_window_attention",
+                sliding_window_attention,
+                self.config.kernels.sliding_window_attention,
+                batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
+                shared={},
+                static=dict(window=window, softmax_scale=scale),
+            )
         return self._output(o), None
 
     def prefill(self, x, cache, positions, valid, history: bool, *, h=None):

@@ -14,6 +14,11 @@ averaged over the batch; padding tokens excluded) is returned in ``aux`` for the
 Work is proportional to the number of selected tokens: ``pallas_kernels.selective_attention`` compacts them into a
 buffer of static capacity ``ceil(capacity_factor * C * t)`` (all t tokens when capacity_factor is None). Tokens beyond
 the capacity are dropped in time order, which keeps the selection causal; the dropped fraction is reported.
+
+Under a mesh the attention runs in one ``shard_map`` over the batch, sequence and kv-head axes
+(``attention.sharded_attention``): each device fetches the ``window - 1`` tokens before its chunk with their
+selection (:func:`hybrid_jax.model.sequence_parallel_attention.selective_attention`). The gate, the capacity cap and
+the statistics are computed on the whole arrays (XLA partitions their cumulative sums).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims
+from hybrid_jax.model import sequence_parallel_attention as spa
+from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims, sharded_attention
 from hybrid_jax.model.cache import (
     SelectiveKVCache,
     WindowKVCache,
@@ -37,6 +43,7 @@ from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
 from hybrid_jax.model.layers import EMBED, Dense
 from hybrid_jax.model.mixer import mean_causal_keys
+from pallas_kernels import resolve_implementation
 from pallas_kernels.selective_attention import limit_selection, selective_attention
 from pallas_kernels.sliding_window_attention import sliding_window_attention
 
@@ -117,6 +124,7 @@ class SelectiveAttentionLayer(HeadsMixer):
     selection statistics."""
 
     SECTION: ClassVar[str] = "sal"
+    SEQUENCE_PARALLEL = "native"  # a halo of window - 1 tokens (module docstring)
 
     def setup(self):
         super().setup()
@@ -175,23 +183,42 @@ class SelectiveAttentionLayer(HeadsMixer):
             scale = self.hd**-0.5
             if cfg.key_gradient == "bias":
                 q, k, v = with_key_bias(q, k, v, (m_st - jax.lax.stop_gradient(m_st)) / scale)
-            o = call_kernel(
-                "selective_attention",
-                selective_attention,
-                c.kernels.selective_attention,
-                batched=dict(q=q, k=k, v=v, selected=eff, segment_ids=segment_ids),
-                shared={},
-                static=dict(window=cfg.window, capacity=cap, softmax_scale=scale),
-            )[..., : self.hd]
+            impl = resolve_implementation("selective_attention", c.kernels.selective_attention, q.dtype)
+            # Under a mesh: a halo of window - 1 tokens with their selection (None: no mesh to split over).
+            o = sharded_attention(
+                lambda q, k, v, seg, axes, selected: spa.selective_attention(
+                    q, k, v, selected, window=cfg.window, axis_name=axes, segment_ids=seg, softmax_scale=scale,
+                    capacity=cap, implementation=impl,
+                ),
+                q, k, v, segment_ids, dict(selected=eff),
+            )  # fmt: skip
+            if o is None:
+                o = call_kernel(
+                    "selective_attention",
+                    selective_attention,
+                    c.kernels.selective_attention,
+                    batched=dict(q=q, k=k, v=v, selected=eff, segment_ids=segment_ids),
+                    shared={},
+                    static=dict(window=cfg.window, capacity=cap, softmax_scale=scale),
+                )
+            o = o[..., : self.hd]
         else:
-            o = call_kernel(
-                "sliding_window_attention",
-                sliding_window_attention,
-                c.kernels.sliding_window_attention,
-                batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
-                shared={},
-                static=dict(window=cfg.window),
-            )
+            impl = resolve_implementation("sliding_window_attention", c.kernels.sliding_window_attention, q.dtype)
+            o = sharded_attention(
+                lambda q, k, v, seg, axes: spa.sliding_window_attention(
+                    q, k, v, window=cfg.window, axis_name=axes, segment_ids=seg, implementation=impl
+                ),
+                q, k, v, segment_ids,
+            )  # fmt: skip
+            if o is None:
+                o = call_kernel(
+                    "sliding_window_attention",
+                    sliding_window_attention,
+                    c.kernels.sliding_window_attention,
+                    batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
+                    shared={},
+                    static=dict(window=cfg.window),
+                )
             o = jnp.where(eff[..., None, None], o, 0)
         o = self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)
         update = (m * alpha)[..., None] * (o - h.astype(jnp.float32))

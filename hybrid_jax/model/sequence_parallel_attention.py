@@ -1,6 +1,8 @@
 """Sequence (context) parallel attention: ring attention (arXiv:2310.01889) and halo exchange for local attention.
 
-Every function here runs INSIDE a ``jax.shard_map`` body whose sequence mesh axis is ``axis_name``: each device
+Every function here runs INSIDE a ``jax.shard_map`` body whose sequence mesh axes are ``axis_name`` (a name or a
+tuple of names, as :class:`hybrid_jax.model.sequence_parallel.Layout` gives them; None: the sequence is whole and
+the op runs as it is): each device
 holds one contiguous chunk of ``tl`` tokens of every row (device ``i`` holds global positions ``[i * tl, (i + 1) *
 tl)``), and the result is that device's chunk of what the single-device op gives on the concatenated sequence,
 forward and gradients (the collectives are differentiable: a ``ppermute``'s transpose is the reverse permutation,
@@ -34,9 +36,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hybrid_jax.model.sequence_parallel import device_index
+from pallas_kernels.selective_attention import limit_selection as limit_selection_op
 from pallas_kernels.selective_attention import selective_attention as selective_attention_op
 from pallas_kernels.sliding_window_attention import sliding_window_attention as sliding_window_attention_op
 from pallas_kernels.sliding_window_attention.api import resolve_scale
+from pallas_kernels.topk_attention import topk_attention as topk_attention_op
 from pallas_kernels.topk_attention.reference import block_means, group_query_sums, num_blocks
 from pallas_kernels.topk_attention.selection import effective_top_k
 from pallas_kernels.topk_attention.xla import query_chunk_length
@@ -45,12 +50,15 @@ from pallas_kernels.topk_attention.xla import query_chunk_length
 _NO_SEGMENT = jnp.iinfo(jnp.int32).min
 
 
-def chunk_positions(tl: int, axis_name: str) -> jax.Array:
+Axes = str | tuple[str, ...] | None
+
+
+def chunk_positions(tl: int, axis_name: Axes) -> jax.Array:
     """``(tl,)`` int32 global positions of this device's chunk."""
-    return lax.axis_index(axis_name) * tl + jnp.arange(tl, dtype=jnp.int32)
+    return device_index(axis_name) * tl + jnp.arange(tl, dtype=jnp.int32)
 
 
-def previous_tokens(xs, count: int, axis_name: str):
+def previous_tokens(xs, count: int, axis_name: Axes):
     """The ``count`` tokens before this device's chunk, fetched from the previous devices.
 
     Args:
@@ -63,7 +71,7 @@ def previous_tokens(xs, count: int, axis_name: str):
       position 0; exists ``(count,)`` bool, whether the slot is a real token.
     """
     tl = next(x.shape[1] for x in xs if x is not None)
-    n = lax.axis_size(axis_name)
+    n = lax.axis_size(axis_name) if axis_name else 1
     hops = min(-(-count // tl), n - 1)
     halos = []
     for x in xs:
@@ -80,11 +88,11 @@ def previous_tokens(xs, count: int, axis_name: str):
         if short:
             got = jnp.concatenate([jnp.zeros((x.shape[0], short) + x.shape[2:], x.dtype), got], axis=1)
         halos.append(got)
-    exists = lax.axis_index(axis_name) * tl - count + jnp.arange(count) >= 0
+    exists = device_index(axis_name) * tl - count + jnp.arange(count) >= 0
     return tuple(halos), exists
 
 
-def _with_halo(q, k, v, extra, window: int, axis_name: str):
+def _with_halo(q, k, v, extra, window: int, axis_name: Axes):
     """``[halo; local]`` q (zeros in the halo), k, v and each of ``extra`` (``(b, tl)`` or None), plus the halo's
     length and its ``exists`` mask."""
     count = window - 1
@@ -96,7 +104,7 @@ def _with_halo(q, k, v, extra, window: int, axis_name: str):
 
 
 def sliding_window_attention(
-    q, k, v, *, window: int | None, axis_name: str, segment_ids=None, softmax_scale=None, implementation="auto"
+    q, k, v, *, window: int | None, axis_name: Axes, segment_ids=None, softmax_scale=None, implementation="auto"
 ):
     """Causal sliding-window attention of the local chunk, equal to ``pallas_kernels.sliding_window_attention`` on
     the whole sequence; ``window=None`` is full causal attention (:func:`ring_attention`).
@@ -112,9 +120,11 @@ def sliding_window_attention(
     Returns:
       ``(b, tl, hq, e)`` in q's dtype.
     """
+    op = functools.partial(sliding_window_attention_op, softmax_scale=softmax_scale, implementation=implementation)
+    if not axis_name:
+        return op(q, k, v, window=window, segment_ids=segment_ids)
     if window is None:
         return ring_attention(q, k, v, axis_name=axis_name, segment_ids=segment_ids, softmax_scale=softmax_scale)
-    op = functools.partial(sliding_window_attention_op, softmax_scale=softmax_scale, implementation=implementation)
     if window == 1:
         return op(q, k, v, window=1, segment_ids=segment_ids)
     tl = q.shape[1]
@@ -126,13 +136,13 @@ def sliding_window_attention(
     return op(qx, kx, vx, window=window, segment_ids=sx)[:, count:]
 
 
-def limit_selection(selected, capacity: int | None, axis_name: str):
+def limit_selection(selected, capacity: int | None, axis_name: Axes):
     """``pallas_kernels.selective_attention.limit_selection`` over the whole sequence: the first ``capacity``
     selected tokens of each row, counting those on earlier devices (an all-gather of one count per row)."""
-    if capacity is None:
-        return selected
+    if capacity is None or not axis_name:
+        return selected if capacity is None else limit_selection_op(selected, capacity)
     counts = lax.all_gather(selected.sum(axis=1, dtype=jnp.int32), axis_name)  # (n, b)
-    before = jnp.where(jnp.arange(counts.shape[0])[:, None] < lax.axis_index(axis_name), counts, 0).sum(axis=0)
+    before = jnp.where(jnp.arange(counts.shape[0])[:, None] < device_index(axis_name), counts, 0).sum(axis=0)
     return selected & (before[:, None] + jnp.cumsum(selected.astype(jnp.int32), axis=1) <= capacity)
 
 
@@ -143,7 +153,7 @@ def selective_attention(
     selected,
     *,
     window: int | None,
-    axis_name: str,
+    axis_name: Axes,
     segment_ids=None,
     softmax_scale=None,
     capacity: int | None = None,
@@ -164,13 +174,15 @@ def selective_attention(
     Returns:
       ``(b, tl, hq, e)`` in q's dtype; zeros where not selected after the cap.
     """
+    op = functools.partial(selective_attention_op, softmax_scale=softmax_scale, implementation=implementation)
+    if not axis_name:
+        return op(q, k, v, selected, window=window, segment_ids=segment_ids, capacity=capacity)
     selected = limit_selection(selected, capacity, axis_name)
     if window is None:
         o = ring_attention(
             q, k, v, axis_name=axis_name, segment_ids=segment_ids, softmax_scale=softmax_scale, selected=selected
         )
         return jnp.where(selected[..., None, None], o, 0).astype(q.dtype)
-    op = functools.partial(selective_attention_op, softmax_scale=softmax_scale, implementation=implementation)
     tl = q.shape[1]
     if window == 1:
         return op(q, k, v, selected, window=1, segment_ids=segment_ids, capacity=None)
@@ -199,7 +211,7 @@ def _merge_block(stats, qg, kb, vb, mask, scale):
     return acc * corr[..., None] + pv, m_new, denom * corr + p.sum(axis=-1)
 
 
-def ring_attention(q, k, v, *, axis_name: str, segment_ids=None, softmax_scale=None, selected=None):
+def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=None, selected=None):
     """Full causal attention of the local chunk to the whole sequence, key/value chunks passed around the ring.
 
     Equal to ``pallas_kernels.sliding_window_attention(window=None)`` on the concatenated sequence (and, with
@@ -219,8 +231,8 @@ def ring_attention(q, k, v, *, axis_name: str, segment_ids=None, softmax_scale=N
     hk = k.shape[2]
     g = hq // hk
     scale = resolve_scale("ring_attention", softmax_scale, e)
-    n = lax.axis_size(axis_name)
-    idx = lax.axis_index(axis_name)
+    n = lax.axis_size(axis_name) if axis_name else 1
+    idx = device_index(axis_name)
     qg = q.reshape(b, tl, hk, g, e)
     qpos = chunk_positions(tl, axis_name)
     seg = jnp.zeros((b, tl), jnp.int32) if segment_ids is None else segment_ids
@@ -274,7 +286,18 @@ def _attend_blocks(q, blocks, qpos, qseg, k, v, segment_ids, *, block_size: int,
     return (out / jnp.where(denom > 0, denom, 1.0)).reshape(b, nq, hq, e)
 
 
-def topk_attention(q, k, v, *, block_size: int, top_k: int, axis_name: str, segment_ids=None, softmax_scale=None):
+def topk_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size: int,
+    top_k: int,
+    axis_name: Axes,
+    segment_ids=None,
+    softmax_scale=None,
+    implementation="auto",
+):
     """Top-k block-sparse attention of the local chunk, equal to ``pallas_kernels.topk_attention`` on the whole
     sequence (blocks counted from its first token).
 
@@ -287,10 +310,16 @@ def topk_attention(q, k, v, *, block_size: int, top_k: int, axis_name: str, segm
       q: ``(b, tl, hq, e)``; k, v: ``(b, tl, hk, e)``: this device's chunk.
       block_size, top_k, segment_ids, softmax_scale: as in the op.
       axis_name: the sequence mesh axis.
+      implementation: of the op when the sequence is whole (``axis_name`` None); the split path is pure JAX.
 
     Returns:
       ``(b, tl, hq, e)`` in q's dtype.
     """
+    if not axis_name:
+        return topk_attention_op(
+            q, k, v, block_size=block_size, top_k=top_k, segment_ids=segment_ids, softmax_scale=softmax_scale,
+            implementation=implementation,
+        )  # fmt: skip
     b, tl, hq, e = q.shape
     hk = k.shape[2]
     scale = resolve_scale("topk_attention", softmax_scale, e)

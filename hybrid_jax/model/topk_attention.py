@@ -30,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims
+from hybrid_jax.model import sequence_parallel_attention as spa
+from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims, sharded_attention
 from hybrid_jax.model.cache import TopKKVCache
 from hybrid_jax.model.config import ModelConfig
 from hybrid_jax.model.kernel_call import call_kernel
+from pallas_kernels import resolve_implementation
 from pallas_kernels.topk_attention import topk_attention
 from pallas_kernels.topk_attention.reference import group_query_sums, num_blocks
 
@@ -159,10 +161,23 @@ class TopKAttentionMixer(HeadsMixer):
     """Top-k block-sparse attention mixer ``(b, t, d) -> (b, t, d)`` (config.topk); the :class:`Mixer` protocol."""
 
     SECTION: ClassVar[str] = "topk"
+    SEQUENCE_PARALLEL = "native"  # K and V all-gathered along the sequence: O(t) memory per device (see _sequence)
 
     def _sequence(self, q, k, v, segment_ids=None):
-        """The op on a whole sequence (blocks start at its first token)."""
+        """The op on a whole sequence (blocks start at its first token); under a mesh in one ``shard_map`` over the
+        batch, sequence and kv-head axes, K and V all-gathered along the sequence
+        (:func:`hybrid_jax.model.sequence_parallel_attention.topk_attention`)."""
         tk = self.config.topk
+        impl = resolve_implementation("topk_attention", self.config.kernels.topk_attention, q.dtype)
+        o = sharded_attention(
+            lambda q, k, v, seg, axes: spa.topk_attention(
+                q, k, v, block_size=tk.block_size, top_k=tk.top_k, axis_name=axes, segment_ids=seg,
+                implementation=impl,
+            ),
+            q, k, v, segment_ids,
+        )  # fmt: skip
+        if o is not None:
+            return o
         return call_kernel(
             "topk_attention",
             topk_attention,
