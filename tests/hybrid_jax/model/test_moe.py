@@ -109,7 +109,7 @@ def test_experts_shard_over_the_tensor_axis():
     cfg = _config()
     model = LanguageModel(cfg)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    specs = jax.tree.map(lambda s: s.spec, tree_shardings(boxed, AbstractMesh((1, 2, 2), MESH_AXES), DEFAULT_RULES))
+    specs = jax.tree.map(lambda s: s.spec, tree_shardings(boxed, AbstractMesh((1, 2, 2, 1), MESH_AXES), DEFAULT_RULES))
     moe = specs["periods"]["moe_1"]["mixer"]
     assert moe["gate_kernel"] == P(None, "tensor", "fsdp")  # (layers, expert, embed, mlp)
     assert moe["down_kernel"] == P(None, "tensor", None, "fsdp")

@@ -11,16 +11,26 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from hybrid_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, normalize_rules, resolve_mesh_shape
+from hybrid_jax.sharding import (
+    DEFAULT_RULES,
+    MESH_AXES,
+    MESH_PRESETS,
+    batch_sharding,
+    logical_to_spec,
+    normalize_rules,
+    resolve_mesh_shape,
+)
 
 STEPS_SCRIPT = os.path.join(os.path.dirname(__file__), "_steps.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_resolve_mesh_shape_fills_the_minus_one_axis():
-    assert resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1)
-    assert resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2)
-    assert resolve_mesh_shape((1, 1, 8), 8) == (1, 1, 8)
+    assert resolve_mesh_shape((-1, 1, 1), 8) == (8, 1, 1, 1)  # three sizes (older configs): sequence=1
+    assert resolve_mesh_shape((2, -1, 2), 8) == (2, 2, 2, 1)
+    assert resolve_mesh_shape((1, 1, 8), 8) == (1, 1, 8, 1)
+    assert resolve_mesh_shape((2, 1, 2, -1), 8) == (2, 1, 2, 2)
+    assert resolve_mesh_shape("sequence", 8) == (1, 1, 1, 8) == resolve_mesh_shape(MESH_PRESETS["sequence"], 8)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +39,9 @@ def test_resolve_mesh_shape_fills_the_minus_one_axis():
         ((2, 2, 3), r"mesh.shape=\(2, 2, 3\) needs 12 devices but there are 8"),
         ((3, -1, 1), r"fixed axes \(3 devices\) do not divide the 8 devices"),
         ((-1, -1, 1), r"at most one -1"),
-        ((8, 1), r"must be 3 integers"),
+        ((8, 1), r"mesh.shape=\(8, 1\) must be 4 integers"),
+        ((2, 2, 2, 2), r"mesh.shape=\(2, 2, 2, 2\) needs 16 devices but there are 8"),
+        ("ring", r"mesh.shape='ring' is not a preset"),
     ],
 )
 def test_impossible_mesh_raises_one_line(shape, match):
@@ -39,7 +51,7 @@ def test_impossible_mesh_raises_one_line(shape, match):
 
 
 def test_rules_map_logical_names_and_leave_uneven_dims_whole():
-    mesh = AbstractMesh((2, 2, 2), MESH_AXES)
+    mesh = AbstractMesh((2, 2, 2, 1), MESH_AXES)
     rules = DEFAULT_RULES
     assert logical_to_spec(("vocab", "embed"), (384, 64), mesh, rules) == P("tensor", "fsdp")
     assert logical_to_spec(("layers", "embed", "mlp"), (2, 64, 192), mesh, rules) == P(None, "fsdp", "tensor")
@@ -48,10 +60,17 @@ def test_rules_map_logical_names_and_leave_uneven_dims_whole():
     # 259 is not divisible by the 2 tensor shards: that dim stays whole, the other keeps its sharding.
     assert logical_to_spec(("vocab", "embed"), (259, 64), mesh, rules) == P(None, "fsdp")
     # Size-1 mesh axes are dropped, so specs compare equal across meshes.
-    assert logical_to_spec(("vocab", "embed"), (384, 64), AbstractMesh((8, 1, 1), MESH_AXES), rules) == P()
-    assert logical_to_spec(("embed", "ssm_inner"), (64, 168), AbstractMesh((1, 1, 8), MESH_AXES), rules) == P(
+    assert logical_to_spec(("vocab", "embed"), (384, 64), AbstractMesh((8, 1, 1, 1), MESH_AXES), rules) == P()
+    assert logical_to_spec(("embed", "ssm_inner"), (64, 168), AbstractMesh((1, 1, 8), MESH_AXES[:3]), rules) == P(
         None, "tensor"
-    )
+    )  # a mesh may omit an axis (here sequence): rules that name it shard nothing
+
+
+def test_activations_and_batches_split_their_tokens_over_the_sequence_axis():
+    mesh = AbstractMesh((2, 1, 2, 2), MESH_AXES)
+    assert logical_to_spec(("activation_batch", "activation_length", "activation_embed"), (4, 64, 8), mesh,
+                           DEFAULT_RULES) == P("data", "sequence")  # fmt: skip
+    assert batch_sharding(mesh, DEFAULT_RULES).spec == P(("data", "fsdp"), "sequence")
 
 
 def test_rules_name_only_mesh_axes():
@@ -116,7 +135,7 @@ def test_sharded_meshes_match_one_device(data_dir, tmp_path, request):
     proc = _run(["--devices", "8", "--mesh", "8,1,1;2,2,2;1,1,8", "--data_dir", data_dir, "--workdir", str(tmp_path)])
     reference = request.getfixturevalue("reference")  # computed while the subprocess compiles
     results = _wait([proc])
-    assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 2, 2], [1, 1, 8]]
+    assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 2, 2], [1, 1, 8]]  # three sizes: sequence=1
     ref = np.array(reference["losses"])
     assert ref[-1] < ref[0]  # the reference itself trains
     for r in results:
@@ -132,6 +151,22 @@ def test_sharded_meshes_match_one_device(data_dir, tmp_path, request):
     assert tensor["params_in"]["periods/mlp_1/mixer/down_proj/kernel"] == "P(None, 'tensor')"
 
 
+def test_sequence_parallel_training_matches_one_device(data_dir, tmp_path):
+    """A Mamba-2 + SwiGLU period (packed stdlib rows, so segment boundaries fall inside and between chunks) trained
+    on sequence=8 and on data x tensor x sequence = 2x2x2: the single-device losses."""
+    from tests.hybrid_jax.training._steps import run_steps, tiny_config
+
+    args = ["--devices", "8", "--mesh", "1,1,1,8;2,1,2,2", "--period", "mamba2,mlp", "--steps", "3"]
+    proc = _run([*args, "--data_dir", data_dir, "--workdir", str(tmp_path / "mesh")])
+    ref = run_steps(tiny_config((1, 1, 1), 3, data_dir, period=("mamba2", "mlp")), str(tmp_path / "ref"))
+    results = _wait([proc])
+    assert [r["mesh"] for r in results] == [[1, 1, 1, 8], [2, 1, 2, 2]]
+    assert ref["losses"][-1] < ref["losses"][0]
+    for r in results:
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, atol=0, err_msg=f"mesh {r['mesh']}")
+    assert results[1]["params_in"]["periods/mamba2_0/mixer/A_log"] == "P(None, 'tensor')"
+
+
 def test_taipan_parameter_shardings_on_a_2x2x2_mesh():
     """Every Taipan parameter (Mamba-2 included) gets the spec of its logical names on a (2,2,2) mesh."""
     import flax.linen as nn
@@ -143,7 +178,8 @@ def test_taipan_parameter_shardings_on_a_2x2x2_mesh():
 
     model = LanguageModel(preset("taipan", "tiny", vocab_size=384))
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    specs = jax.tree.map(lambda s: s.spec, tree_shardings(boxed, AbstractMesh((2, 2, 2), MESH_AXES), DEFAULT_RULES))
+    mesh = AbstractMesh((2, 2, 2, 1), MESH_AXES)
+    specs = jax.tree.map(lambda s: s.spec, tree_shardings(boxed, mesh, DEFAULT_RULES))
     flat = {
         jax.tree_util.keystr(p, simple=True, separator="/"): s
         for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]
