@@ -141,8 +141,7 @@ class HeadsMixer(Mixer):
 class AttentionMixer(HeadsMixer):
     """Causal full attention mixer ``(b, t, d) -> (b, t, d)`` (config.attention); the :class:`Mixer` protocol."""
 
-    # Ring attention (full) or a halo (sliding) over the sequence axis; attention.conv's short conv, when present,
-    # is partitioned by XLA (its Pallas kernel entered through call_kernel gathers the sequence).
+    # Ring attention (full) or a halo (sliding) over the sequence axis; attention.conv's conv carries its last taps.
     SEQUENCE_PARALLEL = "native"
 
     sliding: bool = False  # the sliding window of config.attention (:class:`SlidingWindowAttentionMixer`)
@@ -167,6 +166,22 @@ class AttentionMixer(HeadsMixer):
                 " it is for training and evaluation only"
             )
 
+    def _conv(self, x, segment_ids):
+        """attention.conv's short causal conv of x ``(b, t, d)``; under a mesh in a ``shard_map`` over the batch,
+        sequence and channel axes, the previous device's last ``conv - 1`` inputs as its initial state (as the SSM
+        mixers' convs)."""
+        lay = layout(x.shape[0], x.shape[1], self.config.d_model, min_chunk=self.config.attention.conv - 1)
+        if not lay.sharded:
+            return self.conv1d(x, segment_ids=segment_ids)[0]
+        w, bias = self.conv1d._weights()
+        return run_core(
+            lambda x, weight, bias, segment_ids: self.conv1d.local(x, weight, bias, segment_ids, lay),
+            lay,
+            dict(x=x, weight=w, bias=bias, segment_ids=segment_ids),
+            dict(x="btc", weight=".c", bias="c", segment_ids="bt"),
+            "btc",
+        )
+
     @property
     def window(self) -> int | None:
         return self.config.attention.window if self.sliding else None
@@ -183,7 +198,7 @@ class AttentionMixer(HeadsMixer):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         if self.config.attention.conv:
-            x, _ = self.conv1d(x, segment_ids=segment_ids)
+            x = self._conv(x, segment_ids)
         q, k, v = self._qkv(x, positions)
         window, scale = self.window, self.config.attention.softmax_scale
         impl = resolve_implementation("sliding_window_attention", self.config.kernels.sliding_window_attention, q.dtype)

@@ -1,8 +1,10 @@
-"""Run by test_sequence_parallel_attention.py in a process with 8 CPU devices: every sequence-parallel attention
-function under sequence = 2, 4, 8 against the single-device op on the whole sequence, forward and the VJP w.r.t.
-q, k, v with a random cotangent; then every attention mixer under (data, fsdp, tensor, sequence) meshes against one
-device (its output and the gradients w.r.t. parameters and inputs). Prints one JSON object ``{case: [max forward
-error, max gradient error, scale]}`` (mixer cases: errors relative to the largest value).
+"""Run by test_sequence_parallel_attention*.py in a process with 8 CPU devices (argument ``ops`` or ``mixers``).
+
+ops: every sequence-parallel attention function under sequence = 4, 8 against the single-device op on the whole
+sequence, forward and the VJP w.r.t. q, k, v with a random cotangent. mixers: every attention mixer under (data,
+fsdp, tensor, sequence) meshes against one device (its output and the gradients w.r.t. parameters and inputs).
+Prints one JSON object ``{case: [max forward error, max gradient error, scale]}`` (mixer cases: errors relative to
+the loss and to the largest gradient).
 """
 
 import dataclasses
@@ -76,10 +78,11 @@ def mixer_case(name, meshes):
     """The mixer's update and its gradients w.r.t. parameters, input (and residual stream) under each mesh
     ``(data, fsdp, tensor, sequence)``, against one device, with packed segments crossing chunk boundaries."""
     kv = dict(num_kv_heads=2)  # GQA: 4 query heads over 2 kv heads, split over tensor = 2
-    if name in ("attention", "swa"):
+    if name in ("attention", "swa", "attention-conv"):
         cfg = preset("transformer", "tiny", vocab_size=64)
-        cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, **kv))
-        cls = AttentionMixer if name == "attention" else SlidingWindowAttentionMixer  # window 16: 4 chunks of 4
+        conv = 4 if name == "attention-conv" else 0  # a short conv before q/k/v: its last taps cross devices
+        cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, conv=conv, **kv))
+        cls = SlidingWindowAttentionMixer if name == "swa" else AttentionMixer  # window 16: 4 chunks of 4
     elif name == "sal":
         cfg = preset("taipan", "tiny", vocab_size=64)
         # window 10 (spans chunks), a cap of ceil(0.25 * 32) = 8 tokens that cuts the gate's selection.
@@ -124,9 +127,17 @@ def mixer_case(name, meshes):
 
 
 results = {}
+# Sequence 8 (chunks of 4: the window of 16 and SAL's 10 span several) and sequence 2 x tensor 2 x data 2.
+MIXER_MESHES = {
+    "attention": [(1, 1, 1, 8), (2, 1, 2, 2)],
+    "swa": [(1, 1, 1, 8)],
+    "sal": [(1, 1, 1, 8), (2, 1, 2, 2)],
+    "topk": [(1, 1, 1, 8)],
+    "attention-conv": [(2, 1, 2, 2)],
+}
 
 
-def main():
+def main(part):
     q, k, v, seg, selected, ct = inputs()
 
     def ring(n, segments, scale=None):
@@ -175,28 +186,25 @@ def main():
             q, k, v, (seg,), ct,
         )  # fmt: skip
 
-    # T = 48: chunks of 24, 12 and 6 tokens. Every function at every sequence size, the features spread over them:
-    # GQA (4 query heads over 2 kv heads) everywhere; segments that cross device boundaries; windows within a chunk,
-    # spanning 2 or 3 chunks, and longer than the sequence; a capacity that cuts the selection; top-k blocks that
-    # straddle device boundaries (block 5).
-    ring(2, False, scale=0.3)
-    ring(4, True)
-    ring(8, True)
-    swa(2, 3, False)
-    swa(4, 14, True)
-    swa(8, 14, False)
-    swa(8, 60, True)
-    sal(2, 4, None)
-    sal(4, 13, 17)
-    sal(8, 13, 17)
-    sal(8, None, 20)
-    topk(2, 4, 2)
-    topk(4, 5, 3)
-    topk(8, 5, 3)
-    for name in ("attention", "swa", "sal", "topk"):
-        mixer_case(name, [(1, 1, 1, 8), (2, 1, 2, 2)])
+    if part == "ops":
+        # T = 48: chunks of 24, 12 and 6 tokens. Every function at sequence 4 and 8 (sequence 2 is the mixers' test),
+        # the features spread over them: GQA (4 query heads over 2 kv heads) everywhere; segments that cross device
+        # boundaries; windows spanning 2 or 3 chunks and longer than the sequence; a capacity that cuts the
+        # selection; top-k blocks that straddle device boundaries (block 5).
+        ring(4, True)
+        ring(8, False, scale=0.3)
+        swa(4, 14, True)
+        swa(8, 14, False)
+        swa(8, 60, True)
+        sal(4, 13, 17)
+        sal(8, None, 20)
+        topk(4, 5, 3)
+        topk(8, 4, 2)
+    else:
+        for name, meshes in MIXER_MESHES.items():
+            mixer_case(name, meshes)
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1]))
