@@ -230,7 +230,9 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
     for ``length`` (the sequence axis), the rest replicated."""
     names = ("batch",) + (("length",) if ndim > 1 else ()) + (None,) * (ndim - 2)
     spec = nn.logical_to_mesh_axes(names, tuple(rules))
-    return NamedSharding(mesh, spec)
+    present = lambda a: a if a is None or isinstance(a, str) and a in mesh.shape else None  # noqa: E731
+    spec = [tuple(x for x in a if x in mesh.shape) or None if isinstance(a, tuple) else present(a) for a in spec]
+    return NamedSharding(mesh, P(*spec))
 
 
 def length_shards(mesh: Mesh, rules: Rules) -> int:

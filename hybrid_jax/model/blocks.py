@@ -24,7 +24,7 @@ from hybrid_jax.model.mlp import SquaredReLUMLP, SwiGLU
 from hybrid_jax.model.moe import MoESwiGLU
 from hybrid_jax.model.parallel import AttentionMamba2Mixer
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
-from hybrid_jax.model.sequence_parallel import sequence_axes
+from hybrid_jax.model.sequence_parallel import rules_on_mesh, sequence_axes
 from hybrid_jax.model.shared_block import SharedAttentionMamba2Mixer
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer, residual_scale
 from hybrid_jax.model.topk_attention import TopKAttentionMixer
@@ -33,8 +33,11 @@ MODES = ("forward", "prefill")
 
 
 def constrain(h: jax.Array) -> jax.Array:
-    """Logical sharding constraint on the residual stream (a no-op outside a mesh with rules)."""
-    return nn.with_logical_constraint(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    """Logical sharding constraint on the residual stream (a no-op outside a mesh with rules); rules that name a mesh
+    axis the mesh lacks shard nothing along it."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return nn.with_logical_constraint(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
+    return nn.with_logical_constraint(h, (ACT_BATCH, ACT_LENGTH, ACT_EMBED), rules=rules_on_mesh())
 
 
 # Block kind -> mixer (the protocol of hybrid_jax.model.mixer). Adding a mixer: its module and one line here.

@@ -66,6 +66,21 @@ def mesh_axes(logical: str) -> Axes:
     return axes or None
 
 
+def rules_on_mesh() -> tuple[tuple[str, Any], ...]:
+    """The current logical axis rules without the mesh axes the current mesh lacks (a mesh may omit any axis, e.g. a
+    (data, fsdp, tensor) mesh made before the sequence axis existed, under rules that name ``sequence``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = set(() if mesh.empty else mesh.axis_names)
+    out = []
+    for name, axes in nn.get_logical_axis_rules():
+        if isinstance(axes, (tuple, list)):
+            axes = tuple(a for a in axes if a in names) or None
+        elif axes is not None and axes not in names:
+            axes = None
+        out.append((name, axes))
+    return tuple(out)
+
+
 def axes_size(axes: Axes) -> int:
     """The number of devices along ``axes`` of the current mesh (1 for None)."""
     if not axes:
@@ -254,6 +269,7 @@ __all__ = [
     "layout",
     "manual_axes",
     "mesh_axes",
+    "rules_on_mesh",
     "run_core",
     "segment_flags",
     "sequence_axes",

@@ -84,7 +84,7 @@ def test_cli_run_records_itself_and_loss_falls(baseline):
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["config"]["train"]["steps"] == STEPS
     assert config["kernels_chosen"]["ssd"] in ("xla", "reference", "pallas_gpu", "pallas_tpu")
-    assert config["mesh"]["shape"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert config["mesh"]["shape"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
     assert "git_revision" in config and config["model_config"]["vocab_size"] == 384
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     assert checkpoint_steps(workdir) == [30, 35, 40]  # max_checkpoints=3
