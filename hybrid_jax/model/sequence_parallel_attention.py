@@ -13,9 +13,11 @@ an ``all_gather``'s a ``psum_scatter``).
   (online softmax: running max, denominator and unnormalised output). The visiting chunk's segment ids (and
   selection, for SAL without a window) travel with it. Chunks from later devices are masked, not skipped: devices
   run in lockstep, so the last device's ``n`` useful hops set the time anyway (a zigzag layout would balance it).
-  Cost per device: ``n - 1`` sends of ``2 * tl * hk * e`` elements; compute ``n`` blocks of ``tl x tl`` scores;
-  memory: each hop's block is rematerialised in the backward pass (only the carried chunk and float32 accumulators,
-  ``O(tl * (hk + hq) * e)`` per hop, are kept by autodiff: ``O(t * (hk + hq) * e)`` in all).
+  Cost per device: ``n - 1`` sends of ``2 * tl * hk * e`` elements forward, and in the backward pass (a custom VJP,
+  FlashAttention-2's backward block by block) ``n - 1`` again plus ``n`` sends of the float32 dk, dv accumulators
+  that travel with their chunk; compute ``n`` blocks of ``tl x tl`` scores each way; memory ``O(tl)``: one visiting
+  chunk and one ``(tl x tl)`` score block per head at a time, and only q, k, v, the output and the float32
+  log-sum-exp kept between the passes.
 * :func:`sliding_window_attention` and :func:`selective_attention`: a query needs the ``window - 1`` tokens before
   it, so each device fetches that halo from as many previous devices as it spans (one ``ppermute`` per device
   spanned, each sending only the tail that is needed), then runs the op (any implementation, the Pallas kernels
@@ -194,32 +196,127 @@ def selective_attention(
     return op(qx, kx, vx, selx, window=window, segment_ids=sx, capacity=cap)[:, count:]
 
 
-def _merge_block(stats, qg, kb, vb, mask, scale):
-    """Online-softmax merge of one key block into ``stats = (acc, m, denom)``.
+def _ring_mask(qpos, seg, kpos, kseg, ksel):
+    """``(b, tq, s)``: causal on global positions, equal segments, selected keys."""
+    return (kpos[None, :] <= qpos[:, None])[None] & (seg[:, :, None] == kseg[:, None, :]) & ksel[:, None, :]
 
-    qg ``(b, tq, hk, g, e)``; kb, vb ``(b, s, hk, e)``; mask ``(b, tq, s)``. acc ``(b, hk, g, tq, e)``, m and denom
-    ``(b, hk, g, tq)``, all float32; m is the running max (no gradient: the result does not depend on it).
-    """
-    acc, m, denom = stats
+
+def _scores(qg, kb, mask, scale):
+    """``(b, hk, g, tq, s)`` float32 scaled scores, -inf where masked; qg ``(b, tq, hk, g, e)``, kb ``(b, s, hk,
+    e)``."""
     s = jnp.einsum("bqhge,bshe->bhgqs", qg, kb, preferred_element_type=jnp.float32, precision="highest") * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(s, axis=-1)))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing visible yet: exp(-inf - 0) = 0
-    p = jnp.exp(s - m_safe[..., None])
-    corr = jnp.exp(m - m_safe)
-    pv = jnp.einsum("bhgqs,bshe->bhgqe", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-    return acc * corr[..., None] + pv, m_new, denom * corr + p.sum(axis=-1)
+    return jnp.where(mask[:, None, None], s, -jnp.inf)
+
+
+def _rotate(xs, axis_name, n):
+    """Every array of ``xs`` one device further around the ring (device i sends to i + 1, the last to the first)."""
+    return tuple(lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)]) for x in xs)
+
+
+def _ring_forward(q, k, v, seg, sel, axis_name, scale):
+    """The ring's forward: ``(o (b, tl, hq, e) in q's dtype, lse (b, hk, g, tl) float32)``; lse is +inf for a row
+    that sees no key (its output is zero, and so are its gradients in :func:`_ring_backward`)."""
+    b, tl, hq, e = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    n, idx = (lax.axis_size(axis_name) if axis_name else 1), device_index(axis_name)
+    qg = q.reshape(b, tl, hk, g, e)
+    qpos = chunk_positions(tl, axis_name)
+
+    def merge(stats, kb, vb, sb, selb, src):
+        # Online softmax in float32: running max m, denominator and unnormalised output.
+        acc, m, denom = stats
+        s = _scores(qg, kb, _ring_mask(qpos, seg, src * tl + jnp.arange(tl), sb, selb), scale)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # nothing visible yet: exp(-inf - 0) = 0
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        pv = jnp.einsum("bhgqs,bshe->bhgqe", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return acc * corr[..., None] + pv, m_new, denom * corr + p.sum(axis=-1)
+
+    zeros = jnp.zeros((b, hk, g, tl), jnp.float32)
+    stats = merge((jnp.zeros((b, hk, g, tl, e), jnp.float32), zeros - jnp.inf, zeros), k, v, seg, sel, idx)
+
+    def hop(carry, step):
+        stats, blocks = carry
+        blocks = _rotate(blocks, axis_name, n)  # now from device idx - step
+        return (merge(stats, *blocks, (idx - step) % n), blocks), None
+
+    if n > 1:
+        (stats, _), _ = lax.scan(hop, (stats, (k, v, seg, sel)), jnp.arange(1, n))
+    acc, m, denom = stats
+    o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # (b, hk, g, tl, e)
+    lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), jnp.inf)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, tl, hq, e).astype(q.dtype), lse
+
+
+def _ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale):
+    """The ring's backward (FlashAttention-2's, block by block): K/V go around the ring again with their float32
+    gradient accumulators, which take one more hop home at the end; dq stays. Returns dq, dk, dv."""
+    b, tl, hq, e = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    n, idx = (lax.axis_size(axis_name) if axis_name else 1), device_index(axis_name)
+    qg, dog = q.reshape(b, tl, hk, g, e), do.reshape(b, tl, hk, g, e)
+    qpos = chunk_positions(tl, axis_name)
+    # delta_i = sum_e do_i o_i = sum_j p_ij dp_ij: the softmax's Jacobian term.
+    delta = jnp.einsum("bqhge,bqhge->bhgq", dog.astype(jnp.float32), o.reshape(b, tl, hk, g, e).astype(jnp.float32))
+
+    def block(dq, kb, vb, sb, selb, src):
+        s = _scores(qg, kb, _ring_mask(qpos, seg, src * tl + jnp.arange(tl), sb, selb), scale)
+        p = jnp.exp(s - lse[..., None])  # masked: exp(-inf) = 0; lse = +inf rows: 0
+        dp = jnp.einsum("bqhge,bshe->bhgqs", dog, vb, preferred_element_type=jnp.float32, precision="highest")
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + jnp.einsum("bhgqs,bshe->bqhge", ds, kb, preferred_element_type=jnp.float32, precision="highest")
+        dk = jnp.einsum("bhgqs,bqhge->bshe", ds, qg, preferred_element_type=jnp.float32, precision="highest")
+        dv = jnp.einsum(
+            "bhgqs,bqhge->bshe", p.astype(do.dtype), dog, preferred_element_type=jnp.float32, precision="highest"
+        )
+        return dq, dk, dv
+
+    dq, dk, dv = block(jnp.zeros((b, tl, hk, g, e), jnp.float32), k, v, seg, sel, idx)
+
+    def hop(carry, step):
+        dq, blocks, grads = carry
+        blocks, grads = _rotate(blocks, axis_name, n), _rotate(grads, axis_name, n)
+        dq, dk, dv = block(dq, *blocks, (idx - step) % n)
+        return (dq, blocks, (grads[0] + dk, grads[1] + dv)), None
+
+    if n > 1:
+        (dq, _, (dk, dv)), _ = lax.scan(hop, (dq, (k, v, seg, sel), (dk, dv)), jnp.arange(1, n))
+        dk, dv = _rotate((dk, dv), axis_name, n)  # the accumulators of device idx + 1's chunk: home
+    return dq.reshape(b, tl, hq, e).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ring(q, k, v, seg, sel, axis_name, scale):
+    return _ring_forward(q, k, v, seg, sel, axis_name, scale)[0]
+
+
+def _ring_fwd(q, k, v, seg, sel, axis_name, scale):
+    o, lse = _ring_forward(q, k, v, seg, sel, axis_name, scale)
+    return o, (q, k, v, seg, sel, o, lse)
+
+
+def _ring_bwd(axis_name, scale, res, do):
+    q, k, v, seg, sel, o, lse = res
+    return (*_ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale), None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=None, selected=None):
     """Full causal attention of the local chunk to the whole sequence, key/value chunks passed around the ring.
 
     Equal to ``pallas_kernels.sliding_window_attention(window=None)`` on the concatenated sequence (and, with
-    ``selected``, to causal attention among selected keys; rows that see no key output zeros).
+    ``selected``, to causal attention among selected keys; rows that see no key output zeros). A custom VJP: the
+    backward pass sends K/V around the ring again with their gradients (which take one more hop home), so only the
+    local q, k, v, output and float32 log-sum-exp are kept between the passes.
 
     Args:
       q: ``(b, tl, hq, e)``; k, v: ``(b, tl, hk, e)``, ``hq % hk == 0``: this device's chunk.
-      axis_name: the sequence mesh axis.
+      axis_name: the sequence mesh axes (None: one device).
       segment_ids: optional ``(b, tl)`` int; travels with its keys.
       softmax_scale: None is ``1 / sqrt(e)``.
       selected: optional ``(b, tl)`` bool: only selected keys are visible; travels with its keys.
@@ -227,37 +324,11 @@ def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=
     Returns:
       ``(b, tl, hq, e)`` in q's dtype.
     """
-    b, tl, hq, e = q.shape
-    hk = k.shape[2]
-    g = hq // hk
-    scale = resolve_scale("ring_attention", softmax_scale, e)
-    n = lax.axis_size(axis_name) if axis_name else 1
-    idx = device_index(axis_name)
-    qg = q.reshape(b, tl, hk, g, e)
-    qpos = chunk_positions(tl, axis_name)
+    b, tl = q.shape[:2]
+    scale = resolve_scale("ring_attention", softmax_scale, q.shape[-1])
     seg = jnp.zeros((b, tl), jnp.int32) if segment_ids is None else segment_ids
     sel = jnp.ones((b, tl), bool) if selected is None else selected
-
-    @jax.checkpoint  # the backward pass recomputes a hop's scores instead of keeping n (tl x tl) blocks
-    def merge(stats, kb, vb, sb, selb, src):
-        kpos = src * tl + jnp.arange(tl, dtype=jnp.int32)
-        mask = (kpos[None, :] <= qpos[:, None])[None] & (seg[:, :, None] == sb[:, None, :]) & selb[:, None, :]
-        return _merge_block(stats, qg, kb, vb, mask, scale)
-
-    zeros = jnp.zeros((b, hk, g, tl), jnp.float32)
-    stats = merge((zeros[..., None].repeat(e, -1), jnp.full_like(zeros, -jnp.inf), zeros), k, v, seg, sel, idx)
-    ring = [(i, (i + 1) % n) for i in range(n)]
-
-    def hop(carry, s):
-        stats, blocks = carry
-        blocks = tuple(lax.ppermute(x, axis_name, ring) for x in blocks)  # now from device idx - s
-        return (merge(stats, *blocks, (idx - s) % n), blocks), None
-
-    if n > 1:
-        (stats, _), _ = lax.scan(hop, (stats, (k, v, seg, sel)), jnp.arange(1, n))
-    acc, _, denom = stats
-    o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # (b, hk, g, tl, e)
-    return o.transpose(0, 3, 1, 2, 4).reshape(b, tl, hq, e).astype(q.dtype)
+    return _ring(q, k, v, seg, sel, axis_name, scale)
 
 
 def _attend_blocks(q, blocks, qpos, qseg, k, v, segment_ids, *, block_size: int, scale: float):
