@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from hybrid_jax.model import preset  # noqa: E402
+from hybrid_jax.model import LanguageModel, preset  # noqa: E402
 from hybrid_jax.model import sequence_parallel as sp  # noqa: E402
 from hybrid_jax.model.blocks import Block  # noqa: E402
 from hybrid_jax.model.config import BlockType  # noqa: E402
@@ -139,6 +139,23 @@ def check_unsupported():
     emit(check="unsupported", message=message)
 
 
+def check_models():
+    """Whole Taipan (Mamba-2 + SAL) and Samba (Mamba-1 + SWA) models with packed rows on tensor=2 x sequence=4: the
+    logits of one device (the attention mixers run with SEQUENCE_PARALLEL = "gather")."""
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, 64)
+    seg = jnp.asarray(np.array([[0] * 20 + [1] * 44, [0] * 32 + [1] * 32], np.int32))
+    pos = jnp.asarray(np.array([list(range(20)) + list(range(44)), list(range(32)) * 2], np.int32))
+    for name in ("taipan", "samba"):
+        model = LanguageModel(preset(name, "tiny", vocab_size=64))
+        params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+        logits = jax.jit(lambda p, t: model.apply({"params": p}, t, segment_ids=seg, positions=pos))  # noqa: B023
+        ref = logits(params, tokens)
+        with jax.set_mesh(make_mesh((1, 1, 2, 4))), nn.logical_axis_rules(DEFAULT_RULES):
+            got = logits(params, tokens)
+        emit(check="model", model=name, err=float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))))
+
+
 if __name__ == "__main__":
+    named = {"primitives": check_primitives, "unsupported": check_unsupported, "models": check_models}
     for what in sys.argv[1].split(","):
-        {"primitives": check_primitives, "unsupported": check_unsupported}.get(what, lambda w=what: check_mixer(w))()
+        named[what]() if what in named else check_mixer(what)
