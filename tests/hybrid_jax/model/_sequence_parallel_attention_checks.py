@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from hybrid_jax.model import preset
+from hybrid_jax.model import LanguageModel, preset
 from hybrid_jax.model import sequence_parallel_attention as spa
 from hybrid_jax.model.attention import AttentionMixer, SlidingWindowAttentionMixer
 from hybrid_jax.model.selective_attention import SelectiveAttentionLayer
@@ -126,6 +126,39 @@ def mixer_case(name, meshes):
         ]
 
 
+def model_case(name, meshes):
+    """A whole tiny model (``name`` preset, one of its attention layers at least) with packed rows: its loss
+    (cross-entropy + aux losses) and gradients w.r.t. every parameter under each mesh, against one device."""
+    model = LanguageModel(preset(name, "tiny", vocab_size=64))
+    b, t = 4, 33
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (b, t), 0, 64)
+    starts = np.array([[0, 5, 13, 27], [0, 9, 17, 30], [0, 2, 3, 31], [0, 16, 16, 16]])
+    seg = jnp.asarray((np.arange(t - 1)[None, None, :] >= starts[:, :, None]).sum(1), jnp.int32)
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens[:, :-1])["params"])
+
+    def loss(p):
+        logits, aux = model.apply({"params": p}, tokens[:, :-1], seg, return_aux=True)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        return ce + sum(aux["losses"].values()) if aux and aux.get("losses") else ce
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    ref_loss, ref_grads = grad(params)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads))
+    for shape in meshes:
+        with jax.set_mesh(make_mesh(shape)), nn.logical_axis_rules(DEFAULT_RULES):
+            got_loss, got_grads = grad(params)
+        grad_err = max(
+            float(jnp.max(jnp.abs(a - r))) for a, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads))
+        )
+        mesh = "x".join(map(str, shape))
+        results[f"model-{name}-{mesh}"] = [
+            abs(float(got_loss) - float(ref_loss)) / abs(float(ref_loss)),
+            grad_err / scale,
+            scale,
+        ]
+
+
 results = {}
 # Sequence 8 (chunks of 4: the window of 16 and SAL's 10 span several) and sequence 2 x tensor 2 x data 2.
 MIXER_MESHES = {
@@ -200,9 +233,11 @@ def main(part):
         sal(8, None, 20)
         topk(4, 5, 3)
         topk(8, 4, 2)
-    else:
+    elif part == "mixers":
         for name, meshes in MIXER_MESHES.items():
             mixer_case(name, meshes)
+    else:
+        model_case(part, [(1, 1, 1, 8)])
     print(json.dumps(results))
 
 
