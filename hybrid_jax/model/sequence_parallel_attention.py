@@ -2,11 +2,11 @@
 
 Every function here runs INSIDE a ``jax.shard_map`` body whose sequence mesh axes are ``axis_name`` (a name or a
 tuple of names, as :class:`hybrid_jax.model.sequence_parallel.Layout` gives them; None: the sequence is whole and
-the op runs as it is): each device
-holds one contiguous chunk of ``tl`` tokens of every row (device ``i`` holds global positions ``[i * tl, (i + 1) *
-tl)``), and the result is that device's chunk of what the single-device op gives on the concatenated sequence,
-forward and gradients (the collectives are differentiable: a ``ppermute``'s transpose is the reverse permutation,
-an ``all_gather``'s a ``psum_scatter``).
+the op runs as it is): each device holds one contiguous chunk of ``tl`` tokens of every row (device ``i`` holds
+global positions ``[i * tl, (i + 1) * tl)``), and the result is that device's chunk of what the single-device op
+gives on the concatenated sequence, forward and gradients (the collectives are differentiable: a ``ppermute``'s
+transpose is the reverse permutation, an ``all_gather``'s a ``psum_scatter``). The mixers enter them through
+``hybrid_jax.model.attention.sharded_attention``.
 
 * :func:`ring_attention`: full causal attention. Key/value chunks travel around the ring (``n - 1`` ``ppermute``
   hops); each hop attends the local queries to the visiting chunk and merges it into float32 running statistics
@@ -15,9 +15,10 @@ an ``all_gather``'s a ``psum_scatter``).
   run in lockstep, so the last device's ``n`` useful hops set the time anyway (a zigzag layout would balance it).
   Cost per device: ``n - 1`` sends of ``2 * tl * hk * e`` elements forward, and in the backward pass (a custom VJP,
   FlashAttention-2's backward block by block) ``n - 1`` again plus ``n`` sends of the float32 dk, dv accumulators
-  that travel with their chunk; compute ``n`` blocks of ``tl x tl`` scores each way; memory ``O(tl)``: one visiting
-  chunk and one ``(tl x tl)`` score block per head at a time, and only q, k, v, the output and the float32
-  log-sum-exp kept between the passes.
+  that travel with their chunk; compute ``n`` blocks of ``tl x tl`` scores each way. Memory: one visiting chunk and
+  one float32 ``(tl x tl)`` score block per query head at a time (``b * hq * tl^2 * 4`` bytes, a few of them in the
+  backward pass: the block is pure JAX, there is no Pallas kernel that returns the log-sum-exp), and only q, k, v,
+  the output and the float32 log-sum-exp kept between the passes.
 * :func:`sliding_window_attention` and :func:`selective_attention`: a query needs the ``window - 1`` tokens before
   it, so each device fetches that halo from as many previous devices as it spans (one ``ppermute`` per device
   spanned, each sending only the tail that is needed), then runs the op (any implementation, the Pallas kernels
