@@ -62,7 +62,8 @@ def mesh_axes(logical: str) -> Axes:
     if axes is None:
         return None
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    manual = manual_axes()  # inside a caller's shard_map its manual axes are already split: not ours to split again
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in manual)
     return axes or None
 
 

@@ -158,4 +158,7 @@ def check_models():
 if __name__ == "__main__":
     named = {"primitives": check_primitives, "unsupported": check_unsupported, "models": check_models}
     for what in sys.argv[1].split(","):
-        named[what]() if what in named else check_mixer(what)
+        if what in named:
+            named[what]()
+        else:
+            check_mixer(what)
