@@ -16,9 +16,9 @@ transpose is the reverse permutation, an ``all_gather``'s a ``psum_scatter``). T
   Cost per device: ``n - 1`` sends of ``2 * tl * hk * e`` elements forward, and in the backward pass (a custom VJP,
   FlashAttention-2's backward block by block) ``n - 1`` again plus ``n`` sends of the float32 dk, dv accumulators
   that travel with their chunk; compute ``n`` blocks of ``tl x tl`` scores each way. Memory: one visiting chunk and
-  one float32 ``(tl x tl)`` score block per query head at a time (``b * hq * tl^2 * 4`` bytes, a few of them in the
-  backward pass: the block is pure JAX, there is no Pallas kernel that returns the log-sum-exp), and only q, k, v,
-  the output and the float32 log-sum-exp kept between the passes.
+  one float32 ``(query_block x tl)`` score block per query head at a time (``b * hq * query_block * tl * 4`` bytes,
+  a few of them in the backward pass: the block is pure JAX, there is no Pallas kernel that returns the
+  log-sum-exp), and only q, k, v, the output and the float32 log-sum-exp kept between the passes.
 * :func:`sliding_window_attention` and :func:`selective_attention`: a query needs the ``window - 1`` tokens before
   it, so each device fetches that halo from as many previous devices as it spans (one ``ppermute`` per device
   spanned, each sending only the tail that is needed), then runs the op (any implementation, the Pallas kernels
@@ -214,20 +214,38 @@ def _rotate(xs, axis_name, n):
     return tuple(lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)]) for x in xs)
 
 
-def _ring_forward(q, k, v, seg, sel, axis_name, scale):
+def _query_blocks(tl: int, query_block: int) -> int:
+    """Queries per block of a hop: ``query_block`` when it divides ``tl``, else all ``tl``."""
+    return query_block if tl % query_block == 0 else tl
+
+
+def _split(x, axis: int, nq: int):
+    """``x`` with its query axis ``axis`` cut into ``nq`` blocks, the block index moved to the front."""
+    shape = x.shape[:axis] + (nq, x.shape[axis] // nq) + x.shape[axis + 1 :]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _join(x, axis: int):
+    """The inverse of :func:`_split`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
+
+
+def _ring_forward(q, k, v, seg, sel, axis_name, scale, query_block):
     """The ring's forward: ``(o (b, tl, hq, e) in q's dtype, lse (b, hk, g, tl) float32)``; lse is +inf for a row
-    that sees no key (its output is zero, and so are its gradients in :func:`_ring_backward`)."""
+    that sees no key (its output is zero, and so are its gradients in :func:`_ring_backward`). Each hop runs over
+    blocks of the local queries (``lax.map``), so one ``(query block x tl)`` score block is live at a time."""
     b, tl, hq, e = q.shape
     hk = k.shape[2]
     g = hq // hk
     n, idx = (lax.axis_size(axis_name) if axis_name else 1), device_index(axis_name)
-    qg = q.reshape(b, tl, hk, g, e)
-    qpos = chunk_positions(tl, axis_name)
+    nq = tl // _query_blocks(tl, query_block)
+    qs = (_split(q.reshape(b, tl, hk, g, e), 1, nq), _split(chunk_positions(tl, axis_name), 0, nq), _split(seg, 1, nq))
 
-    def merge(stats, kb, vb, sb, selb, src):
+    def merge_block(stats, qg, qpos, qseg, kb, vb, sb, selb, src):
         # Online softmax in float32: running max m, denominator and unnormalised output.
         acc, m, denom = stats
-        s = _scores(qg, kb, _ring_mask(qpos, seg, src * tl + jnp.arange(tl), sb, selb), scale)
+        s = _scores(qg, kb, _ring_mask(qpos, qseg, src * tl + jnp.arange(tl), sb, selb), scale)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # nothing visible yet: exp(-inf - 0) = 0
         p = jnp.exp(s - m_safe[..., None])
@@ -235,8 +253,11 @@ def _ring_forward(q, k, v, seg, sel, axis_name, scale):
         pv = jnp.einsum("bhgqs,bshe->bhgqe", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
         return acc * corr[..., None] + pv, m_new, denom * corr + p.sum(axis=-1)
 
-    zeros = jnp.zeros((b, hk, g, tl), jnp.float32)
-    stats = merge((jnp.zeros((b, hk, g, tl, e), jnp.float32), zeros - jnp.inf, zeros), k, v, seg, sel, idx)
+    def merge(stats, *block):
+        return lax.map(lambda a: merge_block(a[0], *a[1:], *block), (stats, *qs))
+
+    zeros = jnp.zeros((nq, b, hk, g, tl // nq), jnp.float32)
+    stats = merge((jnp.zeros(zeros.shape + (e,), jnp.float32), zeros - jnp.inf, zeros), k, v, seg, sel, idx)
 
     def hop(carry, step):
         stats, blocks = carry
@@ -245,26 +266,36 @@ def _ring_forward(q, k, v, seg, sel, axis_name, scale):
 
     if n > 1:
         (stats, _), _ = lax.scan(hop, (stats, (k, v, seg, sel)), jnp.arange(1, n))
-    acc, m, denom = stats
-    o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # (b, hk, g, tl, e)
+    acc, m, denom = (_join(x, 3) for x in stats)  # (b, hk, g, tl, ...)
+    o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), jnp.inf)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, tl, hq, e).astype(q.dtype), lse
 
 
-def _ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale):
+def _ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale, query_block):
     """The ring's backward (FlashAttention-2's, block by block): K/V go around the ring again with their float32
-    gradient accumulators, which take one more hop home at the end; dq stays. Returns dq, dk, dv."""
+    gradient accumulators, which take one more hop home at the end; dq stays. Each hop scans over blocks of the local
+    queries. Returns dq, dk, dv."""
     b, tl, hq, e = q.shape
     hk = k.shape[2]
     g = hq // hk
     n, idx = (lax.axis_size(axis_name) if axis_name else 1), device_index(axis_name)
+    nq = tl // _query_blocks(tl, query_block)
     qg, dog = q.reshape(b, tl, hk, g, e), do.reshape(b, tl, hk, g, e)
-    qpos = chunk_positions(tl, axis_name)
     # delta_i = sum_e do_i o_i = sum_j p_ij dp_ij: the softmax's Jacobian term.
     delta = jnp.einsum("bqhge,bqhge->bhgq", dog.astype(jnp.float32), o.reshape(b, tl, hk, g, e).astype(jnp.float32))
+    qs = (
+        _split(qg, 1, nq),
+        _split(dog, 1, nq),
+        _split(chunk_positions(tl, axis_name), 0, nq),
+        _split(seg, 1, nq),
+        _split(lse, 3, nq),
+        _split(delta, 3, nq),
+    )
 
-    def block(dq, kb, vb, sb, selb, src):
-        s = _scores(qg, kb, _ring_mask(qpos, seg, src * tl + jnp.arange(tl), sb, selb), scale)
+    def query_block_grads(kv_grads, x, kb, vb, sb, selb, src):
+        qg, dog, qpos, qseg, lse, delta, dq = x
+        s = _scores(qg, kb, _ring_mask(qpos, qseg, src * tl + jnp.arange(tl), sb, selb), scale)
         p = jnp.exp(s - lse[..., None])  # masked: exp(-inf) = 0; lse = +inf rows: 0
         dp = jnp.einsum("bqhge,bshe->bhgqs", dog, vb, preferred_element_type=jnp.float32, precision="highest")
         ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
@@ -273,41 +304,50 @@ def _ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale):
         dv = jnp.einsum(
             "bhgqs,bqhge->bshe", p.astype(do.dtype), dog, preferred_element_type=jnp.float32, precision="highest"
         )
-        return dq, dk, dv
+        return (kv_grads[0] + dk, kv_grads[1] + dv), dq
 
-    dq, dk, dv = block(jnp.zeros((b, tl, hk, g, e), jnp.float32), k, v, seg, sel, idx)
+    def block(dq, kv_grads, *blocks):
+        """dq (split in query blocks) and the visiting chunk's dk, dv after attending to it."""
+        kv_grads, dq = lax.scan(lambda c, x: query_block_grads(c, x, *blocks), kv_grads, (*qs, dq))
+        return dq, kv_grads
+
+    zero_kv = jnp.zeros(k.shape, jnp.float32)
+    dq, grads = block(jnp.zeros((nq, b, tl // nq, hk, g, e), jnp.float32), (zero_kv, zero_kv), k, v, seg, sel, idx)
 
     def hop(carry, step):
         dq, blocks, grads = carry
         blocks, grads = _rotate(blocks, axis_name, n), _rotate(grads, axis_name, n)
-        dq, dk, dv = block(dq, *blocks, (idx - step) % n)
-        return (dq, blocks, (grads[0] + dk, grads[1] + dv)), None
+        dq, grads = block(dq, grads, *blocks, (idx - step) % n)
+        return (dq, blocks, grads), None
 
     if n > 1:
-        (dq, _, (dk, dv)), _ = lax.scan(hop, (dq, (k, v, seg, sel), (dk, dv)), jnp.arange(1, n))
-        dk, dv = _rotate((dk, dv), axis_name, n)  # the accumulators of device idx + 1's chunk: home
-    return dq.reshape(b, tl, hq, e).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        (dq, _, grads), _ = lax.scan(hop, (dq, (k, v, seg, sel), grads), jnp.arange(1, n))
+        grads = _rotate(grads, axis_name, n)  # the accumulators of device idx + 1's chunk: home
+    dk, dv = grads
+    return _join(dq, 1).reshape(b, tl, hq, e).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _ring(q, k, v, seg, sel, axis_name, scale):
-    return _ring_forward(q, k, v, seg, sel, axis_name, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, seg, sel, axis_name, scale, query_block):
+    return _ring_forward(q, k, v, seg, sel, axis_name, scale, query_block)[0]
 
 
-def _ring_fwd(q, k, v, seg, sel, axis_name, scale):
-    o, lse = _ring_forward(q, k, v, seg, sel, axis_name, scale)
+def _ring_fwd(q, k, v, seg, sel, axis_name, scale, query_block):
+    o, lse = _ring_forward(q, k, v, seg, sel, axis_name, scale, query_block)
     return o, (q, k, v, seg, sel, o, lse)
 
 
-def _ring_bwd(axis_name, scale, res, do):
+def _ring_bwd(axis_name, scale, query_block, res, do):
     q, k, v, seg, sel, o, lse = res
-    return (*_ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale), None, None)
+    return (*_ring_backward(q, k, v, seg, sel, o, lse, do, axis_name, scale, query_block), None, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=None, selected=None):
+def ring_attention(
+    q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=None, selected=None, query_block: int = 512
+):
     """Full causal attention of the local chunk to the whole sequence, key/value chunks passed around the ring.
 
     Equal to ``pallas_kernels.sliding_window_attention(window=None)`` on the concatenated sequence (and, with
@@ -321,6 +361,8 @@ def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=
       segment_ids: optional ``(b, tl)`` int; travels with its keys.
       softmax_scale: None is ``1 / sqrt(e)``.
       selected: optional ``(b, tl)`` bool: only selected keys are visible; travels with its keys.
+      query_block: local queries per score block of a hop (static; all ``tl`` when it does not divide them). Never
+        changes results.
 
     Returns:
       ``(b, tl, hq, e)`` in q's dtype.
@@ -329,7 +371,7 @@ def ring_attention(q, k, v, *, axis_name: Axes, segment_ids=None, softmax_scale=
     scale = resolve_scale("ring_attention", softmax_scale, q.shape[-1])
     seg = jnp.zeros((b, tl), jnp.int32) if segment_ids is None else segment_ids
     sel = jnp.ones((b, tl), bool) if selected is None else selected
-    return _ring(q, k, v, seg, sel, axis_name, scale)
+    return _ring(q, k, v, seg, sel, axis_name, scale, query_block)
 
 
 def _attend_blocks(q, blocks, qpos, qseg, k, v, segment_ids, *, block_size: int, scale: float):

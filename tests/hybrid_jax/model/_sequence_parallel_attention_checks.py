@@ -173,11 +173,11 @@ MIXER_MESHES = {
 def main(part):
     q, k, v, seg, selected, ct = inputs()
 
-    def ring(n, segments, scale=None):
+    def ring(n, segments, scale=None, query_block=512):
         results[f"ring{'-segments' if segments else ''}-n{n}"] = compare(
             n,
             lambda q, k, v, *s: spa.ring_attention(
-                q, k, v, axis_name=AXIS, segment_ids=s[0] if s else None, softmax_scale=scale
+                q, k, v, axis_name=AXIS, segment_ids=s[0] if s else None, softmax_scale=scale, query_block=query_block
             ),
             lambda q, k, v, *s: sliding_window_attention(
                 q, k, v, segment_ids=s[0] if s else None, softmax_scale=scale, implementation="reference"
@@ -224,8 +224,8 @@ def main(part):
         # the features spread over them: GQA (4 query heads over 2 kv heads) everywhere; segments that cross device
         # boundaries; windows spanning 2 or 3 chunks and longer than the sequence; a capacity that cuts the
         # selection; top-k blocks that straddle device boundaries (block 5).
-        ring(4, True)
-        ring(8, False, scale=0.3)
+        ring(4, True, query_block=4)  # 3 query blocks per hop
+        ring(8, False, scale=0.3, query_block=3)  # 2 query blocks per hop (SAL without a window: 1)
         swa(4, 14, True)
         swa(8, 14, False)
         swa(8, 60, True)
