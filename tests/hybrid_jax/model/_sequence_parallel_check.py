@@ -24,16 +24,19 @@ from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer  # noqa: E402
 from hybrid_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
 
 # Rows: one segment; a boundary inside a chunk (5: inside chunk 1 of 8 devices x 4 tokens, inside chunk 0 of 2);
-# three segments; a boundary exactly at a chunk start (16, for 2 and 8 sequence devices); ids that repeat after a
-# gap (2, 1, 2: maximal runs, not ids, are segments).
+# three segments; a boundary exactly at a chunk start (16, for 2 and 8 sequence devices). SEGMENTS_GAP: ids that
+# repeat after a gap (maximal runs, not ids, are segments); on 8 devices the conv halo of the chunk at 12 is ids
+# (2, 1, 2) before a 2: only the last of them is its segment.
 SEGMENTS = np.array(
     [[0] * 32, [0] * 5 + [1] * 27, [0] * 8 + [1] * 10 + [2] * 14, [0] * 16 + [1] * 16],
     np.int32,
 )
-SEGMENTS_GAP = np.array([[2] * 11 + [1] * 2 + [2] * 19] * 4, np.int32)
+SEGMENTS_GAP = np.array(
+    [[2] * 10 + [1] + [2] * 21, [2] * 11 + [1] * 2 + [2] * 19, [0] * 5 + [1] * 27, [0] * 16 + [1] * 16], np.int32
+)
 CASES = {  # mixer -> (mesh (data, fsdp, tensor, sequence), segments) pairs
     "mamba": [((1, 1, 1, 8), "packed"), ((2, 1, 2, 2), "packed"), ((2, 1, 4, 1), None)],
-    "mamba2": [((1, 1, 1, 8), "packed"), ((2, 1, 2, 2), "gap"), ((1, 1, 2, 4), None)],
+    "mamba2": [((1, 1, 1, 8), "gap"), ((2, 1, 2, 2), "packed"), ((1, 1, 2, 4), None)],
 }
 
 
