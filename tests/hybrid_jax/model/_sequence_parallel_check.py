@@ -144,7 +144,7 @@ def check_unsupported():
 
 def check_models():
     """Whole Taipan (Mamba-2 + SAL) and Samba (Mamba-1 + SWA) models with packed rows on tensor=2 x sequence=4: the
-    logits of one device (the attention mixers run with SEQUENCE_PARALLEL = "gather")."""
+    logits of one device (each mixer in the way its SEQUENCE_PARALLEL declares)."""
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, 64)
     seg = jnp.asarray(np.array([[0] * 20 + [1] * 44, [0] * 32 + [1] * 32], np.int32))
     pos = jnp.asarray(np.array([list(range(20)) + list(range(44)), list(range(32)) * 2], np.int32))

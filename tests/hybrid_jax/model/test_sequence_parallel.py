@@ -77,7 +77,7 @@ def test_every_mixer_declares_how_it_runs_under_a_sequence_axis():
 @pytest.mark.slow
 def test_hybrid_models_match_one_device_on_a_tensor_by_sequence_mesh():
     """Taipan (Mamba-2 + SAL) and Samba (Mamba-1 + SWA), packed rows, tensor=2 x sequence=4: one device's logits
-    (the attention mixers gather the sequence; ~2 minutes of compiles on 2 CPU cores, hence slow)."""
+    (~2 minutes of compiles on 2 CPU cores, hence slow)."""
     rows = _check("models")
     assert sorted(r["model"] for r in rows) == ["samba", "taipan"]
     for r in rows:
