@@ -106,6 +106,8 @@ def resolve_mesh_shape(shape: Sequence[int] | str, num_devices: int) -> tuple[in
       ValueError: an unknown preset, wrong rank, non-positive entries, more than one -1, or a product other than
         ``num_devices``.
     """
+    if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], str):
+        shape = shape[0]  # the command line turns --config.mesh.shape=NAME into a 1-tuple (the field is a tuple)
     if isinstance(shape, str):
         if shape not in MESH_PRESETS:
             raise ValueError(f"mesh.shape={shape!r} is not a preset; the presets are {sorted(MESH_PRESETS)}")

@@ -31,6 +31,8 @@ def test_resolve_mesh_shape_fills_the_minus_one_axis():
     assert resolve_mesh_shape((1, 1, 8), 8) == (1, 1, 8, 1)
     assert resolve_mesh_shape((2, 1, 2, -1), 8) == (2, 1, 2, 2)
     assert resolve_mesh_shape("sequence", 8) == (1, 1, 1, 8) == resolve_mesh_shape(MESH_PRESETS["sequence"], 8)
+    # --config.mesh.shape=fsdp_tensor2 on the command line arrives as a 1-tuple (the config field is a tuple).
+    assert resolve_mesh_shape(("fsdp_tensor2",), 8) == (1, 4, 2, 1)
 
 
 @pytest.mark.parametrize(
