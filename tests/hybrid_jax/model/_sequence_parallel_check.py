@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from hybrid_jax.model import LanguageModel, preset  # noqa: E402
 from hybrid_jax.model import sequence_parallel as sp  # noqa: E402
 from hybrid_jax.model.blocks import Block  # noqa: E402
-from hybrid_jax.model.config import BlockType  # noqa: E402
+from hybrid_jax.model.config import BlockType, MoEConfig, SharedBlockConfig  # noqa: E402
 from hybrid_jax.model.ssm import Mamba2Mixer, MambaMixer  # noqa: E402
 from hybrid_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
 
@@ -158,8 +158,46 @@ def check_models():
         emit(check="model", model=name, err=float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))))
 
 
+def check_other_mixers():
+    """The mixers that do not split their own sequence work (MoE, squared-ReLU MLP) and the composite ones (Falcon-H1's
+    attention + Mamba-2, Zamba2's shared block) plus top-k attention, in one tiny model with packed rows on
+    tensor=2 x sequence=4: the loss and every gradient of one device."""
+    b = BlockType
+    cfg = preset("samba", "tiny", vocab_size=64).replace(
+        period=(b.MAMBA2, b.MOE, b.ATTENTION_MAMBA2, b.RELU2_MLP, b.SHARED_ATTENTION_MAMBA2, b.TOPK),
+        n_periods=1,
+        mlp_hidden=48,
+        moe=MoEConfig(num_experts=4, top_k=2),
+        shared_block=SharedBlockConfig(num_blocks=1, adapter_rank=4),
+    )
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, 64)
+    seg = jnp.asarray(np.array([[0] * 20 + [1] * 44, [0] * 32 + [1] * 32], np.int32))
+    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+
+    def loss(p):
+        return jnp.mean(model.apply({"params": p}, tokens, segment_ids=seg).astype(jnp.float32) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    ref_loss, ref_grads = grad(params)
+    with jax.set_mesh(make_mesh((1, 1, 2, 4))), nn.logical_axis_rules(DEFAULT_RULES):
+        got_loss, got_grads = grad(params)
+    rel = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))), got_grads, ref_grads)
+    emit(
+        check="other_mixers",
+        kinds=sorted({k.value for k in cfg.period}),
+        loss_err=abs(float(got_loss) - float(ref_loss)) / abs(float(ref_loss)),
+        grad_err=max(jax.tree.leaves(rel)),
+    )
+
+
 if __name__ == "__main__":
-    named = {"primitives": check_primitives, "unsupported": check_unsupported, "models": check_models}
+    named = {
+        "primitives": check_primitives,
+        "unsupported": check_unsupported,
+        "models": check_models,
+        "other_mixers": check_other_mixers,
+    }
     for what in sys.argv[1].split(","):
         if what in named:
             named[what]()

@@ -1,4 +1,5 @@
-"""Sequence and tensor parallelism inside the SSM mixers (hybrid_jax.model.sequence_parallel) on 8 CPU devices.
+"""Sequence and tensor parallelism inside the mixers (hybrid_jax.model.sequence_parallel) on 8 CPU devices: the SSM
+mixers one by one, the other mixers in one model (the attention mixers: test_sequence_parallel_attention*.py).
 
 The checks run in two subprocesses started together (``_sequence_parallel_check.py``: the device count is fixed when
 a process starts its backend), one per mixer, so that their compiles overlap on two cores.
@@ -36,7 +37,7 @@ def _check(*groups: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    return _check("primitives,unsupported,mamba", "mamba2")
+    return _check("primitives,unsupported,mamba", "mamba2,other_mixers")
 
 
 def _of(results, check):
@@ -66,6 +67,13 @@ def test_ssm_mixer_matches_one_device_under_sequence_and_tensor_meshes(results, 
 def test_a_mixer_without_sequence_support_raises_naming_it_and_the_axis(results):
     (r,) = _of(results, "unsupported")
     assert "Refuses (mamba)" in r["message"] and "('sequence',)" in r["message"]
+
+
+def test_the_other_mixers_in_one_model_match_one_device(results):
+    # MoE, squared-ReLU MLP, attention + Mamba-2 side by side, Zamba2's shared block and top-k attention.
+    (r,) = _of(results, "other_mixers")
+    assert {"moe", "relu2_mlp", "attention_mamba2", "shared_attention_mamba2", "topk"} <= set(r["kinds"])
+    assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-4, r
 
 
 def test_every_mixer_declares_how_it_runs_under_a_sequence_axis():
