@@ -52,6 +52,31 @@ def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window,
     )
 
 
+def window_attention(config: ModelConfig, q, k, v, segment_ids, window, softmax_scale=None):
+    """Causal attention over the last ``window`` keys (None: all) through ``sliding_window_attention``; under a mesh
+    full attention goes around the ring and a window fetches its halo (:func:`sharded_attention`).
+
+    q ``(b, t, hq, e)``, k / v ``(b, t, hk, e)``, segment_ids ``(b, t)`` or None -> ``(b, t, hq, e)``.
+    """
+    impl = resolve_implementation("sliding_window_attention", config.kernels.sliding_window_attention, q.dtype)
+    o = sharded_attention(
+        lambda q, k, v, seg, axes: spa.sliding_window_attention(
+            q, k, v, window=window, axis_name=axes, segment_ids=seg, softmax_scale=softmax_scale, implementation=impl
+        ),
+        q, k, v, segment_ids,
+    )  # fmt: skip
+    if o is not None:
+        return o
+    return call_kernel(
+        "sliding_window_attention",
+        sliding_window_attention,
+        config.kernels.sliding_window_attention,
+        batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
+        shared={},
+        static=dict(window=window, softmax_scale=softmax_scale),
+    )
+
+
 def sharded_attention(attend, q, k, v, segment_ids=None, extra=None):
     """``attend`` on each device's block, in one ``shard_map`` over the batch, sequence and kv-head axes of the
     current mesh (:func:`hybrid_jax.model.sequence_parallel.layout`); None when there is nothing to split.
@@ -200,24 +225,7 @@ class AttentionMixer(HeadsMixer):
         if self.config.attention.conv:
             x = self._conv(x, segment_ids)
         q, k, v = self._qkv(x, positions)
-        window, scale = self.window, self.config.attention.softmax_scale
-        impl = resolve_implementation("sliding_window_attention", self.config.kernels.sliding_window_attention, q.dtype)
-        # Under a mesh: full attention around the ring, sliding windows with a halo (None: no mesh to split over).
-        o = sharded_attention(
-            lambda q, k, v, seg, axes: spa.sliding_window_attention(
-                q, k, v, window=window, axis_name=axes, segment_ids=seg, softmax_scale=scale, implementation=impl
-            ),
-            q, k, v, segment_ids,
-        )  # fmt: skip
-        if o is None:
-            o = call_kernel(
-                "sliding_window_attention",
-                sliding_window_attention,
-                self.config.kernels.sliding_window_attention,
-                batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
-                shared={},
-                static=dict(window=window, softmax_scale=scale),
-            )
+        o = window_attention(self.config, q, k, v, segment_ids, self.window, self.config.attention.softmax_scale)
         return self._output(o), None
 
     def prefill(self, x, cache, positions, valid, history: bool, *, h=None):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.model import sequence_parallel_attention as spa
-from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims, sharded_attention
+from hybrid_jax.model.attention import HeadsMixer, attend_cache, head_dims, sharded_attention, window_attention
 from hybrid_jax.model.cache import (
     SelectiveKVCache,
     WindowKVCache,
@@ -203,22 +203,7 @@ class SelectiveAttentionLayer(HeadsMixer):
                 )
             o = o[..., : self.hd]
         else:
-            impl = resolve_implementation("sliding_window_attention", c.kernels.sliding_window_attention, q.dtype)
-            o = sharded_attention(
-                lambda q, k, v, seg, axes: spa.sliding_window_attention(
-                    q, k, v, window=cfg.window, axis_name=axes, segment_ids=seg, implementation=impl
-                ),
-                q, k, v, segment_ids,
-            )  # fmt: skip
-            if o is None:
-                o = call_kernel(
-                    "sliding_window_attention",
-                    sliding_window_attention,
-                    c.kernels.sliding_window_attention,
-                    batched=dict(q=q, k=k, v=v, segment_ids=segment_ids),
-                    shared={},
-                    static=dict(window=cfg.window),
-                )
+            o = window_attention(c, q, k, v, segment_ids, cfg.window)
             o = jnp.where(eff[..., None, None], o, 0)
         o = self.o_proj(o.reshape(b, t, self.hq * self.hd)).astype(jnp.float32)
         update = (m * alpha)[..., None] * (o - h.astype(jnp.float32))
