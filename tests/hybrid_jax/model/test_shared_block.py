@@ -93,11 +93,13 @@ def test_decode_matches_ragged_chunked_prefill_and_forward():
     last, cache = prefill(params, tokens[:, :8], init_cache(cfg, 2, t), lengths)
     np.testing.assert_allclose(last, full[jnp.arange(2), lengths - 1], rtol=1e-4, atol=1e-4)
     # The padding left row 1's SSM states as its 5 real tokens made them (with the floor, padding's dt must be 0,
-    # not the floor: that decays the states by ~1e-3, below what the logits of a tiny random model show).
+    # not the floor: that decays the states by ~1e-3, below what the logits of a tiny random model show). The
+    # tolerance is 1e-5, 100x under that decay: a batch of 2 and a batch of 1 reach the in-projection through
+    # differently tiled float32 matmuls (up to ~1.1e-6 apart on the CI machine).
     _, alone = prefill(params, tokens[1:, :5], init_cache(cfg, 1, t), jnp.array([5]))
     for ragged, single in zip(_ssm_caches(cache), _ssm_caches(alone), strict=True):
-        np.testing.assert_allclose(ragged.ssm_state[:, 1], single.ssm_state[:, 0], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(ragged.conv_state[:, 1], single.conv_state[:, 0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ragged.ssm_state[:, 1], single.ssm_state[:, 0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(ragged.conv_state[:, 1], single.conv_state[:, 0], rtol=0, atol=1e-5)
     rows = jnp.arange(2)
     for _ in range(t - 8):
         pos = cache.position
