@@ -1,6 +1,7 @@
 """Shared pytest setup: markers for gpu / tpu / slow tests, deterministic hypothesis settings, and one persistent XLA
 compilation cache for the whole run."""
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -39,8 +40,29 @@ _CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT
 _owned_cache_dir = None
 
 
+# On a machine with only the CPU backend, tests and notebooks compile with XLA's backend optimisation level 0 (LLVM
+# does not optimise the generated code). The suite's programs are small and run a few times, so compiling is most of
+# their time: on 2 cores (-n 2) the whole suite took 1075 s instead of 1523 s (test_model.py alone: 79 s instead of
+# 120 s); only the tests that train for many steps got slower (mqar, selective copying: +5 s each). The HLO passes do
+# not depend on the level and XLA's CPU fast-math is off at both, so values can differ only through instruction
+# selection, at float32 rounding; the whole suite passed at level 0. Not on a GPU or TPU (the level would reach their
+# kernels' code generation); a level the caller set in XLA_FLAGS is kept.
+_FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+
+
+def _cpu_only() -> bool:
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+    return not any(name.startswith(_ACCELERATOR_PLUGINS) for name in names)
+
+
 def pytest_configure(config):
     global _owned_cache_dir
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _cpu_only() and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_FAST_COMPILE_FLAG}".strip()  # xdist workers and children inherit it
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         _owned_cache_dir = tempfile.mkdtemp(prefix="hybrid_jax_tests_jax_cache_")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _owned_cache_dir
@@ -56,31 +78,6 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _owned_cache_dir is not None:
         shutil.rmtree(_owned_cache_dir, ignore_errors=True)
-
-
-# Notebooks whose run is mostly compiling programs that then run a few steps: their kernels (and the processes they
-# start) compile with XLA's backend optimisation level 0, which took 30% off their CPU time on 2 cores (01: 88 -> 62 s,
-# 04: 96 -> 69 s). Their checks are end-to-end claims (greedy decoding equals the argmax of the forward pass, the loss
-# falls, parity with transformers within 1e-4, the sampling filters) whose margins are far above the rounding an
-# optimisation level can change. Not here: 03 trains long enough that unoptimised code is slower overall, 02 compiles
-# its kernels at level 0 already (compiler_options), 06 sets its own XLA_FLAGS. The tests themselves keep the default
-# level: many compare values at tolerances near float32 rounding.
-_FAST_COMPILE_NOTEBOOKS = ("01_quickstart.ipynb", "04_generation.ipynb")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):  # the session's hook: the notebooks lie outside tests/
-    if item.path.name not in _FAST_COMPILE_NOTEBOOKS:
-        return (yield)
-    previous = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = f"{previous or ''} --xla_backend_optimization_level=0".strip()
-    try:
-        return (yield)
-    finally:  # the worker's own backend started long ago; this only reaches the notebook's kernel
-        if previous is None:
-            os.environ.pop("XLA_FLAGS", None)
-        else:
-            os.environ["XLA_FLAGS"] = previous
 
 
 def _runs_long(item) -> bool:

@@ -18,8 +18,7 @@ from jax.sharding import PartitionSpec as P
 from hybrid_jax.model import BlockType, LanguageModel, MoEConfig, preset
 from hybrid_jax.model.moe import MoESwiGLU, load_balance, route
 from hybrid_jax.sharding import DEFAULT_RULES, MESH_AXES, tree_shardings
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.child_env import child_env
 
 
 def _config(normalize=True, **moe):
@@ -166,8 +165,7 @@ def test_a_sharded_forward_and_training_on_8_devices_equal_one_device(tmp_path):
         print(len(jax.devices()), spec, err, aux_err, train_err, sep="|")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env = child_env(devices=8, JAX_PLATFORMS="cpu")
     r = subprocess.run(
         [sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))],
         capture_output=True,

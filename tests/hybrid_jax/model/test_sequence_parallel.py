@@ -14,15 +14,14 @@ import pytest
 
 from hybrid_jax.model.blocks import MIXERS
 from hybrid_jax.model.config import BlockType
+from tests.child_env import child_env
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sequence_parallel_check.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _check(*groups: str) -> list[dict]:
     """Runs the check script once per group (in parallel) and returns every RESULT record."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
+    env = child_env(JAX_PLATFORMS="cpu")  # the script asks for its 8 devices itself
     procs = [
         subprocess.Popen([sys.executable, SCRIPT, what], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env)

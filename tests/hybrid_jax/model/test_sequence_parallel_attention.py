@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.child_env import child_env
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sequence_parallel_attention_checks.py")
 CASES = [
     "ring-segments-n4",
@@ -34,8 +35,7 @@ def results():
 
 
 def run_checks(part):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env = child_env(devices=8, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, SCRIPT, part], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from tests.child_env import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STEPS = 40
 
@@ -34,8 +36,7 @@ def cli_args(workdir, data_dir, *extra):
 
 
 def start(args):
-    env = dict(os.environ)  # with the suite's compilation cache (tests/conftest.py)
-    env.pop("XLA_FLAGS", None)
+    env = child_env()  # with the suite's compilation cache (tests/conftest.py)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -20,9 +20,9 @@ from hybrid_jax.sharding import (
     normalize_rules,
     resolve_mesh_shape,
 )
+from tests.child_env import child_env
 
 STEPS_SCRIPT = os.path.join(os.path.dirname(__file__), "_steps.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_resolve_mesh_shape_fills_the_minus_one_axis():
@@ -86,8 +86,7 @@ def _results(output: str) -> list[dict]:
 
 
 def _run(args, **env_extra):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
-    env.pop("XLA_FLAGS", None)
+    env = child_env(**env_extra)
     return subprocess.Popen(
         [sys.executable, STEPS_SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
