@@ -65,7 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import mamba_ssm_decode  # noqa: E402  (the anchor: its pure-Python helpers; torch is imported in its own process)
 
-from hybrid_jax.inference.generate import DecodeState, Plan, _advance, cache_bytes
+from hybrid_jax.inference.generate import DecodeState, Plan, SamplingValues, _advance, cache_bytes
 from hybrid_jax.model import LanguageModel, init_cache, preset
 from pallas_kernels import decode_attention, selective_state_update
 
@@ -245,12 +245,12 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
     zeros = jnp.zeros((batch,), jnp.int32)
     state = DecodeState(token=zeros, cache=cache, done=zeros.astype(bool), emitted=jnp.ones((), jnp.int32))
     fn = jax.jit(functools.partial(_advance, model, plan=plan, n=steps), donate_argnames=("state",))
-    key = jax.random.key(2)
-    compiled = fn.lower(params, state, key).compile()
+    key, values = jax.random.key(2), SamplingValues.of()  # greedy: the values are not read
+    compiled = fn.lower(params, state, key, values).compile()
     holder = {"state": state}
 
     def call():
-        out, new = compiled(params, holder["state"], key)  # the state is donated: feed back the new one
+        out, new = compiled(params, holder["state"], key, values)  # the state is donated: feed back the new one
         position = jnp.full((batch,), context, jnp.int32)  # every call decodes at the same context
         holder["state"] = new.replace(cache=new.cache.replace(position=position))
         return out

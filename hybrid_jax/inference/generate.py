@@ -39,15 +39,33 @@ DEFAULT_PREFILL_CHUNK = 8192
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The static part of a generation (a jit static argument)."""
+    """The static part of a generation (a jit static argument): what sets shapes or the program's structure.
+
+    ``sample`` is False for greedy decoding; ``top_k`` (a shape) and whether a nucleus filter runs (``nucleus``) are
+    fixed here, while the temperature and ``top_p`` values travel as :class:`SamplingValues`, so a new temperature or
+    top-p reuses the compiled program.
+    """
 
     max_new_tokens: int
     max_len: int
     prefill_chunk: int
-    temperature: float = 0.0
+    sample: bool = False
     top_k: int | None = None
-    top_p: float | None = None
+    nucleus: bool = False
     stop_tokens: tuple[int, ...] = ()
+
+
+@flax.struct.dataclass
+class SamplingValues:
+    """The sampling numbers a generation passes as arguments: ``temperature`` ``()`` float32 (> 0 when the plan
+    samples) and ``top_p`` ``()`` float32 in (0, 1] (used when the plan's ``nucleus`` is set)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def of(cls, temperature: float = 0.0, top_p: float | None = None) -> SamplingValues:
+        return cls(jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
 
 
 @flax.struct.dataclass
@@ -158,13 +176,14 @@ def make_plan(
     for s in stops:
         if not 0 <= s < c.vocab_size:
             raise ValueError(f"{where}: stop token {s} is outside the vocabulary [0, {c.vocab_size})")
+    sample = temperature > 0
     return Plan(
         max_new_tokens=max_new_tokens,
         max_len=max_len,
         prefill_chunk=prefill_chunk,
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=None if top_p is None else float(top_p),
+        sample=sample,
+        top_k=top_k if sample else None,
+        nucleus=sample and top_p is not None and top_p < 1.0,
         stop_tokens=stops,
     )
 
@@ -203,19 +222,22 @@ def _is_stop(tokens, plan: Plan):
     return jnp.isin(tokens, jnp.asarray(plan.stop_tokens, jnp.int32))
 
 
-def _sample(key, index, logits, plan: Plan):
-    return sample_logits(jax.random.fold_in(key, index), logits, plan.temperature, plan.top_k, plan.top_p)
+def _sample(key, index, logits, plan: Plan, values: SamplingValues):
+    if not plan.sample:
+        return sample_logits(None, logits)
+    top_p = values.top_p if plan.nucleus else None
+    return sample_logits(jax.random.fold_in(key, index), logits, values.temperature, plan.top_k, top_p)
 
 
-def _start(model: LanguageModel, params, tokens, lengths, key, plan: Plan):
+def _start(model: LanguageModel, params, tokens, lengths, key, values: SamplingValues, plan: Plan):
     """Prefill and the first sampled token: ``(first (b,), DecodeState)``."""
     logits, cache = _prefill(model, params, tokens, lengths, plan.max_len, plan.prefill_chunk)
-    first = _sample(key, 0, logits, plan)
+    first = _sample(key, 0, logits, plan, values)
     state = DecodeState(token=first, cache=cache, done=_is_stop(first, plan), emitted=jnp.ones((), jnp.int32))
     return first, state
 
 
-def _advance(model: LanguageModel, params, state: DecodeState, key, plan: Plan, n: int):
+def _advance(model: LanguageModel, params, state: DecodeState, key, values: SamplingValues, plan: Plan, n: int):
     """Up to ``n`` decode steps (fewer when every row is done): ``(tokens (b, n), state)``, FINISHED after a stop."""
     b = state.token.shape[0]
 
@@ -227,7 +249,7 @@ def _advance(model: LanguageModel, params, state: DecodeState, key, plan: Plan, 
         i, out, st = carry
         feed = jnp.where(st.done, 0, st.token)  # finished rows keep stepping on a valid id; their output is dropped
         logits, cache = model.apply({"params": params}, feed, st.cache, method="step")
-        nxt = jnp.where(st.done, FINISHED, _sample(key, st.emitted, logits, plan))
+        nxt = jnp.where(st.done, FINISHED, _sample(key, st.emitted, logits, plan, values))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         st = DecodeState(token=nxt, cache=cache, done=st.done | _is_stop(nxt, plan), emitted=st.emitted + 1)
         return i + 1, out, st
@@ -238,11 +260,11 @@ def _advance(model: LanguageModel, params, state: DecodeState, key, plan: Plan, 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "plan"))
-def _generate(model: LanguageModel, params, tokens, lengths, key, plan: Plan):
-    first, state = _start(model, params, tokens, lengths, key, plan)
+def _generate(model: LanguageModel, params, tokens, lengths, key, values: SamplingValues, plan: Plan):
+    first, state = _start(model, params, tokens, lengths, key, values, plan)
     if plan.max_new_tokens == 1:
         return first[:, None]
-    rest, _ = _advance(model, params, state, key, plan, plan.max_new_tokens - 1)
+    rest, _ = _advance(model, params, state, key, values, plan, plan.max_new_tokens - 1)
     return jnp.concatenate([first[:, None], rest], axis=1)
 
 
@@ -254,10 +276,11 @@ def _setup(model, prompt, lengths, max_new_tokens, key, kw, where):
     tokens, lengths = prepare_prompts(prompt, lengths, vocab_size=model.config.vocab_size, where=where)
     plan = make_plan(model, lengths, max_new_tokens, where=where, **kw)
     if key is None:
-        if plan.temperature > 0:
+        if plan.sample:
             raise ValueError(f"{where}: temperature > 0 samples and needs key=jax.random.PRNGKey(...)")
         key = jax.random.PRNGKey(0)
-    return jnp.asarray(tokens), jnp.asarray(lengths), key, plan
+    values = SamplingValues.of(kw["temperature"], kw["top_p"])
+    return jnp.asarray(tokens), jnp.asarray(lengths), key, values, plan
 
 
 def generate(
@@ -304,8 +327,8 @@ def generate(
         top_p=top_p,
         stop_tokens=stop_tokens,
     )
-    tokens, lengths, key, plan = _setup(model, prompt, lengths, max_new_tokens, key, kw, "generate")
-    return _generate(model, params, tokens, lengths, key, plan)
+    tokens, lengths, key, values, plan = _setup(model, prompt, lengths, max_new_tokens, key, kw, "generate")
+    return _generate(model, params, tokens, lengths, key, values, plan)
 
 
 def stream(
@@ -341,18 +364,18 @@ def stream(
         top_p=top_p,
         stop_tokens=stop_tokens,
     )
-    tokens, lengths, key, plan = _setup(model, prompt, lengths, max_new_tokens, key, kw, "stream")
-    return _stream(model, params, tokens, lengths, key, plan, steps_per_call)
+    tokens, lengths, key, values, plan = _setup(model, prompt, lengths, max_new_tokens, key, kw, "stream")
+    return _stream(model, params, tokens, lengths, key, values, plan, steps_per_call)
 
 
-def _stream(model, params, tokens, lengths, key, plan: Plan, steps_per_call: int) -> Iterator[np.ndarray]:
-    first, state = _start_jit(model, params, tokens, lengths, key, plan)
+def _stream(model, params, tokens, lengths, key, values, plan: Plan, steps_per_call: int) -> Iterator[np.ndarray]:
+    first, state = _start_jit(model, params, tokens, lengths, key, values, plan)
     done = np.asarray(state.done)
     yield np.asarray(first)[:, None]
     emitted = 1
     while emitted < plan.max_new_tokens and not done.all():
         n = min(steps_per_call, plan.max_new_tokens - emitted)
-        out, state = _advance_jit(model, params, state, key, plan, n)
+        out, state = _advance_jit(model, params, state, key, values, plan, n)
         out, done = np.asarray(out), np.asarray(state.done)
         taken = int(np.asarray(state.emitted)) - emitted
         emitted += n

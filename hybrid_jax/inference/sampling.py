@@ -7,6 +7,10 @@ For logits ``l`` ``(v,)``, temperature ``T > 0``, ``k`` and ``p``, the token is 
 
 so the most likely token is always kept. ``temperature == 0`` is greedy (argmax; top_k / top_p do not matter).
 Ties at the top-k or top-p boundary keep every tied token.
+
+``top_k`` sets a shape (``lax.top_k``) and is a Python int; ``temperature`` and ``top_p`` may be traced scalars, so a
+jitted caller can change them without compiling again (generation passes them as arguments, see
+:mod:`hybrid_jax.inference.generate`).
 """
 
 from __future__ import annotations
@@ -33,13 +37,19 @@ def check_sampling(temperature, top_k, top_p, vocab_size: int | None = None, whe
             raise ValueError(f"{where}: top_p={top_p!r} must be in (0, 1] (or None)")
 
 
-def filtered_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """``(b, v)`` fp32 logits of the sampling distribution (-inf outside the top-k / nucleus), for ``T > 0``."""
+def filtered_logits(
+    logits: jax.Array, temperature: float | jax.Array, top_k: int | None, top_p: float | jax.Array | None
+) -> jax.Array:
+    """``(b, v)`` fp32 logits of the sampling distribution (-inf outside the top-k / nucleus), for ``T > 0``.
+
+    ``temperature`` and ``top_p`` may be traced scalars; a traced ``top_p`` always runs the nucleus filter (at 1.0 it
+    keeps every token whose preceding mass is below 1 in float32), a Python ``top_p`` of 1.0 skips it.
+    """
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and not (isinstance(top_p, (int, float)) and top_p >= 1.0):
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass strictly before the token; the first is kept
@@ -49,12 +59,17 @@ def filtered_logits(logits: jax.Array, temperature: float, top_k: int | None, to
 
 
 def sample_logits(
-    key: jax.Array, logits: jax.Array, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+    key: jax.Array,
+    logits: jax.Array,
+    temperature: float | jax.Array = 0.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
 ) -> jax.Array:
     """Samples token ids from ``logits`` ``(b, v)`` (see the module docstring); returns ``(b,)`` int32.
 
-    Arguments are static Python values; they are checked by :func:`check_sampling` in the public entry points.
+    A Python ``temperature`` of 0 is greedy; a traced one must be > 0 (whether to sample decides the program). The
+    public entry points check the values with :func:`check_sampling`.
     """
-    if temperature == 0.0:
+    if isinstance(temperature, (int, float)) and temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filtered_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)

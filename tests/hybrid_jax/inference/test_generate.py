@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.inference import FINISHED, cache_bytes, generate, stream
-from hybrid_jax.inference.generate import Plan, _advance, _start
+from hybrid_jax.inference.generate import Plan, SamplingValues, _advance, _start
 from hybrid_jax.model import PRESETS, BlockType, LanguageModel, init_cache, preset
 
 
@@ -125,6 +125,24 @@ def test_stream_equals_generate_and_stop_tokens_end_rows():
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), out[:, : sum(b.shape[1] for b in blocks)])
 
 
+def test_a_new_temperature_or_top_p_reuses_the_compiled_program():
+    """Temperature and top_p are arguments of the generation program, not part of its static plan: sampling at
+    three settings compiles once (top_k, a shape, and greedy vs sampling still select the program), and the settings
+    give different draws."""
+    from hybrid_jax.inference.generate import _generate
+
+    cfg = _tiny("mamba2")
+    model, params = _model(cfg)
+    tokens, lengths = _prompts(cfg, [5, 3])
+    before = _generate._cache_size()
+    outs = [
+        np.asarray(generate(model, params, tokens, 7, lengths=lengths, key=jax.random.PRNGKey(1), top_k=20, **s))
+        for s in (dict(temperature=0.8, top_p=0.9), dict(temperature=1.5, top_p=0.9), dict(temperature=0.8, top_p=0.5))
+    ]
+    assert _generate._cache_size() == before + 1
+    assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "samba", "taipan", "transformer"])
 def test_cache_bytes_constant_beyond_the_window_linear_for_full_attention(name):
     cfg = _tiny(name)
@@ -143,9 +161,10 @@ def test_decode_updates_the_kv_cache_in_place():
     plan = Plan(max_new_tokens=16, max_len=8192, prefill_chunk=64)
     tokens = jnp.zeros((2, 8), jnp.int32)
     start = functools.partial(_start, model, plan=plan)
-    _, state = jax.eval_shape(start, params, tokens, jnp.full((2,), 8), jax.random.PRNGKey(0))
+    key, values = jax.random.PRNGKey(0), SamplingValues.of()
+    _, state = jax.eval_shape(start, params, tokens, jnp.full((2,), 8), key, values)
     fn = jax.jit(functools.partial(_advance, model, plan=plan, n=4), donate_argnames=("state",))
-    compiled = fn.lower(params, state, jax.random.PRNGKey(0)).compile()
+    compiled = fn.lower(params, state, key, values).compile()
     mem = compiled.memory_analysis()
     kv = cache_bytes(state.cache)
     assert kv > 4 * 2**20

@@ -50,3 +50,17 @@ def test_temperature_zero_is_argmax_and_keys_differ():
     a = sample_logits(jax.random.PRNGKey(1), logits, 1.0)
     b = sample_logits(jax.random.PRNGKey(2), logits, 1.0)
     assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (3, None), (None, 0.8), (5, 0.6), (None, 1.0)])
+def test_traced_temperature_and_top_p_draw_what_python_values_draw(top_k, top_p):
+    """Generation passes temperature and top_p as traced scalars (one compiled program for every value): the same key
+    gives the same tokens as the Python values. A traced top_p of 1.0 runs the nucleus filter, which keeps every
+    token here."""
+    logits = jax.random.normal(jax.random.PRNGKey(3), (512, LOGITS.size)) * 2
+    key = jax.random.PRNGKey(11)
+    for temperature in (0.5, 1.0, 1.7):
+        eager = sample_logits(key, logits, temperature, top_k, top_p)
+        traced_p = None if top_p is None else jnp.float32(top_p)
+        traced = jax.jit(sample_logits, static_argnums=3)(key, logits, jnp.float32(temperature), top_k, traced_p)
+        np.testing.assert_array_equal(traced, eager)
