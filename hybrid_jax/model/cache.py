@@ -120,11 +120,6 @@ def selective_ring_from_sequence(k: jax.Array, v: jax.Array, selected: jax.Array
     return SelectiveKVCache(kr, vr, pos, count.astype(jnp.int32))
 
 
-def layer_of(cache, layer):
-    """The cache of period ``layer`` (an int or a traced scalar) from a cache stacked over periods."""
-    return jax.tree.map(lambda x: x[layer], cache)
-
-
 def ring_write(ring: WindowKVCache, k: jax.Array, v: jax.Array, start: jax.Array, n: jax.Array) -> WindowKVCache:
     """A position ring after a chunk: per slot, the newest position below the row's end that maps to it.
 
