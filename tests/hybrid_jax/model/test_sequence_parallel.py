@@ -53,14 +53,23 @@ def test_primitives_match_direct_formulas(results):
 
 @pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
 def test_ssm_mixer_matches_one_device_under_sequence_and_tensor_meshes(results, mixer):
-    """Loss and gradients (parameters and input) in fp32 under sequence=8, data x tensor x sequence = 2x2x2 and
-    tensor-only / tensor x sequence meshes, with packed segments (boundaries inside a chunk, exactly at a chunk start,
-    and ids that repeat after a gap) and without."""
+    """Loss and gradients (parameters and input) in fp32 under sequence=8 and data x tensor x sequence = 2x2x2, with
+    packed segments (boundaries inside a chunk, exactly at a chunk start, and ids that repeat after a gap)."""
     rows = _of(results, mixer)
-    assert len(rows) == 3
-    assert any(r["mesh"][3] == 8 for r in rows) and any(r["segments"] for r in rows)
+    assert [r["mesh"] for r in rows] == [[1, 1, 1, 8], [2, 1, 2, 2]]
+    assert all(r["segments"] for r in rows)
     for r in rows:
         assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+
+
+@pytest.mark.slow
+def test_ssm_mixers_match_one_device_on_tensor_meshes_without_segments():
+    """Mamba under tensor=4 (channels split, no sequence axis) and Mamba-2 under tensor=2 x sequence=4, unpacked rows:
+    loss and gradients in fp32 equal one device."""
+    rows = _check("slow_meshes")
+    assert [(r["check"], r["mesh"]) for r in rows] == [("mamba", [2, 1, 4, 1]), ("mamba2", [1, 1, 2, 4])]
+    for r in rows:
+        assert r["segments"] is None and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
 
 
 def test_a_mixer_without_sequence_support_raises_naming_it_and_the_axis(results):
