@@ -35,8 +35,8 @@ def cli_args(workdir, data_dir, *extra):
     ]  # fmt: skip
 
 
-def start(args):
-    env = child_env()  # with the suite's compilation cache (tests/conftest.py)
+def start(args, optimized: bool = False):
+    env = child_env(optimized=optimized)  # with the suite's compilation cache (tests/conftest.py)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -184,7 +184,7 @@ def test_every_preset_config_trains_at_size_tiny(name, data_dir, tmp_path):
     """The issue's acceptance run, ``--config=configs/<preset>.py:size=tiny`` at its defaults: the loss falls."""
     args = [sys.executable, "-m", "hybrid_jax.train", f"--config=configs/{name}.py:size=tiny", f"--workdir={tmp_path}",
             f"--config.data.data_dir={data_dir}", "--config.logging.progress_bar=False"]  # fmt: skip
-    proc = start(args)
+    proc = start(args, optimized=True)  # 200 training steps: run time, not compile time
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     got = list(losses(str(tmp_path)).values())
