@@ -8,7 +8,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-_OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level"  # the suite sets it to 0 on CPU-only machines (conftest.py)
 
 
 def child_env(devices: int | None = None, *, optimized: bool = False, **extra: str) -> dict[str, str]:
@@ -18,7 +18,7 @@ def child_env(devices: int | None = None, *, optimized: bool = False, **extra: s
     level 0, 60 s at the default)."""
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    dropped = (_DEVICE_COUNT_FLAG, _OPT_LEVEL_FLAG) if optimized else (_DEVICE_COUNT_FLAG,)
+    dropped = (_DEVICE_COUNT_FLAG, OPT_LEVEL_FLAG) if optimized else (_DEVICE_COUNT_FLAG,)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
     if devices is not None:
         flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")

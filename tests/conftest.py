@@ -9,6 +9,8 @@ import tempfile
 import jax
 import pytest
 
+from tests.child_env import OPT_LEVEL_FLAG
+
 # fp32 comparisons in this suite are against fp32 references: on GPUs the default matmul precision is TF32
 # (~1e-3 relative), which would fail them (seen on the H100: 5e-4 errors in model gradients). Benchmarks are scripts,
 # not tests, and keep the default.
@@ -47,7 +49,6 @@ _owned_cache_dir = None
 # not depend on the level and XLA's CPU fast-math is off at both, so values can differ only through instruction
 # selection, at float32 rounding; the whole suite passed at level 0. Not on a GPU or TPU (the level would reach their
 # kernels' code generation); a level the caller set in XLA_FLAGS is kept.
-_FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 
@@ -61,8 +62,8 @@ def _cpu_only() -> bool:
 def pytest_configure(config):
     global _owned_cache_dir
     flags = os.environ.get("XLA_FLAGS", "")
-    if _cpu_only() and "xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_FAST_COMPILE_FLAG}".strip()  # xdist workers and children inherit it
+    if OPT_LEVEL_FLAG not in flags and _cpu_only():  # xdist workers find it set by the controlling process
+        os.environ["XLA_FLAGS"] = f"{flags} {OPT_LEVEL_FLAG}=0".strip()  # workers and children inherit it
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         _owned_cache_dir = tempfile.mkdtemp(prefix="hybrid_jax_tests_jax_cache_")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = _owned_cache_dir

@@ -1,9 +1,10 @@
 """Pallas kernels under a mesh are entered through shard_map over the batch axes (kernel_call.py)."""
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from tests.child_env import child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -73,6 +74,6 @@ SCRIPT = textwrap.dedent(
 
 def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
     """Per batch shard, with the batch at axis 0 and, for a state stacked over layers, at axis 1."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = child_env(JAX_PLATFORMS="cpu")  # the script asks for its 4 devices itself
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
