@@ -7,10 +7,15 @@
 # The small recall and LM models leave most of an H100 idle when run one at a time (a d_model 64 MQAR job: ~80 s
 # alone; six sweeps side by side finished about twice the work in the same time, 2026-12-06). Each NAME starts from
 # the committed experiments/EXPERIMENT/results/full.json (finished jobs are skipped; an --models subset runs only
-# its jobs), writes to /tmp/side/NAME, and is stopped at DEADLINE_S with SIGTERM (the running job saves its
-# checkpoint and the sweep records it as preempted). Every 20 s and at the end each NAME's full.json is copied to
-# $OUT/NAME.json, and everything (reports, plots, logs, nvidia-smi samples) is packed into $OUT/side.tgz.
+# its jobs), writes to SIDE_DIR/NAME, and is stopped at DEADLINE_S with SIGTERM (the running job saves its
+# checkpoint and the sweep records it as preempted). Every 20 s and at the end everything (results,
+# reports, plots, logs, nvidia-smi samples) is packed into $OUT/side.tgz (one file: a call returns at most 8).
 # Merge parts of one experiment here with: python experiments/EXPERIMENT/run.py --size=full --merge=A.json,B.json
+#
+# SIDE_DIR (default /tmp/side) holds each NAME's results and log, SIDE_WORK (default /tmp/side_work) its checkpoints.
+# Point both into an ignored folder of the checkout (e.g. .work/side, .work/side_work) and a second call on the same
+# warm machine continues where the first stopped: a NAME whose full.json is already in SIDE_DIR starts from it, not
+# from the committed one, and a preempted job resumes from its checkpoint in SIDE_WORK.
 #
 # Needs the wheels of the GPU machine's missing packages in .whl/ (see experiments/README.md) and HYBRID_JAX_COMMIT
 # set to the commit being run (the device's .git is stale). Keep the sum of the sweeps' memory under the card's:
@@ -24,9 +29,11 @@ if [ -d .whl ] && [ -z "${NOINSTALL:-}" ]; then
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/side_out}
-mkdir -p /tmp/side "$out"
+side=${SIDE_DIR:-/tmp/side}
+work=${SIDE_WORK:-/tmp/side_work}
+mkdir -p "$side" "$work" "$out"
 if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 15 > /tmp/side/smi.csv 2>&1 &
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 15 > "$side/smi.csv" 2>&1 &
   smi=$!
 fi
 pids=()
@@ -36,30 +43,28 @@ for spec in "$@"; do
   exp=${rest%%:*}
   extra=""
   [ "$rest" != "$exp" ] && extra=${rest#*:}
-  mkdir -p "/tmp/side/$name"
+  mkdir -p "$side/$name"
   prev="experiments/$exp/results/${SIZE:-full}.json"
-  [ -f "$prev" ] && cp "$prev" "/tmp/side/$name/${SIZE:-full}.json"
+  if [ -f "$side/$name/log.txt" ]; then mv "$side/$name/log.txt" "$side/$name/log.$(date +%s).txt"; fi
+  [ -f "$prev" ] && [ ! -f "$side/$name/${SIZE:-full}.json" ] && cp "$prev" "$side/$name/${SIZE:-full}.json"
   (
-    timeout -k 20 "$deadline" python3 "experiments/$exp/run.py" --size="${SIZE:-full}" --out="/tmp/side/$name" \
-      --workdir="/tmp/side_work/$name" --no-progress $extra > "/tmp/side/$name/log.txt" 2>&1
-    echo "rc=$?" >> "/tmp/side/$name/log.txt"
+    timeout -k 20 "$deadline" python3 "experiments/$exp/run.py" --size="${SIZE:-full}" --out="$side/$name" \
+      --workdir="$work/$name" --no-progress $extra > "$side/$name/log.txt" 2>&1
+    echo "rc=$?" >> "$side/$name/log.txt"
   ) &
   pids+=($!)
 done
-copy() {
-  for spec in "$@"; do
-    name=${spec%%:*}
-    [ -f "/tmp/side/$name/${SIZE:-full}.json" ] && cp "/tmp/side/$name/${SIZE:-full}.json" "$out/$name.json"
-  done
+pack() {  # everything in SIDE_DIR (results, reports, plots, logs, nvidia-smi samples) as one archive in $OUT
+  tar czf "$out/side.tgz.tmp" --warning=no-file-changed -C "$side" . 2> /dev/null
+  mv "$out/side.tgz.tmp" "$out/side.tgz"
 }
-(while true; do sleep 20; copy "$@"; done) &
+(while true; do sleep 20; pack; done) &
 copier=$!
 wait "${pids[@]}"
 kill "$copier" 2> /dev/null
 [ -n "${smi:-}" ] && kill "$smi" 2> /dev/null
-copy "$@"
 for spec in "$@"; do
   name=${spec%%:*}
-  echo "== $name: $(tail -1 "/tmp/side/$name/log.txt")"
+  echo "== $name: $(tail -1 "$side/$name/log.txt")"
 done
-tar czf "$out/side.tgz" -C /tmp/side .
+pack
