@@ -68,6 +68,7 @@ from bench_common import (  # noqa: E402
 
 from pallas_kernels.sliding_window_attention import sliding_window_attention  # noqa: E402
 from pallas_kernels.topk_attention import pairs, topk_attention  # noqa: E402
+from pallas_kernels.topk_attention.reference import block_means, group_query_sums  # noqa: E402
 from pallas_kernels.topk_attention.selection import query_blocks, select_blocks  # noqa: E402
 from pallas_kernels.topk_attention.selection_gpu import (  # noqa: E402
     DEFAULT_SELECT_TILING,
@@ -201,13 +202,55 @@ def selection_fn(cfg: Config, which: str, layout: bool, tiling: SelectTiling | N
     return run
 
 
+# At most this many differing rows get their score gap measured (a fixed size keeps the check one jitted program).
+GAP_ROWS = 4096
+
+
 def selection_disagreement(cfg: Config, q, k) -> dict:
     """Rows ``(b, t, hk)`` where the fused and the XLA selections differ (in any entry or order), as a count and a
-    share: float32 near-ties resolved apart by the different accumulation orders of the two dots."""
+    share, and how far apart the two choices are in score: for up to ``GAP_ROWS`` differing rows, both selections'
+    block scores (``select_blocks``' own float32 arithmetic), sorted; ``max_gap`` is the largest difference between
+    the two sorted score lists, ``max_relative_gap`` the same over ``|q_sum| * max |block mean|`` of the row (the
+    scale of float32 accumulation error: about ``e * 2^-24`` relative, ~4e-6 at head dim 64). Gaps at that scale mean
+    near-ties resolved apart by the different accumulation orders of the two dots; larger ones mean a wrong pick."""
     fused, xla = select_fn(cfg, "fused"), select_fn(cfg, "xla")
-    count = jax.jit(lambda q, k: jnp.sum(jnp.any(fused(q, k) != xla(q, k), axis=-1)))(q, k)
-    rows = q.shape[0] * q.shape[1] * k.shape[2]
-    return {"rows_differing": int(count), "rows": rows, "share": int(count) / rows}
+    b, t, hk = q.shape[0], q.shape[1], k.shape[2]
+
+    def compare(q, k):
+        got, want = fused(q, k), xla(q, k)
+        differs = jnp.any(got != want, axis=-1).reshape(-1)
+        count = jnp.sum(differs)
+        rows = jnp.nonzero(differs, size=GAP_ROWS, fill_value=0)[0]
+        valid = jnp.arange(GAP_ROWS) < count
+        bi, hi = rows // (t * hk), rows % hk
+        qs = group_query_sums(q, hk).reshape(-1, q.shape[-1])[rows]  # (GAP_ROWS, e)
+        means = block_means(k, cfg.block_size)  # (b, nb, hk, e)
+
+        def sorted_scores(sel):
+            idx = sel.reshape(-1, sel.shape[-1])[rows]  # (GAP_ROWS, K)
+            m = means[bi[:, None], jnp.maximum(idx, 0), hi[:, None]]  # (GAP_ROWS, K, e)
+            sc = jnp.einsum("re,rke->rk", qs, m, precision="highest")
+            return -jnp.sort(-jnp.where(idx >= 0, sc, -jnp.inf), axis=-1), m
+
+        a, ma = sorted_scores(got)
+        w, mw = sorted_scores(want)
+        gap = jnp.max(jnp.where(jnp.isfinite(a) & jnp.isfinite(w), jnp.abs(a - w), jnp.where(a == w, 0.0, jnp.inf)), -1)
+        scale = jnp.linalg.norm(qs, axis=-1) * jnp.maximum(
+            jnp.max(jnp.linalg.norm(ma, axis=-1), -1), jnp.max(jnp.linalg.norm(mw, axis=-1), -1)
+        )
+        gap = jnp.where(valid, gap, 0.0)
+        return count, jnp.max(gap), jnp.max(jnp.where(valid, gap / jnp.maximum(scale, 1e-30), 0.0))
+
+    count, gap, rel = jax.jit(compare)(q, k)
+    rows = b * t * hk
+    return {
+        "rows_differing": int(count),
+        "rows": rows,
+        "share": int(count) / rows,
+        "gap_rows": min(int(count), GAP_ROWS),
+        "max_gap": float(gap),
+        "max_relative_gap": float(rel),
+    }
 
 
 def make_inputs(key, cfg: Config, t: int):
@@ -407,9 +450,14 @@ def print_tables(report, cfg: Config) -> None:
         print(
             "\ntop-k's preamble alone (forward), ms, host / device clock; 'xla / fused': the XLA selection's time over"
         )
-        print("the fused kernel's (device clock); 'differing rows': (b, t, hk) rows where the two selections differ")
-        print("| T | XLA selection | fused selection | xla / fused | fused selection + layout | differing rows |")
-        print("|---|---|---|---|---|---|")
+        print("the fused kernel's (device clock); 'differing rows': (b, t, hk) rows where the two selections differ;")
+        print("'largest relative score gap': between the two choices of a differing row, over the row's score scale")
+        print("(float32 accumulation error is ~4e-6 of it at head dim 64: gaps near that are near-ties)")
+        print(
+            "| T | XLA selection | fused selection | xla / fused | fused selection + layout | differing rows"
+            " | largest relative score gap |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for t in cfg.lengths:
             cells = [
                 f"{fmt(lookup(rows, 'fwd_ms', T=t, impl=n))} / {fmt(lookup(rows, 'fwd_device_ms', T=t, impl=n))}"
@@ -421,7 +469,8 @@ def print_tables(report, cfg: Config) -> None:
             )
             agree = next((x for x in rows if x["impl"] == "selection_agreement" and x["T"] == t), {})
             differ = f"{agree['rows_differing']} of {agree['rows']}" if "rows" in agree else agree.get("status", "-")
-            print(f"| {t} | {cells[0]} | {cells[1]} | {fmt(speedup, 1)} | {cells[2]} | {differ} |")
+            gap = f"{agree['max_relative_gap']:.1e}" if "max_relative_gap" in agree else "-"
+            print(f"| {t} | {cells[0]} | {cells[1]} | {fmt(speedup, 1)} | {cells[2]} | {differ} | {gap} |")
     print(f"\ntime per token relative to T={cfg.lengths[0]} (1.00 = linear in T), device clock when measured:")
     for impl in CONTENDERS:
         key = "fwdbwd_device_ms" if any(x.get("fwdbwd_device_ms") for x in rows) else "fwdbwd_ms"
