@@ -9,6 +9,11 @@ token after the final trigger at 256 ... 64K tokens. Models: Mamba, attention wi
 (C = 0.3, SAL window = the training length). Each job is a population over learning rates x seeds; the learning rate
 is chosen per model by accuracy at the training length, and every length is reported at that learning rate.
 Evaluations that do not fit in device memory are reported as out of memory.
+
+Besides the accuracy of the full argmax (Mamba's metric), every test length also gets the accuracy of the argmax over
+the ordinary tokens only (the copied token always is one) and the share of answers where the model predicts the
+trigger itself: the final trigger always sits at the training length, so a model can learn to count to it, and past
+the training length that counter can fire where the copy should be (README, "Why confidently wrong").
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from hybrid_jax.experiments import (
     Job,
     best_over,
     chosen_at,
+    is_oom,
     line_panels,
     main,
     pivot_table,
@@ -94,6 +100,46 @@ def eval_batch(rows: int, length: int) -> int:
     return max(1, min(rows, EVAL_TOKENS // length))
 
 
+def answer_breakdown(trainer, params, evals: dict[str, EvalSpec], vocab: int) -> dict[str, list[dict]]:
+    """Per evaluation and member: ``accuracy_ordinary`` (the argmax over the ``vocab - 2`` ordinary tokens equals the
+    copied token), ``predicts_trigger`` (share of answers whose full argmax is the trigger) and ``answers``; or
+    ``{"oom": True}`` where the evaluation does not fit. Reads the same test batches as the evaluations."""
+    import jax
+    import jax.numpy as jnp
+
+    trigger = vocab - 2
+    model = trainer.model
+
+    def counts(p, batch):
+        at = jnp.argmax(batch["mask"], axis=1)[:, None]  # the one answer position of each row
+        logits = model.apply({"params": p}, batch["inputs"], batch["segment_ids"], batch["positions"], logits_at=at)
+        logits = logits[:, 0, :vocab].astype(jnp.float32)
+        target = jnp.take_along_axis(batch["targets"], at, axis=1)[:, 0]
+        real = jnp.sum(batch["mask"], axis=1) > 0
+        ordinary = (jnp.argmax(logits[:, :trigger], axis=-1) == target) & real
+        to_trigger = (jnp.argmax(logits, axis=-1) == trigger) & real
+        return jnp.stack([jnp.sum(ordinary), jnp.sum(to_trigger), jnp.sum(real)]).astype(jnp.float32)
+
+    members = len(trainer.members) if trainer.members is not None else 1
+    step = jax.jit(jax.vmap(counts, in_axes=(0, None)) if trainer.members is not None else counts)
+    out = {}
+    for name, spec in evals.items():
+        try:
+            total = 0.0
+            for batch in trainer.eval_batches_for(spec.source, spec.seq_len, spec.max_batches, spec.batch_size):
+                total = total + jax.device_get(step(params, batch))
+            per = jnp.reshape(jnp.asarray(total), (members, 3)).tolist()
+            out[name] = [
+                {"accuracy_ordinary": o / max(n, 1.0), "predicts_trigger": t / max(n, 1.0), "answers": n}
+                for o, t, n in per
+            ]
+        except Exception as e:  # noqa: BLE001 - an evaluation that does not fit is a result (the OOM point)
+            if not is_oom(e):
+                raise
+            out[name] = [{"oom": True} for _ in range(members)]
+    return out
+
+
 def build(args) -> list[Job]:
     s = SIZES[args.size]
     jobs = []
@@ -127,7 +173,13 @@ def build(args) -> list[Job]:
             for n, count in s["test"]
         }
         jobs.append(
-            Job(key=f"{name}/d{s['width']}", config=config, evals=evals, tags={"model": name, "d_model": s["width"]})
+            Job(
+                key=f"{name}/d{s['width']}",
+                config=config,
+                evals=evals,
+                tags={"model": name, "d_model": s["width"]},
+                analyze=lambda tr, p, evals=evals, vocab=s["vocab"]: answer_breakdown(tr, p, evals, vocab),
+            )
         )
     return jobs
 
@@ -137,6 +189,7 @@ def report(results, args) -> str:
     if not rows:
         return "no results yet"
     train_len = SIZES[args.size]["train_len"]
+    rows = with_breakdown(results)
     chosen = chosen_at(rows, ("model",), "accuracy", lambda r: r.get("length") == train_len)
     summary = best_over(chosen, ("model", "length"), "accuracy")
     oom = {(r["model"], r["length"]) for r in chosen if r.get("oom")}
@@ -152,6 +205,24 @@ def report(results, args) -> str:
         "",
         pivot_table(summary, ("model",), "length", cell, column_label=lambda n: f"{n:,}"),
     ]
+    for metric, what in (
+        ("accuracy_ordinary", "accuracy (%) of the argmax over the ordinary tokens only (the copied token is one)"),
+        ("predicts_trigger", "share (%) of answers where the model predicts the trigger (never the answer)"),
+    ):
+        have = [r for r in chosen if metric in r]
+        if have:
+            lines += [
+                "",
+                f"{what}, same learning rates:",
+                "",
+                pivot_table(
+                    best_over(have, ("model", "length"), metric),
+                    ("model",),
+                    "length",
+                    cell,
+                    column_label=lambda n: f"{n:,}",
+                ),
+            ]
     params = {j["tags"]["model"]: j["num_params"] for j in results["jobs"].values() if j.get("status") == "done"}
     lines += ["", "Parameters: " + ", ".join(f"{m}: {n:,}" for m, n in sorted(params.items()))]
     lines += unfinished(results)
@@ -172,6 +243,15 @@ def report(results, args) -> str:
     )
     lines += ["", f"Plot: {os.path.relpath(png, HERE)} (dashed: Mamba Table 11)"]
     return "\n".join(lines)
+
+
+def with_breakdown(results) -> list[dict]:
+    """The result rows with each job's ``answer_breakdown`` (stored with the job) merged into its evaluation rows."""
+    extra = {k: j.get("extra") or {} for k, j in results["jobs"].items()}
+    return [
+        {**r, **(extra.get(r["job"], {}).get(r["eval"], [{}] * (r["member"] + 1))[r["member"]])}
+        for r in results["rows"]
+    ]
 
 
 EXPERIMENT = Experiment(

@@ -181,7 +181,8 @@ def check_writable(path: str) -> None:
         raise ValueError(f"output {path!r} is not writable: {e.strerror or e}") from None
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is the device (or host) running out of memory: an evaluation that does not fit is a result."""
     text = f"{type(e).__name__}: {e}"
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or isinstance(e, MemoryError)
 
@@ -251,7 +252,7 @@ def run_job(job: Job, workdir: str) -> dict[str, Any]:
             try:
                 evals[name] = (spec, _as_list(trainer.evaluate(params, batches)))
             except Exception as e:  # noqa: BLE001 - an evaluation that does not fit is a result (the OOM point)
-                if not _is_oom(e):
+                if not is_oom(e):
                     raise
                 evals[name] = (spec, [{"oom": True, "error": _first_line(e)} for _ in members])
         extra = job.analyze(trainer, params) if job.analyze is not None else None
@@ -352,7 +353,7 @@ def run_sweep(
                 bar.write(f"{name}: {e}; stopping the sweep, rerun the same command to resume")
                 break
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
-                status = "oom" if _is_oom(e) else "error"
+                status = "oom" if is_oom(e) else "error"
                 out = {"record": {"status": status, "tags": dict(job.tags), "error": _first_line(e)}, "rows": []}
                 bar.write(f"{name}: job {job.key}: {status}: {_first_line(e)}")
                 if status == "error" and os.environ.get("HYBRID_JAX_DEBUG"):

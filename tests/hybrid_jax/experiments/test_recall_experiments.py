@@ -65,6 +65,55 @@ def test_recall_experiment_tiny_runs(tmp_path, name, evals):
     _check_rows(results, module.SIZES["tiny"]["models"], evals_per_job=evals)
     assert (out / "tiny.md").read_text().count("|") > 10
     assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in out.iterdir())
+    if name == "induction_heads":
+        # Restricting the argmax to a set that holds the answer can only turn a miss into a hit, and a predicted
+        # trigger is never a hit of the full argmax.
+        rows = module.with_breakdown(results)
+        assert all("accuracy_ordinary" in r for r in rows)
+        for r in rows:
+            assert r["accuracy"] <= r["accuracy_ordinary"] + 1e-9 and r["accuracy"] + r["predicts_trigger"] <= 1 + 1e-9
+            assert r["answers"] == r["eval_tokens"]
+
+
+def test_induction_answer_breakdown_counts_designed_logits():
+    """answer_breakdown on a stub trainer whose model returns chosen logits: 4 rows with answers, vocab 6 (ordinary
+    0-3, trigger 4, no-op 5), answers 1, 2, 3, 0; at the answer position the full argmax is 1 (hit), 4 (trigger;
+    ordinary argmax 2: hit), 4 (trigger; ordinary argmax 0: miss), 5 (no-op; ordinary argmax 0: hit). Every other
+    position predicts the answer outright, so reading a wrong position would show. Row 5 is padding."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    module = _experiment("induction_heads")
+    t, vocab = 6, 6
+    answer_at = np.array([5, 3, 5, 2])
+    answers = np.array([1, 2, 3, 0])
+    targets = np.zeros((5, t), np.int32)
+    targets[np.arange(4), answer_at] = answers
+    mask = np.zeros((5, t), np.float32)
+    mask[np.arange(4), answer_at] = 1.0
+    logits = np.full((5, t, vocab), -5.0, np.float32)
+    logits[np.arange(4), :, answers] = 9.0  # every position but the answer's (overwritten below) predicts the answer
+    for row, (top, second) in enumerate([(1, 0), (4, 2), (4, 0), (5, 0)]):
+        logits[row, answer_at[row]] = -5.0
+        logits[row, answer_at[row], top], logits[row, answer_at[row], second] = 3.0, 1.0
+
+    class Model:
+        def apply(self, variables, tokens, segment_ids, positions, logits_at):
+            return jnp.take_along_axis(jnp.asarray(logits), logits_at[:, :, None], axis=1) * variables["params"]
+
+    class Trainer:
+        model, members = Model(), [(1e-3, 0), (1e-3, 1)]
+
+        def eval_batches_for(self, source, seq_len, max_batches, batch_size):
+            zeros = np.zeros((5, t), np.int32)
+            yield {"inputs": zeros, "targets": targets, "mask": mask, "segment_ids": zeros + 1, "positions": zeros}
+
+    # The second member's parameter 0 makes every logit 0: ties go to id 0, a hit only for the row whose answer is 0.
+    out = module.answer_breakdown(Trainer(), jnp.array([1.0, 0.0]), {"L=6": EvalSpec()}, vocab)
+    assert out["L=6"] == [
+        {"accuracy_ordinary": 0.75, "predicts_trigger": 0.5, "answers": 4.0},
+        {"accuracy_ordinary": 0.25, "predicts_trigger": 0.0, "answers": 4.0},
+    ]
 
 
 @pytest.mark.parametrize(
