@@ -16,6 +16,9 @@
 # Point both into an ignored folder of the checkout (e.g. .work/side, .work/side_work) and a second call on the same
 # warm machine continues where the first stopped: a NAME whose full.json is already in SIDE_DIR starts from it, not
 # from the committed one, and a preempted job resumes from its checkpoint in SIDE_WORK.
+# At the end the newest checkpoint of each unfinished job (with its config.json and logs) is packed into
+# $OUT/work.tgz, smallest jobs first, up to 15 MB in all (the recall models' fit; a 15M-parameter LM's do not): a
+# later session extracts it into an ignored folder, carries that folder and points SIDE_WORK at it to resume them.
 #
 # Needs the wheels of the GPU machine's missing packages in .whl/ (see experiments/README.md) and HYBRID_JAX_COMMIT
 # set to the commit being run (the device's .git is stale). Keep the sum of the sweeps' memory under the card's:
@@ -68,3 +71,19 @@ for spec in "$@"; do
   echo "== $name: $(tail -1 "$side/$name/log.txt")"
 done
 pack
+# Unfinished jobs' newest complete checkpoints (finished jobs' work directories are deleted by the runner).
+(
+  cd "$work" || exit 0
+  for job in */*/; do
+    job=${job%/}
+    [ "$(basename "$job")" = jax_cache ] && continue
+    step=$(for d in "$job"/checkpoints/*/; do [ -f "$d/commit_success.txt" ] && basename "$d"; done | sort -n | tail -1)
+    [ -n "$step" ] || continue
+    files=("$job/checkpoints/$step")
+    for f in config.json metrics.jsonl eval.jsonl; do [ -f "$job/$f" ] && files+=("$job/$f"); done
+    echo "$(du -skc "${files[@]}" | tail -1 | cut -f1) ${files[*]}"
+  done | sort -n | awk '{ total += $1; if (total <= 15 * 1024) { $1 = ""; print substr($0, 2) } }' | tr ' ' '\n' > /tmp/side_keep.txt
+  if [ -s /tmp/side_keep.txt ]; then
+    tar czf "$out/work.tgz" -T /tmp/side_keep.txt && echo "checkpoints of unfinished jobs: $out/work.tgz ($(grep -c /checkpoints/ /tmp/side_keep.txt) jobs)"
+  fi
+)
