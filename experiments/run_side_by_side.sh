@@ -62,9 +62,9 @@ pack() {  # everything in SIDE_DIR (results, reports, plots, logs, nvidia-smi sa
   mv "$out/side.tgz.tmp" "$out/side.tgz"
 }
 (while true; do sleep 20; pack; done) &
-copier=$!
+packer=$!
 wait "${pids[@]}"
-kill "$copier" 2> /dev/null
+kill "$packer" 2> /dev/null
 [ -n "${smi:-}" ] && kill "$smi" 2> /dev/null
 for spec in "$@"; do
   name=${spec%%:*}

@@ -247,11 +247,11 @@ def report(results, args) -> str:
 
 def with_breakdown(results) -> list[dict]:
     """The result rows with each job's ``answer_breakdown`` (stored with the job) merged into its evaluation rows."""
-    extra = {k: j.get("extra") or {} for k, j in results["jobs"].items()}
-    return [
-        {**r, **(extra.get(r["job"], {}).get(r["eval"], [{}] * (r["member"] + 1))[r["member"]])}
-        for r in results["rows"]
-    ]
+    rows = []
+    for r in results["rows"]:
+        per_member = (results["jobs"].get(r["job"], {}).get("extra") or {}).get(r["eval"])
+        rows.append({**r, **(per_member[r["member"]] if per_member else {})})
+    return rows
 
 
 EXPERIMENT = Experiment(
