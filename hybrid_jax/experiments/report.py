@@ -208,7 +208,11 @@ def line_panels(
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    # One legend when every panel has the same lines, else one per panel (e.g. an LM with two SALs next to MQAR's one).
+    labels = [tuple(ax.get_legend_handles_labels()[1]) for ax in axes[0]]
+    for ax, own in zip(axes[0], labels):
+        if own and (own != labels[-1] or ax is axes[0][-1]):
+            ax.legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
