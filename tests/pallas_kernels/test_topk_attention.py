@@ -661,7 +661,7 @@ def test_bad_tiling_raises():
 
 
 def test_pallas_gpu_selections_agree():
-    """``selection="pallas"`` (the fused kernel) and ``"xla"`` (``select_blocks``, the default) give the same forward
+    """``selection="pallas"`` (the fused kernel, the default) and ``"xla"`` (``select_blocks``) give the same forward
     and VJP (interpret mode); an unknown selection is a one-line error."""
     q, k, v, ct, seg = make_inputs(12, 2, 45, 4, 2, 8, segments=True)
     kw = dict(block_size=6, top_k=3, segment_ids=seg, softmax_scale=0.3, interpret=True)
