@@ -3,7 +3,9 @@
 Selection: the fused Triton kernel of ``selection_gpu.py`` by default (scores and a running top-k in registers;
 compiled tests on the H100 match ``selection.select_blocks`` exactly; on random bf16 inputs at T 32K, 43 of 1M
 (b, t, kv head) rows pick differently, each a float32 near-tie, and the kernel is 5.9x faster: experiments/kernels);
-``selection="xla"`` takes ``selection.select_blocks`` (einsums and ``lax.top_k``). Pair layout and ``custom_vjp``: ``pairs.py`` (XLA).
+``selection="xla"`` takes ``selection.select_blocks`` (einsums and ``lax.top_k``). Pair layout and ``custom_vjp``:
+``pairs.py`` (XLA).
+
 This module holds four kernels: two over the (query, key block) pairs of ``pairs.PairLayout`` and two that merge
 each query's pairs. A pair tile is ``rows`` slots of one (batch x kv head) row and one key block ``j``; its queries
 are gathered from HBM by index (Triton loads take pointer tensors), so the (query tile x key block) products stay
