@@ -11,14 +11,16 @@ Each decode row carries its memory floor: (weight bytes + cache bytes moved per 
 states read and written) / the device copy bandwidth measured at the start of the same run (a jitted copy of a 1 GiB
 buffer; bandwidth = bytes read + written / the copy kernel's time on the device clock, from a profiler trace), and
 the ratio of the measured step time to it. The decode cells time ``--decode-steps`` steps of
-``hybrid_jax.inference``'s one-jit loop (``lax.while_loop`` over ``LanguageModel.step`` with the donated state), from
-a cache whose position is set to the context (the cache contents do not change the work of a step; a full-attention
-cache holds context + steps slots and every step reads all of them). Prefill cells time ``LanguageModel.prefill``
-(last position's logits only) in one pass (``--prefill-chunk`` for chunked prefill). Every timing is the median of
-``--repeats`` runs after a compile-and-warm-up call; a cell that runs out of device memory is recorded as OOM and
-the larger contexts of that model and batch are not tried. Results are written to ``--out/results.json`` after
-every cell (a rerun skips finished cells; ``--fresh`` starts over), then markdown tables (printed and
-``results.md``) and PNG plots.
+``hybrid_jax.inference``'s one-jit loop (``lax.while_loop`` over ``LanguageModel.step`` with the donated state) on
+the model unrolled over its periods, as ``stream`` runs it (``unroll_for_decoding``: the layers' weights sliced out
+of the scanned stacks once, before the timed calls; ``generate`` does this once per call), from a cache whose
+position is set to the context (the cache contents do not change the work of a step; a full-attention cache holds
+context + steps slots and every step reads all of them). Prefill cells time ``LanguageModel.prefill`` (last
+position's logits only, the scanned model) in one pass (``--prefill-chunk`` for chunked prefill). Every timing is
+the median of ``--repeats`` runs after a compile-and-warm-up call; a cell that runs out of device memory is recorded
+as OOM and the larger contexts of that model and batch are not tried. Results are written to
+``--out/results.json`` after every cell (a rerun skips finished cells; ``--fresh`` starts over), then markdown tables
+(printed and ``results.md``) and PNG plots.
 
 ``--anchor_build DIR`` (the BUILD_DIR of experiments/throughput/build_peers.sh) adds issue 17's same-run anchor: after
 the decode cells, ``mamba_ssm_decode.py`` (its docstring says what it times) runs in a subprocess at the same batches,
@@ -65,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import mamba_ssm_decode  # noqa: E402  (the anchor: its pure-Python helpers; torch is imported in its own process)
 
-from hybrid_jax.inference.generate import DecodeState, Plan, SamplingValues, _advance, cache_bytes
+from hybrid_jax.inference.generate import DecodeState, Plan, SamplingValues, _advance, cache_bytes, unroll_for_decoding
 from hybrid_jax.model import LanguageModel, init_cache, preset
 from pallas_kernels import decode_attention, selective_state_update
 
@@ -244,6 +246,7 @@ def decode_cell(model, params, batch: int, context: int, args, bandwidth: float)
     cache = cache.replace(position=jnp.full((batch,), context, jnp.int32))
     zeros = jnp.zeros((batch,), jnp.int32)
     state = DecodeState(token=zeros, cache=cache, done=zeros.astype(bool), emitted=jnp.ones((), jnp.int32))
+    model, params = unroll_for_decoding(model, params)  # what stream's decode calls run: one weight copy per cell
     fn = jax.jit(functools.partial(_advance, model, plan=plan, n=steps), donate_argnames=("state",))
     key, values = jax.random.key(2), SamplingValues.of()  # greedy: the values are not read
     compiled = fn.lower(params, state, key, values).compile()

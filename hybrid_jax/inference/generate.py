@@ -9,6 +9,13 @@ fp32, KV caches are in the compute dtype. ``stream`` runs the same prefill and t
 (``steps_per_call``), donating the decode state to each call, and yields the tokens as they come; with the same key it
 produces exactly the tokens of ``generate`` (token i is drawn with ``fold_in(key, i)``).
 
+The decode steps run the model unrolled over its periods (``scan_layers=False``; ``unroll_periods``): a scanned
+model's stacked weights are sliced into one array per layer once, before the decode loop, so a step reads every
+weight where it lies (in a scan over periods, XLA on GPU copies each layer's slice of the stack before its matmuls,
+at every step). ``generate`` unrolls once per call, ``stream`` once per stream; either way a scanned model's layer
+weights are held twice while decoding (pass an unrolled model and ``unstack_periods``' parameters to hold them
+once). The prefill runs the model as given (scanned: one slice per layer and chunk, spread over the chunk's tokens).
+
 Prompts of different lengths go in one batch, left-aligned: row b holds ``lengths[b]`` real tokens, then padding.
 Padding changes no cache, and each row continues at its own position, so a padded row decodes exactly as it would
 alone (greedy; a sampled row draws from a batch-wide key).
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.inference.sampling import check_sampling, sample_logits
-from hybrid_jax.model import BlockType, DecodeCache, LanguageModel
+from hybrid_jax.model import BlockType, DecodeCache, LanguageModel, unroll_periods, unstack_periods
 
 FINISHED = -1  # token id reported after a row's stop token (and for steps never taken)
 DEFAULT_PREFILL_CHUNK = 8192
@@ -238,7 +245,12 @@ def _start(model: LanguageModel, params, tokens, lengths, key, values: SamplingV
 
 
 def _advance(model: LanguageModel, params, state: DecodeState, key, values: SamplingValues, plan: Plan, n: int):
-    """Up to ``n`` decode steps (fewer when every row is done): ``(tokens (b, n), state)``, FINISHED after a stop."""
+    """Up to ``n`` decode steps (fewer when every row is done): ``(tokens (b, n), state)``, FINISHED after a stop.
+
+    A scanned model is unrolled first (:func:`unroll_periods`: one copy of the layers' weights, made before the
+    loop), so that the loop body reads each layer's weights in place; an unrolled model and its parameters are used
+    as they are (what ``stream`` passes, having unrolled once for all its calls)."""
+    model, params = unroll_periods(model, params)
     b = state.token.shape[0]
 
     def cond(carry):
@@ -270,6 +282,17 @@ def _generate(model: LanguageModel, params, tokens, lengths, key, values: Sampli
 
 _start_jit = jax.jit(_start, static_argnames=("model", "plan"))
 _advance_jit = jax.jit(_advance, static_argnames=("model", "plan", "n"), donate_argnames=("state",))
+_unstack_periods_jit = jax.jit(unstack_periods, static_argnames=("n_periods",))
+
+
+def unroll_for_decoding(model: LanguageModel, params) -> tuple[LanguageModel, dict]:
+    """:func:`unroll_periods` as one compiled program: the model and parameters that the decode steps run, made once
+    for a driver that calls ``_advance`` several times with the same weights (``stream``, the decode benchmark).
+    The unrolled parameters are a second copy of a scanned model's layer weights (sharded like them)."""
+    if not model.config.scan_layers:
+        return model, params
+    unrolled = LanguageModel(model.config.replace(scan_layers=False))
+    return unrolled, _unstack_periods_jit(params, n_periods=model.config.n_periods)
 
 
 def _setup(model, prompt, lengths, max_new_tokens, key, kw, where):
@@ -352,7 +375,8 @@ def stream(
 
     Arguments and errors as :func:`generate` (checked before the first token is computed); the concatenated blocks
     equal ``generate``'s output up to the columns after every row finished. The decode state is donated to each
-    call, so its caches are updated in place between calls too.
+    call, so its caches are updated in place between calls too. A scanned model is unrolled once before the
+    first decode call (:func:`unroll_for_decoding`), and that copy of its layer weights is held until the stream ends.
     """
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"stream: steps_per_call={steps_per_call!r} must be an integer >= 1")
@@ -373,6 +397,8 @@ def _stream(model, params, tokens, lengths, key, values, plan: Plan, steps_per_c
     done = np.asarray(state.done)
     yield np.asarray(first)[:, None]
     emitted = 1
+    if emitted < plan.max_new_tokens and not done.all():
+        model, params = unroll_for_decoding(model, params)
     while emitted < plan.max_new_tokens and not done.all():
         n = min(steps_per_call, plan.max_new_tokens - emitted)
         out, state = _advance_jit(model, params, state, key, values, plan, n)

@@ -18,7 +18,7 @@ from hybrid_jax.model.config import (
     preset,
 )
 from hybrid_jax.model.mixer import Mixer
-from hybrid_jax.model.model import LanguageModel, init_cache, summarize_aux
+from hybrid_jax.model.model import LanguageModel, init_cache, summarize_aux, unroll_periods, unstack_periods
 
 __all__ = [
     "PRESETS",
@@ -45,4 +45,6 @@ __all__ = [
     "init_cache",
     "preset",
     "summarize_aux",
+    "unroll_periods",
+    "unstack_periods",
 ]

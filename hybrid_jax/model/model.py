@@ -13,6 +13,8 @@ of ``max_len`` continues it with the next chunk of a long prompt (same result as
 ``lengths`` gives ragged rows (left-aligned prompts, padding after each row's ``lengths[b]`` real tokens).
 ``model.apply(variables, token, cache, method="step")`` advances one token, updating every layer's cache entry in
 place. ``init_cache`` builds an empty cache from the config alone, so decoding can also start from nothing.
+``unroll_periods`` gives the same model with ``scan_layers=False`` and its parameters (``unstack_periods``: one array
+per layer instead of stacks over periods), what the decode loop runs.
 """
 
 from __future__ import annotations
@@ -244,6 +246,58 @@ class LanguageModel(nn.Module):
 
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         return init_cache(self.config, batch, max_len)
+
+
+def unstack_periods(params, n_periods: int):
+    """A scanned model's parameters in the unrolled layout: the same weights, one entry per period.
+
+    ``scan_layers=True`` keeps every period's weights stacked on a leading axis, ``{"periods": {..., leaf (n_periods,
+    *shape)}}``; ``scan_layers=False`` names each period's module, ``{"period_0": {..., leaf shape}, "period_1": ...}``.
+    The other entries (``embed``, ``norm_f``, ``lm_head``, the layers' ``shared`` parameters) are the same in both and
+    pass through. A tree without ``"periods"`` is returned as it is.
+
+    Args:
+      params: the ``"params"`` collection of a ``scan_layers=True`` model, plain arrays or boxed as ``model.init``
+        returns them (``nn.Partitioned``: a stacked box's leading logical name, ``"layers"``, is dropped with the axis).
+      n_periods: the model's ``config.n_periods`` (the stacked axis' length).
+
+    Returns:
+      The ``"params"`` collection of the same model with ``scan_layers=False``. The periods' leaves are new arrays:
+      one more copy of the layers' weights (under ``jit``, static slices; a slice of a sharded array keeps the
+      sharding of its other dimensions).
+    """
+    if "periods" not in params:
+        return params
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+
+    def period(i):
+        def take(x):
+            if is_box(x):
+                return x.replace(value=jax.lax.index_in_dim(x.value, i, keepdims=False), names=x.names[1:])
+            return jax.lax.index_in_dim(x, i, keepdims=False)
+
+        return jax.tree.map(take, params["periods"], is_leaf=is_box)
+
+    leading = {jnp.shape(x.value if is_box(x) else x)[0] for x in jax.tree.leaves(params["periods"], is_leaf=is_box)}
+    if leading != {n_periods}:
+        raise ValueError(f"unstack_periods: the stacked parameters' leading sizes {sorted(leading)} != {n_periods}")
+    out = {k: v for k, v in params.items() if k != "periods"}
+    out.update({f"period_{i}": period(i) for i in range(n_periods)})
+    return out
+
+
+def unroll_periods(model: LanguageModel, params) -> tuple[LanguageModel, dict]:
+    """The same model with ``scan_layers=False`` and its parameters (:func:`unstack_periods`); as it is if unrolled.
+
+    What decoding runs: in a step of the scanned model, each iteration of the scan over periods slices its layer's
+    weights out of the stacked arrays, and XLA on GPU turns that dynamic slice into a device copy before the matmul
+    (every step reads the weights twice and writes them once). The unrolled step reads each layer's own arrays where
+    they are. Unrolled, the step's program holds every layer (longer compiles) and these parameters are a second copy
+    of the layers' weights beside the scanned ones.
+    """
+    if not model.config.scan_layers:
+        return model, params
+    return LanguageModel(model.config.replace(scan_layers=False)), unstack_periods(params, model.config.n_periods)
 
 
 def summarize_aux(aux) -> dict[str, dict[str, jax.Array]]:

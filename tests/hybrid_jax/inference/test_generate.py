@@ -1,19 +1,28 @@
 """The decode engine: greedy generation equals the argmax of the parallel forward pass for every preset (ragged
-batches, chunked prefill), streaming equals the one-jit loop, stop tokens end rows, cache memory, in-place decoding
-and the one-line errors of bad input."""
+batches, chunked prefill), streaming equals the one-jit loop, stop tokens end rows, cache memory, in-place decoding,
+the decode loop of a scanned model reads unstacked weights (sharded or not), and the one-line errors of bad input."""
 
 import dataclasses
 import functools
+import importlib
+import re
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.inference import FINISHED, cache_bytes, generate, stream
-from hybrid_jax.inference.generate import Plan, SamplingValues, _advance, _start
-from hybrid_jax.model import PRESETS, BlockType, LanguageModel, init_cache, preset
+from hybrid_jax.inference.generate import Plan, SamplingValues, _advance, _advance_jit, _start
+from hybrid_jax.model import PRESETS, BlockType, LanguageModel, init_cache, preset, unroll_periods
+from tests.child_env import child_env
+
+generate_module = importlib.import_module("hybrid_jax.inference.generate")  # (the package's "generate" is a function)
 
 
 def _tiny(name, **sal):
@@ -123,6 +132,167 @@ def test_stream_equals_generate_and_stop_tokens_end_rows():
     blocks = list(stream(model, params, tokens, 8, stop_tokens=[stop], steps_per_call=3, **kw))
     assert blocks[0].shape == (3, 1) and all(b.shape[1] <= 3 for b in blocks[1:])
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), out[:, : sum(b.shape[1] for b in blocks)])
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decode_of_a_scanned_model_equals_its_scanned_step(name):
+    """The decode loop runs a scanned model unrolled (``unroll_periods``): its tokens are the greedy tokens of the
+    scanned model's own ``step`` (the loop over periods as an ``nn.scan``), and the unrolled step's logits and caches
+    equal the scanned step's (bitwise on the CPU)."""
+    cfg = _tiny(name)
+    model, params = _model(cfg)
+    assert cfg.scan_layers and "periods" in params
+    tokens, lengths = _prompts(cfg, [6, 3])
+    plan = Plan(max_new_tokens=7, max_len=12, prefill_chunk=4)
+    key, values = jax.random.PRNGKey(0), SamplingValues.of()
+    first, state = jax.jit(functools.partial(_start, model, plan=plan))(params, tokens, lengths, key, values)
+    out, end = _advance_jit(model, params, jax.tree.map(jnp.copy, state), key, values, plan, 6)  # donates its state
+
+    scanned = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method="step"))
+    step_model, step_params = unroll_periods(model, params)
+    assert not step_model.config.scan_layers and "periods" not in step_params
+    unrolled = jax.jit(lambda p, t, c: step_model.apply({"params": p}, t, c, method="step"))
+    token, cache, cache_u, expect = first, state.cache, state.cache, []
+    for _ in range(6):
+        logits, cache = scanned(params, token, cache)
+        logits_u, cache_u = unrolled(step_params, token, cache_u)
+        np.testing.assert_allclose(logits_u, logits, rtol=0, atol=1e-6)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        expect.append(token)
+    np.testing.assert_array_equal(out, np.stack(expect, axis=1))
+    for a, b, c in zip(jax.tree.leaves(end.cache), jax.tree.leaves(cache), jax.tree.leaves(cache_u), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(c, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-6)
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def _avals(jaxpr):
+    """(shape, dtype) of every variable of a jaxpr and of the jaxprs inside it (scans, calls, conds, loops)."""
+    out = set()
+    for v in (*jaxpr.constvars, *jaxpr.invars, *(o for e in jaxpr.eqns for o in e.outvars)):
+        out.add((tuple(v.aval.shape), str(v.aval.dtype)))
+    for e in jaxpr.eqns:
+        for sub in _sub_jaxprs(e):
+            out |= _avals(sub)
+    return out
+
+
+def test_the_decode_loop_reads_each_layers_weights_unstacked():
+    """Decoding a scanned model, the while loop's body holds no stacked weight: no array of the shape of a stacked
+    parameter ``(n_periods, ...)`` is an operand of the loop or a value inside its body (the scan over periods in the
+    body sliced each layer's weights out of the stack at every step, a device copy on GPU), while the per-layer
+    weights are; and the lowered program has no ``dynamic_slice`` of a stacked weight anywhere (the layers are
+    sliced once, statically, before the loop)."""
+    # 3 periods, a size no other dimension has (batch 2, conv width 4): in_proj (3, 64, 296), out_proj (3, 128, 64)
+    cfg = preset("mamba2", "tiny", n_periods=3)
+    model, params = _model(cfg)
+    plan = Plan(max_new_tokens=5, max_len=16, prefill_chunk=8)
+    key, values = jax.random.PRNGKey(0), SamplingValues.of()
+    start = functools.partial(_start, model, plan=plan)
+    _, state = jax.eval_shape(start, params, jnp.zeros((2, 8), jnp.int32), jnp.full((2,), 8), key, values)
+
+    stacked = {(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(params["periods"])}
+    per_layer = {(s[1:], d) for s, d in stacked}
+    assert all(s[0] == cfg.n_periods for s, _ in stacked) and len(stacked) >= 5
+
+    closed = jax.make_jaxpr(functools.partial(_advance, model, plan=plan, n=4))(params, state, key, values)
+    loops = [e for e in closed.jaxpr.eqns if e.primitive.name == "while"]
+    assert len(loops) == 1, [e.primitive.name for e in closed.jaxpr.eqns]
+    (loop,) = loops
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    param_vars = closed.jaxpr.invars[: len(paths)]  # the arguments flatten params first
+    stacked_vars = {v for v, path in zip(param_vars, paths, strict=True) if path.startswith("['periods']")}
+    assert len(stacked_vars) == len(jax.tree.leaves(params["periods"]))
+    body = _avals(loop.params["body_jaxpr"].jaxpr)
+    assert not stacked & body, f"stacked weights inside the decode loop: {sorted(stacked & body)}"
+    assert not [v for v in loop.invars if any(v is w for w in stacked_vars)], "a stacked weight enters the loop"
+    assert per_layer <= body, sorted(per_layer - body)
+
+    text = _advance_jit.lower(model, params, state, key, values, plan, 4).as_text()
+    operands = re.findall(r"stablehlo\.dynamic_slice .*: \(tensor<([0-9x]+)x(f32|bf16)>", text)
+    typed = {(tuple(int(d) for d in dims.split("x")), dtype.replace("f32", "float32")) for dims, dtype in operands}
+    assert operands and not stacked & typed, f"dynamic slices of stacked weights: {sorted(stacked & typed)}"
+
+
+def test_stream_unrolls_the_weights_once_for_all_its_decode_calls(monkeypatch):
+    """``stream`` slices a scanned model's stacks once and passes the same unrolled parameters to every decode call."""
+    cfg = _tiny("samba")
+    model, params = _model(cfg)
+    tokens, lengths = _prompts(cfg, [5, 3])
+    calls, unstacked = [], []
+    advance, unstack = generate_module._advance_jit, generate_module._unstack_periods_jit
+
+    def spy_advance(m, p, *args):
+        calls.append((m.config.scan_layers, id(p)))
+        return advance(m, p, *args)
+
+    def spy_unstack(p, n_periods):
+        unstacked.append(n_periods)
+        return unstack(p, n_periods=n_periods)
+
+    monkeypatch.setattr(generate_module, "_advance_jit", spy_advance)
+    monkeypatch.setattr(generate_module, "_unstack_periods_jit", spy_unstack)
+    blocks = list(stream(model, params, tokens, 8, lengths=lengths, steps_per_call=2))
+    assert len(calls) == 4 and unstacked == [cfg.n_periods]
+    assert {c[0] for c in calls} == {False} and len({c[1] for c in calls}) == 1  # the same unrolled params each call
+    expect = np.asarray(generate(model, params, tokens, 8, lengths=lengths))
+    np.testing.assert_array_equal(np.concatenate(blocks, 1), expect)
+    # An unrolled model with unstacked parameters (one copy of the weights) generates the same tokens, prefill included.
+    np.testing.assert_array_equal(generate(*unroll_periods(model, params), tokens, 8, lengths=lengths), expect)
+
+
+def test_sharded_generation_equals_one_device_and_unstacked_weights_keep_their_sharding():
+    """On 8 CPU devices (data 2, fsdp 2, tensor 2): a scanned Taipan's parameters sharded by their logical names
+    generate the tokens of one device (``generate`` and ``stream``), and ``unroll_for_decoding`` leaves each layer's
+    weights with the sharding that the unrolled model's own logical names give them."""
+    script = textwrap.dedent(
+        """
+        import dataclasses, numpy as np, jax, jax.numpy as jnp, flax.linen as nn
+        from hybrid_jax.inference import generate, stream
+        from hybrid_jax.inference.generate import unroll_for_decoding
+        from hybrid_jax.model import LanguageModel, preset
+        from hybrid_jax.sharding import DEFAULT_RULES, make_mesh, tree_shardings
+        cfg = preset("taipan", "tiny", n_periods=2)
+        cfg = cfg.replace(sal=dataclasses.replace(cfg.sal, window=6))
+        model = LanguageModel(cfg)
+        boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        params = nn.unbox(boxed)
+        tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (4, 9), 0, cfg.vocab_size))
+        ref = np.asarray(generate(model, params, tokens, 6))
+        mesh = make_mesh((2, 2, 2))
+        sharded = jax.device_put(params, tree_shardings(jax.eval_shape(lambda: boxed), mesh, DEFAULT_RULES))
+        with mesh:
+            got = np.asarray(generate(model, sharded, tokens, 6))
+            streamed = np.concatenate(list(stream(model, sharded, tokens, 6, steps_per_call=2)), 1)
+            unrolled, unrolled_params = unroll_for_decoding(model, sharded)
+        abstract = jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        expect = tree_shardings(abstract, mesh, DEFAULT_RULES)
+        flat = jax.tree_util.tree_flatten_with_path(unrolled_params)[0]
+        assert jax.tree.structure(expect) == jax.tree.structure(unrolled_params)
+        wrong = [jax.tree_util.keystr(p) for (p, x), s in zip(flat, jax.tree.leaves(expect))
+                 if not x.sharding.is_equivalent_to(s, x.ndim)]
+        split = [jax.tree_util.keystr(p) for p, x in flat if "period_1" in jax.tree_util.keystr(p)
+                 and not x.sharding.is_fully_replicated]
+        kernel = unrolled_params["period_1"]["mamba2_0"]["mixer"]["in_proj"]["kernel"]
+        print(len(jax.devices()), np.array_equal(got, ref), np.array_equal(streamed, ref), len(wrong), wrong[:3],
+              len(split), kernel.sharding.spec, sep="|")
+        """
+    )
+    env = child_env(devices=8, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    devices, same, same_stream, n_wrong, wrong, n_split, spec = r.stdout.strip().splitlines()[-1].split("|")
+    assert devices == "8" and same == same_stream == "True", r.stdout
+    assert n_wrong == "0", wrong
+    assert int(n_split) >= 5 and spec == str(P("fsdp", "tensor")), r.stdout  # (embed, ssm_inner)
 
 
 def test_a_new_temperature_or_top_p_reuses_the_compiled_program():

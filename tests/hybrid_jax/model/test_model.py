@@ -1,5 +1,6 @@
-"""Model-level properties: decode == prefill == forward for every preset, finite gradients, scan == unrolled,
-SAL degenerate cases, initialisation, auxiliary outputs and config errors."""
+"""Model-level properties: decode == prefill == forward for every preset, finite gradients, scan == unrolled (and
+the scanned parameters unstacked into the unrolled layout), SAL degenerate cases, initialisation, auxiliary outputs and
+config errors."""
 
 import dataclasses
 import functools
@@ -10,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.model import PRESETS, BlockType, LanguageModel, ModelConfig, init_cache, preset
+from hybrid_jax.model import (
+    PRESETS,
+    BlockType,
+    LanguageModel,
+    ModelConfig,
+    init_cache,
+    preset,
+    unroll_periods,
+    unstack_periods,
+)
 from hybrid_jax.model.attention import AttentionMixer
 from hybrid_jax.model.blocks import Block
 from pallas_kernels.testing import TOLERANCES, assert_tree_rel_close
@@ -129,6 +139,45 @@ def test_scan_matches_unrolled(name):
     p2 = jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), tokens)["params"]
     p2 = nn.unbox(p2)
     assert jax.tree.structure(p2) == jax.tree.structure(_unstack(params, 2))
+
+
+def _flat(tree):
+    """``{path: (shape, dtype, logical names or None)}``, boxed leaves (``nn.Partitioned``) as one entry."""
+    box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=box)[0]:
+        value = x.value if box(x) else x
+        out[jax.tree_util.keystr(path)] = (tuple(value.shape), str(value.dtype), x.names if box(x) else None)
+    return out
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_unstack_periods_gives_the_unrolled_models_parameters(name):
+    """The scanned init, unstacked, has the unrolled model's own parameter tree (paths, shapes, dtypes and, boxed,
+    logical axis names without the stacked axis' "layers"), and period i's arrays are entry i of the stacks."""
+    cfg = _tiny(name, n_periods=3)
+    model, params, tokens = _init(cfg, t=8, b=1)
+    unrolled = LanguageModel(cfg.replace(scan_layers=False))
+    key = jax.random.PRNGKey(0)
+    boxed = jax.eval_shape(lambda: unstack_periods(model.init(key, tokens)["params"], 3))
+    want = jax.eval_shape(unrolled.init, key, tokens)["params"]
+    assert _flat(boxed) == _flat(want)
+    stacked = _flat(jax.eval_shape(model.init, key, tokens)["params"])
+    assert all(v[2][0] == "layers" for k, v in stacked.items() if k.startswith("['periods']"))  # what was dropped
+
+    plain = unstack_periods(params, 3)
+    assert _flat(plain) == _flat(nn.unbox(want))
+    for i in range(3):
+        for a, b in zip(jax.tree.leaves(plain[f"period_{i}"]), jax.tree.leaves(params["periods"]), strict=True):
+            np.testing.assert_array_equal(a, b[i])
+    for key_ in set(params) - {"periods"}:
+        assert plain[key_] is params[key_]  # embeddings, final norm, head, shared blocks: passed through
+
+    m2, p2 = unroll_periods(model, params)
+    assert m2 == unrolled and _flat(p2) == _flat(plain)
+    assert unroll_periods(m2, p2) == (m2, p2)  # already unrolled: as it is
+    with pytest.raises(ValueError, match=r"leading sizes \[3\] != 4"):
+        unstack_periods(params, 4)
 
 
 def test_remat_policies_do_not_change_values():

@@ -1,6 +1,7 @@
 """Zamba2's shared transformer blocks (SHARED_ATTENTION_MAMBA2 layers): one parameter per shared weight, used in turn
 by the layers through the scan; decode == chunked, ragged prefill == forward (with Zamba2's step-size floor); scan ==
-unrolled; FLOPs that do not depend on how many blocks are shared; one-line config errors."""
+unrolled (forward, and the decode step on ``unstack_periods``' parameters); FLOPs that do not depend on how many
+blocks are shared; one-line config errors."""
 
 import dataclasses
 import functools
@@ -20,6 +21,8 @@ from hybrid_jax.model import (
     SharedBlockConfig,
     SSMCache,
     init_cache,
+    unroll_periods,
+    unstack_periods,
 )
 from hybrid_jax.training.flops import flops_per_token
 
@@ -109,12 +112,25 @@ def test_decode_matches_ragged_chunked_prefill_and_forward():
 
 def test_scan_matches_unrolled():
     cfg = _config()
-    _, params, tokens, fwd = _model(cfg)
+    model, params, tokens, fwd = _model(cfg)
     unrolled = {k: v for k, v in params.items() if k != "periods"}
     for i in range(cfg.n_periods):
         unrolled[f"period_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["periods"])
     got = LanguageModel(cfg.replace(scan_layers=False)).apply({"params": unrolled}, tokens)
     np.testing.assert_allclose(got, fwd(params, tokens), rtol=1e-5, atol=1e-5)
+
+    # The decode layout: the shared blocks pass through unstacked, and the unrolled step is the scanned step.
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_periods(params, cfg.n_periods), unrolled))
+    step_model, step_params = unroll_periods(model, params)
+    assert step_params["shared"] is params["shared"]
+    _, cache = jax.jit(lambda p, x: model.apply({"params": p}, x, 19, method="prefill"))(params, tokens[:, :9])
+    scanned = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method="step"))
+    stepped = jax.jit(lambda p, x, c: step_model.apply({"params": p}, x, c, method="step"))
+    cache_u = cache
+    for i in range(9, 13):
+        want, cache = scanned(params, tokens[:, i], cache)
+        got, cache_u = stepped(step_params, tokens[:, i], cache_u)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 def test_flops_do_not_depend_on_how_many_blocks_are_shared():
