@@ -134,7 +134,13 @@ def test_stream_equals_generate_and_stop_tokens_end_rows():
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), out[:, : sum(b.shape[1] for b in blocks)])
 
 
-@pytest.mark.parametrize("name", PRESETS)
+# Decoding unrolls every preset (the greedy == forward tests above cover all of them through it); these tests of the
+# unrolling itself run on three that differ in layout (Mamba-2 only; SAL + Mamba-2 + SwiGLU; attention + MoE) by
+# default and on the rest with --runslow.
+UNROLL_PRESETS = [n if n in ("mamba2", "taipan", "jamba") else pytest.param(n, marks=pytest.mark.slow) for n in PRESETS]
+
+
+@pytest.mark.parametrize("name", UNROLL_PRESETS)
 def test_decode_of_a_scanned_model_equals_its_scanned_step(name):
     """The decode loop runs a scanned model unrolled (``unroll_periods``): its tokens are the greedy tokens of the
     scanned model's own ``step`` (the loop over periods as an ``nn.scan``), and the unrolled step's logits and caches
