@@ -152,8 +152,8 @@ def _flat(tree):
 
 
 # Decoding unrolls every preset (tests/hybrid_jax/inference's greedy == forward tests cover all of them through it);
-# this test of the unrolled parameters runs on three that differ in layout (Mamba-2 only; SAL + Mamba-2 + SwiGLU; attention + MoE) by
-# default and on the rest with --runslow.
+# this test of the unrolled parameters runs on three that differ in layout (Mamba-2 only; SAL + Mamba-2 + SwiGLU;
+# attention + MoE) by default and on the rest with --runslow.
 UNROLL_PRESETS = [n if n in ("mamba2", "taipan", "jamba") else pytest.param(n, marks=pytest.mark.slow) for n in PRESETS]
 
 
