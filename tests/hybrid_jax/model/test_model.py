@@ -118,14 +118,6 @@ def test_decode_matches_forward_and_gradients_finite(name):
         assert 0.1 < rate < 0.9, rate
 
 
-def _unstack(params, n):
-    """Scanned params {'periods': stacked} -> unrolled {'period_i': slice i}."""
-    out = {k: v for k, v in params.items() if k != "periods"}
-    for i in range(n):
-        out[f"period_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["periods"])
-    return out
-
-
 @pytest.mark.parametrize("name", ["samba", "taipan"])
 def test_scan_matches_unrolled(name):
     cfg = _tiny(name, n_periods=2)
@@ -133,12 +125,12 @@ def test_scan_matches_unrolled(name):
     params = _spread_sal_gate(params, cfg)
     unrolled = LanguageModel(cfg.replace(scan_layers=False))
     a = _jitted(cfg)[2](params, tokens)
-    b = jax.jit(unrolled.apply)({"params": _unstack(params, 2)}, tokens)
+    b = jax.jit(unrolled.apply)({"params": unstack_periods(params, 2)}, tokens)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # The unrolled model's own init has the same per-layer structure.
     p2 = jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), tokens)["params"]
     p2 = nn.unbox(p2)
-    assert jax.tree.structure(p2) == jax.tree.structure(_unstack(params, 2))
+    assert jax.tree.structure(p2) == jax.tree.structure(unstack_periods(params, 2))
 
 
 def _flat(tree):
