@@ -127,7 +127,8 @@ def merge_results(path: str, sources: Sequence[str]) -> dict[str, Any]:
     """Merges results files (e.g. parts of one sweep run as separate processes on one device) into ``path``.
 
     A job is taken from a source when ``path`` does not hold it as final (done or out of memory) or the source does;
-    its rows come with it. The file at ``path`` is rewritten and returned.
+    its rows come with it. Of two unfinished records the one with the later recorded step is kept. The file at
+    ``path`` is rewritten and returned.
 
     Raises:
       ValueError: a source is missing or of another experiment (one line).
@@ -143,9 +144,11 @@ def merge_results(path: str, sources: Sequence[str]) -> dict[str, Any]:
             )
         data["experiment"] = other.get("experiment")
         for key, record in other["jobs"].items():
-            mine = data["jobs"].get(key, {}).get("status")
-            if mine in _FINAL and record.get("status") not in _FINAL:
+            mine = data["jobs"].get(key, {})
+            if mine.get("status") in _FINAL and record.get("status") not in _FINAL:
                 continue
+            if mine and not {mine.get("status"), record.get("status")} & set(_FINAL) and _step(record) < _step(mine):
+                continue  # both unfinished: keep the one that got further (a part that skipped it has a stale copy)
             data["jobs"][key] = record
             data["rows"] = [r for r in data["rows"] if r["job"] != key] + [r for r in other["rows"] if r["job"] == key]
         machines = data.setdefault("machines", [])
@@ -153,6 +156,12 @@ def merge_results(path: str, sources: Sequence[str]) -> dict[str, Any]:
     check_writable(path)
     _write_json(path, data)
     return data
+
+
+def _step(record: Mapping[str, Any]) -> int:
+    """The step an unfinished job record stopped at (-1 when it does not say)."""
+    step = record.get("step")
+    return -1 if step is None else int(step)
 
 
 def _write_json(path: str, data: Mapping[str, Any]) -> None:
@@ -226,7 +235,14 @@ def _as_list(metrics) -> list[dict[str, float]]:
 
 
 class Preempted(Exception):
-    """A job's trainer saved a checkpoint and stopped (SIGTERM or a preemption notice): the sweep stops too."""
+    """A job's trainer saved a checkpoint and stopped (SIGTERM or a preemption notice): the sweep stops too.
+
+    ``step`` is the step it stopped at (None when the trainer did not say).
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def run_job(job: Job, workdir: str) -> dict[str, Any]:
@@ -236,7 +252,9 @@ def run_job(job: Job, workdir: str) -> dict[str, Any]:
     result = trainer.run()
     train_s = time.perf_counter() - t0
     if result["status"] != "completed":
-        raise Preempted(f"job {job.key} stopped early ({result['status']}) at step {result.get('step')}")
+        raise Preempted(
+            f"job {job.key} stopped early ({result['status']}) at step {result.get('step')}", result.get("step")
+        )
     members = _member_list(trainer)
     params = trainer.final_state.params
     evals: dict[str, tuple[EvalSpec, list[dict[str, float]]]] = {}
@@ -347,6 +365,7 @@ def run_sweep(
                     "status": "preempted",
                     "tags": dict(job.tags),
                     "error": str(e),
+                    "step": e.step,
                     "machine": here,
                 }
                 _write_json(results_path, data)

@@ -229,12 +229,24 @@ def test_merge_results_takes_final_jobs_with_their_rows(tmp_path):
         path.write_text(json.dumps(data))
         return str(path)
 
-    a = results("a", {"x": "done", "y": "preempted"}, {"host": "1"})
+    a = results("a", {"x": "done", "y": "preempted", "w": "preempted"}, {"host": "1"})
     b = results("b", {"y": "done", "z": "error"}, {"host": "2"})
-    c = results("c", {"x": "preempted"}, {"host": "1"})  # an unfinished copy never replaces a finished job
+    c = results(
+        "c", {"x": "preempted", "w": "preempted"}, {"host": "1"}
+    )  # an unfinished copy never replaces a finished job
+    for path, step in ((a, 900), (c, 200)):  # of two unfinished copies, the one that got further is kept
+        data = json.loads(open(path).read())
+        data["jobs"]["w"]["step"] = step
+        open(path, "w").write(json.dumps(data))
     target = str(tmp_path / "full.json")
     data = merge_results(target, [a, b, c])
-    assert {k: j["status"] for k, j in data["jobs"].items()} == {"x": "done", "y": "done", "z": "error"}
+    assert {k: j["status"] for k, j in data["jobs"].items()} == {
+        "x": "done",
+        "y": "done",
+        "z": "error",
+        "w": "preempted",
+    }
+    assert data["jobs"]["w"]["step"] == 900
     assert sorted(r["accuracy"] for r in data["rows"]) == ["a-x", "b-y"]
     assert data["machines"] == [{"host": "1"}, {"host": "2"}]
     assert load_results(target) == data
