@@ -50,3 +50,43 @@ def test_an_unknown_decode_kernel_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         eff.parse_args(["--decode-kernels=xla,triton"])
     assert "--decode-kernels: unknown ['triton']" in capsys.readouterr().err
+
+
+def test_the_gqa_baseline_is_the_transformer_preset_with_8_query_heads_per_kv_head():
+    eff = _run_module()
+    mha = eff.model_config("transformer", "1.3b", "bfloat16")
+    gqa = eff.model_config("transformer_gqa", "1.3b", "bfloat16")
+    assert (mha.attention.num_heads, mha.attention.num_kv_heads) == (16, None)
+    assert (gqa.attention.num_heads, gqa.attention.num_kv_heads) == (16, 2)
+    # Everything else is the preset's: the same model but for the KV heads.
+    assert gqa.replace(attention=mha.attention) == mha
+    tiny = eff.model_config("transformer_gqa", "tiny", "float32")
+    assert tiny.attention.num_kv_heads == max(1, tiny.attention.num_heads // 8)
+
+
+def test_speedups_divide_tokens_per_s_by_the_baselines_at_each_length():
+    eff = _run_module()
+
+    def cell(model, n, status="ok", tps=None, kernels="auto", kind="decode", batch=16):
+        c = {"model": model, "kernels": kernels, "kind": kind, "batch": batch, "length": n, "status": status}
+        return {**c, "tokens_per_s": tps} if status == "ok" else c
+
+    cells = [
+        cell("transformer_gqa", 1024, tps=100.0),
+        cell("transformer_gqa", 65536, status="oom"),
+        cell("transformer", 1024, tps=50.0),
+        cell("samba", 1024, tps=373.0),
+        cell("samba", 1024, tps=200.0, kernels="xla"),  # the faster kernel choice counts
+        cell("samba", 65536, tps=360.0),
+        cell("taipan", 1024, status="error"),  # a failed cell gives no ratio
+        cell("samba", 1024, tps=1.0, kind="prefill", batch=1),  # another table
+    ]
+    assert eff.speedups(cells, "decode", 16, "transformer_gqa") == {
+        "samba": {1024: pytest.approx(3.73), 65536: "baseline OOM"}
+    }
+    assert eff.speedups(cells, "decode", 16, "transformer") == {"samba": {1024: pytest.approx(7.46)}}
+    assert eff.speedups(cells, "prefill", 1, "transformer") == {}
+    text = "\n".join(eff.speedup_tables(cells))
+    assert "### (b) decode, batch 16: tokens/s over Transformer++ GQA's" in text
+    assert "| Samba | 3.73x | baseline OOM |" in text
+    assert "| Samba | 7.46x |" in text
