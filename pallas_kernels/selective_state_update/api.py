@@ -141,7 +141,8 @@ def selective_state_update(
       dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
       layer: None, or the entry of the stacked ``state`` to update (an int, or an integer scalar that may be traced);
         the other entries are returned unchanged.
-      implementation: "auto" (pallas_gpu on a GPU, xla elsewhere), "reference", "xla" or "pallas_gpu" (no TPU kernel yet).
+      implementation: "auto" (pallas_gpu on a GPU, xla elsewhere), "reference", "xla" or "pallas_gpu" (no TPU
+        kernel yet).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform (a
         ``pltpu.InterpretParams`` is accepted and means True for "pallas_gpu"). Ignored by "reference" and "xla".
 

@@ -119,15 +119,36 @@ def _split_args(inputs: dict):
     return args, kwargs
 
 
+# Cases of the tests that CASES (below) parametrizes together with the implementation, so that an interpret-mode case
+# can be marked slow on its own.
+ORACLE_CONFIGS = [
+    # D, z, delta_bias, softplus, 2 groups, initial state
+    pytest.param(dict(), id="all-options"),
+    # the bare recurrence
+    pytest.param(dict(g=None, optional=False, softplus=False, initial_state=False), id="bare"),
+    pytest.param(dict(g=3, d=9, n=3, initial_state=False), id="g3-d9"),
+    pytest.param(dict(g=1, softplus=False), id="g1-no-softplus"),
+    # packed: the later run of 1s is a new segment; initial_state feeds the first only
+    pytest.param(dict(segment_ids=[[0] * 4 + [1] * 3 + [2] * 4 + [1] * 2, [7] * 12 + [8]]), id="packed"),
+]
+SHAPES = [
+    pytest.param(2, 13, 6, 4, 2, 4, id="2-13-6-4-2-4"),  # t not a multiple of the chunk
+    pytest.param(2, 1, 6, 4, 2, 4, id="2-1-6-4-2-4"),  # t == 1
+    pytest.param(1, 9, 5, 3, None, 2, id="1-9-5-3-None-2"),  # b == 1, d not a power of two, ungrouped B/C
+    pytest.param(3, 10, 12, 2, 4, 3, id="3-10-12-2-4-3"),  # g == 4 groups of three channels
+    pytest.param(2, 8, 7, 1, 7, 8, id="2-8-7-1-7-8"),  # n == 1, one channel per group, chunk == t
+]
+
+
 class TestSelectiveScan:
     """Every test that takes ``impl`` runs for each name in ``IMPLEMENTATIONS``.
 
     A name is an ``implementation=`` value, optionally suffixed ``":interpret"`` for a Pallas
     kernel run in interpret mode; ``scan`` translates it. Compiled kernels only run on their own
     platform (gpu / tpu markers). Interpret mode compiles slowly on CPU, so for the interpreted
-    kernels only the tests in ``INTERPRET_FAST`` run by default (together they cover three or more
-    shapes with t not a chunk multiple, t == 1, b == 1, g > 1, fp32 and bf16, forward, final state,
-    VJP and packed segments); the others are marked slow there.
+    kernels only the tests (and cases) in ``INTERPRET_FAST`` run by default (together they cover three
+    or more shapes with t not a chunk multiple, t == 1, b == 1, g > 1, n == 1, every option and none,
+    fp32 and bf16, forward, final state, VJP and packed segments); the others are marked slow there.
     """
 
     IMPLEMENTATIONS = (
@@ -138,32 +159,45 @@ class TestSelectiveScan:
         "pallas_gpu",
         "pallas_tpu",
     )
-    INTERPRET_FAST = frozenset(
-        {
-            "test_matches_float64_oracle",
-            "test_shapes_match_float64_oracle",
-            "test_vjp_matches_reference",
-            "test_bf16_rule",
-            "test_kernel_chunk_size_invariance",
-        }
-    )
+    # test -> the ids of its cases that run by default in interpret mode (None: all). slow: g3-d9 and g1-no-softplus
+    # (groups are all-options' and the shapes', no softplus is bare's) and the g == 4 shape (the first two shapes
+    # have 2 groups) repeat what the fast cases check of the same kernels (all of them run on the xla path).
+    INTERPRET_FAST = {
+        "test_matches_float64_oracle": {"all-options", "bare", "packed"},
+        "test_shapes_match_float64_oracle": {"2-13-6-4-2-4", "2-1-6-4-2-4", "1-9-5-3-None-2", "2-8-7-1-7-8"},
+        "test_vjp_matches_reference": None,
+        "test_bf16_rule": None,
+    }
+    # test -> (argument names, cases) parametrized together with impl.
+    CASES = {
+        "test_matches_float64_oracle": ("config", ORACLE_CONFIGS),
+        "test_shapes_match_float64_oracle": ("b,t,d,n,g,chunk_size", SHAPES),
+    }
 
     # Tests whose baseline is the xla path: comparing xla with itself could not fail.
     KERNELS_ONLY = frozenset({"test_bf16_vjp_rule"})
 
-    def _param(self, impl: str, test: str):
+    def _param(self, impl: str, test: str, case=None):
         name, _, mode = impl.partition(":")
         marks = []
         if name in _COMPILED_ON and mode != "interpret":
             marks.append(_COMPILED_ON[name])
-        if mode == "interpret" and test not in self.INTERPRET_FAST:
-            marks.append(pytest.mark.slow)
-        return pytest.param(impl, marks=marks, id=impl)
+        if mode == "interpret":
+            fast = self.INTERPRET_FAST.get(test, set())
+            if fast is not None and (case is None or case.id not in fast):
+                marks.append(pytest.mark.slow)
+        if case is None:
+            return pytest.param(impl, marks=marks, id=impl)
+        return pytest.param(impl, *case.values, marks=marks, id=f"{impl}-{case.id}")
 
     def pytest_generate_tests(self, metafunc):
         # impl: every implementation; candidate: all but the reference they are compared with.
         test = metafunc.function.__name__
-        if "impl" in metafunc.fixturenames:
+        if "impl" in metafunc.fixturenames and test in self.CASES:
+            names, cases = self.CASES[test]
+            params = [self._param(i, test, case) for i in self.IMPLEMENTATIONS for case in cases]
+            metafunc.parametrize(f"impl,{names}", params)
+        elif "impl" in metafunc.fixturenames:
             metafunc.parametrize("impl", [self._param(i, test) for i in self.IMPLEMENTATIONS])
         if "candidate" in metafunc.fixturenames:
             candidates = [i for i in self.IMPLEMENTATIONS if i != "reference"]
@@ -181,20 +215,6 @@ class TestSelectiveScan:
 
     # --- values against the float64 oracle
 
-    @pytest.mark.parametrize(
-        "config",
-        [
-            # D, z, delta_bias, softplus, 2 groups, initial state
-            dict(),
-            # the bare recurrence
-            dict(g=None, optional=False, softplus=False, initial_state=False),
-            dict(g=3, d=9, n=3, initial_state=False),
-            dict(g=1, softplus=False),
-            # packed: the later run of 1s is a new segment; initial_state feeds the first only
-            dict(segment_ids=[[0] * 4 + [1] * 3 + [2] * 4 + [1] * 2, [7] * 12 + [8]]),
-        ],
-        ids=["all-options", "bare", "g3-d9", "g1-no-softplus", "packed"],
-    )
     def test_matches_float64_oracle(self, impl, config):
         config = dict(config)
         segment_ids = config.pop("segment_ids", None)
@@ -206,16 +226,6 @@ class TestSelectiveScan:
         assert_rel_close(y, y_want, "fp32", "y")
         assert_rel_close(final, final_want, "fp32", "final_state")
 
-    @pytest.mark.parametrize(
-        "b,t,d,n,g,chunk_size",
-        [
-            (2, 13, 6, 4, 2, 4),  # t not a multiple of the chunk
-            (2, 1, 6, 4, 2, 4),  # t == 1
-            (1, 9, 5, 3, None, 2),  # b == 1, d not a power of two, ungrouped B/C
-            (3, 10, 12, 2, 4, 3),  # g == 4 groups of three channels
-            (2, 8, 7, 1, 7, 8),  # n == 1, one channel per group, chunk == t
-        ],
-    )
     def test_shapes_match_float64_oracle(self, impl, b, t, d, n, g, chunk_size):
         inputs = make_inputs(1, b, t, d, n, g)
         extra = {"chunk_size": chunk_size} if impl != "reference" else {}
@@ -322,9 +332,16 @@ class TestSelectiveScan:
         extra = {"chunk_size": 4} if candidate == "xla" else {}
         self.assert_vjp_matches_reference(candidate, make_inputs(6, t=21), 7, segment_ids=segment_ids, **extra)
 
-    @pytest.mark.parametrize("n", [16, 3, 1])
     @pytest.mark.parametrize(
-        "kernel", ["pallas_gpu:interpret", pytest.param("pallas_gpu", marks=pytest.mark.gpu)], ids=lambda k: k
+        "kernel,n",
+        [
+            # slow: n=3 (padded to 4) runs the same lane_sums path of the interpreted kernel, and
+            # test_triton_math.py's test_lane_sums_match_float64[16-False] checks the 16-index reduction itself.
+            pytest.param("pallas_gpu:interpret", 16, marks=pytest.mark.slow),
+            ("pallas_gpu:interpret", 3),
+            ("pallas_gpu:interpret", 1),
+            *(pytest.param("pallas_gpu", n, marks=pytest.mark.gpu) for n in (16, 3, 1)),
+        ],
     )
     def test_gpu_vjp_with_lane_sums(self, kernel, n):
         # 32 channels per group fill one backward warp, so dB and dC take the transposed warp reduction

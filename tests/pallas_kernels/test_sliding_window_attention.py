@@ -625,8 +625,16 @@ def test_pallas_tpu_tiling_rules():
     assert pallas_tpu.tiling_for(40).block_q == 48
 
 
-@pytest.mark.parametrize("per_program", [1, 2, 4])
-@pytest.mark.parametrize("window, segments", [(37, False), (5, True), (1000, False)])
+@pytest.mark.parametrize(
+    "window, segments, per_program",
+    [
+        # slow: 1 and 2 query blocks per program at the window of 5 (segments) and of 1000. 4, the widest union of key
+        # blocks, runs at every window and the window of 37 at every count (2 is also the class tests' default tiling).
+        pytest.param(window, segments, n, marks=[pytest.mark.slow] if n < 4 and window != 37 else [])
+        for window, segments in [(37, False), (5, True), (1000, False)]
+        for n in (1, 2, 4)
+    ],
+)
 def test_pallas_gpu_query_blocks_per_program(per_program, window, segments):
     """The GPU forward with 1, 2 or 4 query blocks per program (one loop over the union of their key blocks, each
     masking outside its own interior) equals the reference, forward and VJP, in interpret mode: short and long
@@ -714,6 +722,8 @@ def test_sliding_window_block_ranges_are_computed_while_tracing(monkeypatch, seg
     """The SWA kernels' block tables are trace-time constants: every block search runs on concrete values (never on
     tracers, which would put the searches into every call's program), for the forward and both backward kernels. The
     selective-attention path, whose positions depend on the data, searches tracers: the recorder sees both kinds."""
+    from pallas_kernels.selective_attention import flash
+    from pallas_kernels.sliding_window_attention import pallas_gpu
     from pallas_kernels.sliding_window_attention.pallas_gpu import sliding_window_attention_pallas_gpu
 
     seen = []
@@ -724,7 +734,10 @@ def test_sliding_window_block_ranges_are_computed_while_tracing(monkeypatch, seg
         return real(rows, values, side)
 
     monkeypatch.setattr(_flash_window, "_search", recording)
-    jax.clear_caches()  # the op's inner jits would otherwise reuse a trace made before the recorder was in place
+    # The op's inner jit would otherwise reuse a trace made before the recorder was in place (then nothing is
+    # recorded and the count below fails). Only its traces are dropped: jax.clear_caches() also freed every program
+    # the worker had compiled (this test took 28.6 s late in a full -n 2 run, 2.4 s alone).
+    pallas_gpu._sliding_window_attention_pallas_gpu.clear_cache()
     fn, args = _grad_program(
         lambda q, k, v, seg: sliding_window_attention_pallas_gpu(
             q, k, v, window=300, segment_ids=seg, softmax_scale=0.125, interpret=True
@@ -741,7 +754,7 @@ def test_sliding_window_block_ranges_are_computed_while_tracing(monkeypatch, seg
     assert len(seen) >= 12 and not any(seen), seen
 
     seen.clear()
-    jax.clear_caches()
+    flash.compacted_flash_attention.clear_cache()
     x = jax.ShapeDtypeStruct((2, 256, 2, 16), jnp.float32)
     sel = jax.ShapeDtypeStruct((2, 256), jnp.bool_)
     jax.jit(

@@ -97,7 +97,7 @@ def check_mixer(name: str, cases=CASES):
     cfg = preset(name, "tiny", vocab_size=64)
     mixer = cls(cfg)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, cfg.d_model))
-    params = nn.unbox(mixer.init(jax.random.PRNGKey(1), x)["params"])
+    params = nn.unbox(jax.jit(mixer.init)(jax.random.PRNGKey(1), x)["params"])
     proj = jax.random.normal(jax.random.PRNGKey(2), (4, 32, cfg.d_model))
 
     def loss(p, x, seg):
@@ -154,7 +154,7 @@ def check_models():
     pos = jnp.asarray(np.array([list(range(20)) + list(range(44)), list(range(32)) * 2], np.int32))
     for name in ("taipan", "samba"):
         model = LanguageModel(preset(name, "tiny", vocab_size=64))
-        params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+        params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])
         logits = jax.jit(lambda p, t: model.apply({"params": p}, t, segment_ids=seg, positions=pos))  # noqa: B023
         ref = logits(params, tokens)
         with jax.set_mesh(make_mesh((1, 1, 2, 4))), nn.logical_axis_rules(DEFAULT_RULES):
@@ -177,7 +177,7 @@ def check_other_mixers():
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, 64)
     seg = jnp.asarray(np.array([[0] * 20 + [1] * 44, [0] * 32 + [1] * 32], np.int32))
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])  # jitted: eager took ~6 s more
 
     def loss(p):
         return jnp.mean(model.apply({"params": p}, tokens, segment_ids=seg).astype(jnp.float32) ** 2)

@@ -62,9 +62,9 @@ def test_a_new_mixer_is_one_table_line(running_mean_for_mlp):
     cfg = preset("samba", "tiny", vocab_size=64).replace(period=(BlockType.MAMBA, BlockType.MLP), n_periods=2)
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 64)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])  # jitted: eager took longer
     assert "proj" in params["periods"]["mlp_1"]["mixer"]  # the new mixer's own parameters
-    logits, aux = model.apply({"params": params}, tokens, return_aux=True)
+    logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, return_aux=True))(params, tokens)
 
     # Its aux outputs arrive under the block kind's prefix: a loss summed over layers, a metric per layer.
     assert set(aux["losses"]) == {"mlp_size"} and aux["metrics"]["mlp_abs"].shape == (2,)
@@ -117,12 +117,12 @@ def test_a_mixer_can_read_the_embedding_and_shared_parameters(monkeypatch):
     cfg = preset("samba", "tiny", vocab_size=64).replace(period=(BlockType.MLP, BlockType.MLP), n_periods=2)
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 9), 0, 64)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])  # jitted: eager took longer
     assert params["shared"]["mlp"]["s"].shape == (2, cfg.d_model, cfg.d_model)
     assert set(params["periods"]["mlp_1"]) == {"mixer"}
-    logits = model.apply({"params": params}, tokens)
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
 
-    last, cache = model.apply({"params": params}, tokens[:, :4], 9, method="prefill")
+    last, cache = jax.jit(lambda p, x: model.apply({"params": p}, x, 9, method="prefill"))(params, tokens[:, :4])
     np.testing.assert_allclose(last, logits[:, 3], rtol=1e-4, atol=1e-4)
     step = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method="step"))
     for i in range(4, 9):
@@ -130,7 +130,7 @@ def test_a_mixer_can_read_the_embedding_and_shared_parameters(monkeypatch):
         np.testing.assert_allclose(out, logits[:, i], rtol=1e-4, atol=1e-4)
 
     # Both layers of a period reach the shared array, each through its own index; every period adds to one gradient.
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)))(params)
     g = grads["shared"]["mlp"]["s"]
     assert g.shape == (2, cfg.d_model, cfg.d_model) and float(jnp.min(jnp.abs(g).sum(axis=(1, 2)))) > 0
 

@@ -228,12 +228,12 @@ def test_sal_aux_matches_independent_gate_count():
     cfg = _tiny("taipan")
     model, params, tokens = _init(cfg)
     params = _spread_sal_gate(params, cfg)
-    _, aux = model.apply({"params": params}, tokens, return_aux=True)
+    # One jitted forward pass (two eager ones took seconds longer) gives the aux outputs and the gate logits.
+    capture = lambda mdl, name: name == "__call__" and "gate" in mdl.path  # noqa: E731
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, return_aux=True, capture_intermediates=capture))
+    (_, aux), state = forward(params, tokens)
     rate = float(aux["metrics"]["sal_selection_rate"][0])
     # Recompute the gate decisions independently from the captured gate logits.
-    _, state = model.apply(
-        {"params": params}, tokens, capture_intermediates=lambda mdl, name: name == "__call__" and "gate" in mdl.path
-    )
     gate_out = jax.tree.leaves(state["intermediates"])[0]  # (n_periods=1, b, t, 2) under scan
     selected = np.asarray(gate_out[0, ..., 1] > gate_out[0, ..., 0])
     assert abs(rate - selected.mean()) < 1e-6

@@ -88,10 +88,11 @@ def test_decode_equals_forward_and_the_objective_includes_the_load_balance():
     cfg = _config()
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 64)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
-    logits, aux = model.apply({"params": params}, tokens, return_aux=True)
+    # Jitted: the eager init, forward and prefill took several seconds more.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])
+    logits, aux = jax.jit(lambda p, t: model.apply({"params": p}, t, return_aux=True))(params, tokens)
     assert set(aux["losses"]) == {"moe_load_balance"} and aux["metrics"]["moe_max_load"].shape == (2,)
-    last, cache = model.apply({"params": params}, tokens[:, :5], 12, method="prefill")
+    last, cache = jax.jit(lambda p, t: model.apply({"params": p}, t, 12, method="prefill"))(params, tokens[:, :5])
     np.testing.assert_allclose(last, logits[:, 4], rtol=1e-4, atol=1e-4)
     step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method="step"))
     for i in range(5, 12):
@@ -127,7 +128,7 @@ def test_a_sharded_forward_and_training_on_8_devices_equal_one_device(tmp_path):
         from hybrid_jax.sharding import DEFAULT_RULES, make_mesh, tree_shardings
         model = LanguageModel(_config())
         tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 12), 0, 64)
-        boxed = model.init(jax.random.PRNGKey(1), tokens)["params"]
+        boxed = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
         params = nn.unbox(boxed)
         fwd = jax.jit(lambda p, t: model.apply({"params": p}, t, return_aux=True))
         ref, ref_aux = fwd(params, tokens)

@@ -76,7 +76,7 @@ def test_selection_masks_follow_each_sals_gate(scan_layers):
     cfg = cfg.replace(period=cfg.period[-2:], n_periods=2)  # (SAL, MLP) x 2: two SALs
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 10), 0, cfg.vocab_size)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])  # eager: several s more
 
     def set_gate(params, bias_per_sal):
         params = jax.tree.map(lambda x: x, params)
@@ -101,7 +101,7 @@ def test_selection_masks_follow_each_sals_gate(scan_layers):
     assert not bool(masks[0].any()) and bool(masks[1].all())
     with pytest.raises(ValueError, match="no Selective Attention Layer"):
         mamba = LanguageModel(preset("mamba", "tiny"))
-        selection_masks(mamba, nn.unbox(mamba.init(jax.random.PRNGKey(0), tokens)["params"]), tokens)
+        selection_masks(mamba, nn.unbox(jax.jit(mamba.init)(jax.random.PRNGKey(0), tokens)["params"]), tokens)
 
 
 def test_mamba_lti_makes_delta_b_c_input_independent():
@@ -126,8 +126,8 @@ def test_mamba_lti_makes_delta_b_c_input_independent():
     # And the LTI model trains (finite gradients) end to end.
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, cfg.vocab_size)
-    params = nn.unbox(model.init(jax.random.PRNGKey(5), tokens)["params"])
-    grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(5), tokens)["params"])  # jitted: eager took ~4 s more
+    grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
@@ -135,10 +135,11 @@ def test_attention_short_conv_is_causal_and_refuses_decoding():
     cfg = preset("transformer", "tiny", attention=AttentionConfig(num_heads=1, rope=False, conv=3))
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, cfg.vocab_size)
-    params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])  # jitted: eager took longer
     assert params["periods"]["attention_0"]["mixer"]["conv1d"]["kernel"].shape == (cfg.n_periods, 3, cfg.d_model)
-    out = model.apply({"params": params}, tokens)
-    changed = model.apply({"params": params}, tokens.at[0, 10].set((tokens[0, 10] + 1) % cfg.vocab_size))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    out = forward(params, tokens)
+    changed = forward(params, tokens.at[0, 10].set((tokens[0, 10] + 1) % cfg.vocab_size))
     np.testing.assert_array_equal(out[:, :10], changed[:, :10])
     assert not np.allclose(out[:, 10:], changed[:, 10:])
     with pytest.raises(ValueError, match=r"attention.conv=3 \(a short conv before q/k/v\) has no decode path"):

@@ -15,6 +15,7 @@ import pytest
 from hybrid_jax.model.blocks import MIXERS
 from hybrid_jax.model.config import BlockType
 from tests.child_env import child_env
+from tests.run_once import once_per_run
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sequence_parallel_check.py")
 
@@ -35,8 +36,10 @@ def _check(*groups: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def results() -> list[dict]:
-    return _check("primitives,unsupported,mamba", "mamba2,other_mixers")
+def results(tmp_path_factory) -> list[dict]:
+    # Two processes of about equal length (25-30 s each alone): the SSM mixers, and the model of the other mixers.
+    checks = lambda: _check("primitives,unsupported,mamba,mamba2", "other_mixers")  # noqa: E731
+    return once_per_run(tmp_path_factory, "sequence_parallel", checks)  # once, not once per xdist worker
 
 
 def _of(results, check):

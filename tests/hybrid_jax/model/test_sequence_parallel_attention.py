@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from tests.child_env import child_env
+from tests.run_once import once_per_run
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sequence_parallel_attention_checks.py")
 CASES = [
@@ -30,8 +31,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_checks("ops")
+def results(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "sequence_parallel_attention_ops", lambda: run_checks("ops"))
 
 
 def run_checks(part):

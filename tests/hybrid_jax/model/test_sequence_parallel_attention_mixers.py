@@ -7,6 +7,7 @@ program holds the split attention's collectives. One subprocess, see ``_sequence
 import pytest
 
 from tests.hybrid_jax.model.test_sequence_parallel_attention import run_checks
+from tests.run_once import once_per_run
 
 CASES = [
     "mixer-attention-1x1x1x8",
@@ -20,8 +21,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_checks("mixers")
+def results(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "sequence_parallel_attention_mixers", lambda: run_checks("mixers"))
 
 
 def test_every_case_ran(results):

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.child_env import child_env
+from tests.run_once import once_per_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STEPS = 40
@@ -65,12 +66,16 @@ def tree_digest(path) -> str:
 
 @pytest.fixture(scope="module")
 def baseline(data_dir, tmp_path_factory):
-    """An uninterrupted run: (workdir, stdout, stderr)."""
-    workdir = str(tmp_path_factory.mktemp("baseline"))
-    proc = start(cli_args(workdir, data_dir))
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return workdir, out, err
+    """An uninterrupted run: (workdir, stdout, stderr), run once even when xdist splits this module's tests."""
+
+    def run():
+        workdir = str(tmp_path_factory.mktemp("baseline"))
+        proc = start(cli_args(workdir, data_dir))
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return workdir, out, err
+
+    return tuple(once_per_run(tmp_path_factory, "cli_baseline", run))
 
 
 def test_cli_run_records_itself_and_loss_falls(baseline):

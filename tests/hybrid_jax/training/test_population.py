@@ -91,7 +91,15 @@ def test_population_survives_a_diverged_member(tmp_path):
     assert np.isfinite(out["eval"][0]["loss"]) and not np.isfinite(out["eval"][1]["loss"])
 
 
-@pytest.mark.parametrize("population", [False, True])
+@pytest.mark.parametrize(
+    "population",
+    [
+        # slow: the population case below runs the same member_step and eval_step (loss positions included), vmapped
+        # over its members.
+        pytest.param(False, marks=pytest.mark.slow),
+        True,
+    ],
+)
 def test_loss_positions_give_the_full_heads_loss_and_gradients(tmp_path, population):
     extra = dict(optim__learning_rates=(1e-3, 3e-3)) if population else {}
     full_losses, full_eval, full_state = _losses(_config(**extra), tmp_path / "full")

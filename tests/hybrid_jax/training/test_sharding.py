@@ -21,6 +21,7 @@ from hybrid_jax.sharding import (
     resolve_mesh_shape,
 )
 from tests.child_env import child_env
+from tests.run_once import once_per_run
 
 STEPS_SCRIPT = os.path.join(os.path.dirname(__file__), "_steps.py")
 
@@ -108,10 +109,12 @@ def _wait(procs, timeout=600) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """5 steps on the one device of this process, with the config of _steps.py."""
+    """5 steps on the one device of this process, with the config of _steps.py (once even when xdist splits this
+    module's tests)."""
     from tests.hybrid_jax.training._steps import run_steps, tiny_config
 
-    return run_steps(tiny_config((1, 1, 1), 5, data_dir), str(tmp_path_factory.mktemp("reference")))
+    run = lambda: run_steps(tiny_config((1, 1, 1), 5, data_dir), str(tmp_path_factory.mktemp("reference")))  # noqa: E731
+    return once_per_run(tmp_path_factory, "sharding_reference", run)
 
 
 # Expected parameter PartitionSpecs on a (2, 2, 2) mesh: width over fsdp, wide axes over tensor, scanned layer axis

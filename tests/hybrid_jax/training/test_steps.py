@@ -29,7 +29,8 @@ def batch(b=8, t=16, vocab=64, seed=0):
 
 
 def state_for(model, tx, t=16):
-    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32))["params"])
+    # Jitted: an eager init of the tiny models here took seconds longer.
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32))["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(1)
     )
@@ -49,7 +50,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     for a, f, p in zip(*(jax.tree.leaves(s.params) for s in (acc_state, full_state, state))):
         np.testing.assert_allclose(np.asarray(a - p), np.asarray(f - p), rtol=1e-4, atol=1e-7)
     # The loss is the masked mean over every target of the global batch, not a mean of micro-batch means.
-    logits = model.apply({"params": state.params}, data["inputs"], data["segment_ids"], data["positions"])
+    logits = jax.jit(model.apply)({"params": state.params}, data["inputs"], data["segment_ids"], data["positions"])
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
     ce = -np.take_along_axis(np.asarray(logp), data["targets"][..., None], axis=-1)[..., 0]
     assert float(full["loss"]) == pytest.approx(float((ce * data["mask"]).sum() / data["mask"].sum()), rel=1e-5)
@@ -75,12 +76,14 @@ def test_taipan_objective_adds_the_weighted_budget_loss():
 
 def test_eval_sums_match_numpy():
     model = LanguageModel(preset("transformer", "tiny", vocab_size=300, n_periods=1))
-    params = nn.unbox(model.init(jax.random.PRNGKey(2), jnp.zeros((1, 16), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(2), jnp.zeros((1, 16), jnp.int32))["params"])
     data = batch(b=4, t=16, vocab=300, seed=3)
     data["mask"][1, :] = 1.0  # a full row
     table = byte_lengths(__import__("hybrid_jax.data", fromlist=["ByteTokenizer"]).ByteTokenizer(), 300)
     got = jax.device_get(jax.jit(make_eval_step(model, table))(params, data))
-    logits = np.asarray(model.apply({"params": params}, data["inputs"], data["segment_ids"], data["positions"]))
+    logits = np.asarray(
+        jax.jit(model.apply)({"params": params}, data["inputs"], data["segment_ids"], data["positions"])
+    )
     lse = np.log(np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = lse - np.take_along_axis(logits, data["targets"][..., None], axis=-1)[..., 0]
     mask = data["mask"]
