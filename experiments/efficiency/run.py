@@ -671,23 +671,21 @@ def speedups(cells, kind: str, batch: int, baseline: str) -> dict[str, dict[int,
     A length where the baseline ran out of memory and the model did not gives ``"baseline OOM"``; a length missing
     or failed for either gives nothing.
     """
-    sel = [c for c in cells if c["kind"] == kind and c["batch"] == batch]
-    base = {}
-    for c in sel:  # the fastest kernel choice of the baseline at each length
-        if c["model"] == baseline and (c["length"] not in base or _faster(c, base[c["length"]])):
-            base[c["length"]] = c
+    best: dict[tuple[str, int], dict] = {}  # the fastest kernel choice of each model at each length
+    for c in cells:
+        if c["kind"] == kind and c["batch"] == batch:
+            key = (c["model"], c["length"])
+            if key not in best or _faster(c, best[key]):
+                best[key] = c
     out: dict[str, dict[int, float | str]] = {}
-    for c in sel:
-        if c["model"] in BASELINES or c["status"] != "ok" or c["length"] not in base:
+    for (model, n), c in best.items():
+        b = best.get((baseline, n))
+        if model in BASELINES or c["status"] != "ok" or b is None:
             continue
-        b = base[c["length"]]
-        row = out.setdefault(c["model"], {})
         if b["status"] == "oom":
-            row[c["length"]] = "baseline OOM"
+            out.setdefault(model, {})[n] = "baseline OOM"
         elif b["status"] == "ok":
-            ratio = c["tokens_per_s"] / b["tokens_per_s"]
-            previous = row.get(c["length"])
-            row[c["length"]] = max(ratio, previous) if isinstance(previous, float) else ratio
+            out.setdefault(model, {})[n] = c["tokens_per_s"] / b["tokens_per_s"]
     return out
 
 
