@@ -3,6 +3,7 @@ selection, one clear line for bad arguments.
 
     python experiments/mqar/run.py --size=tiny                  # < 60 s on a laptop CPU
     python experiments/mqar/run.py --size=full --models=mamba2,taipan_c0.15 --seeds=0,1
+    python experiments/mqar/run.py --size=full --jobs='attention/d128/*'   # one model's jobs of one width
     python experiments/mqar/run.py --size=full --report-only    # tables and plots from the JSON, no training
 
 A run.py defines an :class:`Experiment` (its model names, how to build the jobs of a size, how to report) and calls
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -66,6 +68,13 @@ def parse_args(exp: Experiment, argv: Sequence[str] | None = None) -> argparse.N
     p.add_argument("--out", default=exp.results_dir, help="directory of <size>.json, <size>.md and the plots")
     p.add_argument("--models", type=_csv(str), default=None, help=f"subset of {','.join(exp.models)}")
     p.add_argument("--seeds", type=_csv(int), default=None, help="seeds (default per size)")
+    p.add_argument(
+        "--jobs",
+        type=_csv(str),
+        default=None,
+        help="only the jobs whose key (model/d<width>/L<length>, as in the results) matches one of these shell "
+        "patterns, e.g. 'attention/d128/*'; splits one model's jobs across processes run side by side",
+    )
     p.add_argument("--workdir", default=None, help="checkpoints of running jobs and the compilation cache")
     p.add_argument("--report-only", action="store_true", help="tables and plots from the results file only")
     p.add_argument(
@@ -95,6 +104,18 @@ def parse_args(exp: Experiment, argv: Sequence[str] | None = None) -> argparse.N
         cache = os.environ.get("HYBRID_JAX_WORKDIR") or os.path.join(os.path.expanduser("~"), ".cache", "hybrid_jax")
         args.workdir = os.path.join(cache, "experiments", exp.name, args.size)
     return args
+
+
+def select_jobs(jobs: Sequence[Job], patterns: Sequence[str] | None) -> list[Job]:
+    """The jobs whose key matches one of the shell ``patterns`` (all jobs when None); a pattern that matches no
+    job is a ValueError naming it and the keys there are."""
+    if patterns is None:
+        return list(jobs)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(j.key, p) for j in jobs)]
+    if unmatched:
+        keys = ", ".join(j.key for j in jobs[:12]) + (", ..." if len(jobs) > 12 else "")
+        raise ValueError(f"--jobs: {', '.join(map(repr, unmatched))} matches none of this run's jobs ({keys})")
+    return [j for j in jobs if any(fnmatch.fnmatchcase(j.key, p) for p in patterns)]
 
 
 def check_jobs(jobs: Sequence[Job]) -> None:
@@ -133,7 +154,7 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = load_results(args.results)
     else:
         try:
-            jobs = exp.build(args)
+            jobs = select_jobs(exp.build(args), args.jobs)
             check_jobs(jobs)
         except ValueError as e:
             print(f"experiments/{exp.name}/run.py: error: {e}", file=sys.stderr)
@@ -149,4 +170,4 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["SIZES", "Experiment", "check_jobs", "main", "parse_args"]
+__all__ = ["SIZES", "Experiment", "check_jobs", "main", "parse_args", "select_jobs"]

@@ -124,6 +124,7 @@ def test_induction_answer_breakdown_counts_designed_logits():
         (["--seeds=a"], "--seeds: 'a' is not a comma-separated list of int"),
         (["--size=huge"], "--size: invalid choice: 'huge'"),
         (["--out=/proc/no/such/dir"], "--out: output '/proc/no/such/dir/tiny.json' is not writable"),
+        (["--jobs=attention/d32/*,mamba/*"], "--jobs: 'mamba/*' matches none of this run's jobs (attention/d32/L32, "),
     ],
 )
 def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
@@ -133,6 +134,20 @@ def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+def test_jobs_patterns_select_one_models_jobs_of_one_width(tmp_path):
+    from hybrid_jax.experiments.cli import parse_args, select_jobs
+
+    module = _experiment("mqar")
+    args = parse_args(module.EXPERIMENT, ["--size=full", f"--out={tmp_path}", f"--workdir={tmp_path}"])
+    jobs = module.EXPERIMENT.build(args)
+    assert len(jobs) == len(module.MODELS) * 2 * 2  # two widths, two lengths
+    picked = select_jobs(jobs, ["attention/d128/*", "mamba/*/L512"])
+    # In the build's order (length, width, model), not the patterns'.
+    want = ["attention/d128/L256", "mamba/d64/L512", "attention/d128/L512", "mamba/d128/L512"]
+    assert [j.key for j in picked] == want
+    assert select_jobs(jobs, None) == jobs
 
 
 def test_an_impossible_grid_value_gives_one_line(tmp_path, capsys, monkeypatch):
