@@ -134,41 +134,70 @@ EXPECTED_222 = {
 }
 
 
-def test_sharded_meshes_match_one_device(data_dir, tmp_path, request):
-    """(8,1,1), (2,2,2), (1,1,8) on 8 CPU devices: same 5 losses as one device, expected compiled shardings."""
-    proc = _run(["--devices", "8", "--mesh", "8,1,1;2,2,2;1,1,8", "--data_dir", data_dir, "--workdir", str(tmp_path)])
+def _sharded_results(data_dir, workdir, request, meshes: str) -> tuple[list[dict], np.ndarray]:
+    """The subprocess's results on 8 CPU devices for ``meshes`` and the one-device reference losses (which train)."""
+    proc = _run(["--devices", "8", "--mesh", meshes, "--data_dir", data_dir, "--workdir", str(workdir)])
     reference = request.getfixturevalue("reference")  # computed while the subprocess compiles
     results = _wait([proc])
-    assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 2, 2], [1, 1, 8]]  # three sizes: sequence=1
     ref = np.array(reference["losses"])
     assert ref[-1] < ref[0]  # the reference itself trains
     for r in results:
         assert r["devices"] == 8
         np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, atol=0, err_msg=f"mesh {r['mesh']}")
-    data_parallel, mixed, tensor = results
-    assert set(data_parallel["params_in"].values()) == {"P()"}  # pure data parallelism replicates parameters
+    return results, ref
+
+
+def test_sharded_meshes_match_one_device(data_dir, tmp_path, request):
+    """(2,2,2) on 8 CPU devices (data, fsdp and tensor axes together): same 5 losses as one device, expected compiled
+    shardings. The one-axis meshes (8,1,1) and (1,1,8): test_one_axis_meshes_match_one_device (slow)."""
+    (mixed,), _ = _sharded_results(data_dir, tmp_path, request, "2,2,2")
+    assert mixed["mesh"] == [2, 2, 2]  # three sizes: sequence=1
     for name, spec in EXPECTED_222.items():
         assert mixed["params_in"][name] == spec, name
         assert mixed["params_out"][name] == spec, name  # the step keeps the layout it was given
         assert mixed["mu_in"][name] == spec, name  # Adam moments are sharded like their parameters
+
+
+@pytest.mark.slow  # test_sharded_meshes_match_one_device's (2,2,2) mesh keeps the data, fsdp and tensor axes by default
+def test_one_axis_meshes_match_one_device(data_dir, tmp_path, request):
+    """(8,1,1) and (1,1,8) on 8 CPU devices: same 5 losses as one device, data parallelism replicates parameters,
+    tensor parallelism shards the wide axes."""
+    results, _ = _sharded_results(data_dir, tmp_path, request, "8,1,1;1,1,8")
+    assert [r["mesh"] for r in results] == [[8, 1, 1], [1, 1, 8]]
+    data_parallel, tensor = results
+    assert set(data_parallel["params_in"].values()) == {"P()"}  # pure data parallelism replicates parameters
     assert tensor["params_in"]["embed/embedding"] == "P('tensor',)"
     assert tensor["params_in"]["periods/mlp_1/mixer/down_proj/kernel"] == "P(None, 'tensor')"
 
 
-def test_sequence_parallel_training_matches_one_device(data_dir, tmp_path):
+def _sequence_parallel_losses(data_dir, tmp_path, meshes: str) -> list[dict]:
     """A Mamba-2 + SwiGLU period (packed stdlib rows, so segment boundaries fall inside and between chunks) trained
-    on sequence=8 and on data x tensor x sequence = 2x2x2: the single-device losses."""
+    3 steps on ``meshes`` of 8 CPU devices, each checked against the single-device losses."""
     from tests.hybrid_jax.training._steps import run_steps, tiny_config
 
-    args = ["--devices", "8", "--mesh", "1,1,1,8;2,1,2,2", "--period", "mamba2,mlp", "--steps", "3"]
+    args = ["--devices", "8", "--mesh", meshes, "--period", "mamba2,mlp", "--steps", "3"]
     proc = _run([*args, "--data_dir", data_dir, "--workdir", str(tmp_path / "mesh")])
     ref = run_steps(tiny_config((1, 1, 1), 3, data_dir, period=("mamba2", "mlp")), str(tmp_path / "ref"))
     results = _wait([proc])
-    assert [r["mesh"] for r in results] == [[1, 1, 1, 8], [2, 1, 2, 2]]
     assert ref["losses"][-1] < ref["losses"][0]
     for r in results:
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, atol=0, err_msg=f"mesh {r['mesh']}")
-    assert results[1]["params_in"]["periods/mamba2_0/mixer/A_log"] == "P(None, 'tensor')"
+    return results
+
+
+def test_sequence_parallel_training_matches_one_device(data_dir, tmp_path):
+    """Data x tensor x sequence = 2x2x2 (the sequence axis together with the others): the single-device losses. The
+    sequence axis alone (sequence=8): test_sequence_only_training_matches_one_device (slow)."""
+    (result,) = _sequence_parallel_losses(data_dir, tmp_path, "2,1,2,2")
+    assert result["mesh"] == [2, 1, 2, 2]
+    assert result["params_in"]["periods/mamba2_0/mixer/A_log"] == "P(None, 'tensor')"
+
+
+@pytest.mark.slow  # test_sequence_parallel_training_matches_one_device's 2x2x2 mesh keeps the sequence axis by default
+def test_sequence_only_training_matches_one_device(data_dir, tmp_path):
+    """Sequence=8: the single-device losses."""
+    (result,) = _sequence_parallel_losses(data_dir, tmp_path, "1,1,1,8")
+    assert result["mesh"] == [1, 1, 1, 8]
 
 
 def test_taipan_parameter_shardings_on_a_2x2x2_mesh():
