@@ -45,7 +45,7 @@ SIZES = {
         task=dict(min_contexts=2, max_contexts=3, min_keys=2, max_keys=3, num_values=4, vocab_size=32),
         widths={},
         default_width=(32,),
-        steps=40,
+        steps=20,
         batch=16,
         lrs=(3e-3, 1e-2),
         num_train=4000,
