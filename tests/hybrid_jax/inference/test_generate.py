@@ -269,7 +269,7 @@ def test_sharded_generation_equals_one_device_and_unstacked_weights_keep_their_s
         cfg = preset("taipan", "tiny", n_periods=2)
         cfg = cfg.replace(sal=dataclasses.replace(cfg.sal, window=6))
         model = LanguageModel(cfg)
-        boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        boxed = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]  # eager: slower
         params = nn.unbox(boxed)
         tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (4, 9), 0, cfg.vocab_size))
         ref = np.asarray(generate(model, params, tokens, 6))
