@@ -7,6 +7,7 @@ A configuration that runs out of memory is retried with the next remat policy of
 
     python experiments/throughput/run.py                       # all four models, table + JSON in results/
     python experiments/throughput/run.py --models taipan --batch 4 --kernels xla
+    python experiments/throughput/run.py --models mamba2 --profile 3   # + GPU time by model part and phase
 
 MFU = training FLOPs per token (hybrid_jax.training.flops: 6N + attention + SSM terms) x tokens/s / (devices x peak).
 Two peaks are reported: the dense bf16 spec sheet of the device (H100 SXM: 989 TFLOP/s) and, where we measured it,
@@ -29,6 +30,11 @@ import jax
 
 from hybrid_jax.training import Trainer, kernel_choices, preset_config
 from hybrid_jax.training.flops import MEASURED_PEAK_FLOPS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402
+import step_profile  # noqa: E402
 
 MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transformer": "Transformer++", "mamba": "Mamba"}
 
@@ -81,6 +87,9 @@ def measure(name: str, args, remat: str) -> dict:
             state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
+        profile = None
+        if getattr(args, "profile", 0):
+            profile = profile_steps(step, state, batch, args.profile)
     tokens_per_sec = args.steps * B * args.seq_len / seconds
     flops = trainer.flops_per_token["total"]
     n = jax.device_count()
@@ -110,7 +119,25 @@ def measure(name: str, args, remat: str) -> dict:
         "compile_s": compile_s,
         "step_memory_gib_per_device": memory,
         "final_loss": float(metrics["loss"]),
+        **({"profile": profile} if profile is not None else {}),
     }
+
+
+def profile_steps(step, state, batch, steps: int) -> dict | None:
+    """GPU time per step by model part and phase (step_profile.breakdown) from a trace of ``steps`` more steps;
+    None where the trace holds no GPU kernels (a CPU run)."""
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    trace = bench_common.profile_calls(one_step, [()], steps)
+    events = trace.gpu_stream_events() if trace is not None else []
+    if not events:
+        return None
+    # profile_calls warms up with one call before tracing: the trace holds exactly `steps` steps.
+    return step_profile.breakdown(events, step_profile.hlo_sources(step.as_text()), steps)
 
 
 def main() -> int:
@@ -128,6 +155,9 @@ def main() -> int:
     parser.add_argument("--remat", default="none,dots_no_batch,full", help="policies to try in order (on OOM)")
     parser.add_argument(
         "--loss_chunk", type=int, default=0, help="train.loss_chunk: logits this many positions at a time (0: all)"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="also trace this many steps and break the GPU time down by model part"
     )
     parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json here)")
     args = parser.parse_args()
@@ -167,6 +197,9 @@ def main() -> int:
             f"{r['tokens_per_sec']:>11,.0f}{r['model_tflops_per_sec_per_device']:>9.1f}{fmt(r['mfu_spec_peak']):>10}"
             f"{fmt(r['mfu_measured_peak']):>10}"
         )
+    for r in rows:
+        if r.get("profile"):
+            print("\n" + step_profile.markdown(r["profile"], f"{r['model']}: where a step's GPU time goes"))
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"throughput_{device.replace(' ', '_')}.json"
     )

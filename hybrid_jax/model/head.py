@@ -80,13 +80,41 @@ class LMHead(nn.Module):
         return token_cross_entropy(project, h, targets, chunk)
 
 
+@jax.custom_vjp
+def tied_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """``x (b, c, d) @ table (vocab, d).T`` -> fp32 logits, both operands in the compute dtype, fp32 accumulation.
+
+    The backward pass runs its two GEMMs in the compute dtype too (the fp32 cotangent of the logits rounded to
+    ``x.dtype``, fp32 accumulation), as the forward and as mixed-precision training does elsewhere. Plain autodiff
+    would multiply the fp32 cotangent by the promoted operand: fp32 (TF32) GEMMs over the whole ``(b, t, vocab)``,
+    15 ms of a 130M model's 148-250 ms step at B8 x T4096 on an H100 (experiments/throughput, nineteenth session).
+    With fp32 operands the result equals autodiff's."""
+    return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(x, table):
+    return tied_logits(x, table), (x, table)
+
+
+def _tied_logits_bwd(res, g):
+    x, table = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("btv,vd->btd", g, table, preferred_element_type=jnp.float32).astype(x.dtype)
+    dtable = jnp.einsum("btv,btd->vd", g, x, preferred_element_type=jnp.float32).astype(table.dtype)
+    return dx, dtable
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 def tied_projection(embedding: jax.Array, multiplier: float) -> Callable[[jax.Array], jax.Array]:
-    """The tied head: hidden states ``(b, c, d)`` -> fp32 logits through the ``(vocab, d)`` embedding matrix."""
+    """The tied head: hidden states ``(b, c, d)`` -> fp32 logits through the ``(vocab, d)`` embedding matrix
+    (:func:`tied_logits`, in the hidden states' dtype)."""
 
     def project(x):
-        return jnp.einsum("btd,vd->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32) * multiplier
+        return tied_logits(x, embedding.astype(x.dtype)) * multiplier
 
     return project
 
 
-__all__ = ["LMHead", "tied_projection", "token_cross_entropy"]
+__all__ = ["LMHead", "tied_logits", "tied_projection", "token_cross_entropy"]
