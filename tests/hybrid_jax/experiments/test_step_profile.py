@@ -129,3 +129,21 @@ def test_a_compiled_training_step_maps_onto_model_parts():
         assert part in parts, part
     phases = {sp.phase_of(p) for p in sources.values()}
     assert {"forward", "backward", "other"} <= phases
+
+
+def test_ab_tied_head_smoke_run_compares_the_two_heads(tmp_path):
+    """The head A/B benchmark on a CPU-sized shape: both variants timed, the same loss, gradients within bf16
+    rounding of the cotangent (the only difference between them)."""
+    spec = importlib.util.spec_from_file_location(
+        "throughput_ab_tied_head", os.path.join(ROOT, "experiments", "throughput", "ab_tied_head.py")
+    )
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    out = tmp_path / "ab.json"
+    assert ab.main(["--shape", "2x16x32x96", "--rounds", "1", "--calls", "2", "--out", str(out)]) == 0
+    import json
+
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"autodiff", "tied_logits"} and all(r["wall_ms"] > 0 for r in rows.values())
+    diff = rows["tied_logits"]["vs_autodiff"]
+    assert diff["loss"] < 1e-6 and 0 < diff["dh"] < 1e-2 and 0 < diff["dembedding"] < 1e-2
