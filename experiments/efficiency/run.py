@@ -193,7 +193,7 @@ def compiled_bytes(compiled) -> int | None:
 
 
 # The decode-step ops that ``--decode-kernels`` switches, with the implementations each has. A choice applies to the
-# ops that have it (``pallas_gpu`` is the state update's kernel; decode attention has none and stays on ``auto``).
+# ops that have it (both have ``pallas_gpu`` kernels: the in-place state update and flash-decoding attention).
 DECODE_OPS = {
     "selective_state_update": selective_state_update.AVAILABLE,
     "decode_attention": decode_attention.AVAILABLE,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
+from pallas_kernels.decode_attention.pallas_gpu import GpuConfig, decode_attention_pallas_gpu
 from pallas_kernels.decode_attention.reference import decode_attention_reference, visible_mask
 from pallas_kernels.decode_attention.xla import decode_attention_xla
 from pallas_kernels.sliding_window_attention.api import check_interpret, resolve_scale
@@ -20,18 +21,30 @@ from pallas_kernels.sliding_window_attention.api import check_interpret, resolve
 _OP = "decode_attention"
 
 
-def _reference(q, k, v, q_positions, k_positions, *, window, softmax_scale, block_k):
-    del block_k  # a tuning knob of the blocked xla path only
+def _reference(q, k, v, q_positions, k_positions, *, window, softmax_scale, block_k, interpret):
+    del block_k, interpret  # a tuning knob of the blocked xla path only; no kernels
     return decode_attention_reference(q, k, v, q_positions, k_positions, window=window, softmax_scale=softmax_scale)
 
 
-# The Pallas kernels (pallas_gpu.py / pallas_tpu.py) are not written yet: asking for them raises NotImplementedError.
-# "auto" takes xla everywhere until they are timed against it on a GPU (experiments/efficiency/run.py
-# --decode_kernels=pallas_gpu measures both in one run).
+def _xla(*args, interpret, **kw):
+    del interpret
+    return decode_attention_xla(*args, **kw)
+
+
+def _pallas_gpu(*args, block_k, interpret, **kw):
+    config = GpuConfig() if block_k is None else GpuConfig(block_k=block_k)
+    # A pltpu.InterpretParams (the TPU interpreter's options) means "interpret" to a GPU-style kernel too.
+    return decode_attention_pallas_gpu(*args, config=config, interpret=interpret is not False, **kw)
+
+
+# pallas_gpu: flash-decoding with the keys split across programs, reading the cache in place (pallas_gpu.py). "auto"
+# stays xla everywhere until the kernel is timed against it on a GPU (experiments/efficiency/run.py
+# --decode-kernels=xla,pallas_gpu measures both in one run). There is no pallas_tpu: asking for it raises
+# NotImplementedError.
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": decode_attention_xla},
+        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu},
         auto={"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
     )
 )
@@ -88,9 +101,9 @@ def decode_attention(
       k_positions: ``(b, s)`` integer positions of the slots; negative marks an empty slot.
       window: a query at position i sees keys at positions ``i - window + 1 .. i``; None: all keys up to i.
       softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
-      block_k: static tuning knob, keys per block of the xla path's blocked regime (forcing it); never changes
-        results.
-      implementation: "auto", "reference" or "xla" (the Pallas GPU / TPU flash-decoding kernels are not written yet).
+      block_k: static tuning knob, keys per block of the xla path's blocked regime (forcing it) or of the pallas_gpu
+        kernel's loop (a power of two >= 16); never changes results.
+      implementation: "auto", "reference", "xla" or "pallas_gpu" (flash-decoding; there is no TPU kernel yet).
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
         ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
 
@@ -111,4 +124,4 @@ def decode_attention(
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
     impl = OP.resolve(implementation, interpret=interpret is not False, dtype=q.dtype)
     qp, kp = q_positions.astype(jnp.int32), k_positions.astype(jnp.int32)
-    return OP.run(impl, q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k)
+    return OP.run(impl, q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k, interpret=interpret)

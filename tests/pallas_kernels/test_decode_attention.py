@@ -1,8 +1,11 @@
 """Tests of pallas_kernels.decode_attention: a float64 numpy loop checks the dense reference; the xla path (its fused
-decode regime and its blocked regime for long query chunks) equals the reference in fp32 and meets the bf16 rule.
-The Pallas flash-decoding kernels are not written yet: asking for them raises."""
+decode regime and its blocked regime for long query chunks) and the pallas_gpu flash-decoding kernel (interpret mode on
+the CPU, compiled on a GPU; lowered to Triton for CUDA on any machine) equal the reference in fp32 and meet the bf16
+rule."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,15 +49,35 @@ def oracle(q, k, v, q_pos, k_pos, window):
     return out
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "xla_blocked"])
+IMPLS = {  # name -> (implementation, block_k, interpret)
+    "reference": ("reference", None, False),
+    "xla": ("xla", None, False),
+    "xla_blocked": ("xla", 4, False),  # 4 keys per block: s is not a multiple in most shapes
+    "pallas_gpu": ("pallas_gpu", None, True),  # Pallas interpret mode; 64 keys per block
+    "pallas_gpu_b16": ("pallas_gpu", 16, True),  # 16 keys per block: several splits to combine when s > 16
+}
+
+
+def _run(impl, *args, **kw):
+    implementation, block, interpret = IMPLS[impl]
+    return decode_attention(*args, implementation=implementation, block_k=block, interpret=interpret, **kw)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize(
     "shape, window",
-    [(dict(), None), (dict(tq=5), 4), (dict(hq=2, hk=2, s=7), 1), (dict(tq=3, hq=3, hk=1, s=29), 9), (dict(b=1), 50)],
+    [
+        (dict(), None),
+        (dict(tq=5), 4),
+        (dict(hq=2, hk=2, s=7), 1),
+        (dict(tq=3, hq=3, hk=1, s=29), 9),
+        (dict(b=1), 50),
+        (dict(hq=8, hk=1, s=100, e=40), None),  # 8 query heads per KV head, e not a power of two, 7 splits of 16
+    ],
 )
 def test_matches_oracle_fp32(impl, shape, window):
     q, k, v, qp, kp = make_inputs(0, **shape)
-    block = {"xla_blocked": 4}.get(impl)  # 4 keys per block: s is not a multiple in most shapes
-    got = decode_attention(q, k, v, qp, kp, window=window, implementation=impl.split("_")[0], block_k=block)
+    got = _run(impl, q, k, v, qp, kp, window=window)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert_rel_close(got, oracle(q, k, v, qp, kp, window), "fp32", f"{impl} {shape} window={window}")
 
@@ -62,23 +85,74 @@ def test_matches_oracle_fp32(impl, shape, window):
 def test_a_query_that_sees_nothing_gets_zeros_and_slot_order_does_not_matter():
     q, k, v, qp, kp = make_inputs(1, s=6)
     kp = kp.at[0].set(-1)  # row 0: every slot empty
-    for impl, block in (("reference", None), ("xla", None), ("xla", 2)):
-        out = decode_attention(q, k, v, qp, kp, implementation=impl, block_k=block)
+    for impl in ("reference", "xla", "xla_blocked", "pallas_gpu_b16"):
+        out = _run(impl, q, k, v, qp, kp)
         assert np.all(np.asarray(out[0]) == 0)
         perm = np.random.default_rng(0).permutation(6)
-        again = decode_attention(q, k[:, perm], v[:, perm], qp, kp[:, perm], implementation=impl, block_k=block)
+        again = _run(impl, q, k[:, perm], v[:, perm], qp, kp[:, perm])
         np.testing.assert_allclose(again, out, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [None, 8])
-def test_xla_bf16_rule(block):
+@pytest.mark.parametrize("impl", ["xla", "xla_blocked", "pallas_gpu_b16"])
+def test_bf16_rule(impl):
     q, k, v, qp, kp = make_inputs(2, tq=3, s=40, dtype=jnp.bfloat16)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = decode_attention(*f32, qp, kp, window=17, implementation="reference")
     ref16 = decode_attention(q, k, v, qp, kp, window=17, implementation="reference")
-    got = decode_attention(q, k, v, qp, kp, window=17, implementation="xla", block_k=block)
+    got = _run(impl, q, k, v, qp, kp, window=17)
     assert got.dtype == jnp.bfloat16
-    assert_bf16_rule(got, ref16, ref, f"xla block_k={block}")
+    assert_bf16_rule(got, ref16, ref, impl)
+
+
+def test_splits_cover_the_keys_in_whole_blocks():
+    from pallas_kernels.decode_attention.pallas_gpu import MIN_PROGRAMS, split_keys
+
+    # Transformer++ GQA 1.3B at batch 16: 2 KV heads, a 32K cache + 64 new slots, blocks of 64.
+    splits, per = split_keys(16, 2, 32768 + 64, 64)
+    assert per % 64 == 0 and splits * per >= 32768 + 64 > (splits - 1) * per
+    assert 16 * 2 * splits >= MIN_PROGRAMS // 2 and splits == 17
+    assert split_keys(1, 1, 10, 16) == (1, 16)  # never more splits than key blocks
+    assert split_keys(2, 2, 100, 16, splits=3) == (3, 48)
+    assert split_keys(2, 2, 100, 16, splits=50) == (7, 16)
+
+
+def test_pallas_gpu_lowers_to_triton_for_cuda():
+    """The kernel's Pallas -> Triton lowering (compiling it needs a GPU) at the GQA decode shape, bf16."""
+    S = jax.ShapeDtypeStruct
+    b, s, hq, hk, e = 16, 4160, 16, 2, 128
+    args = [S((b, 1, hq, e), jnp.bfloat16), S((b, s, hk, e), jnp.bfloat16), S((b, s, hk, e), jnp.bfloat16)]
+    args += [S((b, 1), jnp.int32), S((b, s), jnp.int32)]
+    call = "__gpu$xla.gpu.triton"
+    from pallas_kernels.decode_attention.pallas_gpu import decode_attention_pallas_gpu
+
+    kernel = functools.partial(
+        decode_attention_pallas_gpu, window=None, softmax_scale=e**-0.5
+    )  # the api refuses off-GPU
+    try:
+        exported = jax.export.export(
+            jax.jit(kernel),
+            platforms=("cuda",),
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)],
+        )(*args)
+    except RuntimeError as err:  # newer jax wants a (real or abstract) GPU to lower Triton kernels
+        if "No supported GPU" in str(err):
+            pytest.skip(f"this jax cannot lower Triton kernels here: {err}")
+        raise
+    text = exported.mlir_module()
+    assert call in text and "decode_attention_fwd" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_compiled_matches_the_reference(dtype):
+    q, k, v, qp, kp = make_inputs(4, b=3, tq=1, s=3000, hq=16, hk=2, e=128, dtype=dtype)
+    got = decode_attention(q, k, v, qp, kp, implementation="pallas_gpu")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = decode_attention(*f32, qp, kp, implementation="reference")
+    if dtype == jnp.float32:
+        assert_rel_close(got, ref, "fp32", "pallas_gpu compiled")
+    else:
+        assert_bf16_rule(got, decode_attention(q, k, v, qp, kp, implementation="reference"), ref, "pallas_gpu")
 
 
 @pytest.mark.parametrize(
@@ -93,7 +167,7 @@ def test_xla_bf16_rule(block):
         (lambda a: a | dict(k_positions=a["k_positions"][:, :3]), r"k_positions.shape=\(2, 3\) must be \(2, 11\)"),
         (lambda a: a | dict(q_positions=a["q_positions"] * 1.0), r"q_positions.dtype=float32 must be an integer"),
         (lambda a: a | dict(window=0), r"window=0 must be an integer >= 1"),
-        (lambda a: a | dict(implementation="pallas_gpu"), r"implementation='pallas_gpu' is not available"),
+        (lambda a: a | dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' is not available"),
         (lambda a: a | dict(implementation="cuda"), r"implementation='cuda' is not one of"),
     ],
 )

@@ -33,16 +33,19 @@ def _run_module():
     return module
 
 
-def test_a_decode_kernel_choice_applies_only_to_the_ops_that_have_it():
-    # pallas_gpu is the state update's kernel; decode attention has none, so a hybrid keeps its default there.
+def test_a_decode_kernel_choice_applies_only_to_the_ops_that_have_it(monkeypatch):
     eff = _run_module()
     args = eff.parse_args(["--smoke", "--size=tiny", "--models=samba"])
     default = eff.preset("samba", "tiny").kernels
+    cfg, _, _ = eff.build("samba", args, "pallas_gpu")  # both decode ops have a pallas_gpu kernel
+    assert (cfg.kernels.selective_state_update, cfg.kernels.decode_attention) == ("pallas_gpu", "pallas_gpu")
+    cfg, _, _ = eff.build("samba", args, "xla")
+    assert (cfg.kernels.selective_state_update, cfg.kernels.decode_attention) == ("xla", "xla")
+    # An op without the chosen implementation keeps its default.
+    monkeypatch.setitem(eff.DECODE_OPS, "decode_attention", ("reference", "xla"))
     cfg, _, _ = eff.build("samba", args, "pallas_gpu")
     assert cfg.kernels.selective_state_update == "pallas_gpu"
     assert cfg.kernels.decode_attention == default.decode_attention
-    cfg, _, _ = eff.build("samba", args, "xla")
-    assert (cfg.kernels.selective_state_update, cfg.kernels.decode_attention) == ("xla", "xla")
 
 
 def test_an_unknown_decode_kernel_is_refused_by_name(capsys):
