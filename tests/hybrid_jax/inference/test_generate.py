@@ -76,6 +76,19 @@ def test_greedy_matches_forward_argmax_ragged_chunked(name):
     _assert_greedy_argmax(model, params, tokens, lengths, out)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["transformer", "samba", "taipan"])
+def test_greedy_with_the_pallas_decode_attention_matches_forward_argmax(name):
+    """The compiled flash-decoding kernel in every attention layer's decode step (full, window ring, SAL ring):
+    greedy generation still equals the parallel forward's argmax (fp32)."""
+    base = _tiny(name)
+    cfg = base.replace(kernels=dataclasses.replace(base.kernels, decode_attention="pallas_gpu"))
+    model, params = _model(cfg)
+    tokens, lengths = _prompts(cfg, [13, 7, 2])
+    out = np.asarray(generate(model, params, tokens, 7, lengths=lengths, prefill_chunk=4))
+    _assert_greedy_argmax(model, params, tokens, lengths, out)
+
+
 def test_ragged_prompts_with_a_step_size_floor():
     """Mamba-2 with ``dt_limit[0] > 0`` (Zamba2's ``time_step_min``): padding past a short prompt must not decay its
     state (it is passed with dt = 0 after the clamp), so ragged generation still equals the forward pass."""
