@@ -108,13 +108,16 @@ def breakdown(events, sources: dict[str, str], steps: int, top: int = 25) -> dic
     of ``steps`` training steps.
 
     Returns ``{"gpu_ms_per_step", "kernels_per_step", "by_part": [{part, ms, share, <phase>: ms...}] (largest
-    first), "by_phase": {phase: ms}, "top_kernels": [{name, part, phase, ms, calls, source}]}``; ms per step."""
+    first), "by_phase": {phase: ms}, "top_kernels": [{name, part, phase, ms, calls, source, hlo_op}]}``; ms per
+    step."""
     totals = collections.defaultdict(float)
     kernels = collections.defaultdict(lambda: [0.0, 0])
+    hlo_ops = {}  # kernel name -> the profiler's hlo_op of its first launch (shown to tell why one is unattributed)
     for e in events:
         # The profiler may name the kernel's HLO instruction in args["hlo_op"] (a library GEMM or a Pallas kernel has
         # a name of its own); where that is not found, the kernel's own name is tried (XLA's fusions carry theirs).
         op = (e.get("args") or {}).get("hlo_op")
+        hlo_ops.setdefault(e["name"], op or "")
         names = ([op, kernel_key(op)] if op else []) + [e["name"], kernel_key(e["name"])]
         path = next((sources[n] for n in names if n in sources), None)
         key = ("unattributed", "other") if path is None else (part_of(path), phase_of(path))
@@ -140,7 +143,15 @@ def breakdown(events, sources: dict[str, str], steps: int, top: int = 25) -> dic
         "by_part": by_part,
         "by_phase": by_phase,
         "top_kernels": [
-            {"name": n[:120], "part": p, "phase": ph, "ms": per_step(us), "calls": c / steps, "source": src[-160:]}
+            {
+                "name": n[:120],
+                "part": p,
+                "phase": ph,
+                "ms": per_step(us),
+                "calls": c / steps,
+                "source": src[-160:],
+                "hlo_op": hlo_ops[n][:120],
+            }
             for (n, p, ph, src), (us, c) in ranked
         ],
     }

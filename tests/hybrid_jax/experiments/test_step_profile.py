@@ -102,6 +102,8 @@ def test_breakdown_sums_kernel_time_per_step_by_part_and_phase():
         pytest.approx(1.0),
         1.0,
     )
+    gemm = next(k for k in out["top_kernels"] if k["name"] == "nvjet_sm90_gemm")
+    assert (gemm["part"], gemm["hlo_op"]) == ("projections", "fusion.12")
     text = sp.markdown(out, "designed")
     assert "| SSM scan / SSD | 0.50 | 1.00 | 0.00 | 0.00 | 1.50 | 71.4% |" in text
 
