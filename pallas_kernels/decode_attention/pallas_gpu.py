@@ -16,6 +16,9 @@ accumulator, running max and sum; the wrapper combines the splits (a few KB per 
 are chosen so that the grid has about ``MIN_PROGRAMS`` programs: at batch 16 with 2 KV heads a 32K cache is cut into
 16 splits of 2,048 slots, so every SM streams its own part of the cache.
 
+Forward only: decoding and chunked prefill need no gradient, and no VJP is defined (training's attention goes
+through ``sliding_window_attention`` and friends).
+
 Dtypes: K and V are read in their own dtype; q is cast to it for the score dot and p to V's for the value dot, with
 float32 accumulation (``TritonMath.dot``: IEEE float32 dots for float32 inputs). Softmax state and output
 accumulation are float32; the result is cast to q's dtype. ``e`` is padded to a power of two >= 16 by masked loads.
