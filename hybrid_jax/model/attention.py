@@ -38,17 +38,20 @@ def head_dims(
     return num_heads, num_kv_heads or num_heads, head_dim or config.d_model // num_heads
 
 
-def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window, softmax_scale=None):
+def attend_cache(config: ModelConfig, q, k, v, q_positions, k_positions, window, softmax_scale=None, layer=None):
     """Queries ``(b, tq, hq, e)`` at ``q_positions`` against cached keys at ``k_positions`` (negative: empty), through
     ``pallas_kernels.decode_attention`` with the implementation of ``config.kernels`` (``softmax_scale`` None:
-    ``e ** -0.5``)."""
+    ``e ** -0.5``). With ``layer``, k and v are a decode cache's ``(L, b, s, hk, e)`` stacks and the op attends to
+    entry ``layer`` (a kernel reads it in place instead of a sliced-out copy)."""
+    stacked = layer is not None
     return call_kernel(
         "decode_attention",
         decode_attention,
         config.kernels.decode_attention,
         batched=dict(q=q, k=k, v=v, q_positions=q_positions, k_positions=k_positions),
-        shared={},
+        shared={} if not stacked else dict(layer=jnp.asarray(layer, jnp.int32)),
         static=dict(window=window, softmax_scale=softmax_scale),
+        batch_axes=dict(k=1, v=1) if stacked else None,
     )
 
 
@@ -292,7 +295,7 @@ class AttentionMixer(HeadsMixer):
             new = KVCache(kc, vc)
             k_pos = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (b, slots))
         scale = self.config.attention.softmax_scale
-        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], k_pos, self.window, scale)
+        o = attend_cache(self.config, q, kc, vc, position[:, None], k_pos, self.window, scale, layer=layer)
         if not self.sliding:
             o = jnp.where((position < slots)[:, None, None, None], o, jnp.nan)
         return self._output(o), new

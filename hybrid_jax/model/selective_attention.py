@@ -299,7 +299,7 @@ class SelectiveAttentionLayer(HeadsMixer):
             kc, vc = cache.k.at[layer, rows, slot].set(k0), cache.v.at[layer, rows, slot].set(v0)
             pos = cache.pos.at[layer, rows, slot].set(position)
             new = WindowKVCache(kc, vc, pos)
-        o = attend_cache(self.config, q, kc[layer], vc[layer], position[:, None], pos[layer], cfg.window)
+        o = attend_cache(self.config, q, kc, vc, position[:, None], pos[layer], cfg.window, layer=layer)
         o = jnp.where(kept[:, None, None, None], o, 0)
         return self._gated_update(o, h, kept[:, None], alpha[:, None]), new
 

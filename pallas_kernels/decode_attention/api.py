@@ -21,20 +21,26 @@ from pallas_kernels.sliding_window_attention.api import check_interpret, resolve
 _OP = "decode_attention"
 
 
-def _reference(q, k, v, q_positions, k_positions, *, window, softmax_scale, block_k, interpret):
+def _entry(k, v, layer):
+    """The layer's ``(b, s, hk, e)`` keys and values (a stack's entry ``layer``; the arrays as they are without)."""
+    return (k, v) if layer is None else (k[layer], v[layer])
+
+
+def _reference(q, k, v, q_positions, k_positions, *, window, softmax_scale, block_k, layer, interpret):
     del block_k, interpret  # a tuning knob of the blocked xla path only; no kernels
+    k, v = _entry(k, v, layer)
     return decode_attention_reference(q, k, v, q_positions, k_positions, window=window, softmax_scale=softmax_scale)
 
 
-def _xla(*args, interpret, **kw):
+def _xla(q, k, v, *args, layer, interpret, **kw):
     del interpret
-    return decode_attention_xla(*args, **kw)
+    return decode_attention_xla(q, *_entry(k, v, layer), *args, **kw)
 
 
-def _pallas_gpu(*args, block_k, interpret, **kw):
+def _pallas_gpu(*args, block_k, layer, interpret, **kw):
     config = GpuConfig() if block_k is None else GpuConfig(block_k=block_k)
     # A pltpu.InterpretParams (the TPU interpreter's options) means "interpret" to a GPU-style kernel too.
-    return decode_attention_pallas_gpu(*args, config=config, interpret=interpret is not False, **kw)
+    return decode_attention_pallas_gpu(*args, config=config, layer=layer, interpret=interpret is not False, **kw)
 
 
 # pallas_gpu: flash-decoding with the keys split across programs, reading the cache in place (pallas_gpu.py). "auto"
@@ -56,7 +62,12 @@ def visible(q_positions, k_positions, window: int | None = None):
     return visible_mask(jnp.asarray(q_positions), jnp.asarray(k_positions), window)
 
 
-def _check(q, k, v, q_positions, k_positions) -> None:
+def _check(q, k, v, q_positions, k_positions, layer=None) -> None:
+    if layer is not None:  # a stack: check its entries' shape
+        for name, x in (("k", k), ("v", v)):
+            _checks.rank(_OP, name, x, 5)
+        _check_layer(k, layer)
+        k, v = k[0], v[0]
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.rank(_OP, name, x, 4)
         _checks.floating(_OP, name, x)
@@ -76,6 +87,17 @@ def _check(q, k, v, q_positions, k_positions) -> None:
         raise ValueError(f"{_OP}: k.shape={tuple(k.shape)} must have at least one slot")
 
 
+def _check_layer(k, layer) -> None:
+    """``layer`` picks an entry of a ``(L, b, s, hk, e)`` stack: an integer scalar, in range when it is static."""
+    if isinstance(layer, int):
+        if not 0 <= layer < k.shape[0]:
+            raise ValueError(f"{_OP}: layer={layer} is out of range for k.shape={tuple(k.shape)}")
+        return
+    layer = jnp.asarray(layer)
+    if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"{_OP}: layer must be an integer scalar, got shape {layer.shape} dtype {layer.dtype}")
+
+
 def decode_attention(
     q,
     k,
@@ -83,6 +105,7 @@ def decode_attention(
     q_positions,
     k_positions,
     *,
+    layer=None,
     window: int | None = None,
     softmax_scale: float | None = None,
     block_k: int | None = None,
@@ -95,10 +118,13 @@ def decode_attention(
 
     Args:
       q: queries ``(b, tq, hq, e)``.
-      k: cached keys ``(b, s, hk, e)`` with ``hq % hk == 0``; query head i uses key head ``i // (hq // hk)``.
-      v: cached values ``(b, s, hk, e)``, same dtype as q and k.
+      k: cached keys ``(b, s, hk, e)`` with ``hq % hk == 0``; query head i uses key head ``i // (hq // hk)``. With
+        ``layer``, a decode cache's ``(L, b, s, hk, e)`` stack of them.
+      v: cached values, shaped like k, same dtype as q and k.
       q_positions: ``(b, tq)`` integer positions of the queries.
       k_positions: ``(b, s)`` integer positions of the slots; negative marks an empty slot.
+      layer: None, or the integer scalar (may be traced) of the stack entry to attend to: the pallas_gpu kernel
+        reads that entry in place, so no layer-sized slice of the cache is copied out for it.
       window: a query at position i sees keys at positions ``i - window + 1 .. i``; None: all keys up to i.
       softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
       block_k: static tuning knob, keys per block of the xla path's blocked regime (forcing it) or of the pallas_gpu
@@ -117,11 +143,13 @@ def decode_attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     q_positions, k_positions = jnp.asarray(q_positions), jnp.asarray(k_positions)
-    _check(q, k, v, q_positions, k_positions)
+    _check(q, k, v, q_positions, k_positions, layer)
     _checks.positive_int(_OP, "window", window, allow_none=True)
     _checks.positive_int(_OP, "block_k", block_k, allow_none=True)
     check_interpret(_OP, interpret)
     scale = resolve_scale(_OP, softmax_scale, q.shape[-1])
     impl = OP.resolve(implementation, interpret=interpret is not False, dtype=q.dtype)
     qp, kp = q_positions.astype(jnp.int32), k_positions.astype(jnp.int32)
-    return OP.run(impl, q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k, interpret=interpret)
+    return OP.run(
+        impl, q, k, v, qp, kp, window=window, softmax_scale=scale, block_k=block_k, layer=layer, interpret=interpret
+    )

@@ -78,8 +78,13 @@ def split_keys(b: int, hk: int, s: int, block_k: int, splits: int | None = None)
     return -(-s // per), per
 
 
-def _kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, den_ref, *, s, e, epow, rows, block_k, per_split,
-            window, scale, math: TritonMath):  # fmt: skip
+def _kernel(*refs, s, e, epow, rows, block_k, per_split, window, scale, stacked: bool, math: TritonMath):
+    if stacked:  # K and V are the whole (L, b, s, hk, e) stacks: the layer's entry is indexed here
+        q_ref, qpos_ref, k_ref, v_ref, kpos_ref, layer_ref, acc_ref, m_ref, den_ref = refs
+        layer = (layer_ref[0],)
+    else:
+        q_ref, qpos_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, den_ref = refs
+        layer = ()
     bi, gi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q = q_ref[...]  # (rows, epow), zero-padded by the wrapper
     qpos = qpos_ref[...]  # (rows,), -1 on padded rows: they see nothing
@@ -92,7 +97,7 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, den_ref, *,
         slots = first + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         key_ok = slots < s
         tile_ok = key_ok[:, None] & col_ok[None, :]
-        at = (bi, pl.ds(first, block_k), gi, pl.ds(0, epow))
+        at = (*layer, bi, pl.ds(first, block_k), gi, pl.ds(0, epow))
         k = plgpu.load(k_ref.at[at], mask=tile_ok, other=0.0)
         v = plgpu.load(v_ref.at[at], mask=tile_ok, other=0.0)
         kpos = plgpu.load(kpos_ref.at[bi, pl.ds(first, block_k)], mask=key_ok, other=-1)
@@ -120,12 +125,14 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, den_ref, *,
 @functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "config", "interpret"))
 def decode_attention_pallas_gpu(
     q, k, v, q_positions, k_positions, *, window, softmax_scale: float, config: GpuConfig | None = None,
-    interpret: bool = False,
+    interpret: bool = False, layer=None,
 ):  # fmt: skip
-    """Args and result as ``api.decode_attention`` (arguments checked there); ``config``: block sizes (static)."""
+    """Args and result as ``api.decode_attention`` (arguments checked there); ``config``: block sizes (static).
+    With ``layer`` (an int32 scalar, may be traced) k and v are ``(L, b, s, hk, e)`` stacks, read in place: the kernel
+    gets the whole arrays and indexes entry ``layer`` itself (Triton has no scalar prefetch for an index map)."""
     config = GpuConfig() if config is None else config
     b, tq, hq, e = q.shape
-    s, hk = k.shape[1], k.shape[2]
+    s, hk = k.shape[-3], k.shape[-2]
     r = hq // hk
     rows_real = r * tq
     rows = max(MIN_TILE, next_power_of_2(rows_real))
@@ -141,18 +148,22 @@ def decode_attention_pallas_gpu(
 
     kernel = functools.partial(
         _kernel, s=s, e=e, epow=epow, rows=rows, block_k=bk, per_split=per_split, window=window,
-        scale=float(softmax_scale), math=TritonMath(ptx=not interpret),
+        scale=float(softmax_scale), stacked=layer is not None, math=TritonMath(ptx=not interpret),
     )  # fmt: skip
+    inputs = [qg, qpos, k, v, k_positions.astype(jnp.int32)]
+    if layer is not None:
+        inputs.append(jnp.reshape(layer, (1,)).astype(jnp.int32))
     acc, m, den = pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
         in_specs=[
             pl.BlockSpec((None, None, rows, epow), lambda bi, gi, si: (bi, gi, 0, 0)),
             pl.BlockSpec((None, rows), lambda bi, gi, si: (bi, 0)),
-            pl.no_block_spec,  # K, V and their positions: read in place, blocks indexed in the kernel
+            pl.no_block_spec,  # K, V and their positions (and the layer index): read in place, indexed in the kernel
             pl.no_block_spec,
             pl.no_block_spec,
-        ],
+        ]
+        + [pl.no_block_spec] * (layer is not None),
         out_specs=[
             pl.BlockSpec((None, None, None, rows, epow), lambda bi, gi, si: (bi, gi, si, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda bi, gi, si: (bi, gi, si, 0)),
@@ -166,7 +177,7 @@ def decode_attention_pallas_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=2),
         interpret=interpret,
         name="decode_attention_fwd",
-    )(qg, qpos, k, v, k_positions.astype(jnp.int32))
+    )(*inputs)
 
     # Combine the splits: each carries its max, sum and unnormalised accumulator.
     top = jnp.max(m, axis=2, keepdims=True)

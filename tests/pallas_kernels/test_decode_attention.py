@@ -5,8 +5,6 @@ rule."""
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +102,33 @@ def test_bf16_rule(impl):
     assert_bf16_rule(got, ref16, ref, impl)
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu_b16"])
+def test_a_stack_entry_equals_the_entry_alone(impl):
+    """With ``layer`` the op attends to one entry of a decode cache's (L, b, s, hk, e) stack (the pallas_gpu kernel
+    reads it in place): the same as the entry passed alone, for a static and a traced index."""
+    q, k, v, qp, kp = make_inputs(5, s=40, hq=8, hk=2)
+    stack = lambda x: jnp.stack([x * 0.5, x, x[:, ::-1]])  # noqa: E731  three different layers
+    ks, vs = stack(k), stack(v)
+    for layer in (0, 2):
+        alone = _run(impl, q, ks[layer], vs[layer], qp, kp, window=9)
+        np.testing.assert_allclose(_run(impl, q, ks, vs, qp, kp, window=9, layer=layer), alone, atol=1e-6)
+    traced = jax.jit(lambda ks, vs, layer: _run(impl, q, ks, vs, qp, kp, window=9, layer=layer))(ks, vs, jnp.int32(1))
+    np.testing.assert_allclose(traced, _run(impl, q, k, v, qp, kp, window=9), atol=1e-6)
+
+
+def test_a_bad_layer_gives_one_line_errors():
+    q, k, v, qp, kp = make_inputs(6)
+    ks, vs = jnp.stack([k, k]), jnp.stack([v, v])
+    for kw, match in (
+        (dict(k=k, v=v, layer=0), r"k.shape=\(2, 11, 2, 16\) must have rank 5"),
+        (dict(k=ks, v=vs, layer=2), r"layer=2 is out of range for k.shape=\(2, 2, 11, 2, 16\)"),
+        (dict(k=ks, v=vs, layer=jnp.zeros(2, jnp.int32)), r"layer must be an integer scalar"),
+    ):
+        with pytest.raises(ValueError, match=match) as e:
+            decode_attention(q, q_positions=qp, k_positions=kp, **kw)
+        assert "\n" not in str(e.value)
+
+
 def test_splits_cover_the_keys_in_whole_blocks():
     from pallas_kernels.decode_attention.pallas_gpu import MIN_PROGRAMS, split_keys
 
@@ -117,22 +142,22 @@ def test_splits_cover_the_keys_in_whole_blocks():
 
 
 def test_pallas_gpu_lowers_to_triton_for_cuda():
-    """The kernel's Pallas -> Triton lowering (compiling it needs a GPU) at the GQA decode shape, bf16."""
-    S = jax.ShapeDtypeStruct
-    b, s, hq, hk, e = 16, 4160, 16, 2, 128
-    args = [S((b, 1, hq, e), jnp.bfloat16), S((b, s, hk, e), jnp.bfloat16), S((b, s, hk, e), jnp.bfloat16)]
-    args += [S((b, 1), jnp.int32), S((b, s), jnp.int32)]
-    call = "__gpu$xla.gpu.triton"
+    """The kernel's Pallas -> Triton lowering (compiling it needs a GPU) at the GQA decode shape, bf16, reading a
+    traced entry of a layer stack as the model's decode step does."""
     from pallas_kernels.decode_attention.pallas_gpu import decode_attention_pallas_gpu
 
-    kernel = functools.partial(
-        decode_attention_pallas_gpu, window=None, softmax_scale=e**-0.5
-    )  # the api refuses off-GPU
+    S = jax.ShapeDtypeStruct
+    L, b, s, hq, hk, e = 3, 16, 4160, 16, 2, 128
+    args = [S((b, 1, hq, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16)]
+    args += [S((b, 1), jnp.int32), S((b, s), jnp.int32), S((), jnp.int32)]
+    call = "__gpu$xla.gpu.triton"
+
+    def kernel(q, k, v, qp, kp, layer):  # the implementation itself: the api refuses it off a GPU
+        return decode_attention_pallas_gpu(q, k, v, qp, kp, window=None, softmax_scale=e**-0.5, layer=layer)
+
     try:
         exported = jax.export.export(
-            jax.jit(kernel),
-            platforms=("cuda",),
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)],
+            jax.jit(kernel), platforms=("cuda",), disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)]
         )(*args)
     except RuntimeError as err:  # newer jax wants a (real or abstract) GPU to lower Triton kernels
         if "No supported GPU" in str(err):
