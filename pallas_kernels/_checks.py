@@ -48,3 +48,15 @@ def floating(op: str, name: str, x) -> None:
     """Checks ``x`` has a floating dtype."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"{op}: {name}.dtype={jnp.result_type(x)} must be floating point")
+
+
+def stack_entry(op: str, name: str, stack, layer, ndim: int) -> None:
+    """Checks ``layer`` picks an entry of ``stack`` (rank ``ndim``, layers first): an integer scalar (which may be
+    traced), in range when it is a Python int."""
+    rank(op, name, stack, ndim)
+    if isinstance(layer, int):
+        if not 0 <= layer < jnp.shape(stack)[0]:
+            raise ValueError(f"{op}: layer={layer} is out of range for {name}.shape={tuple(jnp.shape(stack))}")
+        return
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"{op}: layer (shape {jnp.shape(layer)}, {jnp.result_type(layer)}) must be an integer scalar")

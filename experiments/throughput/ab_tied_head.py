@@ -64,9 +64,12 @@ def main(argv=None) -> int:
     fns = {name: loss_and_grads(fn) for name, fn in VARIANTS.items()}
     outs = {name: fn(h, embedding, targets) for name, fn in fns.items()}
     ref_loss, (ref_dh, ref_de) = outs["autodiff"]
-    rel = lambda a, r: float(jnp.linalg.norm((a - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32)))  # noqa: E731
     checks = {
-        name: {"loss": abs(float(loss) - float(ref_loss)), "dh": rel(dh, ref_dh), "dembedding": rel(de, ref_de)}
+        name: {
+            "loss": abs(float(loss) - float(ref_loss)),
+            "dh": bench_common.rel_err(dh, ref_dh),
+            "dembedding": bench_common.rel_err(de, ref_de),
+        }
         for name, (loss, (dh, de)) in outs.items()
     }
     times = {name: {"wall_ms": [], "device_ms": []} for name in fns}

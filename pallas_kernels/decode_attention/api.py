@@ -63,10 +63,9 @@ def visible(q_positions, k_positions, window: int | None = None):
 
 
 def _check(q, k, v, q_positions, k_positions, layer=None) -> None:
-    if layer is not None:  # a stack: check its entries' shape
-        for name, x in (("k", k), ("v", v)):
-            _checks.rank(_OP, name, x, 5)
-        _check_layer(k, layer)
+    if layer is not None:  # stacks: check the layer index, then their entries as the arrays below
+        _checks.stack_entry(_OP, "k", k, layer, 5)
+        _checks.rank(_OP, "v", v, 5)
         k, v = k[0], v[0]
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.rank(_OP, name, x, 4)
@@ -85,17 +84,6 @@ def _check(q, k, v, q_positions, k_positions, layer=None) -> None:
             raise ValueError(f"{_OP}: {name}.dtype={jnp.result_type(x)} must be an integer type")
     if k.shape[1] < 1:
         raise ValueError(f"{_OP}: k.shape={tuple(k.shape)} must have at least one slot")
-
-
-def _check_layer(k, layer) -> None:
-    """``layer`` picks an entry of a ``(L, b, s, hk, e)`` stack: an integer scalar, in range when it is static."""
-    if isinstance(layer, int):
-        if not 0 <= layer < k.shape[0]:
-            raise ValueError(f"{_OP}: layer={layer} is out of range for k.shape={tuple(k.shape)}")
-        return
-    layer = jnp.asarray(layer)
-    if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
-        raise ValueError(f"{_OP}: layer must be an integer scalar, got shape {layer.shape} dtype {layer.dtype}")
 
 
 def decode_attention(

@@ -159,11 +159,9 @@ def decode_attention_pallas_gpu(
         in_specs=[
             pl.BlockSpec((None, None, rows, epow), lambda bi, gi, si: (bi, gi, 0, 0)),
             pl.BlockSpec((None, rows), lambda bi, gi, si: (bi, 0)),
-            pl.no_block_spec,  # K, V and their positions (and the layer index): read in place, indexed in the kernel
-            pl.no_block_spec,
-            pl.no_block_spec,
         ]
-        + [pl.no_block_spec] * (layer is not None),
+        # K, V, their positions and the layer index: whole arrays, read in place and indexed in the kernel.
+        + [pl.no_block_spec] * (len(inputs) - 2),
         out_specs=[
             pl.BlockSpec((None, None, None, rows, epow), lambda bi, gi, si: (bi, gi, si, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda bi, gi, si: (bi, gi, si, 0)),

@@ -64,17 +64,6 @@ OP = _platform.register(
 AVAILABLE = OP.available
 
 
-def _check_layer(state, layer) -> None:
-    """``layer`` picks an entry of a ``(L, b, h, p, n)`` stack: an integer scalar, in range when it is static."""
-    _checks.rank(_OP, "state", state, 5)
-    if isinstance(layer, int):
-        if not 0 <= layer < state.shape[0]:
-            raise ValueError(f"{_OP}: layer={layer} is out of range for state.shape={tuple(state.shape)}")
-        return
-    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
-        raise ValueError(f"{_OP}: layer (shape {jnp.shape(layer)}, {jnp.result_type(layer)}) must be an integer scalar")
-
-
 def _check(state, x, dt, A, B, C, D, z, dt_bias) -> None:
     _checks.rank(_OP, "x", x, 3)
     b, h, p = x.shape
@@ -158,7 +147,7 @@ def selective_state_update(
     state, x, dt, A, B, C = (jnp.asarray(v) for v in (state, x, dt, A, B, C))
     D, z, dt_bias = (None if v is None else jnp.asarray(v) for v in (D, z, dt_bias))
     if layer is not None:
-        _check_layer(state, layer)
+        _checks.stack_entry(_OP, "state", state, layer, 5)
         layer = jnp.asarray(layer, jnp.int32)
     one = state if layer is None else jax.ShapeDtypeStruct(state.shape[1:], state.dtype)  # one layer's state
     _check(one, x, dt, A, B, C, D, z, dt_bias)

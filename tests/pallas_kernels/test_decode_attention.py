@@ -122,7 +122,7 @@ def test_a_bad_layer_gives_one_line_errors():
     for kw, match in (
         (dict(k=k, v=v, layer=0), r"k.shape=\(2, 11, 2, 16\) must have rank 5"),
         (dict(k=ks, v=vs, layer=2), r"layer=2 is out of range for k.shape=\(2, 2, 11, 2, 16\)"),
-        (dict(k=ks, v=vs, layer=jnp.zeros(2, jnp.int32)), r"layer must be an integer scalar"),
+        (dict(k=ks, v=vs, layer=jnp.zeros(2, jnp.int32)), r"layer \(shape \(2,\), int32\) must be an integer scalar"),
     ):
         with pytest.raises(ValueError, match=match) as e:
             decode_attention(q, q_positions=qp, k_positions=kp, **kw)
