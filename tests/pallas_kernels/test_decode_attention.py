@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.testing import assert_bf16_rule, assert_rel_close
 
@@ -141,15 +142,29 @@ def test_splits_cover_the_keys_in_whole_blocks():
     assert split_keys(2, 2, 100, 16, splits=50) == (7, 16)
 
 
-def test_pallas_gpu_lowers_to_triton_for_cuda():
-    """The kernel's Pallas -> Triton lowering (compiling it needs a GPU) at the GQA decode shape, bf16, reading a
-    traced entry of a layer stack as the model's decode step does."""
+@pytest.mark.parametrize("tq, hq, hk, window", [(13, 4, 2, None), (40, 3, 1, 7)])
+def test_pallas_gpu_row_blocks_match_the_oracle(tq, hq, hk, window):
+    """A prompt chunk's r * tq query rows are cut into blocks of GpuConfig.block_rows (26 rows: 2 blocks of 16; 120:
+    8 blocks, the last mostly padding), each a program of its own: the same as the oracle (interpret mode)."""
+    from pallas_kernels.decode_attention.pallas_gpu import GpuConfig, decode_attention_pallas_gpu
+
+    q, k, v, qp, kp = make_inputs(7, b=2, tq=tq, hq=hq, hk=hk, s=70)
+    config = GpuConfig(block_k=16, block_rows=16)
+    got = decode_attention_pallas_gpu(q, k, v, qp, kp, window=window, softmax_scale=16**-0.5, config=config,
+                                      interpret=True)  # fmt: skip
+    assert_rel_close(got, oracle(q, k, v, qp, kp, window), "fp32", f"row blocks tq={tq} hq={hq} hk={hk}")
+
+
+@pytest.mark.parametrize("tq", [1, 512])
+def test_pallas_gpu_lowers_to_triton_for_cuda(tq):
+    """The kernel's Pallas -> Triton lowering (compiling it needs a GPU) at the GQA decode shape (tq 1) and a prompt
+    chunk's (tq 512: 64 row blocks per KV head), bf16, reading a traced entry of a layer stack as the model does."""
     from pallas_kernels.decode_attention.pallas_gpu import decode_attention_pallas_gpu
 
     S = jax.ShapeDtypeStruct
     L, b, s, hq, hk, e = 3, 16, 4160, 16, 2, 128
-    args = [S((b, 1, hq, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16)]
-    args += [S((b, 1), jnp.int32), S((b, s), jnp.int32), S((), jnp.int32)]
+    args = [S((b, tq, hq, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16), S((L, b, s, hk, e), jnp.bfloat16)]
+    args += [S((b, tq), jnp.int32), S((b, s), jnp.int32), S((), jnp.int32)]
     call = "__gpu$xla.gpu.triton"
 
     def kernel(q, k, v, qp, kp, layer):  # the implementation itself: the api refuses it off a GPU
@@ -178,6 +193,19 @@ def test_pallas_gpu_compiled_matches_the_reference(dtype):
         assert_rel_close(got, ref, "fp32", "pallas_gpu compiled")
     else:
         assert_bf16_rule(got, decode_attention(q, k, v, qp, kp, implementation="reference"), ref, "pallas_gpu")
+
+
+@pytest.mark.gpu
+def test_pallas_gpu_compiled_prompt_chunk_and_auto_choice():
+    """A prompt chunk (tq 300 x 8 query heads per KV head: 38 row blocks) through the compiled kernel, and what "auto"
+    picks on a GPU: the kernel for bf16, xla for float32."""
+    q, k, v, qp, kp = make_inputs(8, b=2, tq=300, s=1500, hq=16, hk=2, e=128, dtype=jnp.bfloat16)
+    got = decode_attention(q, k, v, qp, kp, window=700, implementation="pallas_gpu")
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = decode_attention(*f32, qp, kp, window=700, implementation="reference")
+    assert_bf16_rule(got, decode_attention(q, k, v, qp, kp, window=700, implementation="reference"), ref, "chunk")
+    op = pallas_kernels.get_op("decode_attention")
+    assert op.resolve("auto", dtype=jnp.bfloat16) == "pallas_gpu" and op.resolve("auto", dtype=jnp.float32) == "xla"
 
 
 @pytest.mark.parametrize(
