@@ -9,6 +9,9 @@ A configuration that runs out of memory is retried with the next remat policy of
     python experiments/throughput/run.py --models taipan --batch 4 --kernels xla
     python experiments/throughput/run.py --models mamba2 --profile 3   # + GPU time by model part and phase
 
+``--profile`` turns XLA's command buffers (CUDA graphs) off for the whole run, so its step times are those of
+kernels launched one by one (step_profile.NO_COMMAND_BUFFERS says why); time without it.
+
 MFU = training FLOPs per token (hybrid_jax.training.flops: 6N + attention + SSM terms) x tokens/s / (devices x peak).
 Two peaks are reported: the dense bf16 spec sheet of the device (H100 SXM: 989 TFLOP/s) and, where we measured it,
 the bf16 matmul ceiling reached through JAX on the same machine (H100: 689 TFLOP/s).
@@ -161,6 +164,8 @@ def main() -> int:
     )
     parser.add_argument("--out", default=None, help="JSON path (default: results/throughput_<device>.json here)")
     args = parser.parse_args()
+    if args.profile:  # before the backend starts: a profile needs kernels launched one by one (step_profile)
+        os.environ["XLA_FLAGS"] = step_profile.profiling_xla_flags(os.environ.get("XLA_FLAGS", ""))
     device = jax.devices()[0].device_kind
     rows = []
     for name in args.models.split(","):
@@ -209,6 +214,7 @@ def main() -> int:
         "devices": jax.device_count(),
         "jax": jax.__version__,
         "command": sys.argv,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": rows,
     }
     with open(out, "w") as f:

@@ -80,10 +80,12 @@ def test_breakdown_sums_kernel_time_per_step_by_part_and_phase():
         {"name": "memcpy128", "dur": 600.0},  # no instruction of that name: unattributed
         # The profiler's own name for the instruction wins over the kernel's.
         {"name": "nvjet_sm90_gemm", "dur": 200.0, "args": {"hlo_op": "fusion.12"}},
+        # Launched from a CUDA graph: the hlo_op names the graph, the kernel's own name is tried next.
+        {"name": "fusion_12", "dur": 0.0, "args": {"hlo_op": "command_buffer_36"}},
     ]
     out = sp.breakdown(events, sources, steps=2)
     assert out["gpu_ms_per_step"] == pytest.approx(4.2 / 2)
-    assert out["kernels_per_step"] == 4
+    assert out["kernels_per_step"] == 4.5
     parts = {r["part"]: r for r in out["by_part"]}
     assert parts["SSM scan / SSD"]["backward"] == pytest.approx(1.0)
     assert parts["SSM scan / SSD"]["forward"] == pytest.approx(0.5)
@@ -149,3 +151,10 @@ def test_ab_tied_head_smoke_run_compares_the_two_heads(tmp_path):
     assert set(rows) == {"autodiff", "tied_logits"} and all(r["wall_ms"] > 0 for r in rows.values())
     diff = rows["tied_logits"]["vs_autodiff"]
     assert diff["loss"] < 1e-6 and 0 < diff["dh"] < 1e-2 and 0 < diff["dembedding"] < 1e-2
+
+
+def test_profiling_flags_turn_command_buffers_off_unless_set():
+    assert sp.profiling_xla_flags("") == "--xla_gpu_enable_command_buffer="
+    assert sp.profiling_xla_flags("--xla_dump_to=/tmp/x") == "--xla_dump_to=/tmp/x --xla_gpu_enable_command_buffer="
+    mine = "--xla_gpu_enable_command_buffer=FUSION"
+    assert sp.profiling_xla_flags(mine) == mine
