@@ -27,7 +27,7 @@ import numpy as np
 from hybrid_jax.model.blocks import Period, PeriodStep, block_cache, constrain, init_shared, shared_kinds
 from hybrid_jax.model.cache import DecodeCache
 from hybrid_jax.model.config import ModelConfig
-from hybrid_jax.model.head import LMHead, tied_projection, token_cross_entropy
+from hybrid_jax.model.head import LMHead, tied_cross_entropy, tied_projection, token_cross_entropy
 from hybrid_jax.model.layers import EMBED, VOCAB, RMSNorm
 
 _REMAT_POLICIES = {
@@ -116,8 +116,11 @@ class LanguageModel(nn.Module):
             h = jnp.take_along_axis(h, logits_at[..., None], axis=1)
         h = RMSNorm(c.norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="norm_f")(h)
         if c.tie_embeddings:
-            project = tied_projection(embed.embedding, c.logits_multiplier)
-            out = project(h) if targets is None else token_cross_entropy(project, h, targets, loss_chunk)
+            if targets is None:
+                out = tied_projection(embed.embedding, c.logits_multiplier)(h)
+            else:
+                per_token = tied_cross_entropy(embed.embedding, c.logits_multiplier)
+                out = token_cross_entropy(per_token, h, targets, loss_chunk)
         else:
             head = LMHead(
                 c.vocab_size,
