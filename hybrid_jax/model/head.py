@@ -22,14 +22,20 @@ from hybrid_jax.model.layers import EMBED, VOCAB, torch_linear_init
 PerToken = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def _cross_entropy(logits, targets):
+    """``(ce, lse)`` of fp32 logits ``(b, c, vocab)`` and int targets ``(b, c)``: ``lse - logits[target]`` and
+    ``logsumexp(logits)``."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], lse
+
+
 def logits_cross_entropy(project: Callable[[jax.Array], jax.Array]) -> PerToken:
     """The per-token loss of a head given as a projection: hidden states ``(b, c, d)`` -> fp32 logits
     ``(b, c, vocab)`` (multiplier included), differentiated by autodiff. Returns ``(hc, tc) -> (ce, correct)``."""
 
     def per_token(hc, tc):
         logits = project(hc)
-        ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return ce, jnp.argmax(logits, axis=-1) == tc
+        return _cross_entropy(logits, tc)[0], jnp.argmax(logits, axis=-1) == tc
 
     return per_token
 
@@ -130,8 +136,7 @@ def tied_projection(embedding: jax.Array, multiplier: float) -> Callable[[jax.Ar
 
 def _tied_ce_forward(x, table, targets, multiplier):
     logits = tied_logits(x, table) * multiplier
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce, lse = _cross_entropy(logits, targets)
     return (ce, jnp.argmax(logits, axis=-1)), (x, table, targets, logits, lse)
 
 
@@ -147,12 +152,10 @@ def _tied_ce_bwd(multiplier, res, cotangents):
     # to the compute-dtype cotangent of the GEMMs (autodiff's scatter for the picked logit splits it into three).
     onehot = targets[..., None] == lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * (g * multiplier)[..., None]).astype(x.dtype)
-    dx = jnp.einsum("btv,vd->btd", dlogits, table, preferred_element_type=jnp.float32).astype(x.dtype)
-    dtable = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32).astype(table.dtype)
-    return dx, dtable, None
+    return (*_tied_logits_bwd((x, table), dlogits), None)  # tied_logits' two GEMMs; targets have no gradient
 
 
-_tied_ce.defvjp(lambda x, table, targets, multiplier: _tied_ce_forward(x, table, targets, multiplier), _tied_ce_bwd)
+_tied_ce.defvjp(_tied_ce_forward, _tied_ce_bwd)
 
 
 def tied_cross_entropy(embedding: jax.Array, multiplier: float) -> PerToken:
