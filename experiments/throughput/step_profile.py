@@ -10,7 +10,10 @@ instruction carries the JAX source path of the op it came from in its metadata, 
 The path tells the phase (``jvp(`` forward; ``transpose(`` backward, ``rematted_computation`` inside it recomputed
 forward; none of them: "other", the optimizer update and the step's bookkeeping) and the model part (a layer's
 modules by name; outside the layers the embedding, the final norm, and the LM head with its cross-entropy).
-Kernels whose instruction is not found (copies, library calls) keep their own name, under ``unattributed``.
+The profiler also names each kernel's instruction (``hlo_op``), which is tried first: it is what traces a library
+GEMM or a Pallas kernel (whose Triton backend config jax 0.11 compresses, so its kernel name is not in the text), as
+long as the kernel was not launched from a command buffer (``NO_COMMAND_BUFFERS``). Kernels whose instruction is not
+found (copies) keep their own name, under ``unattributed``.
 
     python experiments/throughput/run.py --models=mamba2 --profile=2   # the table below the throughput table
 """
@@ -64,7 +67,7 @@ def kernel_key(name: str) -> str:
 def hlo_sources(hlo_text: str) -> dict[str, str]:
     """``{kernel name: source path}`` for every instruction of a compiled module's text that has an ``op_name``.
 
-    Custom calls are also keyed by the kernel ``name`` in their backend config (Pallas's Triton kernels)."""
+    Custom calls are also keyed by the kernel ``name`` in their backend config, where it is readable (uncompressed)."""
     sources = {}
     for line in hlo_text.splitlines():
         inst, op = _INSTRUCTION.match(line), _OP_NAME.search(line)
