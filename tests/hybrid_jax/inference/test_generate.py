@@ -106,8 +106,8 @@ def test_sal_capacity_cap_decodes_as_the_forward_pass():
     model, params = _model(cfg)
     tokens, lengths = _prompts(cfg, [12, 12])
     out = np.asarray(generate(model, params, tokens, 9, prefill_chunk=5))
-    _, aux = model.apply(
-        {"params": params}, jnp.concatenate([jnp.asarray(tokens), jnp.asarray(out[:, :-1])], 1), return_aux=True
+    _, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, return_aux=True))(
+        params, jnp.concatenate([jnp.asarray(tokens), jnp.asarray(out[:, :-1])], 1)
     )
     assert float(aux["metrics"]["sal_dropped"][0]) > 0.1, "the cap must bind for this test to mean something"
     _assert_greedy_argmax(model, params, tokens, lengths, out)

@@ -51,12 +51,15 @@ def test_the_models_loss_path_equals_the_cross_entropy_of_its_logits(tie):
     model = LanguageModel(config)
     tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, config.vocab_size)
     targets = jnp.roll(tokens, -1, axis=1)
-    params = nn.unbox(model.init(jax.random.key(1), tokens)["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), tokens)["params"])
     assert ("lm_head" in params) == (not tie)  # the untied head keeps its parameter name (checkpoints, HF import)
-    logits = model.apply({"params": params}, tokens)
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
     want, want_correct = _numpy_ce(logits, np.asarray(targets))
+    loss_path = jax.jit(
+        lambda p, x, y, chunk: model.apply({"params": p}, x, targets=y, loss_chunk=chunk), static_argnums=3
+    )
     for chunk in (0, 10):
-        ce, correct = model.apply({"params": params}, tokens, targets=targets, loss_chunk=chunk)
+        ce, correct = loss_path(params, tokens, targets, chunk)
         np.testing.assert_allclose(ce, want, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(correct, want_correct)
 

@@ -75,7 +75,8 @@ def test_shared_blocks_are_single_parameters_used_in_turn():
     same = dict(params, shared={"shared_attention_mamba2": {"block_0": b0, "block_1": b0}})
     one = LanguageModel(cfg.replace(shared_block=dataclasses.replace(cfg.shared_block, num_blocks=1)))
     single = dict(params, shared={"shared_attention_mamba2": {"block_0": b0}})
-    np.testing.assert_allclose(fwd(same, tokens), one.apply({"params": single}, tokens), rtol=1e-5, atol=1e-5)
+    one_fwd = jax.jit(lambda p, x: one.apply({"params": p}, x))  # jit: one program, not op-by-op dispatch
+    np.testing.assert_allclose(fwd(same, tokens), one_fwd(single, tokens), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(fwd(same, tokens) - fwd(params, tokens)))) > 1e-3  # block 1 is used
 
     # Every parameter gets a gradient; each shared weight gets one, summed over the layers that use it.
@@ -116,7 +117,8 @@ def test_scan_matches_unrolled():
     unrolled = {k: v for k, v in params.items() if k != "periods"}
     for i in range(cfg.n_periods):
         unrolled[f"period_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["periods"])
-    got = LanguageModel(cfg.replace(scan_layers=False)).apply({"params": unrolled}, tokens)
+    unrolled_model = LanguageModel(cfg.replace(scan_layers=False))
+    got = jax.jit(lambda p, x: unrolled_model.apply({"params": p}, x))(unrolled, tokens)
     np.testing.assert_allclose(got, fwd(params, tokens), rtol=1e-5, atol=1e-5)
 
     # The decode layout: the shared blocks pass through unstacked, and the unrolled step is the scanned step.
