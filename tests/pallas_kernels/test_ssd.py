@@ -798,11 +798,16 @@ def _pallas(backend, tiling, compiled=False, **kwargs):
     ids=["triton_interpret", "mosaic_interpret", "triton_compiled"],
 )
 def test_kernel_tilings_with_many_tiles_match_reference(backend, compiled):
-    """Chunk 64 in tiles of 16 (4 x 4 tiles, 10 causal), 4 heads in 2 groups, all options, VJP included."""
-    inputs = make_inputs(16, b=2, t=100, h=4, p=32, g=2, n=32)
+    """Chunk 64 in tiles of 16 (4 x 4 tiles, 10 causal), 4 heads in 2 groups, all options, VJP included.
+
+    The TPU interpreter's time grows with its grid ``(b, g, c, r)`` (at b == 2 about a third of this case was running
+    the interpreted grid), so Mosaic runs one batch row; TestSSD runs that kernel at b == 2.
+    """
+    b = 1 if backend == "tpu" else 2
+    inputs = make_inputs(16, b=b, t=100, h=4, p=32, g=2, n=32)
     names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
     primals = [inputs[k] for k in ("x", "dt", "A", "B", "C", "D_hp", "z", "dt_bias", "initial_state")]
-    segment_ids = packed_ids([30, 1, 40, 29], b=2)
+    segment_ids = packed_ids([30, 1, 40, 29], b=b)
     options = dict(dt_softplus=True, dt_limit=(0.0, INF), segment_ids=segment_ids)
     kernel = _pallas(backend, TILINGS[backend], compiled, chunk_size=64, **options)
 
