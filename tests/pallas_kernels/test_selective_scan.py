@@ -46,23 +46,6 @@ _KERNEL_CHUNK = {"pallas_gpu": 4, "pallas_tpu": 16}
 _DIFF_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-def _interpret_compile_options() -> dict:
-    """On a CPU, XLA's older CPU code emitters for the interpret-mode kernel programs: they compile about twice as fast
-    (test_ssd.py's interpret VJP cases 10.4 -> 5.1 s and 6.2 -> 3.5 s, jax 0.10.2). Probed, so an XLA without the
-    option still runs; elsewhere nothing."""
-    if jax.default_backend() != "cpu":
-        return {}
-    options = {"xla_cpu_use_fusion_emitters": False}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
-    except Exception:  # an XLA that does not know the option
-        return {}
-    return options
-
-
-_INTERPRET_COMPILE = _interpret_compile_options()
-
-
 def make_inputs(
     seed: int,
     b: int = 2,
@@ -259,16 +242,16 @@ class TestSelectiveScan:
             kwargs.setdefault("chunk_size", _KERNEL_CHUNK[name])
             kwargs["interpret"] = mode == "interpret"
         leaves = [*args, *kw.values(), *kwargs.values()]
-        if mode != "interpret" or not _INTERPRET_COMPILE or any(isinstance(v, jax.core.Tracer) for v in leaves):
+        if mode != "interpret" or any(isinstance(v, jax.core.Tracer) for v in leaves):
             # Under a trace (a test's jax.vjp / grad, or the jit of assert_vjp_matches_reference) the call is part of
             # the outer program.
             return selective_scan(*args, **kw, implementation=name, **kwargs)
-        # Interpret mode: one jitted program with _INTERPRET_COMPILE's options (arrays traced, the rest static).
+        # Interpret mode: one jitted program (arrays traced, the rest static), not op-by-op dispatch.
         kwargs = {**kw, **kwargs}
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, (np.ndarray, jax.Array, jax.core.Tracer))}
         static = {k: v for k, v in kwargs.items() if k not in arrays}
         call = lambda args, arrays: selective_scan(*args, **arrays, **static, implementation=name)  # noqa: E731
-        return jax.jit(call, compiler_options=_INTERPRET_COMPILE)(args, arrays)
+        return jax.jit(call)(args, arrays)
 
     # --- values against the float64 oracle
 
@@ -380,9 +363,8 @@ class TestSelectiveScan:
             out, vjp = jax.vjp(functools.partial(run, candidate, **kwargs), p)
             return out, vjp(ct)
 
-        if candidate.endswith(":interpret") and _INTERPRET_COMPILE:
-            # Forward and backward as one program with _INTERPRET_COMPILE's options.
-            out, (grads,) = jax.jit(both, compiler_options=_INTERPRET_COMPILE)(primals, cotangent)
+        if candidate.endswith(":interpret"):  # forward and backward as one compiled program
+            out, (grads,) = jax.jit(both)(primals, cotangent)
         else:
             out, (grads,) = both(primals, cotangent)
         assert_tree_rel_close(out, out_ref, "fp32", "forward")

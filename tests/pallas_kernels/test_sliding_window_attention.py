@@ -90,34 +90,17 @@ def assert_grads_close(actual, expected, tol, what=""):
         assert err <= tol, f"{what}d{name}: relative error {err:.3e} > {tol:.1e}"
 
 
-def _cpu_compile_options() -> dict:
-    """On a CPU, XLA's older CPU code emitters: they compile the interpret-mode kernel programs about twice as fast
-    (the Mosaic and Triton VJP cases of test_ssd.py measured 10.4 -> 5.1 s and 6.2 -> 3.5 s, jax 0.10.2). Probed, so an
-    XLA without the option still runs; nothing elsewhere."""
-    if jax.default_backend() != "cpu":
-        return {}
-    options = {"xla_cpu_use_fusion_emitters": False}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
-    except Exception:  # an XLA that does not know the option
-        return {}
-    return options
-
-
-CPU_COMPILE_OPTIONS = _cpu_compile_options()
-
-
 def value_and_grads(fn, q, k, v, ct):
     """``fn(q, k, v)`` and its VJP with cotangent ``ct``, compiled as one program.
 
-    Tests are compile-bound on CPU, so forward and backward share one compilation (with CPU_COMPILE_OPTIONS).
+    Tests are compile-bound on CPU, so forward and backward share one compilation.
     """
 
     def run(q, k, v, ct):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(ct.astype(out.dtype))
 
-    return jax.jit(run, compiler_options=CPU_COMPILE_OPTIONS or None)(q, k, v, ct)
+    return jax.jit(run)(q, k, v, ct)
 
 
 # Baselines that every implementation's class compares with (the reference's values and VJPs, the xla path at bf16):

@@ -216,14 +216,7 @@ def _marks(test: str, impl: str, case: str | None):
 # Interpret-mode programs are large and LLVM's optimisations dominate their compile time on CPU (about half of it)
 # while buying nothing at these sizes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-# XLA's older CPU code emitters compile these programs about twice as fast (the interpret-mode VJP cases measured
-# 10.4 -> 5.1 s for Mosaic and 6.2 -> 3.5 s for Triton, jax 0.10.2); probed, so an XLA without the flag still runs.
-if jax.default_backend() == "cpu":
-    try:
-        jax.jit(lambda x: x + 1, compiler_options={"xla_cpu_use_fusion_emitters": False}).lower(0.0).compile()
-        FAST_COMPILE["xla_cpu_use_fusion_emitters"] = False
-    except Exception:  # an XLA that does not know the option
-        pass
+# (tests/conftest.py also sets XLA's older CPU code emitters for the whole suite on a CPU-only machine.)
 
 
 def _jit(fn, interpret: bool):
