@@ -95,12 +95,13 @@ class DepthwiseConv(nn.Module):
 
     def __call__(self, x, *, segment_ids=None, return_state: bool = False):
         w, b = self._weights()
-        out = self._conv(x, w, b, segment_ids, return_state)
+        out = self._conv(x, w, b, segment_ids=segment_ids, return_final_state=return_state)
         return out if return_state else (out, None)
 
-    def parts(self, x, split_at, *, segment_ids=None):
-        """The conv of ``x`` ``(b, t, c)`` as the channel blocks ``jnp.split(y, split_at, -1)`` of its output, each
-        computed by its own conv over the same channels of ``x`` (a depthwise conv is per channel: the same values).
+    def parts(self, x, split_at, *, segment_ids=None, state=None):
+        """The conv of ``x`` ``(b, t, c)`` (continuing from ``state`` ``(b, w - 1, c)``, the previous inputs, if
+        given) as the channel blocks ``jnp.split(y, split_at, -1)`` of its output, each computed by its own conv over
+        the same channels (a depthwise conv is per channel: the same values).
 
         Each block's conv writes that block where it is used, instead of one conv writing ``y`` and a slicing pass
         copying its pieces out (Mamba-2's x / B / C: a 14.8 ms slicing fusion of a 250 ms 130m training step on the
@@ -111,16 +112,20 @@ class DepthwiseConv(nn.Module):
         ws = jnp.split(w, split_at, axis=-1)
         bs = [None] * len(ws) if b is None else jnp.split(b, split_at)
         xs = jnp.split(x, split_at, axis=-1)
-        return [self._conv(xi, wi, bi, segment_ids, False) for xi, wi, bi in zip(xs, ws, bs, strict=True)]
+        states = [None] * len(ws) if state is None else jnp.split(state.astype(x.dtype), split_at, axis=-1)
+        return [
+            self._conv(xi, wi, bi, segment_ids=segment_ids, initial_state=si)
+            for xi, wi, bi, si in zip(xs, ws, bs, states, strict=True)
+        ]
 
-    def _conv(self, x, weight, bias, segment_ids, return_state):
+    def _conv(self, x, weight, bias, *, segment_ids=None, initial_state=None, return_final_state=False):
         return call_kernel(
             "causal_conv1d",
             causal_conv1d,
             self.implementation,
-            batched=dict(x=x, segment_ids=segment_ids),
+            batched=dict(x=x, segment_ids=segment_ids, initial_state=initial_state),
             shared=dict(weight=weight, bias=bias),
-            static=dict(activation="silu", return_final_state=return_state),
+            static=dict(activation="silu", return_final_state=return_final_state),
         )
 
     def local(self, x, weight, bias, segment_ids, lay):
@@ -138,14 +143,7 @@ class DepthwiseConv(nn.Module):
         """A chunk continuing from ``state`` ``(b, w - 1, c)`` (the previous inputs); returns y only (the state
         after a ragged chunk comes from :func:`conv_state_after`)."""
         w, b = self._weights()
-        return call_kernel(
-            "causal_conv1d",
-            causal_conv1d,
-            self.implementation,
-            batched=dict(x=x, initial_state=state.astype(x.dtype)),
-            shared=dict(weight=w, bias=b),
-            static=dict(activation="silu"),
-        )
+        return self._conv(x, w, b, initial_state=state.astype(x.dtype))
 
     def step(self, x, state):
         w, b = self._weights()
@@ -535,8 +533,7 @@ class Mamba2Mixer(Mixer):
         del positions, history, h
         c = self.config
         z, xBC_in, dt = self._split(self.in_proj(x))
-        xBC = self.conv1d.prefill(xBC_in, cache.conv_state)
-        xs, B, C = self._heads(xBC)
+        xs, B, C = self._heads(*self.conv1d.parts(xBC_in, self._xbc_split, state=cache.conv_state))
         dt_bias, softplus, limit, pad_dt = self.dt_bias, True, c.mamba2.dt_limit, PAD_DT
         if limit[0] > 0:
             # A step-size floor (Zamba2's time_step_min) would lift padding's dt of 0 to the floor and decay the state:

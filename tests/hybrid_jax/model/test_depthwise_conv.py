@@ -1,5 +1,6 @@
 """hybrid_jax.model.ssm.DepthwiseConv.parts (Mamba-2's x / B / C convs): each channel block's own conv gives the
-blocks of the one conv over all channels, in values and gradients, against the reference causal conv."""
+blocks of the one conv over all channels, in values and gradients, against the reference causal conv (with segments,
+and continuing from a state as prefill does)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,24 @@ from pallas_kernels.testing import assert_rel_close
 SPLIT = [6, 10]  # blocks of 6, 4 and 4 channels: x (e), B and C (g n) of a tiny Mamba-2
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_parts_equal_the_split_of_one_reference_conv(segments):
+@pytest.mark.parametrize("segments,with_state", [(False, False), (True, False), (False, True)])
+def test_parts_equal_the_split_of_one_reference_conv(segments, with_state):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 11, 14)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((4, 14)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(14), jnp.float32)
     seg = jnp.asarray([[0] * 5 + [1] * 6, [0] * 11]) if segments else None
+    state = jnp.asarray(rng.standard_normal((2, 3, 14)), jnp.float32) if with_state else None
     conv = DepthwiseConv(14, 4, True, "xla")
 
     def ours(x, kernel, bias):
-        return conv.apply({"params": {"kernel": kernel, "bias": bias}}, x, SPLIT, segment_ids=seg, method="parts")
+        params = {"params": {"kernel": kernel, "bias": bias}}
+        return conv.apply(params, x, SPLIT, segment_ids=seg, state=state, method="parts")
 
     def reference(x, kernel, bias):
-        y = causal_conv1d(x, kernel, bias, segment_ids=seg, activation="silu", implementation="reference")
+        y = causal_conv1d(
+            x, kernel, bias, initial_state=state, segment_ids=seg, activation="silu", implementation="reference"
+        )
         return jnp.split(y, SPLIT, axis=-1)
 
     got, vjp = jax.vjp(ours, x, kernel, bias)
