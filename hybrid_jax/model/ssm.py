@@ -435,11 +435,10 @@ class Mamba2Mixer(Mixer):
         c = self.config
         return [c.d_inner2, c.d_inner2 + c.mamba2.ngroups * c.mamba2.d_state]
 
-    def _heads(self, *xBC):
-        """x ``(..., h, p)``, B and C ``(..., g, n)`` from xBC ``(..., e + 2 g n)`` or from its three blocks."""
+    def _heads(self, xs, B, C):
+        """x ``(..., h, p)``, B and C ``(..., g, n)`` from xBC's three blocks ``(..., e)``, ``(..., g n)``."""
         c = self.config
         h, p, g, n = c.mamba2_heads, c.mamba2.headdim, c.mamba2.ngroups, c.mamba2.d_state
-        xs, B, C = jnp.split(xBC[0], self._xbc_split, axis=-1) if len(xBC) == 1 else xBC
         lead = xs.shape[:-1]
         return xs.reshape(*lead, h, p), B.reshape(*lead, g, n), C.reshape(*lead, g, n)
 
@@ -477,10 +476,10 @@ class Mamba2Mixer(Mixer):
         """
         c = self.config
         m = c.mamba2
-        e, h, g, n = c.d_inner2, c.mamba2_heads, m.ngroups, m.d_state
+        h, g, n = c.mamba2_heads, m.ngroups, m.d_state
         groups_split = g % lay.tensor_size == 0
         gc = "btc" if groups_split else "bt"
-        cuts = [e, e + g * n]
+        cuts = self._xbc_split
         xr, Br, Cr = jnp.split(xBC, cuts, axis=-1)
         w, bias = self.conv1d._weights()
         wx, wB, wC = jnp.split(w, cuts, axis=-1)
@@ -558,7 +557,7 @@ class Mamba2Mixer(Mixer):
         del position, h
         z, xBC, dt = self._split(self.in_proj(x[:, 0]))
         xBC, conv_state = self.conv1d.step(xBC, cache.conv_state[layer])
-        xs, B, C = self._heads(xBC)
+        xs, B, C = self._heads(*jnp.split(xBC, self._xbc_split, axis=-1))
         y, ssm_state = _state_update(
             self.config,
             cache.ssm_state,
