@@ -4,8 +4,9 @@
 
 Each job is MODEL:D_MODEL:L:MEMBERS (MEMBERS 6 = the sweep's 3 learning rates x 2 seeds, 1 = one member). For each it
 prints the compile time and the milliseconds per step with a device-resident batch and with the data pipeline
-(median of 3 runs of 20 steps, after 5 warm-up steps); with --profile it traces 10 steps and lists the GPU kernels
-by total time per step. Writes $OUT (or /tmp)/step_cost.json.
+(median of --repeats runs of 20 steps, default 3, after 5 warm-up steps); with --profile it traces 10 steps and lists
+the GPU kernels by total time per step. --kernels=OP=IMPL,... runs other kernels (as run.py's --kernels). Writes
+$OUT (or /tmp)/step_cost.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as mqar  # noqa: E402
 
 from hybrid_jax.experiments.recall import recall_config  # noqa: E402
+from hybrid_jax.training.config import set_kernels  # noqa: E402
 from hybrid_jax.training.trainer import Trainer  # noqa: E402
 
 
@@ -73,7 +75,7 @@ def parse(spec: str) -> tuple[str, int, int, int]:
     return name, d, seq_len, members
 
 
-def measure(name: str, d: int, seq_len: int, members: int, profile: bool) -> dict:
+def measure(name: str, d: int, seq_len: int, members: int, profile: bool, kernels: str = "", repeats: int = 3) -> dict:
     ks = mqar.SIZES["full"]["grid"][seq_len]
     source = mqar.source(8192, seq_len, ks, num_train=20_000 * len(ks), num_eval=1000)
     lrs, seeds = ((3e-3, 1e-2, 3e-2), (0, 1)) if members == 6 else ((1e-2,), (0,))
@@ -89,7 +91,8 @@ def measure(name: str, d: int, seq_len: int, members: int, profile: bool) -> dic
         loss_positions=max(ks),
         progress=False,
     )
-    tag = f"{name}_{d}_{seq_len}_{members}"
+    set_kernels(config, kernels)
+    tag = f"{name}_{d}_{seq_len}_{members}_{kernels.replace('=', '-').replace(',', '_') or 'auto'}"
     trainer = Trainer(config, f"/tmp/step_cost/{tag}")
     state = [trainer.init_state()]
     t0 = time.perf_counter()
@@ -108,7 +111,11 @@ def measure(name: str, d: int, seq_len: int, members: int, profile: bool) -> dic
         jax.block_until_ready(state[0])
 
     resident(5)
-    row = {"compile_s": compile_s, "ms_resident": timed(resident), "ms_pipeline": timed(pipeline)}
+    row = {
+        "compile_s": compile_s,
+        "ms_resident": timed(resident, repeats=repeats),
+        "ms_pipeline": timed(pipeline, repeats=repeats),
+    }
     if profile:
         trace = f"/tmp/step_cost/trace_{tag}"
         jax.profiler.start_trace(trace)
@@ -122,11 +129,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", required=True, help="MODEL:D_MODEL:L:MEMBERS,...")
     parser.add_argument("--profile", action="store_true", help="trace 10 steps and list the GPU kernels")
+    parser.add_argument("--kernels", default="", help="OP=IMPL,... for every job (run.py's --kernels)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of 20 steps per timing (median)")
     args = parser.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
     results = {}
     for spec in args.jobs.split(","):
-        row = measure(*parse(spec), args.profile)
+        row = measure(*parse(spec), args.profile, args.kernels, args.repeats)
         print(
             f"{spec}: compile {row['compile_s']:.1f} s, {row['ms_resident']:.2f} ms/step (resident batch), "
             f"{row['ms_pipeline']:.2f} ms/step (pipeline)",
@@ -138,7 +147,11 @@ def main() -> None:
                 print(f"  {k['ms_per_step']:7.3f} ms x{k['calls']:4d} [{k['line'][:16]}] {k['name'][:100]}")
         results[spec] = row
         with open(os.path.join(out_dir, "step_cost.json"), "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jobs": results}, f, indent=1)
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "kernels": args.kernels or "auto", "jobs": results},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

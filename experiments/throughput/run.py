@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 
 from hybrid_jax.training import Trainer, kernel_choices, preset_config
+from hybrid_jax.training.config import set_kernels
 from hybrid_jax.training.flops import MEASURED_PEAK_FLOPS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
@@ -47,11 +48,7 @@ def build_config(name: str, args, remat: str):
     config.model.vocab_size = 50280  # GPT-NeoX vocabulary of the Mamba / Samba / Taipan papers
     config.model.remat_policy = remat
     config.model.dtype = args.dtype
-    for op in config.kernels:
-        config.kernels[op] = args.kernels
-    for item in filter(None, args.kernel.split(",")):  # per-op overrides, e.g. ssd=pallas_gpu
-        op, impl = item.split("=")
-        config.kernels[op] = impl
+    set_kernels(config, f"{args.kernels},{args.kernel}")  # every op, then per-op overrides (ssd=pallas_gpu)
     config.data.seq_len = args.seq_len
     config.train.loss_chunk = getattr(args, "loss_chunk", 0)
     config.data.batch_size = args.batch * jax.device_count()

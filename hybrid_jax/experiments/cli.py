@@ -5,6 +5,7 @@ selection, one clear line for bad arguments.
     python experiments/mqar/run.py --size=full --models=mamba2,taipan_c0.15 --seeds=0,1
     python experiments/mqar/run.py --size=full --jobs='attention/d128/*'   # one model's jobs of one width
     python experiments/mqar/run.py --size=full --report-only    # tables and plots from the JSON, no training
+    python experiments/mqar/run.py --size=full --kernels=sliding_window_attention=xla   # other kernels, recorded
 
 A run.py defines an :class:`Experiment` (its model names, how to build the jobs of a size, how to report) and calls
 :func:`main`. Results go to ``<out>/<size>.json`` (rewritten after every job; a rerun skips finished jobs), the
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hybrid_jax.experiments.runner import Job, check_writable, load_results, merge_results, run_sweep
+from hybrid_jax.training.config import set_kernels
 
 SIZES = ("tiny", "full")
 
@@ -74,6 +76,12 @@ def parse_args(exp: Experiment, argv: Sequence[str] | None = None) -> argparse.N
         default=None,
         help="only the jobs whose key (model/d<width>/L<length>, as in the results) matches one of these shell "
         "patterns, e.g. 'attention/d128/*'; splits one model's jobs across processes run side by side",
+    )
+    p.add_argument(
+        "--kernels",
+        default="",
+        help="implementations for every job, comma-separated OP=IMPL (or IMPL for every op), e.g. "
+        "'sliding_window_attention=xla'; recorded in each job's config and kernels",
     )
     p.add_argument("--workdir", default=None, help="checkpoints of running jobs and the compilation cache")
     p.add_argument("--report-only", action="store_true", help="tables and plots from the results file only")
@@ -134,6 +142,16 @@ def check_jobs(jobs: Sequence[Job]) -> None:
             raise ValueError(f"job {job.key}: {e}") from None
 
 
+def build_jobs(exp: Experiment, args: argparse.Namespace) -> list[Job]:
+    """This run's jobs: the experiment's, those ``--jobs`` selects, with ``--kernels`` set in each config, checked
+    (ValueError naming the job, pattern or kernel otherwise)."""
+    jobs = select_jobs(exp.build(args), args.jobs)
+    for job in jobs:
+        set_kernels(job.config, args.kernels)
+    check_jobs(jobs)
+    return jobs
+
+
 def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses arguments, runs the sweep (unless ``--report-only``), writes and prints the report.
 
@@ -154,8 +172,7 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = load_results(args.results)
     else:
         try:
-            jobs = select_jobs(exp.build(args), args.jobs)
-            check_jobs(jobs)
+            jobs = build_jobs(exp, args)
         except ValueError as e:
             print(f"experiments/{exp.name}/run.py: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -170,4 +187,4 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["SIZES", "Experiment", "check_jobs", "main", "parse_args", "select_jobs"]
+__all__ = ["SIZES", "Experiment", "build_jobs", "check_jobs", "main", "parse_args", "select_jobs"]

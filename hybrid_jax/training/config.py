@@ -146,6 +146,26 @@ def kernels_section(kernels: KernelConfig | None = None) -> ml_collections.Confi
     return _section(kernels or KernelConfig())
 
 
+def set_kernels(config: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
+    """Sets ``config.kernels`` from ``spec``, comma-separated ``OP=IMPL`` pairs (an ``IMPL`` alone: every op), in
+    order, e.g. ``"xla,ssd=pallas_gpu"`` or ``"sliding_window_attention=xla"``; returns ``config``.
+
+    Raises:
+      ValueError: naming the item, an unknown op (with the known ones) or an implementation not in
+        ``IMPLEMENTATIONS``.
+    """
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        op, _, impl = item.rpartition("=")
+        ops = list(config.kernels) if not op else [op.strip()]
+        if op and op.strip() not in config.kernels:
+            raise ValueError(f"kernels {item!r}: unknown op {op.strip()!r} (known: {', '.join(config.kernels)})")
+        if impl.strip() not in IMPLEMENTATIONS:
+            raise ValueError(f"kernels {item!r}: {impl.strip()!r} is not one of {IMPLEMENTATIONS}")
+        for name in ops:
+            config.kernels[name] = impl.strip()
+    return config
+
+
 def preset_config(name: str, size: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
     """The full run config of a model preset at a size (see the module docstring for the sections).
 
@@ -413,6 +433,7 @@ __all__ = [
     "parse_arg",
     "population_members",
     "preset_config",
+    "set_kernels",
     "to_json_dict",
     "validate",
 ]

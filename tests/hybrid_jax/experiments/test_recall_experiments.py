@@ -125,6 +125,8 @@ def test_induction_answer_breakdown_counts_designed_logits():
         (["--size=huge"], "--size: invalid choice: 'huge'"),
         (["--out=/proc/no/such/dir"], "--out: output '/proc/no/such/dir/tiny.json' is not writable"),
         (["--jobs=attention/d32/*,mamba/*"], "--jobs: 'mamba/*' matches none of this run's jobs (attention/d32/L32, "),
+        (["--kernels=attention=xla"], "kernels 'attention=xla': unknown op 'attention' (known: causal_conv1d, "),
+        (["--kernels=ssd=fast"], "kernels 'ssd=fast': 'fast' is not one of ('auto', 'reference', 'xla', "),
     ],
 )
 def test_bad_arguments_give_one_line(tmp_path, capsys, argv, message):
@@ -148,6 +150,23 @@ def test_jobs_patterns_select_one_models_jobs_of_one_width(tmp_path):
     want = ["attention/d128/L256", "mamba/d64/L512", "attention/d128/L512", "mamba/d128/L512"]
     assert [j.key for j in picked] == want
     assert select_jobs(jobs, None) == jobs
+
+
+def test_kernels_option_sets_every_selected_jobs_kernels(tmp_path):
+    from hybrid_jax.experiments.cli import build_jobs, parse_args
+    from hybrid_jax.training import model_config
+
+    module = _experiment("mqar")
+    argv = ["--size=full", f"--out={tmp_path}", f"--workdir={tmp_path}", "--jobs=attention/d128/*"]
+    default = build_jobs(module.EXPERIMENT, parse_args(module.EXPERIMENT, argv))
+    assert {j.config.kernels.sliding_window_attention for j in default} == {"auto"}
+    args = parse_args(module.EXPERIMENT, [*argv, "--kernels=sliding_window_attention=xla"])
+    jobs = build_jobs(module.EXPERIMENT, args)
+    assert [j.key for j in jobs] == ["attention/d128/L256", "attention/d128/L512"]
+    for job in jobs:
+        kernels = model_config(job.config, vocab_size=64).kernels
+        assert kernels.sliding_window_attention == "xla"
+        assert kernels.ssd == "auto"  # only the named op changed
 
 
 def test_an_impossible_grid_value_gives_one_line(tmp_path, capsys, monkeypatch):

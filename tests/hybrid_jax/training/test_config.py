@@ -106,6 +106,23 @@ def test_model_config_rejects_unknown_fields():
         config_lib.model_config(config, vocab_size=256)
 
 
+def test_set_kernels_applies_items_in_order_and_names_bad_ones():
+    config = config_lib.preset_config("mamba2", "tiny")
+    config_lib.set_kernels(config, "xla, ssd=pallas_gpu,")
+    want = {op: "xla" for op in dataclasses.asdict(KernelConfig())} | {"ssd": "pallas_gpu"}
+    assert dict(config.kernels) == want
+    assert dict(config_lib.set_kernels(config, "").kernels) == want  # nothing to set
+    config_lib.set_kernels(config, "ssd=reference,auto")  # a later item overrides an earlier one
+    assert set(config.kernels.values()) == {"auto"}
+    with pytest.raises(ValueError, match=r"kernels 'sdd=xla': unknown op 'sdd' \(known: causal_conv1d, "):
+        config_lib.set_kernels(config, "sdd=xla")
+    with pytest.raises(ValueError, match=r"kernels 'ssd=cuda': 'cuda' is not one of \('auto', "):
+        config_lib.set_kernels(config, "ssd=cuda")
+    with pytest.raises(ValueError, match=r"kernels 'fast': 'fast' is not one of"):
+        config_lib.set_kernels(config, "fast")
+    assert set(config.kernels.values()) == {"auto"}  # a bad item alone changes nothing
+
+
 def test_padded_vocab():
     assert [config_lib.padded_vocab(v, 128) for v in (1, 128, 129, 259)] == [128, 128, 256, 384]
 
