@@ -16,9 +16,10 @@
 # Point both into an ignored folder of the checkout (e.g. .work/side, .work/side_work) and a second call on the same
 # warm machine continues where the first stopped: a NAME whose full.json is already in SIDE_DIR starts from it, not
 # from the committed one, and a preempted job resumes from its checkpoint in SIDE_WORK.
-# At the end the newest checkpoint of each unfinished job (with its config.json and logs) is packed into
-# $OUT/work.tgz, smallest jobs first, up to 15 MB in all (the recall models' fit; a 15M-parameter LM's do not): a
-# later session extracts it into an ignored folder, carries that folder and points SIDE_WORK at it to resume them.
+# Every 20 s (when it changed) and at the end the newest complete checkpoint of each unfinished job (with its
+# config.json and logs) is packed into $OUT/work.tgz, smallest jobs first, up to 15 MB in all (the recall models' fit;
+# a 15M-parameter LM's do not), so a call killed at its time limit still brings them back: a later session extracts
+# it into an ignored folder, carries that folder and points SIDE_WORK at it to resume them.
 #
 # Needs the wheels of the GPU machine's missing packages in .whl/ (see experiments/README.md) and HYBRID_JAX_COMMIT
 # set to the commit being run (the device's .git is stale). Keep the sum of the sweeps' memory under the card's:
@@ -61,7 +62,29 @@ pack() {  # everything in SIDE_DIR (results, reports, plots, logs, nvidia-smi sa
   tar czf "$out/side.tgz.tmp" --warning=no-file-changed -C "$side" . 2> /dev/null
   mv "$out/side.tgz.tmp" "$out/side.tgz"
 }
-(while true; do sleep 20; pack; done) &
+pack_work() {  # the newest complete checkpoint of every unfinished job, smallest first, up to 15 MB, in $OUT/work.tgz
+  (
+    cd "$work" || exit 0
+    for job in */*/; do
+      job=${job%/}
+      [ "$(basename "$job")" = jax_cache ] && continue
+      step=$(for d in "$job"/checkpoints/*/; do [ -f "$d/commit_success.txt" ] && basename "$d"; done | sort -n | tail -1)
+      [ -n "$step" ] || continue
+      files=("$job/checkpoints/$step")
+      for f in config.json metrics.jsonl eval.jsonl; do [ -f "$job/$f" ] && files+=("$job/$f"); done
+      echo "$(du -skc "${files[@]}" | tail -1 | cut -f1) ${files[*]}"
+    done | sort -n | awk '{ total += $1; if (total <= 15 * 1024) { $1 = ""; print substr($0, 2) } }' | tr ' ' '\n' > /tmp/side_keep.txt
+    [ -s /tmp/side_keep.txt ] || exit 0
+    # Only when the set of checkpoints changed: a finished job's directory is deleted, a running one writes a new step.
+    cmp -s /tmp/side_keep.txt /tmp/side_keep.packed && [ -f "$out/work.tgz" ] && exit 0
+    tar czf "$out/work.tgz.tmp" -T /tmp/side_keep.txt && mv "$out/work.tgz.tmp" "$out/work.tgz" &&
+      cp /tmp/side_keep.txt /tmp/side_keep.packed &&
+      echo "checkpoints of unfinished jobs: $out/work.tgz ($(grep -c /checkpoints/ /tmp/side_keep.txt) jobs)"
+  )
+}
+# Packed every 20 s, not only at the end: a call killed at its time limit still returns the results so far and the
+# newest checkpoints (finished jobs' work directories are deleted by the runner).
+(while true; do sleep 20; pack; pack_work > /dev/null; done) &
 packer=$!
 wait "${pids[@]}"
 kill "$packer" 2> /dev/null
@@ -71,19 +94,5 @@ for spec in "$@"; do
   echo "== $name: $(tail -1 "$side/$name/log.txt")"
 done
 pack
-# Unfinished jobs' newest complete checkpoints (finished jobs' work directories are deleted by the runner).
-(
-  cd "$work" || exit 0
-  for job in */*/; do
-    job=${job%/}
-    [ "$(basename "$job")" = jax_cache ] && continue
-    step=$(for d in "$job"/checkpoints/*/; do [ -f "$d/commit_success.txt" ] && basename "$d"; done | sort -n | tail -1)
-    [ -n "$step" ] || continue
-    files=("$job/checkpoints/$step")
-    for f in config.json metrics.jsonl eval.jsonl; do [ -f "$job/$f" ] && files+=("$job/$f"); done
-    echo "$(du -skc "${files[@]}" | tail -1 | cut -f1) ${files[*]}"
-  done | sort -n | awk '{ total += $1; if (total <= 15 * 1024) { $1 = ""; print substr($0, 2) } }' | tr ' ' '\n' > /tmp/side_keep.txt
-  if [ -s /tmp/side_keep.txt ]; then
-    tar czf "$out/work.tgz" -T /tmp/side_keep.txt && echo "checkpoints of unfinished jobs: $out/work.tgz ($(grep -c /checkpoints/ /tmp/side_keep.txt) jobs)"
-  fi
-)
+rm -f /tmp/side_keep.packed "$out/work.tgz"  # the final archive holds exactly the jobs unfinished now
+pack_work
