@@ -94,7 +94,8 @@ def _shifted_taps(x, weight, bias, initial_state, segment_ids, *, activation, re
     if not return_final_state:
         return y
 
-    final_state = jnp.concatenate([init, xf], axis=1)[:, t:]  # the last w - 1 rows of [init; x]
+    # The last w - 1 rows of [init; x], from their two pieces (not a sliced full-length copy).
+    final_state = jnp.concatenate([init[:, min(t, w - 1) :], xf[:, max(t - (w - 1), 0) :]], axis=1)
     if reach is not None:
         # Keep only inputs of the last token's segment: the next call continues that segment.
         back = jnp.arange(w - 2, -1, -1)  # final_state[:, i] lies w - 2 - i steps before the last token
