@@ -155,14 +155,13 @@ def set_kernels(config: ml_collections.ConfigDict, spec: str) -> ml_collections.
         ``IMPLEMENTATIONS``.
     """
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        op, _, impl = item.rpartition("=")
-        ops = list(config.kernels) if not op else [op.strip()]
-        if op and op.strip() not in config.kernels:
-            raise ValueError(f"kernels {item!r}: unknown op {op.strip()!r} (known: {', '.join(config.kernels)})")
-        if impl.strip() not in IMPLEMENTATIONS:
-            raise ValueError(f"kernels {item!r}: {impl.strip()!r} is not one of {IMPLEMENTATIONS}")
-        for name in ops:
-            config.kernels[name] = impl.strip()
+        op, _, impl = (part.strip() for part in item.rpartition("="))
+        if op and op not in config.kernels:
+            raise ValueError(f"kernels {item!r}: unknown op {op!r} (known: {', '.join(config.kernels)})")
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"kernels {item!r}: {impl!r} is not one of {IMPLEMENTATIONS}")
+        for name in [op] if op else list(config.kernels):
+            config.kernels[name] = impl
     return config
 
 
