@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -207,8 +206,16 @@ def test_anchor_failure_is_recorded_and_the_sweep_kept(tmp_path):
     assert "anchor" not in run.Results(str(tmp_path), fresh=True, meta={}).data
 
 
-def test_decode_cell_subtracts_the_prefill_and_times_the_graph():
+def test_decode_cell_subtracts_the_prefill_and_times_the_graph(monkeypatch):
     torch = pytest.importorskip("torch")
+    # A clock that only the fake model advances: the timings are exact, not at the mercy of a loaded machine's
+    # sleeps (a 2 ms time.sleep measured 3.03 ms in a CI run).
+    clock = [0.0]
+
+    def sleep(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(anchor, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class FakeModel:  # mamba_ssm's generate: prefill 20 ms, then 4 ms per new token after the first
         def __init__(self):
@@ -225,10 +232,10 @@ def test_decode_cell_subtracts_the_prefill_and_times_the_graph():
                     0: (torch.zeros(2, 8, 4, dtype=torch.bfloat16), torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16))
                 }
                 self._decoding_cache = types.SimpleNamespace(
-                    callables={(2, 1): lambda ids, pos, seqlen: time.sleep(0.002)},
+                    callables={(2, 1): lambda ids, pos, seqlen: sleep(0.002)},
                     inference_params=types.SimpleNamespace(key_value_memory_dict=states),
                 )
-            time.sleep(0.020 + 0.004 * (max_length - prompt.shape[1] - 1))
+            sleep(0.020 + 0.004 * (max_length - prompt.shape[1] - 1))
 
     model = FakeModel()
     row = anchor.decode_cell(model, batch=2, context=16, steps=6, repeats=2, vocab=100)
