@@ -108,15 +108,20 @@ class DepthwiseConv(nn.Module):
         H100, experiments/throughput/README.md), and under autodiff the input's gradient is one concatenation of the
         blocks' instead of two.
         """
-        w, b = self._weights()
-        ws = jnp.split(w, split_at, axis=-1)
-        bs = [None] * len(ws) if b is None else jnp.split(b, split_at)
+        weights = self.split_weights(split_at)
         xs = jnp.split(x, split_at, axis=-1)
-        states = [None] * len(ws) if state is None else jnp.split(state.astype(x.dtype), split_at, axis=-1)
+        states = [None] * len(xs) if state is None else jnp.split(state.astype(x.dtype), split_at, axis=-1)
         return [
             self._conv(xi, wi, bi, segment_ids=segment_ids, initial_state=si)
-            for xi, wi, bi, si in zip(xs, ws, bs, states, strict=True)
+            for xi, (wi, bi), si in zip(xs, weights, states, strict=True)
         ]
+
+    def split_weights(self, split_at):
+        """The kernel's and bias's channel blocks at ``split_at`` (in the compute dtype): ``[(w_i (w, c_i), b_i
+        (c_i,) or None)]``, the weights of the per-block convs of :meth:`parts` (and of a sharded core's)."""
+        w, b = self._weights()
+        ws = jnp.split(w, split_at, axis=-1)
+        return list(zip(ws, [None] * len(ws) if b is None else jnp.split(b, split_at), strict=True))
 
     def _conv(self, x, weight, bias, *, segment_ids=None, initial_state=None, return_final_state=False):
         return call_kernel(
@@ -481,9 +486,7 @@ class Mamba2Mixer(Mixer):
         gc = "btc" if groups_split else "bt"
         cuts = self._xbc_split
         xr, Br, Cr = jnp.split(xBC, cuts, axis=-1)
-        w, bias = self.conv1d._weights()
-        wx, wB, wC = jnp.split(w, cuts, axis=-1)
-        bx, bB, bC = (None, None, None) if bias is None else jnp.split(bias, cuts)
+        (wx, bx), (wB, bB), (wC, bC) = self.conv1d.split_weights(cuts)
         impl = resolve_implementation("ssd", c.kernels.ssd, xBC.dtype)
 
         def body(xr, Br, Cr, wx, wB, wC, bx, bB, bC, dt, A, D, dt_bias, segment_ids):
@@ -516,7 +519,7 @@ class Mamba2Mixer(Mixer):
             corr = jnp.einsum("bthn,bhpn->bthp", Ch, entering, precision="highest") * reach[..., None]
             return (y.astype(jnp.float32) + corr).astype(y.dtype)
 
-        bias_role = lambda r: None if bias is None else r  # noqa: E731
+        bias_role = lambda r: None if bx is None else r  # noqa: E731
         return run_core(
             body,
             lay,
