@@ -8,6 +8,13 @@ A configuration that runs out of memory is retried with the next remat policy of
     python experiments/throughput/run.py                       # all four models, table + JSON in results/
     python experiments/throughput/run.py --models taipan --batch 4 --kernels xla
     python experiments/throughput/run.py --models mamba2 --profile 3   # + GPU time by model part and phase
+    python experiments/throughput/run.py --models mamba2,samba --layers scan,unroll   # the layer loop's A/B
+
+``--layers``: ``scan`` runs the periods in one ``nn.scan`` (the trainer's default), ``unroll`` one after another
+(``model.scan_layers=False``). A scanned step slices each layer's weights and saved activations out of stacked
+buffers and writes them back; where the consumer is a library GEMM or a Pallas kernel the slice is a device copy
+(the nineteenth session's Mamba-2 profile: 552 ``memcpy128`` per step, 26.2 ms of 249), which unrolled layers do not
+need. Unrolled steps compile for longer and name each period's parameters (``period_<i>``, not ``periods``).
 
 ``--profile`` turns XLA's command buffers (CUDA graphs) off for the whole run, so its step times are those of
 kernels launched one by one (step_profile.NO_COMMAND_BUFFERS says why); time without it.
@@ -40,13 +47,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 import step_profile  # noqa: E402
 
+LAYERS = ("scan", "unroll")
 MODELS = {"taipan": "Taipan", "samba": "Samba", "mamba2": "Mamba-2", "transformer": "Transformer++", "mamba": "Mamba"}
 
 
-def build_config(name: str, args, remat: str):
+def build_config(name: str, args, remat: str, layers: str = "scan"):
+    if layers not in LAYERS:
+        raise ValueError(f"--layers: {layers!r} is not one of {LAYERS}")
     config = preset_config(name, getattr(args, "size", "130m"))
     config.model.vocab_size = 50280  # GPT-NeoX vocabulary of the Mamba / Samba / Taipan papers
     config.model.remat_policy = remat
+    config.model.scan_layers = layers == "scan"
     config.model.dtype = args.dtype
     set_kernels(config, f"{args.kernels},{args.kernel}")  # every op, then per-op overrides (ssd=pallas_gpu)
     config.data.seq_len = args.seq_len
@@ -74,8 +85,8 @@ def compiled(config):
         yield trainer, step, trainer.init_state(), compile_s
 
 
-def measure(name: str, args, remat: str) -> dict:
-    config = build_config(name, args, remat)
+def measure(name: str, args, remat: str, layers: str = "scan") -> dict:
+    config = build_config(name, args, remat, layers)
     B = config.data.batch_size
     with compiled(config) as (trainer, step, state, compile_s):
         batch = trainer.global_batch(next(trainer.train_iter), B)
@@ -107,6 +118,7 @@ def measure(name: str, args, remat: str) -> dict:
         "seq_len": args.seq_len,
         "global_batch": B,
         "remat": remat,
+        "layers": layers,
         "loss_chunk": config.train.loss_chunk,
         "dtype": args.dtype,
         "kernels": kernel_choices(trainer.model_config),
@@ -140,6 +152,27 @@ def profile_steps(step, state, batch, steps: int) -> dict | None:
     return step_profile.breakdown(events, step_profile.hlo_sources(step.as_text()), steps)
 
 
+def measure_with_remat_fallback(name: str, args, layers: str) -> dict:
+    """:func:`measure` with the first of ``--remat``'s policies that fits; an error row if none does."""
+    for remat in args.remat.split(","):
+        try:
+            return measure(name, args, remat, layers)
+        except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED and friends: try the next remat policy
+            text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            gc.collect()  # release the failed attempt's buffers before the next one
+            jax.clear_caches()
+            print(f"{name} layers={layers} remat={remat}: {type(e).__name__}: {text}", file=sys.stderr, flush=True)
+            # Out of memory, or an XLA compiler failure specific to one remat policy: try the next policy.
+            known = ("RESOURCE_EXHAUSTED", "out of memory", "Failed to translate module to LLVM IR")
+            if not any(k.lower() in str(e).lower() for k in known):
+                return {"model": MODELS[name], "layers": layers, "remat": remat, "error": text}
+    return {
+        "model": MODELS[name],
+        "layers": layers,
+        "error": "failed (out of memory or compiler error) with every remat policy",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -154,6 +187,9 @@ def main() -> int:
     parser.add_argument("--kernel", default="", help="per-op overrides after --kernels, e.g. ssd=pallas_gpu")
     parser.add_argument("--remat", default="none,dots_no_batch,full", help="policies to try in order (on OOM)")
     parser.add_argument(
+        "--layers", default="scan", help="comma-separated: scan (nn.scan over the periods) and/or unroll; each is a row"
+    )
+    parser.add_argument(
         "--loss_chunk", type=int, default=0, help="train.loss_chunk: logits this many positions at a time (0: all)"
     )
     parser.add_argument(
@@ -165,37 +201,26 @@ def main() -> int:
         os.environ["XLA_FLAGS"] = step_profile.profiling_xla_flags(os.environ.get("XLA_FLAGS", ""))
     device = jax.devices()[0].device_kind
     rows = []
+    layer_choices = args.layers.split(",")
+    bad = [v for v in layer_choices if v not in LAYERS]
+    if bad:
+        parser.error(f"--layers: {bad} not in {LAYERS}")
     for name in args.models.split(","):
-        for remat in args.remat.split(","):
-            try:
-                rows.append(measure(name, args, remat))
-                break
-            except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED and friends: try the next remat policy
-                text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                gc.collect()  # release the failed attempt's buffers before the next one
-                jax.clear_caches()
-                print(f"{name} remat={remat}: {type(e).__name__}: {text}", file=sys.stderr, flush=True)
-                # Out of memory, or an XLA compiler failure specific to one remat policy: try the next policy.
-                known = ("RESOURCE_EXHAUSTED", "out of memory", "Failed to translate module to LLVM IR")
-                if not any(k.lower() in str(e).lower() for k in known):
-                    rows.append({"model": MODELS[name], "remat": remat, "error": text})
-                    break
-        else:
-            rows.append(
-                {"model": MODELS[name], "error": "failed (out of memory or compiler error) with every remat policy"}
-            )
-    header = f"{'model':<14}{'params':>8}{'batch':>7}{'remat':>15}{'step ms':>9}{'tokens/s':>11}{'TFLOP/s':>9}"
-    header += f"{'MFU spec':>10}{'MFU meas.':>10}"
+        for layers in layer_choices:
+            rows.append(measure_with_remat_fallback(name, args, layers))
+    header = f"{'model':<14}{'params':>8}{'batch':>7}{'layers':>8}{'remat':>15}{'step ms':>9}{'tokens/s':>11}"
+    header += f"{'TFLOP/s':>9}{'MFU spec':>10}{'MFU meas.':>10}"
     print(f"\n{device}, {jax.device_count()} device(s), jax {jax.__version__}, seq {args.seq_len}, {args.dtype}")
     print(header)
     print("-" * len(header))
     fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<14} error: {r['error']}")
+            print(f"{r['model']:<14} ({r.get('layers', 'scan')}) error: {r['error']}")
             continue
         print(
-            f"{r['model']:<14}{r['params'] / 1e6:>7.0f}M{r['global_batch']:>7}{r['remat']:>15}{r['step_ms']:>9.1f}"
+            f"{r['model']:<14}{r['params'] / 1e6:>7.0f}M{r['global_batch']:>7}{r['layers']:>8}{r['remat']:>15}"
+            f"{r['step_ms']:>9.1f}"
             f"{r['tokens_per_sec']:>11,.0f}{r['model_tflops_per_sec_per_device']:>9.1f}{fmt(r['mfu_spec_peak']):>10}"
             f"{fmt(r['mfu_measured_peak']):>10}"
         )
