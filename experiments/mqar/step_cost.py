@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of 20 steps per timing (median)")
     args = parser.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
+    os.makedirs(out_dir, exist_ok=True)
     results = {}
     for spec in args.jobs.split(","):
         row = measure(*parse(spec), args.profile, args.kernels, args.repeats)
