@@ -10,13 +10,15 @@ in one of two layouts: Mamba-2 (one ``dt`` and ``A`` per head: ``dt (b, h)``, ``
 (``dt (b, h, p)``, ``A (h, p, n)``; Mamba-1 is h = 1, p = d with its d channels as the head dim). On a GPU the step is
 bound by reading and writing the state: "pallas_gpu" (``pallas_gpu.py``, Triton) reads and writes every state element
 once and writes the new state into the old one's buffer (``input_output_aliases``; in place when the caller donates
-the state). There is no TPU kernel yet.
+the state); "pallas_tpu" (``pallas_tpu.py``, Mosaic) does the same on TPUs (verified in interpret mode and by lowering
+for TPU on CPU; never run on a TPU).
 
 Decode caches keep the state of every layer in one stack ``(L, b, h, p, n)``. With ``layer=`` the op takes that stack
 and updates only ``state[layer]`` (an int or a traced int32 scalar, e.g. the layer index of a ``lax.scan``), returning
 the whole stack: "xla" reads the layer with a dynamic slice and writes it back with one ``dynamic_update_slice`` (in
-place when the stack is a loop carry), "pallas_gpu" indexes the stack inside the kernel and aliases it to the output,
-so no layer-sized copy of the state is sliced out and written back around the update.
+place when the stack is a loop carry), "pallas_gpu" indexes the stack inside the kernel and "pallas_tpu" in its index
+map (the layer is a scalar-prefetch operand), and both alias it to the output, so no layer-sized copy of the state is
+sliced out and written back around the update.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
 from pallas_kernels.selective_state_update.pallas_gpu import selective_state_update_pallas_gpu
+from pallas_kernels.selective_state_update.pallas_tpu import selective_state_update_pallas_tpu
 from pallas_kernels.selective_state_update.reference import selective_state_update_reference
 from pallas_kernels.selective_state_update.xla import selective_state_update_xla
 from pallas_kernels.sliding_window_attention.api import check_interpret
@@ -50,15 +53,19 @@ def _pallas_gpu(*args, interpret, **kw):
     return selective_state_update_pallas_gpu(*args, interpret=interpret is not False, **kw)
 
 
+def _pallas_tpu(*args, interpret, **kw):
+    return selective_state_update_pallas_tpu(*args, interpret=interpret, **kw)
+
+
 # "auto" takes the pallas_gpu kernel on a GPU: it updates the state in place where the xla path copies it out of the
 # stacked cache (Mamba-2 1.3B decode, batch 16, H100, same run: 3.25 ms per step against 4.32;
-# experiments/efficiency/README.md, eighteenth session). xla elsewhere; there is no pallas_tpu: asking for it raises
-# NotImplementedError.
+# experiments/efficiency/README.md, eighteenth session), and the pallas_tpu kernel on a TPU for the same reason (as the
+# other ops' TPU kernels: verified in interpret mode and by lowering, never timed). xla on CPUs.
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu},
-        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("xla",)},
+        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
     )
 )
 AVAILABLE = OP.available
@@ -130,10 +137,11 @@ def selective_state_update(
       dt_limit: ``(lo, hi)`` clamp of the processed dt, applied only when not ``(0, inf)``.
       layer: None, or the entry of the stacked ``state`` to update (an int, or an integer scalar that may be traced);
         the other entries are returned unchanged.
-      implementation: "auto" (pallas_gpu on a GPU, xla elsewhere), "reference", "xla" or "pallas_gpu" (no TPU
-        kernel yet).
-      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform (a
-        ``pltpu.InterpretParams`` is accepted and means True for "pallas_gpu"). Ignored by "reference" and "xla".
+      implementation: "auto" (pallas_gpu on a GPU, pallas_tpu on a TPU, xla on a CPU), "reference", "xla",
+        "pallas_gpu" or "pallas_tpu".
+      interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
+        ``pltpu.InterpretParams()``, or pass one; it means True for "pallas_gpu"). Ignored by "reference" and
+        "xla".
 
     Returns:
       ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state ``(b, h, p, n)`` float32 (with ``layer``: the

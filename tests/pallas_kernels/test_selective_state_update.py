@@ -1,7 +1,7 @@
-"""Tests of pallas_kernels.selective_state_update: the xla path and the pallas_gpu kernel (interpret mode on CPU,
-compiled on a GPU) equal the reference (the decode-step oracles of the sequence ops) in both layouts, fp32 and under
-the bf16 rule; stepping it through a sequence equals the sequential scans of SSD and of the selective scan. There is
-no TPU kernel: asking for it raises."""
+"""Tests of pallas_kernels.selective_state_update: the xla path, the pallas_gpu kernel (interpret mode on CPU, compiled
+on a GPU) and the pallas_tpu kernel (interpret mode, and lowered for TPU with jax.export: there is no TPU here) equal
+the reference (the decode-step oracles of the sequence ops) in both layouts, fp32 and under the bf16 rule; stepping it
+through a sequence equals the sequential scans of SSD and of the selective scan."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 from pallas_kernels.selective_state_update import pallas_gpu as ssu_gpu
+from pallas_kernels.selective_state_update import pallas_tpu as ssu_tpu
 from pallas_kernels.selective_state_update import selective_state_update
 from pallas_kernels.ssd.reference import ssd_reference
 from pallas_kernels.testing import assert_bf16_rule, assert_rel_close
@@ -120,19 +121,20 @@ def test_decode_equals_the_selective_scan_sequence():
         (lambda a: a | dict(B=a["B"][:, :1].repeat(3, 1), C=a["C"][:, :1].repeat(3, 1)), r"has 3 groups but x"),
         (lambda a: a | dict(state=a["state"][..., :2]), r"state.shape=\(2, 4, 3, 2\) must be \(2, 4, 3, 5\)"),
         (lambda a: a | dict(dt_limit=(2.0, 1.0)), r"dt_limit=\(2.0, 1.0\) must satisfy lo <= hi"),
-        (lambda a: a | dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' is not available"),
+        (lambda a: a | dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' needs a TPU but the default"),
+        (lambda a: a | dict(implementation="pallas_tpu", interpret=1), r"interpret=1 must be a bool"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(change, match):
     args = change(make_inputs(4))
-    with pytest.raises((ValueError, NotImplementedError), match=match) as e:
+    with pytest.raises((ValueError, NotImplementedError, RuntimeError), match=match) as e:
         selective_state_update(**args)
     assert "\n" not in str(e.value)
 
 
-# --- the pallas_gpu kernel: interpret mode here, compiled where a GPU is (the `gpu` marker skips it elsewhere)
+# --- the kernels: interpret mode here, pallas_gpu compiled where a GPU is (the `gpu` marker skips it elsewhere)
 
-KERNELS = ["pallas_gpu:interpret", pytest.param("pallas_gpu", marks=pytest.mark.gpu)]
+KERNELS = ["pallas_gpu:interpret", "pallas_tpu:interpret", pytest.param("pallas_gpu", marks=pytest.mark.gpu)]
 
 
 def _kernel(kernel: str, args: dict, **kw):
@@ -152,7 +154,7 @@ def _kernel(kernel: str, args: dict, **kw):
         (dict(b=1, h=2, g=1, p=40, n=20), dict(d_per_head=True)),  # three 16-row blocks, the last overhangs
     ],
 )
-def test_pallas_gpu_matches_reference(kernel, per_channel, shape, extra):
+def test_kernels_match_reference(kernel, per_channel, shape, extra):
     dt_limit = extra.get("dt_limit", (0.0, float("inf")))
     args = make_inputs(5, per_channel=per_channel, full=extra.get("full", True), **shape)
     if "d_per_head" in extra:  # the other D layout than make_inputs' default for this dt layout
@@ -167,7 +169,7 @@ def test_pallas_gpu_matches_reference(kernel, per_channel, shape, extra):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_pallas_gpu_bf16_rule(kernel, per_channel):
+def test_kernels_bf16_rule(kernel, per_channel):
     """bf16 x, dt, B, C, z with the float32 state: as accurate as the xla path at bf16, y in bf16."""
     args = make_inputs(6, h=2, g=1, p=5, n=6, per_channel=per_channel, dtype=jnp.bfloat16)
     f32 = {k: v.astype(jnp.float32) if hasattr(v, "astype") else v for k, v in args.items()}
@@ -209,6 +211,59 @@ def test_pallas_gpu_default_tiles():
         ssu_gpu.GpuConfig(block_p=3)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("heads, block_p", [(8, 128), (16, 256), (8, 256)])
+def test_pallas_tpu_tilings_match_reference(per_channel, heads, block_p):
+    """Grids of several head blocks and row blocks (2 groups: a block's heads read their own group's B and C)."""
+    args = make_inputs(7, b=2, h=16, g=2, p=256, n=16, per_channel=per_channel)
+    ref = selective_state_update(**args, implementation="reference")
+    order = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    got = ssu_tpu.selective_state_update_pallas_tpu(
+        *(args[k] for k in order),
+        dt_softplus=True,
+        dt_limit=(0.0, float("inf")),
+        config=ssu_tpu.TpuConfig(heads=heads, block_p=block_p),
+        interpret=True,
+    )
+    assert_rel_close(got[0], ref[0], "fp32", "y")
+    assert_rel_close(got[1], ref[1], "fp32", "state")
+
+
+def test_pallas_tpu_default_tiles_and_bad_tiles():
+    """Legal Mosaic blocks (all heads or multiples of 8; all rows or multiples of 128) of at most TILE_BYTES."""
+    assert ssu_tpu.choose_config(64, 64, 128) == ssu_tpu.TpuConfig(heads=16, block_p=64)  # Mamba-2 1.3B: 512 KiB
+    assert ssu_tpu.choose_config(1, 4096, 16) == ssu_tpu.TpuConfig(heads=1, block_p=1024)  # Mamba-1: n on 128 lanes
+    assert ssu_tpu.choose_config(6, 2, 1) == ssu_tpu.TpuConfig(heads=6, block_p=2)
+    args = make_inputs(4)
+    order = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    with pytest.raises(ValueError, match=r"TpuConfig\(heads=3, block_p=3\) does not tile h=4, p=3"):
+        ssu_tpu.selective_state_update_pallas_tpu(
+            *(args[k] for k in order), dt_softplus=True, dt_limit=(0.0, float("inf")),
+            config=ssu_tpu.TpuConfig(heads=3, block_p=3), interpret=True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("per_channel, shape", [(False, (16, 64, 64, 128, 8)), (True, (16, 1, 1536, 16, 1))])
+def test_pallas_tpu_lowers_for_tpu_with_the_stack_aliased(per_channel, shape):
+    """Mamba-2 (p 64, n 128, 8 groups) and Mamba-1 (d 1536, n 16) decode shapes lower for TPU through jax.export on
+    this CPU (Pallas' Mosaic lowering; Mosaic's own compiler in libtpu is not run here): one kernel, whose output 1 is
+    the stacked state operand (after the prefetched layer index), i.e. updated in place."""
+    b, h, p, n, g = shape
+    args = make_inputs(8, b=b, h=h, p=p, n=n, g=g, per_channel=per_channel, dtype=jnp.bfloat16)
+    order = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    rest = [args[k] for k in order]
+
+    def step(stack, layer):
+        return ssu_tpu.selective_state_update_pallas_tpu(
+            stack, *rest, dt_softplus=True, dt_limit=(0.0, float("inf")), layer=layer
+        )
+
+    stack = jax.ShapeDtypeStruct((3, b, h, p, n), jnp.float32)
+    text = jax.export.export(jax.jit(step), platforms=("tpu",))(stack, jnp.int32(1)).mlir_module()
+    assert text.count("tpu_custom_call") == 1
+    assert "output_operand_alias<output_tuple_indices = [1], operand_index = 1," in text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_channel, shape", [(False, (4, 16, 64, 128, 2)), (True, (4, 1, 1536, 16, 1))])
 def test_pallas_gpu_realistic_shapes_update_in_place(per_channel, shape):
@@ -228,7 +283,13 @@ def test_pallas_gpu_realistic_shapes_update_in_place(per_channel, shape):
 
 # --- a state stacked over layers: `layer=` updates one entry of the (L, b, h, p, n) stack in place
 
-STACKED = ["reference", "xla", "pallas_gpu:interpret", pytest.param("pallas_gpu", marks=pytest.mark.gpu)]
+STACKED = [
+    "reference",
+    "xla",
+    "pallas_gpu:interpret",
+    "pallas_tpu:interpret",
+    pytest.param("pallas_gpu", marks=pytest.mark.gpu),
+]
 
 
 @pytest.mark.parametrize("kernel", STACKED)
