@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks, _platform
 from pallas_kernels.decode_attention.pallas_gpu import GpuConfig, decode_attention_pallas_gpu
+from pallas_kernels.decode_attention.pallas_tpu import decode_attention_pallas_tpu
 from pallas_kernels.decode_attention.reference import decode_attention_reference, visible_mask
 from pallas_kernels.decode_attention.xla import decode_attention_xla
 from pallas_kernels.sliding_window_attention.api import check_interpret, resolve_scale
@@ -43,16 +44,21 @@ def _pallas_gpu(*args, block_k, layer, interpret, **kw):
     return decode_attention_pallas_gpu(*args, config=config, layer=layer, interpret=interpret is not False, **kw)
 
 
+def _pallas_tpu(*args, **kw):
+    return decode_attention_pallas_tpu(*args, **kw)
+
+
 # pallas_gpu: flash-decoding with the keys split across programs, reading the cache in place (pallas_gpu.py). "auto"
 # picks it on a GPU for 16-bit inputs: Transformer++ decode at batch 16 on the H100 ran 1.1-2.7x the xla path's
 # tokens/s (GQA 32K: 5.97 against 16.17 ms a step; 64K: 10.7 ms where xla ran out of memory; twentieth session,
 # experiments/efficiency/README.md). float32 stays on xla (its IEEE dots are exact where the kernel's are not
-# timed). There is no pallas_tpu: asking for it raises NotImplementedError.
+# timed). pallas_tpu (pallas_tpu.py) reads the cache in place the same way, its key blocks walked in order by one
+# core; "auto" picks it on a TPU (as the other ops' TPU kernels: verified in interpret mode and by lowering only).
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu},
-        auto={"cpu": ("xla",), "gpu": ("pallas_gpu",), "tpu": ("xla",)},
+        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        auto={"cpu": ("xla",), "gpu": ("pallas_gpu",), "tpu": ("pallas_tpu", "xla")},
         auto_float32={"gpu": ("xla",)},
     )
 )
@@ -117,9 +123,10 @@ def decode_attention(
         reads that entry in place, so no layer-sized slice of the cache is copied out for it.
       window: a query at position i sees keys at positions ``i - window + 1 .. i``; None: all keys up to i.
       softmax_scale: score multiplier; None is ``1 / sqrt(e)``.
-      block_k: static tuning knob, keys per block of the xla path's blocked regime (forcing it) or of the pallas_gpu
-        kernel's loop (a power of two >= 16); never changes results.
-      implementation: "auto", "reference", "xla" or "pallas_gpu" (flash-decoding; there is no TPU kernel yet).
+      block_k: static tuning knob, keys per block of the xla path's blocked regime (forcing it), of the pallas_gpu
+        kernel's loop (a power of two >= 16) or of the pallas_tpu kernel's grid (a multiple of 128); never changes
+        results.
+      implementation: "auto", "reference", "xla", "pallas_gpu" (flash-decoding) or "pallas_tpu".
       interpret: keyword-only; True runs a Pallas implementation in interpret mode on any platform ("pallas_tpu":
         ``pltpu.InterpretParams()``, or pass one). Ignored by "reference" and "xla".
 

@@ -1,7 +1,7 @@
 """Tests of pallas_kernels.decode_attention: a float64 numpy loop checks the dense reference; the xla path (its fused
-decode regime and its blocked regime for long query chunks) and the pallas_gpu flash-decoding kernel (interpret mode on
-the CPU, compiled on a GPU; lowered to Triton for CUDA on any machine) equal the reference in fp32 and meet the bf16
-rule."""
+decode regime and its blocked regime for long query chunks), the pallas_gpu flash-decoding kernel (interpret mode on
+the CPU, compiled on a GPU; lowered to Triton for CUDA on any machine) and the pallas_tpu kernel (interpret mode;
+lowered for TPU with jax.export: there is no TPU here) equal the reference in fp32 and meet the bf16 rule."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ IMPLS = {  # name -> (implementation, block_k, interpret)
     "xla_blocked": ("xla", 4, False),  # 4 keys per block: s is not a multiple in most shapes
     "pallas_gpu": ("pallas_gpu", None, True),  # Pallas interpret mode; 64 keys per block
     "pallas_gpu_b16": ("pallas_gpu", 16, True),  # 16 keys per block: several splits to combine when s > 16
+    "pallas_tpu": ("pallas_tpu", None, True),  # TPU interpret mode; these caches are one key block
 }
 
 
@@ -84,7 +85,7 @@ def test_matches_oracle_fp32(impl, shape, window):
 def test_a_query_that_sees_nothing_gets_zeros_and_slot_order_does_not_matter():
     q, k, v, qp, kp = make_inputs(1, s=6)
     kp = kp.at[0].set(-1)  # row 0: every slot empty
-    for impl in ("reference", "xla", "xla_blocked", "pallas_gpu_b16"):
+    for impl in ("reference", "xla", "xla_blocked", "pallas_gpu_b16", "pallas_tpu"):
         out = _run(impl, q, k, v, qp, kp)
         assert np.all(np.asarray(out[0]) == 0)
         perm = np.random.default_rng(0).permutation(6)
@@ -92,7 +93,7 @@ def test_a_query_that_sees_nothing_gets_zeros_and_slot_order_does_not_matter():
         np.testing.assert_allclose(again, out, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_blocked", "pallas_gpu_b16"])
+@pytest.mark.parametrize("impl", ["xla", "xla_blocked", "pallas_gpu_b16", "pallas_tpu"])
 def test_bf16_rule(impl):
     q, k, v, qp, kp = make_inputs(2, tq=3, s=40, dtype=jnp.bfloat16)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -103,7 +104,7 @@ def test_bf16_rule(impl):
     assert_bf16_rule(got, ref16, ref, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu_b16"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu_b16", "pallas_tpu"])
 def test_a_stack_entry_equals_the_entry_alone(impl):
     """With ``layer`` the op attends to one entry of a decode cache's (L, b, s, hk, e) stack (the pallas_gpu kernel
     reads it in place): the same as the entry passed alone, for a static and a traced index."""
@@ -220,13 +221,58 @@ def test_pallas_gpu_compiled_prompt_chunk_and_auto_choice():
         (lambda a: a | dict(k_positions=a["k_positions"][:, :3]), r"k_positions.shape=\(2, 3\) must be \(2, 11\)"),
         (lambda a: a | dict(q_positions=a["q_positions"] * 1.0), r"q_positions.dtype=float32 must be an integer"),
         (lambda a: a | dict(window=0), r"window=0 must be an integer >= 1"),
-        (lambda a: a | dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' is not available"),
+        (lambda a: a | dict(implementation="pallas_tpu"), r"implementation='pallas_tpu' needs a TPU but the default"),
+        (
+            lambda a: (
+                a
+                | dict(
+                    implementation="pallas_tpu",
+                    interpret=True,
+                    k=a["k"].repeat(30, 1),
+                    v=a["v"].repeat(30, 1),
+                    k_positions=a["k_positions"].repeat(30, 1),
+                    block_k=100,
+                )
+            ),
+            r"block_k=100 must be a multiple of 128 or the cache length 330 \(pallas_tpu\)",
+        ),  # fmt: skip
         (lambda a: a | dict(implementation="cuda"), r"implementation='cuda' is not one of"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(change, match):
     q, k, v, qp, kp = make_inputs(3)
     args = change(dict(q=q, k=k, v=v, q_positions=qp, k_positions=kp))
-    with pytest.raises((ValueError, NotImplementedError), match=match) as e:
+    with pytest.raises((ValueError, NotImplementedError, RuntimeError), match=match) as e:
         decode_attention(**args)
     assert "\n" not in str(e.value)
+
+
+# --- the pallas_tpu kernel beyond one key block, and its TPU lowering
+
+
+@pytest.mark.parametrize("e, hk, window", [(128, 2, 150), (40, 2, None), (128, 1, 7)])
+def test_pallas_tpu_key_blocks_match_the_oracle(e, hk, window):
+    """Caches of several 128-slot key blocks with a partial last one (300 slots), KV heads read as lane blocks
+    (e = 128) or sliced from all heads' lanes (e = 40), 4 query heads per KV head and a 3-token prompt chunk."""
+    q, k, v, qp, kp = make_inputs(6, s=300, hq=4 * hk, hk=hk, e=e, tq=3)
+    got = decode_attention(q, k, v, qp, kp, window=window, implementation="pallas_tpu", interpret=True, block_k=128)
+    assert_rel_close(got, oracle(q, k, v, qp, kp, window), "fp32", f"e={e} hk={hk} window={window}")
+
+
+@pytest.mark.parametrize("e, window", [(128, None), (64, 2048)])
+def test_pallas_tpu_lowers_for_tpu(e, window):
+    """A 1.3B-preset decode step (batch 16, 16 query heads on 2 KV heads of 128, a 4,160-slot stacked cache: a partial
+    last key block) and a Samba-like ring (head dim 64, window 2048) lower for TPU through jax.export on this CPU
+    (Pallas' Mosaic lowering; Mosaic's compiler in libtpu is not run here): one kernel, reading the stack in place."""
+    from pallas_kernels.decode_attention.pallas_tpu import decode_attention_pallas_tpu
+
+    b, hq, hk, s = 16, 16, 2, 4160 if window is None else 2048
+    q = jax.ShapeDtypeStruct((b, 1, hq, e), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((3, b, s, hk, e), jnp.bfloat16)
+    qp, kp = jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+
+    def step(q, k, v, qp, kp, layer):
+        return decode_attention_pallas_tpu(q, k, v, qp, kp, window=window, softmax_scale=e**-0.5, layer=layer)
+
+    text = jax.export.export(jax.jit(step), platforms=("tpu",))(q, kv, kv, qp, kp, jnp.int32(1)).mlir_module()
+    assert text.count("tpu_custom_call") == 1
