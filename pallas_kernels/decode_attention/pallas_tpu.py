@@ -7,14 +7,16 @@ index in the index maps) is viewed as ``(.., s, hk e)`` (a reshape of contiguous
 keys are a ``(block_k, e)`` column block when e is a multiple of 128 (Mosaic's lane width), and otherwise all heads'
 ``(block_k, hk e)`` are read and each head's lanes are sliced in the kernel.
 
-Grid ``(b, hk / heads, cdiv(s, block_k))``, the last axis a sequential ("arbitrary") reduction: a TPU core walks it
-in order, so the FlashAttention running max, sum and ``(rows, e)`` accumulator stay in VMEM scratch across the key
-blocks and the output block (resident over that axis) is written once, after the last block. Rows are the ``r * tq``
-queries of one KV head (its r query heads times the tq tokens, arranged head-major by the wrapper: queries are a few
-KB). Per block: scores ``q k^T`` on the MXU (float32 accumulation; float32 inputs at ``precision=HIGHEST``), the
-position mask of ``api`` (empty slots, causality, the window) plus slots past s in a partial last block (whose
-values are zeroed, so no stale VMEM reaches ``p v``), then ``p v`` with p in V's dtype. Query positions arrive as a
-``(rows, 1)`` column and key positions as a ``(1, block_k)`` row, so the mask needs no transpose.
+Grid ``(b, hk / heads, cdiv(r tq, block_rows), cdiv(s, block_k))``, the last axis a sequential ("arbitrary")
+reduction: a TPU core walks it in order, so the FlashAttention running max, sum and ``(rows, e)`` accumulator stay in
+VMEM scratch across the key blocks and the output block (resident over that axis) is written once, after the last
+block. Rows are the ``r * tq`` queries of one KV head (its r query heads times the tq tokens, arranged head-major by
+the wrapper: a decode step's few KB), cut into blocks of ``block_rows`` (a prompt chunk's thousands of rows would not
+fit in VMEM as one block; a partial last block's extra rows are computed and dropped). Per key block: scores
+``q k^T`` on the MXU (float32 accumulation; float32 inputs at ``precision=HIGHEST``), the position mask of ``api``
+(empty slots, causality, the window) plus slots past s in a partial last block (whose values are zeroed, so no stale
+VMEM reaches ``p v``), then ``p v`` with p in V's dtype. Query positions arrive as a ``(rows, 1)`` column and key
+positions as a ``(1, block_k)`` row, so the mask needs no transpose.
 
 Forward only, like the GPU kernel. Verified in interpret mode (``pltpu.InterpretParams``) and by lowering with
 ``jax.export(..., platforms=("tpu",))`` on CPU (Pallas' Mosaic lowering, not Mosaic's compiler in libtpu); never run
@@ -37,6 +39,7 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 LANES = 128
 DEFAULT_BLOCK_K = 512
+DEFAULT_BLOCK_ROWS = 256
 
 
 def _dot(a, b, dims):
@@ -48,7 +51,7 @@ def _kernel(layer_ref, q_ref, qpos_ref, kpos_ref, k_ref, v_ref, o_ref, m_ref, l_
             window, scale, lane_heads):  # fmt: skip
     """One key block of ``heads`` KV heads of one batch row (``lane_heads``: the block holds every head's lanes)."""
     del layer_ref  # used by the index maps
-    kb = pl.program_id(2)
+    kb = pl.program_id(3)
 
     @pl.when(kb == 0)
     def _():
@@ -78,18 +81,30 @@ def _kernel(layer_ref, q_ref, qpos_ref, kpos_ref, k_ref, v_ref, o_ref, m_ref, l_
         acc_ref[i] = alpha * acc_ref[i] + _dot(p.astype(v.dtype), v, _NN)
         m_ref[i] = m_new
 
-    @pl.when(kb == pl.num_programs(2) - 1)
+    @pl.when(kb == pl.num_programs(3) - 1)
     def _():
         total = l_ref[...]
         o_ref[...] = jnp.where(total > 0, acc_ref[...] / jnp.where(total > 0, total, 1.0), 0.0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "block_k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "softmax_scale", "block_k", "block_rows", "interpret"))
 def decode_attention_pallas_tpu(
-    q, k, v, q_positions, k_positions, *, window, softmax_scale: float, block_k=None, interpret=False, layer=None
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window,
+    softmax_scale: float,
+    block_k=None,
+    block_rows=DEFAULT_BLOCK_ROWS,
+    interpret=False,
+    layer=None,
 ):
     """Args and result as ``api.decode_attention`` (arguments unchecked); ``block_k`` (static): key slots per grid
-    step, a multiple of 128 (default ``DEFAULT_BLOCK_K``, or all of s when s is shorter); ``interpret``: False, True
+    step, a multiple of 128 (default ``DEFAULT_BLOCK_K``, or all of s when s is shorter); ``block_rows`` (static):
+    query rows per program, a multiple of 8 (all rows when there are fewer); ``interpret``: False, True
     (``pltpu.InterpretParams()``) or an ``InterpretParams``."""
     b, tq, hq, e = q.shape
     stack_k, stack_v = (k, v) if layer is not None else (k[None], v[None])
@@ -99,6 +114,9 @@ def decode_attention_pallas_tpu(
     bk = min(DEFAULT_BLOCK_K if block_k is None else block_k, s)
     if bk != s and bk % LANES:
         raise ValueError(f"{_OP}: block_k={bk} must be a multiple of {LANES} or the cache length {s} (pallas_tpu)")
+    br = min(block_rows, rows)
+    if br != rows and br % 8:
+        raise ValueError(f"{_OP}: block_rows={block_rows} must be a multiple of 8 (pallas_tpu)")
     lane_heads = e % LANES != 0  # a head's e lanes are not a Mosaic block: read all heads' lanes, slice in the kernel
     heads = hk if lane_heads else 1
     flat = lambda x: x.reshape(*x.shape[:3], hk * e)  # noqa: E731  (L, b, s, hk e): contiguous, no copy
@@ -107,24 +125,27 @@ def decode_attention_pallas_tpu(
     qpos = jnp.tile(q_positions.astype(jnp.int32), (1, r))[..., None]  # (b, rows, 1), token j % tq of each row
     kpos = k_positions.astype(jnp.int32)[:, None, :]  # (b, 1, s)
 
-    def kv_map(bi, g, kb, layer_ref):
+    def kv_map(bi, g, rb, kb, layer_ref):
         return layer_ref[0], bi, kb, g
+
+    def row_map(bi, g, rb, kb, layer_ref):
+        return bi, g, rb, 0
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(b, hk // heads, pl.cdiv(s, bk)),
+        grid=(b, hk // heads, pl.cdiv(rows, br), pl.cdiv(s, bk)),
         in_specs=[
-            pl.BlockSpec((None, heads, rows, e), lambda bi, g, kb, layer_ref: (bi, g, 0, 0)),
-            pl.BlockSpec((None, rows, 1), lambda bi, g, kb, layer_ref: (bi, 0, 0)),
-            pl.BlockSpec((None, 1, bk), lambda bi, g, kb, layer_ref: (bi, 0, kb)),
+            pl.BlockSpec((None, heads, br, e), row_map),
+            pl.BlockSpec((None, br, 1), lambda bi, g, rb, kb, layer_ref: (bi, rb, 0)),
+            pl.BlockSpec((None, 1, bk), lambda bi, g, rb, kb, layer_ref: (bi, 0, kb)),
             pl.BlockSpec((None, None, bk, heads * e), kv_map),
             pl.BlockSpec((None, None, bk, heads * e), kv_map),
         ],
-        out_specs=pl.BlockSpec((None, heads, rows, e), lambda bi, g, kb, layer_ref: (bi, g, 0, 0)),
+        out_specs=pl.BlockSpec((None, heads, br, e), row_map),
         scratch_shapes=[
-            pltpu.VMEM((heads, rows, 1), _F32),
-            pltpu.VMEM((heads, rows, 1), _F32),
-            pltpu.VMEM((heads, rows, e), _F32),
+            pltpu.VMEM((heads, br, 1), _F32),
+            pltpu.VMEM((heads, br, 1), _F32),
+            pltpu.VMEM((heads, br, e), _F32),
         ],
     )
     kernel = functools.partial(
@@ -135,7 +156,7 @@ def decode_attention_pallas_tpu(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, hk, rows, e), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         name="decode_attention_fwd",
     )(index, qh, qpos, kpos, flat(stack_k), flat(stack_v))

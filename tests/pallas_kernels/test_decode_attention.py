@@ -259,17 +259,30 @@ def test_pallas_tpu_key_blocks_match_the_oracle(e, hk, window):
     assert_rel_close(got, oracle(q, k, v, qp, kp, window), "fp32", f"e={e} hk={hk} window={window}")
 
 
-@pytest.mark.parametrize("e, window", [(128, None), (64, 2048)])
-def test_pallas_tpu_lowers_for_tpu(e, window):
-    """A 1.3B-preset decode step (batch 16, 16 query heads on 2 KV heads of 128, a 4,160-slot stacked cache: a partial
-    last key block) and a Samba-like ring (head dim 64, window 2048) lower for TPU through jax.export on this CPU
-    (Pallas' Mosaic lowering; Mosaic's compiler in libtpu is not run here): one kernel, reading the stack in place."""
+@pytest.mark.parametrize("e, tq", [(128, 40), (40, 25)])
+def test_pallas_tpu_row_blocks_match_the_oracle(e, tq):
+    """A prompt chunk's r * tq query rows in blocks of 64 (320 rows: five whole blocks; 200: a partial last one)."""
     from pallas_kernels.decode_attention.pallas_tpu import decode_attention_pallas_tpu
 
-    b, hq, hk, s = 16, 16, 2, 4160 if window is None else 2048
-    q = jax.ShapeDtypeStruct((b, 1, hq, e), jnp.bfloat16)
+    q, k, v, qp, kp = make_inputs(2, s=300, hq=8, hk=2, e=e, tq=tq)
+    got = decode_attention_pallas_tpu(
+        q, k, v, qp, kp, window=100, softmax_scale=e**-0.5, block_k=128, block_rows=64, interpret=True
+    )
+    assert_rel_close(got, oracle(q, k, v, qp, kp, 100), "fp32", f"e={e} tq={tq}")
+
+
+@pytest.mark.parametrize("e, window, tq", [(128, None, 1), (64, 2048, 1), (128, None, 8192)])
+def test_pallas_tpu_lowers_for_tpu(e, window, tq):
+    """A 1.3B-preset decode step (batch 16, 16 query heads on 2 KV heads of 128, a 4,160-slot stacked cache: a partial
+    last key block), a Samba-like ring (head dim 64, window 2048) and an 8,192-token prompt chunk (65,536 rows per KV
+    head, 256 row blocks) lower for TPU through jax.export on this CPU (Pallas' Mosaic lowering; Mosaic's compiler in
+    libtpu is not run here): one kernel, reading the stack in place."""
+    from pallas_kernels.decode_attention.pallas_tpu import decode_attention_pallas_tpu
+
+    b, hq, hk, s = 16 if tq == 1 else 1, 16, 2, 4160 if window is None else 2048
+    q = jax.ShapeDtypeStruct((b, tq, hq, e), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((3, b, s, hk, e), jnp.bfloat16)
-    qp, kp = jax.ShapeDtypeStruct((b, 1), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+    qp, kp = jax.ShapeDtypeStruct((b, tq), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
 
     def step(q, k, v, qp, kp, layer):
         return decode_attention_pallas_tpu(q, k, v, qp, kp, window=window, softmax_scale=e**-0.5, layer=layer)

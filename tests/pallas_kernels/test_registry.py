@@ -125,7 +125,7 @@ def test_explicit_requests_that_cannot_run_raise(monkeypatch):
         op.resolve("pallas_gpu")
     assert op.resolve("pallas_gpu", interpret=True) == "pallas_gpu"
     with pytest.raises(NotImplementedError, match="not available"):
-        pallas_kernels.get_op("decode_attention").resolve("pallas_tpu", interpret=True)
+        pallas_kernels.get_op("causal_conv1d").resolve("pallas_tpu", interpret=True)
     with pytest.raises(ValueError, match="is not one of"):
         op.resolve("triton")
 
