@@ -120,3 +120,15 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
     items.sort(key=lambda item: not _runs_long(item))  # stable: the order within each group is kept
+
+
+@pytest.fixture
+def registry_on_tpu(monkeypatch):
+    """The kernel registry believes the platform is "tpu" (``auto`` picks the TPU kernels), for lowering whole programs
+    for TPU with ``jax.export`` on a machine without one; jit caches are cleared after, so that no trace made for TPU
+    serves a later call on this machine's backend."""
+    from pallas_kernels import _platform
+
+    monkeypatch.setattr(_platform, "platform", lambda: "tpu")
+    yield
+    jax.clear_caches()

@@ -1,9 +1,10 @@
 """The whole generation program (chunked prefill + decode loop) of every SSM and attention preset lowers for TPU with
 the decode kernels `auto` picks there (the pallas_tpu selective state update and decode attention), through
-jax.export on this CPU. There is no TPU here: the op registry is told the platform is "tpu" for the trace, which is
-what `auto` would see on one; Mosaic's own compiler in libtpu does not run, so this checks that the model's decode
-calls reach the TPU kernels with shapes and stacked caches the kernels accept (Pallas' Mosaic lowering), not that a
-TPU compiles them. The values of the kernels are tested in interpret mode in tests/pallas_kernels."""
+jax.export on this CPU. There is no TPU here: the `registry_on_tpu` fixture tells the op registry the platform is
+"tpu" for the trace, which is what `auto` would see on one; Mosaic's own compiler in libtpu does not run, so this
+checks that the model's decode calls reach the TPU kernels with shapes and stacked caches the kernels accept (Pallas'
+Mosaic lowering), not that a TPU compiles them. The values of the kernels are tested in interpret mode in
+tests/pallas_kernels."""
 
 import importlib
 
@@ -12,7 +13,6 @@ import jax.numpy as jnp
 import pytest
 
 from hybrid_jax.model import LanguageModel, preset
-from pallas_kernels import _platform
 
 generate_module = importlib.import_module("hybrid_jax.inference.generate")  # (the package's "generate" is a function)
 
@@ -26,15 +26,8 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def tpu_platform(monkeypatch):
-    monkeypatch.setattr(_platform, "platform", lambda: "tpu")
-    yield
-    jax.clear_caches()  # no trace made for "tpu" may serve a later CPU call of the same jitted function
-
-
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_generation_lowers_for_tpu_with_the_decode_kernels(tpu_platform, name):
+def test_generation_lowers_for_tpu_with_the_decode_kernels(registry_on_tpu, name):
     model = LanguageModel(preset(name, "tiny"))
     prompt = jnp.zeros((3, 13), jnp.int32)  # shapes no other test uses (the trace is for TPU)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), prompt)["params"])
