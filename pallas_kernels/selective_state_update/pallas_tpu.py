@@ -146,27 +146,10 @@ def selective_state_update_pallas_tpu(
     interpret=False,
     layer=None,
 ):
-    """The decode step with the Mosaic kernel above. Arguments are validated by ``api.selective_state_update``.
-
-    Args:
-      state: ``(b, h, p, n)`` float32 (the output aliases it: donate it to update in place); with ``layer``, the
-        ``(L, b, h, p, n)`` stack (aliased to the output as a whole).
-      x: ``(b, h, p)``.
-      dt: ``(b, h)`` with ``A (h,)``, or ``(b, h, p)`` with ``A (h, p, n)``.
-      A: ``(h,)`` or ``(h, p, n)``.
-      B, C: ``(b, g, n)``.
-      D: ``(h,)``, ``(h, p)`` or None.
-      z: ``(b, h, p)`` or None.
-      dt_bias: ``dt.shape[1:]`` or None.
-      dt_softplus: apply softplus to ``dt + dt_bias``.
-      dt_limit: ``(lo, hi)`` clamp of the processed dt (skipped when ``(0, inf)``).
-      config: the tile (static), or None for ``choose_config`` of the shape.
-      interpret: False, True (``pltpu.InterpretParams()``) or an ``InterpretParams``: run in TPU interpret mode.
-      layer: None, or the int32 scalar index of the stack entry to update (may be traced).
-
-    Returns:
-      ``(y, new_state)``: y ``(b, h, p)`` in ``x.dtype``, new_state shaped like ``state``, float32.
-    """
+    """The decode step with the Mosaic kernel above: arguments and result as ``pallas_gpu``'s (validated by
+    ``api.selective_state_update``; the state, or with ``layer`` the whole stack, is aliased to the new state), with
+    ``config`` the tile (static; None: ``choose_config`` of the shape) and ``interpret`` False, True
+    (``pltpu.InterpretParams()``) or an ``InterpretParams``."""
     stacked = layer is not None
     stack = state.astype(_F32) if stacked else state.astype(_F32)[None]
     b, h, p, n = stack.shape[1:]
