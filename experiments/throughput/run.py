@@ -208,6 +208,10 @@ def main() -> int:
     for name in args.models.split(","):
         for layers in layer_choices:
             rows.append(measure_with_remat_fallback(name, args, layers))
+            # Each measurement starts from an empty device: the nineteenth session's Taipan ran out of memory third
+            # in a process that had measured two models before it (a 36.8 GiB allocation), first in its own it fit.
+            gc.collect()
+            jax.clear_caches()
     header = f"{'model':<14}{'params':>8}{'batch':>7}{'layers':>8}{'remat':>15}{'step ms':>9}{'tokens/s':>11}"
     header += f"{'TFLOP/s':>9}{'MFU spec':>10}{'MFU meas.':>10}"
     print(f"\n{device}, {jax.device_count()} device(s), jax {jax.__version__}, seq {args.seq_len}, {args.dtype}")
