@@ -44,10 +44,6 @@ def _pallas_gpu(*args, block_k, layer, interpret, **kw):
     return decode_attention_pallas_gpu(*args, config=config, layer=layer, interpret=interpret is not False, **kw)
 
 
-def _pallas_tpu(*args, **kw):
-    return decode_attention_pallas_tpu(*args, **kw)
-
-
 # pallas_gpu: flash-decoding with the keys split across programs, reading the cache in place (pallas_gpu.py). "auto"
 # picks it on a GPU for 16-bit inputs: Transformer++ decode at batch 16 on the H100 ran 1.1-2.7x the xla path's
 # tokens/s (GQA 32K: 5.97 against 16.17 ms a step; 64K: 10.7 ms where xla ran out of memory; twentieth session,
@@ -57,7 +53,12 @@ def _pallas_tpu(*args, **kw):
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": _pallas_gpu,
+            "pallas_tpu": decode_attention_pallas_tpu,
+        },
         auto={"cpu": ("xla",), "gpu": ("pallas_gpu",), "tpu": ("pallas_tpu", "xla")},
         auto_float32={"gpu": ("xla",)},
     )

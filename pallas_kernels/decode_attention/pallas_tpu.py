@@ -33,11 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic import LANES, interpret_params
+
 _F32 = jnp.float32
 _OP = "decode_attention"
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
-LANES = 128
 DEFAULT_BLOCK_K = 512
 DEFAULT_BLOCK_ROWS = 256
 
@@ -157,7 +158,7 @@ def decode_attention_pallas_tpu(
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, hk, rows, e), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret is True else interpret,
+        interpret=interpret_params(interpret),
         name="decode_attention_fwd",
     )(index, qh, qpos, kpos, flat(stack_k), flat(stack_v))
     return out.reshape(b, hk, r, tq, e).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, e)

@@ -7,6 +7,7 @@ kernels: ``sliding_window_attention.pallas_tpu``.
 from __future__ import annotations
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._mosaic import interpret_params
 from pallas_kernels.selective_attention.flash import compacted_flash_attention
 from pallas_kernels.sliding_window_attention import pallas_tpu as swa
 
@@ -58,5 +59,5 @@ def selective_attention_pallas_tpu(
         capacity=cap,
         backend=swa.BACKEND,
         tiling=swa.tiling_for(cap, block_size, tiling, interpret=bool(interpret)),
-        interpret=swa.interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )

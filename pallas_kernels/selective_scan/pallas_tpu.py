@@ -39,13 +39,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic import LANES
 from pallas_kernels._padding import pad_to_multiple, round_up
 from pallas_kernels.selective_scan import vjp
 from pallas_kernels.selective_scan.reference import segment_starts
 
 _F32 = jnp.float32
 _TILE = 16  # tokens per tile: one packed bf16 vreg of rows, two float32 ones
-_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +99,9 @@ class _Plan:
 
 def make_plan(b, t, d, n, g, *, chunk_size=None, config=DEFAULT_CONFIG, softplus, has_z, has_keep, interpret):
     """Padded sizes and blocks for one call (``chunk_size`` overrides ``config.chunk``)."""
-    dgp = round_up(d // g, _LANES)
-    bd = _LANES
-    for cand in range(config.block_d // _LANES * _LANES, _LANES - 1, -_LANES):
+    dgp = round_up(d // g, LANES)
+    bd = LANES
+    for cand in range(config.block_d // LANES * LANES, LANES - 1, -LANES):
         if dgp % cand == 0:
             bd = cand
             break

@@ -53,10 +53,6 @@ def _pallas_gpu(*args, interpret, **kw):
     return selective_state_update_pallas_gpu(*args, interpret=interpret is not False, **kw)
 
 
-def _pallas_tpu(*args, interpret, **kw):
-    return selective_state_update_pallas_tpu(*args, interpret=interpret, **kw)
-
-
 # "auto" takes the pallas_gpu kernel on a GPU: it updates the state in place where the xla path copies it out of the
 # stacked cache (Mamba-2 1.3B decode, batch 16, H100, same run: 3.25 ms per step against 4.32;
 # experiments/efficiency/README.md, eighteenth session), and the pallas_tpu kernel on a TPU for the same reason (as the
@@ -64,7 +60,12 @@ def _pallas_tpu(*args, interpret, **kw):
 OP = _platform.register(
     _platform.Op(
         name=_OP,
-        implementations={"reference": _reference, "xla": _xla, "pallas_gpu": _pallas_gpu, "pallas_tpu": _pallas_tpu},
+        implementations={
+            "reference": _reference,
+            "xla": _xla,
+            "pallas_gpu": _pallas_gpu,
+            "pallas_tpu": selective_state_update_pallas_tpu,
+        },
         auto={"cpu": ("xla",), "gpu": ("pallas_gpu", "xla"), "tpu": ("pallas_tpu", "xla")},
     )
 )

@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic import LANES, interpret_params
+from pallas_kernels._padding import round_up
 from pallas_kernels.ssd.reference import process_dt
 
 _F32 = jnp.float32
@@ -67,8 +69,8 @@ def _legal(size: int, full: int, multiple: int) -> bool:
 
 def choose_config(h: int, p: int, n: int) -> TpuConfig:
     """The largest legal tile of at most ``TILE_BYTES`` (or the smallest legal one): rows first, then heads."""
-    lanes = -(-n // 128) * 128
-    rows = sorted({p} | {m for m in range(128, p, 128) if p % m == 0})
+    lanes = round_up(n, LANES)
+    rows = sorted({p} | {m for m in range(LANES, p, LANES) if p % m == 0})
     heads = sorted({h} | {m for m in range(8, h, 8) if h % m == 0})
     bp = max([r for r in rows if r * lanes * 4 <= TILE_BYTES] or [rows[0]])
     hb = max([k for k in heads if k * bp * lanes * 4 <= TILE_BYTES] or [heads[0]])
@@ -157,7 +159,7 @@ def selective_state_update_pallas_tpu(
     per_channel = A.ndim == 3
     config = choose_config(h, p, n) if config is None else config
     hb, bp = config.heads, config.block_p
-    if not (_legal(hb, h, 8) and _legal(bp, p, 128)):
+    if not (_legal(hb, h, 8) and _legal(bp, p, LANES)):
         raise ValueError(f"{_OP}: TpuConfig(heads={hb}, block_p={bp}) does not tile h={h}, p={p} (see TpuConfig)")
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # float32, (b, h) or (b, h, p)
 
@@ -195,7 +197,7 @@ def selective_state_update_pallas_tpu(
         # program visits keep their values.
         input_output_aliases={1: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret is True else interpret,
+        interpret=interpret_params(interpret),
         name="selective_state_update_fwd",
     )(index, stack, *(v for _, v, _ in inputs))
     return y, new if stacked else new[0]

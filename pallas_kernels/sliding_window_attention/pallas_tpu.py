@@ -39,9 +39,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _flash_window as fw
+from pallas_kernels._mosaic import LANES, interpret_params
 from pallas_kernels._padding import round_up
 
-LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 
@@ -393,11 +393,6 @@ def tiling_for(
         return tl
     one_block = round_up(t, 16)
     return tl.map_blocks(lambda n: min(round_up(n, LANES), one_block) if one_block <= LANES else round_up(n, LANES))
-
-
-def interpret_params(interpret):
-    """``True`` becomes ``pltpu.InterpretParams()``; False or an ``InterpretParams`` pass through."""
-    return pltpu.InterpretParams() if interpret is True else interpret
 
 
 def sliding_window_attention_pallas_tpu(

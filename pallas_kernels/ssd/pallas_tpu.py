@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic import interpret_params
 from pallas_kernels.ssd import vjp
 from pallas_kernels.ssd.block_sizes import DEFAULT_TPU, TpuTiling
 from pallas_kernels.ssd.plan import Backend, Grads, Plan, Vectors, register_backend
@@ -497,5 +498,5 @@ def ssd_pallas_tpu(x, dt, A, B, C, *, interpret=False, tiling: TpuTiling = DEFAU
     Returns:
       ``(y, final_state)``: y ``(b, t, h, p)`` in x.dtype, final_state ``(b, h, p, n)`` float32.
     """
-    interpret = pltpu.InterpretParams() if interpret is True else interpret
+    interpret = interpret_params(interpret)
     return vjp.ssd_pallas(x, dt, A, B, C, backend=BACKEND, interpret=interpret, tiling=tiling, **kwargs)

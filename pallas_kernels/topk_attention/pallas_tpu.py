@@ -33,11 +33,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic import LANES, interpret_params
 from pallas_kernels._padding import round_up
 from pallas_kernels.topk_attention import pairs
 from pallas_kernels.topk_attention.pairs import Problem, Tiling
 
-LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 _NN = (((1,), (0,)), ((), ()))  # A @ B
 _NEG_INIT = -1e30
@@ -224,11 +224,6 @@ def tiling_for(tiling: Tiling | None, *, interpret: bool) -> Tiling:
     if interpret:
         return tiling
     return dataclasses.replace(tiling, rows=round_up(tiling.rows, LANES))
-
-
-def interpret_params(interpret):
-    """``True`` becomes ``pltpu.InterpretParams()``; False or an ``InterpretParams`` pass through."""
-    return pltpu.InterpretParams() if interpret is True else interpret
 
 
 def topk_attention_pallas_tpu(
