@@ -220,7 +220,7 @@ def main() -> int:
     fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<14} ({r.get('layers', 'scan')}) error: {r['error']}")
+            print(f"{r['model']:<14} ({r['layers']}) error: {r['error']}")
             continue
         print(
             f"{r['model']:<14}{r['params'] / 1e6:>7.0f}M{r['global_batch']:>7}{r['layers']:>8}{r['remat']:>15}"
